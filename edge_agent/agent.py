@@ -1,0 +1,168 @@
+"""The agent daemon: restores what it served, listens for desired state, deploys, reports.
+
+Threads: paho's network loop; one deployment worker (deployments run one at a time, and only
+the newest pending desired-state document is kept — an older one would be refused anyway);
+the HTTP server's request threads. The main thread waits for a stop signal.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import UTC, datetime
+
+from edge_agent import __version__
+from edge_agent.config import AgentConfig
+from edge_agent.errors import EdgefleetError
+from edge_agent.lifecycle.deployer import Deployer, DeviceContext
+from edge_agent.lifecycle.journal import Journal
+from edge_agent.link import AgentLink
+from edge_agent.protocol.desired import SignedDesiredState
+from edge_agent.protocol.status import ActiveModel, ReportedStatus, SlotStatus, Transition
+from edge_agent.runtimes import LoadOptions, available_runtimes
+from edge_agent.serving import InferenceHTTPServer, SlotTable, start_http
+from edge_agent.store import ModelStore
+from firmware_profiles import default_catalog
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.profile = default_catalog().get(config.profile)
+        credential = config.read_credential()
+        runtimes = available_runtimes()
+        providers: tuple[str, ...] = ()
+        for spec in self.profile.runtimes:
+            if spec.name == "onnxruntime":
+                providers = tuple(spec.providers)
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.table = SlotTable()
+        self.journal = Journal(config.state_dir / "journal.json")
+        self.store = ModelStore(config.state_dir)
+        self.deployer = Deployer(
+            DeviceContext(
+                device_id=config.device_id,
+                profile=config.profile,
+                runtimes=runtimes,
+                load_options=LoadOptions(
+                    threads=config.runtime.threads or self.profile.resources.threads,
+                    providers=providers,
+                ),
+                credential=credential,
+                download_attempts=config.download.attempts,
+                download_timeout_s=config.download.timeout_s,
+            ),
+            self.journal,
+            self.store,
+            self.table,
+            on_transition=self._transitioned,
+        )
+        self.link = AgentLink(
+            config.device_id,
+            config.mqtt,
+            on_desired=self._desired_arrived,
+            on_connected=self.publish_status,
+            password=credential if config.mqtt.username else None,
+        )
+        self.runtimes = runtimes
+        self._last_transition: Transition | None = None
+        self._refusal: dict[str, str] | None = None
+        self._pending: bytes | None = None
+        self._wakeup = threading.Condition()
+        self._stopping = threading.Event()
+        self._status_lock = threading.Lock()
+        self.http: InferenceHTTPServer | None = None
+        self._worker: threading.Thread | None = None
+
+    # --- lifecycle of the daemon -----------------------------------------------------------------
+    def start(self) -> None:
+        self.deployer.restore()
+        self.http, _ = start_http(self.table, self.config.serving.host, self.config.serving.port)
+        log.info("serving on http://%s:%d", self.config.serving.host, self.http.port)
+        self._worker = threading.Thread(target=self._work, name="edge-agent-deploy", daemon=True)
+        self._worker.start()
+        self.link.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._wakeup:
+            self._wakeup.notify_all()
+        self.link.stop()
+        if self._worker is not None:
+            self._worker.join(timeout=30)
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()
+        self.table.close()
+
+    def wait(self) -> None:
+        self._stopping.wait()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    # --- desired state ---------------------------------------------------------------------------
+    def _desired_arrived(self, payload: bytes) -> None:
+        with self._wakeup:
+            self._pending = payload
+            self._wakeup.notify_all()
+
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            with self._wakeup:
+                while self._pending is None and not self._stopping.is_set():
+                    self._wakeup.wait()
+                payload, self._pending = self._pending, None
+            if payload is None:
+                continue
+            self._apply(payload)
+
+    def _apply(self, payload: bytes) -> None:
+        try:
+            envelope = SignedDesiredState.from_bytes(payload)
+            self.deployer.accept(envelope)
+        except EdgefleetError as e:
+            log.error("refused desired state: %s", e.message)
+            self._refusal = {"reason": e.reason, "message": e.message}
+            self.publish_status()
+            return
+        self._refusal = None
+        try:
+            self.deployer.converge(envelope.signed)
+        except Exception:  # a bug must not kill the worker thread; the model keeps serving
+            log.exception("deployment crashed")
+        self.publish_status()
+
+    # --- reporting -------------------------------------------------------------------------------
+    def _transitioned(self, transition: Transition) -> None:
+        self._last_transition = transition
+        self.publish_status()
+
+    def status(self) -> ReportedStatus:
+        serving = self.table.snapshot()
+        slots = {}
+        for name, rec in self.journal.data.slots.items():
+            active = serving.get(name)
+            slots[name] = SlotStatus(
+                state=rec.state,
+                active=ActiveModel(**active.ref.model_dump()) if active else None,
+                target_sha256=rec.target.bundle_sha256 if rec.target else None,
+                error={k: v for k, v in rec.error.items() if k != "retry"} if rec.error else None,
+            )
+        return ReportedStatus(
+            device_id=self.config.device_id,
+            profile=self.config.profile,
+            agent_version=__version__,
+            desired_seq=self.journal.data.desired_seq,
+            runtimes=self.runtimes,
+            slots=slots,
+            last_transition=self._last_transition,
+            refusal=self._refusal,
+            reported_at=datetime.now(UTC),
+        )
+
+    def publish_status(self) -> None:
+        with self._status_lock:
+            self.link.publish_status(self.status().to_bytes())

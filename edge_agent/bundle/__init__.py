@@ -1,0 +1,37 @@
+"""The bundle (``.efb``): one compiled model for one device profile, with everything the agent
+needs to check it before it serves a request from it.
+
+A bundle is an uncompressed tar whose first member is ``manifest.json`` (canonical JSON),
+followed by the files the manifest lists (``model/…``, ``selftest.npz``, …). This package
+writes and reads bundles and checks them; it holds no private keys.
+"""
+
+from edge_agent.bundle.archive import BundleWriter, open_bundle, sha256_file
+from edge_agent.bundle.manifest import (
+    FORMAT_VERSION,
+    FileEntry,
+    Manifest,
+    ModelRef,
+    RuntimeRequirement,
+    SelfTestSpec,
+    TensorSpec,
+    canonical_json,
+)
+from edge_agent.bundle.verify import VerifiedBundle, check_compatible, verify_bundle
+
+__all__ = [
+    "FORMAT_VERSION",
+    "BundleWriter",
+    "FileEntry",
+    "Manifest",
+    "ModelRef",
+    "RuntimeRequirement",
+    "SelfTestSpec",
+    "TensorSpec",
+    "VerifiedBundle",
+    "canonical_json",
+    "check_compatible",
+    "open_bundle",
+    "sha256_file",
+    "verify_bundle",
+]

@@ -1,0 +1,221 @@
+"""Writing and reading bundle tar files.
+
+Writing is deterministic (sorted members, zero mtimes and owners, fixed modes), so the same
+inputs give the same bundle sha256 and the artifact store can deduplicate by digest.
+
+Reading never trusts the archive: members must be regular files with plain relative paths
+(no absolute paths, ``..``, links or devices), each must be listed in the manifest and match
+its size and sha256, and extraction writes only below the destination directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from pydantic import ValidationError
+
+from edge_agent.bundle.manifest import MANIFEST_NAME, FileEntry, Manifest
+from edge_agent.errors import BundleError
+
+_CHUNK = 1 << 20
+#: A manifest is small; refuse to parse anything bigger as one.
+MAX_MANIFEST_BYTES = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class BundleWriter:
+    """Collects files, then writes the bundle with a manifest that lists them."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, Path | bytes] = {}
+        self._entries: dict[str, FileEntry] = {}
+
+    def add_file(self, arcname: str, source: Path | bytes) -> FileEntry:
+        _check_member_name(arcname)
+        if arcname == MANIFEST_NAME or arcname in self._files:
+            raise ValueError(f"bundle member {arcname!r} added twice or reserved")
+        if isinstance(source, bytes):
+            entry = FileEntry(
+                path=arcname, sha256=hashlib.sha256(source).hexdigest(), size=len(source)
+            )
+        else:
+            entry = FileEntry(path=arcname, sha256=sha256_file(source), size=source.stat().st_size)
+        self._files[arcname] = source
+        self._entries[arcname] = entry
+        return entry
+
+    def entries(self) -> list[FileEntry]:
+        return [self._entries[name] for name in sorted(self._entries)]
+
+    def write(self, out: Path, manifest: Manifest) -> None:
+        """Write atomically: the bundle appears at ``out`` complete or not at all."""
+        if {e.path: e for e in manifest.files} != self._entries:
+            raise ValueError("manifest.files must list exactly the files added to the bundle")
+        tmp = out.with_name(out.name + ".tmp")
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            _add_bytes(tar, MANIFEST_NAME, manifest.to_canonical_json())
+            for name in sorted(self._files):
+                src = self._files[name]
+                if isinstance(src, bytes):
+                    _add_bytes(tar, name, src)
+                else:
+                    with src.open("rb") as f:
+                        tar.addfile(_tarinfo(name, self._entries[name].size), f)
+        tmp.replace(out)
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = 0o644
+    info.mtime = 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+
+
+def _check_member_name(name: str) -> None:
+    path = PurePosixPath(name)
+    if (
+        not name
+        or name.startswith("/")
+        or "\\" in name
+        or any(part in ("..", "", ".") for part in name.split("/"))
+        or path.is_absolute()
+    ):
+        raise BundleError(f"unsafe path in bundle: {name!r}", reason="unsafe_path", member=name)
+
+
+class BundleReader:
+    """An open bundle whose manifest has been parsed but whose files are not yet checked."""
+
+    def __init__(self, tar: tarfile.TarFile, manifest: Manifest, manifest_bytes: bytes) -> None:
+        self._tar = tar
+        self.manifest = manifest
+        self.manifest_bytes = manifest_bytes
+
+    def members(self) -> list[tarfile.TarInfo]:
+        return self._tar.getmembers()
+
+    def extract_verified(self, dest: Path) -> None:
+        """Check every member against the manifest while copying it below ``dest``.
+
+        ``dest`` must be an empty staging directory; on any error the caller discards it.
+        """
+        listed: dict[str, FileEntry] = {e.path: e for e in self.manifest.files}
+        seen: set[str] = set()
+        dest_root = dest.resolve()
+        for member in self._tar.getmembers():
+            _check_member_name(member.name)
+            if not member.isfile():
+                raise BundleError(
+                    f"bundle member {member.name!r} is not a regular file",
+                    reason="unsafe_member",
+                    member=member.name,
+                )
+            if member.name == MANIFEST_NAME:
+                continue
+            entry = listed.get(member.name)
+            if entry is None:
+                raise BundleError(
+                    f"bundle member {member.name!r} is not listed in the manifest",
+                    reason="unlisted_member",
+                    member=member.name,
+                )
+            if member.name in seen:
+                raise BundleError(
+                    f"bundle member {member.name!r} appears twice",
+                    reason="duplicate_member",
+                    member=member.name,
+                )
+            seen.add(member.name)
+            if member.size != entry.size:
+                raise BundleError(
+                    f"{member.name}: size {member.size} does not match the manifest's {entry.size}",
+                    reason="size_mismatch",
+                    member=member.name,
+                )
+            target = (dest_root / member.name).resolve()
+            if dest_root not in target.parents:
+                raise BundleError(
+                    f"bundle member {member.name!r} escapes the staging directory",
+                    reason="unsafe_path",
+                    member=member.name,
+                )
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = self._tar.extractfile(member)
+            assert src is not None  # regular file, checked above
+            h = hashlib.sha256()
+            with target.open("xb") as out:
+                remaining = entry.size
+                while remaining > 0:
+                    chunk = src.read(min(_CHUNK, remaining))
+                    if not chunk:
+                        break
+                    h.update(chunk)
+                    out.write(chunk)
+                    remaining -= len(chunk)
+            if h.hexdigest() != entry.sha256:
+                raise BundleError(
+                    f"{member.name}: sha256 does not match the manifest",
+                    reason="digest_mismatch",
+                    member=member.name,
+                )
+        missing = set(listed) - seen
+        if missing:
+            raise BundleError(
+                f"bundle is missing files the manifest lists: {sorted(missing)}",
+                reason="missing_member",
+            )
+        (dest / MANIFEST_NAME).write_bytes(self.manifest_bytes)
+
+
+@contextmanager
+def open_bundle(path: Path) -> Iterator[BundleReader]:
+    """Open a bundle and parse its manifest (the first member)."""
+    try:
+        tar = tarfile.open(path, "r:")
+    except (tarfile.TarError, OSError) as e:
+        raise BundleError(f"{path.name}: not a bundle (tar): {e}", reason="not_a_bundle") from e
+    with tar:
+        first = tar.next()
+        if first is None or first.name != MANIFEST_NAME or not first.isfile():
+            raise BundleError(
+                f"{path.name}: the first member must be {MANIFEST_NAME}", reason="no_manifest"
+            )
+        if first.size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{path.name}: manifest too large", reason="manifest_too_large")
+        raw_file: IO[bytes] | None = tar.extractfile(first)
+        assert raw_file is not None
+        raw = raw_file.read()
+        try:
+            data: Any = json.loads(raw)
+            manifest = Manifest.model_validate(data)
+        except (ValueError, ValidationError) as e:
+            raise BundleError(
+                f"{path.name}: invalid manifest: {e}", reason="manifest_invalid"
+            ) from e
+        yield BundleReader(tar, manifest, raw)
+
+
+def default_created_at() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)

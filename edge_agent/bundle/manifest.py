@@ -1,0 +1,91 @@
+"""The bundle manifest and its canonical JSON form.
+
+Canonical JSON (sorted keys, no whitespace, UTF-8) makes the manifest's bytes a pure function
+of its content, so a signature over those bytes (``manifest.sig``) is stable.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.sig"
+
+
+def canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FileEntry(_Strict):
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class TensorSpec(_Strict):
+    name: str
+    #: numpy dtype name: float32, float16, int64, uint8, …
+    dtype: str
+    #: ints for fixed dimensions, a string (symbolic) or None for dynamic ones.
+    shape: list[int | str | None]
+
+
+class ModelRef(_Strict):
+    name: str
+    version: str
+    #: sha256 of the ONNX file the operator uploaded; compiled artifacts trace back to it.
+    source_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class RuntimeRequirement(_Strict):
+    name: Literal["onnxruntime", "litert", "tensorrt"]
+    #: PEP 440 range the device's runtime version must satisfy.
+    versions: str
+
+
+class SelfTestSpec(_Strict):
+    """Vectors the agent runs after loading, before it switches traffic to the model."""
+
+    file: str
+    atol: float = Field(ge=0)
+    rtol: float = Field(ge=0)
+
+
+class Manifest(_Strict):
+    format_version: Literal[1] = FORMAT_VERSION
+    model: ModelRef
+    profile: str
+    runtime: RuntimeRequirement
+    precision: Literal["fp32", "fp16", "int8"]
+    #: Path (inside the bundle) of the file the runtime loads.
+    artifact: str
+    files: list[FileEntry]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    selftest: SelfTestSpec
+    #: Name → version of every tool that produced the artifact.
+    toolchain: dict[str, str]
+    #: How the artifact compared with the original model (converters fill this in).
+    parity: dict[str, Any] | None = None
+    created_at: datetime
+    expires_at: datetime | None = None
+    #: Id of the online key that signed ``manifest.json``; None for an unsigned bundle.
+    signing_key_id: str | None = None
+
+    def to_canonical_json(self) -> bytes:
+        return canonical_json(self.model_dump(mode="json"))
+
+    def file(self, path: str) -> FileEntry:
+        for entry in self.files:
+            if entry.path == path:
+                return entry
+        raise KeyError(path)

@@ -1,0 +1,167 @@
+"""``edge-agent``: enroll a device, run the daemon, show its status.
+
+Standard library only (argparse, urllib): the agent must install light on a Raspberry Pi.
+Exit codes: 0 ok, 1 operation failed, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from edge_agent.config import AgentConfig, render_config
+from edge_agent.errors import ConfigError, EdgefleetError
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    config_path = directory / "agent.toml"
+    if config_path.exists() and not args.force:
+        print(f"error: {config_path} exists; pass --force to enroll again", file=sys.stderr)
+        return 2
+    body: dict[str, Any] = {"token": args.token, "device_id": args.device_id, "profile": args.profile}
+    if args.label:
+        body["labels"] = dict(_label(x) for x in args.label)
+    request = urllib.request.Request(
+        args.server.rstrip("/") + "/v1/devices/enroll",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            reply = json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {e.code}"
+        print(f"error: enrollment refused: {message}", file=sys.stderr)
+        return 1
+    except urllib.error.URLError as e:
+        print(f"error: cannot reach {args.server}: {e.reason}", file=sys.stderr)
+        return 1
+    directory.mkdir(parents=True, exist_ok=True)
+    secret = directory / "device.secret"
+    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(reply["device_secret"] + "\n")
+    config_path.write_text(
+        render_config(
+            device_id=reply["device_id"],
+            profile=reply["profile"],
+            server_url=reply["server_url"],
+            mqtt_url=reply["mqtt_url"],
+            serving_port=args.serving_port,
+        )
+    )
+    print(f"enrolled {reply['device_id']} ({reply['profile']}); config written to {config_path}")
+    print(f"run it with: edge-agent run --config {config_path}")
+    return 0
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"label must be key=value, got {text!r}")
+    return key, value
+
+
+def _run(args: argparse.Namespace) -> int:
+    from edge_agent.agent import Agent  # imports the runtime stack; keep `enroll` fast
+
+    config = AgentConfig.load(Path(args.config))
+    agent = Agent(config)
+    signal.signal(signal.SIGTERM, lambda *_: agent.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: agent.request_stop())
+    agent.start()
+    try:
+        agent.wait()
+    finally:
+        agent.stop()
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from edge_agent.client import AgentClient
+    from edge_agent.lifecycle.journal import Journal
+
+    config = AgentConfig.load(Path(args.config))
+    journal = Journal(config.state_dir / "journal.json")
+    client = AgentClient(f"http://{config.serving.host}:{config.serving.port}", timeout_s=5)
+    serving = {m["slot"]: m for m in client.models()} if client.ready() else {}
+    report = {
+        "device_id": config.device_id,
+        "profile": config.profile,
+        "desired_seq": journal.data.desired_seq,
+        "daemon": "serving" if serving else "not serving",
+        "slots": {
+            name: {
+                "state": rec.state,
+                "committed": rec.committed.version if rec.committed else None,
+                "previous": rec.previous.version if rec.previous else None,
+                "serving": serving.get(name, {}).get("version"),
+                "error": rec.error,
+            }
+            for name, rec in journal.data.slots.items()
+        },
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description="edgefleet edge agent")
+    parser.add_argument("--log-level", default=os.environ.get("EDGE_AGENT_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    enroll = sub.add_parser("enroll", help="enroll this device with a one-time token")
+    enroll.add_argument("--server", required=True, help="fleet server URL, e.g. http://fleet:8600")
+    enroll.add_argument("--token", required=True, help="one-time enrollment token")
+    enroll.add_argument("--device-id", default=socket.gethostname().lower(), help="default: hostname")
+    enroll.add_argument("--profile", required=True, help="device profile, e.g. raspberry-pi-5")
+    enroll.add_argument("--label", action="append", default=[], help="key=value (repeatable)")
+    enroll.add_argument("--dir", default=".", help="where to write agent.toml and device.secret")
+    enroll.add_argument("--serving-port", type=int, default=8651)
+    enroll.add_argument("--force", action="store_true", help="overwrite an existing agent.toml")
+    enroll.set_defaults(func=_enroll)
+
+    run = sub.add_parser("run", help="run the agent daemon")
+    run.add_argument("--config", required=True, help="path to agent.toml")
+    run.set_defaults(func=_run)
+
+    status = sub.add_parser("status", help="show what this device runs")
+    status.add_argument("--config", required=True, help="path to agent.toml")
+    status.set_defaults(func=_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    except EdgefleetError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Array encodings of the local inference API, shared by the server side and the client.
+
+- ``application/json``: ``{"inputs": {name: value}}`` where a value is a nested list, or
+  ``{"b64": base64 of the raw little-endian bytes, "dtype": "float32", "shape": [1, 3]}``.
+- ``application/x-npz``: a numpy ``.npz`` archive, one array per input (or output) name.
+- ``application/x-npy``: one ``.npy`` array, for models with a single input.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import zipfile
+from typing import Any
+
+import numpy as np
+
+from edge_agent.errors import RequestError
+
+JSON = "application/json"
+NPZ = "application/x-npz"
+NPY = "application/x-npy"
+
+
+def decode_json_value(name: str, value: Any) -> np.ndarray:
+    if isinstance(value, dict):
+        try:
+            dtype = np.dtype(value["dtype"])
+            shape = [int(d) for d in value["shape"]]
+            raw = base64.b64decode(value["b64"], validate=True)
+        except (KeyError, TypeError, ValueError) as e:
+            raise RequestError(
+                f"input {name!r}: a base64 array needs 'b64', 'dtype' and 'shape' ({e})",
+                reason="input_encoding",
+            ) from e
+        if dtype.kind not in "biuf":
+            raise RequestError(f"input {name!r}: dtype {dtype} is not allowed")
+        expected = int(np.prod(shape)) * dtype.itemsize
+        if len(raw) != expected:
+            raise RequestError(
+                f"input {name!r}: {len(raw)} bytes do not fill shape {shape} of {dtype}",
+                reason="input_encoding",
+            )
+        return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(shape)
+    try:
+        arr = np.asarray(value)
+    except ValueError as e:
+        raise RequestError(f"input {name!r}: ragged nested list ({e})", reason="input_encoding") from e
+    if arr.dtype.kind not in "biuf":
+        raise RequestError(f"input {name!r}: not an array of numbers", reason="input_encoding")
+    return arr
+
+
+def encode_json_value(arr: np.ndarray, encoding: str) -> Any:
+    if encoding == "b64":
+        le = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+        return {
+            "b64": base64.b64encode(le.tobytes()).decode(),
+            "dtype": arr.dtype.name,
+            "shape": list(arr.shape),
+        }
+    return arr.tolist()
+
+
+def decode_npz(body: bytes) -> dict[str, np.ndarray]:
+    try:
+        with np.load(io.BytesIO(body), allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise RequestError(f"body is not a valid .npz archive: {e}", reason="input_encoding") from e
+
+
+def encode_npz(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+def decode_npy(body: bytes) -> np.ndarray:
+    try:
+        arr = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise RequestError(f"body is not a valid .npy array: {e}", reason="input_encoding") from e
+    if not isinstance(arr, np.ndarray):
+        raise RequestError("body is not a single .npy array", reason="input_encoding")
+    return arr
+
+
+def encode_npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()

@@ -1,0 +1,146 @@
+"""Agent configuration, read from a TOML file (``edge-agent run --config agent.toml``).
+
+Relative paths in the file are relative to the file's own directory, so an enrolled agent's
+directory can be moved as a whole. Errors name the file and the field.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edge_agent.errors import ConfigError
+from edge_agent.protocol.topics import DEVICE_ID_PATTERN
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Section):
+    url: str
+    credential_file: Path
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+
+class MqttConfig(_Section):
+    url: str
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    #: How long the broker keeps this device's session (and QoS 1 messages) while it is offline.
+    session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0)
+    username: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _mqtt(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError("must look like mqtt://host:1883 or mqtts://host:8883")
+        return value
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+
+class ServingConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8651, ge=0, le=65535)
+
+
+class RuntimeConfig(_Section):
+    #: Intra-op threads; 0 takes the device profile's figure.
+    threads: int = Field(default=0, ge=0, le=256)
+
+
+class DownloadConfig(_Section):
+    attempts: int = Field(default=5, ge=1, le=100)
+    timeout_s: float = Field(default=30.0, gt=0)
+
+
+class AgentConfig(_Section):
+    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
+    profile: str
+    state_dir: Path
+    server: ServerConfig
+    mqtt: MqttConfig
+    serving: ServingConfig = ServingConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    download: DownloadConfig = DownloadConfig()
+
+    @classmethod
+    def load(cls, path: Path) -> AgentConfig:
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read agent config: {e.strerror}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from e
+        try:
+            config = cls.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(p) for p in err["loc"])
+            raise ConfigError(f"{path}: {field}: {err['msg']}", field=field) from e
+        base = path.parent.resolve()
+        return config.model_copy(
+            update={
+                "state_dir": base / config.state_dir,
+                "server": config.server.model_copy(
+                    update={"credential_file": base / config.server.credential_file}
+                ),
+            }
+        )
+
+    def read_credential(self) -> str:
+        try:
+            secret = self.server.credential_file.read_text().strip()
+        except OSError as e:
+            raise ConfigError(
+                f"{self.server.credential_file}: cannot read the device credential: {e.strerror}"
+                " (run `edge-agent enroll` first)"
+            ) from e
+        if not secret:
+            raise ConfigError(f"{self.server.credential_file}: the device credential is empty")
+        return secret
+
+
+def render_config(
+    *,
+    device_id: str,
+    profile: str,
+    server_url: str,
+    mqtt_url: str,
+    state_dir: str = "state",
+    credential_file: str = "device.secret",
+    serving_port: int = 8651,
+) -> str:
+    """The TOML text ``edge-agent enroll`` writes."""
+    return (
+        f'device_id = "{device_id}"\n'
+        f'profile = "{profile}"\n'
+        f'state_dir = "{state_dir}"\n\n'
+        f"[server]\n"
+        f'url = "{server_url}"\n'
+        f'credential_file = "{credential_file}"\n\n'
+        f"[mqtt]\n"
+        f'url = "{mqtt_url}"\n\n'
+        f"[serving]\n"
+        f'host = "127.0.0.1"\n'
+        f"port = {serving_port}\n"
+    )

@@ -1,0 +1,336 @@
+"""Runs a slot's deployment through the lifecycle table and keeps the journal.
+
+Each handler does one step and returns an :class:`Event`; it never chooses the next state.
+The journal is saved before each step, so after a crash the agent knows which deployment was
+under way and that the committed version is still the one to serve.
+
+Desired-state rules (checked in :meth:`Deployer.accept`): the document must name this
+device, must not have expired, and its ``seq`` must be greater than the last accepted one —
+or equal with identical content, which resumes an interrupted deployment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from edge_agent.bundle import VerifiedBundle
+from edge_agent.bundle.manifest import canonical_json
+from edge_agent.bundle.selftest import run_selftest
+from edge_agent.download import download_bundle
+from edge_agent.errors import DesiredStateError, EdgefleetError, TransportError
+from edge_agent.lifecycle.journal import Journal, SlotRecord, VersionRef
+from edge_agent.lifecycle.states import IN_FLIGHT, TERMINAL, Event, State, next_state
+from edge_agent.protocol.desired import DesiredState, SignedDesiredState, SlotAssignment
+from edge_agent.protocol.status import Transition
+from edge_agent.runtimes import LoadOptions, get_runtime
+from edge_agent.serving import ServingModel, SlotTable
+from edge_agent.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+#: Self-test inputs are run this many extra times before the switch so the first real request
+#: does not pay for lazy initialisation (allocator warm-up, kernel selection).
+WARMUP_RUNS = 3
+
+
+@dataclass(frozen=True)
+class DeviceContext:
+    device_id: str
+    profile: str
+    runtimes: dict[str, str]
+    load_options: LoadOptions
+    credential: str
+    download_attempts: int
+    download_timeout_s: float
+
+
+@dataclass
+class Deployment:
+    slot: str
+    target: SlotAssignment
+    verified: VerifiedBundle | None = None
+    staged: ServingModel | None = None
+    error: EdgefleetError | None = None
+
+
+def desired_digest(doc: DesiredState) -> str:
+    return hashlib.sha256(canonical_json(doc.model_dump(mode="json"))).hexdigest()
+
+
+class Deployer:
+    def __init__(
+        self,
+        device: DeviceContext,
+        journal: Journal,
+        store: ModelStore,
+        table: SlotTable,
+        on_transition: Callable[[Transition], None],
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.device = device
+        self.journal = journal
+        self.store = store
+        self.table = table
+        self._on_transition = on_transition
+        self._sleep = sleep
+        self._handlers: dict[State, Callable[[Deployment], Event]] = {
+            State.DOWNLOADING: self._download,
+            State.VERIFYING: self._verify,
+            State.STAGING: self._stage,
+            State.SWITCHING: self._switch,
+        }
+
+    # --- start-up ----------------------------------------------------------------------------
+    def restore(self) -> None:
+        """Serve every slot's committed version from disk (no server needed)."""
+        for slot, rec in self.journal.data.slots.items():
+            if rec.state in IN_FLIGHT:
+                # A crash mid-step is that step failing. The committed version is what serves;
+                # the same desired state arrives again (retained) and the deployment restarts.
+                log.warning("slot %s: deployment interrupted in %s; serving committed", slot, rec.state)
+                rec.state = next_state(rec.state, Event.FAILURE)
+                rec.error = {
+                    "reason": "interrupted",
+                    "message": "the agent stopped during the deployment",
+                    "retry": "yes",
+                }
+                self.journal.save()
+            if rec.committed is None:
+                continue
+            for candidate in (rec.committed, rec.previous):
+                if candidate is None:
+                    continue
+                try:
+                    serving = self._load(self.store.open_model(candidate.bundle_sha256), candidate)
+                except (EdgefleetError, OSError, ValueError) as e:
+                    log.error("slot %s: cannot restore %s: %s", slot, candidate.version, e)
+                    continue
+                self.table.swap(slot, serving)
+                if candidate is not rec.committed:
+                    rec.previous, rec.committed = None, candidate
+                    self.journal.save()
+                log.info("slot %s: serving %s %s from disk", slot, candidate.model, candidate.version)
+                break
+
+    # --- desired state -----------------------------------------------------------------------
+    def accept(self, envelope: SignedDesiredState, now: datetime | None = None) -> bool:
+        """Check the document against the journal; return True if there is work to do.
+
+        Raises :class:`DesiredStateError` for a document that must not be applied.
+        """
+        doc = envelope.signed
+        data = self.journal.data
+        if doc.device_id != self.device.device_id:
+            raise DesiredStateError(
+                f"desired state is for device {doc.device_id!r}", reason="wrong_device"
+            )
+        if doc.is_expired(now):
+            raise DesiredStateError(
+                f"desired state seq {doc.seq} expired at {doc.expires_at.isoformat()}",
+                reason="desired_state_expired",
+            )
+        digest = desired_digest(doc)
+        if doc.seq < data.desired_seq:
+            raise DesiredStateError(
+                f"desired state seq {doc.seq} is older than the accepted seq {data.desired_seq}",
+                reason="stale_seq",
+            )
+        if doc.seq == data.desired_seq and digest != data.desired_digest:
+            raise DesiredStateError(
+                f"desired state seq {doc.seq} was already accepted with different content",
+                reason="replayed_seq",
+            )
+        if doc.seq > data.desired_seq:
+            data.desired_seq, data.desired_digest = doc.seq, digest
+            self.journal.save()
+        return True
+
+    def converge(self, doc: DesiredState) -> None:
+        """Bring every slot to what ``doc`` asks for; a failed slot does not stop the others."""
+        for slot, assignment in doc.slots.items():
+            if assignment.mode != "active":
+                continue
+            rec = self.journal.slot(slot)
+            if rec.committed is not None and rec.committed.bundle_sha256 == assignment.bundle_sha256:
+                continue
+            if (
+                rec.state == State.FAILED
+                and rec.target is not None
+                and rec.target.bundle_sha256 == assignment.bundle_sha256
+                and rec.error is not None
+                and rec.error.get("retry") != "yes"
+            ):
+                continue  # this exact bundle was refused; only a new document retries it
+            self.deploy(slot, assignment)
+        for slot in [s for s in self.journal.data.slots if s not in doc.slots]:
+            self._remove_slot(slot)
+
+    def _remove_slot(self, slot: str) -> None:
+        self.table.remove(slot)
+        rec = self.journal.data.slots.pop(slot)
+        self.journal.save()
+        self._emit(slot, rec.state, State.IDLE, Event.SUCCESS, None, "slot removed")
+        self._collect_garbage()
+
+    # --- the state machine -------------------------------------------------------------------
+    def deploy(self, slot: str, target: SlotAssignment) -> State:
+        rec = self.journal.slot(slot)
+        ctx = Deployment(slot, target)
+        rec.target, rec.error = target, None
+        state, event = rec.state, Event.DEPLOY
+        while True:
+            new_state = next_state(state, event)
+            self._enter(rec, slot, state, new_state, event, ctx)
+            state = new_state
+            if state in TERMINAL:
+                break
+            event = self._run(state, ctx)
+        self._finish(rec, ctx, state)
+        return state
+
+    def _run(self, state: State, ctx: Deployment) -> Event:
+        try:
+            return self._handlers[state](ctx)
+        except EdgefleetError as e:
+            ctx.error = e
+            return Event.FAILURE
+
+    def _enter(
+        self, rec: SlotRecord, slot: str, old: State, new: State, event: Event, ctx: Deployment
+    ) -> None:
+        rec.state = new
+        if new == State.COMMITTED:
+            assert ctx.staged is not None
+            rec.previous, rec.committed = rec.committed, ctx.staged.ref
+            rec.target = None
+        elif new == State.FAILED and ctx.error is not None:
+            rec.error = {
+                "reason": ctx.error.reason,
+                "message": ctx.error.message,
+                "retry": "yes" if isinstance(ctx.error, TransportError) else "no",
+            }
+        self.journal.save()
+        err = ctx.error if new == State.FAILED else None
+        self._emit(slot, old, new, event, ctx.target.bundle_sha256, err.message if err else None,
+                   err.reason if err else None)
+
+    def _emit(
+        self,
+        slot: str,
+        old: State,
+        new: State,
+        event: Event,
+        sha: str | None,
+        message: str | None,
+        reason: str | None = None,
+    ) -> None:
+        log.info("slot %s: %s -> %s (%s)%s", slot, old, new, event, f": {message}" if message else "")
+        self._on_transition(
+            Transition(
+                slot=slot,
+                from_state=old,
+                to_state=new,
+                event=event,
+                at=datetime.now(UTC),
+                bundle_sha256=sha,
+                reason=reason,
+                message=message,
+            )
+        )
+
+    def _finish(self, rec: SlotRecord, ctx: Deployment, state: State) -> None:
+        if state == State.FAILED and ctx.staged is not None:
+            ctx.staged.retire()
+        if state == State.FAILED and ctx.error is not None and ctx.error.reason in (
+            "digest_mismatch",
+            "oversize",
+        ):
+            self.store.discard_bundle(ctx.target.bundle_sha256)
+        self._collect_garbage()
+
+    def _collect_garbage(self) -> None:
+        keep: set[str] = set()
+        for rec in self.journal.data.slots.values():
+            for ref in (rec.committed, rec.previous):
+                if ref is not None:
+                    keep.add(ref.bundle_sha256)
+            if rec.target is not None and rec.state in IN_FLIGHT:
+                keep.add(rec.target.bundle_sha256)
+        self.store.collect_garbage(keep)
+
+    # --- handlers: one step each, returning an event -----------------------------------------
+    def _download(self, ctx: Deployment) -> Event:
+        sha = ctx.target.bundle_sha256
+        if self.store.has_model(sha) or self.store.bundle_path(sha).is_file():
+            return Event.SUCCESS
+        attempts = self.device.download_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                download_bundle(
+                    ctx.target.bundle_url,
+                    self.store.bundle_path(sha),
+                    self.store.partial_path(sha),
+                    size=ctx.target.size,
+                    sha256=sha,
+                    credential=self.device.credential,
+                    timeout_s=self.device.download_timeout_s,
+                )
+                return Event.SUCCESS
+            except TransportError as e:
+                if attempt == attempts:
+                    raise
+                delay = random.uniform(0, 1.5 ** min(10, attempt))
+                log.warning("download attempt %d/%d failed (%s); retrying in %.1fs", attempt, attempts, e, delay)
+                self._sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _verify(self, ctx: Deployment) -> Event:
+        ctx.verified = self.store.install(
+            ctx.target.bundle_sha256, profile=self.device.profile, runtimes=self.device.runtimes
+        )
+        m = ctx.verified.manifest
+        if (m.model.name, m.model.version) != (ctx.target.model, ctx.target.version):
+            raise DesiredStateError(
+                f"bundle holds {m.model.name} {m.model.version}, the desired state names "
+                f"{ctx.target.model} {ctx.target.version}",
+                reason="bundle_mismatch",
+            )
+        return Event.SUCCESS
+
+    def _stage(self, ctx: Deployment) -> Event:
+        assert ctx.verified is not None
+        m = ctx.verified.manifest
+        ref = VersionRef(
+            model=m.model.name,
+            version=m.model.version,
+            bundle_sha256=ctx.target.bundle_sha256,
+            runtime=m.runtime.name,
+            precision=m.precision,
+        )
+        ctx.staged = self._load(ctx.verified, ref)
+        return Event.SUCCESS
+
+    def _switch(self, ctx: Deployment) -> Event:
+        assert ctx.staged is not None
+        self.table.swap(ctx.slot, ctx.staged)
+        return Event.SUCCESS
+
+    def _load(self, verified: VerifiedBundle, ref: VersionRef) -> ServingModel:
+        """Load in the runtime, pass the self-test, warm up. The model is not serving yet."""
+        m = verified.manifest
+        model = get_runtime(m.runtime.name).load(verified.artifact_path, self.device.load_options)
+        try:
+            selftest = verified.directory / m.selftest.file
+            run_selftest(model, selftest, atol=m.selftest.atol, rtol=m.selftest.rtol)
+            for _ in range(WARMUP_RUNS):
+                run_selftest(model, selftest, atol=m.selftest.atol, rtol=m.selftest.rtol)
+        except BaseException:
+            model.close()
+            raise
+        return ServingModel(ref, m, model)

@@ -1,0 +1,82 @@
+"""The journal: the agent's crash-safe record of what each slot runs and what it is doing.
+
+Written atomically (temp file, fsync, rename, fsync of the directory) before each lifecycle
+step, so after a crash or power loss the file holds either the old or the new record, never a
+torn one. ``committed`` always names a version whose files are complete on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge_agent.errors import ConfigError
+from edge_agent.lifecycle.states import State
+from edge_agent.protocol.desired import SlotAssignment
+
+
+class VersionRef(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    model: str
+    version: str
+    bundle_sha256: str
+    runtime: str
+    precision: str
+
+
+class SlotRecord(BaseModel):
+    state: State = State.IDLE
+    committed: VersionRef | None = None
+    previous: VersionRef | None = None
+    target: SlotAssignment | None = None
+    error: dict[str, str] | None = None
+
+
+class JournalData(BaseModel):
+    version: int = 1
+    #: ``seq`` and content digest of the last accepted desired-state document.
+    desired_seq: int = 0
+    desired_digest: str | None = None
+    slots: dict[str, SlotRecord] = Field(default_factory=dict)
+
+
+class Journal:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data = self._read()
+
+    def _read(self) -> JournalData:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return JournalData()
+        try:
+            return JournalData.model_validate(json.loads(raw))
+        except ValueError as e:
+            # Atomic writes make a torn file impossible; this is outside damage.
+            raise ConfigError(f"{self.path}: journal is unreadable: {e}") from e
+
+    def slot(self, name: str) -> SlotRecord:
+        return self.data.slots.setdefault(name, SlotRecord())
+
+    def save(self) -> None:
+        write_atomic(self.path, self.data.model_dump_json(indent=1).encode())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,26 @@
+"""The MQTT contract between the fleet server and edge agents: topics and message schemas.
+
+Both sides import these modules, so a message that validates here is one the other side
+understands. Payloads are UTF-8 JSON.
+"""
+
+from edge_agent.protocol.desired import DesiredState, SignedDesiredState, SlotAssignment
+from edge_agent.protocol.presence import OFFLINE, ONLINE
+from edge_agent.protocol.status import ActiveModel, ReportedStatus, SlotStatus, Transition
+from edge_agent.protocol.topics import DEVICE_ID_PATTERN, PREFIX, Topics, parse_device_topic
+
+__all__ = [
+    "DEVICE_ID_PATTERN",
+    "OFFLINE",
+    "ONLINE",
+    "PREFIX",
+    "ActiveModel",
+    "DesiredState",
+    "ReportedStatus",
+    "SignedDesiredState",
+    "SlotAssignment",
+    "SlotStatus",
+    "Topics",
+    "Transition",
+    "parse_device_topic",
+]

@@ -1,0 +1,79 @@
+"""The desired-state document: what the server wants a device to run, slot by slot.
+
+Invariants the agent enforces: ``seq`` only grows (a document with a lower ``seq`` than the
+last accepted one is a replay and is refused), and an expired document is never applied.
+A rollback is a *new* document with a higher ``seq`` naming the older version.
+
+On the wire the document travels in an envelope ``{"signed": {...}, "signatures": [...]}``
+in the style of TUF, so that signatures cover the canonical JSON of ``signed`` exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from edge_agent.errors import DesiredStateError
+from edge_agent.protocol.topics import DEVICE_ID_PATTERN
+
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+SLOT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SlotAssignment(_Message):
+    model: str = Field(min_length=1, max_length=128)
+    version: str = Field(min_length=1, max_length=64)
+    bundle_sha256: str = Field(pattern=SHA256_PATTERN)
+    bundle_url: str
+    size: int = Field(gt=0)
+    mode: Literal["active", "shadow"] = "active"
+    rollout_id: str | None = None
+
+
+class DesiredState(_Message):
+    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
+    seq: int = Field(ge=1)
+    issued_at: datetime
+    expires_at: datetime
+    slots: dict[str, SlotAssignment]
+
+    @field_validator("slots")
+    @classmethod
+    def _slot_names(cls, slots: dict[str, SlotAssignment]) -> dict[str, SlotAssignment]:
+        for name in slots:
+            if not re.match(SLOT_PATTERN, name):
+                raise ValueError(f"invalid slot name {name!r}")
+        return slots
+
+    def is_expired(self, now: datetime | None = None) -> bool:
+        return (now or datetime.now(UTC)) >= self.expires_at
+
+
+class Signature(_Message):
+    keyid: str
+    sig: str
+
+
+class SignedDesiredState(_Message):
+    signed: DesiredState
+    signatures: list[Signature] = Field(default_factory=list)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, payload: bytes) -> SignedDesiredState:
+        try:
+            return cls.model_validate(json.loads(payload))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DesiredStateError(
+                f"malformed desired-state document: {e}", reason="desired_state_malformed"
+            ) from e

@@ -1,0 +1,63 @@
+"""The reported state an agent publishes (retained) on its ``status`` topic.
+
+``desired_seq`` is the ``seq`` of the last desired-state document the agent accepted; the
+server compares it with its own record to notice a device that missed an update.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ActiveModel(_Message):
+    model: str
+    version: str
+    bundle_sha256: str
+    runtime: str
+    precision: str
+
+
+class Transition(_Message):
+    slot: str
+    from_state: str
+    to_state: str
+    event: str
+    at: datetime
+    bundle_sha256: str | None = None
+    reason: str | None = None
+    message: str | None = None
+
+
+class SlotStatus(_Message):
+    state: str
+    active: ActiveModel | None = None
+    #: The bundle the slot is moving to, while a deployment is under way or after it failed.
+    target_sha256: str | None = None
+    error: dict[str, str] | None = None
+
+
+class ReportedStatus(_Message):
+    device_id: str
+    profile: str
+    agent_version: str
+    desired_seq: int = 0
+    runtimes: dict[str, str] = Field(default_factory=dict)
+    slots: dict[str, SlotStatus] = Field(default_factory=dict)
+    last_transition: Transition | None = None
+    #: Why the last desired-state document was refused, if it was.
+    refusal: dict[str, str] | None = None
+    reported_at: datetime
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, payload: bytes) -> ReportedStatus:
+        return cls.model_validate(json.loads(payload))

@@ -1,0 +1,92 @@
+"""The interfaces every runtime backend implements, and input checking shared by all of them."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_agent.bundle.manifest import TensorSpec
+from edge_agent.errors import RequestError
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    #: Intra-op threads; 0 lets the runtime decide.
+    threads: int = 0
+    #: onnxruntime execution providers in order of preference; unavailable ones are skipped.
+    providers: tuple[str, ...] = field(default_factory=tuple)
+
+
+class LoadedModel(ABC):
+    """A model loaded in a runtime, ready to run. ``run`` is safe to call from many threads."""
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    @abstractmethod
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class Runtime(ABC):
+    name: str
+
+    @abstractmethod
+    def version(self) -> str | None:
+        """Installed version, or None when the library is not installed."""
+
+    @abstractmethod
+    def load(self, path: Path, options: LoadOptions) -> LoadedModel: ...
+
+
+def check_feeds(specs: list[TensorSpec], feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Match ``feeds`` to the model's inputs: names exact, rank and fixed dims equal, dtype cast
+    only when lossless (lists decoded from JSON arrive as float64/int64)."""
+    expected = {s.name for s in specs}
+    got = set(feeds)
+    if got != expected:
+        missing, extra = sorted(expected - got), sorted(got - expected)
+        raise RequestError(
+            "inputs do not match the model"
+            + (f"; missing: {missing}" if missing else "")
+            + (f"; unexpected: {extra}" if extra else ""),
+            reason="input_names",
+        )
+    out: dict[str, np.ndarray] = {}
+    for spec in specs:
+        arr = np.asarray(feeds[spec.name])
+        want = np.dtype(spec.dtype)
+        if arr.dtype != want:
+            if not _safe_cast(arr, want):
+                raise RequestError(
+                    f"input {spec.name!r}: dtype {arr.dtype} cannot be converted to {want}",
+                    reason="input_dtype",
+                )
+            arr = arr.astype(want)
+        if arr.ndim != len(spec.shape) or any(
+            isinstance(d, int) and d != n for d, n in zip(spec.shape, arr.shape, strict=True)
+        ):
+            raise RequestError(
+                f"input {spec.name!r}: shape {list(arr.shape)} does not fit {spec.shape}",
+                reason="input_shape",
+            )
+        out[spec.name] = np.ascontiguousarray(arr)
+    return out
+
+
+def _safe_cast(arr: np.ndarray, want: np.dtype[np.generic]) -> bool:
+    if np.can_cast(arr.dtype, want, casting="safe"):
+        return True
+    # JSON numbers decode as float64/int64; narrowing to the model's float type is expected.
+    if arr.dtype.kind in "fiu" and want.kind == "f":
+        return True
+    if arr.dtype.kind in "iu" and want.kind in "iu":
+        info = np.iinfo(want)
+        return arr.size == 0 or (int(arr.min()) >= info.min and int(arr.max()) <= info.max)
+    return False

@@ -1,0 +1,92 @@
+"""ONNX Runtime backend (x86 profiles, and ARM/Jetson devices serving plain ONNX)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.bundle.manifest import TensorSpec
+from edge_agent.errors import RuntimeBackendError
+from edge_agent.runtimes.base import LoadedModel, LoadOptions, Runtime, check_feeds
+
+# ONNX tensor type strings → numpy dtype names.
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(int16)": "int16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(bool)": "bool",
+}
+
+
+def _spec(arg: Any) -> TensorSpec:
+    dtype = _ORT_TYPES.get(arg.type)
+    if dtype is None:
+        raise RuntimeBackendError(f"tensor {arg.name!r} has unsupported type {arg.type}")
+    return TensorSpec(name=arg.name, dtype=dtype, shape=list(arg.shape))
+
+
+class OnnxRuntimeModel(LoadedModel):
+    def __init__(self, session: Any) -> None:
+        self._session = session
+        self._lock = threading.Lock()
+        self.inputs = [_spec(a) for a in session.get_inputs()]
+        self.outputs = [_spec(a) for a in session.get_outputs()]
+        self._output_names = [o.name for o in self.outputs]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self._session
+        if session is None:
+            raise RuntimeBackendError("model is closed", reason="closed")
+        checked = check_feeds(self.inputs, feeds)
+        try:
+            # InferenceSession.run is thread-safe; no lock on the hot path.
+            values = session.run(self._output_names, checked)
+        except Exception as e:  # onnxruntime raises its own untyped errors
+            raise RuntimeBackendError(f"onnxruntime inference failed: {e}") from e
+        return dict(zip(self._output_names, values, strict=True))
+
+    def close(self) -> None:
+        with self._lock:
+            self._session = None
+
+
+class OnnxRuntime(Runtime):
+    name = "onnxruntime"
+
+    def version(self) -> str | None:
+        try:
+            import onnxruntime
+        except ImportError:
+            return None
+        return str(onnxruntime.__version__)
+
+    def load(self, path: Path, options: LoadOptions) -> LoadedModel:
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise RuntimeBackendError(
+                "onnxruntime is not installed (pip install 'edgefleet[agent]')",
+                reason="runtime_missing",
+            ) from e
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = options.threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        available = set(ort.get_available_providers())
+        providers = [p for p in options.providers if p in available] or ["CPUExecutionProvider"]
+        try:
+            session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        except Exception as e:
+            raise RuntimeBackendError(
+                f"onnxruntime could not load {path.name}: {e}", reason="load_failed"
+            ) from e
+        return OnnxRuntimeModel(session)

@@ -1,0 +1,292 @@
+"""Local inference: the table of models being served, and the HTTP API in front of it.
+
+Invariant: a request runs on the model that was active when it started. A swap replaces the
+slot's reference atomically under a lock; the old model is closed only once its last
+in-flight request has finished (reference counted), so a swap never fails a request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+
+from edge_agent import codec
+from edge_agent.bundle import Manifest
+from edge_agent.errors import EdgefleetError, RequestError, RuntimeBackendError
+from edge_agent.lifecycle.journal import VersionRef
+from edge_agent.runtimes import LoadedModel
+
+log = logging.getLogger(__name__)
+
+#: Largest request body the local API accepts.
+MAX_BODY_BYTES = 256 << 20
+
+
+class ServingModel:
+    """A loaded model plus the count of requests running on it."""
+
+    def __init__(self, ref: VersionRef, manifest: Manifest, model: LoadedModel) -> None:
+        self.ref = ref
+        self.manifest = manifest
+        self.model = model
+        self._in_flight = 0
+        self._retired = False
+        self._cond = threading.Condition()
+
+    def _acquire(self) -> None:
+        with self._cond:
+            self._in_flight += 1
+
+    def _release(self) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._cond.notify_all()
+                if self._retired:
+                    self.model.close()
+
+    def retire(self) -> None:
+        """Close the model as soon as no request is running on it."""
+        with self._cond:
+            self._retired = True
+            if self._in_flight == 0:
+                self.model.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.ref.model,
+            "version": self.ref.version,
+            "bundle_sha256": self.ref.bundle_sha256,
+            "runtime": self.ref.runtime,
+            "precision": self.ref.precision,
+            "inputs": [s.model_dump() for s in self.manifest.inputs],
+            "outputs": [s.model_dump() for s in self.manifest.outputs],
+        }
+
+
+class SlotTable:
+    """Slot name → the model serving it."""
+
+    def __init__(self) -> None:
+        self._slots: dict[str, ServingModel] = {}
+        self._lock = threading.Lock()
+
+    def swap(self, slot: str, new: ServingModel) -> ServingModel | None:
+        """Make ``new`` serve ``slot``; the old model (returned) is retired."""
+        with self._lock:
+            old = self._slots.get(slot)
+            self._slots[slot] = new
+        if old is not None:
+            old.retire()
+        return old
+
+    def remove(self, slot: str) -> None:
+        with self._lock:
+            old = self._slots.pop(slot, None)
+        if old is not None:
+            old.retire()
+
+    def _resolve_locked(self, name: str) -> str | None:
+        if name in self._slots:
+            return name
+        return next((s for s, m in self._slots.items() if m.ref.model == name), None)
+
+    def resolve(self, name: str) -> str | None:
+        """A slot name, or the model name a slot serves."""
+        with self._lock:
+            return self._resolve_locked(name)
+
+    @contextmanager
+    def use(self, name: str) -> Iterator[ServingModel]:
+        """The model serving ``name``, held for the duration of the block."""
+        with self._lock:
+            slot = self._resolve_locked(name)
+            if slot is None:
+                raise LookupError(name)
+            serving = self._slots[slot]
+            serving._acquire()
+        try:
+            yield serving
+        finally:
+            serving._release()
+
+    def snapshot(self) -> dict[str, ServingModel]:
+        with self._lock:
+            return dict(self._slots)
+
+    def close(self) -> None:
+        with self._lock:
+            slots, self._slots = self._slots, {}
+        for serving in slots.values():
+            serving.retire()
+
+
+@dataclass(frozen=True)
+class Prediction:
+    outputs: dict[str, np.ndarray]
+    ref: VersionRef
+    latency_ms: float
+
+
+def predict(table: SlotTable, name: str, feeds: dict[str, np.ndarray]) -> Prediction:
+    """The in-process serving path (the HTTP API is a thin layer on this)."""
+    with table.use(name) as serving:
+        start = time.perf_counter()
+        outputs = serving.model.run(feeds)
+        return Prediction(outputs, serving.ref, (time.perf_counter() - start) * 1000)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: InferenceHTTPServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+    # --- responses -------------------------------------------------------------------------
+    def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, value: Any, headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(value).encode(), codec.JSON, headers)
+
+    def _error(self, status: int, code: str, message: str, detail: Any = None) -> None:
+        self._json(status, {"error": {"code": code, "message": message, "detail": detail}})
+
+    # --- routes ----------------------------------------------------------------------------
+    def do_GET(self) -> None:
+        table = self.server.table
+        if self.path == "/healthz":
+            self._json(200, {"status": "ok"})
+        elif self.path == "/readyz":
+            models = {s: m.ref.version for s, m in table.snapshot().items()}
+            self._json(200 if models else 503, {"ready": bool(models), "slots": models})
+        elif self.path == "/v1/models":
+            self._json(
+                200,
+                {"models": [{"slot": s, **m.describe()} for s, m in table.snapshot().items()]},
+            )
+        elif self.path.startswith("/v1/models/"):
+            name = self.path[len("/v1/models/") :]
+            slot = table.resolve(name)
+            snap = table.snapshot()
+            if slot is None or slot not in snap:
+                self._error(404, "model_not_found", f"no model or slot named {name!r} is serving")
+            else:
+                self._json(200, {"slot": slot, **snap[slot].describe()})
+        else:
+            self._error(404, "not_found", f"no route {self.path}")
+
+    def do_POST(self) -> None:
+        prefix, suffix = "/v1/models/", ":predict"
+        if not (self.path.startswith(prefix) and self.path.endswith(suffix)):
+            self._error(404, "not_found", f"no route {self.path}")
+            return
+        name = self.path[len(prefix) : -len(suffix)]
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self._error(411, "length_required", "send a Content-Length header")
+            return
+        if int(length) > MAX_BODY_BYTES:
+            self._error(413, "too_large", f"request body over {MAX_BODY_BYTES} bytes")
+            return
+        body = self.rfile.read(int(length))
+        content_type = (self.headers.get("Content-Type") or codec.JSON).split(";")[0].strip()
+        try:
+            feeds, out_encoding = self._decode(name, body, content_type)
+            result = predict(self.server.table, name, feeds)
+        except LookupError:
+            self._error(404, "model_not_found", f"no model or slot named {name!r} is serving")
+            return
+        except RequestError as e:
+            self._error(400, e.reason, e.message)
+            return
+        except RuntimeBackendError as e:
+            self._error(500, e.reason, e.message)
+            return
+        except EdgefleetError as e:
+            self._error(500, e.reason, e.message)
+            return
+        headers = {
+            "X-Edgefleet-Model": result.ref.model,
+            "X-Edgefleet-Version": result.ref.version,
+            "X-Edgefleet-Latency-Ms": f"{result.latency_ms:.3f}",
+        }
+        accept = self.headers.get("Accept", "")
+        if codec.NPZ in accept or (content_type == codec.NPZ and codec.JSON not in accept):
+            self._send(200, codec.encode_npz(result.outputs), codec.NPZ, headers)
+        else:
+            self._json(
+                200,
+                {
+                    "model": result.ref.model,
+                    "version": result.ref.version,
+                    "outputs": {
+                        k: codec.encode_json_value(v, out_encoding) for k, v in result.outputs.items()
+                    },
+                },
+                headers,
+            )
+
+    def _decode(self, name: str, body: bytes, content_type: str) -> tuple[dict[str, np.ndarray], str]:
+        if content_type == codec.NPZ:
+            return codec.decode_npz(body), "list"
+        if content_type in (codec.NPY, "application/octet-stream"):
+            arr = codec.decode_npy(body)
+            with self.server.table.use(name) as serving:
+                names = [s.name for s in serving.manifest.inputs]
+            if len(names) != 1:
+                raise RequestError(
+                    f"a .npy body fits single-input models; this one has inputs {names}",
+                    reason="input_encoding",
+                )
+            return {names[0]: arr}, "list"
+        if content_type != codec.JSON:
+            raise RequestError(f"unsupported Content-Type {content_type!r}", reason="content_type")
+        try:
+            doc = json.loads(body)
+        except ValueError as e:
+            raise RequestError(f"body is not valid JSON: {e}", reason="input_encoding") from e
+        if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), dict):
+            raise RequestError('JSON body must be {"inputs": {name: array}}', reason="input_encoding")
+        encoding = doc.get("output_encoding", "list")
+        if encoding not in ("list", "b64"):
+            raise RequestError("output_encoding must be 'list' or 'b64'", reason="input_encoding")
+        feeds = {k: codec.decode_json_value(k, v) for k, v in doc["inputs"].items()}
+        return feeds, encoding
+
+
+class InferenceHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], table: SlotTable) -> None:
+        self.table = table
+        super().__init__(address, _Handler)
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+
+def start_http(table: SlotTable, host: str, port: int) -> tuple[InferenceHTTPServer, threading.Thread]:
+    server = InferenceHTTPServer((host, port), table)
+    thread = threading.Thread(target=server.serve_forever, name="edge-agent-http", daemon=True)
+    thread.start()
+    return server, thread

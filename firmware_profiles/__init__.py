@@ -1,0 +1,38 @@
+"""Device profiles: one TOML file per kind of device, and the loader that validates them.
+
+A profile says what a device can run (runtimes in order of preference, precisions, accelerator),
+what it may hold (memory and bundle budgets) and what a compiled model must meet on it (parity
+thresholds, latency budget). The fleet server picks build targets from it; the agent reads its
+thread count and checks that a bundle was built for it.
+
+Invariant: a loaded :class:`Profile` has been fully validated; any error names the file and
+the field (``raspberry-pi-4.toml: resources.threads: Input should be greater than 0``).
+"""
+
+from firmware_profiles.catalog import ProfileCatalog, default_catalog, load_profile
+from firmware_profiles.schema import (
+    Accelerator,
+    Firmware,
+    LatencyBudget,
+    ParityThresholds,
+    Precision,
+    Profile,
+    Resources,
+    RuntimeName,
+    RuntimeSpec,
+)
+
+__all__ = [
+    "Accelerator",
+    "Firmware",
+    "LatencyBudget",
+    "ParityThresholds",
+    "Precision",
+    "Profile",
+    "ProfileCatalog",
+    "Resources",
+    "RuntimeName",
+    "RuntimeSpec",
+    "default_catalog",
+    "load_profile",
+]

@@ -1,0 +1,1 @@
+"""What every route shares: the application state and the dependency aliases."""

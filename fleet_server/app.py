@@ -1,0 +1,92 @@
+"""The FastAPI application: wiring of settings, database, artifact store, control plane and
+the domain routers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from sqlalchemy import text
+
+from edge_agent import __version__
+from firmware_profiles import default_catalog
+from fleet_server.api.deps import AppState, StateDep
+from fleet_server.artifacts import ArtifactStore
+from fleet_server.auth.service import bootstrap_admin
+from fleet_server.bundles.routes import router as bundles_router
+from fleet_server.control.plane import ControlPlane
+from fleet_server.database import create_tables, make_engine
+from fleet_server.devices.routes import router as devices_router
+from fleet_server.errors import install_error_handlers
+from fleet_server.registry.routes import router as models_router
+from fleet_server.rollouts.routes import router as rollouts_router
+from fleet_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
+    """``mqtt_url`` is the broker the server connects to (embedded or external)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(settings.resolved_database_url)
+        create_tables(engine)
+        from sqlmodel import Session
+
+        with Session(engine) as session:
+            configured = settings.admin_token.get_secret_value() if settings.admin_token else None
+            written = bootstrap_admin(session, configured, settings.admin_token_file)
+        if written is not None:
+            log.warning("created an admin API token in %s (keep it secret)", written)
+        control = ControlPlane(
+            engine,
+            mqtt_url,
+            device_mqtt_url=settings.device_mqtt_url,
+            desired_ttl_s=settings.desired_state_ttl_s,
+        )
+        control.start()
+        app.state.edgefleet = AppState(
+            settings=settings,
+            engine=engine,
+            store=ArtifactStore(settings.artifacts_dir),
+            catalog=default_catalog(),
+            control=control,
+        )
+        try:
+            yield
+        finally:
+            control.stop()
+            engine.dispose()
+
+    app = FastAPI(
+        title="edgefleet",
+        version=__version__,
+        description="Deploy ML models to fleets of edge devices.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(models_router)
+    app.include_router(devices_router)
+    app.include_router(bundles_router)
+    app.include_router(rollouts_router)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz(state: StateDep) -> dict[str, Any]:
+        with state.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return {
+            "status": "ok",
+            "version": __version__,
+            "broker_connected": state.control.connected.is_set(),
+        }
+
+    @app.get("/v1/profiles", tags=["profiles"])
+    def profiles(state: StateDep) -> list[dict[str, Any]]:
+        return [p.model_dump() for p in state.catalog]
+
+    return app

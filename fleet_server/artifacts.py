@@ -1,0 +1,75 @@
+"""The artifact store: a local directory of blobs addressed by their sha256.
+
+    <root>/sha256/ab/abcdef…   (the first two hex digits fan the files out)
+
+A blob appears only by an atomic rename of a fully written temp file, so a reader never sees
+a partial one. Content addressing makes writes idempotent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+
+class ArtifactStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "sha256").mkdir(parents=True, exist_ok=True)
+        (root / "tmp").mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        return self.root / "sha256" / sha256[:2] / sha256
+
+    def exists(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def scratch_dir(self) -> Path:
+        """A private temp directory on the store's filesystem (so renames are atomic)."""
+        return Path(tempfile.mkdtemp(dir=self.root / "tmp"))
+
+    def put_stream(self, stream: BinaryIO, *, max_bytes: int) -> tuple[str, int]:
+        """Copy ``stream`` into the store; refuse (and keep nothing) past ``max_bytes``."""
+        fd, tmp_name = tempfile.mkstemp(dir=self.root / "tmp")
+        tmp = Path(tmp_name)
+        h = hashlib.sha256()
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := stream.read(1 << 20):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise ValueError(f"upload exceeds {max_bytes} bytes")
+                    h.update(chunk)
+                    out.write(chunk)
+            return self._commit(tmp, h.hexdigest()), size
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def put_file(self, src: Path) -> tuple[str, int]:
+        """Move ``src`` (a file this process wrote) into the store."""
+        h = hashlib.sha256()
+        size = src.stat().st_size
+        with src.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return self._commit(src, h.hexdigest()), size
+
+    def _commit(self, tmp: Path, sha256: str) -> str:
+        final = self.path(sha256)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            tmp.unlink(missing_ok=True)
+        else:
+            try:
+                os.replace(tmp, final)
+            except OSError:  # another filesystem: copy, then rename
+                shutil.copyfile(tmp, final.with_suffix(".tmp"))
+                os.replace(final.with_suffix(".tmp"), final)
+                tmp.unlink(missing_ok=True)
+        return sha256

@@ -1,0 +1,106 @@
+"""Issuing and checking credentials."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from sqlmodel import Session, select
+
+from fleet_server.auth.tables import ApiToken
+from fleet_server.errors import AuthenticationError, PermissionDeniedError
+
+Role = Literal["viewer", "operator", "admin"]
+ROLE_RANK: dict[str, int] = {"viewer": 1, "operator": 2, "admin": 3}
+
+API_TOKEN_PREFIX = "efa_"
+DEVICE_SECRET_PREFIX = "efd_"
+ENROLLMENT_TOKEN_PREFIX = "efe_"
+
+
+def new_secret(prefix: str) -> str:
+    return prefix + secrets.token_urlsafe(32)
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller: an API token holder (with a role) or a device."""
+
+    name: str
+    role: str  # viewer / operator / admin / device
+    device_id: str | None = None
+
+    def require(self, role: Role) -> None:
+        if ROLE_RANK.get(self.role, 0) < ROLE_RANK[role]:
+            raise PermissionDeniedError(
+                f"{self.name} ({self.role}) may not do this; it needs the {role} role",
+                required_role=role,
+            )
+
+
+def issue_api_token(session: Session, name: str, role: Role) -> str:
+    token = new_secret(API_TOKEN_PREFIX)
+    session.add(
+        ApiToken(name=name, token_hash=hash_secret(token), role=role, created_at=datetime.now(UTC))
+    )
+    session.commit()
+    return token
+
+
+def authenticate(session: Session, authorization: str | None) -> Principal:
+    if not authorization:
+        raise AuthenticationError("missing bearer token (Authorization: Bearer …)")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise AuthenticationError("the Authorization header must be 'Bearer <token>'")
+    token_hash = hash_secret(token.strip())
+    if token.startswith(DEVICE_SECRET_PREFIX):
+        from fleet_server.devices.tables import Device
+
+        device = session.exec(select(Device).where(Device.secret_hash == token_hash)).first()
+        if device is None:
+            raise AuthenticationError("unknown device credential")
+        return Principal(name=f"device:{device.id}", role="device", device_id=device.id)
+    api = session.exec(select(ApiToken).where(ApiToken.token_hash == token_hash)).first()
+    if api is None or api.revoked_at is not None:
+        raise AuthenticationError("unknown or revoked API token")
+    return Principal(name=api.name, role=api.role)
+
+
+def bootstrap_admin(session: Session, configured: str | None, token_file: Path) -> Path | None:
+    """Make sure an admin can log in.
+
+    A configured token (``EDGEFLEET_ADMIN_TOKEN``) is installed as ``bootstrap-admin``. With
+    none configured and no token in the database, a new admin token is written to
+    ``token_file`` (mode 0600) and that path is returned.
+    """
+    if configured:
+        token_hash = hash_secret(configured)
+        if session.exec(select(ApiToken).where(ApiToken.token_hash == token_hash)).first() is None:
+            session.add(
+                ApiToken(
+                    name="bootstrap-admin",
+                    token_hash=token_hash,
+                    role="admin",
+                    created_at=datetime.now(UTC),
+                )
+            )
+            session.commit()
+        return None
+    if session.exec(select(ApiToken).where(ApiToken.revoked_at == None)).first() is not None:  # noqa: E711
+        return None
+    token = issue_api_token(session, "bootstrap-admin", "admin")
+    token_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token_file

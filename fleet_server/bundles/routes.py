@@ -1,0 +1,48 @@
+"""/v1/bundles: download by sha256 (HTTP Range supported) and metadata."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse
+
+from fleet_server.api.deps import PrincipalDep, SessionDep, StateDep, Viewer
+from fleet_server.bundles import service
+from fleet_server.bundles.tables import BundlePublic
+from fleet_server.errors import InvalidInputError, NotFoundError
+
+router = APIRouter(prefix="/v1/bundles", tags=["bundles"])
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _check(sha256: str) -> None:
+    if not _SHA256.match(sha256):
+        raise InvalidInputError("a bundle id is a lowercase hex sha256 (64 characters)")
+
+
+@router.get("/{sha256}", response_class=FileResponse)
+def download_bundle(sha256: str, state: StateDep, session: SessionDep, principal: PrincipalDep) -> Any:
+    """The bundle file. Devices and API tokens may download; ``Range`` requests resume."""
+    _check(sha256)
+    if principal.role != "device":
+        principal.require("viewer")
+    service.get_bundle(session, sha256)
+    path = state.store.path(sha256)
+    if not path.is_file():
+        raise NotFoundError(f"bundle {sha256} is missing from the artifact store")
+    return FileResponse(path, media_type="application/x-tar", filename=f"{sha256}.efb")
+
+
+@router.get("/{sha256}/manifest")
+def bundle_manifest(sha256: str, session: SessionDep, _: Viewer) -> dict[str, Any]:
+    _check(sha256)
+    return service.get_bundle(session, sha256).manifest
+
+
+@router.get("/{sha256}/info", response_model=BundlePublic)
+def bundle_info(sha256: str, session: SessionDep, _: Viewer) -> BundlePublic:
+    _check(sha256)
+    return service.to_public(session, service.get_bundle(session, sha256))

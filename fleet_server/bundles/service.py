@@ -1,0 +1,103 @@
+"""Building (or reusing) the bundle of a model version for a profile."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from datetime import UTC, datetime
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+
+from converters import build_bundle
+from edge_agent.bundle.manifest import TensorSpec
+from firmware_profiles import Profile
+from fleet_server.artifacts import ArtifactStore
+from fleet_server.bundles.tables import Bundle, BundlePublic
+from fleet_server.database import aware
+from fleet_server.errors import NotFoundError
+from fleet_server.registry.tables import MLModel, ModelVersion
+
+log = logging.getLogger(__name__)
+
+
+def ensure_bundle(
+    session: Session,
+    store: ArtifactStore,
+    model: MLModel,
+    version: ModelVersion,
+    profile: Profile,
+) -> Bundle:
+    """The bundle for (version, profile), built now if it does not exist yet."""
+    existing = _find(session, version, profile.name)
+    if existing is not None:
+        return existing
+    scratch = store.scratch_dir()
+    try:
+        result = build_bundle(
+            source=store.path(version.source_sha256),
+            source_sha256=version.source_sha256,
+            name=model.name,
+            version=version.version,
+            inputs=[TensorSpec.model_validate(s) for s in version.inputs],
+            outputs=[TensorSpec.model_validate(s) for s in version.outputs],
+            profile=profile,
+            out_path=scratch / "bundle.efb",
+        )
+        sha256, size = store.put_file(result.path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    assert version.id is not None
+    row = Bundle(
+        sha256=sha256,
+        model_version_id=version.id,
+        profile=profile.name,
+        runtime=result.target.runtime,
+        precision=result.target.precision,
+        size=size,
+        manifest=result.manifest.model_dump(mode="json"),
+        passed_over=result.passed_over,
+        created_at=datetime.now(UTC),
+    )
+    session.add(row)
+    try:
+        session.commit()
+    except IntegrityError:
+        # Built concurrently by another request or replica; theirs is equivalent.
+        session.rollback()
+        found = _find(session, version, profile.name)
+        assert found is not None
+        return found
+    log.info("built bundle %s for %s %s on %s", sha256[:12], model.name, version.version, profile.name)
+    return row
+
+
+def _find(session: Session, version: ModelVersion, profile: str) -> Bundle | None:
+    return session.exec(
+        select(Bundle).where(Bundle.model_version_id == version.id, Bundle.profile == profile)
+    ).first()
+
+
+def get_bundle(session: Session, sha256: str) -> Bundle:
+    bundle = session.get(Bundle, sha256)
+    if bundle is None:
+        raise NotFoundError(f"no bundle with sha256 {sha256}", bundle_sha256=sha256)
+    return bundle
+
+
+def to_public(session: Session, bundle: Bundle) -> BundlePublic:
+    version = session.get(ModelVersion, bundle.model_version_id)
+    assert version is not None
+    model = session.get(MLModel, version.model_id)
+    assert model is not None
+    return BundlePublic(
+        sha256=bundle.sha256,
+        model=model.name,
+        version=version.version,
+        profile=bundle.profile,
+        runtime=bundle.runtime,
+        precision=bundle.precision,
+        size=bundle.size,
+        passed_over=bundle.passed_over,
+        created_at=aware(bundle.created_at),
+    )

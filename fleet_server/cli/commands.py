@@ -1,0 +1,340 @@
+"""The ``edgefleet`` commands (typer). Each prints a one-line error and exits 1 when the
+operation fails, 2 on a usage error."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edge_agent.errors import ConfigError, EdgefleetError
+from fleet_server.cli.api_client import ApiClient, default_token
+from fleet_server.settings import Settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="edgefleet: ML models on edge fleets.")
+models_app = typer.Typer(no_args_is_help=True, help="Model registry.")
+devices_app = typer.Typer(no_args_is_help=True, help="Devices and enrollment.")
+rollouts_app = typer.Typer(no_args_is_help=True, help="Deploy model versions to devices.")
+bundle_app = typer.Typer(no_args_is_help=True, help="Inspect and verify bundle files offline.")
+app.add_typer(models_app, name="models")
+app.add_typer(devices_app, name="devices")
+app.add_typer(rollouts_app, name="rollouts")
+app.add_typer(bundle_app, name="bundle")
+
+console = Console()
+err_console = Console(stderr=True)
+
+ServerOpt = Annotated[
+    str, typer.Option("--server", envvar="EDGEFLEET_SERVER", help="fleet server URL")
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option("--token", envvar="EDGEFLEET_TOKEN", help="API token (default: the data dir's admin.token)"),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+DEFAULT_SERVER = "http://127.0.0.1:8600"
+
+
+def _client(server: str, token: str | None) -> ApiClient:
+    return ApiClient(server, token or default_token(Settings().data_dir))
+
+
+def _labels(pairs: list[str] | None) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected key=value, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+# --- serve / demo ---------------------------------------------------------------------------------
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="bind address (EDGEFLEET_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (EDGEFLEET_PORT)")] = None,
+) -> None:
+    """Run the REST API and control plane (+ an embedded broker unless EDGEFLEET_MQTT_URL)."""
+    import logging
+
+    from fleet_server.server import serve as run_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides: dict[str, Any] = {}
+    if host is not None:
+        overrides["host"] = host
+    if port is not None:
+        overrides["port"] = port
+    run_server(Settings(**overrides))
+
+
+@app.command()
+def demo(
+    workdir: Annotated[
+        Path | None, typer.Option(help="keep the demo's files here (default: a temp dir)")
+    ] = None,
+) -> None:
+    """The whole story on embedded defaults: server, broker, three devices, a rollout."""
+    from hil.demo import run_demo
+
+    raise typer.Exit(run_demo(workdir, console))
+
+
+# --- models ---------------------------------------------------------------------------------------
+@models_app.command("push")
+def models_push(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="ONNX model file")],
+    name: Annotated[str, typer.Option(help="model name")],
+    version: Annotated[str, typer.Option(help="semantic version, e.g. 1.0.0")],
+    description: Annotated[str, typer.Option(help="free text")] = "",
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Upload a model version."""
+    result = _client(server, token).upload_model(file, name, version, description)
+    if as_json:
+        _print_json(result)
+        return
+    ins = ", ".join(f"{s['name']}{s['shape']}:{s['dtype']}" for s in result["inputs"])
+    outs = ", ".join(f"{s['name']}{s['shape']}:{s['dtype']}" for s in result["outputs"])
+    console.print(f"pushed {name} {version} (sha256 {result['source_sha256'][:12]}, opset {result['opset']})")
+    console.print(f"  inputs:  {ins}\n  outputs: {outs}")
+
+
+@models_app.command("list")
+def models_list(server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """List models and their versions."""
+    models = _client(server, token).get("/v1/models")
+    if as_json:
+        _print_json(models)
+        return
+    table = Table("model", "versions", "latest")
+    for m in models:
+        versions = [v["version"] for v in m["versions"]]
+        table.add_row(m["name"], ", ".join(versions), versions[-1] if versions else "-")
+    console.print(table)
+
+
+@models_app.command("show")
+def models_show(
+    name: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Show a model's versions with their inputs and outputs."""
+    model = _client(server, token).get(f"/v1/models/{name}")
+    if as_json:
+        _print_json(model)
+        return
+    table = Table("version", "sha256", "size", "opset", "inputs", "outputs", "created")
+    for v in model["versions"]:
+        table.add_row(
+            v["version"],
+            v["source_sha256"][:12],
+            str(v["size"]),
+            str(v["opset"]),
+            ", ".join(f"{s['name']}{s['shape']}" for s in v["inputs"]),
+            ", ".join(f"{s['name']}{s['shape']}" for s in v["outputs"]),
+            v["created_at"][:19],
+        )
+    console.print(table)
+
+
+# --- devices --------------------------------------------------------------------------------------
+@devices_app.command("token")
+def devices_token(
+    profile: Annotated[str | None, typer.Option(help="only devices of this profile may use it")] = None,
+    label: Annotated[list[str] | None, typer.Option(help="key=value given to the device")] = None,
+    ttl_s: Annotated[int | None, typer.Option(help="validity in seconds")] = None,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a one-time enrollment token for `edge-agent enroll`."""
+    body = {"profile": profile, "labels": _labels(label), "ttl_s": ttl_s}
+    result = _client(server, token).post("/v1/enrollment-tokens", json=body)
+    if as_json:
+        _print_json(result)
+    else:
+        print(result["token"])
+
+
+@devices_app.command("list")
+def devices_list(server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """List enrolled devices with what they report."""
+    devices = _client(server, token).get("/v1/devices")
+    if as_json:
+        _print_json(devices)
+        return
+    table = Table("device", "profile", "online", "labels", "slots", "seq (desired/reported)")
+    for d in devices:
+        slots = (d.get("reported") or {}).get("slots") or {}
+        shown = ", ".join(
+            f"{s}={(v.get('active') or {}).get('version', '-')} [{v['state']}]" for s, v in slots.items()
+        )
+        table.add_row(
+            d["id"],
+            d["profile"],
+            "yes" if d["online"] else "no",
+            ",".join(f"{k}={v}" for k, v in d["labels"].items()),
+            shown or "-",
+            f"{d['desired_seq']}/{d['reported_seq']}",
+        )
+    console.print(table)
+
+
+@devices_app.command("show")
+def devices_show(device_id: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None) -> None:
+    """Show one device, with its full reported state (JSON)."""
+    _print_json(_client(server, token).get(f"/v1/devices/{device_id}"))
+
+
+# --- rollouts -------------------------------------------------------------------------------------
+def _render_rollout(r: dict[str, Any]) -> Table:
+    table = Table(
+        "device", "profile", "runtime", "state", "device state", "error",
+        title=f"rollout {r['id']}: {r['model']} {r['version']} → slot {r['slot']} [{r['state']}]",
+    )
+    for t in r["targets"]:
+        err = t.get("error") or {}
+        table.add_row(
+            t["device_id"], t["profile"], f"{t['runtime']}/{t['precision']}", t["state"],
+            t.get("device_state") or "-", err.get("message", ""),
+        )
+    return table
+
+
+@rollouts_app.command("create")
+def rollouts_create(
+    model: Annotated[str, typer.Option(help="model name")],
+    version: Annotated[str, typer.Option(help="model version")],
+    device: Annotated[list[str] | None, typer.Option(help="target device id (repeatable)")] = None,
+    selector: Annotated[list[str] | None, typer.Option(help="label key=value (repeatable)")] = None,
+    slot: Annotated[str | None, typer.Option(help="slot on the device (default: model name)")] = None,
+    wait: Annotated[bool, typer.Option(help="wait until every target serves or fails")] = True,
+    timeout_s: Annotated[float, typer.Option(help="how long --wait waits")] = 300.0,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Deploy a model version to devices (by id or label selector)."""
+    client = _client(server, token)
+    body = {"model": model, "version": version, "devices": device or None,
+            "selector": _labels(selector) or None, "slot": slot}
+    rollout = client.post("/v1/rollouts", json=body)
+    if wait:
+        from rich.live import Live
+
+        deadline = time.monotonic() + timeout_s
+        with Live(_render_rollout(rollout), console=console, transient=as_json) as live:
+            while rollout["state"] == "in_progress" and time.monotonic() < deadline:
+                time.sleep(0.5)
+                rollout = client.get(f"/v1/rollouts/{rollout['id']}")
+                live.update(_render_rollout(rollout))
+    elif not as_json:
+        console.print(_render_rollout(rollout))
+    if as_json:
+        _print_json(rollout)
+    if wait and rollout["state"] != "completed":
+        raise typer.Exit(1)
+
+
+@rollouts_app.command("status")
+def rollouts_status(
+    rollout_id: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Per-device progress of a rollout."""
+    rollout = _client(server, token).get(f"/v1/rollouts/{rollout_id}")
+    if as_json:
+        _print_json(rollout)
+    else:
+        console.print(_render_rollout(rollout))
+
+
+@rollouts_app.command("list")
+def rollouts_list(server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """All rollouts, newest first."""
+    rollouts = _client(server, token).get("/v1/rollouts")
+    if as_json:
+        _print_json(rollouts)
+        return
+    table = Table("id", "model", "version", "slot", "state", "serving/total", "created")
+    for r in rollouts:
+        table.add_row(
+            r["id"], r["model"], r["version"], r["slot"], r["state"],
+            f"{r['counts']['serving']}/{len(r['targets'])}", r["created_at"][:19],
+        )
+    console.print(table)
+
+
+# --- bundle ---------------------------------------------------------------------------------------
+@bundle_app.command("inspect")
+def bundle_inspect(file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)]) -> None:
+    """Print a bundle's manifest."""
+    from edge_agent.bundle import open_bundle
+
+    with open_bundle(file) as reader:
+        _print_json(reader.manifest.model_dump(mode="json"))
+
+
+@bundle_app.command("verify")
+def bundle_verify(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
+    profile: Annotated[str | None, typer.Option(help="also check it fits this device profile")] = None,
+) -> None:
+    """Check a bundle's structure, file digests and sizes (and profile/runtime fit)."""
+    import shutil
+    import tempfile
+
+    from edge_agent.bundle import open_bundle, verify_bundle
+    from edge_agent.runtimes import available_runtimes
+
+    with open_bundle(file) as reader:
+        manifest = reader.manifest
+    staging = Path(tempfile.mkdtemp()) / "bundle"
+    try:
+        verify_bundle(
+            file, staging, profile=profile, runtimes=available_runtimes() if profile else None
+        )
+    finally:
+        shutil.rmtree(staging.parent, ignore_errors=True)
+    signed = f"signed by {manifest.signing_key_id}" if manifest.signing_key_id else "unsigned"
+    console.print(
+        f"ok: {manifest.model.name} {manifest.model.version} for {manifest.profile} "
+        f"({manifest.runtime.name}/{manifest.precision}), {len(manifest.files)} files verified, {signed}"
+    )
+
+
+def run() -> None:
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except ConfigError as e:
+        err_console.print(f"error: {e.message}")
+        sys.exit(2)
+    except EdgefleetError as e:
+        err_console.print(f"error: {e.message}")
+        sys.exit(1)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.UsageError):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(1)
+        raise

@@ -1,0 +1,1 @@
+"""The server's side of MQTT: publish desired state, ingest status and presence."""

@@ -1,0 +1,177 @@
+"""The control plane: one MQTT 5 connection from the server to the broker.
+
+Publishes each device's desired-state document (QoS 1, retained) and ingests ``status`` and
+``online`` messages into the database. MQTT callbacks only enqueue; a worker thread does the
+database work, so a slow database never stalls the network loop.
+
+Self-healing: the database holds the truth. When a device comes online, or reports a
+``desired_seq`` older than the server's, the server publishes the stored document again; when
+the server (re)connects it does the same for every device that is behind. A document close to
+expiry is re-issued with a new ``seq``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from typing import Any
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from pydantic import ValidationError
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from edge_agent.protocol.desired import SignedDesiredState
+from edge_agent.protocol.presence import ONLINE
+from edge_agent.protocol.status import ReportedStatus
+from edge_agent.protocol.topics import Topics, parse_device_topic
+from fleet_server.devices import desired
+from fleet_server.devices.service import record_presence, record_status
+from fleet_server.devices.tables import DesiredStateRecord, Device
+
+log = logging.getLogger(__name__)
+
+#: Do not re-send the same document to the same device more often than this.
+RESEND_INTERVAL_S = 5.0
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        engine: Engine,
+        mqtt_url: str,
+        *,
+        device_mqtt_url: str | None = None,
+        desired_ttl_s: int = 30 * 24 * 3600,
+    ) -> None:
+        parts = urlsplit(mqtt_url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(f"broker URL must look like mqtt://host:port, got {mqtt_url!r}")
+        self.mqtt_url = mqtt_url
+        self.device_mqtt_url = device_mqtt_url or mqtt_url
+        self._host = parts.hostname
+        self._port = parts.port or 1883
+        self._engine = engine
+        self._desired_ttl_s = desired_ttl_s
+        self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self._last_sent: dict[str, tuple[int, float]] = {}
+        self.connected = threading.Event()
+        self._stopping = False
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"edgefleet-server-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv5,
+        )
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.reconnect_delay_set(1, 30)
+        self._worker = threading.Thread(target=self._work, name="edgefleet-ingest", daemon=True)
+
+    # --- connection ------------------------------------------------------------------------------
+    def start(self, wait_s: float = 10.0) -> None:
+        self._worker.start()
+        self._client.connect_async(self._host, self._port, keepalive=30, clean_start=True)
+        self._client.loop_start()
+        if not self.connected.wait(wait_s):
+            log.warning("broker %s not reachable yet; will keep trying", self.mqtt_url)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._inbox.put(None)
+        self._worker.join(timeout=10)
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            log.error("broker refused the server's connection: %s", reason)
+            return
+        client.subscribe(
+            [(Topics.all_devices("status"), 1), (Topics.all_devices("online"), 1)]
+        )
+        self.connected.set()
+        log.info("control plane connected to %s", self.mqtt_url)
+        self._inbox.put(("$resync", b""))
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self.connected.clear()
+        if not self._stopping:
+            log.warning("control plane disconnected: %s", reason)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self._inbox.put((message.topic, message.payload))
+
+    # --- publishing ------------------------------------------------------------------------------
+    def publish_desired(self, device_id: str, envelope: SignedDesiredState) -> None:
+        self._last_sent[device_id] = (envelope.signed.seq, time.monotonic())
+        self._client.publish(Topics(device_id).desired, envelope.to_bytes(), qos=1, retain=True)
+
+    # --- ingest ----------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            item = self._inbox.get()
+            if item is None:
+                return
+            topic, payload = item
+            try:
+                if topic == "$resync":
+                    self._resync_all()
+                else:
+                    self._ingest(topic, payload)
+            except Exception:  # one bad message must not stop ingest
+                log.exception("failed to ingest %s", topic)
+
+    def _ingest(self, topic: str, payload: bytes) -> None:
+        parsed = parse_device_topic(topic)
+        if parsed is None:
+            return
+        device_id, kind = parsed
+        with Session(self._engine) as session:
+            if kind == "online":
+                device = record_presence(session, device_id, payload == ONLINE)
+                if device is not None and device.online:
+                    self._resync(session, device)
+            elif kind == "status":
+                try:
+                    status = ReportedStatus.from_bytes(payload)
+                except (ValueError, ValidationError) as e:
+                    log.warning("ignoring malformed status from %s: %s", device_id, e)
+                    return
+                if status.device_id != device_id:
+                    log.warning("status on %s's topic names %s; ignored", device_id, status.device_id)
+                    return
+                device = record_status(session, status)
+                if device is not None:
+                    self._resync(session, device)
+
+    def _resync_all(self) -> None:
+        with Session(self._engine) as session:
+            for device in session.exec(select(Device)).all():
+                self._resync(session, device)
+
+    def _resync(self, session: Session, device: Device) -> None:
+        """Send the stored document again if the device is behind (or it is about to expire)."""
+        refreshed = desired.refresh(
+            session, device.id, ttl_s=self._desired_ttl_s, min_remaining_s=self._desired_ttl_s // 10
+        )
+        if refreshed is not None:
+            self.publish_desired(device.id, refreshed)
+            return
+        record = session.get(DesiredStateRecord, device.id)
+        if record is None or device.reported_seq >= record.seq:
+            return
+        last = self._last_sent.get(device.id)
+        refused = bool((device.reported or {}).get("refusal"))
+        if last is not None and last[0] == record.seq and (
+            refused or time.monotonic() - last[1] < RESEND_INTERVAL_S
+        ):
+            # A device that refused this document would refuse it again: wait for a new one.
+            return
+        log.info("device %s reports seq %d < %d; re-sending", device.id, device.reported_seq, record.seq)
+        self.publish_desired(device.id, SignedDesiredState.model_validate(record.document))

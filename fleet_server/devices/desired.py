@@ -1,0 +1,87 @@
+"""Composing, storing and refreshing each device's desired-state document.
+
+Invariant: a device's ``seq`` only grows. Every change (a new slot assignment, a refresh of
+an expiring document) is a new document with ``seq + 1``, stored before it is published.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from sqlmodel import Session, select
+
+from edge_agent.protocol.desired import DesiredState, SignedDesiredState, SlotAssignment
+from fleet_server.database import aware
+from fleet_server.devices.tables import DesiredStateRecord
+
+
+def current(session: Session, device_id: str) -> SignedDesiredState | None:
+    record = session.get(DesiredStateRecord, device_id)
+    return SignedDesiredState.model_validate(record.document) if record else None
+
+
+def _locked(session: Session, device_id: str) -> DesiredStateRecord | None:
+    # FOR UPDATE serialises concurrent changes to one device on PostgreSQL (SQLite serialises
+    # all writers anyway), so two rollouts cannot both write seq N+1.
+    return session.exec(
+        select(DesiredStateRecord).where(DesiredStateRecord.device_id == device_id).with_for_update()
+    ).first()
+
+
+def assign_slot(
+    session: Session, device_id: str, slot: str, assignment: SlotAssignment, *, ttl_s: int
+) -> SignedDesiredState:
+    """Stage (not commit) a new document giving ``slot`` to ``assignment``."""
+    record = _locked(session, device_id)
+    slots: dict[str, SlotAssignment] = {}
+    seq = 1
+    if record is not None:
+        previous = SignedDesiredState.model_validate(record.document).signed
+        slots = dict(previous.slots)
+        seq = record.seq + 1
+    slots[slot] = assignment
+    return _store(session, record, device_id, seq, slots, ttl_s)
+
+
+def refresh(session: Session, device_id: str, *, ttl_s: int, min_remaining_s: int) -> SignedDesiredState | None:
+    """Re-issue the document with a new ``seq`` if it expires within ``min_remaining_s``.
+
+    Returns the new document (committed), or None when no refresh was needed.
+    """
+    record = _locked(session, device_id)
+    if record is None:
+        return None
+    doc = SignedDesiredState.model_validate(record.document).signed
+    if aware(doc.expires_at) - datetime.now(UTC) > timedelta(seconds=min_remaining_s):
+        session.rollback()
+        return None
+    envelope = _store(session, record, device_id, record.seq + 1, dict(doc.slots), ttl_s)
+    session.commit()
+    return envelope
+
+
+def _store(
+    session: Session,
+    record: DesiredStateRecord | None,
+    device_id: str,
+    seq: int,
+    slots: dict[str, SlotAssignment],
+    ttl_s: int,
+) -> SignedDesiredState:
+    now = datetime.now(UTC).replace(microsecond=0)
+    envelope = SignedDesiredState(
+        signed=DesiredState(
+            device_id=device_id,
+            seq=seq,
+            issued_at=now,
+            expires_at=now + timedelta(seconds=ttl_s),
+            slots=slots,
+        )
+    )
+    document = envelope.model_dump(mode="json")
+    if record is None:
+        record = DesiredStateRecord(device_id=device_id, seq=seq, document=document, updated_at=now)
+    else:
+        record.seq, record.document, record.updated_at = seq, document, now
+    session.add(record)
+    return envelope

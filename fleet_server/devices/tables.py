@@ -1,0 +1,100 @@
+"""Devices, enrollment tokens, and each device's desired-state document.
+
+The desired state lives here, not only in the broker: a broker can lose retained messages
+on a crash, and the server re-sends from this table when a device reports a stale ``seq``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field as PydanticField
+from sqlalchemy import JSON, Column
+from sqlmodel import Field, SQLModel
+
+from edge_agent.protocol.topics import DEVICE_ID_PATTERN
+
+
+class Device(SQLModel, table=True):
+    __tablename__ = "devices"
+
+    id: str = Field(primary_key=True, max_length=63)
+    profile: str = Field(max_length=63, index=True)
+    labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    secret_hash: str = Field(unique=True, max_length=64)
+    enrolled_at: datetime
+    last_seen_at: datetime | None = None
+    online: bool = False
+    agent_version: str | None = None
+    reported_seq: int = 0
+    reported: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+
+
+class EnrollmentToken(SQLModel, table=True):
+    __tablename__ = "enrollment_tokens"
+
+    id: int | None = Field(default=None, primary_key=True)
+    token_hash: str = Field(unique=True, max_length=64)
+    profile: str | None = Field(default=None, max_length=63)
+    labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime
+    created_by: str = Field(max_length=128)
+    expires_at: datetime
+    used_at: datetime | None = None
+    used_by: str | None = Field(default=None, max_length=63)
+
+
+class DesiredStateRecord(SQLModel, table=True):
+    __tablename__ = "desired_states"
+
+    device_id: str = Field(primary_key=True, foreign_key="devices.id", max_length=63)
+    seq: int
+    #: The envelope exactly as published (``SignedDesiredState`` as JSON).
+    document: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    updated_at: datetime
+
+
+# --- API schemas -------------------------------------------------------------------------------
+
+
+class DevicePublic(BaseModel):
+    id: str
+    profile: str
+    labels: dict[str, str]
+    enrolled_at: datetime
+    last_seen_at: datetime | None
+    online: bool
+    agent_version: str | None
+    desired_seq: int
+    reported_seq: int
+    reported: dict[str, Any] | None
+
+
+class EnrollmentTokenCreate(BaseModel):
+    #: Restrict the token to one profile (the device must enroll with it).
+    profile: str | None = None
+    labels: dict[str, str] = PydanticField(default_factory=dict)
+    ttl_s: int | None = PydanticField(default=None, gt=0, le=30 * 24 * 3600)
+
+
+class EnrollmentTokenPublic(BaseModel):
+    token: str
+    expires_at: datetime
+    profile: str | None
+    labels: dict[str, str]
+
+
+class EnrollRequest(BaseModel):
+    token: str
+    device_id: str = PydanticField(pattern=DEVICE_ID_PATTERN)
+    profile: str
+    labels: dict[str, str] = PydanticField(default_factory=dict)
+
+
+class EnrollResponse(BaseModel):
+    device_id: str
+    profile: str
+    device_secret: str
+    server_url: str
+    mqtt_url: str

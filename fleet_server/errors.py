@@ -1,0 +1,83 @@
+"""Domain errors of the server and the one place that maps errors to HTTP.
+
+Services raise these (or any :class:`EdgefleetError`); routes never build HTTP errors for
+business rules. Every error body is ``{"error": {"code", "message", "detail"}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from edge_agent.errors import BundleError, ConfigError, ConversionError, EdgefleetError
+
+log = logging.getLogger(__name__)
+
+
+class NotFoundError(EdgefleetError):
+    reason = "not_found"
+
+
+class ConflictError(EdgefleetError):
+    reason = "conflict"
+
+
+class InvalidInputError(EdgefleetError):
+    reason = "invalid_input"
+
+
+class AuthenticationError(EdgefleetError):
+    reason = "unauthenticated"
+
+
+class PermissionDeniedError(EdgefleetError):
+    reason = "forbidden"
+
+
+_STATUS: list[tuple[type[EdgefleetError], int]] = [
+    (NotFoundError, 404),
+    (ConflictError, 409),
+    (InvalidInputError, 422),
+    (ConversionError, 422),
+    (ConfigError, 422),
+    (BundleError, 422),
+    (AuthenticationError, 401),
+    (PermissionDeniedError, 403),
+]
+
+
+def error_body(code: str, message: str, detail: Any = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "detail": detail}}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(EdgefleetError)
+    async def _domain(request: Request, exc: EdgefleetError) -> JSONResponse:
+        status = next((s for cls, s in _STATUS if isinstance(exc, cls)), 500)
+        if status == 500:
+            log.error("unhandled domain error on %s: %s", request.url.path, exc.message)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        detail = {k: v for k, v in exc.fields.items()} or None
+        return JSONResponse(error_body(exc.reason, exc.message, detail), status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"])
+        detail = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in errors]
+        return JSONResponse(error_body("invalid_request", f"{where}: {first['msg']}", detail), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 416: "range_not_satisfiable"}.get(
+            exc.status_code, "http_error"
+        )
+        return JSONResponse(
+            error_body(code, str(exc.detail)), exc.status_code, headers=getattr(exc, "headers", None)
+        )

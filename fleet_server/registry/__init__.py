@@ -1,0 +1,2 @@
+"""The model registry: named ML models and their immutable, semantically versioned ONNX
+uploads."""

@@ -1,0 +1,52 @@
+"""/v1/models: upload ONNX versions, list and show models."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+
+from fleet_server.api.deps import Operator, SessionDep, StateDep, Viewer
+from fleet_server.registry import service
+from fleet_server.registry.tables import ModelPublic, ModelVersionPublic
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+@router.post("", status_code=201, response_model=ModelVersionPublic)
+def upload_model_version(
+    state: StateDep,
+    session: SessionDep,
+    principal: Operator,
+    file: Annotated[UploadFile, File(description="the ONNX model")],
+    name: Annotated[str, Form()],
+    version: Annotated[str, Form(description="semantic version, e.g. 1.0.0")],
+    description: Annotated[str, Form()] = "",
+) -> ModelVersionPublic:
+    """Upload a new model version (multipart). The file must pass ``onnx.checker``."""
+    return service.upload_version(
+        session,
+        state.store,
+        name=name,
+        version=version,
+        description=description,
+        filename=file.filename or "model.onnx",
+        stream=file.file,
+        max_bytes=state.settings.max_upload_bytes,
+        actor=principal.name,
+    )
+
+
+@router.get("", response_model=list[ModelPublic])
+def list_models(session: SessionDep, _: Viewer) -> list[ModelPublic]:
+    return service.list_models(session)
+
+
+@router.get("/{name}", response_model=ModelPublic)
+def show_model(name: str, session: SessionDep, _: Viewer) -> ModelPublic:
+    return service.get_model(session, name)
+
+
+@router.get("/{name}/versions/{version}", response_model=ModelVersionPublic)
+def show_version(name: str, version: str, session: SessionDep, _: Viewer) -> ModelVersionPublic:
+    return service.get_version_public(session, name, version)

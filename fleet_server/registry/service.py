@@ -1,0 +1,159 @@
+"""Uploading and looking up model versions.
+
+An upload is checked completely (name, semantic version, not a duplicate, a valid ONNX file)
+before anything is stored; a rejected upload leaves no row and no file behind.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from datetime import UTC, datetime
+from typing import BinaryIO
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from converters.onnx import inspect_onnx
+from edge_agent.errors import ConversionError
+from fleet_server.artifacts import ArtifactStore
+from fleet_server.errors import ConflictError, InvalidInputError, NotFoundError
+from fleet_server.registry.tables import MLModel, ModelPublic, ModelVersion, ModelVersionPublic
+
+MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+# Semantic Versioning 2.0.0.
+SEMVER = re.compile(
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+)
+
+
+def _check_names(name: str, version: str) -> None:
+    if not MODEL_NAME.match(name):
+        raise InvalidInputError(
+            f"model name {name!r} must be lowercase letters, digits, '.', '_' or '-' (max 128)",
+            field="name",
+        )
+    if not SEMVER.match(version):
+        raise InvalidInputError(
+            f"version {version!r} is not a semantic version (e.g. 1.2.0)", field="version"
+        )
+
+
+def upload_version(
+    session: Session,
+    store: ArtifactStore,
+    *,
+    name: str,
+    version: str,
+    description: str,
+    filename: str,
+    stream: BinaryIO,
+    max_bytes: int,
+    actor: str,
+) -> ModelVersionPublic:
+    _check_names(name, version)
+    model = session.exec(select(MLModel).where(MLModel.name == name)).first()
+    if model is not None and _find_version(session, model, version) is not None:
+        raise ConflictError(f"{name} {version} already exists; versions are immutable")
+
+    scratch = store.scratch_dir()
+    try:
+        tmp = scratch / "upload.onnx"
+        size = 0
+        with tmp.open("wb") as out:
+            while chunk := stream.read(1 << 20):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise InvalidInputError(f"upload exceeds the limit of {max_bytes} bytes")
+                out.write(chunk)
+        if size == 0:
+            raise InvalidInputError("the uploaded file is empty", field="file")
+        try:
+            info = inspect_onnx(tmp)
+        except ConversionError as e:
+            raise InvalidInputError(f"{filename}: {e.message}", field="file") from e
+        sha256, size = store.put_file(tmp)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    now = datetime.now(UTC)
+    try:
+        if model is None:
+            model = MLModel(name=name, created_at=now)
+            session.add(model)
+            session.flush()
+        assert model.id is not None
+        row = ModelVersion(
+            model_id=model.id,
+            version=version,
+            description=description,
+            source_sha256=sha256,
+            size=size,
+            filename=filename[:255],
+            opset=info.opset,
+            ir_version=info.ir_version,
+            producer=info.producer,
+            inputs=[s.model_dump() for s in info.inputs],
+            outputs=[s.model_dump() for s in info.outputs],
+            created_at=now,
+            created_by=actor,
+        )
+        session.add(row)
+        session.commit()
+    except IntegrityError as e:
+        session.rollback()
+        raise ConflictError(f"{name} {version} already exists; versions are immutable") from e
+    session.refresh(row)
+    return _public(row, name)
+
+
+def _find_version(session: Session, model: MLModel, version: str) -> ModelVersion | None:
+    return session.exec(
+        select(ModelVersion).where(
+            ModelVersion.model_id == model.id, ModelVersion.version == version
+        )
+    ).first()
+
+
+def _public(row: ModelVersion, name: str) -> ModelVersionPublic:
+    return ModelVersionPublic(model=name, **row.model_dump(exclude={"id", "model_id"}))
+
+
+def get_version(session: Session, name: str, version: str) -> tuple[MLModel, ModelVersion]:
+    model = session.exec(select(MLModel).where(MLModel.name == name)).first()
+    if model is None:
+        raise NotFoundError(f"no model named {name!r}", model=name)
+    row = _find_version(session, model, version)
+    if row is None:
+        raise NotFoundError(f"model {name!r} has no version {version!r}", model=name, version=version)
+    return model, row
+
+
+def get_version_public(session: Session, name: str, version: str) -> ModelVersionPublic:
+    _, row = get_version(session, name, version)
+    return _public(row, name)
+
+
+def describe_model(session: Session, model: MLModel) -> ModelPublic:
+    rows = session.exec(
+        select(ModelVersion)
+        .where(ModelVersion.model_id == model.id)
+        .order_by(col(ModelVersion.created_at))
+    ).all()
+    return ModelPublic(
+        name=model.name, created_at=model.created_at, versions=[_public(r, model.name) for r in rows]
+    )
+
+
+def list_models(session: Session) -> list[ModelPublic]:
+    models = session.exec(select(MLModel).order_by(col(MLModel.name))).all()
+    return [describe_model(session, m) for m in models]
+
+
+def get_model(session: Session, name: str) -> ModelPublic:
+    model = session.exec(select(MLModel).where(MLModel.name == name)).first()
+    if model is None:
+        raise NotFoundError(f"no model named {name!r}", model=name)
+    return describe_model(session, model)

@@ -1,0 +1,51 @@
+"""Models and model versions. A version is immutable once stored: its ONNX file is in the
+artifact store under ``source_sha256``."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+class MLModel(SQLModel, table=True):
+    __tablename__ = "models"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, max_length=128)
+    created_at: datetime
+
+
+class ModelVersionBase(SQLModel):
+    version: str = Field(max_length=64)
+    description: str = ""
+    source_sha256: str = Field(max_length=64)
+    size: int
+    filename: str = Field(max_length=255)
+    opset: int
+    ir_version: int
+    producer: str = ""
+    inputs: list[dict[str, Any]] = Field(sa_column=Column(JSON, nullable=False))
+    outputs: list[dict[str, Any]] = Field(sa_column=Column(JSON, nullable=False))
+    created_at: datetime
+    created_by: str = Field(max_length=128)
+
+
+class ModelVersion(ModelVersionBase, table=True):
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("model_id", "version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    model_id: int = Field(foreign_key="models.id", index=True)
+
+
+class ModelVersionPublic(ModelVersionBase):
+    model: str
+
+
+class ModelPublic(SQLModel):
+    name: str
+    created_at: datetime
+    versions: list[ModelVersionPublic]

@@ -1,0 +1,1 @@
+"""Rollouts: putting a model version on a set of devices, and following it to completion."""

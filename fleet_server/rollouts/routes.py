@@ -1,0 +1,32 @@
+"""/v1/rollouts: deploy a model version to devices and follow its progress."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from fleet_server.api.deps import Operator, SessionDep, StateDep, Viewer
+from fleet_server.rollouts import service
+from fleet_server.rollouts.tables import RolloutCreate, RolloutPublic
+
+router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"])
+
+
+@router.post("", status_code=201, response_model=RolloutPublic)
+def create_rollout(
+    body: RolloutCreate, state: StateDep, session: SessionDep, principal: Operator
+) -> RolloutPublic:
+    """Build bundles for the cohort's profiles and publish each device's new desired state."""
+    rollout, documents = service.create_rollout(session, state, body, principal.name)
+    for device_id, envelope in documents.items():
+        state.control.publish_desired(device_id, envelope)
+    return rollout
+
+
+@router.get("", response_model=list[RolloutPublic])
+def list_rollouts(session: SessionDep, _: Viewer) -> list[RolloutPublic]:
+    return service.list_rollouts(session)
+
+
+@router.get("/{rollout_id}", response_model=RolloutPublic)
+def show_rollout(rollout_id: str, session: SessionDep, _: Viewer) -> RolloutPublic:
+    return service.get_rollout(session, rollout_id)

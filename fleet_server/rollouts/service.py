@@ -1,0 +1,170 @@
+"""Creating rollouts and computing their progress.
+
+A rollout is checked and prepared completely (model version exists, every target enrolled,
+a bundle built for every profile in the cohort) before the first desired-state document is
+written; the documents and the rollout rows are committed in one transaction, and only then
+published. A refused request changes no device's desired state.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from edge_agent.protocol.desired import SignedDesiredState, SlotAssignment
+from fleet_server.api.deps import AppState
+from fleet_server.bundles.service import ensure_bundle
+from fleet_server.bundles.tables import Bundle
+from fleet_server.database import aware
+from fleet_server.devices import desired
+from fleet_server.devices.service import resolve_targets
+from fleet_server.devices.tables import Device
+from fleet_server.errors import InvalidInputError, NotFoundError
+from fleet_server.registry.service import get_version
+from fleet_server.registry.tables import MLModel, ModelVersion
+from fleet_server.rollouts.tables import (
+    Rollout,
+    RolloutCreate,
+    RolloutPublic,
+    RolloutTarget,
+    TargetStatus,
+)
+
+
+def default_slot(model_name: str) -> str:
+    return model_name.replace(".", "-")[:63]
+
+
+def create_rollout(
+    session: Session, app: AppState, body: RolloutCreate, actor: str
+) -> tuple[RolloutPublic, dict[str, SignedDesiredState]]:
+    """Returns the rollout and the documents to publish (already committed)."""
+    model, version = get_version(session, body.model, body.version)
+    devices = resolve_targets(session, body.devices, body.selector)
+    slot = body.slot or default_slot(model.name)
+
+    bundles: dict[str, Bundle] = {}
+    for profile_name in sorted({d.profile for d in devices}):
+        try:
+            profile = app.catalog.get(profile_name)
+        except Exception as e:
+            raise InvalidInputError(f"device profile {profile_name!r} is no longer known") from e
+        bundles[profile_name] = ensure_bundle(session, app.store, model, version, profile)
+
+    rollout = Rollout(
+        id=uuid.uuid4().hex[:16],
+        model_version_id=version.id or 0,
+        slot=slot,
+        selector=body.selector,
+        created_at=datetime.now(UTC),
+        created_by=actor,
+    )
+    session.add(rollout)
+    base_url = app.settings.resolved_public_url
+    documents: dict[str, SignedDesiredState] = {}
+    for device in devices:
+        bundle = bundles[device.profile]
+        envelope = desired.assign_slot(
+            session,
+            device.id,
+            slot,
+            SlotAssignment(
+                model=model.name,
+                version=version.version,
+                bundle_sha256=bundle.sha256,
+                bundle_url=f"{base_url}/v1/bundles/{bundle.sha256}",
+                size=bundle.size,
+                rollout_id=rollout.id,
+            ),
+            ttl_s=app.settings.desired_state_ttl_s,
+        )
+        documents[device.id] = envelope
+        session.add(
+            RolloutTarget(
+                rollout_id=rollout.id,
+                device_id=device.id,
+                bundle_sha256=bundle.sha256,
+                desired_seq=envelope.signed.seq,
+            )
+        )
+    session.commit()
+    return describe(session, rollout), documents
+
+
+def _target_status(device: Device, target: RolloutTarget, slot: str, bundle: Bundle) -> TargetStatus:
+    reported: dict[str, Any] = device.reported or {}
+    slot_report: dict[str, Any] = (reported.get("slots") or {}).get(slot) or {}
+    active = slot_report.get("active") or {}
+    error = slot_report.get("error")
+    state = "pending"
+    if active.get("bundle_sha256") == target.bundle_sha256:
+        state = "serving"
+    elif slot_report.get("state") == "FAILED" and slot_report.get("target_sha256") == target.bundle_sha256:
+        state = "failed"
+    elif reported.get("refusal") and device.reported_seq < target.desired_seq:
+        state, error = "refused", reported["refusal"]
+    return TargetStatus(
+        device_id=device.id,
+        profile=device.profile,
+        bundle_sha256=target.bundle_sha256,
+        runtime=bundle.runtime,
+        precision=bundle.precision,
+        state=state,
+        device_state=slot_report.get("state"),
+        online=device.online,
+        error=error if state != "serving" else None,
+    )
+
+
+def describe(session: Session, rollout: Rollout) -> RolloutPublic:
+    version = session.get(ModelVersion, rollout.model_version_id)
+    assert version is not None
+    model = session.get(MLModel, version.model_id)
+    assert model is not None
+    targets = session.exec(
+        select(RolloutTarget).where(RolloutTarget.rollout_id == rollout.id).order_by(
+            col(RolloutTarget.device_id)
+        )
+    ).all()
+    statuses = []
+    for t in targets:
+        device = session.get(Device, t.device_id)
+        bundle = session.get(Bundle, t.bundle_sha256)
+        assert device is not None and bundle is not None
+        statuses.append(_target_status(device, t, rollout.slot, bundle))
+    counts = {s: 0 for s in ("pending", "serving", "failed", "refused")}
+    for s in statuses:
+        counts[s.state] += 1
+    if counts["serving"] == len(statuses):
+        overall = "completed"
+    elif counts["pending"] == 0:
+        overall = "failed"
+    else:
+        overall = "in_progress"
+    return RolloutPublic(
+        id=rollout.id,
+        model=model.name,
+        version=version.version,
+        slot=rollout.slot,
+        selector=rollout.selector,
+        created_at=aware(rollout.created_at),
+        created_by=rollout.created_by,
+        state=overall,
+        counts=counts,
+        targets=statuses,
+    )
+
+
+def get_rollout(session: Session, rollout_id: str) -> RolloutPublic:
+    rollout = session.get(Rollout, rollout_id)
+    if rollout is None:
+        raise NotFoundError(f"no rollout {rollout_id!r}", rollout_id=rollout_id)
+    return describe(session, rollout)
+
+
+def list_rollouts(session: Session) -> list[RolloutPublic]:
+    rows = session.exec(select(Rollout).order_by(col(Rollout.created_at).desc())).all()
+    return [describe(session, r) for r in rows]

@@ -1,0 +1,74 @@
+"""A rollout and its per-device targets. Progress is derived from what devices report, so it
+is never out of step with the fleet."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field as PydanticField
+from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from edge_agent.protocol.desired import SLOT_PATTERN
+
+
+class Rollout(SQLModel, table=True):
+    __tablename__ = "rollouts"
+
+    id: str = Field(primary_key=True, max_length=32)
+    model_version_id: int = Field(foreign_key="model_versions.id", index=True)
+    slot: str = Field(max_length=63)
+    selector: dict[str, str] | None = Field(default=None, sa_column=Column(JSON))
+    created_at: datetime
+    created_by: str = Field(max_length=128)
+
+
+class RolloutTarget(SQLModel, table=True):
+    __tablename__ = "rollout_targets"
+    __table_args__ = (UniqueConstraint("rollout_id", "device_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    rollout_id: str = Field(foreign_key="rollouts.id", index=True, max_length=32)
+    device_id: str = Field(foreign_key="devices.id", max_length=63)
+    bundle_sha256: str = Field(foreign_key="bundles.sha256", max_length=64)
+    desired_seq: int
+
+
+class RolloutCreate(BaseModel):
+    model: str
+    version: str
+    #: Explicit device ids…
+    devices: list[str] | None = None
+    #: …or a label selector (all labels must match).
+    selector: dict[str, str] | None = None
+    #: The slot on the device; default: the model name.
+    slot: str | None = PydanticField(default=None, pattern=SLOT_PATTERN)
+
+
+class TargetStatus(BaseModel):
+    device_id: str
+    profile: str
+    bundle_sha256: str
+    runtime: str
+    precision: str
+    #: pending / serving / failed / refused
+    state: str
+    #: The slot's lifecycle state as the device last reported it.
+    device_state: str | None
+    online: bool
+    error: dict[str, Any] | None = None
+
+
+class RolloutPublic(BaseModel):
+    id: str
+    model: str
+    version: str
+    slot: str
+    selector: dict[str, str] | None
+    created_at: datetime
+    created_by: str
+    #: in_progress / completed / failed
+    state: str
+    counts: dict[str, int]
+    targets: list[TargetStatus]

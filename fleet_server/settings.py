@@ -1,0 +1,74 @@
+"""Server settings, from ``EDGEFLEET_*`` environment variables.
+
+Embedded defaults (SQLite, an embedded broker, a local artifact directory) are for
+development; ``EDGEFLEET_ENV=production`` refuses to start without an external broker and a
+strong admin token, so no default that only suits a laptop reaches a real fleet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from edge_agent.errors import ConfigError
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EDGEFLEET_", frozen=True)
+
+    env: Literal["development", "production"] = "development"
+    data_dir: Path = Path.home() / ".edgefleet"
+    #: SQLAlchemy URL; ``postgresql://…`` uses psycopg 3. Default: SQLite in ``data_dir``.
+    database_url: str | None = None
+    #: External broker (``mqtt://host:1883``). Unset: ``edgefleet serve`` starts an embedded one.
+    mqtt_url: str | None = None
+    #: Broker URL handed to devices at enrollment, when it differs from ``mqtt_url``.
+    device_mqtt_url: str | None = None
+    #: Port of the embedded broker (only used when ``mqtt_url`` is unset). Kept fixed by
+    #: default because enrolled agents are told this URL.
+    broker_port: int = Field(default=18830, ge=0, le=65535)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8600, ge=0, le=65535)
+    #: Base URL devices use to download bundles. Default: http://host:port.
+    public_url: str | None = None
+    #: Admin API token to install at start-up (hashed); unset, one is generated into data_dir.
+    admin_token: SecretStr | None = None
+    enrollment_token_ttl_s: int = Field(default=24 * 3600, gt=0)
+    desired_state_ttl_s: int = Field(default=30 * 24 * 3600, gt=0)
+    max_upload_bytes: int = Field(default=2 << 30, gt=0)
+
+    @model_validator(mode="after")
+    def _production_guard(self) -> Settings:
+        if self.env != "production":
+            return self
+        if self.mqtt_url is None:
+            raise ConfigError(
+                "EDGEFLEET_ENV=production needs EDGEFLEET_MQTT_URL: the embedded broker "
+                "accepts anonymous clients and is for development only"
+            )
+        token = self.admin_token.get_secret_value() if self.admin_token else None
+        if token is not None and len(token) < 32:
+            raise ConfigError("EDGEFLEET_ADMIN_TOKEN must be at least 32 characters in production")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        url = self.database_url or f"sqlite:///{self.data_dir / 'edgefleet.db'}"
+        if url.startswith("postgresql://") or url.startswith("postgres://"):
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]
+        return url
+
+    @property
+    def resolved_public_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.data_dir / "admin.token"

@@ -1,0 +1,120 @@
+"""``edgefleet demo``: the whole path on embedded defaults, on this machine.
+
+A fleet server with SQLite and an embedded broker; three simulated devices of different
+profiles (x86 AVX2, Raspberry Pi 5, Jetson Orin Nano), each a real ``edge-agent`` process;
+a model uploaded, built per profile, rolled out over MQTT; every device's prediction checked
+against onnxruntime on the original model.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from converters.onnx.samples import mlp_classifier
+from fleet_server.cli.api_client import ApiClient
+from fleet_server.server import EmbeddedStack
+from fleet_server.settings import Settings
+from hil.rig import LocalAgent
+
+DEVICES = [
+    ("edge-x86-01", "x86-64-avx2", {"site": "lab", "ring": "canary"}),
+    ("edge-pi5-01", "raspberry-pi-5", {"site": "lab", "ring": "canary"}),
+    ("edge-orin-01", "jetson-orin-nano", {"site": "lab", "ring": "canary"}),
+]
+
+
+def _progress(rollout: dict) -> Table:  # type: ignore[type-arg]
+    table = Table(
+        "device", "profile", "artifact", "state", "agent lifecycle",
+        title=f"rollout {rollout['id']} of {rollout['model']} {rollout['version']}: {rollout['state']}",
+    )
+    for t in rollout["targets"]:
+        table.add_row(
+            t["device_id"], t["profile"], f"{t['runtime']}/{t['precision']}", t["state"],
+            t.get("device_state") or "-",
+        )
+    return table
+
+
+def run_demo(workdir: Path | None, console: Console) -> int:
+    root = workdir or Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
+    root.mkdir(parents=True, exist_ok=True)
+    console.rule("[bold]edgefleet demo")
+    console.print(f"working directory: {root}")
+    settings = Settings(data_dir=root / "server", port=0, broker_port=0, env="development")
+    agents: list[LocalAgent] = []
+    started = time.monotonic()
+    try:
+        with EmbeddedStack(settings) as stack:
+            assert stack.broker is not None
+            console.print(f"fleet server  {stack.url}  (SQLite, artifacts in {settings.artifacts_dir})")
+            console.print(f"MQTT broker   {stack.mqtt_url}  ({stack.broker.backend}, embedded)")
+            api = ApiClient(stack.url, stack.admin_token)
+
+            model_path = mlp_classifier(root / "models" / "demo-classifier.onnx", seed=7)
+            pushed = api.upload_model(model_path, "demo-classifier", "1.0.0", "demo MLP classifier")
+            console.print(f"uploaded      demo-classifier 1.0.0 (sha256 {pushed['source_sha256'][:12]})")
+
+            for device_id, profile, labels in DEVICES:
+                token = api.post("/v1/enrollment-tokens", json={"profile": profile})["token"]
+                agent = LocalAgent(root / "devices", device_id, profile)
+                agent.enroll(stack.url, token, labels)
+                agent.start()
+                agents.append(agent)
+            for agent in agents:
+                agent.wait_ready()
+            console.print(f"enrolled      {len(agents)} agents: " + ", ".join(
+                f"{a.device_id} ({a.profile})" for a in agents))
+
+            deploy_at = time.monotonic()
+            rollout = api.post(
+                "/v1/rollouts",
+                json={"model": "demo-classifier", "version": "1.0.0", "selector": {"ring": "canary"}},
+            )
+            with Live(_progress(rollout), console=console, refresh_per_second=8) as live:
+                deadline = time.monotonic() + 120
+                while rollout["state"] == "in_progress" and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    rollout = api.get(f"/v1/rollouts/{rollout['id']}")
+                    live.update(_progress(rollout))
+            rolled_out_s = time.monotonic() - deploy_at
+            if rollout["state"] != "completed":
+                console.print(f"[red]rollout ended {rollout['state']}[/red]")
+                for agent in agents:
+                    console.print(f"--- {agent.device_id} log ---\n{agent.log_tail(15)}")
+                return 1
+
+            import onnxruntime as ort
+
+            reference = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+            x = np.random.default_rng(1).standard_normal((8, 16)).astype(np.float32)
+            want = reference.run(None, {"x": x})[0]
+            results = Table("device", "served version", "max |Δ| vs onnxruntime", "top-1 agreement")
+            ok = True
+            for agent in agents:
+                got = agent.client.predict("demo-classifier", {"x": x})["probs"]
+                served = agent.serving("demo-classifier") or {}
+                err = float(np.abs(got - want).max())
+                agree = float((got.argmax(1) == want.argmax(1)).mean())
+                ok = ok and err < 1e-4 and agree == 1.0
+                results.add_row(agent.device_id, served.get("version", "?"), f"{err:.2e}", f"{agree:.0%}")
+            console.print(results)
+            console.rule(
+                f"{'[green]ok' if ok else '[red]MISMATCH'}[/]: 3 devices serving demo-classifier "
+                f"1.0.0, {rolled_out_s:.1f}s from deploy to all serving, "
+                f"{time.monotonic() - started:.1f}s total"
+            )
+            return 0 if ok else 1
+    finally:
+        for agent in agents:
+            agent.stop()
+        if workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
