@@ -48,6 +48,7 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
             mqtt_url,
             device_mqtt_url=settings.device_mqtt_url,
             desired_ttl_s=settings.desired_state_ttl_s,
+            resend_interval_s=settings.desired_resend_interval_s,
         )
         control.start()
         app.state.edgefleet = AppState(

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     enrollment_token_ttl_s: int = Field(default=24 * 3600, gt=0)
     desired_state_ttl_s: int = Field(default=30 * 24 * 3600, gt=0)
     max_upload_bytes: int = Field(default=2 << 30, gt=0)
+    #: Minimum time between two sends of the same document to a device that reports it is
+    #: behind (its status may simply predate the document).
+    desired_resend_interval_s: float = Field(default=5.0, ge=0)
 
     @model_validator(mode="after")
     def _production_guard(self) -> Settings:

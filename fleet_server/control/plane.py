@@ -36,9 +36,6 @@ from fleet_server.devices.tables import DesiredStateRecord, Device
 
 log = logging.getLogger(__name__)
 
-#: Do not re-send the same document to the same device more often than this.
-RESEND_INTERVAL_S = 5.0
-
 
 class ControlPlane:
     def __init__(
@@ -48,6 +45,7 @@ class ControlPlane:
         *,
         device_mqtt_url: str | None = None,
         desired_ttl_s: int = 30 * 24 * 3600,
+        resend_interval_s: float = 5.0,
     ) -> None:
         parts = urlsplit(mqtt_url)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
@@ -58,6 +56,7 @@ class ControlPlane:
         self._port = parts.port or 1883
         self._engine = engine
         self._desired_ttl_s = desired_ttl_s
+        self._resend_interval_s = resend_interval_s
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self._last_sent: dict[str, tuple[int, float]] = {}
         self.connected = threading.Event()
@@ -169,7 +168,7 @@ class ControlPlane:
         last = self._last_sent.get(device.id)
         refused = bool((device.reported or {}).get("refusal"))
         if last is not None and last[0] == record.seq and (
-            refused or time.monotonic() - last[1] < RESEND_INTERVAL_S
+            refused or time.monotonic() - last[1] < self._resend_interval_s
         ):
             # A device that refused this document would refuse it again: wait for a new one.
             return

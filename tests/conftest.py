@@ -1,0 +1,95 @@
+"""Shared fixtures.
+
+- ``broker``: a private Mosquitto on a free port for the whole session (installed with apt
+  when missing and we are root); tests never touch a broker someone else started.
+- ``db_url``: every database test runs on SQLite, and again on PostgreSQL when
+  ``EDGEFLEET_TEST_POSTGRES_URL`` is set (``.ci/run`` sets it to a fresh database).
+- ``stack``: the real API server (uvicorn in a thread) on that broker and database.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlmodel import SQLModel
+
+from converters.onnx.samples import mlp_classifier
+from fleet_server.broker import EmbeddedBroker
+from fleet_server.cli.api_client import ApiClient
+from fleet_server.database import create_tables, make_engine
+from fleet_server.server import EmbeddedStack
+from fleet_server.settings import Settings
+
+ADMIN_TOKEN = "efa_test-admin-token-0123456789abcdef0123456789"
+POSTGRES_URL = os.environ.get("EDGEFLEET_TEST_POSTGRES_URL")
+
+
+def _ensure_mosquitto() -> None:
+    if shutil.which("mosquitto"):
+        return
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "mosquitto"], check=True, env=env)
+    if not shutil.which("mosquitto"):
+        pytest.fail("mosquitto is needed for the integration tests: apt-get install mosquitto")
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    _ensure_mosquitto()
+    with EmbeddedBroker(tmp_path_factory.mktemp("mosquitto"), backend="mosquitto") as b:
+        yield b
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'edgefleet.db'}"
+    if not POSTGRES_URL:
+        pytest.skip("EDGEFLEET_TEST_POSTGRES_URL is not set (CI sets it)")
+    engine = make_engine(Settings(database_url=POSTGRES_URL).resolved_database_url)
+    create_tables(engine)
+    SQLModel.metadata.drop_all(engine)  # each test starts from an empty schema
+    engine.dispose()
+    return POSTGRES_URL
+
+
+@pytest.fixture
+def settings(tmp_path: Path, db_url: str, broker: EmbeddedBroker) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "server",
+        database_url=db_url,
+        mqtt_url=broker.url,
+        port=0,
+        admin_token=ADMIN_TOKEN,  # type: ignore[arg-type]
+        desired_resend_interval_s=0.2,
+    )
+
+
+@pytest.fixture
+def stack(settings: Settings) -> Iterator[EmbeddedStack]:
+    with EmbeddedStack(settings) as s:
+        yield s
+
+
+@pytest.fixture
+def api(stack: EmbeddedStack) -> Iterator[ApiClient]:
+    client = ApiClient(stack.url, ADMIN_TOKEN)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return mlp_classifier(tmp_path_factory.mktemp("models") / "classifier.onnx", seed=3)
+
+
+@pytest.fixture(scope="session")
+def model_v2_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return mlp_classifier(tmp_path_factory.mktemp("models") / "classifier-v2.onnx", seed=4)

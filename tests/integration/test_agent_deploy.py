@@ -1,0 +1,269 @@
+"""The agent's deployment path with real bundles, a real HTTP download and real onnxruntime:
+success, every failure before the switch (active model untouched), and restart from disk."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edge_agent.bundle.selftest import pack
+from edge_agent.errors import DesiredStateError
+from edge_agent.lifecycle.deployer import Deployer, DeviceContext
+from edge_agent.lifecycle.journal import Journal
+from edge_agent.lifecycle.states import State
+from edge_agent.protocol.desired import DesiredState, SignedDesiredState, SlotAssignment
+from edge_agent.protocol.status import Transition
+from edge_agent.runtimes import LoadOptions, available_runtimes
+from edge_agent.serving import SlotTable, predict
+from tests.factories import make_bundle, read_members, sha256, write_members
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.RequestHandlerClass.log_message = lambda *a: None  # type: ignore[method-assign]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+class Device:
+    """One simulated device: journal + store + slot table under a state dir."""
+
+    def __init__(self, state_dir: Path) -> None:
+        from edge_agent.store import ModelStore
+
+        self.state_dir = state_dir
+        self.transitions: list[Transition] = []
+        self.journal = Journal(state_dir / "journal.json")
+        self.table = SlotTable()
+        self.deployer = Deployer(
+            DeviceContext(
+                device_id="dev-1",
+                profile="x86-64-avx2",
+                runtimes=available_runtimes(),
+                load_options=LoadOptions(threads=1),
+                credential="efd_test",
+                download_attempts=2,
+                download_timeout_s=5,
+            ),
+            self.journal,
+            ModelStore(state_dir),
+            self.table,
+            on_transition=self.transitions.append,
+            sleep=lambda s: None,
+        )
+
+    def apply(
+        self, seq: int, slots: dict[str, SlotAssignment], *, expires_in_s: float = 3600
+    ) -> SignedDesiredState:
+        now = datetime.now(UTC)
+        env = SignedDesiredState(
+            signed=DesiredState(device_id="dev-1", seq=seq, issued_at=now,
+                                expires_at=now + timedelta(seconds=expires_in_s), slots=slots)
+        )
+        return self.reapply(env)
+
+    def reapply(self, env: SignedDesiredState) -> SignedDesiredState:
+        self.deployer.accept(env)
+        self.deployer.converge(env.signed)
+        return env
+
+    def serving_version(self, slot: str = "clf") -> str | None:
+        snap = self.table.snapshot()
+        return snap[slot].ref.version if slot in snap else None
+
+
+def publish(root: Path, base: str, bundle: Path, version: str, *, size: int | None = None,
+            sha: str | None = None) -> SlotAssignment:
+    target = root / bundle.name
+    target.write_bytes(bundle.read_bytes())
+    return SlotAssignment(model="classifier", version=version, bundle_sha256=sha or sha256(target),
+                          bundle_url=f"{base}/{bundle.name}", size=size or target.stat().st_size)
+
+
+@pytest.fixture
+def v1(model_path: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "v1.efb"
+    make_bundle(model_path, out, version="1.0.0")
+    return out
+
+
+@pytest.fixture
+def v2(model_v2_path: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "v2.efb"
+    make_bundle(model_v2_path, out, version="2.0.0")
+    return out
+
+
+def test_deploy_serves_the_model_with_onnxruntime_equal_outputs(
+    files: tuple[Path, str], v1: Path, model_path: Path, tmp_path: Path
+) -> None:
+    root, base = files
+    dev = Device(tmp_path / "dev")
+    dev.apply(1, {"clf": publish(root, base, v1, "1.0.0")})
+    assert dev.serving_version() == "1.0.0"
+    assert [t.to_state for t in dev.transitions] == [
+        "DOWNLOADING", "VERIFYING", "STAGING", "SWITCHING", "COMMITTED"]
+    x = np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32)
+    want = ort.InferenceSession(str(model_path)).run(None, {"x": x})[0]
+    got = predict(dev.table, "clf", {"x": x}).outputs["probs"]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert dev.journal.data.slots["clf"].committed.version == "1.0.0"  # type: ignore[union-attr]
+
+
+def _corrupt(bundle: Path, out: Path) -> Path:
+    members = read_members(bundle)
+    members = [(i, d[:-1] + bytes([d[-1] ^ 1]) if i.name.startswith("model/") else d) for i, d in members]
+    return write_members(out, members)
+
+
+def _bad_selftest(bundle: Path, out: Path) -> Path:
+    """A bundle whose self-test expects outputs the model does not produce (digests updated,
+    so only the self-test can catch it)."""
+    import hashlib
+    import json
+
+    members = read_members(bundle)
+    wrong = pack({"x": np.ones((1, 16), np.float32)}, {"probs": np.full((1, 4), 0.25, np.float32)})
+    manifest = json.loads(members[0][1])
+    for f in manifest["files"]:
+        if f["path"] == "selftest.npz":
+            f.update(sha256=hashlib.sha256(wrong).hexdigest(), size=len(wrong))
+    from edge_agent.bundle import Manifest
+
+    members[0] = (members[0][0], Manifest.model_validate(manifest).to_canonical_json())
+    members = [(i, wrong if i.name == "selftest.npz" else d) for i, d in members]
+    return write_members(out, members)
+
+
+def _unloadable(bundle: Path, out: Path) -> Path:
+    """Valid digests, but the model file is not a model."""
+    import hashlib
+    import json
+
+    from edge_agent.bundle import Manifest
+
+    members = read_members(bundle)
+    junk = b"\x08\x07garbage that is not an onnx graph" * 10
+    manifest = json.loads(members[0][1])
+    for f in manifest["files"]:
+        if f["path"].startswith("model/"):
+            f.update(sha256=hashlib.sha256(junk).hexdigest(), size=len(junk))
+    members[0] = (members[0][0], Manifest.model_validate(manifest).to_canonical_json())
+    members = [(i, junk if i.name.startswith("model/") else d) for i, d in members]
+    return write_members(out, members)
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("sha256 differs from the desired state", "digest_mismatch"),
+        ("server sends more than the declared size", "oversize"),
+        ("file damaged inside the bundle", "digest_mismatch"),
+        ("self-test disagrees", "selftest_failed"),
+        ("model does not load", "load_failed"),
+        ("download unreachable", "transport"),
+    ],
+)
+def test_failures_before_the_switch_leave_the_active_model_serving(
+    files: tuple[Path, str], v1: Path, v2: Path, tmp_path: Path, case: str, reason: str
+) -> None:
+    root, base = files
+    dev = Device(tmp_path / "dev")
+    dev.apply(1, {"clf": publish(root, base, v1, "1.0.0")})
+    if case.startswith("sha256"):
+        bad = publish(root, base, v2, "2.0.0", sha="f" * 64)
+    elif case.startswith("server sends"):
+        bad = publish(root, base, v2, "2.0.0", size=1000)
+    elif case.startswith("file damaged"):
+        bad = publish(root, base, _corrupt(v2, tmp_path / "c.efb"), "2.0.0")
+    elif case.startswith("self-test"):
+        bad = publish(root, base, _bad_selftest(v2, tmp_path / "s.efb"), "2.0.0")
+    elif case.startswith("model does not"):
+        bad = publish(root, base, _unloadable(v2, tmp_path / "u.efb"), "2.0.0")
+    else:
+        bad = publish(root, base, v2, "2.0.0").model_copy(update={"bundle_url": "http://127.0.0.1:9/x.efb"})
+    dev.apply(2, {"clf": bad})
+    rec = dev.journal.data.slots["clf"]
+    assert rec.state == State.FAILED
+    assert rec.error is not None and rec.error["reason"] == reason, rec.error
+    assert rec.committed is not None and rec.committed.version == "1.0.0"
+    assert dev.serving_version() == "1.0.0"
+    assert dev.transitions[-1].to_state == "FAILED" and dev.transitions[-1].reason == reason
+    # Nothing of the refused bundle stays on disk.
+    assert sorted(p.name for p in (dev.state_dir / "models").iterdir()) == [sha256(v1)]
+    assert list((dev.state_dir / "staging").iterdir()) == []
+
+
+def test_desired_state_rules(files: tuple[Path, str], v1: Path, v2: Path, tmp_path: Path) -> None:
+    root, base = files
+    dev = Device(tmp_path / "dev")
+    a1, a2 = publish(root, base, v1, "1.0.0"), publish(root, base, v2, "2.0.0")
+    first = dev.apply(5, {"clf": a1})
+    with pytest.raises(DesiredStateError) as e:
+        dev.apply(4, {"clf": a2})
+    assert e.value.reason == "stale_seq"
+    with pytest.raises(DesiredStateError) as e:
+        dev.apply(5, {"clf": a2})
+    assert e.value.reason == "replayed_seq"
+    with pytest.raises(DesiredStateError) as e:
+        dev.apply(6, {"clf": a2}, expires_in_s=-1)
+    assert e.value.reason == "desired_state_expired"
+    assert dev.serving_version() == "1.0.0" and dev.journal.data.desired_seq == 5
+    dev.reapply(first)  # the same document again (retained redelivery): no change
+    assert dev.serving_version() == "1.0.0"
+    dev.apply(6, {"clf": a2})
+    assert dev.serving_version() == "2.0.0"
+    rec = dev.journal.data.slots["clf"]
+    assert rec.previous is not None and rec.previous.version == "1.0.0"
+    # A rollback is a newer document naming the older version; it is on disk already.
+    dev.apply(7, {"clf": a1})
+    assert dev.serving_version() == "1.0.0"
+
+
+def test_restart_serves_the_committed_version_from_disk(
+    files: tuple[Path, str], v1: Path, v2: Path, tmp_path: Path
+) -> None:
+    root, base = files
+    dev = Device(tmp_path / "dev")
+    dev.apply(1, {"clf": publish(root, base, v1, "1.0.0")})
+    # Simulate a crash in the middle of deploying v2: the journal says STAGING.
+    rec = dev.journal.data.slots["clf"]
+    rec.state, rec.target = State.STAGING, publish(root, base, v2, "2.0.0")
+    dev.journal.save()
+    (root / v1.name).unlink()  # the server is gone
+    again = Device(tmp_path / "dev")
+    again.deployer.restore()
+    assert again.serving_version() == "1.0.0"
+    rec = again.journal.data.slots["clf"]
+    assert rec.state == State.FAILED and rec.error and rec.error["reason"] == "interrupted"
+    # The redelivered document resumes the interrupted deployment.
+    again.apply(2, {"clf": publish(root, base, v2, "2.0.0")})
+    assert again.serving_version() == "2.0.0"
+
+
+def test_garbage_collection_keeps_current_and_previous(
+    files: tuple[Path, str], model_path: Path, tmp_path: Path
+) -> None:
+    root, base = files
+    dev = Device(tmp_path / "dev")
+    shas = []
+    for i, version in enumerate(["1.0.0", "1.1.0", "1.2.0"], start=1):
+        out = tmp_path / f"{version}.efb"
+        make_bundle(model_path, out, version=version)
+        dev.apply(i, {"clf": publish(root, base, out, version)})
+        shas.append(sha256(out))
+    kept = sorted(p.name for p in (dev.state_dir / "models").iterdir())
+    assert kept == sorted(shas[1:])

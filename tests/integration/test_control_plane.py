@@ -1,0 +1,109 @@
+"""The server's MQTT side against a real Mosquitto, observed by a raw paho client: desired
+state is published retained at QoS 1, status and presence are ingested, and a device that
+comes back with a stale seq gets its document again."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent.protocol import ReportedStatus, Topics
+from fleet_server.broker import EmbeddedBroker
+from fleet_server.cli.api_client import ApiClient
+from hil.rig import wait_until
+from tests.integration.test_api import enroll
+
+
+class Peer:
+    """A raw MQTT 5 client standing in for a device."""
+
+    def __init__(self, broker: EmbeddedBroker, client_id: str) -> None:
+        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self.connected = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        self.client.on_message = lambda c, u, m: self.messages.put(m)
+        self.client.on_connect = lambda c, u, f, rc, p: self.connected.set()
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        assert self.connected.wait(5)
+
+    def subscribe(self, topic: str) -> None:
+        self.client.subscribe(topic, qos=1)
+
+    def next(self, timeout_s: float = 5) -> mqtt.MQTTMessage:
+        return self.messages.get(timeout=timeout_s)
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def peer(broker: EmbeddedBroker, request: pytest.FixtureRequest) -> Iterator[Peer]:
+    p = Peer(broker, f"peer-{abs(hash(request.node.nodeid)) % 10**8}")
+    yield p
+    p.close()
+
+
+def _status(device_id: str, seq: int) -> bytes:
+    return ReportedStatus(device_id=device_id, profile="x86-64-avx2", agent_version="test",
+                          desired_seq=seq, reported_at=datetime.now(UTC)).to_bytes()
+
+
+def test_desired_state_is_retained_and_resent_to_a_stale_device(
+    api: ApiClient, broker: EmbeddedBroker, peer: Peer, model_path: Path, request: pytest.FixtureRequest
+) -> None:
+    device_id = f"cp-{abs(hash(request.node.nodeid)) % 10**6}"  # unique topics per test
+    topics = Topics(device_id)
+    api.upload_model(model_path, "classifier", "1.0.0")
+    enroll(api, device_id)
+    api.post("/v1/rollouts", json={"model": "classifier", "version": "1.0.0", "devices": [device_id]})
+
+    # Subscribing after the publish still delivers it: it was retained.
+    peer.subscribe(topics.desired)
+    msg = peer.next()
+    assert msg.retain and msg.qos == 1
+    doc = json.loads(msg.payload)["signed"]
+    assert doc["device_id"] == device_id and doc["seq"] == 1
+    assert doc["slots"]["classifier"]["version"] == "1.0.0"
+
+    # Presence and status are ingested into the database.
+    peer.publish(topics.status, _status(device_id, 0), retain=True)
+    peer.publish(topics.online, b"online", retain=True)
+    wait_until(lambda: api.get(f"/v1/devices/{device_id}")["online"], 5, "presence ingest")
+    # The device reported seq 0 < 1: the server re-sends the document.
+    import time
+
+    time.sleep(0.3)  # past the resend interval
+    peer.publish(topics.status, _status(device_id, 0), retain=True)
+    again = peer.next()
+    assert json.loads(again.payload)["signed"]["seq"] == 1
+
+    peer.publish(topics.status, _status(device_id, 1), retain=True)
+    wait_until(lambda: api.get(f"/v1/devices/{device_id}")["reported_seq"] == 1, 5, "status ingest")
+    peer.publish(topics.online, b"offline", retain=True)
+    wait_until(lambda: not api.get(f"/v1/devices/{device_id}")["online"], 5, "offline ingest")
+
+
+def test_status_for_another_device_or_garbage_is_ignored(
+    api: ApiClient, peer: Peer, request: pytest.FixtureRequest
+) -> None:
+    a, b = "cpa" + str(abs(hash(request.node.nodeid)) % 10**6), "cpb" + str(abs(hash(request.node.nodeid)) % 10**6)
+    enroll(api, a)
+    enroll(api, b)
+    peer.publish(Topics(a).status, _status(b, 7))  # a's topic, b's name
+    peer.publish(Topics(a).status, b"{not json")
+    peer.publish(Topics(a).status, _status(a, 3))
+    wait_until(lambda: api.get(f"/v1/devices/{a}")["reported_seq"] == 3, 5, "a's status")
+    assert api.get(f"/v1/devices/{b}")["reported_seq"] == 0

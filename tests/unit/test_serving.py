@@ -1,0 +1,208 @@
+"""The local inference API over real HTTP, with a fake model implementing the runtime
+interface, and the reference-counted swap."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import threading
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from edge_agent.bundle import Manifest, ModelRef, RuntimeRequirement, SelfTestSpec, TensorSpec
+from edge_agent.client import AgentClient, AgentError
+from edge_agent.errors import RequestError
+from edge_agent.lifecycle.journal import VersionRef
+from edge_agent.runtimes import LoadedModel, check_feeds
+from edge_agent.serving import InferenceHTTPServer, ServingModel, SlotTable, start_http
+
+SPEC_IN = [TensorSpec(name="x", dtype="float32", shape=["batch", 3])]
+SPEC_OUT = [TensorSpec(name="y", dtype="float32", shape=["batch", 3])]
+
+
+class FakeModel(LoadedModel):
+    """y = x * factor; optionally blocks in run() until released."""
+
+    def __init__(self, factor: float, gate: threading.Event | None = None) -> None:
+        self.inputs, self.outputs = SPEC_IN, SPEC_OUT
+        self.factor = factor
+        self.gate = gate
+        self.entered = threading.Event()
+        self.closed = False
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        assert not self.closed, "ran on a closed model"
+        checked = check_feeds(self.inputs, feeds)
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(5)
+        assert not self.closed, "closed while running"
+        return {"y": checked["x"] * self.factor}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def serving(model: LoadedModel, version: str) -> ServingModel:
+    ref = VersionRef(model="scaler", version=version, bundle_sha256="0" * 64, runtime="fake",
+                     precision="fp32")
+    manifest = Manifest(
+        model=ModelRef(name="scaler", version=version, source_sha256="0" * 64),
+        profile="x86-64-avx2",
+        runtime=RuntimeRequirement(name="onnxruntime", versions=">=1"),
+        precision="fp32",
+        artifact="model/model.onnx",
+        files=[],
+        inputs=SPEC_IN,
+        outputs=SPEC_OUT,
+        selftest=SelfTestSpec(file="selftest.npz", atol=0, rtol=0),
+        toolchain={},
+        created_at=datetime.now(UTC),
+    )
+    return ServingModel(ref, manifest, model)
+
+
+@pytest.fixture
+def table() -> SlotTable:
+    t = SlotTable()
+    t.swap("main", serving(FakeModel(2.0), "1.0.0"))
+    return t
+
+
+@pytest.fixture
+def server(table: SlotTable) -> Iterator[InferenceHTTPServer]:
+    srv, _ = start_http(table, "127.0.0.1", 0)
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def post(srv: InferenceHTTPServer, path: str, body: bytes, ctype: str, accept: str = "") -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=5)
+    headers = {"Content-Type": ctype}
+    if accept:
+        headers["Accept"] = accept
+    conn.request("POST", path, body=body, headers=headers)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, dict(resp.getheaders()), data
+
+
+X = np.arange(6, dtype=np.float32).reshape(2, 3)
+
+
+def test_json_nested_lists(server: InferenceHTTPServer) -> None:
+    status, headers, data = post(server, "/v1/models/scaler:predict",
+                                 json.dumps({"inputs": {"x": X.tolist()}}).encode(), "application/json")
+    assert status == 200, data
+    doc = json.loads(data)
+    assert doc["version"] == "1.0.0" and headers["X-Edgefleet-Version"] == "1.0.0"
+    np.testing.assert_array_equal(np.array(doc["outputs"]["y"], dtype=np.float32), X * 2)
+
+
+def test_json_base64_both_ways(server: InferenceHTTPServer) -> None:
+    body = {"inputs": {"x": {"b64": base64.b64encode(X.tobytes()).decode(), "dtype": "float32",
+                             "shape": [2, 3]}}, "output_encoding": "b64"}
+    status, _, data = post(server, "/v1/models/main:predict", json.dumps(body).encode(), "application/json")
+    assert status == 200, data
+    y = json.loads(data)["outputs"]["y"]
+    got = np.frombuffer(base64.b64decode(y["b64"]), dtype=y["dtype"]).reshape(y["shape"])
+    np.testing.assert_array_equal(got, X * 2)
+
+
+def test_npy_body_and_npz_reply(server: InferenceHTTPServer) -> None:
+    buf = io.BytesIO()
+    np.save(buf, X)
+    status, _, data = post(server, "/v1/models/scaler:predict", buf.getvalue(), "application/x-npy",
+                           accept="application/x-npz")
+    assert status == 200
+    with np.load(io.BytesIO(data)) as npz:
+        np.testing.assert_array_equal(npz["y"], X * 2)
+
+
+def test_python_client_round_trip(server: InferenceHTTPServer) -> None:
+    client = AgentClient(f"http://127.0.0.1:{server.port}")
+    np.testing.assert_array_equal(client.predict("scaler", {"x": X})["y"], X * 2)
+    assert client.models()[0]["version"] == "1.0.0" and client.ready()
+    with pytest.raises(RequestError, match="missing"):
+        client.predict("scaler", {"z": X})
+    with pytest.raises(AgentError) as e:
+        client.predict("nope", {"x": X})
+    assert e.value.status == 404
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype", "status", "code"),
+    [
+        (b"{not json", "application/json", 400, "input_encoding"),
+        (b'{"inputs": {"x": [[1, 2]]}}', "application/json", 400, "input_shape"),
+        (b'{"inputs": {"x": [["a", "b", "c"]]}}', "application/json", 400, "input_encoding"),
+        (b'{"inputs": {"x": {"b64": "AAAA", "dtype": "float32", "shape": [2, 3]}}}', "application/json", 400, "input_encoding"),
+        (b'{"inputs": {"w": [[1, 2, 3]]}}', "application/json", 400, "input_names"),
+        (b"PK-not-a-zip", "application/x-npz", 400, "input_encoding"),
+        (b"x", "text/plain", 400, "content_type"),
+    ],
+)
+def test_bad_requests_say_what_is_wrong(server: InferenceHTTPServer, body: bytes, ctype: str, status: int, code: str) -> None:
+    got, _, data = post(server, "/v1/models/scaler:predict", body, ctype)
+    assert got == status
+    err = json.loads(data)["error"]
+    assert err["code"] == code and err["message"]
+
+
+def test_health_and_readiness(table: SlotTable) -> None:
+    empty = SlotTable()
+    srv, _ = start_http(empty, "127.0.0.1", 0)
+    try:
+        client = AgentClient(f"http://127.0.0.1:{srv.port}")
+        assert not client.ready()
+        empty.swap("main", serving(FakeModel(1.0), "1.0.0"))
+        assert client.ready()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_swap_lets_the_in_flight_request_finish_on_the_old_model() -> None:
+    table = SlotTable()
+    gate = threading.Event()
+    old = FakeModel(2.0, gate)
+    table.swap("main", serving(old, "1.0.0"))
+    result: dict[str, object] = {}
+
+    def call() -> None:
+        with table.use("main") as s:
+            result["y"] = s.model.run({"x": X})["y"]
+            result["version"] = s.ref.version
+
+    t = threading.Thread(target=call)
+    t.start()
+    assert old.entered.wait(5)
+    new = FakeModel(3.0)
+    table.swap("main", serving(new, "2.0.0"))
+    assert not old.closed  # still running a request
+    with table.use("main") as s:  # new requests go to the new model at once
+        np.testing.assert_array_equal(s.model.run({"x": X})["y"], X * 3)
+    gate.set()
+    t.join(5)
+    assert result["version"] == "1.0.0"
+    np.testing.assert_array_equal(result["y"], X * 2)  # type: ignore[arg-type]
+    assert old.closed and not new.closed
+
+
+def test_check_feeds_casts_only_when_safe() -> None:
+    out = check_feeds(SPEC_IN, {"x": np.ones((1, 3), dtype=np.float64)})
+    assert out["x"].dtype == np.float32
+    spec = [TensorSpec(name="ids", dtype="int8", shape=[3])]
+    assert check_feeds(spec, {"ids": np.array([1, 2, 3])})["ids"].dtype == np.int8
+    with pytest.raises(RequestError, match="cannot be converted"):
+        check_feeds(spec, {"ids": np.array([1, 2, 300])})
+    with pytest.raises(RequestError, match="cannot be converted"):
+        check_feeds(spec, {"ids": np.array([1.5, 2, 3])})
