@@ -65,7 +65,7 @@ class BuildResult:
 
 
 def choose_target(profile: Profile) -> tuple[Target, list[str]]:
-    passed_over = []
+    passed_over: list[str] = []
     for runtime in profile.runtimes:
         for precision in profile.precisions:
             if precision not in runtime.precisions:

@@ -1,4 +1,7 @@
-"""Generating self-test vectors at build time (the format lives in ``edge_agent.bundle.selftest``)."""
+"""Generating self-test vectors at build time.
+
+The file format lives in ``edge_agent.bundle.selftest``, which the agent reads.
+"""
 
 from __future__ import annotations
 

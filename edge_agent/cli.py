@@ -28,7 +28,11 @@ def _enroll(args: argparse.Namespace) -> int:
     if config_path.exists() and not args.force:
         print(f"error: {config_path} exists; pass --force to enroll again", file=sys.stderr)
         return 2
-    body: dict[str, Any] = {"token": args.token, "device_id": args.device_id, "profile": args.profile}
+    body: dict[str, Any] = {
+        "token": args.token,
+        "device_id": args.device_id,
+        "profile": args.profile,
+    }
     if args.label:
         body["labels"] = dict(_label(x) for x in args.label)
     request = urllib.request.Request(
@@ -127,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     enroll = sub.add_parser("enroll", help="enroll this device with a one-time token")
     enroll.add_argument("--server", required=True, help="fleet server URL, e.g. http://fleet:8600")
     enroll.add_argument("--token", required=True, help="one-time enrollment token")
-    enroll.add_argument("--device-id", default=socket.gethostname().lower(), help="default: hostname")
+    enroll.add_argument(
+        "--device-id", default=socket.gethostname().lower(), help="default: hostname"
+    )
     enroll.add_argument("--profile", required=True, help="device profile, e.g. raspberry-pi-5")
     enroll.add_argument("--label", action="append", default=[], help="key=value (repeatable)")
     enroll.add_argument("--dir", default=".", help="where to write agent.toml and device.secret")

@@ -47,7 +47,11 @@ class AgentClient:
         return conn
 
     def _request(
-        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, str, bytes]:
         for attempt in (1, 2):
             conn = self._conn()
@@ -61,7 +65,9 @@ class AgentClient:
                 self._local.conn = None
                 # A kept-alive connection the agent closed: retry once on a fresh one.
                 if attempt == 2:
-                    raise TransportError(f"agent at {self._host}:{self._port} unreachable: {e}") from e
+                    raise TransportError(
+                        f"agent at {self._host}:{self._port} unreachable: {e}"
+                    ) from e
         raise AssertionError("unreachable")
 
     @staticmethod

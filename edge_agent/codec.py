@@ -45,7 +45,9 @@ def decode_json_value(name: str, value: Any) -> np.ndarray:
     try:
         arr = np.asarray(value)
     except ValueError as e:
-        raise RequestError(f"input {name!r}: ragged nested list ({e})", reason="input_encoding") from e
+        raise RequestError(
+            f"input {name!r}: ragged nested list ({e})", reason="input_encoding"
+        ) from e
     if arr.dtype.kind not in "biuf":
         raise RequestError(f"input {name!r}: not an array of numbers", reason="input_encoding")
     return arr

@@ -43,9 +43,7 @@ class AgentLink:
         self._on_desired = on_desired
         self._on_connected = on_connected
         self.connected = threading.Event()
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5
-        )
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5)
         if config.username is not None:
             client.username_pw_set(config.username, password)
         client.will_set(self.topics.online, OFFLINE, qos=1, retain=True)
@@ -56,7 +54,7 @@ class AgentLink:
         self._client = client
 
     def start(self) -> None:
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self._config.session_expiry_s
         self._client.connect_async(
             self._config.host,
@@ -96,6 +94,8 @@ class AgentLink:
         self.connected.clear()
         log.warning("disconnected from broker: %s", reason)
 
-    def _handle_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+    def _handle_message(
+        self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage
+    ) -> None:
         if message.topic == self.topics.desired:
-            self._on_desired(message.payload)
+            self._on_desired(bytes(message.payload))

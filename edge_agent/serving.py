@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -154,7 +153,9 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)
 
     # --- responses -------------------------------------------------------------------------
-    def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+    def _send(
+        self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -238,13 +239,16 @@ class _Handler(BaseHTTPRequestHandler):
                     "model": result.ref.model,
                     "version": result.ref.version,
                     "outputs": {
-                        k: codec.encode_json_value(v, out_encoding) for k, v in result.outputs.items()
+                        k: codec.encode_json_value(v, out_encoding)
+                        for k, v in result.outputs.items()
                     },
                 },
                 headers,
             )
 
-    def _decode(self, name: str, body: bytes, content_type: str) -> tuple[dict[str, np.ndarray], str]:
+    def _decode(
+        self, name: str, body: bytes, content_type: str
+    ) -> tuple[dict[str, np.ndarray], str]:
         if content_type == codec.NPZ:
             return codec.decode_npz(body), "list"
         if content_type in (codec.NPY, "application/octet-stream"):
@@ -264,7 +268,9 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError as e:
             raise RequestError(f"body is not valid JSON: {e}", reason="input_encoding") from e
         if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), dict):
-            raise RequestError('JSON body must be {"inputs": {name: array}}', reason="input_encoding")
+            raise RequestError(
+                'JSON body must be {"inputs": {name: array}}', reason="input_encoding"
+            )
         encoding = doc.get("output_encoding", "list")
         if encoding not in ("list", "b64"):
             raise RequestError("output_encoding must be 'list' or 'b64'", reason="input_encoding")
@@ -285,7 +291,9 @@ class InferenceHTTPServer(ThreadingHTTPServer):
         return int(self.server_address[1])
 
 
-def start_http(table: SlotTable, host: str, port: int) -> tuple[InferenceHTTPServer, threading.Thread]:
+def start_http(
+    table: SlotTable, host: str, port: int
+) -> tuple[InferenceHTTPServer, threading.Thread]:
     server = InferenceHTTPServer((host, port), table)
     thread = threading.Thread(target=server.serve_forever, name="edge-agent-http", daemon=True)
     thread.start()

@@ -33,12 +33,20 @@ DEVICES = [
 
 def _progress(rollout: dict) -> Table:  # type: ignore[type-arg]
     table = Table(
-        "device", "profile", "artifact", "state", "agent lifecycle",
-        title=f"rollout {rollout['id']} of {rollout['model']} {rollout['version']}: {rollout['state']}",
+        "device",
+        "profile",
+        "artifact",
+        "state",
+        "agent lifecycle",
+        title=f"rollout {rollout['id']} of {rollout['model']} {rollout['version']}: "
+        f"{rollout['state']}",
     )
     for t in rollout["targets"]:
         table.add_row(
-            t["device_id"], t["profile"], f"{t['runtime']}/{t['precision']}", t["state"],
+            t["device_id"],
+            t["profile"],
+            f"{t['runtime']}/{t['precision']}",
+            t["state"],
             t.get("device_state") or "-",
         )
     return table
@@ -55,13 +63,17 @@ def run_demo(workdir: Path | None, console: Console) -> int:
     try:
         with EmbeddedStack(settings) as stack:
             assert stack.broker is not None
-            console.print(f"fleet server  {stack.url}  (SQLite, artifacts in {settings.artifacts_dir})")
+            console.print(
+                f"fleet server  {stack.url}  (SQLite, artifacts in {settings.artifacts_dir})"
+            )
             console.print(f"MQTT broker   {stack.mqtt_url}  ({stack.broker.backend}, embedded)")
             api = ApiClient(stack.url, stack.admin_token)
 
             model_path = mlp_classifier(root / "models" / "demo-classifier.onnx", seed=7)
             pushed = api.upload_model(model_path, "demo-classifier", "1.0.0", "demo MLP classifier")
-            console.print(f"uploaded      demo-classifier 1.0.0 (sha256 {pushed['source_sha256'][:12]})")
+            console.print(
+                f"uploaded      demo-classifier 1.0.0 (sha256 {pushed['source_sha256'][:12]})"
+            )
 
             for device_id, profile, labels in DEVICES:
                 token = api.post("/v1/enrollment-tokens", json={"profile": profile})["token"]
@@ -71,13 +83,19 @@ def run_demo(workdir: Path | None, console: Console) -> int:
                 agents.append(agent)
             for agent in agents:
                 agent.wait_ready()
-            console.print(f"enrolled      {len(agents)} agents: " + ", ".join(
-                f"{a.device_id} ({a.profile})" for a in agents))
+            console.print(
+                f"enrolled      {len(agents)} agents: "
+                + ", ".join(f"{a.device_id} ({a.profile})" for a in agents)
+            )
 
             deploy_at = time.monotonic()
             rollout = api.post(
                 "/v1/rollouts",
-                json={"model": "demo-classifier", "version": "1.0.0", "selector": {"ring": "canary"}},
+                json={
+                    "model": "demo-classifier",
+                    "version": "1.0.0",
+                    "selector": {"ring": "canary"},
+                },
             )
             with Live(_progress(rollout), console=console, refresh_per_second=8) as live:
                 deadline = time.monotonic() + 120
@@ -105,7 +123,9 @@ def run_demo(workdir: Path | None, console: Console) -> int:
                 err = float(np.abs(got - want).max())
                 agree = float((got.argmax(1) == want.argmax(1)).mean())
                 ok = ok and err < 1e-4 and agree == 1.0
-                results.add_row(agent.device_id, served.get("version", "?"), f"{err:.2e}", f"{agree:.0%}")
+                results.add_row(
+                    agent.device_id, served.get("version", "?"), f"{err:.2e}", f"{agree:.0%}"
+                )
             console.print(results)
             console.rule(
                 f"{'[green]ok' if ok else '[red]MISMATCH'}[/]: 3 devices serving demo-classifier "

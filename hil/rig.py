@@ -49,12 +49,18 @@ class LocalAgent:
     def enroll(self, server_url: str, token: str, labels: dict[str, str] | None = None) -> None:
         cmd = self._cli(
             "enroll",
-            "--server", server_url,
-            "--token", token,
-            "--device-id", self.device_id,
-            "--profile", self.profile,
-            "--dir", str(self.dir),
-            "--serving-port", str(self.serving_port),
+            "--server",
+            server_url,
+            "--token",
+            token,
+            "--device-id",
+            self.device_id,
+            "--profile",
+            self.profile,
+            "--dir",
+            str(self.dir),
+            "--serving-port",
+            str(self.serving_port),
         )
         for k, v in (labels or {}).items():
             cmd += ["--label", f"{k}={v}"]

@@ -19,7 +19,11 @@ def sha256(path: Path) -> str:
 
 
 def make_bundle(
-    model: Path, out: Path, *, profile: str = "x86-64-avx2", name: str = "classifier",
+    model: Path,
+    out: Path,
+    *,
+    profile: str = "x86-64-avx2",
+    name: str = "classifier",
     version: str = "1.0.0",
 ) -> Manifest:
     info = inspect_onnx(model)

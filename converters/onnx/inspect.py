@@ -76,9 +76,7 @@ def inspect_onnx(path: Path) -> OnnxModelInfo:
     outputs = [_tensor_spec(v) for v in graph.output]
     if not inputs or not outputs:
         raise ConversionError("the model has no inputs or no outputs", reason="invalid_onnx")
-    opset = max(
-        (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0
-    )
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
     return OnnxModelInfo(
         inputs=inputs,
         outputs=outputs,

@@ -193,7 +193,7 @@ class BundleReader:
 def open_bundle(path: Path) -> Iterator[BundleReader]:
     """Open a bundle and parse its manifest (the first member)."""
     try:
-        tar = tarfile.open(path, "r:")
+        tar = tarfile.open(path, "r:")  # noqa: SIM115 - closed by the `with tar` below
     except (tarfile.TarError, OSError) as e:
         raise BundleError(f"{path.name}: not a bundle (tar): {e}", reason="not_a_bundle") from e
     with tar:

@@ -31,7 +31,9 @@ def pack(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) ->
 def unpack(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     try:
         with np.load(path, allow_pickle=False) as npz:
-            inputs = {k[len(INPUT_PREFIX) :]: npz[k] for k in npz.files if k.startswith(INPUT_PREFIX)}
+            inputs = {
+                k[len(INPUT_PREFIX) :]: npz[k] for k in npz.files if k.startswith(INPUT_PREFIX)
+            }
             outputs = {
                 k[len(OUTPUT_PREFIX) :]: npz[k] for k in npz.files if k.startswith(OUTPUT_PREFIX)
             }

@@ -93,7 +93,9 @@ class Deployer:
             if rec.state in IN_FLIGHT:
                 # A crash mid-step is that step failing. The committed version is what serves;
                 # the same desired state arrives again (retained) and the deployment restarts.
-                log.warning("slot %s: deployment interrupted in %s; serving committed", slot, rec.state)
+                log.warning(
+                    "slot %s: deployment interrupted in %s; serving committed", slot, rec.state
+                )
                 rec.state = next_state(rec.state, Event.FAILURE)
                 rec.error = {
                     "reason": "interrupted",
@@ -115,7 +117,9 @@ class Deployer:
                 if candidate is not rec.committed:
                     rec.previous, rec.committed = None, candidate
                     self.journal.save()
-                log.info("slot %s: serving %s %s from disk", slot, candidate.model, candidate.version)
+                log.info(
+                    "slot %s: serving %s %s from disk", slot, candidate.model, candidate.version
+                )
                 break
 
     # --- desired state -----------------------------------------------------------------------
@@ -157,7 +161,10 @@ class Deployer:
             if assignment.mode != "active":
                 continue
             rec = self.journal.slot(slot)
-            if rec.committed is not None and rec.committed.bundle_sha256 == assignment.bundle_sha256:
+            if (
+                rec.committed is not None
+                and rec.committed.bundle_sha256 == assignment.bundle_sha256
+            ):
                 continue
             if (
                 rec.state == State.FAILED
@@ -217,8 +224,15 @@ class Deployer:
             }
         self.journal.save()
         err = ctx.error if new == State.FAILED else None
-        self._emit(slot, old, new, event, ctx.target.bundle_sha256, err.message if err else None,
-                   err.reason if err else None)
+        self._emit(
+            slot,
+            old,
+            new,
+            event,
+            ctx.target.bundle_sha256,
+            err.message if err else None,
+            err.reason if err else None,
+        )
 
     def _emit(
         self,
@@ -230,7 +244,9 @@ class Deployer:
         message: str | None,
         reason: str | None = None,
     ) -> None:
-        log.info("slot %s: %s -> %s (%s)%s", slot, old, new, event, f": {message}" if message else "")
+        log.info(
+            "slot %s: %s -> %s (%s)%s", slot, old, new, event, f": {message}" if message else ""
+        )
         self._on_transition(
             Transition(
                 slot=slot,
@@ -247,9 +263,14 @@ class Deployer:
     def _finish(self, rec: SlotRecord, ctx: Deployment, state: State) -> None:
         if state == State.FAILED and ctx.staged is not None:
             ctx.staged.retire()
-        if state == State.FAILED and ctx.error is not None and ctx.error.reason in (
-            "digest_mismatch",
-            "oversize",
+        if (
+            state == State.FAILED
+            and ctx.error is not None
+            and ctx.error.reason
+            in (
+                "digest_mismatch",
+                "oversize",
+            )
         ):
             self.store.discard_bundle(ctx.target.bundle_sha256)
         self._collect_garbage()
@@ -286,7 +307,13 @@ class Deployer:
                 if attempt == attempts:
                     raise
                 delay = random.uniform(0, 1.5 ** min(10, attempt))
-                log.warning("download attempt %d/%d failed (%s); retrying in %.1fs", attempt, attempts, e, delay)
+                log.warning(
+                    "download attempt %d/%d failed (%s); retrying in %.1fs",
+                    attempt,
+                    attempts,
+                    e,
+                    delay,
+                )
                 self._sleep(delay)
         raise AssertionError("unreachable")
 

@@ -87,6 +87,6 @@ def _safe_cast(arr: np.ndarray, want: np.dtype[np.generic]) -> bool:
     if arr.dtype.kind in "fiu" and want.kind == "f":
         return True
     if arr.dtype.kind in "iu" and want.kind in "iu":
-        info = np.iinfo(want)
+        info = np.iinfo(want)  # type: ignore[type-var]  # want.kind is "i" or "u" here
         return arr.size == 0 or (int(arr.min()) >= info.min and int(arr.max()) <= info.max)
     return False

@@ -11,10 +11,10 @@ from fastapi import Depends, Header, Request
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from firmware_profiles import ProfileCatalog
 from fleet_server.artifacts import ArtifactStore
 from fleet_server.auth.service import Principal, Role, authenticate
 from fleet_server.settings import Settings
-from firmware_profiles import ProfileCatalog
 
 if TYPE_CHECKING:
     from fleet_server.control.plane import ControlPlane

@@ -24,7 +24,9 @@ def _check(sha256: str) -> None:
 
 
 @router.get("/{sha256}", response_class=FileResponse)
-def download_bundle(sha256: str, state: StateDep, session: SessionDep, principal: PrincipalDep) -> Any:
+def download_bundle(
+    sha256: str, state: StateDep, session: SessionDep, principal: PrincipalDep
+) -> Any:
     """The bundle file. Devices and API tokens may download; ``Range`` requests resume."""
     _check(sha256)
     if principal.role != "device":

@@ -68,7 +68,9 @@ def ensure_bundle(
         found = _find(session, version, profile.name)
         assert found is not None
         return found
-    log.info("built bundle %s for %s %s on %s", sha256[:12], model.name, version.version, profile.name)
+    log.info(
+        "built bundle %s for %s %s on %s", sha256[:12], model.name, version.version, profile.name
+    )
     return row
 
 

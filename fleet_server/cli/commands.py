@@ -17,7 +17,9 @@ from edge_agent.errors import ConfigError, EdgefleetError
 from fleet_server.cli.api_client import ApiClient, default_token
 from fleet_server.settings import Settings
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="edgefleet: ML models on edge fleets.")
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="edgefleet: ML models on edge fleets."
+)
 models_app = typer.Typer(no_args_is_help=True, help="Model registry.")
 devices_app = typer.Typer(no_args_is_help=True, help="Devices and enrollment.")
 rollouts_app = typer.Typer(no_args_is_help=True, help="Deploy model versions to devices.")
@@ -35,7 +37,9 @@ ServerOpt = Annotated[
 ]
 TokenOpt = Annotated[
     str | None,
-    typer.Option("--token", envvar="EDGEFLEET_TOKEN", help="API token (default: the data dir's admin.token)"),
+    typer.Option(
+        "--token", envvar="EDGEFLEET_TOKEN", help="API token (default: the data dir's admin.token)"
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 DEFAULT_SERVER = "http://127.0.0.1:8600"
@@ -70,7 +74,9 @@ def serve(
 
     from fleet_server.server import serve as run_server
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     overrides: dict[str, Any] = {}
     if host is not None:
         overrides["host"] = host
@@ -109,12 +115,16 @@ def models_push(
         return
     ins = ", ".join(f"{s['name']}{s['shape']}:{s['dtype']}" for s in result["inputs"])
     outs = ", ".join(f"{s['name']}{s['shape']}:{s['dtype']}" for s in result["outputs"])
-    console.print(f"pushed {name} {version} (sha256 {result['source_sha256'][:12]}, opset {result['opset']})")
+    console.print(
+        f"pushed {name} {version} (sha256 {result['source_sha256'][:12]}, opset {result['opset']})"
+    )
     console.print(f"  inputs:  {ins}\n  outputs: {outs}")
 
 
 @models_app.command("list")
-def models_list(server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+def models_list(
+    server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
     """List models and their versions."""
     models = _client(server, token).get("/v1/models")
     if as_json:
@@ -153,7 +163,9 @@ def models_show(
 # --- devices --------------------------------------------------------------------------------------
 @devices_app.command("token")
 def devices_token(
-    profile: Annotated[str | None, typer.Option(help="only devices of this profile may use it")] = None,
+    profile: Annotated[
+        str | None, typer.Option(help="only devices of this profile may use it")
+    ] = None,
     label: Annotated[list[str] | None, typer.Option(help="key=value given to the device")] = None,
     ttl_s: Annotated[int | None, typer.Option(help="validity in seconds")] = None,
     server: ServerOpt = DEFAULT_SERVER,
@@ -170,7 +182,9 @@ def devices_token(
 
 
 @devices_app.command("list")
-def devices_list(server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+def devices_list(
+    server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
     """List enrolled devices with what they report."""
     devices = _client(server, token).get("/v1/devices")
     if as_json:
@@ -180,7 +194,8 @@ def devices_list(server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None, as_
     for d in devices:
         slots = (d.get("reported") or {}).get("slots") or {}
         shown = ", ".join(
-            f"{s}={(v.get('active') or {}).get('version', '-')} [{v['state']}]" for s, v in slots.items()
+            f"{s}={(v.get('active') or {}).get('version', '-')} [{v['state']}]"
+            for s, v in slots.items()
         )
         table.add_row(
             d["id"],
@@ -194,7 +209,9 @@ def devices_list(server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None, as_
 
 
 @devices_app.command("show")
-def devices_show(device_id: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None) -> None:
+def devices_show(
+    device_id: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None
+) -> None:
     """Show one device, with its full reported state (JSON)."""
     _print_json(_client(server, token).get(f"/v1/devices/{device_id}"))
 
@@ -202,14 +219,23 @@ def devices_show(device_id: str, server: ServerOpt = DEFAULT_SERVER, token: Toke
 # --- rollouts -------------------------------------------------------------------------------------
 def _render_rollout(r: dict[str, Any]) -> Table:
     table = Table(
-        "device", "profile", "runtime", "state", "device state", "error",
+        "device",
+        "profile",
+        "runtime",
+        "state",
+        "device state",
+        "error",
         title=f"rollout {r['id']}: {r['model']} {r['version']} → slot {r['slot']} [{r['state']}]",
     )
     for t in r["targets"]:
         err = t.get("error") or {}
         table.add_row(
-            t["device_id"], t["profile"], f"{t['runtime']}/{t['precision']}", t["state"],
-            t.get("device_state") or "-", err.get("message", ""),
+            t["device_id"],
+            t["profile"],
+            f"{t['runtime']}/{t['precision']}",
+            t["state"],
+            t.get("device_state") or "-",
+            err.get("message", ""),
         )
     return table
 
@@ -220,7 +246,9 @@ def rollouts_create(
     version: Annotated[str, typer.Option(help="model version")],
     device: Annotated[list[str] | None, typer.Option(help="target device id (repeatable)")] = None,
     selector: Annotated[list[str] | None, typer.Option(help="label key=value (repeatable)")] = None,
-    slot: Annotated[str | None, typer.Option(help="slot on the device (default: model name)")] = None,
+    slot: Annotated[
+        str | None, typer.Option(help="slot on the device (default: model name)")
+    ] = None,
     wait: Annotated[bool, typer.Option(help="wait until every target serves or fails")] = True,
     timeout_s: Annotated[float, typer.Option(help="how long --wait waits")] = 300.0,
     server: ServerOpt = DEFAULT_SERVER,
@@ -229,8 +257,13 @@ def rollouts_create(
 ) -> None:
     """Deploy a model version to devices (by id or label selector)."""
     client = _client(server, token)
-    body = {"model": model, "version": version, "devices": device or None,
-            "selector": _labels(selector) or None, "slot": slot}
+    body = {
+        "model": model,
+        "version": version,
+        "devices": device or None,
+        "selector": _labels(selector) or None,
+        "slot": slot,
+    }
     rollout = client.post("/v1/rollouts", json=body)
     if wait:
         from rich.live import Live
@@ -251,7 +284,10 @@ def rollouts_create(
 
 @rollouts_app.command("status")
 def rollouts_status(
-    rollout_id: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None, as_json: JsonOpt = False
+    rollout_id: str,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Per-device progress of a rollout."""
     rollout = _client(server, token).get(f"/v1/rollouts/{rollout_id}")
@@ -262,7 +298,9 @@ def rollouts_status(
 
 
 @rollouts_app.command("list")
-def rollouts_list(server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+def rollouts_list(
+    server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
     """All rollouts, newest first."""
     rollouts = _client(server, token).get("/v1/rollouts")
     if as_json:
@@ -271,8 +309,13 @@ def rollouts_list(server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None, as
     table = Table("id", "model", "version", "slot", "state", "serving/total", "created")
     for r in rollouts:
         table.add_row(
-            r["id"], r["model"], r["version"], r["slot"], r["state"],
-            f"{r['counts']['serving']}/{len(r['targets'])}", r["created_at"][:19],
+            r["id"],
+            r["model"],
+            r["version"],
+            r["slot"],
+            r["state"],
+            f"{r['counts']['serving']}/{len(r['targets'])}",
+            r["created_at"][:19],
         )
     console.print(table)
 
@@ -290,7 +333,9 @@ def bundle_inspect(file: Annotated[Path, typer.Argument(exists=True, dir_okay=Fa
 @bundle_app.command("verify")
 def bundle_verify(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
-    profile: Annotated[str | None, typer.Option(help="also check it fits this device profile")] = None,
+    profile: Annotated[
+        str | None, typer.Option(help="also check it fits this device profile")
+    ] = None,
 ) -> None:
     """Check a bundle's structure, file digests and sizes (and profile/runtime fit)."""
     import shutil
@@ -311,7 +356,8 @@ def bundle_verify(
     signed = f"signed by {manifest.signing_key_id}" if manifest.signing_key_id else "unsigned"
     console.print(
         f"ok: {manifest.model.name} {manifest.model.version} for {manifest.profile} "
-        f"({manifest.runtime.name}/{manifest.precision}), {len(manifest.files)} files verified, {signed}"
+        f"({manifest.runtime.name}/{manifest.precision}), "
+        f"{len(manifest.files)} files verified, {signed}"
     )
 
 
@@ -328,13 +374,10 @@ def run() -> None:
     except EdgefleetError as e:
         err_console.print(f"error: {e.message}")
         sys.exit(1)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.UsageError):
-            e.show()
-            sys.exit(2)
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(1)
+    except Exception as e:
+        # Usage errors: typer vendors its own click, so match click's interface, not a class.
+        exit_code, show = getattr(e, "exit_code", None), getattr(e, "show", None)
+        if isinstance(exit_code, int) and callable(show):
+            show()
+            sys.exit(exit_code)
         raise

@@ -87,24 +87,26 @@ class ControlPlane:
         self._inbox.put(None)
         self._worker.join(timeout=10)
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
         if reason.is_failure:
             log.error("broker refused the server's connection: %s", reason)
             return
-        client.subscribe(
-            [(Topics.all_devices("status"), 1), (Topics.all_devices("online"), 1)]
-        )
+        client.subscribe([(Topics.all_devices("status"), 1), (Topics.all_devices("online"), 1)])
         self.connected.set()
         log.info("control plane connected to %s", self.mqtt_url)
         self._inbox.put(("$resync", b""))
 
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
         self.connected.clear()
         if not self._stopping:
             log.warning("control plane disconnected: %s", reason)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        self._inbox.put((message.topic, message.payload))
+        self._inbox.put((message.topic, bytes(message.payload)))
 
     # --- publishing ------------------------------------------------------------------------------
     def publish_desired(self, device_id: str, envelope: SignedDesiredState) -> None:
@@ -143,7 +145,9 @@ class ControlPlane:
                     log.warning("ignoring malformed status from %s: %s", device_id, e)
                     return
                 if status.device_id != device_id:
-                    log.warning("status on %s's topic names %s; ignored", device_id, status.device_id)
+                    log.warning(
+                        "status on %s's topic names %s; ignored", device_id, status.device_id
+                    )
                     return
                 device = record_status(session, status)
                 if device is not None:
@@ -167,10 +171,14 @@ class ControlPlane:
             return
         last = self._last_sent.get(device.id)
         refused = bool((device.reported or {}).get("refusal"))
-        if last is not None and last[0] == record.seq and (
-            refused or time.monotonic() - last[1] < self._resend_interval_s
+        if (
+            last is not None
+            and last[0] == record.seq
+            and (refused or time.monotonic() - last[1] < self._resend_interval_s)
         ):
             # A device that refused this document would refuse it again: wait for a new one.
             return
-        log.info("device %s reports seq %d < %d; re-sending", device.id, device.reported_seq, record.seq)
+        log.info(
+            "device %s reports seq %d < %d; re-sending", device.id, device.reported_seq, record.seq
+        )
         self.publish_desired(device.id, SignedDesiredState.model_validate(record.document))

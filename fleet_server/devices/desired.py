@@ -24,7 +24,9 @@ def _locked(session: Session, device_id: str) -> DesiredStateRecord | None:
     # FOR UPDATE serialises concurrent changes to one device on PostgreSQL (SQLite serialises
     # all writers anyway), so two rollouts cannot both write seq N+1.
     return session.exec(
-        select(DesiredStateRecord).where(DesiredStateRecord.device_id == device_id).with_for_update()
+        select(DesiredStateRecord)
+        .where(DesiredStateRecord.device_id == device_id)
+        .with_for_update()
     ).first()
 
 
@@ -43,7 +45,9 @@ def assign_slot(
     return _store(session, record, device_id, seq, slots, ttl_s)
 
 
-def refresh(session: Session, device_id: str, *, ttl_s: int, min_remaining_s: int) -> SignedDesiredState | None:
+def refresh(
+    session: Session, device_id: str, *, ttl_s: int, min_remaining_s: int
+) -> SignedDesiredState | None:
     """Re-issue the document with a new ``seq`` if it expires within ``min_remaining_s``.
 
     Returns the new document (committed), or None when no refresh was needed.

@@ -89,7 +89,9 @@ def enroll(
             f"this token enrolls {token.profile!r} devices, not {req.profile!r}", field="profile"
         )
     if session.get(Device, req.device_id) is not None:
-        raise ConflictError(f"device {req.device_id!r} is already enrolled", device_id=req.device_id)
+        raise ConflictError(
+            f"device {req.device_id!r} is already enrolled", device_id=req.device_id
+        )
     secret = new_secret(DEVICE_SECRET_PREFIX)
     device = Device(
         id=req.device_id,
@@ -153,7 +155,9 @@ def resolve_targets(
         raise InvalidInputError("name the target devices either by 'devices' or by 'selector'")
     if device_ids:
         unique = list(dict.fromkeys(device_ids))
-        found = {d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(unique))).all()}
+        found = {
+            d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(unique))).all()
+        }
         missing = [d for d in unique if d not in found]
         if missing:
             raise NotFoundError(
@@ -162,7 +166,9 @@ def resolve_targets(
         return [found[d] for d in unique]
     devices = list_devices(session, selector)
     if not devices:
-        raise InvalidInputError(f"no enrolled device matches the selector {selector}", field="selector")
+        raise InvalidInputError(
+            f"no enrolled device matches the selector {selector}", field="selector"
+        )
     return devices
 
 

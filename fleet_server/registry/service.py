@@ -127,7 +127,9 @@ def get_version(session: Session, name: str, version: str) -> tuple[MLModel, Mod
         raise NotFoundError(f"no model named {name!r}", model=name)
     row = _find_version(session, model, version)
     if row is None:
-        raise NotFoundError(f"model {name!r} has no version {version!r}", model=name, version=version)
+        raise NotFoundError(
+            f"model {name!r} has no version {version!r}", model=name, version=version
+        )
     return model, row
 
 
@@ -143,7 +145,9 @@ def describe_model(session: Session, model: MLModel) -> ModelPublic:
         .order_by(col(ModelVersion.created_at))
     ).all()
     return ModelPublic(
-        name=model.name, created_at=model.created_at, versions=[_public(r, model.name) for r in rows]
+        name=model.name,
+        created_at=model.created_at,
+        versions=[_public(r, model.name) for r in rows],
     )
 
 

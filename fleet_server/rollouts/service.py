@@ -94,7 +94,9 @@ def create_rollout(
     return describe(session, rollout), documents
 
 
-def _target_status(device: Device, target: RolloutTarget, slot: str, bundle: Bundle) -> TargetStatus:
+def _target_status(
+    device: Device, target: RolloutTarget, slot: str, bundle: Bundle
+) -> TargetStatus:
     reported: dict[str, Any] = device.reported or {}
     slot_report: dict[str, Any] = (reported.get("slots") or {}).get(slot) or {}
     active = slot_report.get("active") or {}
@@ -102,7 +104,10 @@ def _target_status(device: Device, target: RolloutTarget, slot: str, bundle: Bun
     state = "pending"
     if active.get("bundle_sha256") == target.bundle_sha256:
         state = "serving"
-    elif slot_report.get("state") == "FAILED" and slot_report.get("target_sha256") == target.bundle_sha256:
+    elif (
+        slot_report.get("state") == "FAILED"
+        and slot_report.get("target_sha256") == target.bundle_sha256
+    ):
         state = "failed"
     elif reported.get("refusal") and device.reported_seq < target.desired_seq:
         state, error = "refused", reported["refusal"]
@@ -125,9 +130,9 @@ def describe(session: Session, rollout: Rollout) -> RolloutPublic:
     model = session.get(MLModel, version.model_id)
     assert model is not None
     targets = session.exec(
-        select(RolloutTarget).where(RolloutTarget.rollout_id == rollout.id).order_by(
-            col(RolloutTarget.device_id)
-        )
+        select(RolloutTarget)
+        .where(RolloutTarget.rollout_id == rollout.id)
+        .order_by(col(RolloutTarget.device_id))
     ).all()
     statuses = []
     for t in targets:

@@ -70,8 +70,13 @@ class Device:
     ) -> SignedDesiredState:
         now = datetime.now(UTC)
         env = SignedDesiredState(
-            signed=DesiredState(device_id="dev-1", seq=seq, issued_at=now,
-                                expires_at=now + timedelta(seconds=expires_in_s), slots=slots)
+            signed=DesiredState(
+                device_id="dev-1",
+                seq=seq,
+                issued_at=now,
+                expires_at=now + timedelta(seconds=expires_in_s),
+                slots=slots,
+            )
         )
         return self.reapply(env)
 
@@ -85,12 +90,24 @@ class Device:
         return snap[slot].ref.version if slot in snap else None
 
 
-def publish(root: Path, base: str, bundle: Path, version: str, *, size: int | None = None,
-            sha: str | None = None) -> SlotAssignment:
+def publish(
+    root: Path,
+    base: str,
+    bundle: Path,
+    version: str,
+    *,
+    size: int | None = None,
+    sha: str | None = None,
+) -> SlotAssignment:
     target = root / bundle.name
     target.write_bytes(bundle.read_bytes())
-    return SlotAssignment(model="classifier", version=version, bundle_sha256=sha or sha256(target),
-                          bundle_url=f"{base}/{bundle.name}", size=size or target.stat().st_size)
+    return SlotAssignment(
+        model="classifier",
+        version=version,
+        bundle_sha256=sha or sha256(target),
+        bundle_url=f"{base}/{bundle.name}",
+        size=size or target.stat().st_size,
+    )
 
 
 @pytest.fixture
@@ -115,7 +132,12 @@ def test_deploy_serves_the_model_with_onnxruntime_equal_outputs(
     dev.apply(1, {"clf": publish(root, base, v1, "1.0.0")})
     assert dev.serving_version() == "1.0.0"
     assert [t.to_state for t in dev.transitions] == [
-        "DOWNLOADING", "VERIFYING", "STAGING", "SWITCHING", "COMMITTED"]
+        "DOWNLOADING",
+        "VERIFYING",
+        "STAGING",
+        "SWITCHING",
+        "COMMITTED",
+    ]
     x = np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32)
     want = ort.InferenceSession(str(model_path)).run(None, {"x": x})[0]
     got = predict(dev.table, "clf", {"x": x}).outputs["probs"]
@@ -125,7 +147,9 @@ def test_deploy_serves_the_model_with_onnxruntime_equal_outputs(
 
 def _corrupt(bundle: Path, out: Path) -> Path:
     members = read_members(bundle)
-    members = [(i, d[:-1] + bytes([d[-1] ^ 1]) if i.name.startswith("model/") else d) for i, d in members]
+    members = [
+        (i, d[:-1] + bytes([d[-1] ^ 1]) if i.name.startswith("model/") else d) for i, d in members
+    ]
     return write_members(out, members)
 
 
@@ -194,7 +218,9 @@ def test_failures_before_the_switch_leave_the_active_model_serving(
     elif case.startswith("model does not"):
         bad = publish(root, base, _unloadable(v2, tmp_path / "u.efb"), "2.0.0")
     else:
-        bad = publish(root, base, v2, "2.0.0").model_copy(update={"bundle_url": "http://127.0.0.1:9/x.efb"})
+        bad = publish(root, base, v2, "2.0.0").model_copy(
+            update={"bundle_url": "http://127.0.0.1:9/x.efb"}
+        )
     dev.apply(2, {"clf": bad})
     rec = dev.journal.data.slots["clf"]
     assert rec.state == State.FAILED

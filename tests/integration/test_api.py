@@ -32,7 +32,9 @@ def artifacts(stack: EmbeddedStack) -> list[Path]:
 
 def enroll(api: ApiClient, device_id: str, profile: str = "x86-64-avx2", **labels: str) -> dict:  # type: ignore[type-arg]
     token = api.post("/v1/enrollment-tokens", json={"labels": labels})["token"]
-    return api.post("/v1/devices/enroll", json={"token": token, "device_id": device_id, "profile": profile})
+    return api.post(
+        "/v1/devices/enroll", json={"token": token, "device_id": device_id, "profile": profile}
+    )
 
 
 def test_upload_records_inputs_and_outputs(api: ApiClient, model_path: Path) -> None:
@@ -56,11 +58,20 @@ def test_upload_records_inputs_and_outputs(api: ApiClient, model_path: Path) -> 
     ],
 )
 def test_bad_uploads_are_refused_and_store_nothing(
-    api: ApiClient, stack: EmbeddedStack, model_path: Path, tmp_path: Path,
-    name: str, version: str, content: bytes | None, code: str, needle: str,
+    api: ApiClient,
+    stack: EmbeddedStack,
+    model_path: Path,
+    tmp_path: Path,
+    name: str,
+    version: str,
+    content: bytes | None,
+    code: str,
+    needle: str,
 ) -> None:
     bad = tmp_path / "model.onnx"
-    bad.write_bytes(model_path.read_bytes()[: model_path.stat().st_size // 2] if content is None else content)
+    bad.write_bytes(
+        model_path.read_bytes()[: model_path.stat().st_size // 2] if content is None else content
+    )
     with pytest.raises(ApiError) as e:
         api.upload_model(bad, name, version)
     assert e.value.status == 422 and e.value.reason == code
@@ -76,7 +87,9 @@ def test_duplicate_version_conflicts_and_keeps_the_original(
     with pytest.raises(ApiError) as e:
         api.upload_model(model_v2_path, "classifier", "1.0.0")
     assert e.value.status == 409 and "already exists" in e.value.message
-    assert api.get("/v1/models/classifier/versions/1.0.0")["source_sha256"] == first["source_sha256"]
+    assert (
+        api.get("/v1/models/classifier/versions/1.0.0")["source_sha256"] == first["source_sha256"]
+    )
     assert len(artifacts(stack)) == 1
 
 
@@ -89,22 +102,30 @@ def test_requests_without_a_valid_token_are_refused(stack: EmbeddedStack) -> Non
 
 
 def test_enrollment(api: ApiClient, stack: EmbeddedStack) -> None:
-    token = api.post("/v1/enrollment-tokens", json={"profile": "raspberry-pi-5", "labels": {"site": "a"}})["token"]
+    token = api.post(
+        "/v1/enrollment-tokens", json={"profile": "raspberry-pi-5", "labels": {"site": "a"}}
+    )["token"]
     # Wrong profile for this token, unknown profile: refused, token not consumed.
     for profile, status in (("x86-64-avx2", 422), ("commodore-64", 422)):
-        r = httpx.post(f"{stack.url}/v1/devices/enroll",
-                       json={"token": token, "device_id": "pi-1", "profile": profile})
+        r = httpx.post(
+            f"{stack.url}/v1/devices/enroll",
+            json={"token": token, "device_id": "pi-1", "profile": profile},
+        )
         assert r.status_code == status, r.text
     assert count(stack, Device) == 0
-    r = httpx.post(f"{stack.url}/v1/devices/enroll",
-                   json={"token": token, "device_id": "pi-1", "profile": "raspberry-pi-5"})
+    r = httpx.post(
+        f"{stack.url}/v1/devices/enroll",
+        json={"token": token, "device_id": "pi-1", "profile": "raspberry-pi-5"},
+    )
     assert r.status_code == 201
     reply = r.json()
     assert reply["device_secret"].startswith("efd_") and reply["mqtt_url"] == stack.mqtt_url
     assert reply["server_url"] == stack.url
     # Single use.
-    r = httpx.post(f"{stack.url}/v1/devices/enroll",
-                   json={"token": token, "device_id": "pi-2", "profile": "raspberry-pi-5"})
+    r = httpx.post(
+        f"{stack.url}/v1/devices/enroll",
+        json={"token": token, "device_id": "pi-2", "profile": "raspberry-pi-5"},
+    )
     assert r.status_code == 401 and "already used" in r.json()["error"]["message"]
     device = api.get("/v1/devices/pi-1")
     assert device["labels"] == {"site": "a"} and device["profile"] == "raspberry-pi-5"
@@ -114,8 +135,10 @@ def test_enrollment(api: ApiClient, stack: EmbeddedStack) -> None:
     assert e.value.status == 409
     # Bad device id.
     token2 = api.post("/v1/enrollment-tokens", json={})["token"]
-    r = httpx.post(f"{stack.url}/v1/devices/enroll",
-                   json={"token": token2, "device_id": "bad/id", "profile": "raspberry-pi-5"})
+    r = httpx.post(
+        f"{stack.url}/v1/devices/enroll",
+        json={"token": token2, "device_id": "bad/id", "profile": "raspberry-pi-5"},
+    )
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
 
 
@@ -131,7 +154,10 @@ def test_rollout_to_unenrolled_device_changes_nothing(
     api.upload_model(model_path, "classifier", "1.0.0")
     enroll(api, "cam-1")
     with pytest.raises(ApiError) as e:
-        api.post("/v1/rollouts", json={"model": "classifier", "version": "1.0.0", "devices": ["cam-1", "ghost"]})
+        api.post(
+            "/v1/rollouts",
+            json={"model": "classifier", "version": "1.0.0", "devices": ["cam-1", "ghost"]},
+        )
     assert e.value.status == 404 and "ghost" in e.value.message
     assert count(stack, Rollout) == 0 and count(stack, DesiredStateRecord) == 0
     for body, status in (
@@ -152,7 +178,9 @@ def test_rollout_builds_bundles_and_serves_them_with_range(
     api.upload_model(model_path, "classifier", "1.0.0")
     secret = enroll(api, "cam-1", site="a")["device_secret"]
     enroll(api, "pi-1", profile="raspberry-pi-4", site="a")
-    rollout = api.post("/v1/rollouts", json={"model": "classifier", "version": "1.0.0", "selector": {"site": "a"}})
+    rollout = api.post(
+        "/v1/rollouts", json={"model": "classifier", "version": "1.0.0", "selector": {"site": "a"}}
+    )
     assert rollout["state"] == "in_progress" and rollout["counts"]["pending"] == 2
     targets = {t["device_id"]: t for t in rollout["targets"]}
     assert targets["pi-1"]["runtime"] == "onnxruntime"  # litert has no converter yet
@@ -173,12 +201,22 @@ def test_rollout_builds_bundles_and_serves_them_with_range(
     assert hashlib.sha256(full.content).hexdigest() == sha
     part = httpx.get(url, headers={"Authorization": f"Bearer {secret}", "Range": "bytes=100-199"})
     assert part.status_code == 206 and part.content == full.content[100:200]
-    tail = httpx.get(url, headers={"Authorization": f"Bearer {secret}", "Range": f"bytes={len(full.content) - 10}-"})
+    tail = httpx.get(
+        url,
+        headers={"Authorization": f"Bearer {secret}", "Range": f"bytes={len(full.content) - 10}-"},
+    )
     assert tail.status_code == 206 and tail.content == full.content[-10:]
-    assert httpx.get(f"{stack.url}/v1/bundles/{'0' * 64}", headers={"Authorization": f"Bearer {secret}"}).status_code == 404
+    assert (
+        httpx.get(
+            f"{stack.url}/v1/bundles/{'0' * 64}", headers={"Authorization": f"Bearer {secret}"}
+        ).status_code
+        == 404
+    )
 
     # A second rollout of the same version reuses the bundles and bumps seq.
-    again = api.post("/v1/rollouts", json={"model": "classifier", "version": "1.0.0", "devices": ["cam-1"]})
+    again = api.post(
+        "/v1/rollouts", json={"model": "classifier", "version": "1.0.0", "devices": ["cam-1"]}
+    )
     assert again["targets"][0]["bundle_sha256"] == sha and count(stack, Bundle) == 2
     assert api.get("/v1/devices/cam-1")["desired_seq"] == 2
 
@@ -186,6 +224,8 @@ def test_rollout_builds_bundles_and_serves_them_with_range(
 def test_openapi_and_health(stack: EmbeddedStack) -> None:
     assert httpx.get(f"{stack.url}/docs").status_code == 200
     spec = httpx.get(f"{stack.url}/openapi.json").json()
-    assert {"/v1/models", "/v1/rollouts", "/v1/devices/enroll", "/v1/bundles/{sha256}"} <= set(spec["paths"])
+    assert {"/v1/models", "/v1/rollouts", "/v1/devices/enroll", "/v1/bundles/{sha256}"} <= set(
+        spec["paths"]
+    )
     health = httpx.get(f"{stack.url}/healthz").json()
     assert health["status"] == "ok" and health["broker_connected"] is True

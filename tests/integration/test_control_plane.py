@@ -28,7 +28,9 @@ class Peer:
     def __init__(self, broker: EmbeddedBroker, client_id: str) -> None:
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self.connected = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+        )
         self.client.on_message = lambda c, u, m: self.messages.put(m)
         self.client.on_connect = lambda c, u, f, rc, p: self.connected.set()
         self.client.connect(broker.host, broker.port)
@@ -57,18 +59,29 @@ def peer(broker: EmbeddedBroker, request: pytest.FixtureRequest) -> Iterator[Pee
 
 
 def _status(device_id: str, seq: int) -> bytes:
-    return ReportedStatus(device_id=device_id, profile="x86-64-avx2", agent_version="test",
-                          desired_seq=seq, reported_at=datetime.now(UTC)).to_bytes()
+    return ReportedStatus(
+        device_id=device_id,
+        profile="x86-64-avx2",
+        agent_version="test",
+        desired_seq=seq,
+        reported_at=datetime.now(UTC),
+    ).to_bytes()
 
 
 def test_desired_state_is_retained_and_resent_to_a_stale_device(
-    api: ApiClient, broker: EmbeddedBroker, peer: Peer, model_path: Path, request: pytest.FixtureRequest
+    api: ApiClient,
+    broker: EmbeddedBroker,
+    peer: Peer,
+    model_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     device_id = f"cp-{abs(hash(request.node.nodeid)) % 10**6}"  # unique topics per test
     topics = Topics(device_id)
     api.upload_model(model_path, "classifier", "1.0.0")
     enroll(api, device_id)
-    api.post("/v1/rollouts", json={"model": "classifier", "version": "1.0.0", "devices": [device_id]})
+    api.post(
+        "/v1/rollouts", json={"model": "classifier", "version": "1.0.0", "devices": [device_id]}
+    )
 
     # Subscribing after the publish still delivers it: it was retained.
     peer.subscribe(topics.desired)
@@ -99,7 +112,10 @@ def test_desired_state_is_retained_and_resent_to_a_stale_device(
 def test_status_for_another_device_or_garbage_is_ignored(
     api: ApiClient, peer: Peer, request: pytest.FixtureRequest
 ) -> None:
-    a, b = "cpa" + str(abs(hash(request.node.nodeid)) % 10**6), "cpb" + str(abs(hash(request.node.nodeid)) % 10**6)
+    a, b = (
+        "cpa" + str(abs(hash(request.node.nodeid)) % 10**6),
+        "cpb" + str(abs(hash(request.node.nodeid)) % 10**6),
+    )
     enroll(api, a)
     enroll(api, b)
     peer.publish(Topics(a).status, _status(b, 7))  # a's topic, b's name

@@ -16,10 +16,16 @@ from hil.rig import LocalAgent, wait_until
 
 pytestmark = pytest.mark.slow
 
-FLEET = [("e2e-x86", "x86-64-avx2"), ("e2e-pi4", "raspberry-pi-4"), ("e2e-orin", "jetson-orin-nano")]
+FLEET = [
+    ("e2e-x86", "x86-64-avx2"),
+    ("e2e-pi4", "raspberry-pi-4"),
+    ("e2e-orin", "jetson-orin-nano"),
+]
 
 
-def _start_agents(api: ApiClient, stack: EmbeddedStack, root: Path, fleet: list[tuple[str, str]]) -> list[LocalAgent]:
+def _start_agents(
+    api: ApiClient, stack: EmbeddedStack, root: Path, fleet: list[tuple[str, str]]
+) -> list[LocalAgent]:
     agents = []
     for device_id, profile in fleet:
         token = api.post("/v1/enrollment-tokens", json={"profile": profile})["token"]
@@ -39,8 +45,10 @@ def test_three_agents_serve_what_onnxruntime_computes(
     api.upload_model(model_v2_path, "classifier", "1.1.0")
     agents = _start_agents(api, stack, tmp_path / "devices", FLEET)
     try:
-        rollout = api.post("/v1/rollouts", json={"model": "classifier", "version": "1.0.0",
-                                                 "selector": {"ring": "e2e"}})
+        rollout = api.post(
+            "/v1/rollouts",
+            json={"model": "classifier", "version": "1.0.0", "selector": {"ring": "e2e"}},
+        )
         for agent in agents:
             agent.wait_serving("classifier", "1.0.0")
         x = np.random.default_rng(11).standard_normal((16, 16)).astype(np.float32)
@@ -50,7 +58,9 @@ def test_three_agents_serve_what_onnxruntime_computes(
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
         done = wait_until(
             lambda: (r := api.get(f"/v1/rollouts/{rollout['id']}"))["state"] == "completed" and r,
-            30, "the rollout to be reported complete")
+            30,
+            "the rollout to be reported complete",
+        )
         assert done["counts"]["serving"] == 3
         devices = {d["id"]: d for d in api.get("/v1/devices")}
         for device_id, _ in FLEET:
@@ -58,12 +68,16 @@ def test_three_agents_serve_what_onnxruntime_computes(
             assert devices[device_id]["reported"]["slots"]["classifier"]["state"] == "COMMITTED"
 
         # A second version replaces the first on every device.
-        api.post("/v1/rollouts", json={"model": "classifier", "version": "1.1.0", "selector": {"ring": "e2e"}})
+        api.post(
+            "/v1/rollouts",
+            json={"model": "classifier", "version": "1.1.0", "selector": {"ring": "e2e"}},
+        )
         want2 = ort.InferenceSession(str(model_v2_path)).run(None, {"x": x})[0]
         for agent in agents:
             agent.wait_serving("classifier", "1.1.0")
-            np.testing.assert_allclose(agent.client.predict("classifier", {"x": x})["probs"], want2,
-                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                agent.client.predict("classifier", {"x": x})["probs"], want2, rtol=1e-5, atol=1e-6
+            )
     finally:
         for agent in agents:
             agent.stop()
@@ -76,14 +90,19 @@ def test_agent_offline_during_rollout_catches_up_on_reconnect(
     [agent] = _start_agents(api, stack, tmp_path / "devices", [("e2e-late", "x86-64-avx2")])
     agent.stop()
     try:
-        api.post("/v1/rollouts", json={"model": "classifier", "version": "1.0.0", "devices": ["e2e-late"]})
+        api.post(
+            "/v1/rollouts",
+            json={"model": "classifier", "version": "1.0.0", "devices": ["e2e-late"]},
+        )
         agent.start()
         agent.wait_serving("classifier", "1.0.0")
     finally:
         agent.stop()
 
 
-def test_restarted_agent_serves_again_without_server_or_broker(model_path: Path, tmp_path: Path) -> None:
+def test_restarted_agent_serves_again_without_server_or_broker(
+    model_path: Path, tmp_path: Path
+) -> None:
     # A private stack with its own broker, so both can be taken away.
     settings = Settings(data_dir=tmp_path / "server", port=0, broker_port=0)
     stack = EmbeddedStack(settings).start()
@@ -92,7 +111,10 @@ def test_restarted_agent_serves_again_without_server_or_broker(model_path: Path,
         api = ApiClient(stack.url, stack.admin_token)
         api.upload_model(model_path, "classifier", "1.0.0")
         [agent] = _start_agents(api, stack, tmp_path / "devices", [("e2e-restart", "x86-64-avx2")])
-        api.post("/v1/rollouts", json={"model": "classifier", "version": "1.0.0", "devices": ["e2e-restart"]})
+        api.post(
+            "/v1/rollouts",
+            json={"model": "classifier", "version": "1.0.0", "devices": ["e2e-restart"]},
+        )
         agent.wait_serving("classifier", "1.0.0")
     finally:
         stack.stop()
@@ -103,6 +125,8 @@ def test_restarted_agent_serves_again_without_server_or_broker(model_path: Path,
         agent.wait_serving("classifier", "1.0.0", timeout_s=30)
         x = np.ones((2, 16), np.float32)
         want = ort.InferenceSession(str(model_path)).run(None, {"x": x})[0]
-        np.testing.assert_allclose(agent.client.predict("classifier", {"x": x})["probs"], want, rtol=1e-5)
+        np.testing.assert_allclose(
+            agent.client.predict("classifier", {"x": x})["probs"], want, rtol=1e-5
+        )
     finally:
         agent.stop()

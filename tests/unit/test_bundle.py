@@ -48,8 +48,13 @@ def test_builds_are_reproducible(model_path: Path, tmp_path: Path) -> None:
 
 
 def test_a_good_bundle_verifies_and_extracts(bundle: Path, tmp_path: Path) -> None:
-    verified = verify_bundle(bundle, tmp_path / "stage", profile="x86-64-avx2", runtimes=ORT,
-                             expected_sha256=sha256(bundle))
+    verified = verify_bundle(
+        bundle,
+        tmp_path / "stage",
+        profile="x86-64-avx2",
+        runtimes=ORT,
+        expected_sha256=sha256(bundle),
+    )
     assert verified.artifact_path.is_file()
     assert (tmp_path / "stage" / "selftest.npz").is_file()
 
@@ -83,7 +88,9 @@ def _extra_member(name: str, kind: bytes = tarfile.REGTYPE):
 
 def _drop_member(prefix: str):
     def tamper(bundle: Path, out: Path) -> Path:
-        return write_members(out, [(i, d) for i, d in read_members(bundle) if not i.name.startswith(prefix)])
+        return write_members(
+            out, [(i, d) for i, d in read_members(bundle) if not i.name.startswith(prefix)]
+        )
 
     return tamper
 
@@ -116,7 +123,11 @@ TAMPERING = [
     ("manifest not first", _manifest_last, "no_manifest"),
     ("not a tar", _not_a_tar, "not_a_bundle"),
     ("garbled manifest", _garbled_manifest, "manifest_invalid"),
-    ("wrong profile", lambda b, o: rewrite_manifest(b, o, profile="raspberry-pi-4"), "wrong_profile"),
+    (
+        "wrong profile",
+        lambda b, o: rewrite_manifest(b, o, profile="raspberry-pi-4"),
+        "wrong_profile",
+    ),
     (
         "runtime the device lacks",
         lambda b, o: rewrite_manifest(b, o, runtime={"name": "tensorrt", "versions": ">=8.6"}),
@@ -137,7 +148,11 @@ TAMPERING = [
 
 @pytest.mark.parametrize(("case", "tamper", "reason"), TAMPERING, ids=[t[0] for t in TAMPERING])
 def test_damaged_bundles_are_refused_and_leave_nothing(
-    bundle: Path, tmp_path: Path, case: str, tamper, reason: str  # type: ignore[no-untyped-def]
+    bundle: Path,
+    tmp_path: Path,
+    case: str,
+    tamper,
+    reason: str,  # type: ignore[no-untyped-def]
 ) -> None:
     bad = tamper(bundle, tmp_path / "bad.efb")
     stage = tmp_path / "stage"
@@ -150,8 +165,9 @@ def test_damaged_bundles_are_refused_and_leave_nothing(
 
 def test_expected_digest_is_checked_before_unpacking(bundle: Path, tmp_path: Path) -> None:
     with pytest.raises(BundleError) as e:
-        verify_bundle(bundle, tmp_path / "s", profile="x86-64-avx2", runtimes=ORT,
-                      expected_sha256="0" * 64)
+        verify_bundle(
+            bundle, tmp_path / "s", profile="x86-64-avx2", runtimes=ORT, expected_sha256="0" * 64
+        )
     assert e.value.reason == "digest_mismatch"
     assert not (tmp_path / "s").exists()
 

@@ -7,7 +7,13 @@ def test_the_happy_path_reaches_committed() -> None:
     while state not in TERMINAL:
         state = next_state(state, Event.SUCCESS)
         seen.append(state)
-    assert seen == [State.DOWNLOADING, State.VERIFYING, State.STAGING, State.SWITCHING, State.COMMITTED]
+    assert seen == [
+        State.DOWNLOADING,
+        State.VERIFYING,
+        State.STAGING,
+        State.SWITCHING,
+        State.COMMITTED,
+    ]
 
 
 def test_every_step_can_fail_and_every_end_can_deploy_again() -> None:

@@ -48,10 +48,15 @@ def _write(tmp_path: Path, name: str, text: str) -> Path:
         ({"threads = 4": "threads = 4\nthreadz = 2"}, "resources.threadz"),
         ({'versions = ">=1.17"': 'versions = "not a range"'}, "runtimes.0.versions"),
         ({'family = "x86"': 'family = "mainframe"'}, "family"),
-        ({'precisions = ["int8", "fp32"]\n\n[firmware]': 'precisions = ["int4"]\n\n[firmware]'}, "precisions.0"),
+        (
+            {'precisions = ["int8", "fp32"]\n\n[firmware]': 'precisions = ["int4"]\n\n[firmware]'},
+            "precisions.0",
+        ),
     ],
 )
-def test_errors_name_the_file_and_the_field(tmp_path: Path, replace: dict[str, str], field: str) -> None:
+def test_errors_name_the_file_and_the_field(
+    tmp_path: Path, replace: dict[str, str], field: str
+) -> None:
     path = _write(tmp_path, "x86-64-avx2", _profile_text(**replace))
     with pytest.raises(ConfigError) as e:
         load_profile(path)
@@ -69,7 +74,7 @@ def test_invalid_toml_and_name_mismatch(tmp_path: Path) -> None:
 
 def test_tensorrt_needs_a_cuda_accelerator(tmp_path: Path) -> None:
     text = _profile_text(**{'name = "onnxruntime"': 'name = "tensorrt"'})
-    with pytest.raises(ConfigError, match="tensorrt.*cuda"):
+    with pytest.raises(ConfigError, match=r"tensorrt.*cuda"):
         load_profile(_write(tmp_path, "x86-64-avx2", text))
 
 

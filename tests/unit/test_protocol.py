@@ -3,7 +3,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from edge_agent.errors import DesiredStateError
-from edge_agent.protocol import DesiredState, SignedDesiredState, SlotAssignment, Topics, parse_device_topic
+from edge_agent.protocol import (
+    DesiredState,
+    SignedDesiredState,
+    SlotAssignment,
+    Topics,
+    parse_device_topic,
+)
 
 SHA = "a" * 64
 
@@ -15,8 +21,15 @@ def _doc(**kw: object) -> DesiredState:
         seq=3,
         issued_at=now,
         expires_at=now + timedelta(days=1),
-        slots={"det": SlotAssignment(model="det", version="1.0.0", bundle_sha256=SHA,
-                                     bundle_url="http://x/v1/bundles/" + SHA, size=10)},
+        slots={
+            "det": SlotAssignment(
+                model="det",
+                version="1.0.0",
+                bundle_sha256=SHA,
+                bundle_url="http://x/v1/bundles/" + SHA,
+                size=10,
+            )
+        },
     )
     base.update(kw)
     return DesiredState.model_validate(base)

@@ -49,8 +49,9 @@ class FakeModel(LoadedModel):
 
 
 def serving(model: LoadedModel, version: str) -> ServingModel:
-    ref = VersionRef(model="scaler", version=version, bundle_sha256="0" * 64, runtime="fake",
-                     precision="fp32")
+    ref = VersionRef(
+        model="scaler", version=version, bundle_sha256="0" * 64, runtime="fake", precision="fp32"
+    )
     manifest = Manifest(
         model=ModelRef(name="scaler", version=version, source_sha256="0" * 64),
         profile="x86-64-avx2",
@@ -82,7 +83,9 @@ def server(table: SlotTable) -> Iterator[InferenceHTTPServer]:
     srv.server_close()
 
 
-def post(srv: InferenceHTTPServer, path: str, body: bytes, ctype: str, accept: str = "") -> tuple[int, dict[str, str], bytes]:
+def post(
+    srv: InferenceHTTPServer, path: str, body: bytes, ctype: str, accept: str = ""
+) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=5)
     headers = {"Content-Type": ctype}
     if accept:
@@ -98,8 +101,12 @@ X = np.arange(6, dtype=np.float32).reshape(2, 3)
 
 
 def test_json_nested_lists(server: InferenceHTTPServer) -> None:
-    status, headers, data = post(server, "/v1/models/scaler:predict",
-                                 json.dumps({"inputs": {"x": X.tolist()}}).encode(), "application/json")
+    status, headers, data = post(
+        server,
+        "/v1/models/scaler:predict",
+        json.dumps({"inputs": {"x": X.tolist()}}).encode(),
+        "application/json",
+    )
     assert status == 200, data
     doc = json.loads(data)
     assert doc["version"] == "1.0.0" and headers["X-Edgefleet-Version"] == "1.0.0"
@@ -107,9 +114,19 @@ def test_json_nested_lists(server: InferenceHTTPServer) -> None:
 
 
 def test_json_base64_both_ways(server: InferenceHTTPServer) -> None:
-    body = {"inputs": {"x": {"b64": base64.b64encode(X.tobytes()).decode(), "dtype": "float32",
-                             "shape": [2, 3]}}, "output_encoding": "b64"}
-    status, _, data = post(server, "/v1/models/main:predict", json.dumps(body).encode(), "application/json")
+    body = {
+        "inputs": {
+            "x": {
+                "b64": base64.b64encode(X.tobytes()).decode(),
+                "dtype": "float32",
+                "shape": [2, 3],
+            }
+        },
+        "output_encoding": "b64",
+    }
+    status, _, data = post(
+        server, "/v1/models/main:predict", json.dumps(body).encode(), "application/json"
+    )
     assert status == 200, data
     y = json.loads(data)["outputs"]["y"]
     got = np.frombuffer(base64.b64decode(y["b64"]), dtype=y["dtype"]).reshape(y["shape"])
@@ -119,8 +136,13 @@ def test_json_base64_both_ways(server: InferenceHTTPServer) -> None:
 def test_npy_body_and_npz_reply(server: InferenceHTTPServer) -> None:
     buf = io.BytesIO()
     np.save(buf, X)
-    status, _, data = post(server, "/v1/models/scaler:predict", buf.getvalue(), "application/x-npy",
-                           accept="application/x-npz")
+    status, _, data = post(
+        server,
+        "/v1/models/scaler:predict",
+        buf.getvalue(),
+        "application/x-npy",
+        accept="application/x-npz",
+    )
     assert status == 200
     with np.load(io.BytesIO(data)) as npz:
         np.testing.assert_array_equal(npz["y"], X * 2)
@@ -144,13 +166,20 @@ def test_python_client_round_trip(server: InferenceHTTPServer) -> None:
         (b"{not json", "application/json", 400, "input_encoding"),
         (b'{"inputs": {"x": [[1, 2]]}}', "application/json", 400, "input_shape"),
         (b'{"inputs": {"x": [["a", "b", "c"]]}}', "application/json", 400, "input_encoding"),
-        (b'{"inputs": {"x": {"b64": "AAAA", "dtype": "float32", "shape": [2, 3]}}}', "application/json", 400, "input_encoding"),
+        (
+            b'{"inputs": {"x": {"b64": "AAAA", "dtype": "float32", "shape": [2, 3]}}}',
+            "application/json",
+            400,
+            "input_encoding",
+        ),
         (b'{"inputs": {"w": [[1, 2, 3]]}}', "application/json", 400, "input_names"),
         (b"PK-not-a-zip", "application/x-npz", 400, "input_encoding"),
         (b"x", "text/plain", 400, "content_type"),
     ],
 )
-def test_bad_requests_say_what_is_wrong(server: InferenceHTTPServer, body: bytes, ctype: str, status: int, code: str) -> None:
+def test_bad_requests_say_what_is_wrong(
+    server: InferenceHTTPServer, body: bytes, ctype: str, status: int, code: str
+) -> None:
     got, _, data = post(server, "/v1/models/scaler:predict", body, ctype)
     assert got == status
     err = json.loads(data)["error"]

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up (virtualenv, packages, mosquitto) and run the whole test suite, slow tests included.
+# Database tests run on SQLite, and on PostgreSQL too when EDGEFLEET_TEST_POSTGRES_URL is set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh dev
+export PATH="$PATH:/usr/sbin"
+echo "lint: ruff, mypy --strict"
+.venv/bin/ruff check --quiet .
+.venv/bin/ruff format --check --quiet .
+.venv/bin/mypy
+exec .venv/bin/python -m pytest -p no:cacheprovider -ra "$@"

@@ -1,0 +1,226 @@
+"""The ``edgefleet`` and ``edge-agent`` command lines as a user runs them (subprocesses),
+against a real server: outputs, one-line errors, exit codes 0 / 1 / 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fleet_server.server import EmbeddedStack
+from tests.conftest import ADMIN_TOKEN
+from tests.factories import make_bundle, read_members, write_members
+
+
+def edgefleet(stack: EmbeddedStack | None, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EDGEFLEET_TOKEN": ADMIN_TOKEN, "COLUMNS": "200"}
+    if stack is not None:
+        env["EDGEFLEET_SERVER"] = stack.url
+    return subprocess.run(
+        [sys.executable, "-c", "from fleet_server.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_models_push_list_show(stack: EmbeddedStack, model_path: Path) -> None:
+    r = edgefleet(
+        stack, "models", "push", str(model_path), "--name", "classifier", "--version", "1.0.0"
+    )
+    assert r.returncode == 0, r.stderr
+    assert "pushed classifier 1.0.0" in r.stdout and "x['batch', 16]" in r.stdout
+    r = edgefleet(stack, "models", "list", "--json")
+    assert json.loads(r.stdout)[0]["versions"][0]["version"] == "1.0.0"
+    r = edgefleet(stack, "models", "show", "classifier")
+    assert r.returncode == 0 and "1.0.0" in r.stdout
+    # Duplicate: operation failed → exit 1, one line.
+    r = edgefleet(
+        stack, "models", "push", str(model_path), "--name", "classifier", "--version", "1.0.0"
+    )
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0 and "already exists" in r.stderr
+
+
+def test_usage_errors_exit_2(stack: EmbeddedStack, model_path: Path) -> None:
+    r = edgefleet(stack, "models", "push", str(model_path), "--name", "classifier")
+    assert r.returncode == 2 and "--version" in r.stderr
+    r = edgefleet(
+        stack,
+        "rollouts",
+        "create",
+        "--model",
+        "m",
+        "--version",
+        "1.0.0",
+        "--selector",
+        "nokeyvalue",
+    )
+    assert r.returncode == 2
+
+
+def test_unreachable_server_says_so(tmp_path: Path) -> None:
+    env_stack = None
+    r = edgefleet(env_stack, "--help")
+    assert r.returncode == 0
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from fleet_server.cli import main; main()",
+            "models",
+            "list",
+            "--server",
+            "http://127.0.0.1:9",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "EDGEFLEET_TOKEN": "x"},
+    )
+    assert r.returncode == 1 and "cannot reach the server" in r.stderr
+
+
+def test_token_enroll_deploy_status(stack: EmbeddedStack, model_path: Path, tmp_path: Path) -> None:
+    edgefleet(
+        stack, "models", "push", str(model_path), "--name", "classifier", "--version", "1.0.0"
+    )
+    token = edgefleet(stack, "devices", "token", "--profile", "x86-64-avx2").stdout.strip()
+    assert token.startswith("efe_")
+    agent_dir = tmp_path / "agent"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_agent.cli",
+            "enroll",
+            "--server",
+            stack.url,
+            "--token",
+            token,
+            "--device-id",
+            "cli-dev",
+            "--profile",
+            "x86-64-avx2",
+            "--dir",
+            str(agent_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert (agent_dir / "agent.toml").is_file()
+    assert oct((agent_dir / "device.secret").stat().st_mode & 0o777) == "0o600"
+    # The token was single-use.
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_agent.cli",
+            "enroll",
+            "--server",
+            stack.url,
+            "--token",
+            token,
+            "--device-id",
+            "cli-dev2",
+            "--profile",
+            "x86-64-avx2",
+            "--dir",
+            str(tmp_path / "a2"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1 and "already used" in r.stderr
+    r = edgefleet(stack, "devices", "list")
+    assert "cli-dev" in r.stdout
+    r = edgefleet(
+        stack,
+        "rollouts",
+        "create",
+        "--model",
+        "classifier",
+        "--version",
+        "1.0.0",
+        "--device",
+        "cli-dev",
+        "--no-wait",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    rollout = json.loads(r.stdout)
+    r = edgefleet(stack, "rollouts", "status", rollout["id"])
+    assert r.returncode == 0 and "cli-dev" in r.stdout and "pending" in r.stdout
+    r = edgefleet(
+        stack,
+        "rollouts",
+        "create",
+        "--model",
+        "classifier",
+        "--version",
+        "1.0.0",
+        "--device",
+        "ghost",
+        "--no-wait",
+    )
+    assert r.returncode == 1 and "not enrolled: ghost" in r.stderr
+
+
+@pytest.fixture
+def bundle_file(model_path: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "b.efb"
+    make_bundle(model_path, out)
+    return out
+
+
+def test_bundle_inspect_and_verify(bundle_file: Path, tmp_path: Path) -> None:
+    r = edgefleet(None, "bundle", "inspect", str(bundle_file))
+    assert r.returncode == 0 and json.loads(r.stdout)["model"]["name"] == "classifier"
+    r = edgefleet(None, "bundle", "verify", str(bundle_file))
+    assert r.returncode == 0 and "2 files verified" in r.stdout and "unsigned" in r.stdout
+    r = edgefleet(None, "bundle", "verify", str(bundle_file), "--profile", "x86-64-avx2")
+    assert r.returncode == 0
+    r = edgefleet(None, "bundle", "verify", str(bundle_file), "--profile", "raspberry-pi-4")
+    assert r.returncode == 1 and "profile" in r.stderr
+    members = read_members(bundle_file)
+    members = [(i, d[:-1] + b"X" if i.name.startswith("model/") else d) for i, d in members]
+    bad = write_members(tmp_path / "bad.efb", members)
+    r = edgefleet(None, "bundle", "verify", str(bad))
+    assert r.returncode == 1 and "sha256 does not match" in r.stderr
+
+
+def _agent_config(device_id: str = "ok-id", mqtt_url: str = "mqtt://127.0.0.1:1") -> str:
+    return (
+        f'device_id = "{device_id}"\nprofile = "x86-64-avx2"\nstate_dir = "s"\n'
+        f'[server]\nurl = "http://127.0.0.1:9"\ncredential_file = "c"\n[mqtt]\nurl = "{mqtt_url}"\n'
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        (_agent_config(device_id="Bad/Id"), "device_id"),
+        (_agent_config(mqtt_url="http://x"), "mqtt.url"),
+        (_agent_config() + "[serving]\nport = 70000\n", "serving.port"),
+        (_agent_config(), "device credential"),
+        ("device_id = ", "not valid TOML"),
+    ],
+)
+def test_agent_config_errors_name_the_field(tmp_path: Path, text: str, needle: str) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(text)
+    r = subprocess.run(
+        [sys.executable, "-m", "edge_agent.cli", "run", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and needle in r.stderr, r.stderr

@@ -1,0 +1,79 @@
+"""The agent stays light: importing and starting it pulls neither the server nor the
+converters nor their libraries, and the ``agent`` extra does not name them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVER_ONLY = {
+    "fastapi",
+    "sqlmodel",
+    "sqlalchemy",
+    "uvicorn",
+    "onnx",
+    "typer",
+    "rich",
+    "httpx",
+    "psycopg",
+    "iotcore",
+    "python-multipart",
+    "pydantic-settings",
+}
+
+
+def test_agent_extra_names_no_server_or_converter_library() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {
+        d.split(">")[0].split("<")[0].split("=")[0].split("[")[0].strip().lower()
+        for d in project["dependencies"] + project["optional-dependencies"]["agent"]
+    }
+    assert not names & SERVER_ONLY
+    assert {"paho-mqtt", "onnxruntime", "numpy"} <= names
+
+
+def test_the_agent_imports_none_of_the_server_stack() -> None:
+    code = (
+        "import sys, edge_agent.agent, edge_agent.cli, edge_agent.client;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'fleet_server','converters','fastapi','sqlmodel','sqlalchemy','onnx','uvicorn','typer','httpx','rich'});"
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+@pytest.mark.slow
+def test_pip_resolves_the_agent_extra_without_server_packages(tmp_path: Path) -> None:
+    """Ask pip what ``pip install .[agent]`` would install (dry run, real resolver)."""
+    report = tmp_path / "report.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--quiet",
+            "--report",
+            str(report),
+            f"{ROOT}[agent]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if done.returncode != 0 and "No matching distribution" in done.stderr:
+        pytest.fail(f"pip could not resolve the agent extra: {done.stderr[-500:]}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    import json
+
+    installed = {i["metadata"]["name"].lower() for i in json.loads(report.read_text())["install"]}
+    assert {"paho-mqtt", "onnxruntime"} <= installed
+    assert not installed & SERVER_ONLY, installed & SERVER_ONLY
