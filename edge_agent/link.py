@@ -97,5 +97,6 @@ class AgentLink:
     def _handle_message(
         self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage
     ) -> None:
-        if message.topic == self.topics.desired:
+        # An empty retained message is the server deleting a stale document: nothing to do.
+        if message.topic == self.topics.desired and message.payload:
             self._on_desired(bytes(message.payload))

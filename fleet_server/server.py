@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -20,6 +22,9 @@ log = logging.getLogger(__name__)
 
 def serve(settings: Settings) -> None:
     """Serve until interrupted; start and stop the embedded broker around it if needed."""
+    # uvicorn shuts down gracefully on SIGTERM and then re-raises it; with the default handler
+    # the process would die right there, before the broker below is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     broker = None
     mqtt_url = settings.mqtt_url
     if mqtt_url is None:

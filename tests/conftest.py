@@ -85,6 +85,15 @@ def api(stack: EmbeddedStack) -> Iterator[ApiClient]:
     client.close()
 
 
+@pytest.fixture
+def uid() -> str:
+    """A short id unique to this test, for device ids and so for MQTT topics: tests share one
+    broker, and retained messages outlive the test that published them."""
+    import uuid
+
+    return uuid.uuid4().hex[:8]
+
+
 @pytest.fixture(scope="session")
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return mlp_classifier(tmp_path_factory.mktemp("models") / "classifier.onnx", seed=3)

@@ -113,6 +113,15 @@ class ControlPlane:
         self._last_sent[device_id] = (envelope.signed.seq, time.monotonic())
         self._client.publish(Topics(device_id).desired, envelope.to_bytes(), qos=1, retain=True)
 
+    def clear_desired(self, device_id: str) -> None:
+        """Delete any retained document on the device's topic (an empty retained message).
+
+        Done at enrollment: a device id that was used before (a re-flashed device, a server
+        whose database was reset) must not pick up a stale document from the broker.
+        """
+        self._last_sent.pop(device_id, None)
+        self._client.publish(Topics(device_id).desired, b"", qos=1, retain=True)
+
     # --- ingest ----------------------------------------------------------------------------------
     def _work(self) -> None:
         while True:

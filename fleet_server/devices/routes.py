@@ -34,13 +34,15 @@ def create_enrollment_token(
 @router.post("/v1/devices/enroll", status_code=201, response_model=EnrollResponse)
 def enroll(body: EnrollRequest, state: StateDep, session: SessionDep) -> EnrollResponse:
     """Called by ``edge-agent enroll``; authenticated by the enrollment token in the body."""
-    return service.enroll(
+    reply = service.enroll(
         session,
         state.catalog,
         body,
         server_url=state.settings.resolved_public_url,
         mqtt_url=state.control.device_mqtt_url,
     )
+    state.control.clear_desired(reply.device_id)
+    return reply
 
 
 @router.get("/v1/devices", response_model=list[DevicePublic])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -96,8 +97,6 @@ def test_desired_state_is_retained_and_resent_to_a_stale_device(
     peer.publish(topics.online, b"online", retain=True)
     wait_until(lambda: api.get(f"/v1/devices/{device_id}")["online"], 5, "presence ingest")
     # The device reported seq 0 < 1: the server re-sends the document.
-    import time
-
     time.sleep(0.3)  # past the resend interval
     peer.publish(topics.status, _status(device_id, 0), retain=True)
     again = peer.next()
@@ -123,3 +122,18 @@ def test_status_for_another_device_or_garbage_is_ignored(
     peer.publish(Topics(a).status, _status(a, 3))
     wait_until(lambda: api.get(f"/v1/devices/{a}")["reported_seq"] == 3, 5, "a's status")
     assert api.get(f"/v1/devices/{b}")["reported_seq"] == 0
+
+
+def test_enrollment_clears_a_stale_retained_document(
+    api: ApiClient, peer: Peer, model_path: Path, uid: str
+) -> None:
+    """A device id used before (re-flashed device, reset database) must not find an old
+    document waiting on the broker."""
+    device_id = f"reused-{uid}"
+    topics = Topics(device_id)
+    peer.publish(topics.desired, b'{"signed": {"seq": 99}, "signatures": []}', retain=True)
+    enroll(api, device_id)
+    time.sleep(0.3)
+    peer.subscribe(topics.desired)
+    with pytest.raises(queue.Empty):
+        peer.next(timeout_s=1)

@@ -16,11 +16,7 @@ from hil.rig import LocalAgent, wait_until
 
 pytestmark = pytest.mark.slow
 
-FLEET = [
-    ("e2e-x86", "x86-64-avx2"),
-    ("e2e-pi4", "raspberry-pi-4"),
-    ("e2e-orin", "jetson-orin-nano"),
-]
+PROFILES = ["x86-64-avx2", "raspberry-pi-4", "jetson-orin-nano"]
 
 
 def _start_agents(
@@ -39,11 +35,17 @@ def _start_agents(
 
 
 def test_three_agents_serve_what_onnxruntime_computes(
-    stack: EmbeddedStack, api: ApiClient, model_path: Path, model_v2_path: Path, tmp_path: Path
+    stack: EmbeddedStack,
+    api: ApiClient,
+    model_path: Path,
+    model_v2_path: Path,
+    tmp_path: Path,
+    uid: str,
 ) -> None:
+    fleet = [(f"e2e-{i}-{uid}", profile) for i, profile in enumerate(PROFILES)]
     api.upload_model(model_path, "classifier", "1.0.0")
     api.upload_model(model_v2_path, "classifier", "1.1.0")
-    agents = _start_agents(api, stack, tmp_path / "devices", FLEET)
+    agents = _start_agents(api, stack, tmp_path / "devices", fleet)
     try:
         rollout = api.post(
             "/v1/rollouts",
@@ -63,7 +65,7 @@ def test_three_agents_serve_what_onnxruntime_computes(
         )
         assert done["counts"]["serving"] == 3
         devices = {d["id"]: d for d in api.get("/v1/devices")}
-        for device_id, _ in FLEET:
+        for device_id, _ in fleet:
             assert devices[device_id]["online"]
             assert devices[device_id]["reported"]["slots"]["classifier"]["state"] == "COMMITTED"
 
@@ -84,15 +86,15 @@ def test_three_agents_serve_what_onnxruntime_computes(
 
 
 def test_agent_offline_during_rollout_catches_up_on_reconnect(
-    stack: EmbeddedStack, api: ApiClient, model_path: Path, tmp_path: Path
+    stack: EmbeddedStack, api: ApiClient, model_path: Path, tmp_path: Path, uid: str
 ) -> None:
     api.upload_model(model_path, "classifier", "1.0.0")
-    [agent] = _start_agents(api, stack, tmp_path / "devices", [("e2e-late", "x86-64-avx2")])
+    [agent] = _start_agents(api, stack, tmp_path / "devices", [(f"late-{uid}", "x86-64-avx2")])
     agent.stop()
     try:
         api.post(
             "/v1/rollouts",
-            json={"model": "classifier", "version": "1.0.0", "devices": ["e2e-late"]},
+            json={"model": "classifier", "version": "1.0.0", "devices": [f"late-{uid}"]},
         )
         agent.start()
         agent.wait_serving("classifier", "1.0.0")
