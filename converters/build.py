@@ -22,7 +22,11 @@ from edge_agent.bundle.manifest import TensorSpec
 from edge_agent.bundle.selftest import pack
 from edge_agent.errors import ConversionError, EdgefleetError
 from edge_agent.runtimes import LoadOptions, get_runtime
+from edge_agent.trust import Signature
 from firmware_profiles import Profile
+
+#: Signs the canonical manifest bytes; ``signing_key_id`` names the key it uses.
+ManifestSigner = Callable[[bytes], Signature]
 
 #: A converter turns the source ONNX into an artifact file in ``work_dir`` and names the tools
 #: it used (name → version).
@@ -90,8 +94,11 @@ def build_bundle(
     outputs: list[TensorSpec],
     profile: Profile,
     out_path: Path,
+    signer: ManifestSigner | None = None,
+    signing_key_id: str | None = None,
     expires_at: datetime | None = None,
 ) -> BuildResult:
+    """Build, self-test and write the bundle; sign its manifest when ``signer`` is given."""
     target, passed_over = choose_target(profile)
     with tempfile.TemporaryDirectory(prefix="edgefleet-build-") as tmp:
         work = Path(tmp)
@@ -130,6 +137,7 @@ def build_bundle(
             toolchain=toolchain,
             created_at=datetime.now(UTC).replace(microsecond=0),
             expires_at=expires_at,
+            signing_key_id=signing_key_id if signer is not None else None,
         )
         total = sum(e.size for e in manifest.files)
         if total > profile.resources.max_bundle_bytes:
@@ -139,5 +147,6 @@ def build_bundle(
                 reason="over_budget",
                 profile=profile.name,
             )
-        writer.write(out_path, manifest)
+        signatures = [signer(manifest.to_canonical_json())] if signer is not None else None
+        writer.write(out_path, manifest, signatures)
     return BuildResult(path=out_path, manifest=manifest, target=target, passed_over=passed_over)

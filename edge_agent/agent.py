@@ -22,6 +22,7 @@ from edge_agent.protocol.status import ActiveModel, ReportedStatus, SlotStatus, 
 from edge_agent.runtimes import LoadOptions, available_runtimes
 from edge_agent.serving import InferenceHTTPServer, SlotTable, start_http
 from edge_agent.store import ModelStore
+from edge_agent.trust import TrustStore
 from firmware_profiles import default_catalog
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class Agent:
             self.journal,
             self.store,
             self.table,
+            TrustStore.from_files(config.trust.root_key_file, config.state_dir / "keyring.json"),
             on_transition=self._transitioned,
         )
         self.link = AgentLink(
@@ -122,17 +124,27 @@ class Agent:
     def _apply(self, payload: bytes) -> None:
         try:
             envelope = SignedDesiredState.from_bytes(payload)
+        except EdgefleetError as e:
+            self._refuse(e, None)
+            return
+        try:
             self.deployer.accept(envelope)
         except EdgefleetError as e:
-            log.error("refused desired state: %s", e.message)
-            self._refusal = {"reason": e.reason, "message": e.message}
-            self.publish_status()
+            self._refuse(e, envelope.signed.seq)
             return
         self._refusal = None
         try:
             self.deployer.converge(envelope.signed)
         except Exception:  # a bug must not kill the worker thread; the model keeps serving
             log.exception("deployment crashed")
+        self.publish_status()
+
+    def _refuse(self, error: EdgefleetError, seq: int | None) -> None:
+        """Nothing changes on the device; the reason goes to the server."""
+        log.error("refused desired state%s: %s", f" seq {seq}" if seq else "", error.message)
+        self._refusal = {"reason": error.reason, "message": error.message}
+        if seq is not None:
+            self._refusal["seq"] = str(seq)
         self.publish_status()
 
     # --- reporting -------------------------------------------------------------------------------
@@ -143,7 +155,7 @@ class Agent:
     def status(self) -> ReportedStatus:
         serving = self.table.snapshot()
         slots = {}
-        for name, rec in self.journal.data.slots.items():
+        for name, rec in dict(self.journal.data.slots).items():  # copied: the worker mutates it
             active = serving.get(name)
             slots[name] = SlotStatus(
                 state=rec.state,

@@ -54,7 +54,15 @@ def _enroll(args: argparse.Namespace) -> int:
     except urllib.error.URLError as e:
         print(f"error: cannot reach {args.server}: {e.reason}", file=sys.stderr)
         return 1
+    if args.root_key and args.root_key != reply["root_public_key"]:
+        print(
+            "error: the server's root key differs from --root-key; refusing to enroll "
+            "(wrong server, or someone in between)",
+            file=sys.stderr,
+        )
+        return 1
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / "root.pub").write_text(reply["root_public_key"] + "\n")
     secret = directory / "device.secret"
     fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -139,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--dir", default=".", help="where to write agent.toml and device.secret")
     enroll.add_argument("--serving-port", type=int, default=8651)
     enroll.add_argument("--force", action="store_true", help="overwrite an existing agent.toml")
+    enroll.add_argument(
+        "--root-key",
+        help="the fleet root public key (base64) obtained out of band; enrollment fails if the "
+        "server presents another (default: trust the server on first use)",
+    )
     enroll.set_defaults(func=_enroll)
 
     run = sub.add_parser("run", help="run the agent daemon")

@@ -72,12 +72,18 @@ class DownloadConfig(_Section):
     timeout_s: float = Field(default=30.0, gt=0)
 
 
+class TrustConfig(_Section):
+    #: The fleet's root public key (base64), pinned at enrollment.
+    root_key_file: Path
+
+
 class AgentConfig(_Section):
     device_id: str = Field(pattern=DEVICE_ID_PATTERN)
     profile: str
     state_dir: Path
     server: ServerConfig
     mqtt: MqttConfig
+    trust: TrustConfig
     serving: ServingConfig = ServingConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     download: DownloadConfig = DownloadConfig()
@@ -104,6 +110,7 @@ class AgentConfig(_Section):
                 "server": config.server.model_copy(
                     update={"credential_file": base / config.server.credential_file}
                 ),
+                "trust": TrustConfig(root_key_file=base / config.trust.root_key_file),
             }
         )
 
@@ -128,6 +135,7 @@ def render_config(
     mqtt_url: str,
     state_dir: str = "state",
     credential_file: str = "device.secret",
+    root_key_file: str = "root.pub",
     serving_port: int = 8651,
 ) -> str:
     """The TOML text ``edge-agent enroll`` writes."""
@@ -140,6 +148,8 @@ def render_config(
         f'credential_file = "{credential_file}"\n\n'
         f"[mqtt]\n"
         f'url = "{mqtt_url}"\n\n'
+        f"[trust]\n"
+        f'root_key_file = "{root_key_file}"\n\n'
         f"[serving]\n"
         f'host = "127.0.0.1"\n'
         f"port = {serving_port}\n"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from edge_agent.bundle import Manifest, VerifiedBundle, verify_bundle
 from edge_agent.bundle.manifest import MANIFEST_NAME
+from edge_agent.trust import TrustStore
 
 
 class ModelStore:
@@ -53,7 +54,9 @@ class ModelStore:
     def open_model(self, sha256: str) -> VerifiedBundle:
         return VerifiedBundle(self.manifest(sha256), self.model_dir(sha256))
 
-    def install(self, sha256: str, *, profile: str, runtimes: dict[str, str]) -> VerifiedBundle:
+    def install(
+        self, sha256: str, *, profile: str, runtimes: dict[str, str], trust: TrustStore
+    ) -> VerifiedBundle:
         """Verify the downloaded bundle and move it into ``models/`` (all or nothing)."""
         if self.has_model(sha256):
             return self.open_model(sha256)
@@ -64,6 +67,7 @@ class ModelStore:
             profile=profile,
             runtimes=runtimes,
             expected_sha256=sha256,
+            trust=trust,
         )
         final = self.model_dir(sha256)
         staging.replace(final)

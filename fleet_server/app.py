@@ -21,6 +21,8 @@ from fleet_server.control.plane import ControlPlane
 from fleet_server.database import create_tables, make_engine
 from fleet_server.devices.routes import router as devices_router
 from fleet_server.errors import install_error_handlers
+from fleet_server.keys.routes import router as keys_router
+from fleet_server.keys.service import ServerKeys
 from fleet_server.registry.routes import router as models_router
 from fleet_server.rollouts.routes import router as rollouts_router
 from fleet_server.settings import Settings
@@ -43,9 +45,19 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
             written = bootstrap_admin(session, configured, settings.admin_token_file)
         if written is not None:
             log.warning("created an admin API token in %s (keep it secret)", written)
+        keys = ServerKeys(settings.keys_dir)
+        if settings.env == "development":
+            dev_root = keys.bootstrap_development(engine)
+            if dev_root is not None:
+                log.warning(
+                    "development: created a fleet root key in %s and signing keys; a production "
+                    "fleet keeps its root key offline (edgefleet keys init)",
+                    dev_root,
+                )
         control = ControlPlane(
             engine,
             mqtt_url,
+            keys=keys,
             device_mqtt_url=settings.device_mqtt_url,
             desired_ttl_s=settings.desired_state_ttl_s,
             resend_interval_s=settings.desired_resend_interval_s,
@@ -57,6 +69,7 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
             store=ArtifactStore(settings.artifacts_dir),
             catalog=default_catalog(),
             control=control,
+            keys=keys,
         )
         try:
             yield
@@ -75,6 +88,7 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
     app.include_router(devices_router)
     app.include_router(bundles_router)
     app.include_router(rollouts_router)
+    app.include_router(keys_router)
 
     @app.get("/healthz", tags=["health"])
     def healthz(state: StateDep) -> dict[str, Any]:

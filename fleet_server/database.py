@@ -33,6 +33,7 @@ def create_tables(engine: Engine) -> None:
     from fleet_server.auth import tables as _auth  # noqa: F401
     from fleet_server.bundles import tables as _bundles  # noqa: F401
     from fleet_server.devices import tables as _devices  # noqa: F401
+    from fleet_server.keys import tables as _keys  # noqa: F401
     from fleet_server.registry import tables as _registry  # noqa: F401
     from fleet_server.rollouts import tables as _rollouts  # noqa: F401
 

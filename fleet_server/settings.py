@@ -73,5 +73,9 @@ class Settings(BaseSettings):
         return self.data_dir / "artifacts"
 
     @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"
+
+    @property
     def admin_token_file(self) -> Path:
         return self.data_dir / "admin.token"

@@ -1,5 +1,5 @@
-"""Builders of real artifacts for tests: bundles built by the real converter, and tampered
-copies of them written with tarfile directly."""
+"""Builders of real artifacts for tests: a test fleet (root and online keys) that signs like
+the server, bundles built by the real converter, and tampered copies written with tarfile."""
 
 from __future__ import annotations
 
@@ -7,11 +7,87 @@ import hashlib
 import io
 import json
 import tarfile
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from converters import build_bundle, inspect_onnx
 from edge_agent.bundle import Manifest
+from edge_agent.protocol.desired import DesiredState, SignedDesiredState, SlotAssignment
+from edge_agent.trust import KeyEntry, Keyring, Signature, SignedKeyring, TrustStore, key_id
+from edge_agent.trust.signing import public_key_to_b64
 from firmware_profiles import default_catalog
+from fleet_server.keys.service import sign_bytes, sign_keyring
+
+
+class TestFleet:
+    """A root key and an online key, as a fleet has them; signs like the server does."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self) -> None:
+        self.root = Ed25519PrivateKey.generate()
+        self.online = Ed25519PrivateKey.generate()
+        self.keyring = self.make_keyring({self.online: {}}, version=1)
+
+    @property
+    def root_public(self) -> str:
+        return public_key_to_b64(self.root.public_key())
+
+    def make_keyring(
+        self,
+        keys: dict[Ed25519PrivateKey, dict[str, object]],
+        *,
+        version: int,
+        root: Ed25519PrivateKey | None = None,
+        expires_in: timedelta = timedelta(days=30),
+    ) -> SignedKeyring:
+        now = datetime.now(UTC).replace(microsecond=0)
+        entries = {}
+        for key, extra in keys.items():
+            fields: dict[str, object] = {
+                "public": public_key_to_b64(key.public_key()),
+                "expires_at": now + timedelta(days=30),
+                **extra,
+            }
+            entries[key_id(key.public_key())] = KeyEntry.model_validate(fields)
+        ring = Keyring(version=version, issued_at=now, expires_at=now + expires_in, keys=entries)
+        return sign_keyring(root or self.root, ring)
+
+    def sign(self, message: bytes, key: Ed25519PrivateKey | None = None) -> Signature:
+        return sign_bytes(key or self.online, message)
+
+    def trust_store(self, path: Path) -> TrustStore:
+        store = TrustStore(self.root.public_key(), path)
+        store.update(self.keyring)
+        return store
+
+    def desired(
+        self,
+        device_id: str,
+        seq: int,
+        slots: dict[str, SlotAssignment],
+        *,
+        expires_in: timedelta = timedelta(hours=1),
+        key: Ed25519PrivateKey | None = None,
+        keyring: SignedKeyring | None = None,
+        signed: bool = True,
+    ) -> SignedDesiredState:
+        now = datetime.now(UTC)
+        env = SignedDesiredState(
+            signed=DesiredState(
+                device_id=device_id,
+                seq=seq,
+                issued_at=now,
+                expires_at=now + expires_in,
+                slots=slots,
+            ),
+            keyring=keyring or self.keyring,
+        )
+        if not signed:
+            return env
+        return env.model_copy(update={"signatures": [self.sign(env.signed_bytes(), key)]})
 
 
 def sha256(path: Path) -> str:
@@ -25,8 +101,20 @@ def make_bundle(
     profile: str = "x86-64-avx2",
     name: str = "classifier",
     version: str = "1.0.0",
+    fleet: TestFleet | None = None,
+    key: Ed25519PrivateKey | None = None,
 ) -> Manifest:
+    """A real bundle; its manifest signed by ``fleet``'s online key (or ``key``)."""
     info = inspect_onnx(model)
+    signer = None
+    signing_key_id = None
+    if fleet is not None:
+        signing_key = key or fleet.online
+        signing_key_id = key_id(signing_key.public_key())
+
+        def signer(message: bytes) -> Signature:
+            return fleet.sign(message, signing_key)
+
     result = build_bundle(
         source=model,
         source_sha256=sha256(model),
@@ -36,11 +124,16 @@ def make_bundle(
         outputs=info.outputs,
         profile=default_catalog().get(profile),
         out_path=out,
+        signer=signer,
+        signing_key_id=signing_key_id,
     )
     return result.manifest
 
 
-def read_members(bundle: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
+Members = list[tuple[tarfile.TarInfo, bytes]]
+
+
+def read_members(bundle: Path) -> Members:
     with tarfile.open(bundle) as tar:
         return [
             (m, tar.extractfile(m).read() if m.isfile() else b"")  # type: ignore[union-attr]
@@ -48,7 +141,7 @@ def read_members(bundle: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
         ]
 
 
-def write_members(out: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> Path:
+def write_members(out: Path, members: Members) -> Path:
     with tarfile.open(out, "w") as tar:
         for info, data in members:
             info.size = len(data) if info.isfile() else 0
@@ -56,9 +149,28 @@ def write_members(out: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> Pa
     return out
 
 
-def rewrite_manifest(bundle: Path, out: Path, **changes: object) -> Path:
+def resign(members: Members, fleet: TestFleet, key: Ed25519PrivateKey | None = None) -> Members:
+    """Recompute the manifest's digests for the members as they are now, and sign it again:
+    what a compromised build host holding a signing key could produce."""
+    manifest = json.loads(members[0][1])
+    data = {i.name: d for i, d in members}
+    for f in manifest["files"]:
+        if f["path"] in data:
+            f.update(sha256=hashlib.sha256(data[f["path"]]).hexdigest(), size=len(data[f["path"]]))
+    raw = Manifest.model_validate(manifest).to_canonical_json()
+    sig = json.dumps({"signatures": [fleet.sign(raw, key).model_dump()]}).encode()
+    rest = [(i, d) for i, d in members[1:] if i.name != "manifest.sig"]
+    return [(members[0][0], raw), (tarfile.TarInfo("manifest.sig"), sig), *rest]
+
+
+def rewrite_manifest(
+    bundle: Path, out: Path, fleet: TestFleet | None = None, **changes: object
+) -> Path:
+    """Change manifest fields, re-signed by ``fleet`` so that only the change is wrong."""
     members = read_members(bundle)
     manifest = json.loads(members[0][1])
     manifest.update(changes)
     members[0] = (members[0][0], Manifest.model_validate(manifest).to_canonical_json())
+    if fleet is not None:
+        members = resign(members, fleet)
     return write_members(out, members)

@@ -15,9 +15,9 @@ from edge_agent.bundle.manifest import (
     RuntimeRequirement,
     SelfTestSpec,
     TensorSpec,
-    canonical_json,
 )
 from edge_agent.bundle.verify import VerifiedBundle, check_compatible, verify_bundle
+from edge_agent.canonical import canonical_json
 
 __all__ = [
     "FORMAT_VERSION",

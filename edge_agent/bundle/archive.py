@@ -22,8 +22,9 @@ from typing import IO, Any
 
 from pydantic import ValidationError
 
-from edge_agent.bundle.manifest import MANIFEST_NAME, FileEntry, Manifest
+from edge_agent.bundle.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest
 from edge_agent.errors import BundleError
+from edge_agent.trust.signing import Signature
 
 _CHUNK = 1 << 20
 #: A manifest is small; refuse to parse anything bigger as one.
@@ -62,13 +63,22 @@ class BundleWriter:
     def entries(self) -> list[FileEntry]:
         return [self._entries[name] for name in sorted(self._entries)]
 
-    def write(self, out: Path, manifest: Manifest) -> None:
-        """Write atomically: the bundle appears at ``out`` complete or not at all."""
+    def write(
+        self, out: Path, manifest: Manifest, signatures: list[Signature] | None = None
+    ) -> None:
+        """Write atomically: the bundle appears at ``out`` complete or not at all.
+
+        ``signatures`` (over ``manifest.to_canonical_json()``) go into ``manifest.sig``, the
+        second member, so a reader can check them before looking at anything else.
+        """
         if {e.path: e for e in manifest.files} != self._entries:
             raise ValueError("manifest.files must list exactly the files added to the bundle")
         tmp = out.with_name(out.name + ".tmp")
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
             _add_bytes(tar, MANIFEST_NAME, manifest.to_canonical_json())
+            if signatures:
+                sig_doc = {"signatures": [s.model_dump() for s in signatures]}
+                _add_bytes(tar, SIGNATURE_NAME, json.dumps(sig_doc, sort_keys=True).encode())
             for name in sorted(self._files):
                 src = self._files[name]
                 if isinstance(src, bytes):
@@ -108,10 +118,19 @@ def _check_member_name(name: str) -> None:
 class BundleReader:
     """An open bundle whose manifest has been parsed but whose files are not yet checked."""
 
-    def __init__(self, tar: tarfile.TarFile, manifest: Manifest, manifest_bytes: bytes) -> None:
+    def __init__(
+        self,
+        tar: tarfile.TarFile,
+        manifest: Manifest,
+        manifest_bytes: bytes,
+        signatures: list[Signature],
+        signature_bytes: bytes | None,
+    ) -> None:
         self._tar = tar
         self.manifest = manifest
         self.manifest_bytes = manifest_bytes
+        self.signatures = signatures
+        self._signature_bytes = signature_bytes
 
     def members(self) -> list[tarfile.TarInfo]:
         return self._tar.getmembers()
@@ -132,7 +151,14 @@ class BundleReader:
                     reason="unsafe_member",
                     member=member.name,
                 )
-            if member.name == MANIFEST_NAME:
+            if member.name in (MANIFEST_NAME, SIGNATURE_NAME):
+                if member.name in seen:
+                    raise BundleError(
+                        f"bundle member {member.name!r} appears twice",
+                        reason="duplicate_member",
+                        member=member.name,
+                    )
+                seen.add(member.name)
                 continue
             entry = listed.get(member.name)
             if entry is None:
@@ -180,6 +206,7 @@ class BundleReader:
                     reason="digest_mismatch",
                     member=member.name,
                 )
+        seen -= {MANIFEST_NAME, SIGNATURE_NAME}
         missing = set(listed) - seen
         if missing:
             raise BundleError(
@@ -187,6 +214,8 @@ class BundleReader:
                 reason="missing_member",
             )
         (dest / MANIFEST_NAME).write_bytes(self.manifest_bytes)
+        if self._signature_bytes is not None:
+            (dest / SIGNATURE_NAME).write_bytes(self._signature_bytes)
 
 
 @contextmanager
@@ -214,7 +243,27 @@ def open_bundle(path: Path) -> Iterator[BundleReader]:
             raise BundleError(
                 f"{path.name}: invalid manifest: {e}", reason="manifest_invalid"
             ) from e
-        yield BundleReader(tar, manifest, raw)
+        signatures, sig_raw = _read_signatures(tar, path)
+        yield BundleReader(tar, manifest, raw, signatures, sig_raw)
+
+
+def _read_signatures(tar: tarfile.TarFile, path: Path) -> tuple[list[Signature], bytes | None]:
+    """``manifest.sig`` when it is the second member; an unsigned bundle has none."""
+    second = tar.next()
+    if second is None or second.name != SIGNATURE_NAME:
+        return [], None
+    if not second.isfile() or second.size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path.name}: malformed {SIGNATURE_NAME}", reason="signature_invalid")
+    f = tar.extractfile(second)
+    assert f is not None
+    raw = f.read()
+    try:
+        doc = json.loads(raw)
+        return [Signature.model_validate(s) for s in doc["signatures"]], raw
+    except (ValueError, KeyError, TypeError, ValidationError) as e:
+        raise BundleError(
+            f"{path.name}: malformed {SIGNATURE_NAME}: {e}", reason="signature_invalid"
+        ) from e
 
 
 def default_created_at() -> datetime:

@@ -6,19 +6,16 @@ of its content, so a signature over those bytes (``manifest.sig``) is stable.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from edge_agent.canonical import canonical_json
+
 FORMAT_VERSION: Literal[1] = 1
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
-
-
-def canonical_json(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 class _Strict(BaseModel):

@@ -17,6 +17,7 @@ from packaging.version import InvalidVersion, Version
 from edge_agent.bundle.archive import open_bundle, sha256_file
 from edge_agent.bundle.manifest import Manifest
 from edge_agent.errors import BundleError
+from edge_agent.trust.keyring import TrustStore
 
 
 @dataclass(frozen=True)
@@ -78,12 +79,14 @@ def verify_bundle(
     profile: str | None,
     runtimes: dict[str, str] | None = None,
     expected_sha256: str | None = None,
+    trust: TrustStore | None,
     now: datetime | None = None,
 ) -> VerifiedBundle:
     """Verify ``path`` completely and extract it into ``staging_dir`` (which must not exist).
 
-    With ``profile=None`` only the bundle itself is checked (structure, digests, sizes,
-    expiry), not whether it fits a device: that is what offline inspection wants.
+    Order: whole-file digest, manifest signature (``trust``), fit for this device, then every
+    member while it is extracted. ``trust=None`` skips the signature (offline inspection
+    without the fleet's keys: the caller must say so); ``profile=None`` skips the fit.
     """
     if expected_sha256 is not None and sha256_file(path) != expected_sha256:
         raise BundleError(
@@ -94,6 +97,8 @@ def verify_bundle(
     staging_dir.mkdir(parents=True, exist_ok=False)
     try:
         with open_bundle(path) as reader:
+            if trust is not None:
+                trust.check(reader.manifest_bytes, reader.signatures, "bundle manifest", now)
             if profile is None:
                 check_not_expired(reader.manifest, now)
             else:

@@ -4,9 +4,11 @@ Each handler does one step and returns an :class:`Event`; it never chooses the n
 The journal is saved before each step, so after a crash the agent knows which deployment was
 under way and that the committed version is still the one to serve.
 
-Desired-state rules (checked in :meth:`Deployer.accept`): the document must name this
-device, must not have expired, and its ``seq`` must be greater than the last accepted one —
-or equal with identical content, which resumes an interrupted deployment.
+Desired-state rules (checked in :meth:`Deployer.accept`, in this order): the keyring that
+comes with it must be signed by the pinned root and not older than the one held; the
+document must be signed by a valid key of that keyring; it must name this device, must not
+have expired, and its ``seq`` must be greater than the last accepted one — or equal with
+identical content, which resumes an interrupted deployment.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from edge_agent.bundle import VerifiedBundle
-from edge_agent.bundle.manifest import canonical_json
 from edge_agent.bundle.selftest import run_selftest
+from edge_agent.canonical import canonical_json
 from edge_agent.download import download_bundle
 from edge_agent.errors import DesiredStateError, EdgefleetError, TransportError
 from edge_agent.lifecycle.journal import Journal, SlotRecord, VersionRef
@@ -31,6 +33,7 @@ from edge_agent.protocol.status import Transition
 from edge_agent.runtimes import LoadOptions, get_runtime
 from edge_agent.serving import ServingModel, SlotTable
 from edge_agent.store import ModelStore
+from edge_agent.trust import TrustStore
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +73,12 @@ class Deployer:
         journal: Journal,
         store: ModelStore,
         table: SlotTable,
+        trust: TrustStore,
         on_transition: Callable[[Transition], None],
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.device = device
+        self.trust = trust
         self.journal = journal
         self.store = store
         self.table = table
@@ -130,6 +135,9 @@ class Deployer:
         """
         doc = envelope.signed
         data = self.journal.data
+        if envelope.keyring is not None:
+            self.trust.update(envelope.keyring, now)
+        self.trust.check(envelope.signed_bytes(), envelope.signatures, "desired state", now)
         if doc.device_id != self.device.device_id:
             raise DesiredStateError(
                 f"desired state is for device {doc.device_id!r}", reason="wrong_device"
@@ -319,7 +327,10 @@ class Deployer:
 
     def _verify(self, ctx: Deployment) -> Event:
         ctx.verified = self.store.install(
-            ctx.target.bundle_sha256, profile=self.device.profile, runtimes=self.device.runtimes
+            ctx.target.bundle_sha256,
+            profile=self.device.profile,
+            runtimes=self.device.runtimes,
+            trust=self.trust,
         )
         m = ctx.verified.manifest
         if (m.model.name, m.model.version) != (ctx.target.model, ctx.target.version):

@@ -8,11 +8,11 @@ torn one. ``committed`` always names a version whose files are complete on disk.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from edge_agent.durable import write_atomic
 from edge_agent.errors import ConfigError
 from edge_agent.lifecycle.states import State
 from edge_agent.protocol.desired import SlotAssignment
@@ -65,18 +65,3 @@ class Journal:
 
     def save(self) -> None:
         write_atomic(self.path, self.data.model_dump_json(indent=1).encode())
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -4,8 +4,9 @@ Invariants the agent enforces: ``seq`` only grows (a document with a lower ``seq
 last accepted one is a replay and is refused), and an expired document is never applied.
 A rollback is a *new* document with a higher ``seq`` naming the older version.
 
-On the wire the document travels in an envelope ``{"signed": {...}, "signatures": [...]}``
-in the style of TUF, so that signatures cover the canonical JSON of ``signed`` exactly.
+On the wire the document travels in an envelope ``{"signed": {...}, "signatures": [...],
+"keyring": {...}}`` in the style of TUF: signatures cover the canonical JSON of ``signed``
+exactly, by an online key of the root-signed keyring that travels alongside.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from edge_agent.canonical import canonical_json
 from edge_agent.errors import DesiredStateError
 from edge_agent.protocol.topics import DEVICE_ID_PATTERN
+from edge_agent.trust.keyring import SignedKeyring
+from edge_agent.trust.signing import Signature
 
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 SLOT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -57,14 +61,16 @@ class DesiredState(_Message):
         return (now or datetime.now(UTC)) >= self.expires_at
 
 
-class Signature(_Message):
-    keyid: str
-    sig: str
-
-
 class SignedDesiredState(_Message):
     signed: DesiredState
     signatures: list[Signature] = Field(default_factory=list)
+    #: The root-signed keyring the signatures are checked against; the agent keeps the
+    #: newest valid one it has seen (so rotations and revocations travel with documents).
+    keyring: SignedKeyring | None = None
+
+    def signed_bytes(self) -> bytes:
+        """What the signatures cover: the canonical JSON of ``signed``."""
+        return canonical_json(self.signed.model_dump(mode="json"))
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()

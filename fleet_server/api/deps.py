@@ -14,6 +14,7 @@ from sqlmodel import Session
 from firmware_profiles import ProfileCatalog
 from fleet_server.artifacts import ArtifactStore
 from fleet_server.auth.service import Principal, Role, authenticate
+from fleet_server.keys.service import ServerKeys
 from fleet_server.settings import Settings
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ class AppState:
     store: ArtifactStore
     catalog: ProfileCatalog
     control: ControlPlane
+    keys: ServerKeys
 
 
 def get_state(request: Request) -> AppState:

@@ -16,6 +16,7 @@ from fleet_server.artifacts import ArtifactStore
 from fleet_server.bundles.tables import Bundle, BundlePublic
 from fleet_server.database import aware
 from fleet_server.errors import NotFoundError
+from fleet_server.keys.service import FleetSigner
 from fleet_server.registry.tables import MLModel, ModelVersion
 
 log = logging.getLogger(__name__)
@@ -27,9 +28,10 @@ def ensure_bundle(
     model: MLModel,
     version: ModelVersion,
     profile: Profile,
+    signer: FleetSigner,
 ) -> Bundle:
-    """The bundle for (version, profile), built now if it does not exist yet."""
-    existing = _find(session, version, profile.name)
+    """The bundle for (version, profile) signed by a usable key, built now if there is none."""
+    existing = _find(session, version, profile.name, signer)
     if existing is not None:
         return existing
     scratch = store.scratch_dir()
@@ -43,6 +45,8 @@ def ensure_bundle(
             outputs=[TensorSpec.model_validate(s) for s in version.outputs],
             profile=profile,
             out_path=scratch / "bundle.efb",
+            signer=signer.sign,
+            signing_key_id=signer.keyid,
         )
         sha256, size = store.put_file(result.path)
     finally:
@@ -54,6 +58,7 @@ def ensure_bundle(
         profile=profile.name,
         runtime=result.target.runtime,
         precision=result.target.precision,
+        signing_key_id=signer.keyid,
         size=size,
         manifest=result.manifest.model_dump(mode="json"),
         passed_over=result.passed_over,
@@ -65,7 +70,7 @@ def ensure_bundle(
     except IntegrityError:
         # Built concurrently by another request or replica; theirs is equivalent.
         session.rollback()
-        found = _find(session, version, profile.name)
+        found = _find(session, version, profile.name, signer)
         assert found is not None
         return found
     log.info(
@@ -74,10 +79,16 @@ def ensure_bundle(
     return row
 
 
-def _find(session: Session, version: ModelVersion, profile: str) -> Bundle | None:
-    return session.exec(
+def _find(
+    session: Session, version: ModelVersion, profile: str, signer: FleetSigner
+) -> Bundle | None:
+    rows = session.exec(
         select(Bundle).where(Bundle.model_version_id == version.id, Bundle.profile == profile)
-    ).first()
+    ).all()
+    usable = [b for b in rows if signer.usable(b.signing_key_id)]
+    # Prefer the current signing key, then the newest build.
+    usable.sort(key=lambda b: (b.signing_key_id == signer.keyid, aware(b.created_at)), reverse=True)
+    return usable[0] if usable else None
 
 
 def get_bundle(session: Session, sha256: str) -> Bundle:
@@ -99,6 +110,7 @@ def to_public(session: Session, bundle: Bundle) -> BundlePublic:
         profile=bundle.profile,
         runtime=bundle.runtime,
         precision=bundle.precision,
+        signing_key_id=bundle.signing_key_id,
         size=bundle.size,
         passed_over=bundle.passed_over,
         created_at=aware(bundle.created_at),

@@ -1,5 +1,6 @@
-"""One row per built bundle. (model version, profile) is unique: a build is deterministic for
-its inputs, so a second deployment of the same version to the same profile reuses it."""
+"""One row per built bundle. (model version, profile, signing key) is unique: a build is
+deterministic for its inputs, so a second deployment of the same version to the same profile
+reuses it — until its signing key is revoked or expires, when it is built and signed again."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ from sqlmodel import Field, SQLModel
 
 class Bundle(SQLModel, table=True):
     __tablename__ = "bundles"
-    __table_args__ = (UniqueConstraint("model_version_id", "profile"),)
+    __table_args__ = (UniqueConstraint("model_version_id", "profile", "signing_key_id"),)
 
     sha256: str = Field(primary_key=True, max_length=64)
     model_version_id: int = Field(foreign_key="model_versions.id", index=True)
     profile: str = Field(max_length=63)
     runtime: str = Field(max_length=32)
     precision: str = Field(max_length=8)
+    signing_key_id: str = Field(max_length=32)
     size: int
     manifest: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
     passed_over: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
@@ -33,6 +35,7 @@ class BundlePublic(BaseModel):
     profile: str
     runtime: str
     precision: str
+    signing_key_id: str
     size: int
     passed_over: list[str]
     created_at: datetime

@@ -4,6 +4,7 @@ operation fails, 2 on a usage error."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,16 @@ app.add_typer(models_app, name="models")
 app.add_typer(devices_app, name="devices")
 app.add_typer(rollouts_app, name="rollouts")
 app.add_typer(bundle_app, name="bundle")
+
+
+def client_from_context() -> ApiClient:
+    """For sub-apps defined elsewhere: server and token from the environment."""
+    return _client(os.environ.get("EDGEFLEET_SERVER", DEFAULT_SERVER), None)
+
+
+from fleet_server.cli.keys import keys_app  # noqa: E402  (uses client_from_context)
+
+app.add_typer(keys_app, name="keys")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -333,27 +344,51 @@ def bundle_inspect(file: Annotated[Path, typer.Argument(exists=True, dir_okay=Fa
 @bundle_app.command("verify")
 def bundle_verify(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
+    trust: Annotated[
+        Path | None,
+        typer.Option(
+            help="root key + keyring JSON (edgefleet keys export-trust) to check the signature"
+        ),
+    ] = None,
     profile: Annotated[
         str | None, typer.Option(help="also check it fits this device profile")
     ] = None,
 ) -> None:
-    """Check a bundle's structure, file digests and sizes (and profile/runtime fit)."""
+    """Check a bundle: signature (with --trust), structure, file digests and sizes, fit."""
     import shutil
     import tempfile
 
     from edge_agent.bundle import open_bundle, verify_bundle
     from edge_agent.runtimes import available_runtimes
+    from edge_agent.trust import SignedKeyring, TrustStore
+    from edge_agent.trust.signing import public_key_from_b64
 
     with open_bundle(file) as reader:
-        manifest = reader.manifest
-    staging = Path(tempfile.mkdtemp()) / "bundle"
+        manifest, signatures = reader.manifest, reader.signatures
+    workdir = Path(tempfile.mkdtemp())
     try:
+        store = None
+        if trust is not None:
+            doc = json.loads(trust.read_text())
+            store = TrustStore(
+                public_key_from_b64(doc["root_public_key"]), workdir / "keyring.json"
+            )
+            store.update(SignedKeyring.model_validate(doc["keyring"]))
         verify_bundle(
-            file, staging, profile=profile, runtimes=available_runtimes() if profile else None
+            file,
+            workdir / "bundle",
+            profile=profile,
+            runtimes=available_runtimes() if profile else None,
+            trust=store,
         )
     finally:
-        shutil.rmtree(staging.parent, ignore_errors=True)
-    signed = f"signed by {manifest.signing_key_id}" if manifest.signing_key_id else "unsigned"
+        shutil.rmtree(workdir, ignore_errors=True)
+    if store is not None:
+        signed = f"signature by {', '.join(s.keyid for s in signatures)} verified"
+    elif signatures:
+        signed = f"signed by {', '.join(s.keyid for s in signatures)} (not checked: pass --trust)"
+    else:
+        signed = "UNSIGNED"
     console.print(
         f"ok: {manifest.model.name} {manifest.model.version} for {manifest.profile} "
         f"({manifest.runtime.name}/{manifest.precision}), "

@@ -33,6 +33,8 @@ from edge_agent.protocol.topics import Topics, parse_device_topic
 from fleet_server.devices import desired
 from fleet_server.devices.service import record_presence, record_status
 from fleet_server.devices.tables import DesiredStateRecord, Device
+from fleet_server.errors import ConflictError
+from fleet_server.keys.service import ServerKeys
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class ControlPlane:
         mqtt_url: str,
         *,
         device_mqtt_url: str | None = None,
+        keys: ServerKeys,
         desired_ttl_s: int = 30 * 24 * 3600,
         resend_interval_s: float = 5.0,
     ) -> None:
@@ -55,6 +58,7 @@ class ControlPlane:
         self._host = parts.hostname
         self._port = parts.port or 1883
         self._engine = engine
+        self._keys = keys
         self._desired_ttl_s = desired_ttl_s
         self._resend_interval_s = resend_interval_s
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
@@ -169,8 +173,16 @@ class ControlPlane:
 
     def _resync(self, session: Session, device: Device) -> None:
         """Send the stored document again if the device is behind (or it is about to expire)."""
+        try:
+            signer = self._keys.signer(session)
+        except ConflictError:
+            return  # no keys yet: nothing was ever sent
         refreshed = desired.refresh(
-            session, device.id, ttl_s=self._desired_ttl_s, min_remaining_s=self._desired_ttl_s // 10
+            session,
+            device.id,
+            ttl_s=self._desired_ttl_s,
+            min_remaining_s=self._desired_ttl_s // 10,
+            signer=signer,
         )
         if refreshed is not None:
             self.publish_desired(device.id, refreshed)

@@ -1,7 +1,8 @@
-"""Composing, storing and refreshing each device's desired-state document.
+"""Composing, signing, storing and refreshing each device's desired-state document.
 
 Invariant: a device's ``seq`` only grows. Every change (a new slot assignment, a refresh of
-an expiring document) is a new document with ``seq + 1``, stored before it is published.
+an expiring document, a new keyring) is a new document with ``seq + 1``, signed by the
+server's online key, stored before it is published.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from sqlmodel import Session, select
 from edge_agent.protocol.desired import DesiredState, SignedDesiredState, SlotAssignment
 from fleet_server.database import aware
 from fleet_server.devices.tables import DesiredStateRecord
+from fleet_server.keys.service import FleetSigner
 
 
 def current(session: Session, device_id: str) -> SignedDesiredState | None:
@@ -31,7 +33,13 @@ def _locked(session: Session, device_id: str) -> DesiredStateRecord | None:
 
 
 def assign_slot(
-    session: Session, device_id: str, slot: str, assignment: SlotAssignment, *, ttl_s: int
+    session: Session,
+    device_id: str,
+    slot: str,
+    assignment: SlotAssignment,
+    *,
+    ttl_s: int,
+    signer: FleetSigner,
 ) -> SignedDesiredState:
     """Stage (not commit) a new document giving ``slot`` to ``assignment``."""
     record = _locked(session, device_id)
@@ -42,26 +50,42 @@ def assign_slot(
         slots = dict(previous.slots)
         seq = record.seq + 1
     slots[slot] = assignment
-    return _store(session, record, device_id, seq, slots, ttl_s)
+    return _store(session, record, device_id, seq, slots, ttl_s, signer)
 
 
 def refresh(
-    session: Session, device_id: str, *, ttl_s: int, min_remaining_s: int
+    session: Session, device_id: str, *, ttl_s: int, min_remaining_s: int, signer: FleetSigner
 ) -> SignedDesiredState | None:
-    """Re-issue the document with a new ``seq`` if it expires within ``min_remaining_s``.
+    """Re-issue the document with a new ``seq`` if it expires within ``min_remaining_s`` or
+    was signed under another keyring. Returns the new document (committed), or None."""
+    record = _locked(session, device_id)
+    if record is None:
+        session.rollback()
+        return None
+    envelope = SignedDesiredState.model_validate(record.document)
+    doc = envelope.signed
+    fresh = aware(doc.expires_at) - datetime.now(UTC) > timedelta(seconds=min_remaining_s)
+    if fresh and envelope.keyring == signer.keyring:
+        session.rollback()
+        return None
+    new = _store(session, record, device_id, record.seq + 1, dict(doc.slots), ttl_s, signer)
+    session.commit()
+    return new
 
-    Returns the new document (committed), or None when no refresh was needed.
-    """
+
+def reissue(
+    session: Session,
+    device_id: str,
+    slots: dict[str, SlotAssignment],
+    *,
+    ttl_s: int,
+    signer: FleetSigner,
+) -> SignedDesiredState | None:
+    """Stage a new document with ``slots`` (after a keyring change)."""
     record = _locked(session, device_id)
     if record is None:
         return None
-    doc = SignedDesiredState.model_validate(record.document).signed
-    if aware(doc.expires_at) - datetime.now(UTC) > timedelta(seconds=min_remaining_s):
-        session.rollback()
-        return None
-    envelope = _store(session, record, device_id, record.seq + 1, dict(doc.slots), ttl_s)
-    session.commit()
-    return envelope
+    return _store(session, record, device_id, record.seq + 1, slots, ttl_s, signer)
 
 
 def _store(
@@ -71,17 +95,20 @@ def _store(
     seq: int,
     slots: dict[str, SlotAssignment],
     ttl_s: int,
+    signer: FleetSigner,
 ) -> SignedDesiredState:
     now = datetime.now(UTC).replace(microsecond=0)
-    envelope = SignedDesiredState(
+    unsigned = SignedDesiredState(
         signed=DesiredState(
             device_id=device_id,
             seq=seq,
             issued_at=now,
             expires_at=now + timedelta(seconds=ttl_s),
             slots=slots,
-        )
+        ),
+        keyring=signer.keyring,
     )
+    envelope = unsigned.model_copy(update={"signatures": [signer.sign(unsigned.signed_bytes())]})
     document = envelope.model_dump(mode="json")
     if record is None:
         record = DesiredStateRecord(device_id=device_id, seq=seq, document=document, updated_at=now)

@@ -34,12 +34,14 @@ def create_enrollment_token(
 @router.post("/v1/devices/enroll", status_code=201, response_model=EnrollResponse)
 def enroll(body: EnrollRequest, state: StateDep, session: SessionDep) -> EnrollResponse:
     """Called by ``edge-agent enroll``; authenticated by the enrollment token in the body."""
+    root = state.keys.signer(session).root_public  # no keys, no enrollment: checked first
     reply = service.enroll(
         session,
         state.catalog,
         body,
         server_url=state.settings.resolved_public_url,
         mqtt_url=state.control.device_mqtt_url,
+        root_public_key=root,
     )
     state.control.clear_desired(reply.device_id)
     return reply

@@ -71,6 +71,7 @@ def enroll(
     *,
     server_url: str,
     mqtt_url: str,
+    root_public_key: str,
 ) -> EnrollResponse:
     """Trade a one-time token for a device identity. A refused request consumes nothing."""
     token = session.exec(
@@ -114,6 +115,7 @@ def enroll(
         device_secret=secret,
         server_url=server_url,
         mqtt_url=mqtt_url,
+        root_public_key=root_public_key,
     )
 
 

@@ -99,3 +99,5 @@ class EnrollResponse(BaseModel):
     device_secret: str
     server_url: str
     mqtt_url: str
+    #: The fleet's root public key (base64 Ed25519), for the agent to pin.
+    root_public_key: str

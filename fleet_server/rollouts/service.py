@@ -21,7 +21,7 @@ from fleet_server.bundles.tables import Bundle
 from fleet_server.database import aware
 from fleet_server.devices import desired
 from fleet_server.devices.service import resolve_targets
-from fleet_server.devices.tables import Device
+from fleet_server.devices.tables import DesiredStateRecord, Device
 from fleet_server.errors import InvalidInputError, NotFoundError
 from fleet_server.registry.service import get_version
 from fleet_server.registry.tables import MLModel, ModelVersion
@@ -45,6 +45,7 @@ def create_rollout(
     model, version = get_version(session, body.model, body.version)
     devices = resolve_targets(session, body.devices, body.selector)
     slot = body.slot or default_slot(model.name)
+    signer = app.keys.signer(session)
 
     bundles: dict[str, Bundle] = {}
     for profile_name in sorted({d.profile for d in devices}):
@@ -52,7 +53,7 @@ def create_rollout(
             profile = app.catalog.get(profile_name)
         except Exception as e:
             raise InvalidInputError(f"device profile {profile_name!r} is no longer known") from e
-        bundles[profile_name] = ensure_bundle(session, app.store, model, version, profile)
+        bundles[profile_name] = ensure_bundle(session, app.store, model, version, profile, signer)
 
     rollout = Rollout(
         id=uuid.uuid4().hex[:16],
@@ -63,7 +64,6 @@ def create_rollout(
         created_by=actor,
     )
     session.add(rollout)
-    base_url = app.settings.resolved_public_url
     documents: dict[str, SignedDesiredState] = {}
     for device in devices:
         bundle = bundles[device.profile]
@@ -71,15 +71,9 @@ def create_rollout(
             session,
             device.id,
             slot,
-            SlotAssignment(
-                model=model.name,
-                version=version.version,
-                bundle_sha256=bundle.sha256,
-                bundle_url=f"{base_url}/v1/bundles/{bundle.sha256}",
-                size=bundle.size,
-                rollout_id=rollout.id,
-            ),
+            _assignment(app, model, version, bundle, rollout.id),
             ttl_s=app.settings.desired_state_ttl_s,
+            signer=signer,
         )
         documents[device.id] = envelope
         session.add(
@@ -92,6 +86,51 @@ def create_rollout(
         )
     session.commit()
     return describe(session, rollout), documents
+
+
+def _assignment(
+    app: AppState, model: MLModel, version: ModelVersion, bundle: Bundle, rollout_id: str | None
+) -> SlotAssignment:
+    return SlotAssignment(
+        model=model.name,
+        version=version.version,
+        bundle_sha256=bundle.sha256,
+        bundle_url=f"{app.settings.resolved_public_url}/v1/bundles/{bundle.sha256}",
+        size=bundle.size,
+        rollout_id=rollout_id,
+    )
+
+
+def reissue_all(session: Session, app: AppState) -> dict[str, SignedDesiredState]:
+    """After a keyring change: every device gets a new document under the new keyring, and
+    any slot whose bundle was signed by a key that is no longer usable gets a re-signed one.
+    Returns the documents to publish (committed)."""
+    signer = app.keys.signer(session)
+    documents: dict[str, SignedDesiredState] = {}
+    for record in session.exec(select(DesiredStateRecord)).all():
+        device = session.get(Device, record.device_id)
+        if device is None:
+            continue
+        slots = dict(SignedDesiredState.model_validate(record.document).signed.slots)
+        for slot, assignment in slots.items():
+            bundle = session.get(Bundle, assignment.bundle_sha256)
+            if bundle is None or signer.usable(bundle.signing_key_id):
+                continue
+            version = session.get(ModelVersion, bundle.model_version_id)
+            assert version is not None
+            model = session.get(MLModel, version.model_id)
+            assert model is not None
+            fresh = ensure_bundle(
+                session, app.store, model, version, app.catalog.get(bundle.profile), signer
+            )
+            slots[slot] = _assignment(app, model, version, fresh, assignment.rollout_id)
+        envelope = desired.reissue(
+            session, device.id, slots, ttl_s=app.settings.desired_state_ttl_s, signer=signer
+        )
+        if envelope is not None:
+            documents[device.id] = envelope
+    session.commit()
+    return documents
 
 
 def _target_status(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -19,11 +19,12 @@ from edge_agent.errors import DesiredStateError
 from edge_agent.lifecycle.deployer import Deployer, DeviceContext
 from edge_agent.lifecycle.journal import Journal
 from edge_agent.lifecycle.states import State
-from edge_agent.protocol.desired import DesiredState, SignedDesiredState, SlotAssignment
+from edge_agent.protocol.desired import SignedDesiredState, SlotAssignment
 from edge_agent.protocol.status import Transition
 from edge_agent.runtimes import LoadOptions, available_runtimes
 from edge_agent.serving import SlotTable, predict
-from tests.factories import make_bundle, read_members, sha256, write_members
+from edge_agent.trust import TrustStore
+from tests.factories import TestFleet, make_bundle, read_members, resign, sha256, write_members
 
 
 @pytest.fixture
@@ -41,9 +42,10 @@ def files(tmp_path: Path) -> Iterator[tuple[Path, str]]:
 class Device:
     """One simulated device: journal + store + slot table under a state dir."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, fleet: TestFleet) -> None:
         from edge_agent.store import ModelStore
 
+        self.fleet = fleet
         self.state_dir = state_dir
         self.transitions: list[Transition] = []
         self.journal = Journal(state_dir / "journal.json")
@@ -61,6 +63,7 @@ class Device:
             self.journal,
             ModelStore(state_dir),
             self.table,
+            TrustStore(fleet.root.public_key(), state_dir / "keyring.json"),
             on_transition=self.transitions.append,
             sleep=lambda s: None,
         )
@@ -68,17 +71,9 @@ class Device:
     def apply(
         self, seq: int, slots: dict[str, SlotAssignment], *, expires_in_s: float = 3600
     ) -> SignedDesiredState:
-        now = datetime.now(UTC)
-        env = SignedDesiredState(
-            signed=DesiredState(
-                device_id="dev-1",
-                seq=seq,
-                issued_at=now,
-                expires_at=now + timedelta(seconds=expires_in_s),
-                slots=slots,
-            )
+        return self.reapply(
+            self.fleet.desired("dev-1", seq, slots, expires_in=timedelta(seconds=expires_in_s))
         )
-        return self.reapply(env)
 
     def reapply(self, env: SignedDesiredState) -> SignedDesiredState:
         self.deployer.accept(env)
@@ -111,24 +106,29 @@ def publish(
 
 
 @pytest.fixture
-def v1(model_path: Path, tmp_path: Path) -> Path:
+def fleet() -> TestFleet:
+    return TestFleet()
+
+
+@pytest.fixture
+def v1(model_path: Path, tmp_path: Path, fleet: TestFleet) -> Path:
     out = tmp_path / "v1.efb"
-    make_bundle(model_path, out, version="1.0.0")
+    make_bundle(model_path, out, version="1.0.0", fleet=fleet)
     return out
 
 
 @pytest.fixture
-def v2(model_v2_path: Path, tmp_path: Path) -> Path:
+def v2(model_v2_path: Path, tmp_path: Path, fleet: TestFleet) -> Path:
     out = tmp_path / "v2.efb"
-    make_bundle(model_v2_path, out, version="2.0.0")
+    make_bundle(model_v2_path, out, version="2.0.0", fleet=fleet)
     return out
 
 
 def test_deploy_serves_the_model_with_onnxruntime_equal_outputs(
-    files: tuple[Path, str], v1: Path, model_path: Path, tmp_path: Path
+    files: tuple[Path, str], v1: Path, model_path: Path, tmp_path: Path, fleet: TestFleet
 ) -> None:
     root, base = files
-    dev = Device(tmp_path / "dev")
+    dev = Device(tmp_path / "dev", fleet)
     dev.apply(1, {"clf": publish(root, base, v1, "1.0.0")})
     assert dev.serving_version() == "1.0.0"
     assert [t.to_state for t in dev.transitions] == [
@@ -153,41 +153,19 @@ def _corrupt(bundle: Path, out: Path) -> Path:
     return write_members(out, members)
 
 
-def _bad_selftest(bundle: Path, out: Path) -> Path:
-    """A bundle whose self-test expects outputs the model does not produce (digests updated,
-    so only the self-test can catch it)."""
-    import hashlib
-    import json
-
-    members = read_members(bundle)
+def _bad_selftest(bundle: Path, out: Path, fleet: TestFleet) -> Path:
+    """Self-test expecting outputs the model does not produce, validly signed: only running
+    the self-test can catch it."""
     wrong = pack({"x": np.ones((1, 16), np.float32)}, {"probs": np.full((1, 4), 0.25, np.float32)})
-    manifest = json.loads(members[0][1])
-    for f in manifest["files"]:
-        if f["path"] == "selftest.npz":
-            f.update(sha256=hashlib.sha256(wrong).hexdigest(), size=len(wrong))
-    from edge_agent.bundle import Manifest
-
-    members[0] = (members[0][0], Manifest.model_validate(manifest).to_canonical_json())
-    members = [(i, wrong if i.name == "selftest.npz" else d) for i, d in members]
-    return write_members(out, members)
+    members = [(i, wrong if i.name == "selftest.npz" else d) for i, d in read_members(bundle)]
+    return write_members(out, resign(members, fleet))
 
 
-def _unloadable(bundle: Path, out: Path) -> Path:
-    """Valid digests, but the model file is not a model."""
-    import hashlib
-    import json
-
-    from edge_agent.bundle import Manifest
-
-    members = read_members(bundle)
+def _unloadable(bundle: Path, out: Path, fleet: TestFleet) -> Path:
+    """Validly signed, but the model file is not a model."""
     junk = b"\x08\x07garbage that is not an onnx graph" * 10
-    manifest = json.loads(members[0][1])
-    for f in manifest["files"]:
-        if f["path"].startswith("model/"):
-            f.update(sha256=hashlib.sha256(junk).hexdigest(), size=len(junk))
-    members[0] = (members[0][0], Manifest.model_validate(manifest).to_canonical_json())
-    members = [(i, junk if i.name.startswith("model/") else d) for i, d in members]
-    return write_members(out, members)
+    members = [(i, junk if i.name.startswith("model/") else d) for i, d in read_members(bundle)]
+    return write_members(out, resign(members, fleet))
 
 
 @pytest.mark.parametrize(
@@ -202,10 +180,16 @@ def _unloadable(bundle: Path, out: Path) -> Path:
     ],
 )
 def test_failures_before_the_switch_leave_the_active_model_serving(
-    files: tuple[Path, str], v1: Path, v2: Path, tmp_path: Path, case: str, reason: str
+    files: tuple[Path, str],
+    v1: Path,
+    v2: Path,
+    tmp_path: Path,
+    fleet: TestFleet,
+    case: str,
+    reason: str,
 ) -> None:
     root, base = files
-    dev = Device(tmp_path / "dev")
+    dev = Device(tmp_path / "dev", fleet)
     dev.apply(1, {"clf": publish(root, base, v1, "1.0.0")})
     if case.startswith("sha256"):
         bad = publish(root, base, v2, "2.0.0", sha="f" * 64)
@@ -214,9 +198,9 @@ def test_failures_before_the_switch_leave_the_active_model_serving(
     elif case.startswith("file damaged"):
         bad = publish(root, base, _corrupt(v2, tmp_path / "c.efb"), "2.0.0")
     elif case.startswith("self-test"):
-        bad = publish(root, base, _bad_selftest(v2, tmp_path / "s.efb"), "2.0.0")
+        bad = publish(root, base, _bad_selftest(v2, tmp_path / "s.efb", fleet), "2.0.0")
     elif case.startswith("model does not"):
-        bad = publish(root, base, _unloadable(v2, tmp_path / "u.efb"), "2.0.0")
+        bad = publish(root, base, _unloadable(v2, tmp_path / "u.efb", fleet), "2.0.0")
     else:
         bad = publish(root, base, v2, "2.0.0").model_copy(
             update={"bundle_url": "http://127.0.0.1:9/x.efb"}
@@ -233,9 +217,11 @@ def test_failures_before_the_switch_leave_the_active_model_serving(
     assert list((dev.state_dir / "staging").iterdir()) == []
 
 
-def test_desired_state_rules(files: tuple[Path, str], v1: Path, v2: Path, tmp_path: Path) -> None:
+def test_desired_state_rules(
+    files: tuple[Path, str], v1: Path, v2: Path, tmp_path: Path, fleet: TestFleet
+) -> None:
     root, base = files
-    dev = Device(tmp_path / "dev")
+    dev = Device(tmp_path / "dev", fleet)
     a1, a2 = publish(root, base, v1, "1.0.0"), publish(root, base, v2, "2.0.0")
     first = dev.apply(5, {"clf": a1})
     with pytest.raises(DesiredStateError) as e:
@@ -260,17 +246,17 @@ def test_desired_state_rules(files: tuple[Path, str], v1: Path, v2: Path, tmp_pa
 
 
 def test_restart_serves_the_committed_version_from_disk(
-    files: tuple[Path, str], v1: Path, v2: Path, tmp_path: Path
+    files: tuple[Path, str], v1: Path, v2: Path, tmp_path: Path, fleet: TestFleet
 ) -> None:
     root, base = files
-    dev = Device(tmp_path / "dev")
+    dev = Device(tmp_path / "dev", fleet)
     dev.apply(1, {"clf": publish(root, base, v1, "1.0.0")})
     # Simulate a crash in the middle of deploying v2: the journal says STAGING.
     rec = dev.journal.data.slots["clf"]
     rec.state, rec.target = State.STAGING, publish(root, base, v2, "2.0.0")
     dev.journal.save()
     (root / v1.name).unlink()  # the server is gone
-    again = Device(tmp_path / "dev")
+    again = Device(tmp_path / "dev", fleet)
     again.deployer.restore()
     assert again.serving_version() == "1.0.0"
     rec = again.journal.data.slots["clf"]
@@ -281,14 +267,14 @@ def test_restart_serves_the_committed_version_from_disk(
 
 
 def test_garbage_collection_keeps_current_and_previous(
-    files: tuple[Path, str], model_path: Path, tmp_path: Path
+    files: tuple[Path, str], model_path: Path, tmp_path: Path, fleet: TestFleet
 ) -> None:
     root, base = files
-    dev = Device(tmp_path / "dev")
+    dev = Device(tmp_path / "dev", fleet)
     shas = []
     for i, version in enumerate(["1.0.0", "1.1.0", "1.2.0"], start=1):
         out = tmp_path / f"{version}.efb"
-        make_bundle(model_path, out, version=version)
+        make_bundle(model_path, out, version=version, fleet=fleet)
         dev.apply(i, {"clf": publish(root, base, out, version)})
         shas.append(sha256(out))
     kept = sorted(p.name for p in (dev.state_dir / "models").iterdir())

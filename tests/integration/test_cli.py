@@ -13,7 +13,7 @@ import pytest
 
 from fleet_server.server import EmbeddedStack
 from tests.conftest import ADMIN_TOKEN
-from tests.factories import make_bundle, read_members, write_members
+from tests.factories import TestFleet, make_bundle, read_members, write_members
 
 
 def edgefleet(stack: EmbeddedStack | None, *args: str) -> subprocess.CompletedProcess[str]:
@@ -174,26 +174,45 @@ def test_token_enroll_deploy_status(stack: EmbeddedStack, model_path: Path, tmp_
     assert r.returncode == 1 and "not enrolled: ghost" in r.stderr
 
 
-@pytest.fixture
-def bundle_file(model_path: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "b.efb"
-    make_bundle(model_path, out)
-    return out
+def test_bundle_inspect_and_verify(model_path: Path, tmp_path: Path) -> None:
+    fleet, stranger = TestFleet(), TestFleet()
+    signed, unsigned = tmp_path / "signed.efb", tmp_path / "unsigned.efb"
+    make_bundle(model_path, signed, fleet=fleet)
+    make_bundle(model_path, unsigned)
+    trust = tmp_path / "trust.json"
+    trust.write_text(
+        json.dumps(
+            {"root_public_key": fleet.root_public, "keyring": fleet.keyring.model_dump(mode="json")}
+        )
+    )
+    other = tmp_path / "other.json"
+    other.write_text(
+        json.dumps(
+            {
+                "root_public_key": stranger.root_public,
+                "keyring": stranger.keyring.model_dump(mode="json"),
+            }
+        )
+    )
 
-
-def test_bundle_inspect_and_verify(bundle_file: Path, tmp_path: Path) -> None:
-    r = edgefleet(None, "bundle", "inspect", str(bundle_file))
+    r = edgefleet(None, "bundle", "inspect", str(signed))
     assert r.returncode == 0 and json.loads(r.stdout)["model"]["name"] == "classifier"
-    r = edgefleet(None, "bundle", "verify", str(bundle_file))
-    assert r.returncode == 0 and "2 files verified" in r.stdout and "unsigned" in r.stdout
-    r = edgefleet(None, "bundle", "verify", str(bundle_file), "--profile", "x86-64-avx2")
-    assert r.returncode == 0
-    r = edgefleet(None, "bundle", "verify", str(bundle_file), "--profile", "raspberry-pi-4")
+    r = edgefleet(None, "bundle", "verify", str(signed), "--trust", str(trust))
+    assert r.returncode == 0 and "2 files verified" in r.stdout and "verified" in r.stdout
+    r = edgefleet(None, "bundle", "verify", str(signed))
+    assert r.returncode == 0 and "not checked" in r.stdout
+    r = edgefleet(None, "bundle", "verify", str(unsigned), "--trust", str(trust))
+    assert r.returncode == 1 and "not signed" in r.stderr
+    r = edgefleet(None, "bundle", "verify", str(signed), "--trust", str(other))
+    assert r.returncode == 1 and "not in the keyring" in r.stderr
+    r = edgefleet(
+        None, "bundle", "verify", str(signed), "--trust", str(trust), "--profile", "raspberry-pi-4"
+    )
     assert r.returncode == 1 and "profile" in r.stderr
-    members = read_members(bundle_file)
+    members = read_members(signed)
     members = [(i, d[:-1] + b"X" if i.name.startswith("model/") else d) for i, d in members]
     bad = write_members(tmp_path / "bad.efb", members)
-    r = edgefleet(None, "bundle", "verify", str(bad))
+    r = edgefleet(None, "bundle", "verify", str(bad), "--trust", str(trust))
     assert r.returncode == 1 and "sha256 does not match" in r.stderr
 
 
@@ -201,6 +220,7 @@ def _agent_config(device_id: str = "ok-id", mqtt_url: str = "mqtt://127.0.0.1:1"
     return (
         f'device_id = "{device_id}"\nprofile = "x86-64-avx2"\nstate_dir = "s"\n'
         f'[server]\nurl = "http://127.0.0.1:9"\ncredential_file = "c"\n[mqtt]\nurl = "{mqtt_url}"\n'
+        '[trust]\nroot_key_file = "root.pub"\n'
     )
 
 
@@ -211,6 +231,7 @@ def _agent_config(device_id: str = "ok-id", mqtt_url: str = "mqtt://127.0.0.1:1"
         (_agent_config(mqtt_url="http://x"), "mqtt.url"),
         (_agent_config() + "[serving]\nport = 70000\n", "serving.port"),
         (_agent_config(), "device credential"),
+        (_agent_config().replace("[trust]", "[trusty]"), "trust"),
         ("device_id = ", "not valid TOML"),
     ],
 )

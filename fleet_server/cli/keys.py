@@ -1,0 +1,125 @@
+"""``edgefleet keys``: the key ceremony. The root key stays on this machine; the server gets
+signed keyrings only."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edge_agent.trust import SignedKeyring
+from edge_agent.trust.signing import public_key_to_b64
+from fleet_server.cli.api_client import ApiClient
+from fleet_server.keys.root import create_root_key, load_root_key, next_keyring
+from fleet_server.keys.service import sign_keyring
+from fleet_server.keys.tables import OnlineKeyPublic
+
+keys_app = typer.Typer(no_args_is_help=True, help="Fleet signing keys (offline root, online keys).")
+console = Console()
+
+RootKeyOpt = Annotated[
+    Path, typer.Option("--root-key", help="the offline root key file (passphrase-encrypted PEM)")
+]
+TtlOpt = Annotated[int, typer.Option(help="validity of the new keyring in days")]
+
+
+def _passphrase(confirm: bool = False) -> str:
+    env = os.environ.get("EDGEFLEET_ROOT_PASSPHRASE")
+    if env is not None:
+        return env
+    return str(typer.prompt("root key passphrase", hide_input=True, confirmation_prompt=confirm))
+
+
+def _client_factory() -> Any:
+    from fleet_server.cli.commands import client_from_context
+
+    return client_from_context()
+
+
+def _install(client: ApiClient, root_public: str, signed: SignedKeyring) -> dict[str, Any]:
+    result: dict[str, Any] = client.request(
+        "PUT",
+        "/v1/keyring",
+        json={"root_public_key": root_public, "keyring": signed.model_dump(mode="json")},
+    )
+    return result
+
+
+def _current(client: ApiClient) -> tuple[str, SignedKeyring]:
+    trust = client.get("/v1/trust")
+    return trust["root_public_key"], SignedKeyring.model_validate(trust["keyring"])
+
+
+def _report(result: dict[str, Any]) -> None:
+    console.print(
+        f"keyring version {result['version']} installed; "
+        f"{result['reissued']} device(s) get a re-signed desired state"
+    )
+    _print_keys(result["keys"])
+
+
+def _print_keys(keys: list[dict[str, Any]]) -> None:
+    table = Table("key id", "state", "expires")
+    for k in keys:
+        table.add_row(k["keyid"], k["state"], k["expires_at"][:19])
+    console.print(table)
+
+
+@keys_app.command("init")
+def keys_init(root_key: RootKeyOpt, ttl_days: TtlOpt = 365) -> None:
+    """Create the root key (here, encrypted) and the first keyring with one online key."""
+    client = _client_factory()
+    root = create_root_key(root_key, _passphrase(confirm=True))
+    online = OnlineKeyPublic.model_validate(client.post("/v1/keys/online", json={}))
+    signed = sign_keyring(root, next_keyring(None, add=online, ttl_days=ttl_days))
+    root_public = public_key_to_b64(root.public_key())
+    _report(_install(client, root_public, signed))
+    console.print(f"root key written to {root_key}: keep it offline and backed up.")
+    console.print(f"root public key (pin it on devices with --root-key): {root_public}")
+
+
+@keys_app.command("rotate")
+def keys_rotate(root_key: RootKeyOpt, ttl_days: TtlOpt = 365) -> None:
+    """Add a new online key; the server signs with it from now on."""
+    client = _client_factory()
+    root = load_root_key(root_key, _passphrase())
+    root_public, current = _current(client)
+    online = OnlineKeyPublic.model_validate(client.post("/v1/keys/online", json={}))
+    signed = sign_keyring(root, next_keyring(current.signed, add=online, ttl_days=ttl_days))
+    _report(_install(client, root_public, signed))
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    keyid: Annotated[str, typer.Argument(help="the online key to revoke")],
+    root_key: RootKeyOpt,
+    ttl_days: TtlOpt = 365,
+) -> None:
+    """Revoke an online key: agents refuse anything it signed from now on."""
+    client = _client_factory()
+    root = load_root_key(root_key, _passphrase())
+    root_public, current = _current(client)
+    signed = sign_keyring(root, next_keyring(current.signed, revoke=keyid, ttl_days=ttl_days))
+    _report(_install(client, root_public, signed))
+
+
+@keys_app.command("list")
+def keys_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The keyring in force."""
+    ring = _client_factory().get("/v1/keyring")
+    if as_json:
+        print(json.dumps(ring, indent=2, default=str))
+        return
+    console.print(f"keyring version {ring['version']}, root {ring['root_public_key']}")
+    _print_keys(ring["keys"])
+
+
+@keys_app.command("export-trust")
+def keys_export_trust() -> None:
+    """Print the root public key and keyring (for `edgefleet bundle verify --trust FILE`)."""
+    print(json.dumps(_client_factory().get("/v1/trust"), indent=2))

@@ -1,0 +1,66 @@
+"""/v1/keyring, /v1/keys/online, /v1/trust: the key ceremony's server side.
+
+The root private key never comes here: the CLI asks for a new online key, builds and signs the
+next keyring version offline, and installs it. Installing re-issues every device's desired
+state under the new keyring, so rotations and revocations reach the fleet at once.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from fastapi import APIRouter
+
+from fleet_server.api.deps import Admin, SessionDep, StateDep, Viewer
+from fleet_server.errors import NotFoundError
+from fleet_server.keys import service
+from fleet_server.keys.tables import KeyringInstall, OnlineKeyCreate, OnlineKeyPublic, TrustPublic
+from fleet_server.rollouts.service import reissue_all
+
+router = APIRouter(tags=["keys"])
+
+
+@router.get("/v1/trust", response_model=TrustPublic)
+def trust(session: SessionDep, _: Viewer) -> TrustPublic:
+    """The root public key and the keyring in force (for `edgefleet bundle verify --trust`)."""
+    record = service.current_record(session)
+    if record is None:
+        raise NotFoundError("no keyring installed yet (edgefleet keys init)")
+    return TrustPublic(root_public_key=record.root_public, keyring=record.document)
+
+
+@router.get("/v1/keyring")
+def keyring(session: SessionDep, _: Viewer) -> dict[str, Any]:
+    record = service.current_record(session)
+    if record is None:
+        raise NotFoundError("no keyring installed yet (edgefleet keys init)")
+    return {
+        "version": record.version,
+        "root_public_key": record.root_public,
+        "installed_at": record.installed_at,
+        "installed_by": record.installed_by,
+        "keys": service.describe(record),
+        "document": record.document,
+    }
+
+
+@router.post("/v1/keys/online", status_code=201, response_model=OnlineKeyPublic)
+def create_online_key(body: OnlineKeyCreate, state: StateDep, principal: Admin) -> OnlineKeyPublic:
+    """A new online signing key (private half stays on the server). It signs nothing until a
+    root-signed keyring that lists it is installed."""
+    return state.keys.store.create(timedelta(days=body.ttl_days))
+
+
+@router.put("/v1/keyring")
+def install_keyring(
+    body: KeyringInstall, state: StateDep, session: SessionDep, principal: Admin
+) -> dict[str, Any]:
+    record = service.install_keyring(
+        session, state.keys.store, body.root_public_key, body.keyring, principal.name
+    )
+    session.commit()
+    documents = reissue_all(session, state)
+    for device_id, envelope in documents.items():
+        state.control.publish_desired(device_id, envelope)
+    return {"version": record.version, "reissued": len(documents), "keys": service.describe(record)}

@@ -1,0 +1,238 @@
+"""Online keys, keyring installs, and the signer.
+
+Online private keys live in ``<data_dir>/keys/online/<keyid>.pem`` (mode 0600); the root
+private key never reaches the server (except the development bootstrap, which says so).
+
+A keyring install is refused unless: the root signature verifies against the pinned root
+(the first install pins it), the version is higher than the installed one, it has not
+expired, and at least one key in it is one this server holds, unrevoked and unexpired —
+otherwise the fleet could no longer be updated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    load_pem_private_key,
+)
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from edge_agent.errors import BundleError
+from edge_agent.trust import KeyEntry, Keyring, Signature, SignedKeyring, key_id, verify_keyring
+from edge_agent.trust.signing import public_key_from_b64, public_key_to_b64
+from fleet_server.database import aware
+from fleet_server.errors import ConflictError, InvalidInputError
+from fleet_server.keys.tables import KeyringRecord, OnlineKeyPublic
+
+log = logging.getLogger(__name__)
+
+
+def sign_bytes(key: Ed25519PrivateKey, message: bytes) -> Signature:
+    import base64
+
+    return Signature(
+        keyid=key_id(key.public_key()), sig=base64.b64encode(key.sign(message)).decode()
+    )
+
+
+def sign_keyring(root: Ed25519PrivateKey, ring: Keyring) -> SignedKeyring:
+    return SignedKeyring(signed=ring, signatures=[sign_bytes(root, ring.canonical())])
+
+
+class OnlineKeyStore:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def create(self, ttl: timedelta) -> OnlineKeyPublic:
+        key = Ed25519PrivateKey.generate()
+        kid = key_id(key.public_key())
+        pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+        path = self.dir / f"{kid}.pem"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        return OnlineKeyPublic(
+            keyid=kid,
+            public=public_key_to_b64(key.public_key()),
+            expires_at=(datetime.now(UTC) + ttl).replace(microsecond=0),
+        )
+
+    def load(self, kid: str) -> Ed25519PrivateKey | None:
+        path = self.dir / f"{kid}.pem"
+        if not path.is_file():
+            return None
+        key = load_pem_private_key(path.read_bytes(), password=None)
+        assert isinstance(key, Ed25519PrivateKey)
+        return key
+
+
+@dataclass(frozen=True)
+class FleetSigner:
+    """Signs with the newest usable online key of the keyring in force."""
+
+    keyring: SignedKeyring
+    key: Ed25519PrivateKey
+    keyid: str
+    root_public: str
+
+    def sign(self, message: bytes) -> Signature:
+        return sign_bytes(self.key, message)
+
+    def usable(self, kid: str | None, now: datetime | None = None) -> bool:
+        """Whether something signed by ``kid`` still verifies under this keyring."""
+        entry = self.keyring.signed.keys.get(kid or "")
+        return (
+            entry is not None
+            and not entry.revoked
+            and (now or datetime.now(UTC)) < entry.expires_at
+        )
+
+
+def current_record(session: Session) -> KeyringRecord | None:
+    return session.exec(select(KeyringRecord).order_by(col(KeyringRecord.version).desc())).first()
+
+
+def choose_signing_key(ring: Keyring, keys: OnlineKeyStore) -> tuple[str, Ed25519PrivateKey] | None:
+    now = datetime.now(UTC)
+    usable = [
+        (entry.expires_at, kid)
+        for kid, entry in ring.keys.items()
+        if not entry.revoked and now < entry.expires_at
+    ]
+    for _, kid in sorted(usable, reverse=True):  # the longest-lived (newest) key first
+        key = keys.load(kid)
+        if key is not None:
+            return kid, key
+    return None
+
+
+def install_keyring(
+    session: Session,
+    keys: OnlineKeyStore,
+    root_public_b64: str,
+    document: dict[str, object],
+    actor: str,
+) -> KeyringRecord:
+    try:
+        root = public_key_from_b64(root_public_b64)
+        signed = SignedKeyring.model_validate(document)
+        ring = verify_keyring(signed, root)
+    except BundleError as e:
+        raise InvalidInputError(f"keyring refused: {e.message}", field="keyring") from e
+    except ValueError as e:
+        raise InvalidInputError(f"keyring refused: {e}", field="keyring") from e
+    current = current_record(session)
+    if current is not None:
+        if current.root_public != root_public_b64:
+            raise ConflictError(
+                "the root key is pinned by the first keyring and cannot change",
+                field="root_public_key",
+            )
+        if ring.version <= current.version:
+            raise ConflictError(
+                f"keyring version {ring.version} is not newer than the installed {current.version}"
+            )
+    if choose_signing_key(ring, keys) is None:
+        raise InvalidInputError(
+            "no key in this keyring is an unrevoked, unexpired key held by this server; "
+            "create one first (edgefleet keys rotate)",
+            field="keyring",
+        )
+    record = KeyringRecord(
+        version=ring.version,
+        root_public=root_public_b64,
+        document=signed.model_dump(mode="json"),
+        installed_at=datetime.now(UTC),
+        installed_by=actor,
+    )
+    session.add(record)
+    return record
+
+
+class ServerKeys:
+    """The signer in force, reloaded when another keyring version is installed."""
+
+    def __init__(self, keys_dir: Path) -> None:
+        self.store = OnlineKeyStore(keys_dir / "online")
+        self.dir = keys_dir
+        self._cached: FleetSigner | None = None
+        self._version = 0
+        self._lock = threading.Lock()
+
+    def signer(self, session: Session) -> FleetSigner:
+        record = current_record(session)
+        if record is None:
+            raise ConflictError(
+                "the fleet has no signing keys yet: run `edgefleet keys init` (production) or "
+                "start the server with EDGEFLEET_ENV=development",
+                reason="no_keys",
+            )
+        with self._lock:
+            if self._cached is None or self._version != record.version:
+                signed = SignedKeyring.model_validate(record.document)
+                chosen = choose_signing_key(signed.signed, self.store)
+                if chosen is None:
+                    raise ConflictError(
+                        "no usable signing key: every key of the keyring is revoked, expired or "
+                        "not held by this server; run `edgefleet keys rotate`",
+                        reason="no_keys",
+                    )
+                self._cached = FleetSigner(signed, chosen[1], chosen[0], record.root_public)
+                self._version = record.version
+            return self._cached
+
+    def bootstrap_development(self, engine: Engine) -> Path | None:
+        """Development only: create a root key in the data dir and install keyring v1.
+
+        A production fleet keeps its root key offline (``edgefleet keys init``).
+        """
+        with Session(engine) as session:
+            if current_record(session) is not None:
+                return None
+            root_path = self.dir / "dev-root.pem"
+            root = Ed25519PrivateKey.generate()
+            fd = os.open(root_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(root.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+            online = self.store.create(timedelta(days=365))
+            now = datetime.now(UTC).replace(microsecond=0)
+            ring = Keyring(
+                version=1,
+                issued_at=now,
+                expires_at=now + timedelta(days=365),
+                keys={online.keyid: KeyEntry(public=online.public, expires_at=online.expires_at)},
+            )
+            install_keyring(
+                session,
+                self.store,
+                public_key_to_b64(root.public_key()),
+                sign_keyring(root, ring).model_dump(mode="json"),
+                "bootstrap-development",
+            )
+            session.commit()
+            return root_path
+
+
+def describe(record: KeyringRecord) -> list[dict[str, object]]:
+    ring = SignedKeyring.model_validate(record.document).signed
+    now = datetime.now(UTC)
+    return [
+        {
+            "keyid": kid,
+            "expires_at": aware(e.expires_at).isoformat(),
+            "state": "revoked" if e.revoked else ("expired" if now >= e.expires_at else "valid"),
+        }
+        for kid, e in ring.keys.items()
+    ]

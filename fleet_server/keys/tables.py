@@ -1,0 +1,43 @@
+"""Keyring versions as installed. The newest row is the keyring in force; the root public key
+is pinned by the first install and may not change afterwards."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy import JSON, Column
+from sqlmodel import Field, SQLModel
+
+
+class KeyringRecord(SQLModel, table=True):
+    __tablename__ = "keyrings"
+
+    version: int = Field(primary_key=True)
+    root_public: str = Field(max_length=64)
+    document: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    installed_at: datetime
+    installed_by: str = Field(max_length=128)
+
+
+class OnlineKeyPublic(BaseModel):
+    keyid: str
+    public: str
+    expires_at: datetime
+
+
+class OnlineKeyCreate(BaseModel):
+    ttl_days: int = 365
+
+
+class KeyringInstall(BaseModel):
+    root_public_key: str
+    keyring: dict[str, Any]
+
+
+class TrustPublic(BaseModel):
+    """What a verifier needs: the root key and the keyring it signed."""
+
+    root_public_key: str
+    keyring: dict[str, Any]
