@@ -35,6 +35,8 @@ def _enroll(args: argparse.Namespace) -> int:
     }
     if args.label:
         body["labels"] = dict(_label(x) for x in args.label)
+    if args.root_key:
+        body["expected_root_public_key"] = args.root_key
     request = urllib.request.Request(
         args.server.rstrip("/") + "/v1/devices/enroll",
         data=json.dumps(body).encode(),

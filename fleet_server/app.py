@@ -13,8 +13,10 @@ from sqlalchemy import text
 
 from edge_agent import __version__
 from firmware_profiles import default_catalog
-from fleet_server.api.deps import AppState, StateDep
+from fleet_server.api.deps import AppState, StateDep, Viewer
 from fleet_server.artifacts import ArtifactStore
+from fleet_server.audit.routes import router as audit_router
+from fleet_server.auth.routes import router as tokens_router
 from fleet_server.auth.service import bootstrap_admin
 from fleet_server.bundles.routes import router as bundles_router
 from fleet_server.control.plane import ControlPlane
@@ -89,6 +91,8 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
     app.include_router(bundles_router)
     app.include_router(rollouts_router)
     app.include_router(keys_router)
+    app.include_router(tokens_router)
+    app.include_router(audit_router)
 
     @app.get("/healthz", tags=["health"])
     def healthz(state: StateDep) -> dict[str, Any]:
@@ -101,7 +105,7 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
         }
 
     @app.get("/v1/profiles", tags=["profiles"])
-    def profiles(state: StateDep) -> list[dict[str, Any]]:
+    def profiles(state: StateDep, _: Viewer) -> list[dict[str, Any]]:
         return [p.model_dump() for p in state.catalog]
 
     return app

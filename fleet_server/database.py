@@ -30,6 +30,7 @@ def make_engine(url: str) -> Engine:
 
 def create_tables(engine: Engine) -> None:
     # Import every domain's tables so their metadata is registered.
+    from fleet_server.audit import tables as _audit  # noqa: F401
     from fleet_server.auth import tables as _auth  # noqa: F401
     from fleet_server.bundles import tables as _bundles  # noqa: F401
     from fleet_server.devices import tables as _devices  # noqa: F401

@@ -47,13 +47,16 @@ class Principal:
             )
 
 
-def issue_api_token(session: Session, name: str, role: Role) -> str:
+def issue_api_token(session: Session, name: str, role: Role) -> tuple[str, ApiToken]:
+    """Create a token (committing the session); the plaintext is returned once, never stored."""
     token = new_secret(API_TOKEN_PREFIX)
-    session.add(
-        ApiToken(name=name, token_hash=hash_secret(token), role=role, created_at=datetime.now(UTC))
+    row = ApiToken(
+        name=name, token_hash=hash_secret(token), role=role, created_at=datetime.now(UTC)
     )
+    session.add(row)
     session.commit()
-    return token
+    session.refresh(row)
+    return token, row
 
 
 def authenticate(session: Session, authorization: str | None) -> Principal:
@@ -98,7 +101,7 @@ def bootstrap_admin(session: Session, configured: str | None, token_file: Path) 
         return None
     if session.exec(select(ApiToken).where(ApiToken.revoked_at == None)).first() is not None:  # noqa: E711
         return None
-    token = issue_api_token(session, "bootstrap-admin", "admin")
+    token, _ = issue_api_token(session, "bootstrap-admin", "admin")
     token_file.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

@@ -29,9 +29,11 @@ def download_bundle(
 ) -> Any:
     """The bundle file. Devices and API tokens may download; ``Range`` requests resume."""
     _check(sha256)
-    if principal.role != "device":
-        principal.require("viewer")
     service.get_bundle(session, sha256)
+    if principal.device_id is not None:
+        service.require_assigned(session, principal.device_id, sha256)
+    else:
+        principal.require("viewer")
     path = state.store.path(sha256)
     if not path.is_file():
         raise NotFoundError(f"bundle {sha256} is missing from the artifact store")

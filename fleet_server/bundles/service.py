@@ -15,7 +15,7 @@ from firmware_profiles import Profile
 from fleet_server.artifacts import ArtifactStore
 from fleet_server.bundles.tables import Bundle, BundlePublic
 from fleet_server.database import aware
-from fleet_server.errors import NotFoundError
+from fleet_server.errors import NotFoundError, PermissionDeniedError
 from fleet_server.keys.service import FleetSigner
 from fleet_server.registry.tables import MLModel, ModelVersion
 
@@ -89,6 +89,28 @@ def _find(
     # Prefer the current signing key, then the newest build.
     usable.sort(key=lambda b: (b.signing_key_id == signer.keyid, aware(b.created_at)), reverse=True)
     return usable[0] if usable else None
+
+
+def require_assigned(session: Session, device_id: str, sha256: str) -> None:
+    """A device may download only bundles it was assigned (now, or by an earlier rollout, so
+    that a rollback can fetch the previous version again)."""
+    from fleet_server.devices.tables import DesiredStateRecord
+    from fleet_server.rollouts.tables import RolloutTarget
+
+    record = session.get(DesiredStateRecord, device_id)
+    if record is not None:
+        slots = record.document.get("signed", {}).get("slots", {})
+        if any(s.get("bundle_sha256") == sha256 for s in slots.values()):
+            return
+    target = session.exec(
+        select(RolloutTarget).where(
+            RolloutTarget.device_id == device_id, RolloutTarget.bundle_sha256 == sha256
+        )
+    ).first()
+    if target is None:
+        raise PermissionDeniedError(
+            f"device {device_id} was not assigned bundle {sha256[:12]}…", device_id=device_id
+        )
 
 
 def get_bundle(session: Session, sha256: str) -> Bundle:

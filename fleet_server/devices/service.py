@@ -10,6 +10,7 @@ from sqlmodel import Session, col, select
 from edge_agent.errors import ConfigError
 from edge_agent.protocol.status import ReportedStatus
 from firmware_profiles import ProfileCatalog
+from fleet_server.audit.service import record
 from fleet_server.auth.service import (
     DEVICE_SECRET_PREFIX,
     ENROLLMENT_TOKEN_PREFIX,
@@ -58,6 +59,14 @@ def create_enrollment_token(
         expires_at=now + timedelta(seconds=body.ttl_s or default_ttl_s),
     )
     session.add(row)
+    record(
+        session,
+        actor,
+        "enrollment_token.create",
+        body.profile or "*",
+        labels=body.labels,
+        expires_at=row.expires_at.isoformat(),
+    )
     session.commit()
     return EnrollmentTokenPublic(
         token=token, expires_at=row.expires_at, profile=body.profile, labels=body.labels
@@ -85,6 +94,11 @@ def enroll(
     if aware(token.expires_at) <= now:
         raise AuthenticationError("enrollment token has expired")
     _check_profile(catalog, req.profile)
+    if req.expected_root_public_key not in (None, root_public_key):
+        raise ConflictError(
+            "this server's root key is not the one the device expects (wrong server?)",
+            reason="root_mismatch",
+        )
     if token.profile is not None and token.profile != req.profile:
         raise InvalidInputError(
             f"this token enrolls {token.profile!r} devices, not {req.profile!r}", field="profile"
@@ -104,6 +118,7 @@ def enroll(
     token.used_at, token.used_by = now, req.device_id
     session.add(device)
     session.add(token)
+    record(session, f"device:{device.id}", "device.enroll", device.id, profile=device.profile)
     try:
         session.commit()
     except IntegrityError as e:

@@ -91,6 +91,9 @@ class EnrollRequest(BaseModel):
     device_id: str = PydanticField(pattern=DEVICE_ID_PATTERN)
     profile: str
     labels: dict[str, str] = PydanticField(default_factory=dict)
+    #: The root public key the device expects (pinned out of band); enrollment is refused,
+    #: consuming nothing, when the server's differs.
+    expected_root_public_key: str | None = None
 
 
 class EnrollResponse(BaseModel):

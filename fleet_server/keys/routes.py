@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from fleet_server.api.deps import Admin, SessionDep, StateDep, Viewer
+from fleet_server.audit.service import record
 from fleet_server.errors import NotFoundError
 from fleet_server.keys import service
 from fleet_server.keys.tables import KeyringInstall, OnlineKeyCreate, OnlineKeyPublic, TrustPublic
@@ -46,10 +47,15 @@ def keyring(session: SessionDep, _: Viewer) -> dict[str, Any]:
 
 
 @router.post("/v1/keys/online", status_code=201, response_model=OnlineKeyPublic)
-def create_online_key(body: OnlineKeyCreate, state: StateDep, principal: Admin) -> OnlineKeyPublic:
+def create_online_key(
+    body: OnlineKeyCreate, state: StateDep, session: SessionDep, principal: Admin
+) -> OnlineKeyPublic:
     """A new online signing key (private half stays on the server). It signs nothing until a
     root-signed keyring that lists it is installed."""
-    return state.keys.store.create(timedelta(days=body.ttl_days))
+    key = state.keys.store.create(timedelta(days=body.ttl_days))
+    record(session, principal.name, "key.create", key.keyid, expires_at=key.expires_at.isoformat())
+    session.commit()
+    return key
 
 
 @router.put("/v1/keyring")

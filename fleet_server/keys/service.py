@@ -31,6 +31,7 @@ from sqlmodel import Session, col, select
 from edge_agent.errors import BundleError
 from edge_agent.trust import KeyEntry, Keyring, Signature, SignedKeyring, key_id, verify_keyring
 from edge_agent.trust.signing import public_key_from_b64, public_key_to_b64
+from fleet_server.audit.service import record as audit
 from fleet_server.database import aware
 from fleet_server.errors import ConflictError, InvalidInputError
 from fleet_server.keys.tables import KeyringRecord, OnlineKeyPublic
@@ -158,6 +159,7 @@ def install_keyring(
         installed_by=actor,
     )
     session.add(record)
+    audit(session, actor, "keyring.install", f"v{ring.version}", keys=describe(record))
     return record
 
 

@@ -17,6 +17,7 @@ from sqlmodel import Session, col, select
 from converters.onnx import inspect_onnx
 from edge_agent.errors import ConversionError
 from fleet_server.artifacts import ArtifactStore
+from fleet_server.audit.service import record
 from fleet_server.errors import ConflictError, InvalidInputError, NotFoundError
 from fleet_server.registry.tables import MLModel, ModelPublic, ModelVersion, ModelVersionPublic
 
@@ -101,6 +102,7 @@ def upload_version(
             created_by=actor,
         )
         session.add(row)
+        record(session, actor, "model.upload", f"{name} {version}", sha256=sha256, size=size)
         session.commit()
     except IntegrityError as e:
         session.rollback()

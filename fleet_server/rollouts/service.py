@@ -16,6 +16,7 @@ from sqlmodel import Session, col, select
 
 from edge_agent.protocol.desired import SignedDesiredState, SlotAssignment
 from fleet_server.api.deps import AppState
+from fleet_server.audit.service import record
 from fleet_server.bundles.service import ensure_bundle
 from fleet_server.bundles.tables import Bundle
 from fleet_server.database import aware
@@ -84,6 +85,16 @@ def create_rollout(
                 desired_seq=envelope.signed.seq,
             )
         )
+    record(
+        session,
+        actor,
+        "rollout.create",
+        rollout.id,
+        model=model.name,
+        version=version.version,
+        devices=[d.id for d in devices],
+        selector=body.selector,
+    )
     session.commit()
     return describe(session, rollout), documents
 
@@ -107,11 +118,11 @@ def reissue_all(session: Session, app: AppState) -> dict[str, SignedDesiredState
     Returns the documents to publish (committed)."""
     signer = app.keys.signer(session)
     documents: dict[str, SignedDesiredState] = {}
-    for record in session.exec(select(DesiredStateRecord)).all():
-        device = session.get(Device, record.device_id)
+    for stored in session.exec(select(DesiredStateRecord)).all():
+        device = session.get(Device, stored.device_id)
         if device is None:
             continue
-        slots = dict(SignedDesiredState.model_validate(record.document).signed.slots)
+        slots = dict(SignedDesiredState.model_validate(stored.document).signed.slots)
         for slot, assignment in slots.items():
             bundle = session.get(Bundle, assignment.bundle_sha256)
             if bundle is None or signer.usable(bundle.signing_key_id):
