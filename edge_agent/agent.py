@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import UTC, datetime
+from pathlib import Path
 
 from edge_agent import __version__
 from edge_agent.config import AgentConfig
-from edge_agent.errors import EdgefleetError
+from edge_agent.errors import ConfigError, EdgefleetError
 from edge_agent.lifecycle.deployer import Deployer, DeviceContext
 from edge_agent.lifecycle.journal import Journal
 from edge_agent.link import AgentLink
@@ -26,6 +27,13 @@ from edge_agent.trust import TrustStore
 from firmware_profiles import default_catalog
 
 log = logging.getLogger(__name__)
+
+
+def _read_secret(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
 
 
 class Agent:
@@ -66,7 +74,7 @@ class Agent:
             config.mqtt,
             on_desired=self._desired_arrived,
             on_connected=self.publish_status,
-            password=credential if config.mqtt.username else None,
+            password=_read_secret(config.mqtt.password_file) if config.mqtt.password_file else None,
         )
         self.runtimes = runtimes
         self._last_transition: Transition | None = None

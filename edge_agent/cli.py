@@ -37,6 +37,7 @@ def _enroll(args: argparse.Namespace) -> int:
         body["labels"] = dict(_label(x) for x in args.label)
     if args.root_key:
         body["expected_root_public_key"] = args.root_key
+    key_pem, body["csr"] = _key_and_csr(args.device_id)
     request = urllib.request.Request(
         args.server.rstrip("/") + "/v1/devices/enroll",
         data=json.dumps(body).encode(),
@@ -65,10 +66,12 @@ def _enroll(args: argparse.Namespace) -> int:
         return 1
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "root.pub").write_text(reply["root_public_key"] + "\n")
-    secret = directory / "device.secret"
-    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(reply["device_secret"] + "\n")
+    _write_private(directory / "device.mqtt-password", (reply["mqtt_password"] + "\n").encode())
+    if reply.get("client_cert"):
+        _write_private(directory / "device.key", key_pem)
+        (directory / "device.crt").write_text(reply["client_cert"])
+        (directory / "ca.crt").write_text(reply["ca_cert"])
+    _write_private(directory / "device.secret", (reply["device_secret"] + "\n").encode())
     config_path.write_text(
         render_config(
             device_id=reply["device_id"],
@@ -76,11 +79,39 @@ def _enroll(args: argparse.Namespace) -> int:
             server_url=reply["server_url"],
             mqtt_url=reply["mqtt_url"],
             serving_port=args.serving_port,
+            tls=bool(reply.get("client_cert")),
+            mqtt_password_file="device.mqtt-password",
         )
     )
     print(f"enrolled {reply['device_id']} ({reply['profile']}); config written to {config_path}")
     print(f"run it with: edge-agent run --config {config_path}")
     return 0
+
+
+def _key_and_csr(device_id: str) -> tuple[bytes, str]:
+    """A new EC P-256 key for the device's MQTT identity and a request naming the device id.
+    The key is written only once enrollment succeeds, and never leaves the device."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return key_pem, csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def _label(text: str) -> tuple[str, str]:

@@ -37,7 +37,13 @@ class MqttConfig(_Section):
     keepalive_s: int = Field(default=30, ge=5, le=3600)
     #: How long the broker keeps this device's session (and QoS 1 messages) while it is offline.
     session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0)
+    #: Password auth (brokers without client certificates): username = device id.
     username: str | None = None
+    password_file: Path | None = None
+    #: mTLS identity for ``mqtts://`` (written by ``edge-agent enroll``).
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
 
     @field_validator("url")
     @classmethod
@@ -111,6 +117,13 @@ class AgentConfig(_Section):
                     update={"credential_file": base / config.server.credential_file}
                 ),
                 "trust": TrustConfig(root_key_file=base / config.trust.root_key_file),
+                "mqtt": config.mqtt.model_copy(
+                    update={
+                        name: base / value
+                        for name in ("ca_file", "cert_file", "key_file", "password_file")
+                        if (value := getattr(config.mqtt, name)) is not None
+                    }
+                ),
             }
         )
 
@@ -137,6 +150,8 @@ def render_config(
     credential_file: str = "device.secret",
     root_key_file: str = "root.pub",
     serving_port: int = 8651,
+    tls: bool = False,
+    mqtt_password_file: str | None = None,
 ) -> str:
     """The TOML text ``edge-agent enroll`` writes."""
     return (
@@ -147,7 +162,14 @@ def render_config(
         f'url = "{server_url}"\n'
         f'credential_file = "{credential_file}"\n\n'
         f"[mqtt]\n"
-        f'url = "{mqtt_url}"\n\n'
+        f'url = "{mqtt_url}"\n'
+        + ('ca_file = "ca.crt"\ncert_file = "device.crt"\nkey_file = "device.key"\n' if tls else "")
+        + (
+            f'username = "{device_id}"\npassword_file = "{mqtt_password_file}"\n'
+            if mqtt_password_file
+            else ""
+        )
+        + "\n"
         f"[trust]\n"
         f'root_key_file = "{root_key_file}"\n\n'
         f"[serving]\n"

@@ -20,6 +20,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.config import MqttConfig
+from edge_agent.errors import ConfigError
 from edge_agent.protocol.presence import OFFLINE, ONLINE
 from edge_agent.protocol.topics import Topics
 
@@ -46,7 +47,17 @@ class AgentLink:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5)
         if config.username is not None:
             client.username_pw_set(config.username, password)
+        elif password is not None:
+            raise ConfigError("mqtt.password_file is set but mqtt.username is not")
         client.will_set(self.topics.online, OFFLINE, qos=1, retain=True)
+        if config.url.startswith("mqtts://"):
+            if config.ca_file is None:
+                raise ConfigError("an mqtts:// broker needs mqtt.ca_file")
+            client.tls_set(
+                ca_certs=str(config.ca_file),
+                certfile=str(config.cert_file) if config.cert_file else None,
+                keyfile=str(config.key_file) if config.key_file else None,
+            )
         client.reconnect_delay_set(int(reconnect_min_s), int(reconnect_max_s))
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect

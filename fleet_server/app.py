@@ -16,6 +16,7 @@ from firmware_profiles import default_catalog
 from fleet_server.api.deps import AppState, StateDep, Viewer
 from fleet_server.artifacts import ArtifactStore
 from fleet_server.audit.routes import router as audit_router
+from fleet_server.auth.ca import FleetCA
 from fleet_server.auth.routes import router as tokens_router
 from fleet_server.auth.service import bootstrap_admin
 from fleet_server.bundles.routes import router as bundles_router
@@ -63,6 +64,12 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
             device_mqtt_url=settings.device_mqtt_url,
             desired_ttl_s=settings.desired_state_ttl_s,
             resend_interval_s=settings.desired_resend_interval_s,
+            tls=(settings.mqtt_ca_file, settings.mqtt_cert_file, settings.mqtt_key_file),
+            credentials=(
+                (settings.mqtt_username, settings.mqtt_password.get_secret_value())
+                if settings.mqtt_username and settings.mqtt_password
+                else None
+            ),
         )
         control.start()
         app.state.edgefleet = AppState(
@@ -72,6 +79,7 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
             catalog=default_catalog(),
             control=control,
             keys=keys,
+            ca=FleetCA.load_or_create(settings.ca_dir),
         )
         try:
             yield

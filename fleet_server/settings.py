@@ -27,6 +27,17 @@ class Settings(BaseSettings):
     mqtt_url: str | None = None
     #: Broker URL handed to devices at enrollment, when it differs from ``mqtt_url``.
     device_mqtt_url: str | None = None
+    #: The server's own MQTT identity for an ``mqtts://`` broker (``edgefleet broker-config``
+    #: writes these files).
+    mqtt_ca_file: Path | None = None
+    mqtt_cert_file: Path | None = None
+    mqtt_key_file: Path | None = None
+    #: The server's own identity on a password-auth broker.
+    mqtt_username: str | None = None
+    mqtt_password: SecretStr | None = None
+    #: A password-auth broker's password file, rewritten by the server at each enrollment
+    #: (send the broker SIGHUP to reload it; `edgefleet broker-config --auth password`).
+    broker_password_file: Path | None = None
     #: Port of the embedded broker (only used when ``mqtt_url`` is unset). Kept fixed by
     #: default because enrolled agents are told this URL.
     broker_port: int = Field(default=18830, ge=0, le=65535)
@@ -71,6 +82,10 @@ class Settings(BaseSettings):
     @property
     def artifacts_dir(self) -> Path:
         return self.data_dir / "artifacts"
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.data_dir / "ca"
 
     @property
     def keys_dir(self) -> Path:

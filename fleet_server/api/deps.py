@@ -13,6 +13,7 @@ from sqlmodel import Session
 
 from firmware_profiles import ProfileCatalog
 from fleet_server.artifacts import ArtifactStore
+from fleet_server.auth.ca import FleetCA
 from fleet_server.auth.service import Principal, Role, authenticate
 from fleet_server.keys.service import ServerKeys
 from fleet_server.settings import Settings
@@ -29,6 +30,7 @@ class AppState:
     catalog: ProfileCatalog
     control: ControlPlane
     keys: ServerKeys
+    ca: FleetCA
 
 
 def get_state(request: Request) -> AppState:

@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -49,6 +50,8 @@ class ControlPlane:
         keys: ServerKeys,
         desired_ttl_s: int = 30 * 24 * 3600,
         resend_interval_s: float = 5.0,
+        tls: tuple[Path | None, Path | None, Path | None] = (None, None, None),
+        credentials: tuple[str, str] | None = None,
     ) -> None:
         parts = urlsplit(mqtt_url)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
@@ -74,6 +77,21 @@ class ControlPlane:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.reconnect_delay_set(1, 30)
+        if parts.scheme == "mqtts":
+            ca, cert, key = tls
+            if ca is None or (cert is None and credentials is None):
+                raise ValueError(
+                    "an mqtts:// broker needs EDGEFLEET_MQTT_CA_FILE and either a client "
+                    "certificate (EDGEFLEET_MQTT_CERT_FILE, EDGEFLEET_MQTT_KEY_FILE) or "
+                    "EDGEFLEET_MQTT_USERNAME/PASSWORD (see `edgefleet broker-config`)"
+                )
+            self._client.tls_set(
+                ca_certs=str(ca),
+                certfile=str(cert) if cert else None,
+                keyfile=str(key) if key else None,
+            )
+        if credentials is not None:
+            self._client.username_pw_set(*credentials)
         self._worker = threading.Thread(target=self._work, name="edgefleet-ingest", daemon=True)
 
     # --- connection ------------------------------------------------------------------------------

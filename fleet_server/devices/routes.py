@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from fleet_server.api.deps import Operator, SessionDep, StateDep, Viewer
+from fleet_server.auth.mqtt_passwords import write_password_file
 from fleet_server.devices import service
 from fleet_server.devices.tables import (
     DevicePublic,
@@ -42,8 +43,11 @@ def enroll(body: EnrollRequest, state: StateDep, session: SessionDep) -> EnrollR
         server_url=state.settings.resolved_public_url,
         mqtt_url=state.control.device_mqtt_url,
         root_public_key=root,
+        ca=state.ca,
     )
     state.control.clear_desired(reply.device_id)
+    if state.settings.broker_password_file is not None:
+        write_password_file(session, state.settings.broker_password_file)
     return reply
 
 

@@ -11,6 +11,8 @@ from edge_agent.errors import ConfigError
 from edge_agent.protocol.status import ReportedStatus
 from firmware_profiles import ProfileCatalog
 from fleet_server.audit.service import record
+from fleet_server.auth.ca import FleetCA
+from fleet_server.auth.mqtt_passwords import mosquitto_hash
 from fleet_server.auth.service import (
     DEVICE_SECRET_PREFIX,
     ENROLLMENT_TOKEN_PREFIX,
@@ -81,6 +83,7 @@ def enroll(
     server_url: str,
     mqtt_url: str,
     root_public_key: str,
+    ca: FleetCA,
 ) -> EnrollResponse:
     """Trade a one-time token for a device identity. A refused request consumes nothing."""
     token = session.exec(
@@ -107,12 +110,15 @@ def enroll(
         raise ConflictError(
             f"device {req.device_id!r} is already enrolled", device_id=req.device_id
         )
+    client_cert = ca.sign_device_csr(req.csr, req.device_id) if req.csr else None
     secret = new_secret(DEVICE_SECRET_PREFIX)
+    mqtt_password = new_secret("")
     device = Device(
         id=req.device_id,
         profile=req.profile,
         labels={**token.labels, **req.labels},
         secret_hash=hash_secret(secret),
+        mqtt_password_hash=mosquitto_hash(mqtt_password),
         enrolled_at=now,
     )
     token.used_at, token.used_by = now, req.device_id
@@ -131,6 +137,9 @@ def enroll(
         server_url=server_url,
         mqtt_url=mqtt_url,
         root_public_key=root_public_key,
+        client_cert=client_cert,
+        ca_cert=ca.cert_pem if client_cert else None,
+        mqtt_password=mqtt_password,
     )
 
 

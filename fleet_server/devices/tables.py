@@ -24,6 +24,8 @@ class Device(SQLModel, table=True):
     profile: str = Field(max_length=63, index=True)
     labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     secret_hash: str = Field(unique=True, max_length=64)
+    #: Mosquitto-format hash of the device's MQTT password (password-auth brokers).
+    mqtt_password_hash: str | None = Field(default=None, max_length=160)
     enrolled_at: datetime
     last_seen_at: datetime | None = None
     online: bool = False
@@ -94,6 +96,8 @@ class EnrollRequest(BaseModel):
     #: The root public key the device expects (pinned out of band); enrollment is refused,
     #: consuming nothing, when the server's differs.
     expected_root_public_key: str | None = None
+    #: PEM certificate request (CN = device id) for the device's MQTT client certificate.
+    csr: str | None = None
 
 
 class EnrollResponse(BaseModel):
@@ -104,3 +108,8 @@ class EnrollResponse(BaseModel):
     mqtt_url: str
     #: The fleet's root public key (base64 Ed25519), for the agent to pin.
     root_public_key: str
+    #: The device's MQTT client certificate and the fleet CA (when a CSR was sent).
+    client_cert: str | None = None
+    ca_cert: str | None = None
+    #: For brokers without client certificates: username = device id.
+    mqtt_password: str

@@ -1,0 +1,50 @@
+"""MQTT passwords for brokers without client certificates (the fallback to mTLS).
+
+Each device gets its own random password at enrollment; the server keeps only the hash, in
+Mosquitto's own format (``$7$``: PBKDF2-SHA512, 101 iterations, 12-byte salt — checked
+against ``mosquitto_passwd`` 2.0.11), and rewrites the broker's password file from the
+database. Mosquitto rereads it on SIGHUP.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from pathlib import Path
+
+from sqlmodel import Session, col, select
+
+from edge_agent.durable import write_atomic
+
+ITERATIONS = 101
+
+
+def mosquitto_hash(password: str, salt: bytes | None = None) -> str:
+    salt = salt or os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, ITERATIONS, 64)
+    return f"$7${ITERATIONS}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def static_entries_path(password_file: Path) -> Path:
+    """Entries the server does not manage (its own identity), kept beside the file."""
+    return password_file.with_name(password_file.name + ".static")
+
+
+def write_password_file(session: Session, password_file: Path) -> int:
+    """Rewrite the broker's password file: the static entries plus every enrolled device.
+    Returns the number of device entries."""
+    from fleet_server.devices.tables import Device
+
+    static = static_entries_path(password_file)
+    lines = static.read_text().splitlines() if static.is_file() else []
+    devices = session.exec(
+        select(Device).where(col(Device.mqtt_password_hash).is_not(None)).order_by(col(Device.id))
+    ).all()
+    lines += [f"{d.id}:{d.mqtt_password_hash}" for d in devices]
+    # Keep the group broker-config gave the file: the broker reads it as its own user.
+    group = password_file.stat().st_gid if password_file.exists() else None
+    write_atomic(password_file, ("\n".join(lines) + "\n").encode(), mode=0o640)
+    if group is not None and os.geteuid() == 0:
+        os.chown(password_file, -1, group)
+    return len(devices)
