@@ -68,6 +68,7 @@ class Agent:
             self.table,
             TrustStore.from_files(config.trust.root_key_file, config.state_dir / "keyring.json"),
             on_transition=self._transitioned,
+            policy=config.probation,
         )
         self.link = AgentLink(
             config.device_id,

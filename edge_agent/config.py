@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edge_agent.errors import ConfigError
+from edge_agent.lifecycle.probation import ProbationPolicy
 from edge_agent.protocol.topics import DEVICE_ID_PATTERN
 
 
@@ -93,6 +94,7 @@ class AgentConfig(_Section):
     serving: ServingConfig = ServingConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     download: DownloadConfig = DownloadConfig()
+    probation: ProbationPolicy = ProbationPolicy()
 
     @classmethod
     def load(cls, path: Path) -> AgentConfig:

@@ -23,6 +23,7 @@ from edge_agent import codec
 from edge_agent.bundle import Manifest
 from edge_agent.errors import EdgefleetError, RequestError, RuntimeBackendError
 from edge_agent.lifecycle.journal import VersionRef
+from edge_agent.lifecycle.probation import ModelStats, has_nonfinite
 from edge_agent.runtimes import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ class ServingModel:
         self.ref = ref
         self.manifest = manifest
         self.model = model
+        #: Live requests, and the agent's own probes (kept apart: probes use fixed inputs).
+        self.stats = ModelStats()
+        self.probe_stats = ModelStats()
         self._in_flight = 0
         self._retired = False
         self._cond = threading.Condition()
@@ -80,12 +84,13 @@ class SlotTable:
         self._slots: dict[str, ServingModel] = {}
         self._lock = threading.Lock()
 
-    def swap(self, slot: str, new: ServingModel) -> ServingModel | None:
-        """Make ``new`` serve ``slot``; the old model (returned) is retired."""
+    def swap(self, slot: str, new: ServingModel, *, retire_old: bool = True) -> ServingModel | None:
+        """Make ``new`` serve ``slot`` and return the model it replaced, which is retired
+        unless ``retire_old`` is False (probation keeps it loaded to switch back to)."""
         with self._lock:
             old = self._slots.get(slot)
             self._slots[slot] = new
-        if old is not None:
+        if old is not None and retire_old:
             old.retire()
         return old
 
@@ -140,9 +145,23 @@ class Prediction:
 def predict(table: SlotTable, name: str, feeds: dict[str, np.ndarray]) -> Prediction:
     """The in-process serving path (the HTTP API is a thin layer on this)."""
     with table.use(name) as serving:
-        start = time.perf_counter()
+        return run_counted(serving, feeds, serving.stats)
+
+
+def run_counted(
+    serving: ServingModel, feeds: dict[str, np.ndarray], stats: ModelStats
+) -> Prediction:
+    """Run and record the outcome in ``stats``: latency, runtime errors, NaN/inf outputs.
+    A caller's bad input (RequestError) is not the model's fault and is not counted."""
+    start = time.perf_counter()
+    try:
         outputs = serving.model.run(feeds)
-        return Prediction(outputs, serving.ref, (time.perf_counter() - start) * 1000)
+    except RuntimeBackendError:
+        stats.record(None, error=True)
+        raise
+    latency_ms = (time.perf_counter() - start) * 1000
+    stats.record(latency_ms, nonfinite=has_nonfinite(outputs))
+    return Prediction(outputs, serving.ref, latency_ms)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -77,7 +77,7 @@ def run_demo(workdir: Path | None, console: Console) -> int:
 
             for device_id, profile, labels in DEVICES:
                 token = api.post("/v1/enrollment-tokens", json={"profile": profile})["token"]
-                agent = LocalAgent(root / "devices", device_id, profile)
+                agent = LocalAgent(root / "devices", device_id, profile, probation_window_s=3)
                 agent.enroll(stack.url, token, labels)
                 agent.start()
                 agents.append(agent)

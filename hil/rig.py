@@ -33,7 +33,15 @@ def wait_until(
 
 
 class LocalAgent:
-    def __init__(self, root: Path, device_id: str, profile: str, serving_port: int = 0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        device_id: str,
+        profile: str,
+        serving_port: int = 0,
+        probation_window_s: float = 0.5,
+    ) -> None:
+        self.probation_window_s = probation_window_s
         self.device_id = device_id
         self.profile = profile
         self.dir = root / device_id
@@ -67,6 +75,15 @@ class LocalAgent:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         if done.returncode != 0:
             raise RuntimeError(f"enroll {self.device_id} failed: {done.stderr.strip()}")
+        self.configure(
+            f"[probation]\nwindow_s = {self.probation_window_s}\n"
+            f"probe_interval_s = {max(0.01, self.probation_window_s / 25)}\n"
+        )
+
+    def configure(self, toml: str) -> None:
+        """Append sections to the agent's config (before it starts)."""
+        with self.config.open("a") as f:
+            f.write("\n" + toml)
 
     def start(self, env: dict[str, str] | None = None) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

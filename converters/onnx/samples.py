@@ -54,3 +54,91 @@ def mlp_classifier(
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path
+
+
+def _save(graph: object, path: Path, opset: int = 17) -> Path:
+    import onnx
+    from onnx import helper
+
+    model = helper.make_model(
+        graph,  # type: ignore[arg-type]
+        opset_imports=[helper.make_opsetid("", opset)],
+        producer_name="edgefleet-samples",
+    )
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def nan_classifier(path: Path, *, features: int = 16, classes: int = 4) -> Path:
+    """Same interface as :func:`mlp_classifier`, but every output is NaN (0/0 inside): a
+    broken model that loads and passes its own self-test, for probation to catch."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.ones((features, classes), np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Sub", ["x", "x"], ["zero"]),
+            helper.make_node("Div", ["zero", "zero"], ["nan"]),
+            helper.make_node("MatMul", ["nan", "w"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
+        ],
+        "nan_classifier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", classes])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    return _save(graph, path)
+
+
+def slow_classifier(
+    path: Path,
+    *,
+    features: int = 16,
+    classes: int = 4,
+    seed: int = 0,
+    width: int = 512,
+    depth: int = 24,
+) -> Path:
+    """Same interface and outputs as ``mlp_classifier(seed=seed)``, plus a chain of
+    ``depth`` (width, width) matmuls whose result is multiplied by zero: many times slower,
+    numerically the same."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    base = mlp_classifier(
+        path.with_suffix(".base.onnx"), features=features, classes=classes, seed=seed
+    )
+    model = onnx.load(str(base))
+    base.unlink()
+    g = model.graph
+    rng = np.random.default_rng(seed + 1)
+    inits = [
+        numpy_helper.from_array(
+            (rng.standard_normal((features, width)) * 0.01).astype(np.float32), "s_in"
+        )
+    ]
+    nodes = [helper.make_node("MatMul", ["x", "s_in"], ["s0"])]
+    for i in range(depth):
+        inits.append(
+            numpy_helper.from_array(
+                (rng.standard_normal((width, width)) * 0.01).astype(np.float32), f"s_w{i}"
+            )
+        )
+        nodes.append(helper.make_node("MatMul", [f"s{i}", f"s_w{i}"], [f"s{i + 1}"]))
+    inits.append(numpy_helper.from_array(np.zeros((width, classes), np.float32), "s_out"))
+    nodes.append(helper.make_node("MatMul", [f"s{depth}", "s_out"], ["s_zero"]))
+    # Rewire: logits → logits + s_zero, before the softmax.
+    softmax = next(n for n in g.node if n.op_type == "Softmax")
+    softmax.input[0] = "slow_logits"
+    nodes.append(helper.make_node("Add", ["logits", "s_zero"], ["slow_logits"]))
+    graph = helper.make_graph(
+        [n for n in g.node if n is not softmax] + nodes + [softmax],
+        "slow_classifier",
+        list(g.input),
+        list(g.output),
+        list(g.initializer) + inits,
+    )
+    return _save(graph, path)

@@ -13,6 +13,7 @@ identical content, which resumes an interrupted deployment.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import random
@@ -21,17 +22,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import numpy as np
+
 from edge_agent.bundle import VerifiedBundle
-from edge_agent.bundle.selftest import run_selftest
+from edge_agent.bundle.selftest import run_selftest, unpack
 from edge_agent.canonical import canonical_json
 from edge_agent.download import download_bundle
-from edge_agent.errors import DesiredStateError, EdgefleetError, TransportError
+from edge_agent.errors import DesiredStateError, EdgefleetError, RuntimeBackendError, TransportError
 from edge_agent.lifecycle.journal import Journal, SlotRecord, VersionRef
+from edge_agent.lifecycle.probation import (
+    ModelStats,
+    ProbationPolicy,
+    StatsSnapshot,
+    check_health,
+    check_latency,
+)
 from edge_agent.lifecycle.states import IN_FLIGHT, TERMINAL, Event, State, next_state
 from edge_agent.protocol.desired import DesiredState, SignedDesiredState, SlotAssignment
 from edge_agent.protocol.status import Transition
 from edge_agent.runtimes import LoadOptions, get_runtime
-from edge_agent.serving import ServingModel, SlotTable
+from edge_agent.serving import ServingModel, SlotTable, run_counted
 from edge_agent.store import ModelStore
 from edge_agent.trust import TrustStore
 
@@ -59,7 +69,16 @@ class Deployment:
     target: SlotAssignment
     verified: VerifiedBundle | None = None
     staged: ServingModel | None = None
+    #: The model the switch replaced, kept loaded through probation to switch back to.
+    prior: ServingModel | None = None
+    prior_live: StatsSnapshot | None = None
+    prior_probe_p95_ms: float | None = None
+    probe_inputs: dict[str, np.ndarray] | None = None
     error: EdgefleetError | None = None
+
+
+class ProbationError(RuntimeBackendError):
+    """The new version breached the probation policy; ``fields`` holds the figures."""
 
 
 def desired_digest(doc: DesiredState) -> str:
@@ -75,10 +94,14 @@ class Deployer:
         table: SlotTable,
         trust: TrustStore,
         on_transition: Callable[[Transition], None],
+        policy: ProbationPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.device = device
         self.trust = trust
+        self.policy = policy or ProbationPolicy()
+        self._clock = clock
         self.journal = journal
         self.store = store
         self.table = table
@@ -89,13 +112,29 @@ class Deployer:
             State.VERIFYING: self._verify,
             State.STAGING: self._stage,
             State.SWITCHING: self._switch,
+            State.PROBATION: self._probation,
+            State.ROLLING_BACK: self._roll_back,
         }
 
     # --- start-up ----------------------------------------------------------------------------
     def restore(self) -> None:
         """Serve every slot's committed version from disk (no server needed)."""
         for slot, rec in self.journal.data.slots.items():
-            if rec.state in IN_FLIGHT:
+            if rec.state in (State.PROBATION, State.ROLLING_BACK):
+                # The new version may be what brought the agent down: never retry it on its
+                # own. The committed version (loaded below) is the prior, so the rollback is
+                # complete once it serves.
+                log.warning("slot %s: agent stopped in %s; rolling back", slot, rec.state)
+                if rec.state == State.PROBATION:
+                    rec.state = next_state(rec.state, Event.FAILURE)
+                rec.state = next_state(rec.state, Event.SUCCESS)
+                rec.error = {
+                    "reason": "interrupted_in_probation",
+                    "message": "the agent stopped while the new version was on probation",
+                    "retry": "no",
+                }
+                self.journal.save()
+            elif rec.state in IN_FLIGHT:
                 # A crash mid-step is that step failing. The committed version is what serves;
                 # the same desired state arrives again (retained) and the deployment restarts.
                 log.warning(
@@ -175,7 +214,7 @@ class Deployer:
             ):
                 continue
             if (
-                rec.state == State.FAILED
+                rec.state in (State.FAILED, State.ROLLED_BACK)
                 and rec.target is not None
                 and rec.target.bundle_sha256 == assignment.bundle_sha256
                 and rec.error is not None
@@ -224,14 +263,15 @@ class Deployer:
             assert ctx.staged is not None
             rec.previous, rec.committed = rec.committed, ctx.staged.ref
             rec.target = None
-        elif new == State.FAILED and ctx.error is not None:
+        elif new in (State.FAILED, State.ROLLING_BACK, State.ROLLED_BACK) and ctx.error:
             rec.error = {
                 "reason": ctx.error.reason,
                 "message": ctx.error.message,
                 "retry": "yes" if isinstance(ctx.error, TransportError) else "no",
+                **{k: str(v) for k, v in ctx.error.fields.items()},
             }
         self.journal.save()
-        err = ctx.error if new == State.FAILED else None
+        err = ctx.error if new in (State.FAILED, State.ROLLING_BACK, State.ROLLED_BACK) else None
         self._emit(
             slot,
             old,
@@ -269,6 +309,8 @@ class Deployer:
         )
 
     def _finish(self, rec: SlotRecord, ctx: Deployment, state: State) -> None:
+        if state == State.COMMITTED and ctx.prior is not None:
+            ctx.prior.retire()
         if state == State.FAILED and ctx.staged is not None:
             ctx.staged.retire()
         if (
@@ -352,11 +394,63 @@ class Deployer:
             precision=m.precision,
         )
         ctx.staged = self._load(ctx.verified, ref)
+        ctx.probe_inputs, _ = unpack(ctx.verified.directory / m.selftest.file)
+        self._measure_prior(ctx)
         return Event.SUCCESS
+
+    def _measure_prior(self, ctx: Deployment) -> None:
+        """The prior version's latency on the new bundle's probe inputs (like with like)."""
+        prior = self.table.snapshot().get(ctx.slot)
+        if prior is None or ctx.probe_inputs is None:
+            return
+        ctx.prior_live = prior.stats.snapshot()
+        specs = {(s.name, s.dtype) for s in prior.manifest.inputs}
+        if specs != {(k, v.dtype.name) for k, v in ctx.probe_inputs.items()}:
+            return  # another interface: only live traffic can compare them
+        probes = ModelStats()
+        try:
+            for _ in range(self.policy.min_latency_samples):
+                run_counted(prior, ctx.probe_inputs, probes)
+        except EdgefleetError as e:
+            log.warning("slot %s: prior version failed a probe: %s", ctx.slot, e.message)
+            return
+        ctx.prior_probe_p95_ms = probes.snapshot().p95()
 
     def _switch(self, ctx: Deployment) -> Event:
         assert ctx.staged is not None
-        self.table.swap(ctx.slot, ctx.staged)
+        ctx.prior = self.table.swap(ctx.slot, ctx.staged, retire_old=False)
+        return Event.SUCCESS
+
+    def _probation(self, ctx: Deployment) -> Event:
+        """Watch the new version for ``window_s``; the first breach ends it."""
+        staged, policy = ctx.staged, self.policy
+        assert staged is not None and ctx.probe_inputs is not None
+        deadline = self._clock() + policy.window_s
+        while True:
+            breach = check_health(staged.stats.snapshot(), staged.probe_stats.snapshot(), policy)
+            if breach is None and self._clock() >= deadline:
+                breach = check_latency(
+                    staged.stats.snapshot(),
+                    ctx.prior_live,
+                    staged.probe_stats.snapshot(),
+                    ctx.prior_probe_p95_ms,
+                    policy,
+                )
+                if breach is None:
+                    return Event.SUCCESS
+            if breach is not None:
+                raise ProbationError(breach.message, reason=breach.reason, **breach.figures)
+            self._sleep(min(policy.probe_interval_s, max(0.0, deadline - self._clock())))
+            with contextlib.suppress(RuntimeBackendError):  # run_counted counted it
+                run_counted(staged, ctx.probe_inputs, staged.probe_stats)
+
+    def _roll_back(self, ctx: Deployment) -> Event:
+        """Switch the prior version back in (or leave the slot empty if there was none: a
+        version that failed its checks is never served)."""
+        if ctx.prior is not None:
+            self.table.swap(ctx.slot, ctx.prior)
+        else:
+            self.table.remove(ctx.slot)
         return Event.SUCCESS
 
     def _load(self, verified: VerifiedBundle, ref: VersionRef) -> ServingModel:

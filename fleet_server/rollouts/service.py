@@ -153,12 +153,12 @@ def _target_status(
     error = slot_report.get("error")
     state = "pending"
     if active.get("bundle_sha256") == target.bundle_sha256:
-        state = "serving"
-    elif (
-        slot_report.get("state") == "FAILED"
-        and slot_report.get("target_sha256") == target.bundle_sha256
+        state = "probation" if slot_report.get("state") == "PROBATION" else "serving"
+    elif slot_report.get("target_sha256") == target.bundle_sha256 and slot_report.get("state") in (
+        "FAILED",
+        "ROLLED_BACK",
     ):
-        state = "failed"
+        state = "failed" if slot_report["state"] == "FAILED" else "rolled_back"
     elif reported.get("refusal") and device.reported_seq < target.desired_seq:
         state, error = "refused", reported["refusal"]
     return TargetStatus(
@@ -190,12 +190,12 @@ def describe(session: Session, rollout: Rollout) -> RolloutPublic:
         bundle = session.get(Bundle, t.bundle_sha256)
         assert device is not None and bundle is not None
         statuses.append(_target_status(device, t, rollout.slot, bundle))
-    counts = {s: 0 for s in ("pending", "serving", "failed", "refused")}
+    counts = {s: 0 for s in ("pending", "probation", "serving", "failed", "rolled_back", "refused")}
     for s in statuses:
         counts[s.state] += 1
     if counts["serving"] == len(statuses):
         overall = "completed"
-    elif counts["pending"] == 0:
+    elif counts["pending"] == 0 and counts["probation"] == 0:
         overall = "failed"
     else:
         overall = "in_progress"

@@ -53,7 +53,7 @@ class TargetStatus(BaseModel):
     bundle_sha256: str
     runtime: str
     precision: str
-    #: pending / serving / failed / refused
+    #: pending / probation / serving / failed / rolled_back / refused
     state: str
     #: The slot's lifecycle state as the device last reported it.
     device_state: str | None

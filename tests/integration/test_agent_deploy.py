@@ -18,6 +18,7 @@ from edge_agent.bundle.selftest import pack
 from edge_agent.errors import DesiredStateError
 from edge_agent.lifecycle.deployer import Deployer, DeviceContext
 from edge_agent.lifecycle.journal import Journal
+from edge_agent.lifecycle.probation import ProbationPolicy
 from edge_agent.lifecycle.states import State
 from edge_agent.protocol.desired import SignedDesiredState, SlotAssignment
 from edge_agent.protocol.status import Transition
@@ -39,12 +40,28 @@ def files(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     server.shutdown()
 
 
+class FakeClock:
+    """Probation windows pass instantly; probes still run the real model."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += seconds
+
+
 class Device:
     """One simulated device: journal + store + slot table under a state dir."""
 
-    def __init__(self, state_dir: Path, fleet: TestFleet) -> None:
+    def __init__(
+        self, state_dir: Path, fleet: TestFleet, policy: ProbationPolicy | None = None
+    ) -> None:
         from edge_agent.store import ModelStore
 
+        self.clock = FakeClock()
         self.fleet = fleet
         self.state_dir = state_dir
         self.transitions: list[Transition] = []
@@ -65,7 +82,9 @@ class Device:
             self.table,
             TrustStore(fleet.root.public_key(), state_dir / "keyring.json"),
             on_transition=self.transitions.append,
-            sleep=lambda s: None,
+            policy=policy or ProbationPolicy(window_s=0),
+            sleep=self.clock.sleep,
+            clock=self.clock.now,
         )
 
     def apply(
@@ -136,6 +155,7 @@ def test_deploy_serves_the_model_with_onnxruntime_equal_outputs(
         "VERIFYING",
         "STAGING",
         "SWITCHING",
+        "PROBATION",
         "COMMITTED",
     ]
     x = np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32)
@@ -279,3 +299,99 @@ def test_garbage_collection_keeps_current_and_previous(
         shas.append(sha256(out))
     kept = sorted(p.name for p in (dev.state_dir / "models").iterdir())
     assert kept == sorted(shas[1:])
+
+
+# --- probation -----------------------------------------------------------------------------------
+PROBATION = ProbationPolicy(window_s=2.0, probe_interval_s=0.05, min_latency_samples=20)
+
+
+def _bundle(tmp_path: Path, fleet: TestFleet, model: Path, version: str) -> Path:
+    out = tmp_path / f"{version}.efb"
+    make_bundle(model, out, version=version, fleet=fleet)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [("nan", "nonfinite_outputs"), ("slow", "latency_regression")],
+)
+def test_probation_rolls_back_to_the_prior_version(
+    files: tuple[Path, str], v1: Path, tmp_path: Path, fleet: TestFleet, bad: str, reason: str
+) -> None:
+    from converters.onnx.samples import nan_classifier, slow_classifier
+
+    root, base = files
+    dev = Device(tmp_path / "dev", fleet, PROBATION)
+    dev.apply(1, {"clf": publish(root, base, v1, "1.0.0")})
+    prior = dev.table.snapshot()["clf"]
+    model = (
+        nan_classifier(tmp_path / "nan.onnx")
+        if bad == "nan"
+        else slow_classifier(tmp_path / "slow.onnx", seed=3)
+    )
+    dev.apply(2, {"clf": publish(root, base, _bundle(tmp_path, fleet, model, "2.0.0"), "2.0.0")})
+    rec = dev.journal.data.slots["clf"]
+    assert rec.state == State.ROLLED_BACK
+    assert rec.error is not None and rec.error["reason"] == reason, rec.error
+    assert [t.to_state for t in dev.transitions[-3:]] == [
+        "PROBATION",
+        "ROLLING_BACK",
+        "ROLLED_BACK",
+    ]
+    assert dev.transitions[-1].reason == reason
+    # The very same loaded prior serves again; its files were never touched.
+    assert dev.table.snapshot()["clf"] is prior and prior.model._session is not None  # type: ignore[attr-defined]
+    assert rec.committed is not None and rec.committed.version == "1.0.0"
+    out = predict(dev.table, "clf", {"x": np.ones((1, 16), np.float32)}).outputs["probs"]
+    assert np.isfinite(out).all()
+    if reason == "latency_regression":
+        assert float(rec.error["ratio"]) > 2.0
+    # The same document again does not retry the rolled-back version.
+    dev.transitions.clear()
+    dev.deployer.converge(dev.fleet.desired("dev-1", 2, {"clf": rec.target}).signed)  # type: ignore[dict-item]
+    assert dev.transitions == []
+
+
+def test_a_healthy_version_is_committed_after_probation_and_the_prior_closed(
+    files: tuple[Path, str], v1: Path, v2: Path, tmp_path: Path, fleet: TestFleet
+) -> None:
+    root, base = files
+    dev = Device(tmp_path / "dev", fleet, PROBATION)
+    dev.apply(1, {"clf": publish(root, base, v1, "1.0.0")})
+    prior = dev.table.snapshot()["clf"]
+    dev.apply(2, {"clf": publish(root, base, v2, "2.0.0")})
+    rec = dev.journal.data.slots["clf"]
+    assert rec.state == State.COMMITTED and rec.committed and rec.committed.version == "2.0.0"
+    assert rec.previous and rec.previous.version == "1.0.0"
+    assert prior.model._session is None  # type: ignore[attr-defined]  # closed once committed
+    assert dev.table.snapshot()["clf"].probe_stats.snapshot().requests >= 20
+
+
+def test_a_first_version_that_fails_probation_is_not_served(
+    files: tuple[Path, str], tmp_path: Path, fleet: TestFleet
+) -> None:
+    from converters.onnx.samples import nan_classifier
+
+    root, base = files
+    dev = Device(tmp_path / "dev", fleet, PROBATION)
+    bad = _bundle(tmp_path, fleet, nan_classifier(tmp_path / "nan.onnx"), "1.0.0")
+    dev.apply(1, {"clf": publish(root, base, bad, "1.0.0")})
+    assert dev.journal.data.slots["clf"].state == State.ROLLED_BACK
+    assert "clf" not in dev.table.snapshot()
+
+
+def test_a_crash_during_probation_returns_to_the_committed_version(
+    files: tuple[Path, str], v1: Path, v2: Path, tmp_path: Path, fleet: TestFleet
+) -> None:
+    root, base = files
+    dev = Device(tmp_path / "dev", fleet)
+    dev.apply(1, {"clf": publish(root, base, v1, "1.0.0")})
+    rec = dev.journal.data.slots["clf"]
+    rec.state, rec.target = State.PROBATION, publish(root, base, v2, "2.0.0")
+    dev.journal.save()
+    again = Device(tmp_path / "dev", fleet)
+    again.deployer.restore()
+    assert again.serving_version() == "1.0.0"
+    rec = again.journal.data.slots["clf"]
+    assert rec.state == State.ROLLED_BACK and rec.error
+    assert rec.error["reason"] == "interrupted_in_probation" and rec.error["retry"] == "no"

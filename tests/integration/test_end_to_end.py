@@ -113,11 +113,17 @@ def test_restarted_agent_serves_again_without_server_or_broker(
         api = ApiClient(stack.url, stack.admin_token)
         api.upload_model(model_path, "classifier", "1.0.0")
         [agent] = _start_agents(api, stack, tmp_path / "devices", [("e2e-restart", "x86-64-avx2")])
-        api.post(
+        rollout = api.post(
             "/v1/rollouts",
             json={"model": "classifier", "version": "1.0.0", "devices": ["e2e-restart"]},
         )
         agent.wait_serving("classifier", "1.0.0")
+        # Committed, not merely on probation (a crash on probation rolls back).
+        wait_until(
+            lambda: api.get(f"/v1/rollouts/{rollout['id']}")["state"] == "completed",
+            30,
+            "the version to pass probation",
+        )
     finally:
         stack.stop()
     assert agent is not None

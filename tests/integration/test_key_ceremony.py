@@ -98,6 +98,7 @@ def test_init_rotate_revoke(
         assert bad.returncode == 1 and "root key is not the one the device expects" in bad.stderr
         ok = subprocess.run([*enroll, "--root-key", root_public], capture_output=True, text=True)
         assert ok.returncode == 0, ok.stderr
+        agent.configure("[probation]\nwindow_s = 0.5\nprobe_interval_s = 0.02\n")
         agent.start()
         agent.wait_ready()
         api.post(
