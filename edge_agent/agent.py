@@ -62,6 +62,8 @@ class Agent:
                 credential=credential,
                 download_attempts=config.download.attempts,
                 download_timeout_s=config.download.timeout_s,
+                download_max_bytes_per_s=config.download.max_bytes_per_s,
+                download_reserve_bytes=config.download.reserve_bytes,
             ),
             self.journal,
             self.store,

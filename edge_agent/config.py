@@ -77,6 +77,10 @@ class RuntimeConfig(_Section):
 class DownloadConfig(_Section):
     attempts: int = Field(default=5, ge=1, le=100)
     timeout_s: float = Field(default=30.0, gt=0)
+    #: Cap on download bandwidth (bytes/s), e.g. for metered cellular links; unset: none.
+    max_bytes_per_s: int | None = Field(default=None, gt=0)
+    #: Free disk space that must remain after the bundle and its extracted copy.
+    reserve_bytes: int = Field(default=64 << 20, ge=0)
 
 
 class TrustConfig(_Section):

@@ -1,20 +1,48 @@
-"""Downloading a bundle over HTTP, never reading past its declared size.
+"""Downloading a bundle over HTTP: resumable, bounded, optionally rate-limited.
 
 The server is trusted for nothing here: a response longer than the desired state's ``size``
-is cut off and refused, a shorter one is an I/O error (retry), and the sha256 of the bytes
-must equal the desired state's before the file is moved to its final name.
+is cut off and refused, and the sha256 of the bytes must equal the desired state's before the
+file is moved to its final name. An interrupted download (network drop, agent crash, power
+loss) leaves ``<sha256>.part``; the next attempt asks for the rest with ``Range`` and keeps
+the bytes it has when the server honours it (206 from the right offset), else starts over.
+A part file is named by the digest it must reach, so resuming can never mix two bundles.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import shutil
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
+from edge_agent import failpoints
 from edge_agent.errors import BundleError, TransportError
 
-_CHUNK = 1 << 16
+log = logging.getLogger(__name__)
+
+_CHUNK = 16 << 10
+
+
+class InsufficientSpaceError(TransportError):
+    """Not enough free disk for the bundle; retrying later (after clean-up) may work."""
+
+    reason = "insufficient_space"
+
+
+def check_free_space(directory: Path, needed: int, reserve_bytes: int) -> None:
+    """The bundle and its extracted copy must fit, with ``reserve_bytes`` left over."""
+    free = shutil.disk_usage(directory).free
+    if free - 2 * needed < reserve_bytes:
+        raise InsufficientSpaceError(
+            f"{free} bytes free, a {needed}-byte bundle needs {2 * needed} plus the "
+            f"{reserve_bytes}-byte reserve",
+            free_bytes=free,
+            needed_bytes=2 * needed,
+        )
 
 
 def download_bundle(
@@ -26,20 +54,43 @@ def download_bundle(
     sha256: str,
     credential: str,
     timeout_s: float,
+    max_bytes_per_s: int | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> None:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {credential}"})
     h = hashlib.sha256()
-    received = 0
+    have = partial.stat().st_size if partial.exists() else 0
+    if have > size:
+        partial.unlink()
+        have = 0
+    if have:
+        with partial.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    headers = {"Authorization": f"Bearer {credential}"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    request = urllib.request.Request(url, headers=headers)
+    received = have
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            if have and not (
+                response.status == 206
+                and (response.headers.get("Content-Range") or "").startswith(f"bytes {have}-")
+            ):
+                log.info("server ignored the range request; downloading from the start")
+                h, have, received = hashlib.sha256(), 0, 0
+            elif have:
+                log.info("resuming download at %d of %d bytes", have, size)
             declared = response.headers.get("Content-Length")
-            if declared is not None and declared.isdigit() and int(declared) > size:
+            if declared is not None and declared.isdigit() and int(declared) > size - have:
                 raise BundleError(
-                    f"server offers {declared} bytes, the desired state says {size}",
+                    f"server offers {int(declared) + have} bytes, the desired state says {size}",
                     reason="oversize",
                     bundle_sha256=sha256,
                 )
-            with partial.open("wb") as out:
+            start, start_bytes = clock(), received
+            with partial.open("ab" if have else "wb") as out:
                 while received < size:
                     chunk = response.read(min(_CHUNK, size - received))
                     if not chunk:
@@ -47,6 +98,12 @@ def download_bundle(
                     h.update(chunk)
                     out.write(chunk)
                     received += len(chunk)
+                    if max_bytes_per_s:
+                        ahead = (received - start_bytes) / max_bytes_per_s - (clock() - start)
+                        if ahead > 0:
+                            sleep(ahead)
+                    out.flush()
+                    failpoints.hit("download.chunk")
                 if received == size and response.read(1):
                     raise BundleError(
                         f"server sent more than the declared {size} bytes",
@@ -54,19 +111,21 @@ def download_bundle(
                         bundle_sha256=sha256,
                     )
     except urllib.error.HTTPError as e:
-        partial.unlink(missing_ok=True)
+        if e.code == 416:  # our part file is not a prefix the server knows: start over
+            partial.unlink(missing_ok=True)
         raise TransportError(
             f"bundle download failed: HTTP {e.code} {e.reason}", status=e.code
         ) from e
     except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-        partial.unlink(missing_ok=True)
-        raise TransportError(f"bundle download failed: {e}") from e
+        # Keep what arrived: the next attempt resumes from there.
+        raise TransportError(f"bundle download failed: {e}", received_bytes=received) from e
     except BundleError:
         partial.unlink(missing_ok=True)
         raise
     if received < size:
-        partial.unlink(missing_ok=True)
-        raise TransportError(f"bundle download ended after {received} of {size} bytes")
+        raise TransportError(
+            f"bundle download ended after {received} of {size} bytes", received_bytes=received
+        )
     if h.hexdigest() != sha256:
         partial.unlink(missing_ok=True)
         raise BundleError(

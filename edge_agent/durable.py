@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from edge_agent import failpoints
+
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -18,6 +20,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    failpoints.hit(f"write.{path.name}")
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

@@ -87,4 +87,7 @@ class ModelStore:
         for f in self.bundles.glob("*.efb"):
             if f.stem not in keep:
                 f.unlink(missing_ok=True)
+        for f in self.downloads.glob("*.part"):
+            if f.stem not in keep:
+                f.unlink(missing_ok=True)
         return removed

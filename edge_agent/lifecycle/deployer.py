@@ -24,10 +24,11 @@ from datetime import UTC, datetime
 
 import numpy as np
 
+from edge_agent import failpoints
 from edge_agent.bundle import VerifiedBundle
 from edge_agent.bundle.selftest import run_selftest, unpack
 from edge_agent.canonical import canonical_json
-from edge_agent.download import download_bundle
+from edge_agent.download import check_free_space, download_bundle
 from edge_agent.errors import DesiredStateError, EdgefleetError, RuntimeBackendError, TransportError
 from edge_agent.lifecycle.journal import Journal, SlotRecord, VersionRef
 from edge_agent.lifecycle.probation import (
@@ -61,6 +62,8 @@ class DeviceContext:
     credential: str
     download_attempts: int
     download_timeout_s: float
+    download_max_bytes_per_s: int | None = None
+    download_reserve_bytes: int = 0
 
 
 @dataclass
@@ -271,6 +274,7 @@ class Deployer:
                 **{k: str(v) for k, v in ctx.error.fields.items()},
             }
         self.journal.save()
+        failpoints.hit(f"lifecycle.{new}")
         err = ctx.error if new in (State.FAILED, State.ROLLING_BACK, State.ROLLED_BACK) else None
         self._emit(
             slot,
@@ -331,8 +335,10 @@ class Deployer:
             for ref in (rec.committed, rec.previous):
                 if ref is not None:
                     keep.add(ref.bundle_sha256)
-            if rec.target is not None and rec.state in IN_FLIGHT:
-                keep.add(rec.target.bundle_sha256)
+            if rec.target is not None and (
+                rec.state in IN_FLIGHT or (rec.error or {}).get("retry") == "yes"
+            ):
+                keep.add(rec.target.bundle_sha256)  # an interrupted download resumes
         self.store.collect_garbage(keep)
 
     # --- handlers: one step each, returning an event -----------------------------------------
@@ -340,6 +346,7 @@ class Deployer:
         sha = ctx.target.bundle_sha256
         if self.store.has_model(sha) or self.store.bundle_path(sha).is_file():
             return Event.SUCCESS
+        check_free_space(self.store.downloads, ctx.target.size, self.device.download_reserve_bytes)
         attempts = self.device.download_attempts
         for attempt in range(1, attempts + 1):
             try:
@@ -351,6 +358,8 @@ class Deployer:
                     sha256=sha,
                     credential=self.device.credential,
                     timeout_s=self.device.download_timeout_s,
+                    max_bytes_per_s=self.device.download_max_bytes_per_s,
+                    sleep=self._sleep,
                 )
                 return Event.SUCCESS
             except TransportError as e:

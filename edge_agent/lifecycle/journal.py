@@ -47,6 +47,9 @@ class JournalData(BaseModel):
 class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
+        # A crash inside an atomic write leaves its temp file; the journal itself is intact.
+        for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+            leftover.unlink(missing_ok=True)
         self.data = self._read()
 
     def _read(self) -> JournalData:

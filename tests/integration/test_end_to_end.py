@@ -138,3 +138,50 @@ def test_restarted_agent_serves_again_without_server_or_broker(
         )
     finally:
         agent.stop()
+
+
+def test_bad_versions_are_rolled_back_by_the_agent_and_reported(
+    stack: EmbeddedStack, api: ApiClient, model_path: Path, tmp_path: Path, uid: str
+) -> None:
+    """A version that emits NaN and one that is far slower: each passes upload, build and
+    self-test, gets switched in, fails probation on the device, and the prior version serves
+    again. The server learns why, with the figures."""
+    from converters.onnx.samples import nan_classifier, slow_classifier
+
+    api.upload_model(model_path, "classifier", "1.0.0")
+    api.upload_model(nan_classifier(tmp_path / "nan.onnx"), "classifier", "1.1.0")
+    api.upload_model(slow_classifier(tmp_path / "slow.onnx", seed=3), "classifier", "1.2.0")
+    device = f"bad-{uid}"
+    [agent] = _start_agents(api, stack, tmp_path / "devices", [(device, "x86-64-avx2")])
+    try:
+        first = api.post(
+            "/v1/rollouts", json={"model": "classifier", "version": "1.0.0", "devices": [device]}
+        )
+        wait_until(
+            lambda: api.get(f"/v1/rollouts/{first['id']}")["state"] == "completed",
+            30,
+            "v1 committed",
+        )
+        for version, reason in (("1.1.0", "nonfinite_outputs"), ("1.2.0", "latency_regression")):
+            r = api.post(
+                "/v1/rollouts",
+                json={"model": "classifier", "version": version, "devices": [device]},
+            )
+            done = wait_until(
+                lambda r=r: (
+                    (s := api.get(f"/v1/rollouts/{r['id']}"))["state"] != "in_progress" and s
+                ),
+                30,
+                f"the rollout of {version} to end",
+            )
+            assert done["state"] == "failed" and done["counts"]["rolled_back"] == 1
+            target = done["targets"][0]
+            assert target["state"] == "rolled_back" and target["error"]["reason"] == reason, target
+            assert (agent.serving("classifier") or {})["version"] == "1.0.0"
+            reported = api.get(f"/v1/devices/{device}")["reported"]
+            transition = reported["last_transition"]
+            assert transition["to_state"] == "ROLLED_BACK" and transition["reason"] == reason
+        x = np.ones((1, 16), np.float32)
+        assert np.isfinite(agent.client.predict("classifier", {"x": x})["probs"]).all()
+    finally:
+        agent.stop()
