@@ -21,7 +21,13 @@ from edge_agent.link import AgentLink
 from edge_agent.protocol.desired import SignedDesiredState
 from edge_agent.protocol.status import ActiveModel, ReportedStatus, SlotStatus, Transition
 from edge_agent.runtimes import LoadOptions, available_runtimes
-from edge_agent.serving import InferenceHTTPServer, SlotTable, start_http
+from edge_agent.serving import (
+    InferenceHTTPServer,
+    InferenceUnixServer,
+    SlotTable,
+    start_http,
+    start_unix,
+)
 from edge_agent.store import ModelStore
 from edge_agent.trust import TrustStore
 from firmware_profiles import default_catalog
@@ -87,6 +93,7 @@ class Agent:
         self._stopping = threading.Event()
         self._status_lock = threading.Lock()
         self.http: InferenceHTTPServer | None = None
+        self.unix: InferenceUnixServer | None = None
         self._worker: threading.Thread | None = None
 
     # --- lifecycle of the daemon -----------------------------------------------------------------
@@ -94,6 +101,9 @@ class Agent:
         self.deployer.restore()
         self.http, _ = start_http(self.table, self.config.serving.host, self.config.serving.port)
         log.info("serving on http://%s:%d", self.config.serving.host, self.http.port)
+        if self.config.serving.unix_socket is not None:
+            self.unix = start_unix(self.table, self.config.serving.unix_socket)
+            log.info("serving on unix://%s", self.config.serving.unix_socket)
         self._worker = threading.Thread(target=self._work, name="edge-agent-deploy", daemon=True)
         self._worker.start()
         self.link.start()
@@ -105,9 +115,10 @@ class Agent:
         self.link.stop()
         if self._worker is not None:
             self._worker.join(timeout=30)
-        if self.http is not None:
-            self.http.shutdown()
-            self.http.server_close()
+        for server in (self.http, self.unix):
+            if server is not None:
+                server.shutdown()
+                server.server_close()
         self.table.close()
 
     def wait(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,20 +30,42 @@ class AgentError(EdgefleetError):
         self.status = status
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
 class AgentClient:
+    """``http://127.0.0.1:8651`` or ``unix:///var/lib/edgefleet/serving.sock``."""
+
     def __init__(self, base_url: str = "http://127.0.0.1:8651", timeout_s: float = 30.0) -> None:
         parts = urlsplit(base_url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"expected http://host:port, got {base_url!r}")
-        self._host = parts.hostname
-        self._port = parts.port or 80
+        self._unix_path: str | None = None
+        if parts.scheme == "unix" and parts.path:
+            self._unix_path = parts.path
+            self._host, self._port = "localhost", 0
+        elif parts.scheme == "http" and parts.hostname:
+            self._host = parts.hostname
+            self._port = parts.port or 80
+        else:
+            raise ValueError(f"expected http://host:port or unix:///path, got {base_url!r}")
         self._timeout_s = timeout_s
         self._local = threading.local()
 
     def _conn(self) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout_s)
+            if self._unix_path is not None:
+                conn = _UnixConnection(self._unix_path, self._timeout_s)
+            else:
+                conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout_s)
             self._local.conn = conn
         return conn
 

@@ -67,6 +67,13 @@ class MqttConfig(_Section):
 class ServingConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8651, ge=0, le=65535)
+    #: The same API on a Unix socket (mode 0660), relative to the config file; "" disables.
+    unix_socket: Path | None = Path("serving.sock")
+
+    @field_validator("unix_socket", mode="before")
+    @classmethod
+    def _empty_disables(cls, value: object) -> object:
+        return None if value == "" else value
 
 
 class RuntimeConfig(_Section):
@@ -123,6 +130,13 @@ class AgentConfig(_Section):
                     update={"credential_file": base / config.server.credential_file}
                 ),
                 "trust": TrustConfig(root_key_file=base / config.trust.root_key_file),
+                "serving": config.serving.model_copy(
+                    update={
+                        "unix_socket": base / config.serving.unix_socket
+                        if config.serving.unix_socket
+                        else None
+                    }
+                ),
                 "mqtt": config.mqtt.model_copy(
                     update={
                         name: base / value

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,8 +41,11 @@ class LocalAgent:
         profile: str,
         serving_port: int = 0,
         probation_window_s: float = 0.5,
+        probation: str = "",
     ) -> None:
         self.probation_window_s = probation_window_s
+        #: Extra lines for the agent's [probation] section.
+        self.probation = probation
         self.device_id = device_id
         self.profile = profile
         self.dir = root / device_id
@@ -75,9 +79,16 @@ class LocalAgent:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         if done.returncode != 0:
             raise RuntimeError(f"enroll {self.device_id} failed: {done.stderr.strip()}")
+        # AF_UNIX paths are limited to ~108 bytes; test directories can be deeper than that.
+        self.socket_path = Path(tempfile.mkdtemp(prefix="efa-")) / "serving.sock"
+        text = self.config.read_text()
+        port_line = f"port = {self.serving_port}\n"
+        self.config.write_text(
+            text.replace(port_line, port_line + f'unix_socket = "{self.socket_path}"\n', 1)
+        )
         self.configure(
             f"[probation]\nwindow_s = {self.probation_window_s}\n"
-            f"probe_interval_s = {max(0.01, self.probation_window_s / 25)}\n"
+            f"probe_interval_s = {max(0.01, self.probation_window_s / 25)}\n" + self.probation
         )
 
     def configure(self, toml: str) -> None:

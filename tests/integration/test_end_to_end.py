@@ -185,3 +185,94 @@ def test_bad_versions_are_rolled_back_by_the_agent_and_reported(
         assert np.isfinite(agent.client.predict("classifier", {"x": x})["probs"]).all()
     finally:
         agent.stop()
+
+
+def test_twenty_swaps_under_load_drop_no_request(
+    stack: EmbeddedStack,
+    api: ApiClient,
+    model_path: Path,
+    model_v2_path: Path,
+    tmp_path: Path,
+    uid: str,
+) -> None:
+    """Clients send requests back to back, over HTTP and the Unix socket, while the agent
+    swaps between two versions 20 times. Every request succeeds; both versions answer."""
+    import threading
+
+    from edge_agent.client import AgentClient
+
+    api.upload_model(model_path, "classifier", "1.0.0")
+    api.upload_model(model_v2_path, "classifier", "2.0.0")
+    device = f"load-{uid}"
+    token = api.post("/v1/enrollment-tokens", json={})["token"]
+    # The clients saturate this 2-core machine, which makes p95 latency too noisy for the
+    # probation's latency check; what is tested here is the swap itself.
+    agent = LocalAgent(
+        tmp_path / "devices",
+        device,
+        "x86-64-avx2",
+        probation_window_s=0.1,
+        probation="max_latency_ratio = 100.0\n",
+    )
+    agent.enroll(stack.url, token)
+    agent.start()
+    try:
+        agent.wait_ready()
+        rollout = api.post(
+            "/v1/rollouts", json={"model": "classifier", "version": "1.0.0", "devices": [device]}
+        )
+        wait_until(
+            lambda: api.get(f"/v1/rollouts/{rollout['id']}")["state"] == "completed", 30, "v1"
+        )
+        x = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
+        want = {
+            v: ort.InferenceSession(str(p)).run(None, {"x": x})[0]
+            for v, p in (("1.0.0", model_path), ("2.0.0", model_v2_path))
+        }
+        stop = threading.Event()
+        results: dict[str, list[str]] = {"http": [], "unix": []}
+        failures: list[str] = []
+
+        def load(kind: str, url: str) -> None:
+            client = AgentClient(url, timeout_s=10)
+            while not stop.is_set():
+                try:
+                    got = client.predict("classifier", {"x": x})["probs"]
+                except Exception as e:
+                    failures.append(f"{kind}: {e!r}")
+                    continue
+                version = next((v for v, w in want.items() if np.allclose(got, w, atol=1e-5)), "?")
+                results[kind].append(version)
+
+        threads = [
+            threading.Thread(target=load, args=("http", f"http://127.0.0.1:{agent.serving_port}")),
+            threading.Thread(target=load, args=("unix", f"unix://{agent.socket_path}")),
+        ]
+        for t in threads:
+            t.start()
+        for i in range(20):
+            version = "2.0.0" if i % 2 == 0 else "1.0.0"
+            r = api.post(
+                "/v1/rollouts",
+                json={"model": "classifier", "version": version, "devices": [device]},
+            )
+            done = wait_until(
+                lambda r=r: (
+                    (s := api.get(f"/v1/rollouts/{r['id']}"))["state"] != "in_progress" and s
+                ),
+                30,
+                f"swap {i}",
+            )
+            assert done["state"] == "completed", done["targets"]
+        stop.set()
+        for t in threads:
+            t.join(10)
+        assert failures == []
+        for kind, versions in results.items():
+            assert len(versions) > 100, kind
+            assert "?" not in versions, f"{kind}: an answer matched neither version"
+            assert {"1.0.0", "2.0.0"} <= set(versions), kind
+        slot = api.get(f"/v1/devices/{device}")["reported"]["slots"]["classifier"]
+        assert slot["state"] == "COMMITTED" and slot["active"]["version"] == "1.0.0"
+    finally:
+        agent.stop()

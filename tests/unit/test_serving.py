@@ -10,6 +10,7 @@ import json
 import threading
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,3 +236,25 @@ def test_check_feeds_casts_only_when_safe() -> None:
         check_feeds(spec, {"ids": np.array([1, 2, 300])})
     with pytest.raises(RequestError, match="cannot be converted"):
         check_feeds(spec, {"ids": np.array([1.5, 2, 3])})
+
+
+def test_the_same_api_on_a_unix_socket(table: SlotTable, tmp_path: Path) -> None:
+    from edge_agent.serving import start_unix
+
+    sock = tmp_path / "serving.sock"
+    srv = start_unix(table, sock)
+    try:
+        assert sock.stat().st_mode & 0o777 == 0o660
+        client = AgentClient(f"unix://{sock}")
+        np.testing.assert_array_equal(client.predict("scaler", {"x": X})["y"], X * 2)
+        assert client.models()[0]["version"] == "1.0.0" and client.ready()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert not sock.exists()
+
+
+def test_health_names_the_active_versions(server: InferenceHTTPServer) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    conn.request("GET", "/healthz")
+    assert json.loads(conn.getresponse().read()) == {"status": "ok", "slots": {"main": "1.0.0"}}
