@@ -141,7 +141,7 @@ def _status(args: argparse.Namespace) -> int:
     from edge_agent.lifecycle.journal import Journal
 
     config = AgentConfig.load(Path(args.config))
-    journal = Journal(config.state_dir / "journal.json")
+    journal = Journal(config.state_dir / "journal.json", owner=False)
     client = AgentClient(f"http://{config.serving.host}:{config.serving.port}", timeout_s=5)
     serving = {m["slot"]: m for m in client.models()} if client.ready() else {}
     report = {

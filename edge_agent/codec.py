@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 import zipfile
 from typing import Any
 
 import numpy as np
 
 from edge_agent.errors import RequestError
+
+#: numpy parses .npy headers with ast.literal_eval, and CPython 3.11's AST constructor is not
+#: thread-safe (gh-106905: sporadic "SystemError: AST constructor recursion depth mismatch"
+#: under concurrent requests). Every np.load in the agent goes through this lock; parsing a
+#: header takes microseconds, the array bytes are a copy.
+NPY_LOCK = threading.Lock()
 
 JSON = "application/json"
 NPZ = "application/x-npz"
@@ -66,7 +73,7 @@ def encode_json_value(arr: np.ndarray, encoding: str) -> Any:
 
 def decode_npz(body: bytes) -> dict[str, np.ndarray]:
     try:
-        with np.load(io.BytesIO(body), allow_pickle=False) as npz:
+        with NPY_LOCK, np.load(io.BytesIO(body), allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
     except (ValueError, OSError, zipfile.BadZipFile) as e:
         raise RequestError(f"body is not a valid .npz archive: {e}", reason="input_encoding") from e
@@ -80,7 +87,8 @@ def encode_npz(arrays: dict[str, np.ndarray]) -> bytes:
 
 def decode_npy(body: bytes) -> np.ndarray:
     try:
-        arr = np.load(io.BytesIO(body), allow_pickle=False)
+        with NPY_LOCK:
+            arr = np.load(io.BytesIO(body), allow_pickle=False)
     except (ValueError, OSError) as e:
         raise RequestError(f"body is not a valid .npy array: {e}", reason="input_encoding") from e
     if not isinstance(arr, np.ndarray):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_agent.codec import NPY_LOCK
 from edge_agent.errors import BundleError, RuntimeBackendError
 from edge_agent.runtimes.base import LoadedModel
 
@@ -30,7 +31,7 @@ def pack(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) ->
 
 def unpack(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        with NPY_LOCK, np.load(path, allow_pickle=False) as npz:
             inputs = {
                 k[len(INPUT_PREFIX) :]: npz[k] for k in npz.files if k.startswith(INPUT_PREFIX)
             }

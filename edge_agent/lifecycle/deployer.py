@@ -123,33 +123,7 @@ class Deployer:
     def restore(self) -> None:
         """Serve every slot's committed version from disk (no server needed)."""
         for slot, rec in self.journal.data.slots.items():
-            if rec.state in (State.PROBATION, State.ROLLING_BACK):
-                # The new version may be what brought the agent down: never retry it on its
-                # own. The committed version (loaded below) is the prior, so the rollback is
-                # complete once it serves.
-                log.warning("slot %s: agent stopped in %s; rolling back", slot, rec.state)
-                if rec.state == State.PROBATION:
-                    rec.state = next_state(rec.state, Event.FAILURE)
-                rec.state = next_state(rec.state, Event.SUCCESS)
-                rec.error = {
-                    "reason": "interrupted_in_probation",
-                    "message": "the agent stopped while the new version was on probation",
-                    "retry": "no",
-                }
-                self.journal.save()
-            elif rec.state in IN_FLIGHT:
-                # A crash mid-step is that step failing. The committed version is what serves;
-                # the same desired state arrives again (retained) and the deployment restarts.
-                log.warning(
-                    "slot %s: deployment interrupted in %s; serving committed", slot, rec.state
-                )
-                rec.state = next_state(rec.state, Event.FAILURE)
-                rec.error = {
-                    "reason": "interrupted",
-                    "message": "the agent stopped during the deployment",
-                    "retry": "yes",
-                }
-                self.journal.save()
+            self._settle_interrupted(slot, rec)
             if rec.committed is None:
                 continue
             for candidate in (rec.committed, rec.previous):
@@ -168,6 +142,32 @@ class Deployer:
                     "slot %s: serving %s %s from disk", slot, candidate.model, candidate.version
                 )
                 break
+
+    def _settle_interrupted(self, slot: str, rec: SlotRecord) -> None:
+        """A deployment that stopped half-way (crash, power loss, an unexpected error) ends
+        here: before the switch it failed and will be retried; on probation it is rolled back
+        (the new version may be the cause) and not retried."""
+        if rec.state in (State.PROBATION, State.ROLLING_BACK):
+            log.warning("slot %s: stopped in %s; rolling back", slot, rec.state)
+            if rec.state == State.PROBATION:
+                rec.state = next_state(rec.state, Event.FAILURE)
+            rec.state = next_state(rec.state, Event.SUCCESS)
+            rec.error = {
+                "reason": "interrupted_in_probation",
+                "message": "the agent stopped while the new version was on probation",
+                "retry": "no",
+            }
+        elif rec.state in IN_FLIGHT:
+            log.warning("slot %s: deployment interrupted in %s", slot, rec.state)
+            rec.state = next_state(rec.state, Event.FAILURE)
+            rec.error = {
+                "reason": "interrupted",
+                "message": "the deployment stopped before it finished",
+                "retry": "yes",
+            }
+        else:
+            return
+        self.journal.save()
 
     # --- desired state -----------------------------------------------------------------------
     def accept(self, envelope: SignedDesiredState, now: datetime | None = None) -> bool:
@@ -241,15 +241,37 @@ class Deployer:
         ctx = Deployment(slot, target)
         rec.target, rec.error = target, None
         state, event = rec.state, Event.DEPLOY
-        while True:
-            new_state = next_state(state, event)
-            self._enter(rec, slot, state, new_state, event, ctx)
-            state = new_state
-            if state in TERMINAL:
-                break
-            event = self._run(state, ctx)
+        try:
+            while True:
+                new_state = next_state(state, event)
+                self._enter(rec, slot, state, new_state, event, ctx)
+                state = new_state
+                if state in TERMINAL:
+                    break
+                event = self._run(state, ctx)
+        except Exception:
+            # Not a failure the table knows (a bug, a disk that filled up under the journal):
+            # settle like a crash, so the slot can be deployed again.
+            log.exception("slot %s: deployment broke in %s", slot, state)
+            self._abandon(slot, ctx)
+            raise
         self._finish(rec, ctx, state)
         return state
+
+    def _abandon(self, slot: str, ctx: Deployment) -> None:
+        current = self.table.snapshot().get(slot)
+        if ctx.staged is not None and current is ctx.staged:
+            if ctx.prior is not None:
+                self.table.swap(slot, ctx.prior)
+            else:
+                self.table.remove(slot)
+        elif ctx.staged is not None:
+            ctx.staged.retire()
+        self.journal.reload()
+        rec = self.journal.data.slots.get(slot)
+        if rec is not None:
+            with contextlib.suppress(OSError):
+                self._settle_interrupted(slot, rec)
 
     def _run(self, state: State, ctx: Deployment) -> Event:
         try:

@@ -45,11 +45,18 @@ class JournalData(BaseModel):
 
 
 class Journal:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, owner: bool = True) -> None:
+        """``owner``: this process is the agent that writes the journal. Readers (``edge-agent
+        status``, tests) pass False and never touch the directory."""
         self.path = path
-        # A crash inside an atomic write leaves its temp file; the journal itself is intact.
-        for leftover in path.parent.glob(f".{path.name}.*.tmp"):
-            leftover.unlink(missing_ok=True)
+        if owner:
+            # A crash inside an atomic write leaves its temp file; the journal is intact.
+            for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+                leftover.unlink(missing_ok=True)
+        self.data = self._read()
+
+    def reload(self) -> None:
+        """Back to what is on disk (after a step failed half-way in memory)."""
         self.data = self._read()
 
     def _read(self) -> JournalData:

@@ -395,3 +395,37 @@ def test_a_crash_during_probation_returns_to_the_committed_version(
     rec = again.journal.data.slots["clf"]
     assert rec.state == State.ROLLED_BACK and rec.error
     assert rec.error["reason"] == "interrupted_in_probation" and rec.error["retry"] == "no"
+
+
+def test_a_journal_write_that_fails_mid_deployment_leaves_a_deployable_slot(
+    files: tuple[Path, str], v1: Path, v2: Path, tmp_path: Path, fleet: TestFleet
+) -> None:
+    """The disk fills up under the journal while v2 is staged: the deployment breaks, v1
+    keeps serving, and the next attempt (disk freed) goes through."""
+    import errno
+
+    root, base = files
+    dev = Device(tmp_path / "dev", fleet)
+    dev.apply(1, {"clf": publish(root, base, v1, "1.0.0")})
+    real_save = dev.journal.save
+    calls = {"n": 0}
+
+    def save() -> None:
+        calls["n"] += 1
+        if calls["n"] == 4:  # accept, DOWNLOADING, VERIFYING, then STAGING fails
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save()
+
+    dev.journal.save = save  # type: ignore[method-assign]
+    a2 = publish(root, base, v2, "2.0.0")
+    with pytest.raises(OSError):
+        dev.apply(2, {"clf": a2})
+    assert dev.serving_version() == "1.0.0"
+    rec = dev.journal.data.slots["clf"]
+    assert rec.state == State.FAILED and rec.error and rec.error["retry"] == "yes"
+    assert (
+        Journal(tmp_path / "dev" / "journal.json", owner=False).data.slots["clf"].state
+        == State.FAILED
+    )
+    dev.apply(3, {"clf": a2})
+    assert dev.serving_version() == "2.0.0"
