@@ -82,6 +82,7 @@ class AgentClient:
                 conn.request(method, path, body=body, headers=headers or {})
                 resp = conn.getresponse()
                 data = resp.read()
+                self._local.output_name = resp.getheader("X-Edgefleet-Output", "")
                 return resp.status, resp.getheader("Content-Type", ""), data
             except (ConnectionError, http.client.HTTPException, OSError) as e:
                 conn.close()
@@ -105,15 +106,27 @@ class AgentClient:
         raise AgentError(status, code, message)
 
     def predict(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        status, _, data = self._request(
-            "POST",
-            f"/v1/models/{model}:predict",
-            codec.encode_npz(inputs),
-            {"Content-Type": codec.NPZ, "Accept": codec.NPZ},
-        )
+        # One tensor travels as .npy (a header and the bytes), several as .npz (a zip):
+        # the .npy path costs ~30 µs where .npz costs ~100 µs each way.
+        headers = {"Accept": f"{codec.NPY}, {codec.NPZ}"}
+        if len(inputs) == 1:
+            [(name, array)] = inputs.items()
+            body = codec.encode_npy(np.asarray(array))
+            headers.update({"Content-Type": codec.NPY, "X-Edgefleet-Input": name})
+        else:
+            body = codec.encode_npz(inputs)
+            headers["Content-Type"] = codec.NPZ
+        status, rtype, data = self._request("POST", f"/v1/models/{model}:predict", body, headers)
         if status != 200:
             self._raise_for(status, data)
+        if rtype.startswith(codec.NPY):
+            name = self._last_output_name
+            return {name: codec.decode_npy(data)}
         return codec.decode_npz(data)
+
+    @property
+    def _last_output_name(self) -> str:
+        return str(getattr(self._local, "output_name", ""))
 
     def models(self) -> list[dict[str, Any]]:
         status, _, data = self._request("GET", "/v1/models")

@@ -262,7 +262,11 @@ class _Handler(BaseHTTPRequestHandler):
             "X-Edgefleet-Latency-Ms": f"{result.latency_ms:.3f}",
         }
         accept = self.headers.get("Accept", "")
-        if codec.NPZ in accept or (content_type == codec.NPZ and codec.JSON not in accept):
+        if codec.NPY in accept and len(result.outputs) == 1:
+            [(out_name, out)] = result.outputs.items()
+            headers["X-Edgefleet-Output"] = out_name
+            self._send(200, codec.encode_npy(out), codec.NPY, headers)
+        elif codec.NPZ in accept or (content_type == codec.NPZ and codec.JSON not in accept):
             self._send(200, codec.encode_npz(result.outputs), codec.NPZ, headers)
         else:
             self._json(
@@ -285,6 +289,9 @@ class _Handler(BaseHTTPRequestHandler):
             return codec.decode_npz(body), "list"
         if content_type in (codec.NPY, "application/octet-stream"):
             arr = codec.decode_npy(body)
+            named = self.headers.get("X-Edgefleet-Input")
+            if named:
+                return {named: arr}, "list"
             with self.server.table.use(name) as serving:
                 names = [s.name for s in serving.manifest.inputs]
             if len(names) != 1:

@@ -1,0 +1,151 @@
+"""Serving overhead: the same model called four ways, side by side in one run.
+
+- raw:        onnxruntime InferenceSession.run on the model file
+- in-process: the agent's serving path (slot lookup, refcount, stats, NaN check) around it
+- http:       a real agent process, Python client, .npz over HTTP/1.1 keep-alive on loopback
+- unix:       the same agent, same client, over its Unix socket
+
+Also: swap time (rollout created → new version answering, via the server and MQTT) and the
+agent process's idle RSS. Median and p99 of N calls each.
+
+Run: .venv/bin/python bench/serving_latency.py [--calls 2000] [--hidden 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from converters.onnx.samples import mlp_classifier
+from edge_agent.client import AgentClient
+from edge_agent.lifecycle.journal import VersionRef
+from edge_agent.runtimes import LoadOptions, get_runtime
+from edge_agent.serving import ServingModel, SlotTable, predict
+from fleet_server.cli.api_client import ApiClient
+from fleet_server.server import EmbeddedStack
+from fleet_server.settings import Settings
+from hil.rig import LocalAgent, wait_until
+
+
+def measure(fn: Callable[[], object], calls: int) -> tuple[float, float]:
+    for _ in range(50):
+        fn()
+    samples = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1000)
+    samples.sort()
+    return statistics.median(samples), samples[int(0.99 * len(samples)) - 1]
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--hidden", type=int, default=4096, help="MLP width (sets the model cost)")
+    parser.add_argument("--batch", type=int, default=96, help="rows per call (~1 ms by default)")
+    parser.add_argument("--swaps", type=int, default=5)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="edgefleet-bench-"))
+    model = mlp_classifier(root / "m.onnx", features=256, hidden=args.hidden, seed=1)
+    x = np.random.default_rng(0).standard_normal((args.batch, 256)).astype(np.float32)
+
+    loaded = get_runtime("onnxruntime").load(model, LoadOptions(threads=1))
+    raw_session = loaded._session  # type: ignore[attr-defined]
+    names = [o.name for o in raw_session.get_outputs()]
+    rows = {"raw": measure(lambda: raw_session.run(names, {"x": x}), args.calls)}
+    table = SlotTable()
+    ref = VersionRef(
+        model="m", version="1", bundle_sha256="0" * 64, runtime="onnxruntime", precision="fp32"
+    )
+    from datetime import UTC, datetime
+
+    from edge_agent.bundle import Manifest, ModelRef, RuntimeRequirement, SelfTestSpec
+
+    manifest = Manifest(
+        model=ModelRef(name="m", version="1", source_sha256="0" * 64), profile="x86-64-avx2",
+        runtime=RuntimeRequirement(name="onnxruntime", versions=">=1"), precision="fp32",
+        artifact="model/model.onnx", files=[], inputs=loaded.inputs, outputs=loaded.outputs,
+        selftest=SelfTestSpec(file="selftest.npz", atol=0, rtol=0), toolchain={},
+        created_at=datetime.now(UTC),
+    )  # fmt: skip
+    table.swap("m", ServingModel(ref, manifest, loaded))
+    rows["in-process"] = measure(lambda: predict(table, "m", {"x": x}), args.calls)
+
+    stack = EmbeddedStack(Settings(data_dir=root / "server", port=0, broker_port=0)).start()
+    agent = None
+    try:
+        api = ApiClient(stack.url, stack.admin_token)
+        api.upload_model(model, "m", "1.0.0")
+        api.upload_model(
+            mlp_classifier(root / "m2.onnx", features=256, hidden=args.hidden, seed=2), "m", "2.0.0"
+        )
+        token = api.post("/v1/enrollment-tokens", json={})["token"]
+        agent = LocalAgent(root / "devices", "bench-agent", "x86-64-avx2", probation_window_s=0.2)
+        agent.enroll(stack.url, token)
+        agent.configure("[runtime]\nthreads = 1\n")
+        agent.start()
+        agent.wait_ready()
+        r = api.post(
+            "/v1/rollouts", json={"model": "m", "version": "1.0.0", "devices": ["bench-agent"]}
+        )
+        wait_until(lambda: api.get(f"/v1/rollouts/{r['id']}")["state"] == "completed", 60, "v1")
+        http = AgentClient(f"http://127.0.0.1:{agent.serving_port}")
+        unix = AgentClient(f"unix://{agent.socket_path}")
+        rows["http"] = measure(lambda: http.predict("m", {"x": x}), args.calls)
+        rows["unix"] = measure(lambda: unix.predict("m", {"x": x}), args.calls)
+        assert agent.process is not None
+        idle_rss = rss_kb(agent.process.pid)
+
+        swaps = []
+        for i in range(args.swaps):
+            version = "2.0.0" if i % 2 == 0 else "1.0.0"
+            t0 = time.perf_counter()
+            r = api.post(
+                "/v1/rollouts", json={"model": "m", "version": version, "devices": ["bench-agent"]}
+            )
+            wait_until(lambda v=version: unix.models()[0]["version"] == v, 60, "swap")
+            swaps.append((time.perf_counter() - t0) * 1000)
+            wait_until(
+                lambda r=r: api.get(f"/v1/rollouts/{r['id']}")["state"] == "completed", 60, "commit"
+            )
+    finally:
+        if agent is not None:
+            agent.stop()
+        stack.stop()
+
+    base = rows["raw"][0]
+    print(f"model: MLP 256→{args.hidden}→4 fp32, 1 thread, batch {args.batch}; {args.calls} calls")
+    print(f"{'path':<12}{'p50 ms':>10}{'p99 ms':>10}{'overhead p50':>16}")
+    for name, (p50, p99) in rows.items():
+        over = "" if name == "raw" else f"+{p50 - base:.3f} ms ({(p50 / base - 1) * 100:+.0f}%)"
+        print(f"{name:<12}{p50:>10.3f}{p99:>10.3f}{over:>16}")
+    swap_ms = statistics.median(swaps)
+    print(f"swap (rollout → new version answering), median of {len(swaps)}: {swap_ms:.0f} ms")
+    print(f"agent idle RSS with one model loaded: {idle_rss / 1024:.0f} MiB")
+    inproc, http_p50, unix_p50 = rows["in-process"][0], rows["http"][0], rows["unix"][0]
+    print(
+        f"SUMMARY raw {base:.3f} ms; in-process +{(inproc / base - 1) * 100:.1f}%; "
+        f"HTTP +{http_p50 - base:.3f} ms; unix +{unix_p50 - base:.3f} ms (p50); "
+        f"swap {statistics.median(swaps):.0f} ms; idle RSS {idle_rss / 1024:.0f} MiB"
+    )
+
+
+if __name__ == "__main__":
+    main()
