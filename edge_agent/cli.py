@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import socket
@@ -20,6 +19,7 @@ from typing import Any
 
 from edge_agent.config import AgentConfig, render_config
 from edge_agent.errors import ConfigError, EdgefleetError
+from edge_agent.logs import configure as configure_logging
 
 
 def _enroll(args: argparse.Namespace) -> int:
@@ -167,6 +167,12 @@ def _status(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-agent", description="edgefleet edge agent")
     parser.add_argument("--log-level", default=os.environ.get("EDGE_AGENT_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=os.environ.get("EDGE_AGENT_LOG_FORMAT", "text"),
+        help="json: one object per line (journald, log shippers)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     enroll = sub.add_parser("enroll", help="enroll this device with a one-time token")
@@ -200,11 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level, args.log_format)
     try:
         return int(args.func(args))
     except ConfigError as e:
