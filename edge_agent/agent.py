@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -134,14 +135,22 @@ class Agent:
             self._wakeup.notify_all()
 
     def _work(self) -> None:
+        interval = self.config.reporting.status_interval_s
+        next_report = time.monotonic() + interval
         while not self._stopping.is_set():
             with self._wakeup:
                 while self._pending is None and not self._stopping.is_set():
-                    self._wakeup.wait()
+                    if not self._wakeup.wait(timeout=max(0.0, next_report - time.monotonic())):
+                        break
                 payload, self._pending = self._pending, None
-            if payload is None:
-                continue
-            self._apply(payload)
+            if payload is not None:
+                self._apply(payload)
+            elif time.monotonic() >= next_report and self.link.connected.is_set():
+                # Figures that change without a transition (shadow comparisons) reach the
+                # server at least this often.
+                self.publish_status()
+            if time.monotonic() >= next_report:
+                next_report = time.monotonic() + interval
 
     def _apply(self, payload: bytes) -> None:
         try:
@@ -184,6 +193,7 @@ class Agent:
                 active=ActiveModel(**active.ref.model_dump()) if active else None,
                 target_sha256=rec.target.bundle_sha256 if rec.target else None,
                 error={k: v for k, v in rec.error.items() if k != "retry"} if rec.error else None,
+                shadow=self.table.shadow_report(name) if rec.shadow_of else None,
             )
         return ReportedStatus(
             device_id=self.config.device_id,

@@ -95,6 +95,11 @@ class TrustConfig(_Section):
     root_key_file: Path
 
 
+class ReportingConfig(_Section):
+    #: Publish the full status at least this often (besides every lifecycle transition).
+    status_interval_s: float = Field(default=60.0, gt=0)
+
+
 class AgentConfig(_Section):
     device_id: str = Field(pattern=DEVICE_ID_PATTERN)
     profile: str
@@ -106,6 +111,7 @@ class AgentConfig(_Section):
     runtime: RuntimeConfig = RuntimeConfig()
     download: DownloadConfig = DownloadConfig()
     probation: ProbationPolicy = ProbationPolicy()
+    reporting: ReportingConfig = ReportingConfig()
 
     @classmethod
     def load(cls, path: Path) -> AgentConfig:

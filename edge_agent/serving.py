@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -28,6 +28,7 @@ from edge_agent.errors import ConfigError, EdgefleetError, RequestError, Runtime
 from edge_agent.lifecycle.journal import VersionRef
 from edge_agent.lifecycle.probation import ModelStats, has_nonfinite
 from edge_agent.runtimes import LoadedModel
+from edge_agent.shadow import Shadow, ShadowRunner
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,58 @@ class SlotTable:
 
     def __init__(self) -> None:
         self._slots: dict[str, ServingModel] = {}
+        #: active slot → the candidate running beside it in shadow mode
+        self._shadows: dict[str, Shadow] = {}
+        self._runner: ShadowRunner | None = None
         self._lock = threading.Lock()
+
+    def attach_shadow(
+        self, shadow_slot: str, active_slot: str, serving: ServingModel, sample_rate: float
+    ) -> ServingModel | None:
+        """Run ``serving`` on a sample of ``active_slot``'s requests; returns (and retires) the
+        model it replaces as that slot's shadow."""
+        with self._lock:
+            if self._runner is None:
+                self._runner = ShadowRunner()
+            old = self._shadows.get(active_slot)
+            self._shadows[active_slot] = Shadow(shadow_slot, serving, sample_rate)
+        if old is not None:
+            old.serving.retire()
+            return cast(ServingModel, old.serving)
+        return None
+
+    def detach_shadow(self, shadow_slot: str) -> None:
+        with self._lock:
+            found = [a for a, s in self._shadows.items() if s.slot == shadow_slot]
+            gone = [self._shadows.pop(a) for a in found]
+        for shadow in gone:
+            shadow.serving.retire()
+
+    def shadow_report(self, shadow_slot: str) -> dict[str, Any] | None:
+        with self._lock:
+            shadow = next((s for s in self._shadows.values() if s.slot == shadow_slot), None)
+            active = next((a for a, s in self._shadows.items() if s.slot == shadow_slot), None)
+        if shadow is None:
+            return None
+        with shadow.lock:
+            figures = shadow.stats.report()
+        return {
+            "of": active,
+            "model": shadow.serving.ref.model,
+            "version": shadow.serving.ref.version,
+            "bundle_sha256": shadow.serving.ref.bundle_sha256,
+            "sample_rate": shadow.sample_rate,
+            **figures,
+        }
+
+    def offer_shadow(self, slot: str, feeds: dict[str, np.ndarray], result: Prediction) -> None:
+        shadow = self._shadows.get(slot)  # a dict read: no lock on the hot path
+        if shadow is not None and self._runner is not None:
+            self._runner.offer(shadow, feeds, result.outputs, result.latency_ms)
+
+    def drain_shadows(self) -> None:
+        if self._runner is not None:
+            self._runner.drain()
 
     def swap(self, slot: str, new: ServingModel, *, retire_old: bool = True) -> ServingModel | None:
         """Make ``new`` serve ``slot`` and return the model it replaced, which is retired
@@ -148,7 +200,12 @@ class Prediction:
 def predict(table: SlotTable, name: str, feeds: dict[str, np.ndarray]) -> Prediction:
     """The in-process serving path (the HTTP API is a thin layer on this)."""
     with table.use(name) as serving:
-        return run_counted(serving, feeds, serving.stats)
+        result = run_counted(serving, feeds, serving.stats)
+    if table._shadows:
+        slot = table.resolve(name)
+        if slot is not None:
+            table.offer_shadow(slot, feeds, result)
+    return result
 
 
 def run_counted(

@@ -134,7 +134,10 @@ class Deployer:
                 except (EdgefleetError, OSError, ValueError) as e:
                     log.error("slot %s: cannot restore %s: %s", slot, candidate.version, e)
                     continue
-                self.table.swap(slot, serving)
+                if rec.shadow_of is not None:
+                    self.table.attach_shadow(slot, rec.shadow_of, serving, rec.sample_rate or 0.0)
+                else:
+                    self.table.swap(slot, serving)
                 if candidate is not rec.committed:
                     rec.previous, rec.committed = None, candidate
                     self.journal.save()
@@ -208,8 +211,6 @@ class Deployer:
     def converge(self, doc: DesiredState) -> None:
         """Bring every slot to what ``doc`` asks for; a failed slot does not stop the others."""
         for slot, assignment in doc.slots.items():
-            if assignment.mode != "active":
-                continue
             rec = self.journal.slot(slot)
             if (
                 rec.committed is not None
@@ -230,6 +231,7 @@ class Deployer:
 
     def _remove_slot(self, slot: str) -> None:
         self.table.remove(slot)
+        self.table.detach_shadow(slot)
         rec = self.journal.data.slots.pop(slot)
         self.journal.save()
         self._emit(slot, rec.state, State.IDLE, Event.SUCCESS, None, "slot removed")
@@ -287,6 +289,7 @@ class Deployer:
         if new == State.COMMITTED:
             assert ctx.staged is not None
             rec.previous, rec.committed = rec.committed, ctx.staged.ref
+            rec.shadow_of, rec.sample_rate = ctx.target.shadow_of, ctx.target.sample_rate
             rec.target = None
         elif new in (State.FAILED, State.ROLLING_BACK, State.ROLLED_BACK) and ctx.error:
             rec.error = {
@@ -426,7 +429,8 @@ class Deployer:
         )
         ctx.staged = self._load(ctx.verified, ref)
         ctx.probe_inputs, _ = unpack(ctx.verified.directory / m.selftest.file)
-        self._measure_prior(ctx)
+        if ctx.target.mode == "active":
+            self._measure_prior(ctx)
         return Event.SUCCESS
 
     def _measure_prior(self, ctx: Deployment) -> None:
@@ -449,6 +453,12 @@ class Deployer:
 
     def _switch(self, ctx: Deployment) -> Event:
         assert ctx.staged is not None
+        if ctx.target.shadow_of is not None:
+            # A shadow serves nobody: it goes beside the active slot, replacing any earlier one.
+            self.table.attach_shadow(
+                ctx.slot, ctx.target.shadow_of, ctx.staged, ctx.target.sample_rate
+            )
+            return Event.SUCCESS
         ctx.prior = self.table.swap(ctx.slot, ctx.staged, retire_old=False)
         return Event.SUCCESS
 
@@ -456,6 +466,8 @@ class Deployer:
         """Watch the new version for ``window_s``; the first breach ends it."""
         staged, policy = ctx.staged, self.policy
         assert staged is not None and ctx.probe_inputs is not None
+        if ctx.target.shadow_of is not None:
+            return Event.SUCCESS  # nothing depends on a shadow; its figures are the verdict
         deadline = self._clock() + policy.window_s
         while True:
             breach = check_health(staged.stats.snapshot(), staged.probe_stats.snapshot(), policy)
@@ -478,7 +490,9 @@ class Deployer:
     def _roll_back(self, ctx: Deployment) -> Event:
         """Switch the prior version back in (or leave the slot empty if there was none: a
         version that failed its checks is never served)."""
-        if ctx.prior is not None:
+        if ctx.target.shadow_of is not None:
+            self.table.detach_shadow(ctx.slot)
+        elif ctx.prior is not None:
             self.table.swap(ctx.slot, ctx.prior)
         else:
             self.table.remove(ctx.slot)

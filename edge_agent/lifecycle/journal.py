@@ -34,6 +34,9 @@ class SlotRecord(BaseModel):
     previous: VersionRef | None = None
     target: SlotAssignment | None = None
     error: dict[str, str] | None = None
+    #: A shadow slot: the active slot it runs beside, and the share of requests it sees.
+    shadow_of: str | None = None
+    sample_rate: float | None = None
 
 
 class JournalData(BaseModel):

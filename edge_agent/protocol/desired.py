@@ -16,7 +16,7 @@ import re
 from datetime import UTC, datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edge_agent.canonical import canonical_json
 from edge_agent.errors import DesiredStateError
@@ -39,7 +39,17 @@ class SlotAssignment(_Message):
     bundle_url: str
     size: int = Field(gt=0)
     mode: Literal["active", "shadow"] = "active"
+    #: Shadow mode: the active slot whose live requests this candidate also runs on, and the
+    #: share of them it sees. Its outputs are never returned.
+    shadow_of: str | None = Field(default=None, pattern=SLOT_PATTERN)
+    sample_rate: float = Field(default=0.1, ge=0, le=1)
     rollout_id: str | None = None
+
+    @model_validator(mode="after")
+    def _shadow_needs_a_target(self) -> SlotAssignment:
+        if (self.mode == "shadow") != (self.shadow_of is not None):
+            raise ValueError("mode 'shadow' needs shadow_of, and only shadow slots have one")
+        return self
 
 
 class DesiredState(_Message):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,6 +42,8 @@ class SlotStatus(_Message):
     #: The bundle the slot is moving to, while a deployment is under way or after it failed.
     target_sha256: str | None = None
     error: dict[str, str] | None = None
+    #: Shadow slots: what they run beside, and how they compare with it.
+    shadow: dict[str, Any] | None = None
 
 
 class ReportedStatus(_Message):

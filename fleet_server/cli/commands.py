@@ -315,6 +315,10 @@ def rollouts_create(
     slot: Annotated[
         str | None, typer.Option(help="slot on the device (default: model name)")
     ] = None,
+    shadow_of: Annotated[
+        str | None, typer.Option(help="run as a shadow beside this active slot (never answers)")
+    ] = None,
+    sample_rate: Annotated[float, typer.Option(help="shadow: share of requests it sees")] = 0.1,
     wait: Annotated[bool, typer.Option(help="wait until every target serves or fails")] = True,
     timeout_s: Annotated[float, typer.Option(help="how long --wait waits")] = 300.0,
     server: ServerOpt = DEFAULT_SERVER,
@@ -329,6 +333,8 @@ def rollouts_create(
         "devices": device or None,
         "selector": _labels(selector) or None,
         "slot": slot,
+        "shadow_of": shadow_of,
+        "sample_rate": sample_rate,
     }
     rollout = client.post("/v1/rollouts", json=body)
     if wait:

@@ -45,7 +45,9 @@ def create_rollout(
     """Returns the rollout and the documents to publish (already committed)."""
     model, version = get_version(session, body.model, body.version)
     devices = resolve_targets(session, body.devices, body.selector)
-    slot = body.slot or default_slot(model.name)
+    slot = body.slot or (f"{body.shadow_of}-shadow" if body.shadow_of else default_slot(model.name))
+    if body.shadow_of is not None and body.shadow_of == slot:
+        raise InvalidInputError("a shadow needs its own slot, not the one it shadows", field="slot")
     signer = app.keys.signer(session)
 
     bundles: dict[str, Bundle] = {}
@@ -72,7 +74,13 @@ def create_rollout(
             session,
             device.id,
             slot,
-            _assignment(app, model, version, bundle, rollout.id),
+            _assignment(app, model, version, bundle, rollout.id).model_copy(
+                update={
+                    "mode": "shadow" if body.shadow_of else "active",
+                    "shadow_of": body.shadow_of,
+                    "sample_rate": body.sample_rate,
+                }
+            ),
             ttl_s=app.settings.desired_state_ttl_s,
             signer=signer,
         )
@@ -149,7 +157,7 @@ def _target_status(
 ) -> TargetStatus:
     reported: dict[str, Any] = device.reported or {}
     slot_report: dict[str, Any] = (reported.get("slots") or {}).get(slot) or {}
-    active = slot_report.get("active") or {}
+    active = slot_report.get("active") or slot_report.get("shadow") or {}
     error = slot_report.get("error")
     state = "pending"
     if active.get("bundle_sha256") == target.bundle_sha256:

@@ -43,8 +43,12 @@ class RolloutCreate(BaseModel):
     devices: list[str] | None = None
     #: …or a label selector (all labels must match).
     selector: dict[str, str] | None = None
-    #: The slot on the device; default: the model name.
+    #: The slot on the device; default: the model name (shadows: "<shadow_of>-shadow").
     slot: str | None = PydanticField(default=None, pattern=SLOT_PATTERN)
+    #: Shadow mode: run this version beside the given active slot on a share of its live
+    #: requests, never answering with it; the devices report agreement and latency of both.
+    shadow_of: str | None = PydanticField(default=None, pattern=SLOT_PATTERN)
+    sample_rate: float = PydanticField(default=0.1, ge=0, le=1)
 
 
 class TargetStatus(BaseModel):

@@ -429,3 +429,66 @@ def test_a_journal_write_that_fails_mid_deployment_leaves_a_deployable_slot(
     )
     dev.apply(3, {"clf": a2})
     assert dev.serving_version() == "2.0.0"
+
+
+# --- shadow mode ---------------------------------------------------------------------------------
+def test_a_shadow_runs_beside_the_active_model_and_never_answers(
+    files: tuple[Path, str],
+    v1: Path,
+    v2: Path,
+    model_path: Path,
+    model_v2_path: Path,
+    tmp_path: Path,
+    fleet: TestFleet,
+) -> None:
+    root, base = files
+    dev = Device(tmp_path / "dev", fleet, PROBATION)
+    active = publish(root, base, v1, "1.0.0")
+    dev.apply(1, {"clf": active})
+    shadow = publish(root, base, v2, "2.0.0").model_copy(
+        update={"mode": "shadow", "shadow_of": "clf", "sample_rate": 1.0}
+    )
+    dev.apply(2, {"clf": active, "clf-shadow": shadow})
+    rec = dev.journal.data.slots["clf-shadow"]
+    assert rec.state == State.COMMITTED and rec.shadow_of == "clf"
+    assert set(dev.table.snapshot()) == {"clf"}  # the shadow is not a served slot
+
+    x = np.random.default_rng(2).standard_normal((8, 16)).astype(np.float32)
+    want_v1 = ort.InferenceSession(str(model_path)).run(None, {"x": x})[0]
+    want_v2 = ort.InferenceSession(str(model_v2_path)).run(None, {"x": x})[0]
+    for _ in range(30):
+        got = predict(dev.table, "clf", {"x": x})
+        np.testing.assert_allclose(got.outputs["probs"], want_v1, rtol=1e-5)  # never v2's
+        assert got.ref.version == "1.0.0"
+    dev.table.drain_shadows()
+    report = dev.table.shadow_report("clf-shadow")
+    assert report is not None and report["of"] == "clf" and report["version"] == "2.0.0"
+    assert report["samples"] == 30 and report["errors"] == 0
+    agreement = float((want_v1.argmax(1) == want_v2.argmax(1)).mean())
+    assert report["top1_agreement"] == pytest.approx(agreement)
+    assert report["max_abs_diff"] == pytest.approx(float(np.abs(want_v1 - want_v2).max()), rel=1e-4)
+    assert report["active_p50_ms"] > 0 and report["shadow_p50_ms"] > 0
+
+    # After a restart the shadow is back beside the active model; removing it detaches it.
+    again = Device(tmp_path / "dev", fleet, PROBATION)
+    again.deployer.restore()
+    assert again.table.shadow_report("clf-shadow") is not None
+    again.apply(3, {"clf": active})
+    assert again.table.shadow_report("clf-shadow") is None
+    assert "clf-shadow" not in again.journal.data.slots
+
+
+def test_shadow_assignments_must_name_their_active_slot() -> None:
+    from pydantic import ValidationError
+
+    base = {
+        "model": "m",
+        "version": "1.0.0",
+        "bundle_sha256": "a" * 64,
+        "bundle_url": "http://x",
+        "size": 1,
+    }
+    with pytest.raises(ValidationError, match="shadow_of"):
+        SlotAssignment.model_validate({**base, "mode": "shadow"})
+    with pytest.raises(ValidationError, match="shadow_of"):
+        SlotAssignment.model_validate({**base, "shadow_of": "clf"})

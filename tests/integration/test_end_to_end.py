@@ -276,3 +276,53 @@ def test_twenty_swaps_under_load_drop_no_request(
         assert slot["state"] == "COMMITTED" and slot["active"]["version"] == "1.0.0"
     finally:
         agent.stop()
+
+
+def test_shadow_rollout_reports_agreement_to_the_server(
+    stack: EmbeddedStack,
+    api: ApiClient,
+    model_path: Path,
+    model_v2_path: Path,
+    tmp_path: Path,
+    uid: str,
+) -> None:
+    api.upload_model(model_path, "classifier", "1.0.0")
+    api.upload_model(model_v2_path, "classifier", "2.0.0")
+    device = f"shadow-{uid}"
+    token = api.post("/v1/enrollment-tokens", json={})["token"]
+    agent = LocalAgent(tmp_path / "devices", device, "x86-64-avx2")
+    agent.enroll(stack.url, token)
+    agent.configure("[reporting]\nstatus_interval_s = 0.3\n")
+    agent.start()
+    try:
+        agent.wait_ready()
+        first = api.post(
+            "/v1/rollouts", json={"model": "classifier", "version": "1.0.0", "devices": [device]}
+        )
+        wait_until(lambda: api.get(f"/v1/rollouts/{first['id']}")["state"] == "completed", 30, "v1")
+        shadow = api.post(
+            "/v1/rollouts",
+            json={"model": "classifier", "version": "2.0.0", "devices": [device],
+                  "shadow_of": "classifier", "sample_rate": 1.0},
+        )  # fmt: skip
+        assert shadow["slot"] == "classifier-shadow"
+        wait_until(
+            lambda: api.get(f"/v1/rollouts/{shadow['id']}")["state"] == "completed", 30, "shadow"
+        )
+        x = np.random.default_rng(5).standard_normal((4, 16)).astype(np.float32)
+        want = ort.InferenceSession(str(model_path)).run(None, {"x": x})[0]
+        for _ in range(20):
+            np.testing.assert_allclose(
+                agent.client.predict("classifier", {"x": x})["probs"], want, rtol=1e-5
+            )
+
+        def shadow_figures() -> dict | None:  # type: ignore[type-arg]
+            slots = (api.get(f"/v1/devices/{device}")["reported"] or {}).get("slots", {})
+            report = (slots.get("classifier-shadow") or {}).get("shadow") or {}
+            return report if report.get("samples", 0) >= 20 else None
+
+        report = wait_until(shadow_figures, 15, "shadow figures at the server")
+        assert report["of"] == "classifier" and report["version"] == "2.0.0"
+        assert 0.0 <= report["top1_agreement"] <= 1.0 and report["shadow_p50_ms"] > 0
+    finally:
+        agent.stop()
