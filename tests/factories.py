@@ -174,3 +174,44 @@ def rewrite_manifest(
     if fleet is not None:
         members = resign(members, fleet)
     return write_members(out, members)
+
+
+def make_litert_bundle(
+    tflite: Path,
+    out: Path,
+    *,
+    fleet: TestFleet,
+    profile: str = "raspberry-pi-4",
+    name: str = "classifier",
+    version: str = "1.0.0",
+    source_sha256: str = "0" * 64,
+) -> Manifest:
+    """A signed LiteRT bundle around a .tflite file, self-test vectors computed in LiteRT."""
+    from converters.selftest import synthetic_inputs
+    from edge_agent.bundle import BundleWriter, ModelRef, RuntimeRequirement, SelfTestSpec
+    from edge_agent.bundle.selftest import pack
+    from edge_agent.runtimes import LoadOptions, get_runtime
+
+    model = get_runtime("litert").load(tflite, LoadOptions(threads=1))
+    feeds = synthetic_inputs(model.inputs, batch=2)
+    outputs = model.run(feeds)
+    writer = BundleWriter()
+    writer.add_file("model/model.tflite", tflite)
+    writer.add_file("selftest.npz", pack(feeds, outputs))
+    manifest = Manifest(
+        model=ModelRef(name=name, version=version, source_sha256=source_sha256),
+        profile=profile,
+        runtime=RuntimeRequirement(name="litert", versions=">=2.0,<3"),
+        precision="fp32",
+        artifact="model/model.tflite",
+        files=writer.entries(),
+        inputs=model.inputs,
+        outputs=model.outputs,
+        selftest=SelfTestSpec(file="selftest.npz", atol=1e-5, rtol=1e-4),
+        toolchain={"edgefleet-tests": "1"},
+        created_at=datetime.now(UTC).replace(microsecond=0),
+        signing_key_id=key_id(fleet.online.public_key()),
+    )
+    writer.write(out, manifest, [fleet.sign(manifest.to_canonical_json())])
+    model.close()
+    return manifest

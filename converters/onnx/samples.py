@@ -11,6 +11,18 @@ from pathlib import Path
 import numpy as np
 
 
+def mlp_weights(
+    features: int, hidden: int, classes: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The sample classifier's weights (shared with the TFLite sample)."""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((features, hidden)) / np.sqrt(features)).astype(np.float32)
+    b1 = (rng.standard_normal(hidden) * 0.1).astype(np.float32)
+    w2 = (rng.standard_normal((hidden, classes)) / np.sqrt(hidden)).astype(np.float32)
+    b2 = (rng.standard_normal(classes) * 0.1).astype(np.float32)
+    return w1, b1, w2, b2
+
+
 def mlp_classifier(
     path: Path,
     *,
@@ -24,11 +36,7 @@ def mlp_classifier(
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    rng = np.random.default_rng(seed)
-    w1 = (rng.standard_normal((features, hidden)) / np.sqrt(features)).astype(np.float32)
-    b1 = (rng.standard_normal(hidden) * 0.1).astype(np.float32)
-    w2 = (rng.standard_normal((hidden, classes)) / np.sqrt(hidden)).astype(np.float32)
-    b2 = (rng.standard_normal(classes) * 0.1).astype(np.float32)
+    w1, b1, w2, b2 = mlp_weights(features, hidden, classes, seed)
     graph = helper.make_graph(
         [
             helper.make_node("Gemm", ["x", "w1", "b1"], ["h"]),

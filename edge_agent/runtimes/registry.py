@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from edge_agent.errors import RuntimeBackendError
 from edge_agent.runtimes.base import Runtime
+from edge_agent.runtimes.litert import LiteRt
 from edge_agent.runtimes.onnxruntime import OnnxRuntime
 
 _BACKENDS: dict[str, type[Runtime]] = {
     OnnxRuntime.name: OnnxRuntime,
+    LiteRt.name: LiteRt,
 }
 
 

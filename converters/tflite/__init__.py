@@ -1,0 +1,1 @@
+"""TFLite artifacts for the ARM profiles (run on devices by LiteRT)."""

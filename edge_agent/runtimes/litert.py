@@ -1,0 +1,109 @@
+"""LiteRT backend (``ai-edge-litert``, the ARM profiles' runtime), falling back to the older
+``tflite_runtime`` package when that is what the device has.
+
+A TFLite interpreter is not thread-safe (one set of input/output buffers), so calls are
+serialised with a lock; a request whose batch size differs from the last one resizes the
+input and re-allocates tensors first.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.bundle.manifest import TensorSpec
+from edge_agent.errors import RuntimeBackendError
+from edge_agent.runtimes.base import LoadedModel, LoadOptions, Runtime, check_feeds
+
+
+def _interpreter_class() -> tuple[Any, str] | None:
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter, version("ai-edge-litert")
+    except (ImportError, PackageNotFoundError):
+        pass
+    try:
+        from tflite_runtime.interpreter import Interpreter
+
+        return Interpreter, version("tflite-runtime")
+    except (ImportError, PackageNotFoundError):
+        return None
+
+
+def _spec(detail: dict[str, Any]) -> TensorSpec:
+    signature = detail.get("shape_signature")
+    dims = signature if signature is not None and len(signature) else detail["shape"]
+    shape: list[int | str | None] = [int(d) if d >= 0 else None for d in dims]
+    return TensorSpec(name=detail["name"], dtype=np.dtype(detail["dtype"]).name, shape=shape)
+
+
+class LiteRtModel(LoadedModel):
+    def __init__(self, interpreter: Any) -> None:
+        self._interpreter: Any = interpreter
+        self._lock = threading.Lock()
+        self._in = interpreter.get_input_details()
+        self._out = interpreter.get_output_details()
+        self.inputs = [_spec(d) for d in self._in]
+        self.outputs = [_spec(d) for d in self._out]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        checked = check_feeds(self.inputs, feeds)
+        with self._lock:
+            interp = self._interpreter
+            if interp is None:
+                raise RuntimeBackendError("model is closed", reason="closed")
+            try:
+                resized = False
+                for detail in self._in:
+                    arr = checked[detail["name"]]
+                    if (
+                        tuple(interp.get_input_details()[self._in.index(detail)]["shape"])
+                        != arr.shape
+                    ):
+                        interp.resize_tensor_input(detail["index"], list(arr.shape))
+                        resized = True
+                if resized:
+                    interp.allocate_tensors()
+                for detail in self._in:
+                    interp.set_tensor(detail["index"], checked[detail["name"]])
+                interp.invoke()
+                return {d["name"]: np.array(interp.get_tensor(d["index"])) for d in self._out}
+            except (RuntimeError, ValueError) as e:
+                raise RuntimeBackendError(f"LiteRT inference failed: {e}") from e
+
+    def close(self) -> None:
+        with self._lock:
+            self._interpreter = None
+
+
+class LiteRt(Runtime):
+    name = "litert"
+
+    def version(self) -> str | None:
+        found = _interpreter_class()
+        return found[1] if found else None
+
+    def load(self, path: Path, options: LoadOptions) -> LoadedModel:
+        found = _interpreter_class()
+        if found is None:
+            raise RuntimeBackendError(
+                "no TFLite runtime: pip install ai-edge-litert (or tflite-runtime)",
+                reason="runtime_missing",
+            )
+        interpreter_class, _ = found
+        try:
+            interpreter = interpreter_class(
+                model_path=str(path), num_threads=options.threads or None
+            )
+            interpreter.allocate_tensors()
+        except (RuntimeError, ValueError) as e:
+            raise RuntimeBackendError(
+                f"LiteRT could not load {path.name}: {e}", reason="load_failed"
+            ) from e
+        return LiteRtModel(interpreter)
