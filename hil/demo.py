@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from converters.onnx.samples import mlp_classifier
+from converters.onnx.samples import mlp_classifier, nan_classifier
 from fleet_server.cli.api_client import ApiClient
 from fleet_server.server import EmbeddedStack
 from fleet_server.settings import Settings
@@ -50,6 +50,17 @@ def _progress(rollout: dict) -> Table:  # type: ignore[type-arg]
             t.get("device_state") or "-",
         )
     return table
+
+
+def _follow(api: ApiClient, rollout: dict, console: Console) -> dict:  # type: ignore[type-arg]
+    """Show the rollout live until every device has committed, failed or rolled back."""
+    with Live(_progress(rollout), console=console, refresh_per_second=8) as live:
+        deadline = time.monotonic() + 120
+        while rollout["state"] == "in_progress" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            rollout = api.get(f"/v1/rollouts/{rollout['id']}")
+            live.update(_progress(rollout))
+    return rollout
 
 
 def run_demo(workdir: Path | None, console: Console) -> int:
@@ -97,12 +108,7 @@ def run_demo(workdir: Path | None, console: Console) -> int:
                     "selector": {"ring": "canary"},
                 },
             )
-            with Live(_progress(rollout), console=console, refresh_per_second=8) as live:
-                deadline = time.monotonic() + 120
-                while rollout["state"] == "in_progress" and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                    rollout = api.get(f"/v1/rollouts/{rollout['id']}")
-                    live.update(_progress(rollout))
+            rollout = _follow(api, rollout, console)
             rolled_out_s = time.monotonic() - deploy_at
             if rollout["state"] != "completed":
                 console.print(f"[red]rollout ended {rollout['state']}[/red]")
@@ -127,10 +133,34 @@ def run_demo(workdir: Path | None, console: Console) -> int:
                     agent.device_id, served.get("version", "?"), f"{err:.2e}", f"{agree:.0%}"
                 )
             console.print(results)
+
+            # A bad version: it passes upload, build and self-test, but emits NaN. Each device
+            # catches it on probation and switches back to 1.0.0 by itself.
+            console.rule("a bad version: demo-classifier 1.1.0 (emits NaN)")
+            bad = nan_classifier(root / "models" / "demo-classifier-bad.onnx")
+            api.upload_model(bad, "demo-classifier", "1.1.0", "broken on purpose")
+            rollout = api.post(
+                "/v1/rollouts",
+                json={
+                    "model": "demo-classifier",
+                    "version": "1.1.0",
+                    "selector": {"ring": "canary"},
+                },
+            )
+            rollout = _follow(api, rollout, console)
+            reasons = {t["error"]["reason"] for t in rollout["targets"] if t.get("error")}
+            still = {(a.serving("demo-classifier") or {}).get("version") for a in agents}
+            rolled_back = rollout["counts"]["rolled_back"] == len(agents) and still == {"1.0.0"}
+            why = ", ".join(sorted(reasons)) or "-"
+            console.print(
+                f"devices rolled back: {rollout['counts']['rolled_back']}/{len(agents)} "
+                f"(reason: {why}); serving now: {', '.join(sorted(str(v) for v in still))}"
+            )
+            ok = ok and rolled_back
             console.rule(
-                f"{'[green]ok' if ok else '[red]MISMATCH'}[/]: 3 devices serving demo-classifier "
-                f"1.0.0, {rolled_out_s:.1f}s from deploy to all serving, "
-                f"{time.monotonic() - started:.1f}s total"
+                f"{'[green]ok' if ok else '[red]FAILED'}[/]: 3 devices serving demo-classifier "
+                f"1.0.0 ({rolled_out_s:.1f}s from deploy to all committed); the bad 1.1.0 was "
+                f"rolled back on every device; {time.monotonic() - started:.1f}s total"
             )
             return 0 if ok else 1
     finally:
