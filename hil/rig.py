@@ -161,3 +161,18 @@ class LocalAgent:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+def roll_out(
+    api: Any, model: str, version: str, devices: list[str], timeout_s: float = 60, **extra: Any
+) -> dict[str, Any]:
+    """Create a rollout and wait until no target is pending or on probation; return it."""
+    rollout: dict[str, Any] = api.post(
+        "/v1/rollouts", json={"model": model, "version": version, "devices": devices, **extra}
+    )
+
+    def settled() -> dict[str, Any] | None:
+        current: dict[str, Any] = api.get(f"/v1/rollouts/{rollout['id']}")
+        return current if current["state"] != "in_progress" else None
+
+    return wait_until(settled, timeout_s, f"the rollout of {model} {version} to settle")

@@ -151,14 +151,14 @@ class BundleReader:
                     reason="unsafe_member",
                     member=member.name,
                 )
+            if member.name in seen:
+                raise BundleError(
+                    f"bundle member {member.name!r} appears twice",
+                    reason="duplicate_member",
+                    member=member.name,
+                )
+            seen.add(member.name)
             if member.name in (MANIFEST_NAME, SIGNATURE_NAME):
-                if member.name in seen:
-                    raise BundleError(
-                        f"bundle member {member.name!r} appears twice",
-                        reason="duplicate_member",
-                        member=member.name,
-                    )
-                seen.add(member.name)
                 continue
             entry = listed.get(member.name)
             if entry is None:
@@ -167,13 +167,6 @@ class BundleReader:
                     reason="unlisted_member",
                     member=member.name,
                 )
-            if member.name in seen:
-                raise BundleError(
-                    f"bundle member {member.name!r} appears twice",
-                    reason="duplicate_member",
-                    member=member.name,
-                )
-            seen.add(member.name)
             if member.size != entry.size:
                 raise BundleError(
                     f"{member.name}: size {member.size} does not match the manifest's {entry.size}",
@@ -206,7 +199,6 @@ class BundleReader:
                     reason="digest_mismatch",
                     member=member.name,
                 )
-        seen -= {MANIFEST_NAME, SIGNATURE_NAME}
         missing = set(listed) - seen
         if missing:
             raise BundleError(

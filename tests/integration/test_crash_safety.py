@@ -19,7 +19,7 @@ from edge_agent.lifecycle.journal import Journal
 from fleet_server.cli.api_client import ApiClient
 from fleet_server.server import EmbeddedStack
 from fleet_server.settings import Settings
-from hil.rig import LocalAgent, wait_until
+from hil.rig import LocalAgent, roll_out, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -73,14 +73,7 @@ def test_kill_9_then_restart(fleet: Fleet, failpoint: str, outcome: str, uid: st
     agent.start()
     try:
         agent.wait_ready()
-        first = api.post(
-            "/v1/rollouts", json={"model": "classifier", "version": "1.0.0", "devices": [device]}
-        )
-        wait_until(
-            lambda: api.get(f"/v1/rollouts/{first['id']}")["state"] == "completed",
-            30,
-            "v1 committed",
-        )
+        assert roll_out(api, "classifier", "1.0.0", [device])["state"] == "completed"
         agent.stop()
 
         agent.start(env={ENV: failpoint})

@@ -12,7 +12,7 @@ import pytest
 from fleet_server.cli.api_client import ApiClient
 from fleet_server.server import EmbeddedStack
 from fleet_server.settings import Settings
-from hil.rig import LocalAgent, wait_until
+from hil.rig import LocalAgent, roll_out, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -154,26 +154,9 @@ def test_bad_versions_are_rolled_back_by_the_agent_and_reported(
     device = f"bad-{uid}"
     [agent] = _start_agents(api, stack, tmp_path / "devices", [(device, "x86-64-avx2")])
     try:
-        first = api.post(
-            "/v1/rollouts", json={"model": "classifier", "version": "1.0.0", "devices": [device]}
-        )
-        wait_until(
-            lambda: api.get(f"/v1/rollouts/{first['id']}")["state"] == "completed",
-            30,
-            "v1 committed",
-        )
+        assert roll_out(api, "classifier", "1.0.0", [device])["state"] == "completed"
         for version, reason in (("1.1.0", "nonfinite_outputs"), ("1.2.0", "latency_regression")):
-            r = api.post(
-                "/v1/rollouts",
-                json={"model": "classifier", "version": version, "devices": [device]},
-            )
-            done = wait_until(
-                lambda r=r: (
-                    (s := api.get(f"/v1/rollouts/{r['id']}"))["state"] != "in_progress" and s
-                ),
-                30,
-                f"the rollout of {version} to end",
-            )
+            done = roll_out(api, "classifier", version, [device])
             assert done["state"] == "failed" and done["counts"]["rolled_back"] == 1
             target = done["targets"][0]
             assert target["state"] == "rolled_back" and target["error"]["reason"] == reason, target
@@ -218,12 +201,7 @@ def test_twenty_swaps_under_load_drop_no_request(
     agent.start()
     try:
         agent.wait_ready()
-        rollout = api.post(
-            "/v1/rollouts", json={"model": "classifier", "version": "1.0.0", "devices": [device]}
-        )
-        wait_until(
-            lambda: api.get(f"/v1/rollouts/{rollout['id']}")["state"] == "completed", 30, "v1"
-        )
+        assert roll_out(api, "classifier", "1.0.0", [device])["state"] == "completed"
         x = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
         want = {
             v: ort.InferenceSession(str(p)).run(None, {"x": x})[0]
@@ -252,18 +230,8 @@ def test_twenty_swaps_under_load_drop_no_request(
             t.start()
         for i in range(20):
             version = "2.0.0" if i % 2 == 0 else "1.0.0"
-            r = api.post(
-                "/v1/rollouts",
-                json={"model": "classifier", "version": version, "devices": [device]},
-            )
-            done = wait_until(
-                lambda r=r: (
-                    (s := api.get(f"/v1/rollouts/{r['id']}"))["state"] != "in_progress" and s
-                ),
-                30,
-                f"swap {i}",
-            )
-            assert done["state"] == "completed", done["targets"]
+            done = roll_out(api, "classifier", version, [device])
+            assert done["state"] == "completed", (i, done["targets"])
         stop.set()
         for t in threads:
             t.join(10)
@@ -296,19 +264,11 @@ def test_shadow_rollout_reports_agreement_to_the_server(
     agent.start()
     try:
         agent.wait_ready()
-        first = api.post(
-            "/v1/rollouts", json={"model": "classifier", "version": "1.0.0", "devices": [device]}
+        assert roll_out(api, "classifier", "1.0.0", [device])["state"] == "completed"
+        shadow = roll_out(
+            api, "classifier", "2.0.0", [device], shadow_of="classifier", sample_rate=1.0
         )
-        wait_until(lambda: api.get(f"/v1/rollouts/{first['id']}")["state"] == "completed", 30, "v1")
-        shadow = api.post(
-            "/v1/rollouts",
-            json={"model": "classifier", "version": "2.0.0", "devices": [device],
-                  "shadow_of": "classifier", "sample_rate": 1.0},
-        )  # fmt: skip
-        assert shadow["slot"] == "classifier-shadow"
-        wait_until(
-            lambda: api.get(f"/v1/rollouts/{shadow['id']}")["state"] == "completed", 30, "shadow"
-        )
+        assert shadow["slot"] == "classifier-shadow" and shadow["state"] == "completed"
         x = np.random.default_rng(5).standard_normal((4, 16)).astype(np.float32)
         want = ort.InferenceSession(str(model_path)).run(None, {"x": x})[0]
         for _ in range(20):

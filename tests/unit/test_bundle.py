@@ -131,6 +131,8 @@ TAMPERING: list[tuple[str, Tamper, str]] = [
     ("unsigned bundle", _members(lambda m, f: [x for x in m if x[0].name != SIGNATURE_NAME]), "unsigned"),
     ("signed by an unknown key", _signed_by_stranger, "unknown_key"),
     ("member outside the manifest", _extra("model/extra.bin"), "unlisted_member"),
+    ("manifest appears twice", _extra("manifest.json"), "duplicate_member"),
+    ("model file appears twice", _extra("model/model.onnx"), "duplicate_member"),
     ("path traversal", _extra("../evil.txt"), "unsafe_path"),
     ("absolute path", _extra("/tmp/evil.txt"), "unsafe_path"),
     ("symlink member, listed and signed", _listed_extra("model/link", tarfile.SYMTYPE), "unsafe_member"),
