@@ -159,14 +159,17 @@ def _target_status(
     slot_report: dict[str, Any] = (reported.get("slots") or {}).get(slot) or {}
     active = slot_report.get("active") or slot_report.get("shadow") or {}
     error = slot_report.get("error")
+    slot_state = slot_report.get("state")
     state = "pending"
-    if active.get("bundle_sha256") == target.bundle_sha256:
-        state = "probation" if slot_report.get("state") == "PROBATION" else "serving"
-    elif slot_report.get("target_sha256") == target.bundle_sha256 and slot_report.get("state") in (
+    if slot_report.get("target_sha256") == target.bundle_sha256 and slot_state in (
         "FAILED",
         "ROLLED_BACK",
     ):
-        state = "failed" if slot_report["state"] == "FAILED" else "rolled_back"
+        state = "failed" if slot_state == "FAILED" else "rolled_back"
+    elif active.get("bundle_sha256") == target.bundle_sha256:
+        # Only a committed version is serving; between the switch and the commit (probation,
+        # or a rollback under way) the device may still turn it down.
+        state = "serving" if slot_state == "COMMITTED" else "probation"
     elif reported.get("refusal") and device.reported_seq < target.desired_seq:
         state, error = "refused", reported["refusal"]
     return TargetStatus(
