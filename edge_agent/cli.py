@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.config import AgentConfig, render_config
+from edge_agent.durable import write_atomic
 from edge_agent.errors import ConfigError, EdgefleetError
 from edge_agent.logs import configure as configure_logging
 
@@ -66,12 +67,14 @@ def _enroll(args: argparse.Namespace) -> int:
         return 1
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "root.pub").write_text(reply["root_public_key"] + "\n")
-    _write_private(directory / "device.mqtt-password", (reply["mqtt_password"] + "\n").encode())
+    write_atomic(
+        directory / "device.mqtt-password", (reply["mqtt_password"] + "\n").encode(), mode=0o600
+    )
     if reply.get("client_cert"):
-        _write_private(directory / "device.key", key_pem)
+        write_atomic(directory / "device.key", key_pem, mode=0o600)
         (directory / "device.crt").write_text(reply["client_cert"])
         (directory / "ca.crt").write_text(reply["ca_cert"])
-    _write_private(directory / "device.secret", (reply["device_secret"] + "\n").encode())
+    write_atomic(directory / "device.secret", (reply["device_secret"] + "\n").encode(), mode=0o600)
     config_path.write_text(
         render_config(
             device_id=reply["device_id"],
@@ -106,12 +109,6 @@ def _key_and_csr(device_id: str) -> tuple[bytes, str]:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     return key_pem, csr.public_bytes(serialization.Encoding.PEM).decode()
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 def _label(text: str) -> tuple[str, str]:

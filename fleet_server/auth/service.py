@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -12,6 +11,7 @@ from typing import Literal
 
 from sqlmodel import Session, select
 
+from edge_agent.durable import write_atomic
 from fleet_server.auth.tables import ApiToken
 from fleet_server.errors import AuthenticationError, PermissionDeniedError
 
@@ -102,8 +102,5 @@ def bootstrap_admin(session: Session, configured: str | None, token_file: Path) 
     if session.exec(select(ApiToken).where(ApiToken.revoked_at == None)).first() is not None:  # noqa: E711
         return None
     token, _ = issue_api_token(session, "bootstrap-admin", "admin")
-    token_file.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
+    write_atomic(token_file, (token + "\n").encode(), mode=0o600)
     return token_file

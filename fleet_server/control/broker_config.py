@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from edge_agent.durable import write_atomic
 from edge_agent.protocol.topics import PREFIX
 from fleet_server.auth.ca import SERVER_IDENTITY, FleetCA
 from fleet_server.auth.mqtt_passwords import mosquitto_hash, static_entries_path
@@ -106,9 +107,7 @@ def write_broker_config(
         password_file = out / "passwd"
         server_password = out / "server.password"
         secret = secrets.token_urlsafe(32)
-        fd = os.open(server_password, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secret + "\n")
+        write_atomic(server_password, (secret + "\n").encode(), mode=0o600)
         static = static_entries_path(password_file)
         static.write_text(f"{SERVER_IDENTITY}:{mosquitto_hash(secret)}\n")
         password_file.write_text(static.read_text())

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.serialization import (
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from edge_agent.durable import write_atomic
 from edge_agent.errors import BundleError
 from edge_agent.trust import KeyEntry, Keyring, Signature, SignedKeyring, key_id, verify_keyring
 from edge_agent.trust.signing import public_key_from_b64, public_key_to_b64
@@ -205,9 +206,11 @@ class ServerKeys:
                 return None
             root_path = self.dir / "dev-root.pem"
             root = Ed25519PrivateKey.generate()
-            fd = os.open(root_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(root.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+            write_atomic(
+                root_path,
+                root.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()),
+                mode=0o600,
+            )
             online = self.store.create(timedelta(days=365))
             now = datetime.now(UTC).replace(microsecond=0)
             ring = Keyring(
