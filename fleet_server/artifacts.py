@@ -13,7 +13,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO
 
 
 class ArtifactStore:
@@ -31,25 +30,6 @@ class ArtifactStore:
     def scratch_dir(self) -> Path:
         """A private temp directory on the store's filesystem (so renames are atomic)."""
         return Path(tempfile.mkdtemp(dir=self.root / "tmp"))
-
-    def put_stream(self, stream: BinaryIO, *, max_bytes: int) -> tuple[str, int]:
-        """Copy ``stream`` into the store; refuse (and keep nothing) past ``max_bytes``."""
-        fd, tmp_name = tempfile.mkstemp(dir=self.root / "tmp")
-        tmp = Path(tmp_name)
-        h = hashlib.sha256()
-        size = 0
-        try:
-            with os.fdopen(fd, "wb") as out:
-                while chunk := stream.read(1 << 20):
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise ValueError(f"upload exceeds {max_bytes} bytes")
-                    h.update(chunk)
-                    out.write(chunk)
-            return self._commit(tmp, h.hexdigest()), size
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
     def put_file(self, src: Path) -> tuple[str, int]:
         """Move ``src`` (a file this process wrote) into the store."""

@@ -132,9 +132,6 @@ class BundleReader:
         self.signatures = signatures
         self._signature_bytes = signature_bytes
 
-    def members(self) -> list[tarfile.TarInfo]:
-        return self._tar.getmembers()
-
     def extract_verified(self, dest: Path) -> None:
         """Check every member against the manifest while copying it below ``dest``.
 

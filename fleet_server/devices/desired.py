@@ -17,11 +17,6 @@ from fleet_server.devices.tables import DesiredStateRecord
 from fleet_server.keys.service import FleetSigner
 
 
-def current(session: Session, device_id: str) -> SignedDesiredState | None:
-    record = session.get(DesiredStateRecord, device_id)
-    return SignedDesiredState.model_validate(record.document) if record else None
-
-
 def _locked(session: Session, device_id: str) -> DesiredStateRecord | None:
     # FOR UPDATE serialises concurrent changes to one device on PostgreSQL (SQLite serialises
     # all writers anyway), so two rollouts cannot both write seq N+1.
