@@ -149,16 +149,16 @@ def write_members(out: Path, members: Members) -> Path:
     return out
 
 
-def resign(members: Members, fleet: TestFleet, key: Ed25519PrivateKey | None = None) -> Members:
-    """Recompute the manifest's digests for the members as they are now, and sign it again:
-    what a compromised build host holding a signing key could produce."""
+def resign(members: Members, key: Ed25519PrivateKey) -> Members:
+    """Recompute the manifest's digests for the members as they are now, and sign it again
+    with ``key``: what a compromised build host holding a signing key could produce."""
     manifest = json.loads(members[0][1])
     data = {i.name: d for i, d in members}
     for f in manifest["files"]:
         if f["path"] in data:
             f.update(sha256=hashlib.sha256(data[f["path"]]).hexdigest(), size=len(data[f["path"]]))
     raw = Manifest.model_validate(manifest).to_canonical_json()
-    sig = json.dumps({"signatures": [fleet.sign(raw, key).model_dump()]}).encode()
+    sig = json.dumps({"signatures": [sign_bytes(key, raw).model_dump()]}).encode()
     rest = [(i, d) for i, d in members[1:] if i.name != "manifest.sig"]
     return [(members[0][0], raw), (tarfile.TarInfo("manifest.sig"), sig), *rest]
 
@@ -172,7 +172,7 @@ def rewrite_manifest(
     manifest.update(changes)
     members[0] = (members[0][0], Manifest.model_validate(manifest).to_canonical_json())
     if fleet is not None:
-        members = resign(members, fleet)
+        members = resign(members, fleet.online)
     return write_members(out, members)
 
 

@@ -178,14 +178,14 @@ def _bad_selftest(bundle: Path, out: Path, fleet: TestFleet) -> Path:
     the self-test can catch it."""
     wrong = pack({"x": np.ones((1, 16), np.float32)}, {"probs": np.full((1, 4), 0.25, np.float32)})
     members = [(i, wrong if i.name == "selftest.npz" else d) for i, d in read_members(bundle)]
-    return write_members(out, resign(members, fleet))
+    return write_members(out, resign(members, fleet.online))
 
 
 def _unloadable(bundle: Path, out: Path, fleet: TestFleet) -> Path:
     """Validly signed, but the model file is not a model."""
     junk = b"\x08\x07garbage that is not an onnx graph" * 10
     members = [(i, junk if i.name.startswith("model/") else d) for i, d in read_members(bundle)]
-    return write_members(out, resign(members, fleet))
+    return write_members(out, resign(members, fleet.online))
 
 
 @pytest.mark.parametrize(

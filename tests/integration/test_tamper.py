@@ -36,7 +36,7 @@ from fleet_server.keys.service import sign_bytes, sign_keyring
 from fleet_server.server import EmbeddedStack
 from fleet_server.settings import Settings
 from hil.rig import LocalAgent, wait_until
-from tests.factories import Members, read_members, sha256, write_members
+from tests.factories import Members, read_members, resign, sha256, write_members
 
 pytestmark = pytest.mark.slow
 
@@ -114,23 +114,6 @@ class Rig:
         payload = env if isinstance(env, bytes) else env.to_bytes()
         info = self.attacker.publish(Topics(DEVICE).desired, payload, qos=1, retain=True)
         info.wait_for_publish(5)
-
-    def resign_bundle(self, members: Members, key: Ed25519PrivateKey | None = None) -> Members:
-        from edge_agent.bundle import Manifest
-
-        manifest = json.loads(members[0][1])
-        data = {i.name: d for i, d in members}
-        for f in manifest["files"]:
-            if f["path"] in data:
-                import hashlib
-
-                f.update(
-                    sha256=hashlib.sha256(data[f["path"]]).hexdigest(), size=len(data[f["path"]])
-                )
-        raw = Manifest.model_validate(manifest).to_canonical_json()
-        sig = json.dumps({"signatures": [sign_bytes(key or self.server_key, raw).model_dump()]})
-        rest = [(i, d) for i, d in members[1:] if i.name != "manifest.sig"]
-        return [(members[0][0], raw), (tarfile.TarInfo("manifest.sig"), sig.encode()), *rest]
 
 
 @pytest.fixture(scope="module")
@@ -367,14 +350,14 @@ def bundle_flipped_manifest_byte(rig: Rig) -> tuple[str, int]:
 
 
 def bundle_signed_by_unknown_key(rig: Rig) -> tuple[str, int]:
-    members = rig.resign_bundle(read_members(rig.good_bundle), Ed25519PrivateKey.generate())
+    members = resign(read_members(rig.good_bundle), Ed25519PrivateKey.generate())
     env = rig.document(slot=rig.host("unknown-key.efb", members))
     rig.send(env)
     return "unknown_key", env.signed.seq
 
 
 def bundle_signed_by_revoked_key(rig: Rig) -> tuple[str, int]:
-    members = rig.resign_bundle(read_members(rig.good_bundle), rig.keys["revoked"])
+    members = resign(read_members(rig.good_bundle), rig.keys["revoked"])
     env = rig.document(slot=rig.host("revoked-key.efb", members))
     rig.send(env)
     return "revoked_key", env.signed.seq
@@ -385,7 +368,7 @@ def _manifest_change(rig: Rig, name: str, **changes: Any) -> SlotAssignment:
     manifest = json.loads(members[0][1])
     manifest.update(changes)
     members[0] = (members[0][0], json.dumps(manifest).encode())
-    return rig.host(name, rig.resign_bundle(members))
+    return rig.host(name, resign(members, rig.server_key))
 
 
 def bundle_expired(rig: Rig) -> tuple[str, int]:

@@ -115,13 +115,13 @@ def _listed_extra(name: str, kind: bytes = tarfile.REGTYPE) -> Tamper:
         info = tarfile.TarInfo(name)
         info.type = kind
         info.linkname = "/etc/passwd"
-        return resign([*members, (info, b"")], fleet)
+        return resign([*members, (info, b"")], fleet.online)
 
     return _members(add)
 
 
 def _signed_by_stranger(bundle: Path, out: Path, fleet: TestFleet) -> Path:
-    return write_members(out, resign(read_members(bundle), fleet, Ed25519PrivateKey.generate()))
+    return write_members(out, resign(read_members(bundle), Ed25519PrivateKey.generate()))
 
 
 TAMPERING: list[tuple[str, Tamper, str]] = [
