@@ -65,6 +65,7 @@ class Agent:
                 load_options=LoadOptions(
                     threads=config.runtime.threads or self.profile.resources.threads,
                     providers=providers,
+                    cache_dir=config.state_dir / "engine-cache",
                 ),
                 credential=credential,
                 download_attempts=config.download.attempts,

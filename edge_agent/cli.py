@@ -21,6 +21,7 @@ from edge_agent.config import AgentConfig, render_config
 from edge_agent.durable import write_atomic
 from edge_agent.errors import ConfigError, EdgefleetError
 from edge_agent.logs import configure as configure_logging
+from edge_agent.runtimes import available_runtimes
 
 
 def _enroll(args: argparse.Namespace) -> int:
@@ -39,6 +40,9 @@ def _enroll(args: argparse.Namespace) -> int:
     if args.root_key:
         body["expected_root_public_key"] = args.root_key
     key_pem, body["csr"] = _key_and_csr(args.device_id)
+    # The server builds for the runtimes this device has (e.g. no TensorRT engine for a Jetson
+    # whose image lacks TensorRT); status reports keep it up to date.
+    body["runtimes"] = available_runtimes()
     request = urllib.request.Request(
         args.server.rstrip("/") + "/v1/devices/enroll",
         data=json.dumps(body).encode(),

@@ -67,10 +67,35 @@ class Resources(_Strict):
     max_bundle_bytes: int = Field(gt=0)
 
 
+class ThresholdOverride(_Strict):
+    """Thresholds for one precision; unset ones come from the profile's defaults, and
+    ``inf`` switches a check off (max abs error means little on unnormalised logits)."""
+
+    max_abs_error: float | None = Field(default=None, gt=0)
+    max_rel_l2: float | None = Field(default=None, gt=0)
+    min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
+
+
 class ParityThresholds(_Strict):
+    """How closely a compiled artifact must agree with the original on the validation set."""
+
     max_abs_error: float = Field(gt=0)
     max_rel_l2: float = Field(gt=0)
     min_top1_agreement: float = Field(ge=0, le=1)
+    fp16: ThresholdOverride | None = None
+    int8: ThresholdOverride | None = None
+
+    def for_precision(self, precision: str) -> dict[str, float | None]:
+        """Threshold name → value (None: not checked) for artifacts of ``precision``."""
+        values: dict[str, float | None] = {
+            "max_abs_error": self.max_abs_error,
+            "max_rel_l2": self.max_rel_l2,
+            "min_top1_agreement": self.min_top1_agreement,
+        }
+        override = {"fp16": self.fp16, "int8": self.int8}.get(precision)
+        if override is not None:
+            values.update(override.model_dump(exclude_none=True))
+        return {k: None if v == float("inf") else v for k, v in values.items()}
 
 
 class LatencyBudget(_Strict):

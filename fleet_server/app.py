@@ -19,6 +19,8 @@ from fleet_server.audit.routes import router as audit_router
 from fleet_server.auth.ca import FleetCA
 from fleet_server.auth.routes import router as tokens_router
 from fleet_server.auth.service import bootstrap_admin
+from fleet_server.builds.routes import router as builds_router
+from fleet_server.builds.service import BuildRunner
 from fleet_server.bundles.routes import router as bundles_router
 from fleet_server.control.plane import ControlPlane
 from fleet_server.database import create_tables, make_engine
@@ -72,18 +74,31 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
             ),
         )
         control.start()
+        store = ArtifactStore(settings.artifacts_dir)
+        catalog = default_catalog()
+        builds = BuildRunner(
+            engine,
+            store,
+            keys,
+            catalog,
+            workers=settings.build_workers,
+            timeout_s=settings.build_timeout_s,
+        )
+        builds.start()
         app.state.edgefleet = AppState(
             settings=settings,
             engine=engine,
-            store=ArtifactStore(settings.artifacts_dir),
-            catalog=default_catalog(),
+            store=store,
+            catalog=catalog,
             control=control,
             keys=keys,
             ca=FleetCA.load_or_create(settings.ca_dir),
+            builds=builds,
         )
         try:
             yield
         finally:
+            builds.stop()
             control.stop()
             engine.dispose()
 
@@ -96,6 +111,7 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
     install_error_handlers(app)
     app.include_router(models_router)
     app.include_router(devices_router)
+    app.include_router(builds_router)
     app.include_router(bundles_router)
     app.include_router(rollouts_router)
     app.include_router(keys_router)

@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     #: Minimum time between two sends of the same document to a device that reports it is
     #: behind (its status may simply predate the document).
     desired_resend_interval_s: float = Field(default=5.0, ge=0)
+    #: Concurrent build jobs (each a subprocess; a TFLite build of a 30 MB CNN peaks near 2.5 GB).
+    build_workers: int = Field(default=1, ge=1, le=64)
+    #: A build running longer is killed and fails.
+    build_timeout_s: float = Field(default=3600, gt=0)
+    #: How long creating a rollout waits for the builds it needs.
+    rollout_build_wait_s: float = Field(default=1800, gt=0)
 
     @model_validator(mode="after")
     def _production_guard(self) -> Settings:

@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh dev
 export PATH="$PATH:/usr/sbin"
+# The TFLite converter toolchain (onnx2tf + TensorFlow, pinned, in its own virtualenv).
+export EDGEFLEET_TOOLCHAIN_DIR="${EDGEFLEET_TOOLCHAIN_DIR:-$PWD/.toolchains}"
+.venv/bin/edgefleet toolchain install tflite
 echo "lint: ruff, mypy --strict"
 .venv/bin/ruff check --quiet .
 .venv/bin/ruff format --check --quiet .

@@ -27,6 +27,10 @@ from fleet_server.settings import Settings
 
 ADMIN_TOKEN = "efa_test-admin-token-0123456789abcdef0123456789"
 POSTGRES_URL = os.environ.get("EDGEFLEET_TEST_POSTGRES_URL")
+# Converter toolchains (onnx2tf for TFLite) live in the checkout; scripts/test.sh installs them.
+os.environ.setdefault(
+    "EDGEFLEET_TOOLCHAIN_DIR", str(Path(__file__).resolve().parent.parent / ".toolchains")
+)
 
 
 def _ensure_mosquitto() -> None:

@@ -150,3 +150,182 @@ def slow_classifier(
         list(g.initializer) + inits,
     )
     return _save(graph, path)
+
+
+def resnet_like(
+    path: Path,
+    *,
+    widths: tuple[int, ...] = (48, 96, 192, 384),
+    blocks: int = 2,
+    classes: int = 100,
+    image: int = 224,
+    seed: int = 0,
+) -> Path:
+    """A ResNet-18-shaped image classifier: x[N, 3, image, image] → logits[N, classes].
+
+    7x7/2 stem, 3x3/2 max-pool, ``len(widths)`` stages of ``blocks`` basic residual blocks
+    (the first of each later stage strides by 2 with a 1x1 projection), global average pool,
+    fully connected. Batch norm is folded into the conv biases, as an exported ResNet's is.
+    The default widths give ≈7 M parameters (≈28 MB fp32). Weights are random (He-scaled),
+    so outputs are meaningful only relative to the same model in another runtime.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes: list[object] = []
+    inits: list[object] = []
+    count = 0
+
+    def conv(
+        x: str, cin: int, cout: int, k: int, stride: int, relu: bool, gain: float = 1.0
+    ) -> str:
+        nonlocal count
+        count += 1
+        w = rng.standard_normal((cout, cin, k, k)) * gain * np.sqrt(2.0 / (cin * k * k))
+        b = rng.standard_normal(cout) * 0.05
+        inits.append(numpy_helper.from_array(w.astype(np.float32), f"conv{count}.w"))
+        inits.append(numpy_helper.from_array(b.astype(np.float32), f"conv{count}.b"))
+        out = f"conv{count}"
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                [x, f"conv{count}.w", f"conv{count}.b"],
+                [out],
+                kernel_shape=[k, k],
+                strides=[stride, stride],
+                pads=[k // 2] * 4,
+            )
+        )
+        if relu:
+            nodes.append(helper.make_node("Relu", [out], [out + ".relu"]))
+            return out + ".relu"
+        return out
+
+    x = conv("x", 3, widths[0], 7, 2, relu=True)
+    nodes.append(
+        helper.make_node(
+            "MaxPool", [x], ["pool"], kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4
+        )
+    )
+    x, cin = "pool", widths[0]
+    for stage, cout in enumerate(widths):
+        for block in range(blocks):
+            stride = 2 if stage > 0 and block == 0 else 1
+            h = conv(x, cin, cout, 3, stride, relu=True)
+            # Scaled-down second conv: keeps the residual sum's variance bounded without BN.
+            h = conv(h, cout, cout, 3, 1, relu=False, gain=0.5)
+            skip = conv(x, cin, cout, 1, stride, relu=False) if (stride, cin) != (1, cout) else x
+            out = f"block{stage}.{block}"
+            nodes.append(helper.make_node("Add", [h, skip], [out + ".sum"]))
+            nodes.append(helper.make_node("Relu", [out + ".sum"], [out]))
+            x, cin = out, cout
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap"]))
+    nodes.append(helper.make_node("Flatten", ["gap"], ["features"], axis=1))
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, image, image])
+    # The random convolutional trunk stands in for a trained one; the head is "trained" as a
+    # nearest-class-mean classifier on the trunk's features of :func:`sample_images`' classes,
+    # so that, like a real classifier on its data, it is confident and input-dependent.
+    probe = helper.make_graph(
+        nodes,  # type: ignore[arg-type]
+        "probe",
+        [x_info],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", cin])],
+        inits,  # type: ignore[arg-type]
+    )
+    per_class = 2
+    images, labels = sample_images(classes * per_class, image=image, classes=classes, seed=seed + 1)
+    features = np.concatenate(
+        [_run_probe(probe, images[i : i + 64]) for i in range(0, len(images), 64)]
+    )
+    centre = features.mean(axis=0)
+    means = np.stack([features[labels == c].mean(axis=0) for c in range(classes)]) - centre
+    means /= np.linalg.norm(means, axis=1, keepdims=True) + 1e-9
+    spread = float(np.linalg.norm(features - centre, axis=1).mean()) + 1e-9
+    fc_w = means.T * (20.0 / spread)
+    fc_b = -centre @ fc_w
+    inits.append(numpy_helper.from_array(fc_w.astype(np.float32), "fc.w"))
+    inits.append(numpy_helper.from_array(fc_b.astype(np.float32), "fc.b"))
+    nodes.append(helper.make_node("Gemm", ["features", "fc.w", "fc.b"], ["logits"]))
+    graph = helper.make_graph(
+        nodes,  # type: ignore[arg-type]
+        "resnet_like",
+        [x_info],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        inits,  # type: ignore[arg-type]
+    )
+    return _save(graph, path)
+
+
+def sample_images(
+    count: int, *, image: int = 224, classes: int = 100, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labelled image-like inputs for :func:`resnet_like`: ``(images [count, 3, image, image]
+    float32, labels [count])``. Each class is a smooth random colour field (an 8x8 grid,
+    upsampled, fixed for a given ``classes``); a sample is its class's field plus a smooth
+    and a fine random perturbation of its own (from ``seed``)."""
+    prototypes = np.random.default_rng(1234 + classes).standard_normal((classes, 3, 8, 8))
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(count) % classes)
+    grid = prototypes[labels] + 0.35 * rng.standard_normal((count, 3, 8, 8))
+    cell = -(-image // 8)
+    smooth = np.kron(grid, np.ones((1, 1, cell, cell)))[:, :, :image, :image]
+    noise = rng.standard_normal((count, 3, image, image)) * 0.3
+    return (smooth + noise).astype(np.float32), labels
+
+
+def _run_probe(graph: object, x: np.ndarray) -> np.ndarray:
+    import onnxruntime
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])  # type: ignore[arg-type]
+    model.ir_version = 8
+    session = onnxruntime.InferenceSession(
+        model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    out: np.ndarray = session.run(None, {"x": x})[0]
+    return out
+
+
+def conditional_classifier(path: Path, *, features: int = 16, classes: int = 4) -> Path:
+    """An MLP whose output goes through an ONNX ``If`` on a data-dependent condition (sum of
+    the input > 0). onnxruntime runs it; TFLite converters turn ``If`` into a custom op that
+    LiteRT cannot run, which the parity gate must catch."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w1, b1, w2, b2 = mlp_weights(features, 32, classes, 0)
+    then_graph = helper.make_graph(
+        [helper.make_node("Identity", ["logits"], ["then_out"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, ["batch", classes])],
+    )
+    else_graph = helper.make_graph(
+        [helper.make_node("Neg", ["logits"], ["else_out"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, ["batch", classes])],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "w1", "b1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["hr"]),
+            helper.make_node("Gemm", ["hr", "w2", "b2"], ["logits"]),
+            helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+            helper.make_node("Greater", ["total", "zero"], ["positive"]),
+            helper.make_node(
+                "If", ["positive"], ["chosen"], then_branch=then_graph, else_branch=else_graph
+            ),
+            helper.make_node("Softmax", ["chosen"], ["probs"], axis=-1),
+        ],
+        "conditional_classifier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", classes])],
+        [
+            numpy_helper.from_array(w1, "w1"),
+            numpy_helper.from_array(b1, "b1"),
+            numpy_helper.from_array(w2, "w2"),
+            numpy_helper.from_array(b2, "b2"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        ],
+    )
+    return _save(graph, path)

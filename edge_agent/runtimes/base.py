@@ -19,6 +19,8 @@ class LoadOptions:
     threads: int = 0
     #: onnxruntime execution providers in order of preference; unavailable ones are skipped.
     providers: tuple[str, ...] = field(default_factory=tuple)
+    #: Where a backend may keep compiled forms of a model (TensorRT engines, timing caches).
+    cache_dir: Path | None = None
 
 
 class LoadedModel(ABC):

@@ -6,10 +6,12 @@ from edge_agent.errors import RuntimeBackendError
 from edge_agent.runtimes.base import Runtime
 from edge_agent.runtimes.litert import LiteRt
 from edge_agent.runtimes.onnxruntime import OnnxRuntime
+from edge_agent.runtimes.tensorrt import TensorRt
 
 _BACKENDS: dict[str, type[Runtime]] = {
     OnnxRuntime.name: OnnxRuntime,
     LiteRt.name: LiteRt,
+    TensorRt.name: TensorRt,
 }
 
 

@@ -19,6 +19,7 @@ from fleet_server.keys.service import ServerKeys
 from fleet_server.settings import Settings
 
 if TYPE_CHECKING:
+    from fleet_server.builds.service import BuildRunner
     from fleet_server.control.plane import ControlPlane
 
 
@@ -31,6 +32,7 @@ class AppState:
     control: ControlPlane
     keys: ServerKeys
     ca: FleetCA
+    builds: BuildRunner
 
 
 def get_state(request: Request) -> AppState:

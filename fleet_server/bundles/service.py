@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import logging
-import shutil
-from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from converters import build_bundle
-from edge_agent.bundle.manifest import TensorSpec
+from edge_agent.errors import ConversionError
 from firmware_profiles import Profile
-from fleet_server.artifacts import ArtifactStore
 from fleet_server.bundles.tables import Bundle, BundlePublic
 from fleet_server.database import aware
-from fleet_server.errors import NotFoundError, PermissionDeniedError
+from fleet_server.errors import ConflictError, NotFoundError, PermissionDeniedError
 from fleet_server.keys.service import FleetSigner
+
+if TYPE_CHECKING:
+    from fleet_server.api.deps import AppState
 from fleet_server.registry.tables import MLModel, ModelVersion
 
 log = logging.getLogger(__name__)
@@ -24,71 +23,62 @@ log = logging.getLogger(__name__)
 
 def ensure_bundle(
     session: Session,
-    store: ArtifactStore,
+    app: AppState,
     model: MLModel,
     version: ModelVersion,
     profile: Profile,
     signer: FleetSigner,
+    *,
+    runtimes: list[str] | None = None,
+    actor: str = "system",
 ) -> Bundle:
-    """The bundle for (version, profile) signed by a usable key, built now if there is none."""
-    existing = _find(session, version, profile.name, signer)
-    if existing is not None:
-        return existing
-    scratch = store.scratch_dir()
-    try:
-        result = build_bundle(
-            source=store.path(version.source_sha256),
-            source_sha256=version.source_sha256,
-            name=model.name,
-            version=version.version,
-            inputs=[TensorSpec.model_validate(s) for s in version.inputs],
-            outputs=[TensorSpec.model_validate(s) for s in version.outputs],
-            profile=profile,
-            out_path=scratch / "bundle.efb",
-            signer=signer.sign,
-            signing_key_id=signer.keyid,
-        )
-        sha256, size = store.put_file(result.path)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    assert version.id is not None
-    row = Bundle(
-        sha256=sha256,
-        model_version_id=version.id,
-        profile=profile.name,
-        runtime=result.target.runtime,
-        precision=result.target.precision,
-        signing_key_id=signer.keyid,
-        size=size,
-        manifest=result.manifest.model_dump(mode="json"),
-        passed_over=result.passed_over,
-        created_at=datetime.now(UTC),
+    """The bundle for (version, profile, runtimes) signed by a usable key; when there is none,
+    a build job makes it (or one already under way is awaited) for up to
+    ``rollout_build_wait_s``."""
+    from fleet_server.builds.service import (
+        cache_key,
+        normalize_options,
+        request_build,
+        usable_bundle,
+        wait_for,
     )
-    session.add(row)
-    try:
-        session.commit()
-    except IntegrityError:
-        # Built concurrently by another request or replica; theirs is equivalent.
-        session.rollback()
-        found = _find(session, version, profile.name, signer)
-        assert found is not None
+
+    options = normalize_options(None, runtimes, None)
+    key = cache_key(version, profile, options)
+    found = usable_bundle(session, key, signer)
+    if found is not None:
         return found
-    log.info(
-        "built bundle %s for %s %s on %s", sha256[:12], model.name, version.version, profile.name
+    build = request_build(
+        session, app.builds, app.catalog, signer, model, version, profile, options, actor
     )
-    return row
-
-
-def _find(
-    session: Session, version: ModelVersion, profile: str, signer: FleetSigner
-) -> Bundle | None:
-    rows = session.exec(
-        select(Bundle).where(Bundle.model_version_id == version.id, Bundle.profile == profile)
-    ).all()
-    usable = [b for b in rows if signer.usable(b.signing_key_id)]
-    # Prefer the current signing key, then the newest build.
-    usable.sort(key=lambda b: (b.signing_key_id == signer.keyid, aware(b.created_at)), reverse=True)
-    return usable[0] if usable else None
+    build_id = build.id
+    done = wait_for(app.engine, build_id, app.settings.rollout_build_wait_s)
+    if done.state == "failed":
+        error = done.error or {}
+        raise ConversionError(
+            f"the build for profile {profile.name!r} failed (edgefleet builds show {build_id}): "
+            f"{error.get('message', 'unknown error')}",
+            reason=str(error.get("reason", "build_failed")),
+            build_id=build_id,
+            profile=profile.name,
+        )
+    if done.state != "succeeded":
+        raise ConflictError(
+            f"the build for profile {profile.name!r} is still {done.state} after "
+            f"{app.settings.rollout_build_wait_s:.0f} s; create the rollout again when "
+            f"`edgefleet builds show {build_id}` says succeeded",
+            reason="build_pending",
+            build_id=build_id,
+        )
+    session.expire_all()
+    found = usable_bundle(session, key, signer)
+    if found is None:
+        raise ConflictError(
+            f"build {build_id} succeeded but its bundle is no longer usable (signing key "
+            "rotated meanwhile); create the rollout again",
+            reason="build_pending",
+        )
+    return found
 
 
 def require_assigned(session: Session, device_id: str, sha256: str) -> None:

@@ -1,6 +1,5 @@
-"""One row per built bundle. (model version, profile, signing key) is unique: a build is
-deterministic for its inputs, so a second deployment of the same version to the same profile
-reuses it — until its signing key is revoked or expires, when it is built and signed again."""
+"""One row per built bundle. A second deployment with the same build inputs (``cache_key``)
+reuses it, until its signing key is revoked or expires, when it is built and signed again."""
 
 from __future__ import annotations
 
@@ -8,17 +7,17 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlalchemy import JSON, Column
 from sqlmodel import Field, SQLModel
 
 
 class Bundle(SQLModel, table=True):
     __tablename__ = "bundles"
-    __table_args__ = (UniqueConstraint("model_version_id", "profile", "signing_key_id"),)
-
     sha256: str = Field(primary_key=True, max_length=64)
     model_version_id: int = Field(foreign_key="model_versions.id", index=True)
     profile: str = Field(max_length=63)
+    #: The build inputs' key (see fleet_server.builds): equal keys, equivalent bundles.
+    cache_key: str = Field(max_length=64, index=True)
     runtime: str = Field(max_length=32)
     precision: str = Field(max_length=8)
     signing_key_id: str = Field(max_length=32)

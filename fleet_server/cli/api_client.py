@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -52,11 +53,34 @@ class ApiClient:
     def post(self, path: str, **kwargs: Any) -> Any:
         return self.request("POST", path, **kwargs)
 
-    def upload_model(self, path: Path, name: str, version: str, description: str = "") -> Any:
-        with path.open("rb") as f:
+    def upload_model(
+        self,
+        path: Path,
+        name: str,
+        version: str,
+        description: str = "",
+        *,
+        calibration: Path | None = None,
+        validation: Path | None = None,
+    ) -> Any:
+        with contextlib.ExitStack() as stack:
+            files = {
+                "file": (
+                    path.name,
+                    stack.enter_context(path.open("rb")),
+                    "application/octet-stream",
+                )
+            }
+            for field, extra in (("calibration", calibration), ("validation", validation)):
+                if extra is not None:
+                    files[field] = (
+                        extra.name,
+                        stack.enter_context(extra.open("rb")),
+                        "application/octet-stream",
+                    )
             return self.post(
                 "/v1/models",
-                files={"file": (path.name, f, "application/octet-stream")},
+                files=files,
                 data={"name": name, "version": version, "description": description},
             )
 

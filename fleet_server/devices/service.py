@@ -120,6 +120,7 @@ def enroll(
         secret_hash=hash_secret(secret),
         mqtt_password_hash=mosquitto_hash(mqtt_password),
         enrolled_at=now,
+        runtimes=req.runtimes,
     )
     token.used_at, token.used_by = now, req.device_id
     session.add(device)
@@ -153,6 +154,7 @@ def to_public(session: Session, device: Device) -> DevicePublic:
         last_seen_at=aware(device.last_seen_at) if device.last_seen_at else None,
         online=device.online,
         agent_version=device.agent_version,
+        runtimes=device.runtimes,
         desired_seq=desired.seq if desired else 0,
         reported_seq=device.reported_seq,
         reported=device.reported,
@@ -216,6 +218,8 @@ def record_status(session: Session, status: ReportedStatus) -> Device | None:
     device.reported = status.model_dump(mode="json")
     device.reported_seq = status.desired_seq
     device.agent_version = status.agent_version
+    if status.runtimes:
+        device.runtimes = dict(status.runtimes)
     device.last_seen_at = datetime.now(UTC)
     session.add(device)
     session.commit()

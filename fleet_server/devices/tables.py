@@ -32,6 +32,8 @@ class Device(SQLModel, table=True):
     agent_version: str | None = None
     reported_seq: int = 0
     reported: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    #: Runtime name → version the device has (from enrollment and status reports); None: unknown.
+    runtimes: dict[str, str] | None = Field(default=None, sa_column=Column(JSON))
 
 
 class EnrollmentToken(SQLModel, table=True):
@@ -69,6 +71,7 @@ class DevicePublic(BaseModel):
     last_seen_at: datetime | None
     online: bool
     agent_version: str | None
+    runtimes: dict[str, str] | None = None
     desired_seq: int
     reported_seq: int
     reported: dict[str, Any] | None
@@ -98,6 +101,8 @@ class EnrollRequest(BaseModel):
     expected_root_public_key: str | None = None
     #: PEM certificate request (CN = device id) for the device's MQTT client certificate.
     csr: str | None = None
+    #: Runtime name → version installed on the device; builds for it use only these.
+    runtimes: dict[str, str] | None = None
 
 
 class EnrollResponse(BaseModel):

@@ -22,8 +22,17 @@ def upload_model_version(
     name: Annotated[str, Form()],
     version: Annotated[str, Form(description="semantic version, e.g. 1.0.0")],
     description: Annotated[str, Form()] = "",
+    calibration: Annotated[
+        UploadFile | None,
+        File(description=".npz calibration set: one array per input name, axis 0 = samples"),
+    ] = None,
+    validation: Annotated[
+        UploadFile | None,
+        File(description=".npz validation set (default: a held-out part of the calibration set)"),
+    ] = None,
 ) -> ModelVersionPublic:
-    """Upload a new model version (multipart). The file must pass ``onnx.checker``."""
+    """Upload a new model version (multipart). The file must pass ``onnx.checker``; the
+    calibration and validation sets must match the model's input names, dtypes and shapes."""
     return service.upload_version(
         session,
         state.store,
@@ -34,6 +43,8 @@ def upload_model_version(
         stream=file.file,
         max_bytes=state.settings.max_upload_bytes,
         actor=principal.name,
+        calibration=calibration.file if calibration is not None else None,
+        validation=validation.file if validation is not None else None,
     )
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import re
 import shutil
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import BinaryIO
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from converters.data import load_dataset
 from converters.onnx import inspect_onnx
 from edge_agent.errors import ConversionError
 from fleet_server.artifacts import ArtifactStore
@@ -53,7 +55,11 @@ def upload_version(
     stream: BinaryIO,
     max_bytes: int,
     actor: str,
+    calibration: BinaryIO | None = None,
+    validation: BinaryIO | None = None,
 ) -> ModelVersionPublic:
+    """Store a model version, with its calibration / validation sets (``.npz``, one array per
+    input, axis 0 = samples) when given. Everything is checked before anything is stored."""
     _check_names(name, version)
     model = session.exec(select(MLModel).where(MLModel.name == name)).first()
     if model is not None and _find_version(session, model, version) is not None:
@@ -61,20 +67,22 @@ def upload_version(
 
     scratch = store.scratch_dir()
     try:
-        tmp = scratch / "upload.onnx"
-        size = 0
-        with tmp.open("wb") as out:
-            while chunk := stream.read(1 << 20):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise InvalidInputError(f"upload exceeds the limit of {max_bytes} bytes")
-                out.write(chunk)
-        if size == 0:
-            raise InvalidInputError("the uploaded file is empty", field="file")
+        tmp = _receive(stream, scratch / "upload.onnx", max_bytes, "file")
         try:
             info = inspect_onnx(tmp)
         except ConversionError as e:
             raise InvalidInputError(f"{filename}: {e.message}", field="file") from e
+        sets: dict[str, tuple[Path, int]] = {}
+        for what, upload in (("calibration", calibration), ("validation", validation)):
+            if upload is None:
+                continue
+            path = _receive(upload, scratch / f"{what}.npz", max_bytes, what)
+            try:
+                dataset = load_dataset(path, info.inputs, what=what)
+            except ConversionError as e:
+                raise InvalidInputError(e.message, field=what, **e.fields) from e
+            sets[what] = (path, dataset.samples)
+        stored = {what: store.put_file(path)[0] for what, (path, _) in sets.items()}
         sha256, size = store.put_file(tmp)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -98,6 +106,10 @@ def upload_version(
             producer=info.producer,
             inputs=[s.model_dump() for s in info.inputs],
             outputs=[s.model_dump() for s in info.outputs],
+            calibration_sha256=stored.get("calibration"),
+            calibration_samples=sets["calibration"][1] if "calibration" in sets else None,
+            validation_sha256=stored.get("validation"),
+            validation_samples=sets["validation"][1] if "validation" in sets else None,
             created_at=now,
             created_by=actor,
         )
@@ -109,6 +121,21 @@ def upload_version(
         raise ConflictError(f"{name} {version} already exists; versions are immutable") from e
     session.refresh(row)
     return _public(row, name)
+
+
+def _receive(stream: BinaryIO, dest: Path, max_bytes: int, field: str) -> Path:
+    size = 0
+    with dest.open("wb") as out:
+        while chunk := stream.read(1 << 20):
+            size += len(chunk)
+            if size > max_bytes:
+                raise InvalidInputError(
+                    f"{field}: upload exceeds the limit of {max_bytes} bytes", field=field
+                )
+            out.write(chunk)
+    if size == 0:
+        raise InvalidInputError(f"the uploaded {field} is empty", field=field)
+    return dest
 
 
 def _find_version(session: Session, model: MLModel, version: str) -> ModelVersion | None:

@@ -29,6 +29,11 @@ class ModelVersionBase(SQLModel):
     producer: str = ""
     inputs: list[dict[str, Any]] = Field(sa_column=Column(JSON, nullable=False))
     outputs: list[dict[str, Any]] = Field(sa_column=Column(JSON, nullable=False))
+    #: sha256 of the calibration / validation ``.npz`` sets in the artifact store, if uploaded.
+    calibration_sha256: str | None = Field(default=None, max_length=64)
+    calibration_samples: int | None = None
+    validation_sha256: str | None = Field(default=None, max_length=64)
+    validation_samples: int | None = None
     created_at: datetime
     created_by: str = Field(max_length=128)
 

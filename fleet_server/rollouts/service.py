@@ -50,13 +50,24 @@ def create_rollout(
         raise InvalidInputError("a shadow needs its own slot, not the one it shadows", field="slot")
     signer = app.keys.signer(session)
 
-    bundles: dict[str, Bundle] = {}
-    for profile_name in sorted({d.profile for d in devices}):
+    # One build per cohort: devices of a profile with the same runtimes installed.
+    bundles: dict[tuple[str, tuple[str, ...] | None], Bundle] = {}
+    for cohort in sorted({_cohort(d) for d in devices}, key=str):
+        profile_name, runtimes = cohort
         try:
             profile = app.catalog.get(profile_name)
         except Exception as e:
             raise InvalidInputError(f"device profile {profile_name!r} is no longer known") from e
-        bundles[profile_name] = ensure_bundle(session, app.store, model, version, profile, signer)
+        bundles[cohort] = ensure_bundle(
+            session,
+            app,
+            model,
+            version,
+            profile,
+            signer,
+            runtimes=list(runtimes) if runtimes is not None else None,
+            actor=actor,
+        )
 
     rollout = Rollout(
         id=uuid.uuid4().hex[:16],
@@ -69,7 +80,7 @@ def create_rollout(
     session.add(rollout)
     documents: dict[str, SignedDesiredState] = {}
     for device in devices:
-        bundle = bundles[device.profile]
+        bundle = bundles[_cohort(device)]
         envelope = desired.assign_slot(
             session,
             device.id,
@@ -107,6 +118,11 @@ def create_rollout(
     return describe(session, rollout), documents
 
 
+def _cohort(device: Device) -> tuple[str, tuple[str, ...] | None]:
+    """(profile, runtimes the device has) — None when it has not said."""
+    return device.profile, tuple(sorted(device.runtimes)) if device.runtimes else None
+
+
 def _assignment(
     app: AppState, model: MLModel, version: ModelVersion, bundle: Bundle, rollout_id: str | None
 ) -> SlotAssignment:
@@ -140,7 +156,13 @@ def reissue_all(session: Session, app: AppState) -> dict[str, SignedDesiredState
             model = session.get(MLModel, version.model_id)
             assert model is not None
             fresh = ensure_bundle(
-                session, app.store, model, version, app.catalog.get(bundle.profile), signer
+                session,
+                app,
+                model,
+                version,
+                app.catalog.get(bundle.profile),
+                signer,
+                runtimes=list(_cohort(device)[1] or []) or None,
             )
             slots[slot] = _assignment(app, model, version, fresh, assignment.rollout_id)
         envelope = desired.reissue(

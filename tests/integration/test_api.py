@@ -183,14 +183,18 @@ def test_rollout_builds_bundles_and_serves_them_with_range(
     )
     assert rollout["state"] == "in_progress" and rollout["counts"]["pending"] == 2
     targets = {t["device_id"]: t for t in rollout["targets"]}
-    assert targets["pi-1"]["runtime"] == "onnxruntime"  # litert has no converter yet
+    # No calibration set: int8 is passed over, fp32 TFLite (onnx2tf, checked in LiteRT) wins.
+    assert (targets["pi-1"]["runtime"], targets["pi-1"]["precision"]) == ("litert", "fp32")
+    assert (targets["cam-1"]["runtime"], targets["cam-1"]["precision"]) == ("onnxruntime", "fp32")
     assert count(stack, Bundle) == 2
     assert api.get("/v1/devices/cam-1")["desired_seq"] == 1
     sha = targets["cam-1"]["bundle_sha256"]
     info = api.get(f"/v1/bundles/{sha}/info")
-    assert "litert" not in " ".join(info["passed_over"])
+    assert info["passed_over"] == [
+        "onnxruntime/int8: int8 needs a calibration set (upload one with the model version)"
+    ]
     pi_info = api.get(f"/v1/bundles/{targets['pi-1']['bundle_sha256']}/info")
-    assert any(p.startswith("litert/") for p in pi_info["passed_over"])
+    assert [p.split(":")[0] for p in pi_info["passed_over"]] == ["litert/int8"]
 
     url = f"{stack.url}/v1/bundles/{sha}"
     assert httpx.get(url).status_code == 401

@@ -1,0 +1,55 @@
+"""The drift baseline a bundle carries (``baseline.json``): what the model's inputs and outputs
+looked like on the reference data, for the agent to compare live traffic against.
+
+Per tensor: decile bin edges over all its values (live values are counted into these bins; on
+the reference data each bin holds ~10%, so a population stability index against the stored
+histogram measures drift), the histogram itself, mean, std, min and max. Classifier-like
+outputs ([batch, classes]) also get the frequency of each top-1 class.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+#: At most this many values per tensor are used (a uniform subsample, fixed seed).
+MAX_VALUES = 1_000_000
+BINS = 10
+
+
+def describe(values: np.ndarray) -> dict[str, Any]:
+    flat = values.astype(np.float64, copy=False).ravel()
+    flat = flat[np.isfinite(flat)]
+    if flat.size == 0:
+        return {"count": 0}
+    if flat.size > MAX_VALUES:
+        flat = np.random.default_rng(0).choice(flat, MAX_VALUES, replace=False)
+    edges = np.quantile(flat, np.linspace(0, 1, BINS + 1))
+    # Interior edges only: live values below/above fall into the first/last bin.
+    counts = np.bincount(np.searchsorted(edges[1:-1], flat, side="right"), minlength=BINS)
+    return {
+        "count": int(flat.size),
+        "bin_edges": [float(e) for e in edges],
+        "histogram": [float(c) / flat.size for c in counts],
+        "mean": float(flat.mean()),
+        "std": float(flat.std()),
+        "min": float(flat.min()),
+        "max": float(flat.max()),
+    }
+
+
+def baseline(
+    inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], *, origin: str
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"format": 1, "origin": origin, "inputs": {}, "outputs": {}}
+    for name, array in inputs.items():
+        out["inputs"][name] = describe(array)
+    for name, array in outputs.items():
+        entry = describe(array)
+        if array.ndim == 2 and array.shape[1] > 1 and np.isfinite(array).all():
+            top1 = np.bincount(np.argmax(array, axis=1), minlength=array.shape[1])
+            entry["top1_frequencies"] = [float(c) / array.shape[0] for c in top1]
+        out["outputs"][name] = entry
+    out["samples"] = int(next(iter(inputs.values())).shape[0]) if inputs else 0
+    return out

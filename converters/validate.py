@@ -1,0 +1,169 @@
+"""The parity gate: does a compiled artifact still agree with the original model?
+
+The artifact is loaded in its target runtime (the one the agent uses) and run on the validation
+set next to the fp32 ONNX in onnxruntime. Recorded: max abs error and relative L2 error per
+output and overall, top-1 agreement for classifier-like outputs ([batch, classes], classes > 1),
+artifact size, and median host latency of both. Each check is compared with its threshold; an
+artifact that fails any of them is not bundled, and the report says which check failed with
+the numbers.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converters.data import Dataset
+from edge_agent.errors import ConversionError, EdgefleetError
+from edge_agent.runtimes import LoadedModel
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """None disables a check."""
+
+    max_abs_error: float | None = None
+    max_rel_l2: float | None = None
+    min_top1_agreement: float | None = None
+
+    def merged(self, overrides: dict[str, float | None] | None) -> Thresholds:
+        if not overrides:
+            return self
+        known = {"max_abs_error", "max_rel_l2", "min_top1_agreement"}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConversionError(
+                f"unknown parity threshold(s) {unknown}; known: {sorted(known)}",
+                reason="bad_thresholds",
+            )
+        values = {k: getattr(self, k) for k in known}
+        values.update(overrides)
+        return Thresholds(**values)
+
+
+@dataclass
+class Outputs:
+    """Concatenated outputs over a dataset, and the per-call latencies (ms)."""
+
+    arrays: dict[str, np.ndarray]
+    latencies_ms: list[float]
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.latencies_ms) if self.latencies_ms else 0.0
+
+
+def run_dataset(model: LoadedModel, data: Dataset, *, batch: int = 1, warmup: int = 2) -> Outputs:
+    """Run ``model`` over ``data``, ``batch`` samples per call; non-finite outputs are kept
+    (the gate reports them) but a runtime error is raised as :class:`ConversionError`."""
+    feeds = list(data.feeds(batch))
+    try:
+        for f in feeds[:warmup]:
+            model.run(f)
+        parts: dict[str, list[np.ndarray]] = {}
+        latencies = []
+        for f in feeds:
+            start = time.perf_counter()
+            result = model.run(f)
+            latencies.append((time.perf_counter() - start) * 1e3)
+            for name, value in result.items():
+                parts.setdefault(name, []).append(value)
+    except EdgefleetError as e:
+        raise ConversionError(
+            f"the artifact fails on the validation set: {e.message}", reason="artifact_unusable"
+        ) from e
+    return Outputs({k: np.concatenate(v) for k, v in parts.items()}, latencies)
+
+
+def _classifier_like(array: np.ndarray) -> bool:
+    return array.ndim == 2 and array.shape[1] > 1
+
+
+def compare(
+    reference: Outputs,
+    candidate: Outputs,
+    *,
+    thresholds: Thresholds,
+    artifact: Path,
+    source_size: int,
+    samples: int,
+    origin: str,
+    evaluated_in: str,
+) -> dict[str, Any]:
+    """The parity report (JSON-ready). ``report["passed"]`` says whether it may be bundled;
+    ``report["failed"]`` lists each failed check as ``"name value vs threshold"``."""
+    outputs: dict[str, dict[str, Any]] = {}
+    failed: list[str] = []
+    worst_abs = 0.0
+    worst_rel = 0.0
+    top1: list[float] = []
+    for name, ref in reference.arrays.items():
+        got = candidate.arrays.get(name)
+        if got is None:
+            failed.append(
+                f"output {name!r} is missing (artifact outputs: {sorted(candidate.arrays)})"
+            )
+            continue
+        if got.shape != ref.shape:
+            failed.append(
+                f"output {name!r} has shape {list(got.shape)}, the original {list(ref.shape)}"
+            )
+            continue
+        ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+        # NaN/inf where the original is finite is a failure; where the original itself is
+        # not finite there is nothing to compare (catching a broken model is probation's job).
+        ref_ok, got_ok = np.isfinite(ref64), np.isfinite(got64)
+        finite = bool(np.array_equal(ref_ok, got_ok))
+        both = ref_ok & got_ok
+        diff = np.where(both, got64 - ref64, 0.0)
+        abs_err = float(np.max(np.abs(diff))) if finite and diff.size else 0.0
+        norm = float(np.linalg.norm(np.where(both, ref64, 0.0)))
+        rel = float(np.linalg.norm(diff) / max(norm, 1e-12)) if finite else 0.0
+        entry: dict[str, Any] = {"max_abs_error": abs_err, "rel_l2_error": rel, "finite": finite}
+        if not finite:
+            failed.append(f"output {name!r} has NaN or infinite values where the original has none")
+        if _classifier_like(ref):
+            agreement = float(np.mean(np.argmax(got64, axis=1) == np.argmax(ref64, axis=1)))
+            entry["top1_agreement"] = agreement
+            top1.append(agreement)
+        outputs[name] = entry
+        worst_abs, worst_rel = max(worst_abs, abs_err), max(worst_rel, rel)
+
+    checks: list[dict[str, Any]] = []
+
+    def check(name: str, value: float | None, limit: float | None, at_most: bool) -> None:
+        if limit is None or value is None:
+            return
+        ok = value <= limit if at_most else value >= limit
+        checks.append({"name": name, "value": value, "threshold": limit, "passed": ok})
+        if not ok:
+            failed.append(f"{name} {value:.4g} {'>' if at_most else '<'} {limit:.4g}")
+
+    if outputs:
+        check("max_abs_error", worst_abs, thresholds.max_abs_error, True)
+        check("max_rel_l2", worst_rel, thresholds.max_rel_l2, True)
+        check(
+            "min_top1_agreement", min(top1) if top1 else None, thresholds.min_top1_agreement, False
+        )
+    size = artifact.stat().st_size
+    return {
+        "passed": not failed,
+        "failed": failed,
+        "checks": checks,
+        "evaluated_in": evaluated_in,
+        "validation": {"samples": samples, "origin": origin},
+        "outputs": outputs,
+        "max_abs_error": worst_abs,
+        "rel_l2_error": worst_rel,
+        "top1_agreement": min(top1) if top1 else None,
+        "size_bytes": size,
+        "size_ratio": size / source_size if source_size else None,
+        "latency_ms_median": candidate.median_ms,
+        "reference_latency_ms_median": reference.median_ms,
+        "speedup": reference.median_ms / candidate.median_ms if candidate.median_ms else None,
+    }

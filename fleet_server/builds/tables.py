@@ -1,0 +1,85 @@
+"""A build job: (model version, profile, options) → a gated, signed bundle, or an error.
+
+Jobs are cached by ``cache_key`` = sha256 of (model sha256, profile definition, calibration and
+validation sha256, options, converter toolchain versions): asking for the same build again
+returns the existing job (or its bundle) instead of compiling again.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic import Field as PydanticField
+from sqlalchemy import JSON, Column, Text
+from sqlmodel import Field, SQLModel
+
+BUILD_STATES = ("queued", "running", "succeeded", "failed")
+
+
+class Build(SQLModel, table=True):
+    __tablename__ = "builds"
+
+    id: str = Field(primary_key=True, max_length=32)
+    model_version_id: int = Field(foreign_key="model_versions.id", index=True)
+    profile: str = Field(max_length=63)
+    cache_key: str = Field(max_length=64, index=True)
+    #: queued / running / succeeded / failed
+    state: str = Field(max_length=16, index=True)
+    options: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    log: str = Field(default="", sa_column=Column(Text, nullable=False))
+    #: Every candidate tried, with its parity report (see converters.build).
+    candidates: list[dict[str, Any]] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False)
+    )
+    bundle_sha256: str | None = Field(default=None, max_length=64)
+    runtime: str | None = Field(default=None, max_length=32)
+    precision: str | None = Field(default=None, max_length=8)
+    error: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    peak_rss_mb: float | None = None
+    created_at: datetime
+    created_by: str = Field(max_length=128)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class BuildCreate(BaseModel):
+    model: str
+    version: str
+    profile: str
+    #: Parity threshold overrides: max_abs_error, max_rel_l2, min_top1_agreement (null: off).
+    thresholds: dict[str, float | None] = PydanticField(default_factory=dict)
+    #: Only these runtimes (default: all the profile lists).
+    runtimes: list[str] | None = None
+    #: Only these precisions (default: the profile's).
+    precisions: list[str] | None = None
+
+
+class BuildPublic(BaseModel):
+    id: str
+    model: str
+    version: str
+    profile: str
+    state: str
+    cache_key: str
+    options: dict[str, Any]
+    runtime: str | None
+    precision: str | None
+    bundle_sha256: str | None
+    candidates: list[dict[str, Any]]
+    error: dict[str, Any] | None
+    peak_rss_mb: float | None
+    created_at: datetime
+    created_by: str
+    started_at: datetime | None
+    finished_at: datetime | None
+    seconds: float | None
+
+
+class BuildLog(BaseModel):
+    id: str
+    state: str
+    #: Log text from ``offset`` (characters) on; pass ``next_offset`` to follow it.
+    text: str
+    next_offset: int
