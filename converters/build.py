@@ -384,9 +384,9 @@ def compile_model(
     source_size = source.stat().st_size
     if source_size > profile.resources.max_bundle_bytes:
         raise ConversionError(
-            f"the model is {source_size} bytes, over profile {profile.name!r}'s bundle budget "
-            f"of {profile.resources.max_bundle_bytes} bytes; use a smaller model or a profile "
-            "with a larger budget",
+            f"the model is {source_size} bytes, over the bundle budget of profile "
+            f"{profile.name} ({profile.resources.max_bundle_bytes} bytes); use a smaller model "
+            "or a profile with a larger budget",
             reason="over_budget",
             profile=profile.name,
         )

@@ -14,7 +14,9 @@ Exit status: 0 built, 1 the build was refused (bad input, nothing passed the gat
 from __future__ import annotations
 
 import json
+import os
 import resource
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -33,6 +35,11 @@ def _peak_rss_mb() -> float:
 
 
 def run(spec: dict[str, Any]) -> int:
+    if os.environ.get("EDGEFLEET_BUILD_FAILPOINT") == "crash":
+        # Test hook: die like a converter that segfaults, after some output.
+        print("converting… (failpoint: about to crash)", flush=True)
+        print("simulated converter crash", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGSEGV)
     work = Path(spec["work"])
     result_path = work / "result.json"
 

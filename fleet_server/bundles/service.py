@@ -126,4 +126,5 @@ def to_public(session: Session, bundle: Bundle) -> BundlePublic:
         size=bundle.size,
         passed_over=bundle.passed_over,
         created_at=aware(bundle.created_at),
+        manifest=bundle.manifest,
     )

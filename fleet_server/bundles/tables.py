@@ -38,3 +38,5 @@ class BundlePublic(BaseModel):
     size: int
     passed_over: list[str]
     created_at: datetime
+    #: The signed manifest: files, toolchain versions, parity report.
+    manifest: dict[str, Any]

@@ -198,7 +198,7 @@ def test_bundle_inspect_and_verify(model_path: Path, tmp_path: Path) -> None:
     r = edgefleet(None, "bundle", "inspect", str(signed))
     assert r.returncode == 0 and json.loads(r.stdout)["model"]["name"] == "classifier"
     r = edgefleet(None, "bundle", "verify", str(signed), "--trust", str(trust))
-    assert r.returncode == 0 and "2 files verified" in r.stdout and "verified" in r.stdout
+    assert r.returncode == 0 and "3 files verified" in r.stdout and "verified" in r.stdout
     r = edgefleet(None, "bundle", "verify", str(signed))
     assert r.returncode == 0 and "not checked" in r.stdout
     r = edgefleet(None, "bundle", "verify", str(unsigned), "--trust", str(trust))
