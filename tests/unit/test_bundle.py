@@ -56,7 +56,11 @@ def test_manifest_is_canonical_json_first_and_signed(bundle: Path, fleet: TestFl
     assert manifest["format_version"] == 1
     assert manifest["runtime"]["name"] == "onnxruntime"
     assert manifest["profile"] == "x86-64-avx2"
-    assert {f["path"] for f in manifest["files"]} == {"model/model.onnx", "selftest.npz"}
+    assert {f["path"] for f in manifest["files"]} == {
+        "model/model.onnx",
+        "selftest.npz",
+        "baseline.json",
+    }
     assert manifest["inputs"][0]["name"] == "x" and manifest["outputs"][0]["name"] == "probs"
     assert set(manifest["toolchain"]) >= {"onnx", "onnxruntime", "edgefleet"}
     sig = json.loads(members[1][1])["signatures"][0]
