@@ -11,7 +11,6 @@ runs, with the input and the mismatch named.
 from __future__ import annotations
 
 import hashlib
-import io
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -76,21 +75,6 @@ def load_dataset(path: Path, inputs: list[TensorSpec], *, what: str) -> Dataset:
         ) from e
     check_arrays(arrays, inputs, what=what)
     return Dataset(arrays, "uploaded", sha256_file(path))
-
-
-def load_dataset_bytes(data: bytes, inputs: list[TensorSpec], *, what: str) -> None:
-    """Check an uploaded set held in memory (raises like :func:`load_dataset`)."""
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise ConversionError(
-            f"the {what} set is not a readable .npz file ({e}); write it with "
-            "numpy.savez(path, **{input_name: array})",
-            reason="bad_dataset",
-            dataset=what,
-        ) from e
-    check_arrays(arrays, inputs, what=what)
 
 
 def check_arrays(arrays: dict[str, np.ndarray], inputs: list[TensorSpec], *, what: str) -> None:

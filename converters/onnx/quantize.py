@@ -49,9 +49,6 @@ class _Reader:
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._iter, None)
 
-    def set_range(self, start_index: int, end_index: int) -> None:  # pragma: no cover
-        raise NotImplementedError
-
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self._iter
 
