@@ -398,151 +398,147 @@ def compile_model(
     )
     batch = model_batch(inputs)
 
-    if True:  # everything below happens in ``work``
-        work.mkdir(parents=True, exist_ok=True)
-        reference_model = _load("onnxruntime", source)
+    work.mkdir(parents=True, exist_ok=True)
+    reference_model = _load("onnxruntime", source)
+    try:
+        reference = run_dataset(reference_model, valid, batch=batch)
+    except ConversionError as e:
+        raise ConversionError(
+            f"the original model does not run in onnxruntime on the validation set: {e.message}",
+            reason="unsupported_model",
+        ) from e
+    finally:
+        reference_model.close()
+    emit(f"reference (fp32 ONNX, onnxruntime): median {reference.median_ms:.2f} ms per call")
+
+    converters = _Converters(source, work, profile, inputs, outputs, calib, emit)
+    tried: list[dict[str, Any]] = []
+    chosen: tuple[Target, _Artifact, dict[str, Any], Outputs] | None = None
+    for target in todo:
+        label = f"{target.runtime}/{target.precision}"
+        emit(f"{label}: converting")
+        start = time.monotonic()
         try:
-            reference = run_dataset(reference_model, valid, batch=batch)
-        except ConversionError as e:
-            raise ConversionError(
-                f"the original model does not run in onnxruntime on the validation set: "
-                f"{e.message}",
-                reason="unsupported_model",
-            ) from e
-        finally:
-            reference_model.close()
-        emit(f"reference (fp32 ONNX, onnxruntime): median {reference.median_ms:.2f} ms per call")
-
-        converters = _Converters(source, work, profile, inputs, outputs, calib, emit)
-        tried: list[dict[str, Any]] = []
-        chosen: tuple[Target, _Artifact, dict[str, Any], Outputs] | None = None
-        for target in todo:
-            label = f"{target.runtime}/{target.precision}"
-            emit(f"{label}: converting")
-            start = time.monotonic()
+            artifact = converters.produce(target)
+            thresholds = Thresholds(**profile.parity.for_precision(target.precision)).merged(
+                options.thresholds
+            )
+            model = _load(artifact.gate_runtime, artifact.path)
             try:
-                artifact = converters.produce(target)
-                thresholds = Thresholds(**profile.parity.for_precision(target.precision)).merged(
-                    options.thresholds
-                )
-                model = _load(artifact.gate_runtime, artifact.path)
-                try:
-                    got = run_dataset(model, valid, batch=batch)
-                finally:
-                    model.close()
-                report = compare(
-                    reference,
-                    got,
-                    thresholds=thresholds,
-                    artifact=artifact.path,
-                    source_size=source_size,
-                    samples=valid.samples,
-                    origin=valid.origin,
-                    evaluated_in=artifact.evaluated_in,
-                )
-            except ConversionError as e:
-                emit(f"{label}: rejected: {e.message}")
-                tried.append(
-                    {
-                        "runtime": target.runtime,
-                        "precision": target.precision,
-                        "outcome": "error",
-                        "reason": e.reason,
-                        "error": e.message,
-                        "seconds": round(time.monotonic() - start, 2),
-                    }
-                )
-                continue
-            size = report["size_bytes"] + sum(p.stat().st_size for p in artifact.extra)
-            if size > profile.resources.max_bundle_bytes:
-                report["passed"] = False
-                report["failed"].append(
-                    f"size {size} bytes > the profile's budget {profile.resources.max_bundle_bytes}"
-                )
-            entry = {
-                "runtime": target.runtime,
-                "precision": target.precision,
-                "outcome": "passed" if report["passed"] else "failed",
-                "parity": report,
-                "seconds": round(time.monotonic() - start, 2),
-            }
-            tried.append(entry)
-            summary = _summary(report)
-            if report["passed"]:
-                emit(f"{label}: passed the parity gate ({summary})")
-                chosen = (target, artifact, report, got)
-                break
-            emit(f"{label}: failed the parity gate: {'; '.join(report['failed'])} ({summary})")
+                got = run_dataset(model, valid, batch=batch)
+            finally:
+                model.close()
+            report = compare(
+                reference,
+                got,
+                thresholds=thresholds,
+                artifact=artifact.path,
+                source_size=source_size,
+                samples=valid.samples,
+                origin=valid.origin,
+                evaluated_in=artifact.evaluated_in,
+            )
+        except ConversionError as e:
+            emit(f"{label}: rejected: {e.message}")
+            tried.append(
+                {
+                    "runtime": target.runtime,
+                    "precision": target.precision,
+                    "outcome": "error",
+                    "reason": e.reason,
+                    "error": e.message,
+                    "seconds": round(time.monotonic() - start, 2),
+                }
+            )
+            continue
+        size = report["size_bytes"] + sum(p.stat().st_size for p in artifact.extra)
+        if size > profile.resources.max_bundle_bytes:
+            report["passed"] = False
+            report["failed"].append(
+                f"size {size} bytes > the profile's budget {profile.resources.max_bundle_bytes}"
+            )
+        entry = {
+            "runtime": target.runtime,
+            "precision": target.precision,
+            "outcome": "passed" if report["passed"] else "failed",
+            "parity": report,
+            "seconds": round(time.monotonic() - start, 2),
+        }
+        tried.append(entry)
+        summary = _summary(report)
+        if report["passed"]:
+            emit(f"{label}: passed the parity gate ({summary})")
+            chosen = (target, artifact, report, got)
+            break
+        emit(f"{label}: failed the parity gate: {'; '.join(report['failed'])} ({summary})")
 
-        passed_over = [
-            f"{t['runtime']}/{t['precision']}: "
-            + (t["error"] if t["outcome"] == "error" else "; ".join(t["parity"]["failed"]))
+    passed_over = [
+        f"{t['runtime']}/{t['precision']}: "
+        + (t["error"] if t["outcome"] == "error" else "; ".join(t["parity"]["failed"]))
+        for t in tried
+        if t["outcome"] != "passed"
+    ]
+    if chosen is None:
+        raise ConversionError(
+            f"no artifact for profile {profile.name!r} passed: " + " | ".join(passed_over),
+            reason="no_artifact",
+            profile=profile.name,
+            candidates=tried,
+        )
+    target, artifact, report, got = chosen
+
+    # Self-test vectors: real validation samples, expected outputs from the compiled artifact.
+    n = min(SELFTEST_SAMPLES * batch, valid.samples) // batch * batch or batch
+    feeds = {k: v[:n] for k, v in valid.arrays.items()}
+    expected = {k: v[:n] for k, v in got.arrays.items()}
+    table = SELFTEST_TOLERANCE_TENSORRT if target.runtime == "tensorrt" else SELFTEST_TOLERANCE
+    atol, rtol = table[target.precision]
+
+    base_data = calib if calib is not None else valid
+    base_model = _load("onnxruntime", source)
+    try:
+        base_out = run_dataset(base_model, base_data, batch=batch, warmup=0)
+    finally:
+        base_model.close()
+    base = drift.baseline(base_data.arrays, base_out.arrays, origin=base_data.origin)
+
+    artifact_name = "model/" + artifact.path.name
+    files: list[tuple[str, Path]] = [(artifact_name, artifact.path)]
+    files += [("model/" + extra.name, extra) for extra in artifact.extra]
+    selftest_path = work / "selftest.npz"
+    selftest_path.write_bytes(pack(feeds, expected))
+    files.append(("selftest.npz", selftest_path))
+    baseline_path = work / "baseline.json"
+    baseline_path.write_text(json.dumps(_json_safe(base), sort_keys=True, separators=(",", ":")))
+    files.append(("baseline.json", baseline_path))
+    writer = BundleWriter()
+    for arcname, path in files:
+        writer.add_file(arcname, path)
+    toolchain = dict(artifact.toolchain)
+    toolchain["edgefleet"] = edgefleet_version
+    parity = {
+        "chosen": {"runtime": target.runtime, "precision": target.precision, **report},
+        "rejected": [
+            {k: v for k, v in t.items() if k != "parity"}
+            | ({"failed": t["parity"]["failed"]} if "parity" in t else {})
             for t in tried
             if t["outcome"] != "passed"
-        ]
-        if chosen is None:
-            raise ConversionError(
-                f"no artifact for profile {profile.name!r} passed: " + " | ".join(passed_over),
-                reason="no_artifact",
-                profile=profile.name,
-                candidates=tried,
-            )
-        target, artifact, report, got = chosen
-
-        # Self-test vectors: real validation samples, expected outputs from the compiled artifact.
-        n = min(SELFTEST_SAMPLES * batch, valid.samples) // batch * batch or batch
-        feeds = {k: v[:n] for k, v in valid.arrays.items()}
-        expected = {k: v[:n] for k, v in got.arrays.items()}
-        table = SELFTEST_TOLERANCE_TENSORRT if target.runtime == "tensorrt" else SELFTEST_TOLERANCE
-        atol, rtol = table[target.precision]
-
-        base_data = calib if calib is not None else valid
-        base_model = _load("onnxruntime", source)
-        try:
-            base_out = run_dataset(base_model, base_data, batch=batch, warmup=0)
-        finally:
-            base_model.close()
-        base = drift.baseline(base_data.arrays, base_out.arrays, origin=base_data.origin)
-
-        artifact_name = "model/" + artifact.path.name
-        files: list[tuple[str, Path]] = [(artifact_name, artifact.path)]
-        files += [("model/" + extra.name, extra) for extra in artifact.extra]
-        selftest_path = work / "selftest.npz"
-        selftest_path.write_bytes(pack(feeds, expected))
-        files.append(("selftest.npz", selftest_path))
-        baseline_path = work / "baseline.json"
-        baseline_path.write_text(
-            json.dumps(_json_safe(base), sort_keys=True, separators=(",", ":"))
-        )
-        files.append(("baseline.json", baseline_path))
-        writer = BundleWriter()
-        for arcname, path in files:
-            writer.add_file(arcname, path)
-        toolchain = dict(artifact.toolchain)
-        toolchain["edgefleet"] = edgefleet_version
-        parity = {
-            "chosen": {"runtime": target.runtime, "precision": target.precision, **report},
-            "rejected": [
-                {k: v for k, v in t.items() if k != "parity"}
-                | ({"failed": t["parity"]["failed"]} if "parity" in t else {})
-                for t in tried
-                if t["outcome"] != "passed"
-            ],
-        }
-        manifest = Manifest(
-            model=ModelRef(name=name, version=version, source_sha256=source_sha256),
-            profile=profile.name,
-            runtime=RuntimeRequirement(name=target.runtime, versions=target.versions),  # type: ignore[arg-type]
-            precision=target.precision,  # type: ignore[arg-type]
-            artifact=artifact_name,
-            files=writer.entries(),
-            inputs=inputs,
-            outputs=outputs,
-            selftest=SelfTestSpec(file="selftest.npz", atol=atol, rtol=rtol),
-            toolchain=toolchain,
-            parity=_json_safe(parity),
-            created_at=datetime.now(UTC).replace(microsecond=0),
-        )
+        ],
+    }
+    manifest = Manifest(
+        model=ModelRef(name=name, version=version, source_sha256=source_sha256),
+        profile=profile.name,
+        runtime=RuntimeRequirement(name=target.runtime, versions=target.versions),  # type: ignore[arg-type]
+        precision=target.precision,  # type: ignore[arg-type]
+        artifact=artifact_name,
+        files=writer.entries(),
+        inputs=inputs,
+        outputs=outputs,
+        selftest=SelfTestSpec(file="selftest.npz", atol=atol, rtol=rtol),
+        toolchain=toolchain,
+        parity=_json_safe(parity),
+        created_at=datetime.now(UTC).replace(microsecond=0),
+    )
     emit(f"compiled: {target.runtime}/{target.precision}")
     return Prepared(
         files=files, manifest=manifest, target=target, passed_over=passed_over, candidates=tried

@@ -7,6 +7,7 @@ so their outputs can be compared exactly across runtimes and devices.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +24,22 @@ def mlp_weights(
     return w1, b1, w2, b2
 
 
+def _mlp_layers(features: int, hidden: int, classes: int, seed: int) -> tuple[list[Any], list[Any]]:
+    """x → Gemm → Relu → Gemm → ``logits``: (nodes, initializers)."""
+    from onnx import helper, numpy_helper
+
+    w1, b1, w2, b2 = mlp_weights(features, hidden, classes, seed)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["hr"]),
+        helper.make_node("Gemm", ["hr", "w2", "b2"], ["logits"]),
+    ]
+    inits = [
+        numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))
+    ]
+    return nodes, inits
+
+
 def mlp_classifier(
     path: Path,
     *,
@@ -34,25 +51,15 @@ def mlp_classifier(
 ) -> Path:
     """x[N, features] → probs[N, classes] (Gemm → Relu → Gemm → Softmax)."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
-    w1, b1, w2, b2 = mlp_weights(features, hidden, classes, seed)
+    nodes, inits = _mlp_layers(features, hidden, classes, seed)
     graph = helper.make_graph(
-        [
-            helper.make_node("Gemm", ["x", "w1", "b1"], ["h"]),
-            helper.make_node("Relu", ["h"], ["hr"]),
-            helper.make_node("Gemm", ["hr", "w2", "b2"], ["logits"]),
-            helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
-        ],
+        [*nodes, helper.make_node("Softmax", ["logits"], ["probs"], axis=-1)],
         "mlp_classifier",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", classes])],
-        [
-            numpy_helper.from_array(w1, "w1"),
-            numpy_helper.from_array(b1, "b1"),
-            numpy_helper.from_array(w2, "w2"),
-            numpy_helper.from_array(b2, "b2"),
-        ],
+        inits,
     )
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgefleet-samples"
@@ -292,7 +299,7 @@ def conditional_classifier(path: Path, *, features: int = 16, classes: int = 4) 
     LiteRT cannot run, which the parity gate must catch."""
     from onnx import TensorProto, helper, numpy_helper
 
-    w1, b1, w2, b2 = mlp_weights(features, 32, classes, 0)
+    nodes, inits = _mlp_layers(features, 32, classes, 0)
     then_graph = helper.make_graph(
         [helper.make_node("Identity", ["logits"], ["then_out"])],
         "then",
@@ -307,9 +314,7 @@ def conditional_classifier(path: Path, *, features: int = 16, classes: int = 4) 
     )
     graph = helper.make_graph(
         [
-            helper.make_node("Gemm", ["x", "w1", "b1"], ["h"]),
-            helper.make_node("Relu", ["h"], ["hr"]),
-            helper.make_node("Gemm", ["hr", "w2", "b2"], ["logits"]),
+            *nodes,
             helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
             helper.make_node("Greater", ["total", "zero"], ["positive"]),
             helper.make_node(
@@ -320,12 +325,6 @@ def conditional_classifier(path: Path, *, features: int = 16, classes: int = 4) 
         "conditional_classifier",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", classes])],
-        [
-            numpy_helper.from_array(w1, "w1"),
-            numpy_helper.from_array(b1, "b1"),
-            numpy_helper.from_array(w2, "w2"),
-            numpy_helper.from_array(b2, "b2"),
-            numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
-        ],
+        [*inits, numpy_helper.from_array(np.array(0.0, np.float32), "zero")],
     )
     return _save(graph, path)
