@@ -37,7 +37,7 @@ from fleet_server.bundles.tables import Bundle
 from fleet_server.database import aware
 from fleet_server.errors import InvalidInputError, NotFoundError
 from fleet_server.keys.service import FleetSigner, ServerKeys
-from fleet_server.registry.service import get_version
+from fleet_server.registry.service import get_version, version_by_id
 from fleet_server.registry.tables import MLModel, ModelVersion
 
 log = logging.getLogger(__name__)
@@ -123,10 +123,11 @@ def request_build(
     profile: Profile,
     options: dict[str, Any],
     actor: str,
+    key: str | None = None,
 ) -> Build:
     """The build for these inputs: a finished one whose bundle is still usable, one already
-    queued or running, or a new job."""
-    key = cache_key(version, profile, options)
+    queued or running, or a new job. ``key``: the inputs' cache key, when already known."""
+    key = key or cache_key(version, profile, options)
     existing = session.exec(
         select(Build).where(Build.cache_key == key).order_by(col(Build.created_at).desc())
     ).all()
@@ -178,10 +179,7 @@ def create_build(
 
 
 def to_public(session: Session, build: Build) -> BuildPublic:
-    version = session.get(ModelVersion, build.model_version_id)
-    assert version is not None
-    model = session.get(MLModel, version.model_id)
-    assert model is not None
+    model, version = version_by_id(session, build.model_version_id)
     started = aware(build.started_at) if build.started_at else None
     finished = aware(build.finished_at) if build.finished_at else None
     return BuildPublic(
@@ -331,10 +329,7 @@ class BuildRunner:
             build = get_build(session, build_id)
             if build.state != "queued":
                 return
-            version = session.get(ModelVersion, build.model_version_id)
-            assert version is not None
-            model = session.get(MLModel, version.model_id)
-            assert model is not None
+            model, version = version_by_id(session, build.model_version_id)
             profile = self.catalog.get(build.profile)
             options = dict(build.options)
             spec_version = {

@@ -16,6 +16,7 @@ from fleet_server.keys.service import FleetSigner
 
 if TYPE_CHECKING:
     from fleet_server.api.deps import AppState
+from fleet_server.registry.service import version_by_id
 from fleet_server.registry.tables import MLModel, ModelVersion
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def ensure_bundle(
     if found is not None:
         return found
     build = request_build(
-        session, app.builds, app.catalog, signer, model, version, profile, options, actor
+        session, app.builds, app.catalog, signer, model, version, profile, options, actor, key
     )
     build_id = build.id
     done = wait_for(app.engine, build_id, app.settings.rollout_build_wait_s)
@@ -111,10 +112,7 @@ def get_bundle(session: Session, sha256: str) -> Bundle:
 
 
 def to_public(session: Session, bundle: Bundle) -> BundlePublic:
-    version = session.get(ModelVersion, bundle.model_version_id)
-    assert version is not None
-    model = session.get(MLModel, version.model_id)
-    assert model is not None
+    model, version = version_by_id(session, bundle.model_version_id)
     return BundlePublic(
         sha256=bundle.sha256,
         model=model.name,

@@ -162,6 +162,15 @@ def get_version(session: Session, name: str, version: str) -> tuple[MLModel, Mod
     return model, row
 
 
+def version_by_id(session: Session, version_id: int) -> tuple[MLModel, ModelVersion]:
+    """(model, version) of a stored version id (rows that reference a version keep it alive)."""
+    version = session.get(ModelVersion, version_id)
+    assert version is not None, f"model version {version_id} vanished"
+    model = session.get(MLModel, version.model_id)
+    assert model is not None, f"model {version.model_id} vanished"
+    return model, version
+
+
 def get_version_public(session: Session, name: str, version: str) -> ModelVersionPublic:
     _, row = get_version(session, name, version)
     return _public(row, name)

@@ -24,7 +24,7 @@ from fleet_server.devices import desired
 from fleet_server.devices.service import resolve_targets
 from fleet_server.devices.tables import DesiredStateRecord, Device
 from fleet_server.errors import InvalidInputError, NotFoundError
-from fleet_server.registry.service import get_version
+from fleet_server.registry.service import get_version, version_by_id
 from fleet_server.registry.tables import MLModel, ModelVersion
 from fleet_server.rollouts.tables import (
     Rollout,
@@ -151,10 +151,7 @@ def reissue_all(session: Session, app: AppState) -> dict[str, SignedDesiredState
             bundle = session.get(Bundle, assignment.bundle_sha256)
             if bundle is None or signer.usable(bundle.signing_key_id):
                 continue
-            version = session.get(ModelVersion, bundle.model_version_id)
-            assert version is not None
-            model = session.get(MLModel, version.model_id)
-            assert model is not None
+            model, version = version_by_id(session, bundle.model_version_id)
             fresh = ensure_bundle(
                 session,
                 app,
@@ -208,10 +205,7 @@ def _target_status(
 
 
 def describe(session: Session, rollout: Rollout) -> RolloutPublic:
-    version = session.get(ModelVersion, rollout.model_version_id)
-    assert version is not None
-    model = session.get(MLModel, version.model_id)
-    assert model is not None
+    model, version = version_by_id(session, rollout.model_version_id)
     targets = session.exec(
         select(RolloutTarget)
         .where(RolloutTarget.rollout_id == rollout.id)
