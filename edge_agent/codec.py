@@ -4,6 +4,10 @@
   ``{"b64": base64 of the raw little-endian bytes, "dtype": "float32", "shape": [1, 3]}``.
 - ``application/x-npz``: a numpy ``.npz`` archive, one array per input (or output) name.
 - ``application/x-npy``: one ``.npy`` array, for models with a single input.
+- ``application/x-edgefleet-tensor``: one tensor's raw little-endian C-order bytes, its
+  dtype and shape in the ``X-Edgefleet-Dtype`` (``float32``) and ``X-Edgefleet-Shape``
+  (``1,3,224,224``) headers. Nothing to parse but two headers, and the body is used in place:
+  the fastest encoding, and the one the Python client uses for single tensors.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ NPY_LOCK = threading.Lock()
 JSON = "application/json"
 NPZ = "application/x-npz"
 NPY = "application/x-npy"
+TENSOR = "application/x-edgefleet-tensor"
+DTYPE_HEADER = "X-Edgefleet-Dtype"
+SHAPE_HEADER = "X-Edgefleet-Shape"
 
 
 def decode_json_value(name: str, value: Any) -> np.ndarray:
@@ -100,3 +107,38 @@ def encode_npy(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     return buf.getvalue()
+
+
+def decode_tensor(body: bytes, dtype: str | None, shape: str | None, *, what: str) -> np.ndarray:
+    """A raw tensor body and its two headers → a read-only array over ``body`` (no copy)."""
+    if not dtype or shape is None:
+        raise RequestError(
+            f"{what}: a {TENSOR} body needs the {DTYPE_HEADER} and {SHAPE_HEADER} headers",
+            reason="input_encoding",
+        )
+    try:
+        dt = np.dtype(dtype)
+        dims = [int(d) for d in shape.split(",")] if shape.strip() else []
+    except (TypeError, ValueError) as e:
+        raise RequestError(
+            f"{what}: bad {DTYPE_HEADER} {dtype!r} or {SHAPE_HEADER} {shape!r} ({e})",
+            reason="input_encoding",
+        ) from e
+    if dt.kind not in "biuf":
+        raise RequestError(f"{what}: dtype {dt} is not allowed", reason="input_encoding")
+    if any(d < 0 for d in dims):
+        raise RequestError(f"{what}: negative dimension in shape {dims}", reason="input_encoding")
+    expected = int(np.prod(dims, dtype=np.int64)) * dt.itemsize
+    if len(body) != expected:
+        raise RequestError(
+            f"{what}: {len(body)} bytes do not fill shape {dims} of {dt} ({expected} bytes)",
+            reason="input_encoding",
+        )
+    return np.frombuffer(body, dtype=dt.newbyteorder("<")).reshape(dims)
+
+
+def encode_tensor(arr: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """An array → its raw little-endian bytes and the dtype/shape headers."""
+    le = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+    headers = {DTYPE_HEADER: arr.dtype.name, SHAPE_HEADER: ",".join(map(str, arr.shape))}
+    return le.tobytes(), headers

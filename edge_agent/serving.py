@@ -319,7 +319,13 @@ class _Handler(BaseHTTPRequestHandler):
             "X-Edgefleet-Latency-Ms": f"{result.latency_ms:.3f}",
         }
         accept = self.headers.get("Accept", "")
-        if codec.NPY in accept and len(result.outputs) == 1:
+        if codec.TENSOR in accept and len(result.outputs) == 1:
+            [(out_name, out)] = result.outputs.items()
+            body, tensor_headers = codec.encode_tensor(out)
+            headers.update(tensor_headers)
+            headers["X-Edgefleet-Output"] = out_name
+            self._send(200, body, codec.TENSOR, headers)
+        elif codec.NPY in accept and len(result.outputs) == 1:
             [(out_name, out)] = result.outputs.items()
             headers["X-Edgefleet-Output"] = out_name
             self._send(200, codec.encode_npy(out), codec.NPY, headers)
@@ -344,19 +350,18 @@ class _Handler(BaseHTTPRequestHandler):
     ) -> tuple[dict[str, np.ndarray], str]:
         if content_type == codec.NPZ:
             return codec.decode_npz(body), "list"
+        if content_type == codec.TENSOR:
+            input_name = self._single_input(name, "a raw tensor")
+            arr = codec.decode_tensor(
+                body,
+                self.headers.get(codec.DTYPE_HEADER),
+                self.headers.get(codec.SHAPE_HEADER),
+                what=f"input {input_name!r}",
+            )
+            return {input_name: arr}, "list"
         if content_type in (codec.NPY, "application/octet-stream"):
             arr = codec.decode_npy(body)
-            named = self.headers.get("X-Edgefleet-Input")
-            if named:
-                return {named: arr}, "list"
-            with self.server.table.use(name) as serving:
-                names = [s.name for s in serving.manifest.inputs]
-            if len(names) != 1:
-                raise RequestError(
-                    f"a .npy body fits single-input models; this one has inputs {names}",
-                    reason="input_encoding",
-                )
-            return {names[0]: arr}, "list"
+            return {self._single_input(name, "a .npy"): arr}, "list"
         if content_type != codec.JSON:
             raise RequestError(f"unsupported Content-Type {content_type!r}", reason="content_type")
         try:
@@ -372,6 +377,21 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError("output_encoding must be 'list' or 'b64'", reason="input_encoding")
         feeds = {k: codec.decode_json_value(k, v) for k, v in doc["inputs"].items()}
         return feeds, encoding
+
+    def _single_input(self, model: str, encoding: str) -> str:
+        """The input a one-tensor body is for: ``X-Edgefleet-Input``, or the model's only one."""
+        named = self.headers.get("X-Edgefleet-Input")
+        if named:
+            return named
+        with self.server.table.use(model) as serving:
+            names = [s.name for s in serving.manifest.inputs]
+        if len(names) != 1:
+            raise RequestError(
+                f"{encoding} body without X-Edgefleet-Input fits single-input models; "
+                f"this one has inputs {names}",
+                reason="input_encoding",
+            )
+        return names[0]
 
 
 class _UnixHandler(_Handler):

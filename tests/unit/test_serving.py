@@ -85,10 +85,15 @@ def server(table: SlotTable) -> Iterator[InferenceHTTPServer]:
 
 
 def post(
-    srv: InferenceHTTPServer, path: str, body: bytes, ctype: str, accept: str = ""
+    srv: InferenceHTTPServer,
+    path: str,
+    body: bytes,
+    ctype: str,
+    accept: str = "",
+    extra: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=5)
-    headers = {"Content-Type": ctype}
+    headers = {"Content-Type": ctype, **(extra or {})}
     if accept:
         headers["Accept"] = accept
     conn.request("POST", path, body=body, headers=headers)
@@ -147,6 +152,45 @@ def test_npy_body_and_npz_reply(server: InferenceHTTPServer) -> None:
     assert status == 200
     with np.load(io.BytesIO(data)) as npz:
         np.testing.assert_array_equal(npz["y"], X * 2)
+
+
+TENSOR = "application/x-edgefleet-tensor"
+
+
+def test_raw_tensor_both_ways(server: InferenceHTTPServer) -> None:
+    # Big-endian on the wire is wrong: the body is little-endian, whatever the host.
+    status, headers, data = post(
+        server,
+        "/v1/models/scaler:predict",
+        X.astype("<f4").tobytes(),
+        TENSOR,
+        accept=TENSOR,
+        extra={"X-Edgefleet-Dtype": "float32", "X-Edgefleet-Shape": "2,3"},
+    )
+    assert status == 200, data
+    assert headers["Content-Type"] == TENSOR and headers["X-Edgefleet-Output"] == "y"
+    assert headers["X-Edgefleet-Dtype"] == "float32" and headers["X-Edgefleet-Shape"] == "2,3"
+    np.testing.assert_array_equal(np.frombuffer(data, "<f4").reshape(2, 3), X * 2)
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "needle"),
+    [
+        ({"X-Edgefleet-Shape": "2,3"}, X.tobytes(), "needs the X-Edgefleet-Dtype"),
+        ({"X-Edgefleet-Dtype": "float32", "X-Edgefleet-Shape": "2,4"}, X.tobytes(), "24 bytes"),
+        ({"X-Edgefleet-Dtype": "object", "X-Edgefleet-Shape": "6"}, X.tobytes(), "not allowed"),
+        ({"X-Edgefleet-Dtype": "float32", "X-Edgefleet-Shape": "2,x"}, X.tobytes(), "bad"),
+        ({"X-Edgefleet-Dtype": "float32", "X-Edgefleet-Shape": "-2,-3"}, X.tobytes(), "negative"),
+    ],
+)
+def test_bad_raw_tensors_name_the_input_and_the_problem(
+    server: InferenceHTTPServer, headers: dict[str, str], body: bytes, needle: str
+) -> None:
+    status, _, data = post(server, "/v1/models/scaler:predict", body, TENSOR, extra=headers)
+    assert status == 400
+    err = json.loads(data)["error"]
+    assert err["code"] == "input_encoding" and "input 'x'" in err["message"]
+    assert needle in err["message"]
 
 
 def test_python_client_round_trip(server: InferenceHTTPServer) -> None:
