@@ -1,12 +1,16 @@
-"""Converter benchmark: every artifact of a ResNet-like CNN (~27 MB fp32, 224x224) and a small
+"""Converter benchmark: every artifact of a ResNet-like CNN (~25 MB fp32, 224x224) and a small
 MLP, side by side with the fp32 ONNX in one run: size, host latency (median, 1 thread), parity
 on the validation set (max abs, rel L2, top-1 agreement), compile time and peak memory.
+
+The CNN is trained first (bench/trained_cnn.py: a synthetic texture task, about two minutes
+on two cores, cached afterwards), because top-1 agreement is only meaningful for a classifier
+with confident logits. ``--random-cnn`` uses the torch-free random-trunk model instead.
 
 Each (model, path) is compiled in its own process so its peak RSS is its own. The TFLite paths
 need the toolchain (`edgefleet toolchain install tflite`); TensorRT int8 is measured on its
 host proxy (the QDQ ONNX in onnxruntime): engines need a GPU.
 
-    .venv/bin/python bench/compile_artifacts.py [--quick]
+    .venv/bin/python bench/compile_artifacts.py [--quick] [--random-cnn]
 """
 
 from __future__ import annotations
@@ -32,22 +36,35 @@ PATHS = [
 PROFILE = {"onnxruntime": "x86-64-avx2", "litert": "raspberry-pi-4", "tensorrt": "jetson-orin-nano"}
 
 
-def make_models(root: Path, quick: bool) -> dict[str, tuple[Path, Path, Path]]:
+def make_models(
+    root: Path, quick: bool, random_cnn: bool
+) -> dict[str, tuple[Path, Path, Path, np.ndarray | None]]:
     from converters.onnx.samples import mlp_classifier, resnet_like, sample_images
 
-    models = {}
-    cnn = resnet_like(root / "cnn.onnx", image=224 if not quick else 96)
+    models: dict[str, tuple[Path, Path, Path, np.ndarray | None]] = {}
     image = 224 if not quick else 96
-    calib, _ = sample_images(64, image=image, seed=100)
-    valid, _ = sample_images(100 if not quick else 20, image=image, seed=200)
+    count = 200 if not quick else 20
+    if random_cnn:
+        cnn = resnet_like(root / "cnn.onnx", image=image)
+        calib, _ = sample_images(64, image=image, seed=100)
+        valid, labels = sample_images(count, image=image, seed=200)
+        truth = None  # the random trunk's classes are not its labels
+    else:
+        from trained_cnn import Recipe, texture_images, trained_cnn
+
+        recipe = Recipe(image=image, steps=300 if not quick else 60)
+        cnn = trained_cnn(root / "cnn.onnx", recipe)
+        calib, _ = texture_images(64, image=image, classes=recipe.classes, seed=100)
+        valid, labels = texture_images(count, image=image, classes=recipe.classes, seed=200)
+        truth = labels
     np.savez(root / "cnn-cal.npz", x=calib)
     np.savez(root / "cnn-val.npz", x=valid)
-    models["cnn"] = (cnn, root / "cnn-cal.npz", root / "cnn-val.npz")
+    models["cnn"] = (cnn, root / "cnn-cal.npz", root / "cnn-val.npz", truth)
     mlp = mlp_classifier(root / "mlp.onnx", features=256, hidden=1024, classes=10)
     rng = np.random.default_rng(3)
     np.savez(root / "mlp-cal.npz", x=rng.standard_normal((64, 256)).astype(np.float32))
     np.savez(root / "mlp-val.npz", x=rng.standard_normal((200, 256)).astype(np.float32))
-    models["mlp"] = (mlp, root / "mlp-cal.npz", root / "mlp-val.npz")
+    models["mlp"] = (mlp, root / "mlp-cal.npz", root / "mlp-val.npz", None)
     return models
 
 
@@ -87,9 +104,23 @@ def one(spec: dict[str, str]) -> None:
     print(json.dumps({**report, "compile_s": compile_s, "peak_rss_mb": max(own, kids) / 1024}))
 
 
+def accuracy(source: Path, validation: Path, labels: np.ndarray) -> float:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    with np.load(validation) as npz:
+        x = npz["x"]
+    batches = [session.run(None, {"x": x[i : i + 32]})[0] for i in range(0, len(x), 32)]
+    logits = np.concatenate(batches)
+    return float((logits.argmax(axis=1) == labels).mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="96x96 CNN, fewer samples")
+    parser.add_argument(
+        "--random-cnn", action="store_true", help="the random-trunk CNN (no torch, no training)"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -106,7 +137,10 @@ def main() -> None:
         have_tflite = False
     root = Path(tempfile.mkdtemp(prefix="edgefleet-bench-"))
     rows = []
-    for name, (source, cal, val) in make_models(root, args.quick).items():
+    for name, (source, cal, val, truth) in make_models(root, args.quick, args.random_cnn).items():
+        if truth is not None:
+            acc = accuracy(source, val, truth)
+            print(f"{name}: fp32 accuracy on the validation labels {acc:.3f}")
         for runtime, precision in PATHS:
             if runtime == "litert" and not have_tflite:
                 continue

@@ -229,6 +229,84 @@ def test_a_model_over_the_profile_budget_is_refused_before_converting(
     assert not (tmp_path / "b.efb").exists()
 
 
+# --- custom operators in TFLite ------------------------------------------------------------------
+
+
+def _tflite_with_custom_op(path: Path, custom: str | None) -> Path:
+    """A minimal .tflite written with the schema's object API: ADD, then (optionally) a custom
+    op, the way a converter leaves an ONNX ``If`` it could not lower."""
+    from ai_edge_litert import schema_py_generated as s
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    def code(builtin: int, custom_code: bytes | None) -> object:
+        c = s.OperatorCodeT()
+        c.builtinCode, c.deprecatedBuiltinCode, c.version = builtin, min(builtin, 127), 1
+        c.customCode = custom_code
+        return c
+
+    def tensor(name: bytes) -> object:
+        t = s.TensorT()
+        t.shape, t.type, t.buffer, t.name = [1, 16], s.TensorType.FLOAT32, 0, name
+        return t
+
+    def op(index: int, inputs: list[int], outputs: list[int]) -> object:
+        o = s.OperatorT()
+        o.opcodeIndex, o.inputs, o.outputs = index, inputs, outputs
+        return o
+
+    model = s.ModelT()
+    model.version, model.buffers = 3, [s.BufferT()]
+    model.operatorCodes = [code(s.BuiltinOperator.ADD, None)]
+    graph = s.SubGraphT()
+    graph.name, graph.tensors, graph.inputs = b"main", [tensor(b"x"), tensor(b"y")], [0]
+    graph.operators = [op(0, [0, 0], [1])]
+    if custom is not None:
+        model.operatorCodes.append(code(s.BuiltinOperator.CUSTOM, custom.encode()))
+        graph.tensors.append(tensor(b"z"))
+        graph.operators.append(op(1, [1], [2]))
+    graph.outputs = [len(graph.tensors) - 1]
+    model.subgraphs = [graph]
+    flatbuffer_utils.write_model(model, str(path))
+    return path
+
+
+def test_custom_ops_are_found_in_the_flatbuffer(tmp_path: Path) -> None:
+    pytest.importorskip("ai_edge_litert")
+    from converters.tflite.convert import custom_ops
+
+    assert custom_ops(_tflite_with_custom_op(tmp_path / "if.tflite", "If")) == ["If"]
+    assert custom_ops(_tflite_with_custom_op(tmp_path / "plain.tflite", None)) == []
+
+
+def test_a_custom_op_left_by_a_converter_that_exited_0_is_named_and_not_bundled(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The converter (a fake with the real interface, standing in for onnx2tf) succeeds but
+    leaves an ``If`` custom op: the build must refuse that artifact by naming the op."""
+    pytest.importorskip("ai_edge_litert")
+    import converters.tflite.convert as tflite
+    import converters.toolchains as toolchains
+
+    leftover = _tflite_with_custom_op(tmp_path / "model_float32.tflite", "If")
+    monkeypatch.setattr(
+        toolchains, "locate", lambda name: toolchains.Toolchain(name, tmp_path, {"onnx2tf": "x"})
+    )
+    monkeypatch.setattr(
+        tflite, "convert", lambda *a, **kw: tflite.TfliteOutputs(fp32=leftover, int8=None)
+    )
+    out = tmp_path / "b.efb"
+    with pytest.raises(ConversionError) as e:
+        _build(
+            model, "raspberry-pi-4", out,
+            options=BuildOptions(runtimes=("litert",), precisions=("fp32",)),
+        )  # fmt: skip
+    assert e.value.reason == "no_artifact"
+    (candidate,) = e.value.fields["candidates"]
+    assert candidate["outcome"] == "error"
+    assert "operator(s) LiteRT cannot run: If" in candidate["error"]
+    assert not out.exists()
+
+
 # --- TensorRT -----------------------------------------------------------------------------------
 
 
