@@ -70,7 +70,10 @@ def toolchain_versions() -> dict[str, str]:
 
 
 def cache_key(version: ModelVersion, profile: Profile, options: dict[str, Any]) -> str:
+    # The model version itself is part of the key: a bundle's signed manifest names its model
+    # and version, so the same ONNX bytes uploaded as another version need their own bundle.
     material = {
+        "model_version": version.id,
         "source": version.source_sha256,
         "calibration": version.calibration_sha256,
         "validation": version.validation_sha256,

@@ -32,10 +32,12 @@ def ensure_bundle(
     *,
     runtimes: list[str] | None = None,
     actor: str = "system",
+    wait_s: float | None = None,
 ) -> Bundle:
     """The bundle for (version, profile, runtimes) signed by a usable key; when there is none,
-    a build job makes it (or one already under way is awaited) for up to
-    ``rollout_build_wait_s``."""
+    a build job makes it (or one already under way is awaited) for up to ``wait_s``
+    (default ``rollout_build_wait_s``). Still building after that: ConflictError
+    ``build_pending`` with the build's id."""
     from fleet_server.builds.service import (
         cache_key,
         normalize_options,
@@ -53,7 +55,8 @@ def ensure_bundle(
         session, app.builds, app.catalog, signer, model, version, profile, options, actor, key
     )
     build_id = build.id
-    done = wait_for(app.engine, build_id, app.settings.rollout_build_wait_s)
+    wait_s = app.settings.rollout_build_wait_s if wait_s is None else wait_s
+    done = wait_for(app.engine, build_id, wait_s)
     if done.state == "failed":
         error = done.error or {}
         raise ConversionError(
@@ -66,10 +69,11 @@ def ensure_bundle(
     if done.state != "succeeded":
         raise ConflictError(
             f"the build for profile {profile.name!r} is still {done.state} after "
-            f"{app.settings.rollout_build_wait_s:.0f} s; create the rollout again when "
+            f"{wait_s:.0f} s; create the rollout again when "
             f"`edgefleet builds show {build_id}` says succeeded",
             reason="build_pending",
             build_id=build_id,
+            build_ids=[build_id],
         )
     session.expire_all()
     found = usable_bundle(session, key, signer)

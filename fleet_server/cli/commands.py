@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edge_agent.errors import ConfigError, EdgefleetError
-from fleet_server.cli.api_client import ApiClient, default_token
+from fleet_server.cli.api_client import ApiClient, ApiError, default_token
 from fleet_server.settings import Settings
 
 app = typer.Typer(
@@ -358,7 +358,7 @@ def rollouts_create(
         "shadow_of": shadow_of,
         "sample_rate": sample_rate,
     }
-    rollout = client.post("/v1/rollouts", json=body)
+    rollout = _create_rollout(client, body, quiet=as_json)
     if wait:
         from rich.live import Live
 
@@ -374,6 +374,30 @@ def rollouts_create(
         _print_json(rollout)
     if wait and rollout["state"] != "completed":
         raise typer.Exit(1)
+
+
+def _create_rollout(client: ApiClient, body: dict[str, Any], quiet: bool) -> dict[str, Any]:
+    """POST the rollout without letting the server wait on builds: when bundles are missing,
+    follow their builds here (log and spinner), then post again."""
+    while True:
+        try:
+            rollout: dict[str, Any] = client.post(
+                "/v1/rollouts", json=body, params={"build_wait_s": 0}
+            )
+            return rollout
+        except ApiError as e:
+            if e.reason != "build_pending":
+                raise
+            build_ids = (e.fields.get("detail") or {}).get("build_ids") or []
+            if not build_ids:
+                raise
+        for build_id in build_ids:
+            if not quiet:
+                console.print(f"building the bundle for this rollout: build {build_id}")
+            build = _follow_build(client, client.get(f"/v1/builds/{build_id}"), quiet)
+            if build["state"] == "failed":
+                console.print(_render_build(build))
+                raise typer.Exit(1)
 
 
 @rollouts_app.command("status")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Query
 
 from fleet_server.api.deps import Operator, SessionDep, StateDep, Viewer
 from fleet_server.rollouts import service
@@ -13,10 +15,24 @@ router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"])
 
 @router.post("", status_code=201, response_model=RolloutPublic)
 def create_rollout(
-    body: RolloutCreate, state: StateDep, session: SessionDep, principal: Operator
+    body: RolloutCreate,
+    state: StateDep,
+    session: SessionDep,
+    principal: Operator,
+    build_wait_s: Annotated[
+        float | None,
+        Query(
+            ge=0,
+            le=86400,
+            description="how long to wait for missing builds (default: the server's "
+            "rollout_build_wait_s); still building after that: 409 build_pending with their ids",
+        ),
+    ] = None,
 ) -> RolloutPublic:
     """Build bundles for the cohort's profiles and publish each device's new desired state."""
-    rollout, documents = service.create_rollout(session, state, body, principal.name)
+    rollout, documents = service.create_rollout(
+        session, state, body, principal.name, build_wait_s=build_wait_s
+    )
     for device_id, envelope in documents.items():
         state.control.publish_desired(device_id, envelope)
     return rollout

@@ -8,6 +8,7 @@ published. A refused request changes no device's desired state.
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +24,8 @@ from fleet_server.database import aware
 from fleet_server.devices import desired
 from fleet_server.devices.service import resolve_targets
 from fleet_server.devices.tables import DesiredStateRecord, Device
-from fleet_server.errors import InvalidInputError, NotFoundError
+from fleet_server.errors import ConflictError, InvalidInputError, NotFoundError
+from fleet_server.keys.service import FleetSigner
 from fleet_server.registry.service import get_version, version_by_id
 from fleet_server.registry.tables import MLModel, ModelVersion
 from fleet_server.rollouts.tables import (
@@ -40,9 +42,17 @@ def default_slot(model_name: str) -> str:
 
 
 def create_rollout(
-    session: Session, app: AppState, body: RolloutCreate, actor: str
+    session: Session,
+    app: AppState,
+    body: RolloutCreate,
+    actor: str,
+    *,
+    build_wait_s: float | None = None,
 ) -> tuple[RolloutPublic, dict[str, SignedDesiredState]]:
-    """Returns the rollout and the documents to publish (already committed)."""
+    """Returns the rollout and the documents to publish (already committed). Bundles that do
+    not exist yet are built first, waiting up to ``build_wait_s`` (default: the setting
+    ``rollout_build_wait_s``); past that, ConflictError ``build_pending`` names the builds
+    and nothing else has changed."""
     model, version = get_version(session, body.model, body.version)
     devices = resolve_targets(session, body.devices, body.selector)
     slot = body.slot or (f"{body.shadow_of}-shadow" if body.shadow_of else default_slot(model.name))
@@ -50,23 +60,34 @@ def create_rollout(
         raise InvalidInputError("a shadow needs its own slot, not the one it shadows", field="slot")
     signer = app.keys.signer(session)
 
-    # One build per cohort: devices of a profile with the same runtimes installed.
+    # One build per cohort: devices of a profile with the same runtimes installed. Every
+    # missing build is queued before any is awaited, so they run side by side.
+    wait_s = app.settings.rollout_build_wait_s if build_wait_s is None else build_wait_s
+    deadline = time.monotonic() + wait_s
+    cohorts = sorted({_cohort(d) for d in devices}, key=str)
     bundles: dict[tuple[str, tuple[str, ...] | None], Bundle] = {}
-    for cohort in sorted({_cohort(d) for d in devices}, key=str):
-        profile_name, runtimes = cohort
-        try:
-            profile = app.catalog.get(profile_name)
-        except Exception as e:
-            raise InvalidInputError(f"device profile {profile_name!r} is no longer known") from e
-        bundles[cohort] = ensure_bundle(
-            session,
-            app,
-            model,
-            version,
-            profile,
-            signer,
-            runtimes=list(runtimes) if runtimes is not None else None,
-            actor=actor,
+    pending: list[str] = []
+    for final in (False, True):
+        pending = []
+        for cohort in cohorts:
+            if cohort in bundles:
+                continue
+            try:
+                bundles[cohort] = _cohort_bundle(
+                    session, app, model, version, cohort, signer, actor,
+                    wait_s=max(0.0, deadline - time.monotonic()) if final else 0.0,
+                )  # fmt: skip
+            except ConflictError as e:
+                if e.reason != "build_pending":
+                    raise
+                pending.extend(e.fields.get("build_ids") or [])
+    if pending:
+        raise ConflictError(
+            f"{len(pending)} build(s) for this rollout still running after {wait_s:.0f} s "
+            f"({', '.join(pending)}); create the rollout again when they have succeeded "
+            "(the CLI follows them and does this for you)",
+            reason="build_pending",
+            build_ids=pending,
         )
 
     rollout = Rollout(
@@ -116,6 +137,35 @@ def create_rollout(
     )
     session.commit()
     return describe(session, rollout), documents
+
+
+def _cohort_bundle(
+    session: Session,
+    app: AppState,
+    model: MLModel,
+    version: ModelVersion,
+    cohort: tuple[str, tuple[str, ...] | None],
+    signer: FleetSigner,
+    actor: str,
+    *,
+    wait_s: float,
+) -> Bundle:
+    profile_name, runtimes = cohort
+    try:
+        profile = app.catalog.get(profile_name)
+    except Exception as e:
+        raise InvalidInputError(f"device profile {profile_name!r} is no longer known") from e
+    return ensure_bundle(
+        session,
+        app,
+        model,
+        version,
+        profile,
+        signer,
+        runtimes=list(runtimes) if runtimes is not None else None,
+        actor=actor,
+        wait_s=wait_s,
+    )
 
 
 def _cohort(device: Device) -> tuple[str, tuple[str, ...] | None]:

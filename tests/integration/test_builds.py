@@ -186,3 +186,49 @@ def test_missing_toolchain_passes_litert_over_with_the_fix(
         and "edgefleet toolchain install tflite" in failed["error"]["message"]
     )
     assert os.environ["EDGEFLEET_TOOLCHAIN_DIR"].endswith("none")
+
+
+def test_rollout_builds_each_cohort_side_by_side_and_the_cli_follows_them(
+    api: ApiClient, stack: EmbeddedStack, model_path: Path, calibration: Path
+) -> None:
+    """A rollout over two cohorts queues both builds at once; with build_wait_s=0 the server
+    answers 409 build_pending naming them and writes no rollout; the CLI follows the builds
+    and then creates the rollout."""
+    from fleet_server.rollouts.tables import Rollout
+
+    for device_id, profile in [("x86-1", "x86-64-avx2"), ("orin-1", "jetson-orin-nano")]:
+        token = api.post("/v1/enrollment-tokens", json={})["token"]
+        api.post(
+            "/v1/devices/enroll",
+            json={"token": token, "device_id": device_id, "profile": profile,
+                  "runtimes": {"onnxruntime": "1.20.0"}},
+        )  # fmt: skip
+    api.upload_model(model_path, "classifier", "1.0.0", calibration=calibration)
+    body = {"model": "classifier", "version": "1.0.0", "devices": ["x86-1", "orin-1"]}
+    with pytest.raises(ApiError) as e:
+        api.post("/v1/rollouts", json=body, params={"build_wait_s": 0})
+    assert e.value.status == 409 and e.value.reason == "build_pending"
+    build_ids = e.value.fields["detail"]["build_ids"]
+    builds = [api.get(f"/v1/builds/{b}") for b in build_ids]
+    assert sorted(b["profile"] for b in builds) == ["jetson-orin-nano", "x86-64-avx2"]
+    assert count(stack, Rollout) == 0
+    for b in build_ids:
+        assert wait_build(api, b)["state"] == "succeeded"
+    # Built now: the same request succeeds without waiting.
+    first = api.post("/v1/rollouts", json=body, params={"build_wait_s": 0})
+    assert {t["profile"] for t in first["targets"]} == {"x86-64-avx2", "jetson-orin-nano"}
+
+    api.upload_model(model_path, "classifier", "1.0.1", calibration=calibration)
+    result = CliRunner().invoke(
+        cli,
+        ["rollouts", "create", "--model", "classifier", "--version", "1.0.1",
+         "--device", "x86-1", "--device", "orin-1", "--no-wait",
+         "--server", stack.url, "--token", ADMIN_TOKEN],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "building the bundle for this rollout" in result.output
+    assert count(stack, Rollout) == 2
+    # The same ONNX bytes as another version get their own bundles (their manifests differ).
+    second = next(r for r in api.get("/v1/rollouts") if r["id"] != first["id"])
+    first_shas = {t["bundle_sha256"] for t in first["targets"]}
+    assert not first_shas & {t["bundle_sha256"] for t in second["targets"]}
