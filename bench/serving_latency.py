@@ -4,11 +4,13 @@
 - in-process: the agent's serving path (slot lookup, refcount, stats, NaN check) around it
 - http:       a real agent process, Python client, .npz over HTTP/1.1 keep-alive on loopback
 - unix:       the same agent, same client, over its Unix socket
+- http, socket: the HTTP path with a minimal client (pre-encoded request, raw socket): the
+                agent's own share of the overhead, as a C or Go client would see it
 
 Also: swap time (rollout created → new version answering, via the server and MQTT) and the
 agent process's idle RSS. Median and p99 of N calls each.
 
-Run: .venv/bin/python bench/serving_latency.py [--calls 2000] [--hidden 1024]
+Run: .venv/bin/python bench/serving_latency.py [--calls 2000] [--hidden 4096] [--batch 32]
 """
 
 from __future__ import annotations
@@ -48,6 +50,60 @@ def measure(fn: Callable[[], object], calls: int) -> tuple[float, float]:
     return statistics.median(samples), samples[int(0.99 * len(samples)) - 1]
 
 
+def agent_side_ms(port: int, x: np.ndarray, calls: int) -> float:
+    """Median of the agent's own measurement of the model call, from the response header."""
+    import http.client
+
+    from edge_agent import codec
+
+    body, headers = codec.encode_tensor(x)
+    headers.update({"Content-Type": codec.TENSOR, "Accept": codec.TENSOR})
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    seen = []
+    for _ in range(calls):
+        conn.request("POST", "/v1/models/m:predict", body, headers)
+        resp = conn.getresponse()
+        resp.read()
+        seen.append(float(resp.getheader("X-Edgefleet-Latency-Ms", "nan")))
+    conn.close()
+    return statistics.median(seen)
+
+
+class RawHttp:
+    """The agent's HTTP path with the client's cost taken out: one pre-encoded request on a
+    kept-alive socket, the reply read by its Content-Length (what a C or Go client costs)."""
+
+    def __init__(self, port: int, x: np.ndarray) -> None:
+        import socket
+
+        from edge_agent import codec
+
+        body, headers = codec.encode_tensor(x)
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.request = (
+            f"POST /v1/models/m:predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: {codec.TENSOR}\r\nAccept: {codec.TENSOR}\r\n{head}"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def call(self) -> None:
+        self.sock.sendall(self.request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += self.sock.recv(65536)
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        while len(rest) < length:
+            rest += self.sock.recv(65536)
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(head.decode(errors="replace"))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -59,7 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--hidden", type=int, default=4096, help="MLP width (sets the model cost)")
-    parser.add_argument("--batch", type=int, default=96, help="rows per call (~1 ms by default)")
+    parser.add_argument("--batch", type=int, default=32, help="rows per call (~1 ms by default)")
     parser.add_argument("--swaps", type=int, default=5)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="edgefleet-bench-"))
@@ -110,6 +166,10 @@ def main() -> None:
         unix = AgentClient(f"unix://{agent.socket_path}")
         rows["http"] = measure(lambda: http.predict("m", {"x": x}), args.calls)
         rows["unix"] = measure(lambda: unix.predict("m", {"x": x}), args.calls)
+        inside = agent_side_ms(agent.serving_port, x, args.calls)
+        raw_http = RawHttp(agent.serving_port, x)
+        rows["http, socket"] = measure(raw_http.call, args.calls)
+        raw_http.close()
         assert agent.process is not None
         idle_rss = rss_kb(agent.process.pid)
 
@@ -132,17 +192,23 @@ def main() -> None:
 
     base = rows["raw"][0]
     print(f"model: MLP 256→{args.hidden}→4 fp32, 1 thread, batch {args.batch}; {args.calls} calls")
-    print(f"{'path':<12}{'p50 ms':>10}{'p99 ms':>10}{'overhead p50':>16}")
+    print(f"{'path':<14}{'p50 ms':>10}{'p99 ms':>10}  overhead p50")
     for name, (p50, p99) in rows.items():
         over = "" if name == "raw" else f"+{p50 - base:.3f} ms ({(p50 / base - 1) * 100:+.0f}%)"
-        print(f"{name:<12}{p50:>10.3f}{p99:>10.3f}{over:>16}")
+        print(f"{name:<14}{p50:>10.3f}{p99:>10.3f}  {over}")
+    print(
+        f"the agent's own timing of the model call (X-Edgefleet-Latency-Ms) p50 {inside:.3f} ms: "
+        f"HTTP + codec + client account for {rows['http'][0] - inside:.3f} ms of the HTTP path"
+    )
     swap_ms = statistics.median(swaps)
     print(f"swap (rollout → new version answering), median of {len(swaps)}: {swap_ms:.0f} ms")
     print(f"agent idle RSS with one model loaded: {idle_rss / 1024:.0f} MiB")
     inproc, http_p50, unix_p50 = rows["in-process"][0], rows["http"][0], rows["unix"][0]
+    socket_p50 = rows["http, socket"][0]
     print(
         f"SUMMARY raw {base:.3f} ms; in-process +{(inproc / base - 1) * 100:.1f}%; "
-        f"HTTP +{http_p50 - base:.3f} ms; unix +{unix_p50 - base:.3f} ms (p50); "
+        f"HTTP +{http_p50 - base:.3f} ms (minimal client +{socket_p50 - base:.3f} ms); "
+        f"unix +{unix_p50 - base:.3f} ms (p50); "
         f"swap {statistics.median(swaps):.0f} ms; idle RSS {idle_rss / 1024:.0f} MiB"
     )
 
