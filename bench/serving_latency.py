@@ -1,8 +1,12 @@
-"""Serving overhead: the same model called four ways, side by side in one run.
+"""Serving overhead: the same model called five ways, side by side in one run.
 
-- raw:        onnxruntime InferenceSession.run on the model file
-- in-process: the agent's serving path (slot lookup, refcount, stats, NaN check) around it
-- http:       a real agent process, Python client, .npz over HTTP/1.1 keep-alive on loopback
+The model goes through the server like any other (built for x86-64-avx2, signed, rolled out
+to a real agent process); every path runs the artifact that build produced.
+
+- raw:        onnxruntime InferenceSession.run on the bundle's model file, in this process
+- in-process: the agent's serving path (slot lookup, refcount, stats, NaN check) around it,
+              alternating call by call with raw
+- http:       the agent process, Python client (raw tensor encoding), HTTP/1.1 keep-alive
 - unix:       the same agent, same client, over its Unix socket
 - http, socket: the HTTP path with a minimal client (pre-encoded request, raw socket): the
                 agent's own share of the overhead, as a C or Go client would see it
@@ -28,10 +32,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from converters.onnx.samples import mlp_classifier
+from edge_agent.bundle import open_bundle
 from edge_agent.client import AgentClient
 from edge_agent.lifecycle.journal import VersionRef
 from edge_agent.runtimes import LoadOptions, get_runtime
 from edge_agent.serving import ServingModel, SlotTable, predict
+from fleet_server.artifacts import ArtifactStore
 from fleet_server.cli.api_client import ApiClient
 from fleet_server.server import EmbeddedStack
 from fleet_server.settings import Settings
@@ -48,6 +54,44 @@ def measure(fn: Callable[[], object], calls: int) -> tuple[float, float]:
         samples.append((time.perf_counter() - t0) * 1000)
     samples.sort()
     return statistics.median(samples), samples[int(0.99 * len(samples)) - 1]
+
+
+def local_paths(
+    bundle: Path, work: Path, x: np.ndarray, calls: int
+) -> tuple[dict[str, tuple[float, float]], str]:
+    """Raw ``InferenceSession.run`` and the agent's in-process path on the bundle's artifact,
+    alternating call by call so that neither gets the quieter half of the run."""
+    with open_bundle(bundle) as reader:
+        reader.extract_verified(work)
+        manifest = reader.manifest
+    loaded = get_runtime("onnxruntime").load(work / manifest.artifact, LoadOptions(threads=1))
+    raw_session = loaded._session  # type: ignore[attr-defined]
+    names = [o.name for o in raw_session.get_outputs()]
+    table = SlotTable()
+    ref = VersionRef(
+        model="m", version="1", bundle_sha256=bundle.name, runtime="onnxruntime",
+        precision=manifest.precision,
+    )  # fmt: skip
+    table.swap("m", ServingModel(ref, manifest, loaded))
+    fns: dict[str, Callable[[], object]] = {
+        "raw": lambda: raw_session.run(names, {"x": x}),
+        "in-process": lambda: predict(table, "m", {"x": x}),
+    }
+    for _ in range(50):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(calls):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1000)
+    table.close()
+    rows = {}
+    for name, got in samples.items():
+        got.sort()
+        rows[name] = (statistics.median(got), got[int(0.99 * len(got)) - 1])
+    return rows, manifest.precision
 
 
 def agent_side_ms(port: int, x: np.ndarray, calls: int) -> float:
@@ -122,28 +166,6 @@ def main() -> None:
     model = mlp_classifier(root / "m.onnx", features=256, hidden=args.hidden, seed=1)
     x = np.random.default_rng(0).standard_normal((args.batch, 256)).astype(np.float32)
 
-    loaded = get_runtime("onnxruntime").load(model, LoadOptions(threads=1))
-    raw_session = loaded._session  # type: ignore[attr-defined]
-    names = [o.name for o in raw_session.get_outputs()]
-    rows = {"raw": measure(lambda: raw_session.run(names, {"x": x}), args.calls)}
-    table = SlotTable()
-    ref = VersionRef(
-        model="m", version="1", bundle_sha256="0" * 64, runtime="onnxruntime", precision="fp32"
-    )
-    from datetime import UTC, datetime
-
-    from edge_agent.bundle import Manifest, ModelRef, RuntimeRequirement, SelfTestSpec
-
-    manifest = Manifest(
-        model=ModelRef(name="m", version="1", source_sha256="0" * 64), profile="x86-64-avx2",
-        runtime=RuntimeRequirement(name="onnxruntime", versions=">=1"), precision="fp32",
-        artifact="model/model.onnx", files=[], inputs=loaded.inputs, outputs=loaded.outputs,
-        selftest=SelfTestSpec(file="selftest.npz", atol=0, rtol=0), toolchain={},
-        created_at=datetime.now(UTC),
-    )  # fmt: skip
-    table.swap("m", ServingModel(ref, manifest, loaded))
-    rows["in-process"] = measure(lambda: predict(table, "m", {"x": x}), args.calls)
-
     stack = EmbeddedStack(Settings(data_dir=root / "server", port=0, broker_port=0)).start()
     agent = None
     try:
@@ -162,6 +184,12 @@ def main() -> None:
             "/v1/rollouts", json={"model": "m", "version": "1.0.0", "devices": ["bench-agent"]}
         )
         wait_until(lambda: api.get(f"/v1/rollouts/{r['id']}")["state"] == "completed", 60, "v1")
+        # Raw and in-process calls run the very artifact the agent serves (the build may have
+        # chosen int8 or an optimised fp32), in this process, interleaved call by call.
+        sha = api.get(f"/v1/rollouts/{r['id']}")["targets"][0]["bundle_sha256"]
+        rows, precision = local_paths(
+            ArtifactStore(stack.settings.artifacts_dir).path(sha), root / "local", x, args.calls
+        )
         http = AgentClient(f"http://127.0.0.1:{agent.serving_port}")
         unix = AgentClient(f"unix://{agent.socket_path}")
         rows["http"] = measure(lambda: http.predict("m", {"x": x}), args.calls)
@@ -183,15 +211,21 @@ def main() -> None:
             wait_until(lambda v=version: unix.models()[0]["version"] == v, 60, "swap")
             swaps.append((time.perf_counter() - t0) * 1000)
             wait_until(
-                lambda r=r: api.get(f"/v1/rollouts/{r['id']}")["state"] == "completed", 60, "commit"
+                lambda r=r: api.get(f"/v1/rollouts/{r['id']}")["state"] != "in_progress", 60, "end"
             )
+            done = api.get(f"/v1/rollouts/{r['id']}")
+            if done["state"] != "completed":
+                raise RuntimeError(f"swap {i} to {version}: {done['state']}: {done['targets']}")
     finally:
         if agent is not None:
             agent.stop()
         stack.stop()
 
     base = rows["raw"][0]
-    print(f"model: MLP 256→{args.hidden}→4 fp32, 1 thread, batch {args.batch}; {args.calls} calls")
+    print(
+        f"model: MLP 256→{args.hidden}→4 as built for x86-64-avx2 ({precision}), 1 thread, "
+        f"batch {args.batch}; {args.calls} calls"
+    )
     print(f"{'path':<14}{'p50 ms':>10}{'p99 ms':>10}  overhead p50")
     for name, (p50, p99) in rows.items():
         over = "" if name == "raw" else f"+{p50 - base:.3f} ms ({(p50 / base - 1) * 100:+.0f}%)"

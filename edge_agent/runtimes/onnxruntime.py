@@ -46,12 +46,21 @@ class OnnxRuntimeModel(LoadedModel):
         session = self._session
         if session is None:
             raise RuntimeBackendError("model is closed", reason="closed")
-        checked = check_feeds(self.inputs, feeds)
+        # InferenceSession.run is thread-safe (no lock on the hot path), and it refuses wrong
+        # names, dtypes, ranks and fixed dims itself before running anything. So the feeds go
+        # in as they are; only when onnxruntime refuses them does check_feeds run, to turn a
+        # caller's mistake into a RequestError that says what to change (or to cast JSON's
+        # float64/int64 to the model's type and run again).
         try:
-            # InferenceSession.run is thread-safe; no lock on the hot path.
-            values = session.run(self._output_names, checked)
-        except Exception as e:  # onnxruntime raises its own untyped errors
-            raise RuntimeBackendError(f"onnxruntime inference failed: {e}") from e
+            values = session.run(self._output_names, dict(feeds))
+        except Exception as first:  # onnxruntime raises its own untyped errors
+            checked = check_feeds(self.inputs, feeds)
+            if all(checked[name] is feeds[name] for name in checked):
+                raise RuntimeBackendError(f"onnxruntime inference failed: {first}") from first
+            try:
+                values = session.run(self._output_names, checked)
+            except Exception as e:
+                raise RuntimeBackendError(f"onnxruntime inference failed: {e}") from e
         return dict(zip(self._output_names, values, strict=True))
 
     def close(self) -> None:

@@ -302,3 +302,42 @@ def test_health_names_the_active_versions(server: InferenceHTTPServer) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     conn.request("GET", "/healthz")
     assert json.loads(conn.getresponse().read()) == {"status": "ok", "slots": {"main": "1.0.0"}}
+
+
+def test_check_feeds_passes_ready_arrays_through_untouched() -> None:
+    ready = np.ones((2, 3), dtype=np.float32)
+    assert check_feeds(SPEC_IN, {"x": ready})["x"] is ready
+    strided = np.ones((2, 6), dtype=np.float32)[:, ::2]
+    out = check_feeds(SPEC_IN, {"x": strided})["x"]
+    assert out.flags.c_contiguous and out.shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    ("feeds", "reason"),
+    [
+        ({"z": np.ones((1, 16), np.float32)}, "input_names"),
+        ({"x": np.ones((1, 16), np.float32), "z": np.ones(1, np.float32)}, "input_names"),
+        ({"x": np.ones((16,), np.float32)}, "input_shape"),
+        ({"x": np.ones((1, 5), np.float32)}, "input_shape"),
+        ({"x": np.array([["a"] * 16])}, "input_dtype"),
+    ],
+)
+def test_onnxruntime_refusals_become_request_errors(
+    tmp_path: Path, feeds: dict[str, np.ndarray], reason: str
+) -> None:
+    """The onnxruntime backend hands feeds straight to the session; whatever the session
+    refuses must still come back as the caller's mistake, named, never as a model failure."""
+    from converters.onnx.samples import mlp_classifier
+    from edge_agent.runtimes import LoadOptions, get_runtime
+
+    model = get_runtime("onnxruntime").load(mlp_classifier(tmp_path / "m.onnx"), LoadOptions())
+    with pytest.raises(RequestError) as e:
+        model.run(feeds)
+    assert e.value.reason == reason
+    good = np.random.default_rng(0).standard_normal((2, 16))
+    expected = model.run({"x": good.astype(np.float32)})["probs"]
+    # JSON numbers arrive as float64 and non-contiguous views happen: both are served.
+    np.testing.assert_allclose(model.run({"x": good})["probs"], expected, rtol=1e-6)
+    wide = np.repeat(good.astype(np.float32), 2, axis=1)[:, ::2]
+    np.testing.assert_allclose(model.run({"x": wide})["probs"], expected, rtol=1e-6)
+    model.close()
