@@ -112,6 +112,18 @@ def check_health(
     return None
 
 
+def live_comparable(
+    live: StatsSnapshot, prior_live: StatsSnapshot | None, policy: ProbationPolicy
+) -> bool:
+    """Enough live requests on both versions to compare their latency on real traffic."""
+    enough = policy.min_latency_samples
+    return (
+        prior_live is not None
+        and len(live.latency_ms) >= enough
+        and len(prior_live.latency_ms) >= enough
+    )
+
+
 def check_latency(
     live: StatsSnapshot,
     prior_live: StatsSnapshot | None,
@@ -119,12 +131,8 @@ def check_latency(
     prior_probe_p95_ms: float | None,
     policy: ProbationPolicy,
 ) -> Breach | None:
-    enough = policy.min_latency_samples
-    if (
-        prior_live is not None
-        and len(live.latency_ms) >= enough
-        and len(prior_live.latency_ms) >= enough
-    ):
+    if live_comparable(live, prior_live, policy):
+        assert prior_live is not None
         new, old, basis = live.p95(), prior_live.p95(), "live"
     else:
         new, old, basis = probes.p95(), prior_probe_p95_ms, "probe"

@@ -1,0 +1,89 @@
+"""Probation's latency verdict compares like with like: the prior version's probe latency
+comes from a burst of back-to-back runs, so the new version's must too. A model whose first
+run after an idle pause is slow (cold caches, a clocked-down CPU: what spaced probes see on
+a real board) must not be rolled back for it, while a model that is really slower must be."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import pytest
+
+from edge_agent.lifecycle.deployer import Deployer, Deployment, ProbationError
+from edge_agent.lifecycle.probation import ProbationPolicy
+from edge_agent.lifecycle.states import Event
+from edge_agent.protocol.desired import SlotAssignment
+from edge_agent.runtimes import LoadedModel
+from edge_agent.serving import SlotTable
+from tests.unit.test_serving import SPEC_IN, SPEC_OUT, serving
+
+X = np.ones((1, 3), np.float32)
+
+
+class Clock:
+    """The deployer's clock and sleep: sleeping advances time and leaves models idle."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.models: list[ColdStartModel] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        for model in self.models:
+            model.cold = True
+
+
+class ColdStartModel(LoadedModel):
+    """Takes ``cold_s`` on the first run after an idle pause, ``warm_s`` on the next ones."""
+
+    def __init__(self, clock: Clock, warm_s: float, cold_s: float) -> None:
+        self.inputs, self.outputs = SPEC_IN, SPEC_OUT
+        self.warm_s, self.cold_s, self.cold = warm_s, cold_s, True
+        clock.models.append(self)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        time.sleep(self.cold_s if self.cold else self.warm_s)
+        self.cold = False
+        return {"y": np.asarray(feeds["x"]) * 2}
+
+    def close(self) -> None:
+        pass
+
+
+def _deploy(clock: Clock, new: ColdStartModel) -> Event:
+    table = SlotTable()
+    table.swap("main", serving(ColdStartModel(clock, warm_s=0.0005, cold_s=0.02), "1.0.0"))
+    policy = ProbationPolicy(window_s=5, probe_interval_s=1, min_latency_samples=10)
+    deployer = Deployer(
+        device=None,  # type: ignore[arg-type]  # none of these is used by what is tested here
+        journal=None,  # type: ignore[arg-type]
+        store=None,  # type: ignore[arg-type]
+        table=table,
+        trust=None,  # type: ignore[arg-type]
+        on_transition=lambda _: None,
+        policy=policy,
+        sleep=clock.sleep,
+        clock=lambda: clock.now,
+    )
+    target = SlotAssignment(
+        model="scaler", version="2.0.0", bundle_sha256="1" * 64, bundle_url="http://x", size=1
+    )
+    ctx = Deployment(slot="main", target=target, probe_inputs={"x": X})
+    ctx.staged = serving(new, "2.0.0")
+    deployer._measure_prior(ctx)
+    deployer._switch(ctx)
+    return deployer._probation(ctx)
+
+
+def test_a_model_slow_only_after_idle_pauses_passes_probation() -> None:
+    clock = Clock()
+    assert _deploy(clock, ColdStartModel(clock, warm_s=0.0005, cold_s=0.02)) == Event.SUCCESS
+
+
+def test_a_really_slower_model_is_still_rolled_back() -> None:
+    clock = Clock()
+    with pytest.raises(ProbationError) as e:
+        _deploy(clock, ColdStartModel(clock, warm_s=0.02, cold_s=0.02))
+    assert e.value.reason == "latency_regression" and e.value.fields["ratio"] > 5
