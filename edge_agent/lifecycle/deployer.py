@@ -32,6 +32,7 @@ from edge_agent.download import check_free_space, download_bundle
 from edge_agent.errors import DesiredStateError, EdgefleetError, RuntimeBackendError, TransportError
 from edge_agent.lifecycle.journal import Journal, SlotRecord, VersionRef
 from edge_agent.lifecycle.probation import (
+    Breach,
     ModelStats,
     ProbationPolicy,
     StatsSnapshot,
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 #: Self-test inputs are run this many extra times before the switch so the first real request
 #: does not pay for lazy initialisation (allocator warm-up, kernel selection).
 WARMUP_RUNS = 3
+#: A latency regression measured on probes must show this many times in a row.
+LATENCY_CONFIRMATIONS = 3
 
 
 @dataclass(frozen=True)
@@ -453,6 +456,44 @@ class Deployer:
             return
         ctx.prior_probe_p95_ms = probes.p95()
 
+    def _latency_verdict(self, ctx: Deployment) -> Breach | None:
+        """The new version's latency against the prior's, like with like: on live traffic when
+        both have served ``min_latency_samples`` requests; else on the probes, both versions
+        run now, alternately and back to back, so that both meet the same load (the spaced
+        probes of the window each start cold and would make any version look slower). A
+        latency breach must hold ``LATENCY_CONFIRMATIONS`` times in a row: one hiccup of a busy
+        board is not a regression, while a slower model is slower every time."""
+        staged, policy = ctx.staged, self.policy
+        assert staged is not None and ctx.probe_inputs is not None
+        live = staged.stats.snapshot()
+        if live_comparable(live, ctx.prior_live, policy):
+            return check_latency(live, ctx.prior_live, staged.probe_stats.snapshot(), None, policy)
+        if ctx.prior is None or ctx.prior_probe_p95_ms is None:
+            return None  # a first version, or a prior that cannot run these probes
+        breach = None
+        for _ in range(LATENCY_CONFIRMATIONS):
+            new, prior = self._probe_pair(staged, ctx.prior, ctx.probe_inputs)
+            breach = check_health(live, new, policy) or check_latency(
+                live, None, new, prior.p95(), policy
+            )
+            if breach is None or breach.reason != "latency_regression":
+                return breach
+        return breach
+
+    def _probe_pair(
+        self, new: ServingModel, prior: ServingModel, inputs: dict[str, np.ndarray]
+    ) -> tuple[StatsSnapshot, StatsSnapshot]:
+        """Both versions on the probes, alternating run by run, after one uncounted run each."""
+        pair = (ModelStats(), ModelStats())
+        for serving in (new, prior):
+            with contextlib.suppress(RuntimeBackendError):
+                run_counted(serving, inputs, ModelStats())
+        for _ in range(self.policy.min_latency_samples):
+            for serving, stats in zip((new, prior), pair, strict=True):
+                with contextlib.suppress(RuntimeBackendError):  # run_counted counted it
+                    run_counted(serving, inputs, stats)
+        return pair[0].snapshot(), pair[1].snapshot()
+
     def _probe_burst(self, serving: ServingModel, inputs: dict[str, np.ndarray]) -> StatsSnapshot:
         """``min_latency_samples`` probes back to back (errors and NaN/inf counted too), after
         one that is not counted: the first run after a pause pays for cold caches."""
@@ -485,17 +526,7 @@ class Deployer:
         while True:
             breach = check_health(staged.stats.snapshot(), staged.probe_stats.snapshot(), policy)
             if breach is None and self._clock() >= deadline:
-                live = staged.stats.snapshot()
-                probes = staged.probe_stats.snapshot()
-                if not live_comparable(live, ctx.prior_live, policy):
-                    # Like with like: the prior version's probe latency came from a burst of
-                    # back-to-back runs, so the new one's does too. The spaced probes of the
-                    # window each start cold and would make any version look slower.
-                    probes = self._probe_burst(staged, ctx.probe_inputs)
-                    breach = check_health(live, probes, policy)
-                breach = breach or check_latency(
-                    live, ctx.prior_live, probes, ctx.prior_probe_p95_ms, policy
-                )
+                breach = self._latency_verdict(ctx)
                 if breach is None:
                     return Event.SUCCESS
             if breach is not None:

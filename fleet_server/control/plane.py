@@ -131,9 +131,25 @@ class ControlPlane:
         self._inbox.put((message.topic, bytes(message.payload)))
 
     # --- publishing ------------------------------------------------------------------------------
-    def publish_desired(self, device_id: str, envelope: SignedDesiredState) -> None:
+    def publish_desired(self, device_id: str, envelope: SignedDesiredState) -> mqtt.MQTTMessageInfo:
         self._last_sent[device_id] = (envelope.signed.seq, time.monotonic())
-        self._client.publish(Topics(device_id).desired, envelope.to_bytes(), qos=1, retain=True)
+        return self._client.publish(
+            Topics(device_id).desired, envelope.to_bytes(), qos=1, retain=True
+        )
+
+    def publish_all(self, documents: dict[str, SignedDesiredState], wait_s: float = 5.0) -> None:
+        """Publish each device's document, then wait (up to ``wait_s`` in all) for the broker
+        to acknowledge them: when a REST call that changed desired states returns, the broker
+        holds them (retained), so a device that subscribes afterwards gets the new one. With
+        the broker unreachable they stay queued in the client and are sent on reconnect."""
+        sent = [self.publish_desired(device_id, env) for device_id, env in documents.items()]
+        deadline = time.monotonic() + wait_s
+        for info in sent:
+            try:
+                info.wait_for_publish(timeout=max(0.0, deadline - time.monotonic()))
+            except (RuntimeError, ValueError) as e:  # not queued: the resend loop covers it
+                log.warning("desired-state publish not acknowledged: %s", e)
+                return
 
     def clear_desired(self, device_id: str) -> None:
         """Delete any retained document on the device's topic (an empty retained message).

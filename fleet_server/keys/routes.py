@@ -67,6 +67,5 @@ def install_keyring(
     )
     session.commit()
     documents = reissue_all(session, state)
-    for device_id, envelope in documents.items():
-        state.control.publish_desired(device_id, envelope)
+    state.control.publish_all(documents)
     return {"version": record.version, "reissued": len(documents), "keys": service.describe(record)}

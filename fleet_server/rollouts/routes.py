@@ -33,8 +33,7 @@ def create_rollout(
     rollout, documents = service.create_rollout(
         session, state, body, principal.name, build_wait_s=build_wait_s
     )
-    for device_id, envelope in documents.items():
-        state.control.publish_desired(device_id, envelope)
+    state.control.publish_all(documents)
     return rollout
 
 

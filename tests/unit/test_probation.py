@@ -1,7 +1,8 @@
-"""Probation's latency verdict compares like with like: the prior version's probe latency
-comes from a burst of back-to-back runs, so the new version's must too. A model whose first
-run after an idle pause is slow (cold caches, a clocked-down CPU: what spaced probes see on
-a real board) must not be rolled back for it, while a model that is really slower must be."""
+"""Probation's latency verdict compares like with like: without enough live traffic, both
+versions run the probes alternately, back to back, at the end of the window, and a regression
+must show three times in a row. A model whose first run after an idle pause is slow (cold
+caches, a clocked-down CPU: what spaced probes see on a real board) or that hits one hiccup
+must not be rolled back for it, while a model that is really slower must be."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from edge_agent.serving import SlotTable
 from tests.unit.test_serving import SPEC_IN, SPEC_OUT, serving
 
 X = np.ones((1, 3), np.float32)
+WINDOW_S = 5.0
 
 
 class Clock:
@@ -38,13 +40,17 @@ class Clock:
 class ColdStartModel(LoadedModel):
     """Takes ``cold_s`` on the first run after an idle pause, ``warm_s`` on the next ones."""
 
-    def __init__(self, clock: Clock, warm_s: float, cold_s: float) -> None:
+    def __init__(self, clock: Clock, warm_s: float, cold_s: float, hiccup_runs: int = 0) -> None:
         self.inputs, self.outputs = SPEC_IN, SPEC_OUT
         self.warm_s, self.cold_s, self.cold = warm_s, cold_s, True
+        #: Runs at the end of the window that are slow anyway (the board was busy).
+        self.clock, self.hiccup_runs = clock, hiccup_runs
         clock.models.append(self)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        time.sleep(self.cold_s if self.cold else self.warm_s)
+        hiccup = self.clock.now >= WINDOW_S and self.hiccup_runs > 0
+        self.hiccup_runs -= int(hiccup)
+        time.sleep(self.cold_s if self.cold or hiccup else self.warm_s)
         self.cold = False
         return {"y": np.asarray(feeds["x"]) * 2}
 
@@ -55,7 +61,7 @@ class ColdStartModel(LoadedModel):
 def _deploy(clock: Clock, new: ColdStartModel) -> Event:
     table = SlotTable()
     table.swap("main", serving(ColdStartModel(clock, warm_s=0.0005, cold_s=0.02), "1.0.0"))
-    policy = ProbationPolicy(window_s=5, probe_interval_s=1, min_latency_samples=10)
+    policy = ProbationPolicy(window_s=WINDOW_S, probe_interval_s=1, min_latency_samples=10)
     deployer = Deployer(
         device=None,  # type: ignore[arg-type]  # none of these is used by what is tested here
         journal=None,  # type: ignore[arg-type]
@@ -80,6 +86,13 @@ def _deploy(clock: Clock, new: ColdStartModel) -> Event:
 def test_a_model_slow_only_after_idle_pauses_passes_probation() -> None:
     clock = Clock()
     assert _deploy(clock, ColdStartModel(clock, warm_s=0.0005, cold_s=0.02)) == Event.SUCCESS
+
+
+def test_one_busy_moment_at_the_verdict_is_not_a_regression() -> None:
+    clock = Clock()
+    hiccup = ColdStartModel(clock, warm_s=0.0005, cold_s=0.02, hiccup_runs=11)
+    assert _deploy(clock, hiccup) == Event.SUCCESS
+    assert hiccup.hiccup_runs == 0  # the first measurement did see it
 
 
 def test_a_really_slower_model_is_still_rolled_back() -> None:
