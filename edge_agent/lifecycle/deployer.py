@@ -79,7 +79,8 @@ class Deployment:
     #: The model the switch replaced, kept loaded through probation to switch back to.
     prior: ServingModel | None = None
     prior_live: StatsSnapshot | None = None
-    prior_probe_p95_ms: float | None = None
+    #: The prior version runs the new bundle's probe inputs, so the two can be compared.
+    prior_runs_probes: bool = False
     probe_inputs: dict[str, np.ndarray] | None = None
     error: EdgefleetError | None = None
 
@@ -438,7 +439,8 @@ class Deployer:
         return Event.SUCCESS
 
     def _measure_prior(self, ctx: Deployment) -> None:
-        """The prior version's latency on the new bundle's probe inputs (like with like)."""
+        """Before the switch: the prior version's live figures, and whether it can run the new
+        bundle's probe inputs (then probation compares the two on them)."""
         prior = self.table.snapshot().get(ctx.slot)
         if prior is None or ctx.probe_inputs is None:
             return
@@ -447,14 +449,11 @@ class Deployer:
         if specs != {(k, v.dtype.name) for k, v in ctx.probe_inputs.items()}:
             return  # another interface: only live traffic can compare them
         try:
-            probes = self._probe_burst(prior, ctx.probe_inputs)
+            prior.model.run(ctx.probe_inputs)
         except EdgefleetError as e:  # e.g. the new probe inputs' shapes do not fit the prior
             log.warning("slot %s: the prior version cannot run the probes: %s", ctx.slot, e.message)
             return
-        if probes.errors:
-            log.warning("slot %s: the prior version failed %d probe(s)", ctx.slot, probes.errors)
-            return
-        ctx.prior_probe_p95_ms = probes.p95()
+        ctx.prior_runs_probes = True
 
     def _latency_verdict(self, ctx: Deployment) -> Breach | None:
         """The new version's latency against the prior's, like with like: on live traffic when
@@ -468,7 +467,7 @@ class Deployer:
         live = staged.stats.snapshot()
         if live_comparable(live, ctx.prior_live, policy):
             return check_latency(live, ctx.prior_live, staged.probe_stats.snapshot(), None, policy)
-        if ctx.prior is None or ctx.prior_probe_p95_ms is None:
+        if ctx.prior is None or not ctx.prior_runs_probes:
             return None  # a first version, or a prior that cannot run these probes
         breach = None
         for _ in range(LATENCY_CONFIRMATIONS):
@@ -493,17 +492,6 @@ class Deployer:
                 with contextlib.suppress(RuntimeBackendError):  # run_counted counted it
                     run_counted(serving, inputs, stats)
         return pair[0].snapshot(), pair[1].snapshot()
-
-    def _probe_burst(self, serving: ServingModel, inputs: dict[str, np.ndarray]) -> StatsSnapshot:
-        """``min_latency_samples`` probes back to back (errors and NaN/inf counted too), after
-        one that is not counted: the first run after a pause pays for cold caches."""
-        burst = ModelStats()
-        with contextlib.suppress(RuntimeBackendError):  # a lasting failure shows in the burst
-            run_counted(serving, inputs, ModelStats())
-        for _ in range(self.policy.min_latency_samples):
-            with contextlib.suppress(RuntimeBackendError):  # run_counted counted it
-                run_counted(serving, inputs, burst)
-        return burst.snapshot()
 
     def _switch(self, ctx: Deployment) -> Event:
         assert ctx.staged is not None
