@@ -168,12 +168,10 @@ class SlotTable:
     def acquire(self, name: str) -> ServingModel:
         """The model serving ``name``, held (not closed by a swap) until its ``_release()``."""
         with self._lock:
-            serving = self._slots.get(name)
-            if serving is None:
-                slot = self._resolve_locked(name)
-                if slot is None:
-                    raise LookupError(name)
-                serving = self._slots[slot]
+            slot = self._resolve_locked(name)
+            if slot is None:
+                raise LookupError(name)
+            serving = self._slots[slot]
             serving._acquire()
         return serving
 

@@ -73,7 +73,6 @@ def ensure_bundle(
             f"`edgefleet builds show {build_id}` says succeeded",
             reason="build_pending",
             build_id=build_id,
-            build_ids=[build_id],
         )
     session.expire_all()
     found = usable_bundle(session, key, signer)

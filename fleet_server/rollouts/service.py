@@ -78,9 +78,9 @@ def create_rollout(
                     wait_s=max(0.0, deadline - time.monotonic()) if final else 0.0,
                 )  # fmt: skip
             except ConflictError as e:
-                if e.reason != "build_pending" or not e.fields.get("build_ids"):
+                if e.reason != "build_pending" or not e.fields.get("build_id"):
                     raise
-                pending.extend(e.fields["build_ids"])
+                pending.append(e.fields["build_id"])
     if pending:
         raise ConflictError(
             f"{len(pending)} build(s) for this rollout still running after {wait_s:.0f} s "
