@@ -99,4 +99,6 @@ def test_a_really_slower_model_is_still_rolled_back() -> None:
     clock = Clock()
     with pytest.raises(ProbationError) as e:
         _deploy(clock, ColdStartModel(clock, warm_s=0.02, cold_s=0.02))
-    assert e.value.reason == "latency_regression" and e.value.fields["ratio"] > 5
+    # 40x nominal; a loaded machine stretches the prior's 0.5 ms sleeps, so only the
+    # policy's own limit (2x plus slack) is certain to be exceeded.
+    assert e.value.reason == "latency_regression" and e.value.fields["ratio"] > 2
