@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import threading
 import zipfile
 from typing import Any
@@ -78,7 +79,7 @@ def encode_json_value(arr: np.ndarray, encoding: str) -> Any:
     return arr.tolist()
 
 
-def decode_npz(body: bytes) -> dict[str, np.ndarray]:
+def decode_npz(body: bytes | bytearray) -> dict[str, np.ndarray]:
     try:
         with NPY_LOCK, np.load(io.BytesIO(body), allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
@@ -109,8 +110,11 @@ def encode_npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_tensor(body: bytes, dtype: str | None, shape: str | None, *, what: str) -> np.ndarray:
-    """A raw tensor body and its two headers → a read-only array over ``body`` (no copy)."""
+def decode_tensor(
+    body: bytes | bytearray, dtype: str | None, shape: str | None, *, what: str
+) -> np.ndarray:
+    """A raw tensor body and its two headers → an array over ``body`` (no copy; read-only
+    when ``body`` is bytes)."""
     if not dtype or shape is None:
         raise RequestError(
             f"{what}: a {TENSOR} body needs the {DTYPE_HEADER} and {SHAPE_HEADER} headers",
@@ -128,7 +132,7 @@ def decode_tensor(body: bytes, dtype: str | None, shape: str | None, *, what: st
         raise RequestError(f"{what}: dtype {dt} is not allowed", reason="input_encoding")
     if any(d < 0 for d in dims):
         raise RequestError(f"{what}: negative dimension in shape {dims}", reason="input_encoding")
-    expected = int(np.prod(dims, dtype=np.int64)) * dt.itemsize
+    expected = math.prod(dims) * dt.itemsize
     if len(body) != expected:
         raise RequestError(
             f"{what}: {len(body)} bytes do not fill shape {dims} of {dt} ({expected} bytes)",
@@ -137,8 +141,20 @@ def decode_tensor(body: bytes, dtype: str | None, shape: str | None, *, what: st
     return np.frombuffer(body, dtype=dt.newbyteorder("<")).reshape(dims)
 
 
-def encode_tensor(arr: np.ndarray) -> tuple[bytes, dict[str, str]]:
-    """An array → its raw little-endian bytes and the dtype/shape headers."""
+_NAMES: dict[np.dtype[Any], str] = {}
+
+
+def _dtype_name(dt: np.dtype[Any]) -> str:
+    """``dt.name``, which numpy computes in Python each time (µs on the hot path)."""
+    name = _NAMES.get(dt)
+    if name is None:
+        name = _NAMES[dt] = dt.name
+    return name
+
+
+def encode_tensor(arr: np.ndarray) -> tuple[memoryview, dict[str, str]]:
+    """An array → its raw little-endian bytes (a view of it when it is already C-ordered and
+    little-endian: no copy) and the dtype/shape headers."""
     le = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
-    headers = {DTYPE_HEADER: arr.dtype.name, SHAPE_HEADER: ",".join(map(str, arr.shape))}
-    return le.tobytes(), headers
+    headers = {DTYPE_HEADER: _dtype_name(arr.dtype), SHAPE_HEADER: ",".join(map(str, arr.shape))}
+    return le.reshape(-1).view(np.uint8).data, headers

@@ -7,6 +7,7 @@ import base64
 import http.client
 import io
 import json
+import socket
 import threading
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
@@ -15,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge_agent import codec
 from edge_agent.bundle import Manifest, ModelRef, RuntimeRequirement, SelfTestSpec, TensorSpec
 from edge_agent.client import AgentClient, AgentError
 from edge_agent.errors import RequestError
 from edge_agent.lifecycle.journal import VersionRef
+from edge_agent.lifecycle.probation import CHECK_BATCH, CHECK_BATCH_BYTES, ModelStats
 from edge_agent.runtimes import LoadedModel, check_feeds
 from edge_agent.serving import InferenceHTTPServer, ServingModel, SlotTable, start_http
 
@@ -341,3 +344,127 @@ def test_onnxruntime_refusals_become_request_errors(
     wide = np.repeat(good.astype(np.float32), 2, axis=1)[:, ::2]
     np.testing.assert_allclose(model.run({"x": wide})["probs"], expected, rtol=1e-6)
     model.close()
+
+
+def test_a_retired_model_takes_no_new_request() -> None:
+    """The lock-free lookup may read a model that a swap retires a moment later: the hold is
+    then refused and the request goes to the model serving now, never to a closed one."""
+    table = SlotTable()
+    old_model = FakeModel(2.0)
+    old = serving(old_model, "1.0.0")
+    table.swap("main", old)
+    assert old._hold()  # a request that read ``old`` just before the swap
+    table.swap("main", serving(FakeModel(3.0), "2.0.0"))
+    assert not old._hold()  # retired: no new request starts on it
+    assert not old_model.closed  # ... but the one in flight still runs
+    old._release()
+    assert old_model.closed
+    held = table.acquire("scaler")  # by model name: the locked path
+    assert held.ref.version == "2.0.0"
+    held._release()
+    table.remove("main")
+    with pytest.raises(LookupError):
+        table.acquire("main")
+
+
+def test_nan_outputs_are_counted_per_response_in_batches() -> None:
+    """NaN/inf are checked a batch of outputs at a time (off most requests' path); the count
+    is still per response, exact whenever the figures are read, and outputs are read-only."""
+    stats = ModelStats()
+    fine = np.ones((2, 3), np.float32)
+    for i in range(CHECK_BATCH * 2 + 5):
+        y = fine.copy()
+        if i in (3, 70, 71):
+            y[0, 1] = np.nan if i != 71 else np.inf
+        stats.record(0.1, outputs={"y": y, "label": np.zeros(2, np.int64)})
+        assert not y.flags.writeable  # a caller cannot change what is still to be checked
+    snap = stats.snapshot()  # reads the 5 not checked yet too
+    assert (snap.requests, snap.nonfinite, snap.errors) == (CHECK_BATCH * 2 + 5, 3, 0)
+    stats.record(0.1, outputs={"y": np.full((1, 3), -np.inf, np.float32)})
+    assert stats.nonfinite == 4
+    big = np.zeros(CHECK_BATCH_BYTES // 4, np.float32)
+    big[-1] = np.nan
+    stats.record(0.1, outputs={"y": big})  # alone over the byte limit: checked at once
+    assert stats._nonfinite == 5 and not stats._unchecked
+
+
+def _raw_exchange(srv: InferenceHTTPServer, request: bytes, *, wait_close: bool = True) -> bytes:
+    """Send ``request`` as it is; everything the server sends until it closes (or pauses)."""
+    with socket.create_connection(
+        ("127.0.0.1", srv.port), timeout=2 if wait_close else 0.5
+    ) as sock:
+        sock.sendall(request)
+        got = b""
+        try:
+            while chunk := sock.recv(65536):
+                got += chunk
+        except TimeoutError:
+            assert not wait_close, f"the server kept the connection open after: {got[:200]!r}"
+        return got
+
+
+def _tensor_request(extra: str = "", *, version: str = "HTTP/1.1", lower: bool = False) -> bytes:
+    body = X.tobytes()
+    head = (
+        f"POST /v1/models/scaler:predict {version}\r\nHost: x\r\n"
+        f"Content-Type: {codec.TENSOR}\r\nAccept: {codec.TENSOR}\r\n"
+        f"X-Edgefleet-Dtype: float32\r\nX-Edgefleet-Shape: 2,3\r\n{extra}"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    if lower:
+        line, _, rest = head.partition("\r\n")
+        head = f"{line}\r\n{rest.lower()}"
+    return head.encode() + body
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (_tensor_request("Connection: close\r\n"), b"200"),
+        (
+            _tensor_request(lower=True) + b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n",
+            b"200",
+        ),
+        (_tensor_request(version="HTTP/1.0"), b"200"),  # 1.0: one request per connection
+        (_tensor_request("Bad Header: 1\r\n"), b"400"),
+        (_tensor_request("no colon here\r\n"), b"400"),
+        (_tensor_request(" folded: 1\r\n"), b"400"),
+        (_tensor_request("Content-Length: 1\r\n"), b"400"),  # two lengths: smuggling
+        (_tensor_request("X-Long: " + "a" * 70000 + "\r\n"), b"431"),
+        (_tensor_request("".join(f"X-H{i}: 1\r\n" for i in range(101))), b"431"),
+        (b"GET /healthz HTTP/1.1 x\r\n\r\n", b"400"),  # an unusual request line: the stdlib's
+        (b"GET /healthz HTTP/2.0\r\n\r\n", b"505"),
+        (
+            b"POST /v1/models/scaler:predict HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n",
+            b"411",
+        ),
+    ],
+)
+def test_request_heads_are_read_strictly(
+    server: InferenceHTTPServer, request_bytes: bytes, status: bytes
+) -> None:
+    """The agent reads request heads itself (faster than the stdlib's email parser), with the
+    same limits, and closes the connection whenever what follows cannot be trusted."""
+    reply = _raw_exchange(server, request_bytes)
+    assert reply.startswith(b"HTTP/1.") and reply.split(b" ")[1] == status, reply[:300]
+    if status == b"200":
+        head, _, rest = reply.partition(b"\r\n\r\n")
+        assert b"x-edgefleet-version: 1.0.0" in head.lower()
+        np.testing.assert_array_equal(np.frombuffer(rest[: X.nbytes], np.float32), X.ravel() * 2)
+
+
+def test_header_names_are_case_insensitive_and_kept_alive(server: InferenceHTTPServer) -> None:
+    reply = _raw_exchange(server, _tensor_request(lower=True) * 2, wait_close=False)
+    assert reply.count(b"HTTP/1.1 200 OK") == 2  # two answers on one connection, still open
+    assert b"Date: " in reply and b"Server: edgefleet-agent/" in reply
+
+
+def test_expect_100_continue(server: InferenceHTTPServer) -> None:
+    request = _tensor_request("Expect: 100-continue\r\n")
+    head, _, body = request.partition(b"\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=2) as sock:
+        sock.sendall(head + b"\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(body)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK")
