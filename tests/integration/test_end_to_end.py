@@ -157,8 +157,11 @@ def test_bad_versions_are_rolled_back_by_the_agent_and_reported(
         assert roll_out(api, "classifier", "1.0.0", [device])["state"] == "completed"
         for version, reason in (("1.1.0", "nonfinite_outputs"), ("1.2.0", "latency_regression")):
             done = roll_out(api, "classifier", version, [device])
-            assert done["state"] == "failed" and done["counts"]["rolled_back"] == 1
             target = done["targets"][0]
+            assert done["state"] == "failed" and done["counts"]["rolled_back"] == 1, (
+                version,
+                target,
+            )
             assert target["state"] == "rolled_back" and target["error"]["reason"] == reason, target
             assert (agent.serving("classifier") or {})["version"] == "1.0.0"
             reported = api.get(f"/v1/devices/{device}")["reported"]
