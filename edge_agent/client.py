@@ -27,6 +27,8 @@ from edge_agent import codec
 from edge_agent.errors import EdgefleetError, RequestError, TransportError
 
 _SENDMSG = hasattr(socket.socket, "sendmsg")
+#: Request heads kept for reuse (one per model, input, dtype and shape sent).
+_MAX_HEADS = 64
 _MAX_HEAD_BYTES = 64 << 10
 
 
@@ -133,7 +135,7 @@ class AgentClient:
         self._host_header = f"Host: {self._host}\r\n"
         self._timeout_s = timeout_s
         self._local = threading.local()
-        self._paths: dict[str, str] = {}
+        self._heads: dict[tuple[str, str, np.dtype[Any], tuple[int, ...]], bytes] = {}
 
     def _connect(self) -> _Connection:
         if self._unix_path is not None:
@@ -149,6 +151,15 @@ class AgentClient:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return _Connection(sock)
 
+    def _predict_path(self, model: str) -> str:
+        return f"/v1/models/{quote(model, safe='')}:predict"
+
+    def _head(self, method: str, path: str, headers: str, length: int) -> bytes:
+        return (
+            f"{method} {path} HTTP/1.1\r\n{self._host_header}{headers}"
+            f"Content-Length: {length}\r\n\r\n"
+        ).encode("latin-1")
+
     def _request(
         self,
         method: str,
@@ -156,10 +167,9 @@ class AgentClient:
         body: bytes | memoryview = b"",
         headers: str = "",
     ) -> _Reply:
-        head = (
-            f"{method} {path} HTTP/1.1\r\n{self._host_header}{headers}"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode("latin-1")
+        return self._exchange(self._head(method, path, headers, len(body)), body)
+
+    def _exchange(self, head: bytes, body: bytes | memoryview) -> _Reply:
         for attempt in (1, 2):
             conn: _Connection | None = getattr(self._local, "conn", None)
             reused = conn is not None and not conn.closed
@@ -194,23 +204,30 @@ class AgentClient:
     def predict(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # One tensor travels raw (its bytes, dtype and shape in two headers: nothing to parse),
         # several as .npz (a zip, ~100 µs each way).
-        headers = f"Accept: {codec.TENSOR}, {codec.NPZ}\r\n"
-        body: bytes | memoryview
         if len(inputs) == 1:
             [(name, array)] = inputs.items()
-            body, tensor_headers = codec.encode_tensor(np.asarray(array))
-            headers += (
-                f"Content-Type: {codec.TENSOR}\r\nX-Edgefleet-Input: {name}\r\n"
-                f"{codec.DTYPE_HEADER}: {tensor_headers[codec.DTYPE_HEADER]}\r\n"
-                f"{codec.SHAPE_HEADER}: {tensor_headers[codec.SHAPE_HEADER]}\r\n"
-            )
+            array = np.asarray(array)
+            body = codec.tensor_bytes(array)
+            # Apps send the same shapes over and over: the request head is made once for each.
+            key = (model, name, array.dtype, array.shape)
+            head = self._heads.get(key)
+            if head is None:
+                if len(self._heads) >= _MAX_HEADS:
+                    self._heads.clear()
+                head = self._heads[key] = self._head(
+                    "POST",
+                    self._predict_path(model),
+                    f"Accept: {codec.TENSOR}, {codec.NPZ}\r\n"
+                    f"Content-Type: {codec.TENSOR}\r\nX-Edgefleet-Input: {name}\r\n"
+                    f"{codec.DTYPE_HEADER}: {codec.dtype_name(array.dtype)}\r\n"
+                    f"{codec.SHAPE_HEADER}: {','.join(map(str, array.shape))}\r\n",
+                    len(body),
+                )
+            reply = self._exchange(head, body)
         else:
-            body = codec.encode_npz(inputs)
-            headers += f"Content-Type: {codec.NPZ}\r\n"
-        path = self._paths.get(model)
-        if path is None:
-            path = self._paths[model] = f"/v1/models/{quote(model, safe='')}:predict"
-        reply = self._request("POST", path, body, headers)
+            npz = codec.encode_npz(inputs)
+            headers = f"Accept: {codec.TENSOR}, {codec.NPZ}\r\nContent-Type: {codec.NPZ}\r\n"
+            reply = self._request("POST", self._predict_path(model), npz, headers)
         if reply.status != 200:
             self._raise_for(reply.status, reply.body)
         h = reply.headers

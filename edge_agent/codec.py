@@ -110,6 +110,11 @@ def encode_npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+#: X-Edgefleet-Dtype values seen → their little-endian dtype (only valid, allowed ones: a
+#: small set, as numpy knows only so many names).
+_WIRE_DTYPES: dict[str, np.dtype[Any]] = {}
+
+
 def decode_tensor(
     body: bytes | bytearray, dtype: str | None, shape: str | None, *, what: str
 ) -> np.ndarray:
@@ -120,8 +125,10 @@ def decode_tensor(
             f"{what}: a {TENSOR} body needs the {DTYPE_HEADER} and {SHAPE_HEADER} headers",
             reason="input_encoding",
         )
+    dt = _WIRE_DTYPES.get(dtype)
     try:
-        dt = np.dtype(dtype)
+        if dt is None:
+            dt = np.dtype(dtype)
         dims = [int(d) for d in shape.split(",")] if shape.strip() else []
     except (TypeError, ValueError) as e:
         raise RequestError(
@@ -130,6 +137,7 @@ def decode_tensor(
         ) from e
     if dt.kind not in "biuf":
         raise RequestError(f"{what}: dtype {dt} is not allowed", reason="input_encoding")
+    dt = _WIRE_DTYPES[dtype] = dt.newbyteorder("<")  # the bytes are little-endian
     if any(d < 0 for d in dims):
         raise RequestError(f"{what}: negative dimension in shape {dims}", reason="input_encoding")
     expected = math.prod(dims) * dt.itemsize
@@ -138,13 +146,13 @@ def decode_tensor(
             f"{what}: {len(body)} bytes do not fill shape {dims} of {dt} ({expected} bytes)",
             reason="input_encoding",
         )
-    return np.frombuffer(body, dtype=dt.newbyteorder("<")).reshape(dims)
+    return np.frombuffer(body, dtype=dt).reshape(dims)
 
 
 _NAMES: dict[np.dtype[Any], str] = {}
 
 
-def _dtype_name(dt: np.dtype[Any]) -> str:
+def dtype_name(dt: np.dtype[Any]) -> str:
     """``dt.name``, which numpy computes in Python each time (µs on the hot path)."""
     name = _NAMES.get(dt)
     if name is None:
@@ -152,9 +160,13 @@ def _dtype_name(dt: np.dtype[Any]) -> str:
     return name
 
 
-def encode_tensor(arr: np.ndarray) -> tuple[memoryview, dict[str, str]]:
-    """An array → its raw little-endian bytes (a view of it when it is already C-ordered and
-    little-endian: no copy) and the dtype/shape headers."""
+def tensor_bytes(arr: np.ndarray) -> memoryview:
+    """An array's raw little-endian C-order bytes: a view of it when it already is (no copy)."""
     le = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
-    headers = {DTYPE_HEADER: _dtype_name(arr.dtype), SHAPE_HEADER: ",".join(map(str, arr.shape))}
-    return le.reshape(-1).view(np.uint8).data, headers
+    return le.reshape(-1).view(np.uint8).data
+
+
+def encode_tensor(arr: np.ndarray) -> tuple[memoryview, dict[str, str]]:
+    """An array → its raw little-endian bytes and the dtype/shape headers."""
+    headers = {DTYPE_HEADER: dtype_name(arr.dtype), SHAPE_HEADER: ",".join(map(str, arr.shape))}
+    return tensor_bytes(arr), headers

@@ -154,3 +154,14 @@ def test_replies_the_client_cannot_read_are_named(reply: bytes, message: str) ->
         client.models()
     assert server.connections == 1  # a broken reply is not a stale connection: no retry
     server.close()
+
+
+def test_request_heads_are_reused_only_for_the_same_shape_and_dtype(
+    agent: InferenceHTTPServer,
+) -> None:
+    client = AgentClient(f"http://127.0.0.1:{agent.port}")
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    for arr in (x, np.tile(x, (3, 1)), x.astype(np.float64), x.astype(">f4"), x[:, ::-1], x):
+        np.testing.assert_array_equal(client.predict("main", {"x": arr})["y"], arr * 2)
+    assert len(client._heads) == 4  # (2,3) f4, (6,3) f4, (2,3) f8, (2,3) >f4
+    client.close()
