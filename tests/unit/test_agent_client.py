@@ -165,3 +165,9 @@ def test_request_heads_are_reused_only_for_the_same_shape_and_dtype(
         np.testing.assert_array_equal(client.predict("main", {"x": arr})["y"], arr * 2)
     assert len(client._heads) == 4  # (2,3) f4, (6,3) f4, (2,3) f8, (2,3) >f4
     client.close()
+
+
+def test_an_input_name_cannot_smuggle_headers(agent: InferenceHTTPServer) -> None:
+    client = AgentClient(f"http://127.0.0.1:{agent.port}")
+    with pytest.raises(ValueError, match="cannot go in a header"):
+        client.predict("main", {"x\r\nX-Evil: 1": np.ones((1, 3), np.float32)})
