@@ -127,7 +127,7 @@ def main() -> None:
         one(json.loads(args.one))
         return
     from converters.toolchains import locate
-    from edge_agent.errors import ConversionError
+    from edge_agent.contracts.errors import ConversionError
 
     try:
         locate("tflite")

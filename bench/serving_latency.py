@@ -41,10 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from converters.onnx.samples import mlp_classifier
 from edge_agent.bundle import open_bundle
-from edge_agent.client import AgentClient
-from edge_agent.lifecycle.journal import VersionRef
+from edge_agent.protocol.status import VersionRef
 from edge_agent.runtimes import LoadOptions, get_runtime
 from edge_agent.serving import ServingModel, SlotTable, predict
+from edge_agent.serving.client import AgentClient
 from fleet_server.artifacts import ArtifactStore
 from fleet_server.cli.api_client import ApiClient
 from fleet_server.server import EmbeddedStack
@@ -123,7 +123,7 @@ class RawHttp:
     def __init__(self, port: int, x: np.ndarray) -> None:
         import socket
 
-        from edge_agent import codec
+        from edge_agent.serving import codec
 
         body, headers = codec.encode_tensor(x)
         head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())

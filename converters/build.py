@@ -31,7 +31,7 @@ from edge_agent import __version__ as edgefleet_version
 from edge_agent.bundle import BundleWriter, Manifest, ModelRef, RuntimeRequirement, SelfTestSpec
 from edge_agent.bundle.manifest import TensorSpec
 from edge_agent.bundle.selftest import pack
-from edge_agent.errors import ConversionError, EdgefleetError
+from edge_agent.contracts.errors import ConversionError, EdgefleetError
 from edge_agent.runtimes import LoadOptions, get_runtime
 from edge_agent.trust import Signature
 from firmware_profiles import Profile

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent.bundle.manifest import TensorSpec
-from edge_agent.errors import ConversionError
+from edge_agent.contracts.errors import ConversionError
 
 #: Calibration uses at most this many samples (32-64 are enough for min/max calibration;
 #: more only makes the build slower).

@@ -24,7 +24,7 @@ from typing import Any
 
 from converters.build import BuildOptions, compile_model
 from edge_agent.bundle.manifest import TensorSpec
-from edge_agent.errors import ConversionError
+from edge_agent.contracts.errors import ConversionError
 from firmware_profiles import Profile
 
 

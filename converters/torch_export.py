@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.errors import ConversionError
+from edge_agent.contracts.errors import ConversionError
 
 
 def export(

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from converters.data import Dataset
-from edge_agent.errors import ConversionError, EdgefleetError
+from edge_agent.contracts.errors import ConversionError, EdgefleetError
 from edge_agent.runtimes import LoadedModel
 
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from edge_agent import __version__
 from edge_agent.config import AgentConfig
-from edge_agent.errors import ConfigError, EdgefleetError
+from edge_agent.contracts.errors import ConfigError, EdgefleetError
 from edge_agent.lifecycle.deployer import Deployer, DeviceContext
 from edge_agent.lifecycle.journal import Journal
-from edge_agent.link import AgentLink
+from edge_agent.link.mqtt import AgentLink
 from edge_agent.protocol.desired import SignedDesiredState
-from edge_agent.protocol.status import ActiveModel, ReportedStatus, SlotStatus, Transition
+from edge_agent.protocol.status import ReportedStatus, SlotStatus, Transition
 from edge_agent.runtimes import LoadOptions, available_runtimes
 from edge_agent.serving import (
     InferenceHTTPServer,
@@ -29,7 +29,7 @@ from edge_agent.serving import (
     start_http,
     start_unix,
 )
-from edge_agent.store import ModelStore
+from edge_agent.store.models import ModelStore
 from edge_agent.trust import TrustStore
 from firmware_profiles import default_catalog
 
@@ -191,7 +191,7 @@ class Agent:
             active = serving.get(name)
             slots[name] = SlotStatus(
                 state=rec.state,
-                active=ActiveModel(**active.ref.model_dump()) if active else None,
+                active=active.ref if active else None,
                 target_sha256=rec.target.bundle_sha256 if rec.target else None,
                 error={k: v for k, v in rec.error.items() if k != "retry"} if rec.error else None,
                 shadow=self.table.shadow_report(name) if rec.shadow_of else None,

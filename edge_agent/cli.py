@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.config import AgentConfig, render_config
-from edge_agent.durable import write_atomic
-from edge_agent.errors import ConfigError, EdgefleetError
+from edge_agent.contracts.durable import write_atomic
+from edge_agent.contracts.errors import ConfigError, EdgefleetError
 from edge_agent.logs import configure as configure_logging
 from edge_agent.runtimes import available_runtimes
+from firmware_profiles import ProfileError
 
 
 def _enroll(args: argparse.Namespace) -> int:
@@ -138,8 +139,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from edge_agent.client import AgentClient
     from edge_agent.lifecycle.journal import Journal
+    from edge_agent.serving.client import AgentClient
 
     config = AgentConfig.load(Path(args.config))
     journal = Journal(config.state_dir / "journal.json", owner=False)
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_format)
     try:
         return int(args.func(args))
-    except ConfigError as e:
+    except (ConfigError, ProfileError) as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 2
     except EdgefleetError as e:

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from edge_agent.errors import ConfigError
+from edge_agent.contracts.errors import ConfigError
 from edge_agent.lifecycle.probation import ProbationPolicy
 from edge_agent.protocol.topics import DEVICE_ID_PATTERN
 

@@ -10,6 +10,7 @@ the field (``raspberry-pi-4.toml: resources.threads: Input should be greater tha
 """
 
 from firmware_profiles.catalog import ProfileCatalog, default_catalog, load_profile
+from firmware_profiles.errors import ProfileError
 from firmware_profiles.schema import (
     Accelerator,
     Firmware,
@@ -30,6 +31,7 @@ __all__ = [
     "Precision",
     "Profile",
     "ProfileCatalog",
+    "ProfileError",
     "Resources",
     "RuntimeName",
     "RuntimeSpec",

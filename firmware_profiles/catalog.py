@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from edge_agent.errors import ConfigError
+from firmware_profiles.errors import ProfileError
 from firmware_profiles.schema import Profile
 
 BUILTIN_DIR = Path(__file__).parent / "profiles"
@@ -25,22 +25,22 @@ def load_profile(path: Path) -> Profile:
         with path.open("rb") as f:
             data = tomllib.load(f)
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read profile: {e.strerror}", file=str(path)) from e
+        raise ProfileError(f"{path}: cannot read profile: {e.strerror}", file=str(path)) from e
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path.name}: not valid TOML: {e}", file=str(path)) from e
+        raise ProfileError(f"{path.name}: not valid TOML: {e}", file=str(path)) from e
     try:
         profile = Profile.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
         field = _field(first["loc"])
-        raise ConfigError(
+        raise ProfileError(
             f"{path.name}: {field}: {first['msg']}"
             + (f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""),
             file=str(path),
             field=field,
         ) from e
     if profile.name != path.stem:
-        raise ConfigError(
+        raise ProfileError(
             f"{path.name}: name: {profile.name!r} must match the file name {path.stem!r}",
             file=str(path),
             field="name",
@@ -58,14 +58,14 @@ class ProfileCatalog:
     def load(cls, directory: Path = BUILTIN_DIR) -> ProfileCatalog:
         files = sorted(directory.glob("*.toml"))
         if not files:
-            raise ConfigError(f"{directory}: no profile files (*.toml)", file=str(directory))
+            raise ProfileError(f"{directory}: no profile files (*.toml)", file=str(directory))
         return cls({p.stem: load_profile(p) for p in files})
 
     def get(self, name: str) -> Profile:
         try:
             return self._profiles[name]
         except KeyError:
-            raise ConfigError(
+            raise ProfileError(
                 f"unknown device profile {name!r}; known profiles: {', '.join(self._profiles)}",
                 reason="unknown_profile",
                 profile=name,

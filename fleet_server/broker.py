@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from edge_agent.errors import ConfigError
+from edge_agent.contracts.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edge_agent.errors import BundleError, ConfigError, ConversionError, EdgefleetError
+from edge_agent.contracts.errors import BundleError, ConfigError, ConversionError, EdgefleetError
+from firmware_profiles import ProfileError
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,10 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         detail = {k: v for k, v in exc.fields.items()} or None
         return JSONResponse(error_body(exc.reason, exc.message, detail), status, headers=headers)
+
+    @app.exception_handler(ProfileError)
+    async def _profile(request: Request, exc: ProfileError) -> JSONResponse:
+        return JSONResponse(error_body(exc.reason, exc.message, exc.fields or None), 422)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

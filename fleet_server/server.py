@@ -12,7 +12,7 @@ from pathlib import Path
 
 import uvicorn
 
-from edge_agent.errors import ConfigError
+from edge_agent.contracts.errors import ConfigError
 from fleet_server.app import create_app
 from fleet_server.broker import EmbeddedBroker, free_port
 from fleet_server.settings import Settings

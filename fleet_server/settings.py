@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from edge_agent.errors import ConfigError
+from edge_agent.contracts.errors import ConfigError
 
 
 class Settings(BaseSettings):

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from edge_agent.client import AgentClient
+from edge_agent.serving.client import AgentClient
 from fleet_server.broker import free_port
 
 T = TypeVar("T")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.bundle.manifest import TensorSpec
-from edge_agent.errors import ConversionError
+from edge_agent.contracts.errors import ConversionError
 
 
 @dataclass(frozen=True)

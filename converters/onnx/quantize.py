@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 
 from converters.data import MAX_CALIBRATION_SAMPLES, Dataset
-from edge_agent.errors import ConversionError
+from edge_agent.contracts.errors import ConversionError
 
 
 def optimize_fp32(source: Path, out: Path) -> Path:

@@ -19,7 +19,7 @@ from pathlib import Path
 from converters.data import Dataset
 from converters.onnx.quantize import optimize_fp32, quantize_int8
 from edge_agent.bundle.manifest import TensorSpec
-from edge_agent.errors import ConversionError
+from edge_agent.contracts.errors import ConversionError
 from edge_agent.runtimes.tensorrt import RECIPE_NAME, Recipe
 from firmware_profiles import Profile
 

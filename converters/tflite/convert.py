@@ -25,7 +25,7 @@ import numpy as np
 from converters.data import MAX_CALIBRATION_SAMPLES, Dataset
 from converters.toolchains import Toolchain
 from edge_agent.bundle.manifest import TensorSpec
-from edge_agent.errors import ConversionError
+from edge_agent.contracts.errors import ConversionError
 
 #: The file onnx2tf otherwise downloads (it only needs to exist and be loadable).
 _SAMPLE_NAME = "calibration_image_sample_data_20x128x128x3_float32.npy"

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.errors import ConversionError
+from edge_agent.contracts.errors import ConversionError
 
 
 @dataclass(frozen=True)

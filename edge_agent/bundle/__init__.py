@@ -17,7 +17,7 @@ from edge_agent.bundle.manifest import (
     TensorSpec,
 )
 from edge_agent.bundle.verify import VerifiedBundle, check_compatible, verify_bundle
-from edge_agent.canonical import canonical_json
+from edge_agent.contracts.canonical import canonical_json
 
 __all__ = [
     "FORMAT_VERSION",

@@ -23,7 +23,7 @@ from typing import IO, Any
 from pydantic import ValidationError
 
 from edge_agent.bundle.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest
-from edge_agent.errors import BundleError
+from edge_agent.contracts.errors import BundleError
 from edge_agent.trust.signing import Signature
 
 _CHUNK = 1 << 20

@@ -1,4 +1,5 @@
-"""The ``selftest.npz`` format and the check the agent runs before switching to a model.
+"""The ``selftest.npz`` format: the vectors the agent checks a model against before switching
+to it (the check itself is :func:`edge_agent.lifecycle.staging.run_selftest`).
 
 Arrays are stored as ``input:<name>`` and ``output:<name>``; the outputs are what the compiled
 artifact produced at build time, in the runtime the device uses.
@@ -13,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.codec import NPY_LOCK
-from edge_agent.errors import BundleError, RuntimeBackendError
-from edge_agent.runtimes.base import LoadedModel
+from edge_agent.contracts.errors import BundleError
+from edge_agent.contracts.npy import NPY_LOCK
 
 INPUT_PREFIX = "input:"
 OUTPUT_PREFIX = "output:"
@@ -43,47 +43,3 @@ def unpack(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     if not inputs or not outputs:
         raise BundleError("self-test vectors hold no inputs or outputs", reason="selftest_invalid")
     return inputs, outputs
-
-
-def run_selftest(model: LoadedModel, path: Path, *, atol: float, rtol: float) -> float:
-    """Run the vectors through ``model``; return the largest absolute error seen.
-
-    Raises :class:`RuntimeBackendError` (reason ``selftest_failed``) naming the output that
-    disagreed and by how much, or when an output is NaN/inf where the reference was not.
-    """
-    inputs, expected = unpack(path)
-    got = model.run(inputs)
-    worst = 0.0
-    for name, want in expected.items():
-        if name not in got:
-            raise RuntimeBackendError(
-                f"self-test: the model produced no output {name!r}", reason="selftest_failed"
-            )
-        have = np.asarray(got[name])
-        if have.shape != want.shape:
-            raise RuntimeBackendError(
-                f"self-test: output {name!r} has shape {list(have.shape)}, expected "
-                f"{list(want.shape)}",
-                reason="selftest_failed",
-            )
-        if want.dtype.kind in "fc":
-            if not np.array_equal(np.isfinite(have), np.isfinite(want)):
-                raise RuntimeBackendError(
-                    f"self-test: output {name!r} has NaN/inf values the reference does not have",
-                    reason="selftest_failed",
-                )
-            finite = np.isfinite(want)
-            diff = np.abs(have[finite].astype(np.float64) - want[finite].astype(np.float64))
-            err = float(diff.max()) if diff.size else 0.0
-            ok = np.allclose(have[finite], want[finite], atol=atol, rtol=rtol)
-        else:
-            err = float(np.abs(have.astype(np.int64) - want.astype(np.int64)).max(initial=0))
-            ok = bool(np.array_equal(have, want))
-        worst = max(worst, err)
-        if not ok:
-            raise RuntimeBackendError(
-                f"self-test: output {name!r} differs from the build-time reference by up to "
-                f"{err:.3g} (atol {atol}, rtol {rtol})",
-                reason="selftest_failed",
-            )
-    return worst

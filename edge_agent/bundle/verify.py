@@ -16,7 +16,7 @@ from packaging.version import InvalidVersion, Version
 
 from edge_agent.bundle.archive import open_bundle, sha256_file
 from edge_agent.bundle.manifest import Manifest
-from edge_agent.errors import BundleError
+from edge_agent.contracts.errors import BundleError
 from edge_agent.trust.keyring import TrustStore
 
 

@@ -24,35 +24,36 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from edge_agent import failpoints
 from edge_agent.bundle import VerifiedBundle
-from edge_agent.bundle.selftest import run_selftest, unpack
-from edge_agent.canonical import canonical_json
-from edge_agent.download import check_free_space, download_bundle
-from edge_agent.errors import DesiredStateError, EdgefleetError, RuntimeBackendError, TransportError
-from edge_agent.lifecycle.journal import Journal, SlotRecord, VersionRef
+from edge_agent.bundle.selftest import unpack
+from edge_agent.contracts import failpoints
+from edge_agent.contracts.canonical import canonical_json
+from edge_agent.contracts.errors import (
+    DesiredStateError,
+    EdgefleetError,
+    RuntimeBackendError,
+    TransportError,
+)
+from edge_agent.lifecycle.journal import Journal, SlotRecord
 from edge_agent.lifecycle.probation import (
     Breach,
-    ModelStats,
     ProbationPolicy,
-    StatsSnapshot,
     check_health,
     check_latency,
     live_comparable,
 )
+from edge_agent.lifecycle.staging import stage
 from edge_agent.lifecycle.states import IN_FLIGHT, TERMINAL, Event, State, next_state
 from edge_agent.protocol.desired import DesiredState, SignedDesiredState, SlotAssignment
-from edge_agent.protocol.status import Transition
-from edge_agent.runtimes import LoadOptions, get_runtime
-from edge_agent.serving import ServingModel, SlotTable, run_counted
-from edge_agent.store import ModelStore
+from edge_agent.protocol.status import Transition, VersionRef
+from edge_agent.runtimes import LoadOptions
+from edge_agent.serving import ModelStats, ServingModel, SlotTable, StatsSnapshot, run_counted
+from edge_agent.store.download import check_free_space, download_bundle
+from edge_agent.store.models import ModelStore
 from edge_agent.trust import TrustStore
 
 log = logging.getLogger(__name__)
 
-#: Self-test inputs are run this many extra times before the switch so the first real request
-#: does not pay for lazy initialisation (allocator warm-up, kernel selection).
-WARMUP_RUNS = 3
 #: A latency regression measured on probes must show this many times in a row.
 LATENCY_CONFIRMATIONS = 3
 
@@ -535,15 +536,4 @@ class Deployer:
         return Event.SUCCESS
 
     def _load(self, verified: VerifiedBundle, ref: VersionRef) -> ServingModel:
-        """Load in the runtime, pass the self-test, warm up. The model is not serving yet."""
-        m = verified.manifest
-        model = get_runtime(m.runtime.name).load(verified.artifact_path, self.device.load_options)
-        try:
-            selftest = verified.directory / m.selftest.file
-            run_selftest(model, selftest, atol=m.selftest.atol, rtol=m.selftest.rtol)
-            for _ in range(WARMUP_RUNS):
-                run_selftest(model, selftest, atol=m.selftest.atol, rtol=m.selftest.rtol)
-        except BaseException:
-            model.close()
-            raise
-        return ServingModel(ref, m, model)
+        return stage(verified, ref, self.device.load_options)

@@ -10,22 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from edge_agent.durable import write_atomic
-from edge_agent.errors import ConfigError
+from edge_agent.contracts.durable import write_atomic
+from edge_agent.contracts.errors import ConfigError
 from edge_agent.lifecycle.states import State
 from edge_agent.protocol.desired import SlotAssignment
-
-
-class VersionRef(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    model: str
-    version: str
-    bundle_sha256: str
-    runtime: str
-    precision: str
+from edge_agent.protocol.status import VersionRef
 
 
 class SlotRecord(BaseModel):

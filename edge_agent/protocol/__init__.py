@@ -6,7 +6,7 @@ understands. Payloads are UTF-8 JSON.
 
 from edge_agent.protocol.desired import DesiredState, SignedDesiredState, SlotAssignment
 from edge_agent.protocol.presence import OFFLINE, ONLINE
-from edge_agent.protocol.status import ActiveModel, ReportedStatus, SlotStatus, Transition
+from edge_agent.protocol.status import ReportedStatus, SlotStatus, Transition, VersionRef
 from edge_agent.protocol.topics import DEVICE_ID_PATTERN, PREFIX, Topics, parse_device_topic
 
 __all__ = [
@@ -14,7 +14,6 @@ __all__ = [
     "OFFLINE",
     "ONLINE",
     "PREFIX",
-    "ActiveModel",
     "DesiredState",
     "ReportedStatus",
     "SignedDesiredState",
@@ -22,5 +21,6 @@ __all__ = [
     "SlotStatus",
     "Topics",
     "Transition",
+    "VersionRef",
     "parse_device_topic",
 ]

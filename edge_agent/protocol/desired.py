@@ -18,8 +18,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from edge_agent.canonical import canonical_json
-from edge_agent.errors import DesiredStateError
+from edge_agent.contracts.canonical import canonical_json
+from edge_agent.contracts.errors import DesiredStateError
 from edge_agent.protocol.topics import DEVICE_ID_PATTERN
 from edge_agent.trust.keyring import SignedKeyring
 from edge_agent.trust.signing import Signature

@@ -17,7 +17,11 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ActiveModel(_Message):
+class VersionRef(_Message):
+    """One built version of a model, as a slot serves it (journal, status, serving table)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     model: str
     version: str
     bundle_sha256: str
@@ -38,7 +42,7 @@ class Transition(_Message):
 
 class SlotStatus(_Message):
     state: str
-    active: ActiveModel | None = None
+    active: VersionRef | None = None
     #: The bundle the slot is moving to, while a deployment is under way or after it failed.
     target_sha256: str | None = None
     error: dict[str, str] | None = None

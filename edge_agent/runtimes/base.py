@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.bundle.manifest import TensorSpec
-from edge_agent.errors import RequestError
+from edge_agent.contracts.errors import RequestError
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.bundle.manifest import TensorSpec
-from edge_agent.errors import RuntimeBackendError
+from edge_agent.contracts.errors import RuntimeBackendError
 from edge_agent.runtimes.base import LoadedModel, LoadOptions, Runtime, check_feeds
 
 # ONNX tensor type strings → numpy dtype names.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edge_agent.errors import RuntimeBackendError
+from edge_agent.contracts.errors import RuntimeBackendError
 from edge_agent.runtimes.base import Runtime
 from edge_agent.runtimes.litert import LiteRt
 from edge_agent.runtimes.onnxruntime import OnnxRuntime

@@ -14,9 +14,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edge_agent.canonical import canonical_json
-from edge_agent.durable import write_atomic
-from edge_agent.errors import BundleError
+from edge_agent.contracts.canonical import canonical_json
+from edge_agent.contracts.durable import write_atomic
+from edge_agent.contracts.errors import BundleError
 from edge_agent.trust.signing import Signature, key_id, public_key_from_b64, verify_signature
 
 

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pydantic import BaseModel, ConfigDict
 
-from edge_agent.errors import BundleError
+from edge_agent.contracts.errors import BundleError
 
 
 class Signature(BaseModel):

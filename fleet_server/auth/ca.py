@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edge_agent.durable import write_atomic
+from edge_agent.contracts.durable import write_atomic
 from fleet_server.errors import InvalidInputError
 
 SERVER_IDENTITY = "edgefleet-server"

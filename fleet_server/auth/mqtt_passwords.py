@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sqlmodel import Session, col, select
 
-from edge_agent.durable import write_atomic
+from edge_agent.contracts.durable import write_atomic
 
 ITERATIONS = 101
 

@@ -11,7 +11,7 @@ from typing import Literal
 
 from sqlmodel import Session, select
 
-from edge_agent.durable import write_atomic
+from edge_agent.contracts.durable import write_atomic
 from fleet_server.auth.tables import ApiToken
 from fleet_server.errors import AuthenticationError, PermissionDeniedError
 

@@ -27,9 +27,9 @@ from sqlmodel import Session, col, select
 
 from converters.build import Prepared, write_bundle
 from edge_agent import __version__ as edgefleet_version
-from edge_agent.canonical import canonical_json
-from edge_agent.errors import ConversionError
-from firmware_profiles import Profile, ProfileCatalog
+from edge_agent.contracts.canonical import canonical_json
+from edge_agent.contracts.errors import ConversionError
+from firmware_profiles import Profile, ProfileCatalog, ProfileError
 from fleet_server.artifacts import ArtifactStore
 from fleet_server.audit.service import record
 from fleet_server.builds.tables import Build, BuildCreate, BuildLog, BuildPublic
@@ -172,7 +172,7 @@ def create_build(
     model, version = get_version(session, body.model, body.version)
     try:
         profile = catalog.get(body.profile)
-    except Exception as e:
+    except ProfileError as e:
         raise InvalidInputError(
             f"unknown profile {body.profile!r}; see GET /v1/profiles", field="profile"
         ) from e

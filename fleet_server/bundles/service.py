@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from sqlmodel import Session, select
 
-from edge_agent.errors import ConversionError
+from edge_agent.contracts.errors import ConversionError
 from firmware_profiles import Profile
 from fleet_server.bundles.tables import Bundle, BundlePublic
 from fleet_server.database import aware

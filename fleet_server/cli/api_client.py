@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from edge_agent.errors import EdgefleetError, TransportError
+from edge_agent.contracts.errors import EdgefleetError, TransportError
 
 
 class ApiError(EdgefleetError):

@@ -14,7 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edge_agent.errors import ConfigError, EdgefleetError
+from edge_agent.contracts.errors import ConfigError, EdgefleetError
+from firmware_profiles import ProfileError
 from fleet_server.cli.api_client import ApiClient, ApiError, default_token
 from fleet_server.settings import Settings
 
@@ -759,7 +760,7 @@ def run() -> None:
         sys.exit(e.exit_code)
     except typer.Abort:
         sys.exit(1)
-    except ConfigError as e:
+    except (ConfigError, ProfileError) as e:
         err_console.print(f"error: {e.message}")
         sys.exit(2)
     except EdgefleetError as e:

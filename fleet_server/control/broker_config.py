@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from edge_agent.durable import write_atomic
+from edge_agent.contracts.durable import write_atomic
 from edge_agent.protocol.topics import PREFIX
 from fleet_server.auth.ca import SERVER_IDENTITY, FleetCA
 from fleet_server.auth.mqtt_passwords import mosquitto_hash, static_entries_path

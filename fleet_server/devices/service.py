@@ -7,9 +7,8 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from edge_agent.errors import ConfigError
 from edge_agent.protocol.status import ReportedStatus
-from firmware_profiles import ProfileCatalog
+from firmware_profiles import ProfileCatalog, ProfileError
 from fleet_server.audit.service import record
 from fleet_server.auth.ca import FleetCA
 from fleet_server.auth.mqtt_passwords import mosquitto_hash
@@ -36,7 +35,7 @@ from fleet_server.errors import AuthenticationError, ConflictError, InvalidInput
 def _check_profile(catalog: ProfileCatalog, name: str) -> None:
     try:
         catalog.get(name)
-    except ConfigError as e:
+    except ProfileError as e:
         raise InvalidInputError(e.message, field="profile") from e
 
 

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from edge_agent.errors import ConfigError
+from edge_agent.contracts.errors import ConfigError
 from edge_agent.trust import KeyEntry, Keyring
 from fleet_server.keys.tables import OnlineKeyPublic
 

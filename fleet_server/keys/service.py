@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives.serialization import (
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from edge_agent.durable import write_atomic
-from edge_agent.errors import BundleError
+from edge_agent.contracts.durable import write_atomic
+from edge_agent.contracts.errors import BundleError
 from edge_agent.trust import KeyEntry, Keyring, Signature, SignedKeyring, key_id, verify_keyring
 from edge_agent.trust.signing import public_key_from_b64, public_key_to_b64
 from fleet_server.audit.service import record as audit

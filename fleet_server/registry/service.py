@@ -17,7 +17,7 @@ from sqlmodel import Session, col, select
 
 from converters.data import load_dataset
 from converters.onnx import inspect_onnx
-from edge_agent.errors import ConversionError
+from edge_agent.contracts.errors import ConversionError
 from fleet_server.artifacts import ArtifactStore
 from fleet_server.audit.service import record
 from fleet_server.errors import ConflictError, InvalidInputError, NotFoundError

@@ -16,6 +16,7 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from edge_agent.protocol.desired import SignedDesiredState, SlotAssignment
+from firmware_profiles import ProfileError
 from fleet_server.api.deps import AppState
 from fleet_server.audit.service import record
 from fleet_server.bundles.service import ensure_bundle
@@ -153,7 +154,7 @@ def _cohort_bundle(
     profile_name, runtimes = cohort
     try:
         profile = app.catalog.get(profile_name)
-    except Exception as e:
+    except ProfileError as e:
         raise InvalidInputError(f"device profile {profile_name!r} is no longer known") from e
     return ensure_bundle(
         session,

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 
 from edge_agent.bundle.selftest import pack
-from edge_agent.errors import DesiredStateError
+from edge_agent.contracts.errors import DesiredStateError
 from edge_agent.lifecycle.deployer import Deployer, DeviceContext
 from edge_agent.lifecycle.journal import Journal
 from edge_agent.lifecycle.probation import ProbationPolicy
@@ -59,7 +59,7 @@ class Device:
     def __init__(
         self, state_dir: Path, fleet: TestFleet, policy: ProbationPolicy | None = None
     ) -> None:
-        from edge_agent.store import ModelStore
+        from edge_agent.store.models import ModelStore
 
         self.clock = FakeClock()
         self.fleet = fleet

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from converters.onnx.samples import mlp_classifier
-from edge_agent.failpoints import ENV
+from edge_agent.contracts.failpoints import ENV
 from edge_agent.lifecycle.journal import Journal
 from fleet_server.cli.api_client import ApiClient
 from fleet_server.server import EmbeddedStack

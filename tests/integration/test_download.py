@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.download import InsufficientSpaceError, check_free_space, download_bundle
-from edge_agent.errors import TransportError
+from edge_agent.contracts.errors import TransportError
+from edge_agent.store.download import InsufficientSpaceError, check_free_space, download_bundle
 
 BLOB = bytes(range(256)) * 400  # 100 kB
 SHA = hashlib.sha256(BLOB).hexdigest()
@@ -92,7 +92,7 @@ def test_a_server_that_ignores_range_gets_a_fresh_download(origin: Origin, tmp_p
 
 def test_a_part_file_of_other_bytes_never_passes(origin: Origin, tmp_path: Path) -> None:
     (tmp_path / "b.part").write_bytes(b"\0" * 10_000)  # not a prefix of the bundle
-    from edge_agent.errors import BundleError
+    from edge_agent.contracts.errors import BundleError
 
     with pytest.raises(BundleError) as e:
         _get(origin, tmp_path)

@@ -20,7 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.errors import ConfigError
+from edge_agent.contracts.errors import ConfigError
 from fleet_server.broker import EmbeddedBroker, free_port
 from hil.rig import wait_until
 

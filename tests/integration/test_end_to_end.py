@@ -185,7 +185,7 @@ def test_twenty_swaps_under_load_drop_no_request(
     swaps between two versions 20 times. Every request succeeds; both versions answer."""
     import threading
 
-    from edge_agent.client import AgentClient
+    from edge_agent.serving.client import AgentClient
 
     api.upload_model(model_path, "classifier", "1.0.0")
     api.upload_model(model_v2_path, "classifier", "2.0.0")

@@ -12,7 +12,7 @@ import pytest
 
 from converters.onnx.samples import mlp_classifier
 from converters.tflite.samples import mlp_classifier_tflite
-from edge_agent.errors import RuntimeBackendError
+from edge_agent.contracts.errors import RuntimeBackendError
 from edge_agent.runtimes import LoadOptions, available_runtimes, get_runtime
 from tests.factories import TestFleet, make_litert_bundle
 
@@ -82,7 +82,7 @@ def test_a_litert_bundle_goes_through_the_agent_lifecycle(
     from edge_agent.lifecycle.states import State
     from edge_agent.protocol.desired import SlotAssignment
     from edge_agent.serving import SlotTable, predict
-    from edge_agent.store import ModelStore
+    from edge_agent.store.models import ModelStore
     from edge_agent.trust import TrustStore
     from tests.factories import sha256
 

@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 
-from edge_agent.client import AgentClient
-from edge_agent.errors import TransportError
+from edge_agent.contracts.errors import TransportError
 from edge_agent.serving import InferenceHTTPServer, SlotTable, start_http
+from edge_agent.serving.client import AgentClient
 from tests.unit.test_serving import FakeModel, serving
 
 

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_agent.bundle import canonical_json, open_bundle, verify_bundle
 from edge_agent.bundle.manifest import MANIFEST_NAME, SIGNATURE_NAME
-from edge_agent.errors import BundleError
+from edge_agent.contracts.errors import BundleError
 from edge_agent.trust import TrustStore
 from tests.factories import (
     Members,

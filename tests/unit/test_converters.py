@@ -20,7 +20,7 @@ from converters.onnx.samples import mlp_classifier
 from converters.validate import Outputs, Thresholds, compare
 from edge_agent.bundle.manifest import TensorSpec
 from edge_agent.bundle.selftest import unpack
-from edge_agent.errors import ConversionError, RuntimeBackendError
+from edge_agent.contracts.errors import ConversionError, RuntimeBackendError
 from edge_agent.runtimes import LoadOptions, get_runtime
 from edge_agent.runtimes.tensorrt import Recipe, engine_key
 from firmware_profiles import default_catalog

@@ -39,7 +39,7 @@ def test_agent_extra_names_no_server_or_converter_library() -> None:
 
 def test_the_agent_imports_none_of_the_server_stack() -> None:
     code = (
-        "import sys, edge_agent.agent, edge_agent.cli, edge_agent.client;"
+        "import sys, edge_agent.agent, edge_agent.cli, edge_agent.serving.client;"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
         "{'fleet_server','converters','fastapi','sqlmodel','sqlalchemy','onnx','uvicorn','typer','httpx','rich'});"
         "print(','.join(bad))"

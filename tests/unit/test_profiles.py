@@ -2,8 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.errors import ConfigError
-from firmware_profiles import ProfileCatalog, default_catalog, load_profile
+from firmware_profiles import ProfileCatalog, ProfileError, default_catalog, load_profile
 from firmware_profiles.catalog import BUILTIN_DIR
 
 REQUIRED = [
@@ -58,7 +57,7 @@ def test_errors_name_the_file_and_the_field(
     tmp_path: Path, replace: dict[str, str], field: str
 ) -> None:
     path = _write(tmp_path, "x86-64-avx2", _profile_text(**replace))
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ProfileError) as e:
         load_profile(path)
     assert "x86-64-avx2.toml" in e.value.message
     assert e.value.fields["field"] == field
@@ -66,25 +65,25 @@ def test_errors_name_the_file_and_the_field(
 
 
 def test_invalid_toml_and_name_mismatch(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"broken.toml: not valid TOML"):
+    with pytest.raises(ProfileError, match=r"broken.toml: not valid TOML"):
         load_profile(_write(tmp_path, "broken", "name = "))
-    with pytest.raises(ConfigError, match=r"must match the file name 'other'"):
+    with pytest.raises(ProfileError, match=r"must match the file name 'other'"):
         load_profile(_write(tmp_path, "other", _profile_text()))
 
 
 def test_tensorrt_needs_a_cuda_accelerator(tmp_path: Path) -> None:
     text = _profile_text(**{'name = "onnxruntime"': 'name = "tensorrt"'})
-    with pytest.raises(ConfigError, match=r"tensorrt.*cuda"):
+    with pytest.raises(ProfileError, match=r"tensorrt.*cuda"):
         load_profile(_write(tmp_path, "x86-64-avx2", text))
 
 
 def test_unknown_profile_lists_the_known_ones() -> None:
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ProfileError) as e:
         default_catalog().get("commodore-64")
     assert e.value.reason == "unknown_profile"
     assert "raspberry-pi-5" in e.value.message
 
 
 def test_empty_directory_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="no profile files"):
+    with pytest.raises(ProfileError, match="no profile files"):
         ProfileCatalog.load(tmp_path)

@@ -2,7 +2,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from edge_agent.errors import DesiredStateError
+from edge_agent.contracts.errors import DesiredStateError
 from edge_agent.protocol import (
     DesiredState,
     SignedDesiredState,

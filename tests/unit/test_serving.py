@@ -16,14 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent import codec
 from edge_agent.bundle import Manifest, ModelRef, RuntimeRequirement, SelfTestSpec, TensorSpec
-from edge_agent.client import AgentClient, AgentError
-from edge_agent.errors import RequestError
-from edge_agent.lifecycle.journal import VersionRef
-from edge_agent.lifecycle.probation import CHECK_BATCH, CHECK_BATCH_BYTES, ModelStats
+from edge_agent.contracts.errors import RequestError
+from edge_agent.protocol.status import VersionRef
 from edge_agent.runtimes import LoadedModel, check_feeds
-from edge_agent.serving import InferenceHTTPServer, ServingModel, SlotTable, start_http
+from edge_agent.serving import InferenceHTTPServer, ServingModel, SlotTable, codec, start_http
+from edge_agent.serving.client import AgentClient, AgentError
+from edge_agent.serving.stats import CHECK_BATCH, CHECK_BATCH_BYTES, ModelStats
 
 SPEC_IN = [TensorSpec(name="x", dtype="float32", shape=["batch", 3])]
 SPEC_OUT = [TensorSpec(name="y", dtype="float32", shape=["batch", 3])]

@@ -19,8 +19,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from edge_agent import failpoints
-from edge_agent.errors import BundleError, TransportError
+from edge_agent.contracts import failpoints
+from edge_agent.contracts.errors import BundleError, TransportError
 
 log = logging.getLogger(__name__)
 

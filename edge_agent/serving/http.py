@@ -1,8 +1,8 @@
-"""Local inference: the table of models being served, and the HTTP API in front of it.
+"""The local inference API over HTTP/1.1 (TCP) and a Unix socket, in front of the slot table.
 
-Invariant: a request runs on the model that was active when it started. A swap replaces the
-slot's reference atomically under a lock; the old model is closed only once its last
-in-flight request has finished (reference counted), so a swap never fails a request.
+Routes: ``GET /healthz``, ``GET /readyz``, ``GET /v1/models``, ``GET /v1/models/{name}``,
+``POST /v1/models/{name}:predict`` (encodings in :mod:`edge_agent.serving.codec`). Errors are
+JSON ``{"error": {"code", "message", "detail"}}``; a model that fails a request answers 500.
 """
 
 from __future__ import annotations
@@ -13,9 +13,6 @@ import socket
 import socketserver
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,222 +21,21 @@ from typing import Any, cast
 
 import numpy as np
 
-from edge_agent import __version__, codec
-from edge_agent.bundle import Manifest
-from edge_agent.errors import ConfigError, EdgefleetError, RequestError, RuntimeBackendError
-from edge_agent.lifecycle.journal import VersionRef
-from edge_agent.lifecycle.probation import ModelStats
-from edge_agent.runtimes import LoadedModel
-from edge_agent.shadow import Shadow, ShadowRunner
+from edge_agent import __version__
+from edge_agent.contracts.errors import (
+    ConfigError,
+    EdgefleetError,
+    RequestError,
+    RuntimeBackendError,
+)
+from edge_agent.serving import codec
+from edge_agent.serving.predict import predict
+from edge_agent.serving.table import SlotTable
 
 log = logging.getLogger(__name__)
 
 #: Largest request body the local API accepts.
 MAX_BODY_BYTES = 256 << 20
-
-
-class ServingModel:
-    """A loaded model plus the count of requests running on it."""
-
-    def __init__(self, ref: VersionRef, manifest: Manifest, model: LoadedModel) -> None:
-        self.ref = ref
-        self.manifest = manifest
-        self.model = model
-        #: Live requests, and the agent's own probes (kept apart: probes use fixed inputs).
-        self.stats = ModelStats()
-        self.probe_stats = ModelStats()
-        self._in_flight = 0
-        self._retired = False
-        self._lock = threading.Lock()
-
-    def _hold(self) -> bool:
-        """Count a request in, unless the model is retired (then the caller looks again)."""
-        with self._lock:
-            if self._retired:
-                return False
-            self._in_flight += 1
-            return True
-
-    def _release(self) -> None:
-        with self._lock:
-            self._in_flight -= 1
-            if self._retired and self._in_flight == 0:
-                self.model.close()
-
-    def retire(self) -> None:
-        """Close the model as soon as no request is running on it; no new request starts on
-        it from now on."""
-        with self._lock:
-            self._retired = True
-            if self._in_flight == 0:
-                self.model.close()
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "model": self.ref.model,
-            "version": self.ref.version,
-            "bundle_sha256": self.ref.bundle_sha256,
-            "runtime": self.ref.runtime,
-            "precision": self.ref.precision,
-            "inputs": [s.model_dump() for s in self.manifest.inputs],
-            "outputs": [s.model_dump() for s in self.manifest.outputs],
-        }
-
-
-class SlotTable:
-    """Slot name → the model serving it."""
-
-    def __init__(self) -> None:
-        self._slots: dict[str, ServingModel] = {}
-        #: active slot → the candidate running beside it in shadow mode
-        self._shadows: dict[str, Shadow] = {}
-        self._runner: ShadowRunner | None = None
-        self._lock = threading.Lock()
-
-    def attach_shadow(
-        self, shadow_slot: str, active_slot: str, serving: ServingModel, sample_rate: float
-    ) -> ServingModel | None:
-        """Run ``serving`` on a sample of ``active_slot``'s requests; returns (and retires) the
-        model it replaces as that slot's shadow."""
-        with self._lock:
-            if self._runner is None:
-                self._runner = ShadowRunner()
-            old = self._shadows.get(active_slot)
-            self._shadows[active_slot] = Shadow(shadow_slot, serving, sample_rate)
-        if old is not None:
-            old.serving.retire()
-            return cast(ServingModel, old.serving)
-        return None
-
-    def detach_shadow(self, shadow_slot: str) -> None:
-        with self._lock:
-            found = [a for a, s in self._shadows.items() if s.slot == shadow_slot]
-            gone = [self._shadows.pop(a) for a in found]
-        for shadow in gone:
-            shadow.serving.retire()
-
-    def shadow_report(self, shadow_slot: str) -> dict[str, Any] | None:
-        with self._lock:
-            shadow = next((s for s in self._shadows.values() if s.slot == shadow_slot), None)
-            active = next((a for a, s in self._shadows.items() if s.slot == shadow_slot), None)
-        if shadow is None:
-            return None
-        with shadow.lock:
-            figures = shadow.stats.report()
-        return {
-            "of": active,
-            "model": shadow.serving.ref.model,
-            "version": shadow.serving.ref.version,
-            "bundle_sha256": shadow.serving.ref.bundle_sha256,
-            "sample_rate": shadow.sample_rate,
-            **figures,
-        }
-
-    def offer_shadow(self, slot: str, feeds: dict[str, np.ndarray], result: Prediction) -> None:
-        shadow = self._shadows.get(slot)  # a dict read: no lock on the hot path
-        if shadow is not None and self._runner is not None:
-            self._runner.offer(shadow, feeds, result.outputs, result.latency_ms)
-
-    def drain_shadows(self) -> None:
-        if self._runner is not None:
-            self._runner.drain()
-
-    def swap(self, slot: str, new: ServingModel, *, retire_old: bool = True) -> ServingModel | None:
-        """Make ``new`` serve ``slot`` and return the model it replaced, which is retired
-        unless ``retire_old`` is False (probation keeps it loaded to switch back to)."""
-        with self._lock:
-            old = self._slots.get(slot)
-            self._slots[slot] = new
-        if old is not None and retire_old:
-            old.retire()
-        return old
-
-    def remove(self, slot: str) -> None:
-        with self._lock:
-            old = self._slots.pop(slot, None)
-        if old is not None:
-            old.retire()
-
-    def _resolve_locked(self, name: str) -> str | None:
-        if name in self._slots:
-            return name
-        return next((s for s, m in self._slots.items() if m.ref.model == name), None)
-
-    def resolve(self, name: str) -> str | None:
-        """A slot name, or the model name a slot serves."""
-        with self._lock:
-            return self._resolve_locked(name)
-
-    def acquire(self, name: str) -> ServingModel:
-        """The model serving ``name``, held (not closed by a swap) until its ``_release()``."""
-        # The hot path takes no table lock: a dict read is atomic, and a model that a swap has
-        # retired in the meantime refuses the hold, so the request looks again.
-        serving = self._slots.get(name)
-        if serving is not None and serving._hold():
-            return serving
-        with self._lock:  # a model name rather than a slot's, or a slot being swapped
-            slot = self._resolve_locked(name)
-            # Whatever is in the table is not retired (swap and remove take it out first).
-            held = self._slots.get(slot) if slot is not None else None
-            if held is None or not held._hold():
-                raise LookupError(name)
-        return held
-
-    @contextmanager
-    def use(self, name: str) -> Iterator[ServingModel]:
-        """The model serving ``name``, held for the duration of the block."""
-        serving = self.acquire(name)
-        try:
-            yield serving
-        finally:
-            serving._release()
-
-    def snapshot(self) -> dict[str, ServingModel]:
-        with self._lock:
-            return dict(self._slots)
-
-    def close(self) -> None:
-        with self._lock:
-            slots, self._slots = self._slots, {}
-        for serving in slots.values():
-            serving.retire()
-
-
-@dataclass(frozen=True)
-class Prediction:
-    outputs: dict[str, np.ndarray]
-    ref: VersionRef
-    latency_ms: float
-
-
-def predict(table: SlotTable, name: str, feeds: dict[str, np.ndarray]) -> Prediction:
-    """The in-process serving path (the HTTP API is a thin layer on this)."""
-    serving = table.acquire(name)  # not table.use(): a generator costs µs on the hot path
-    try:
-        result = run_counted(serving, feeds, serving.stats)
-    finally:
-        serving._release()
-    if table._shadows:
-        slot = table.resolve(name)
-        if slot is not None:
-            table.offer_shadow(slot, feeds, result)
-    return result
-
-
-def run_counted(
-    serving: ServingModel, feeds: dict[str, np.ndarray], stats: ModelStats
-) -> Prediction:
-    """Run and record the outcome in ``stats``: latency, runtime errors, NaN/inf outputs.
-    A caller's bad input (RequestError) is not the model's fault and is not counted."""
-    start = time.perf_counter()
-    try:
-        outputs = serving.model.run(feeds)
-    except RuntimeBackendError:
-        stats.record(None, error=True)
-        raise
-    latency_ms = (time.perf_counter() - start) * 1000
-    stats.record(latency_ms, outputs=outputs)
-    return Prediction(outputs, serving.ref, latency_ms)
 
 
 #: Limits on a request's head, as the standard library's parser has them.

@@ -20,7 +20,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.config import MqttConfig
-from edge_agent.errors import ConfigError
+from edge_agent.contracts.errors import ConfigError
 from edge_agent.protocol.presence import OFFLINE, ONLINE
 from edge_agent.protocol.topics import Topics
 

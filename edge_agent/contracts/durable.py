@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edge_agent import failpoints
+from edge_agent.contracts import failpoints
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:

@@ -16,11 +16,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_agent.errors import EdgefleetError
+from edge_agent.contracts.errors import EdgefleetError
+
+if TYPE_CHECKING:  # the table holds shadows; a shadow holds a model from the table
+    from edge_agent.serving.table import ServingModel
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,7 @@ class ShadowStats:
 @dataclass
 class Shadow:
     slot: str
-    serving: Any  # ServingModel (imported lazily to avoid a cycle)
+    serving: ServingModel
     sample_rate: float
     stats: ShadowStats = field(default_factory=ShadowStats)
     lock: threading.Lock = field(default_factory=threading.Lock)

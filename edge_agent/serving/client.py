@@ -1,6 +1,6 @@
 """A small Python client for the agent's local inference API (standard library only).
 
-    from edge_agent.client import AgentClient
+    from edge_agent.serving.client import AgentClient
     client = AgentClient("http://127.0.0.1:8651")
     outputs = client.predict("classifier", {"x": batch})
 
@@ -23,8 +23,8 @@ from urllib.parse import quote, urlsplit
 
 import numpy as np
 
-from edge_agent import codec
-from edge_agent.errors import EdgefleetError, RequestError, TransportError
+from edge_agent.contracts.errors import EdgefleetError, RequestError, TransportError
+from edge_agent.serving import codec
 
 _SENDMSG = hasattr(socket.socket, "sendmsg")
 #: Request heads kept for reuse (one per model, input, dtype and shape sent).

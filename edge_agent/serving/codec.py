@@ -15,19 +15,13 @@ from __future__ import annotations
 import base64
 import io
 import math
-import threading
 import zipfile
 from typing import Any
 
 import numpy as np
 
-from edge_agent.errors import RequestError
-
-#: numpy parses .npy headers with ast.literal_eval, and CPython 3.11's AST constructor is not
-#: thread-safe (gh-106905: sporadic "SystemError: AST constructor recursion depth mismatch"
-#: under concurrent requests). Every np.load in the agent goes through this lock; parsing a
-#: header takes microseconds, the array bytes are a copy.
-NPY_LOCK = threading.Lock()
+from edge_agent.contracts.errors import RequestError
+from edge_agent.contracts.npy import NPY_LOCK
 
 JSON = "application/json"
 NPZ = "application/x-npz"

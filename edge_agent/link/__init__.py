@@ -1,0 +1,1 @@
+"""The agent's link to the fleet: its MQTT connection (``mqtt.py``)."""

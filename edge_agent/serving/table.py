@@ -1,0 +1,197 @@
+"""The table of models being served: slot name → the loaded model answering for it.
+
+Invariant: a request runs on the model that was active when it started. A swap replaces the
+slot's reference atomically under a lock; the old model is closed only once its last
+in-flight request has finished (reference counted), so a swap never fails a request. A shadow
+candidate hangs off the active slot it runs beside (see :mod:`edge_agent.serving.shadow`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from edge_agent.bundle import Manifest
+from edge_agent.protocol.status import VersionRef
+from edge_agent.runtimes import LoadedModel
+from edge_agent.serving.shadow import Shadow, ShadowRunner
+from edge_agent.serving.stats import ModelStats
+
+__all__ = ["ServingModel", "SlotTable"]
+
+
+class ServingModel:
+    """A loaded model plus the count of requests running on it."""
+
+    def __init__(self, ref: VersionRef, manifest: Manifest, model: LoadedModel) -> None:
+        self.ref = ref
+        self.manifest = manifest
+        self.model = model
+        #: Live requests, and the agent's own probes (kept apart: probes use fixed inputs).
+        self.stats = ModelStats()
+        self.probe_stats = ModelStats()
+        self._in_flight = 0
+        self._retired = False
+        self._lock = threading.Lock()
+
+    def _hold(self) -> bool:
+        """Count a request in, unless the model is retired (then the caller looks again)."""
+        with self._lock:
+            if self._retired:
+                return False
+            self._in_flight += 1
+            return True
+
+    def _release(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if self._retired and self._in_flight == 0:
+                self.model.close()
+
+    def retire(self) -> None:
+        """Close the model as soon as no request is running on it; no new request starts on
+        it from now on."""
+        with self._lock:
+            self._retired = True
+            if self._in_flight == 0:
+                self.model.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.ref.model,
+            "version": self.ref.version,
+            "bundle_sha256": self.ref.bundle_sha256,
+            "runtime": self.ref.runtime,
+            "precision": self.ref.precision,
+            "inputs": [s.model_dump() for s in self.manifest.inputs],
+            "outputs": [s.model_dump() for s in self.manifest.outputs],
+        }
+
+
+class SlotTable:
+    """Slot name → the model serving it."""
+
+    def __init__(self) -> None:
+        self._slots: dict[str, ServingModel] = {}
+        #: active slot → the candidate running beside it in shadow mode
+        self._shadows: dict[str, Shadow] = {}
+        self._runner: ShadowRunner | None = None
+        self._lock = threading.Lock()
+
+    def attach_shadow(
+        self, shadow_slot: str, active_slot: str, serving: ServingModel, sample_rate: float
+    ) -> ServingModel | None:
+        """Run ``serving`` on a sample of ``active_slot``'s requests; returns (and retires) the
+        model it replaces as that slot's shadow."""
+        with self._lock:
+            if self._runner is None:
+                self._runner = ShadowRunner()
+            old = self._shadows.get(active_slot)
+            self._shadows[active_slot] = Shadow(shadow_slot, serving, sample_rate)
+        if old is not None:
+            old.serving.retire()
+            return old.serving
+        return None
+
+    def detach_shadow(self, shadow_slot: str) -> None:
+        with self._lock:
+            found = [a for a, s in self._shadows.items() if s.slot == shadow_slot]
+            gone = [self._shadows.pop(a) for a in found]
+        for shadow in gone:
+            shadow.serving.retire()
+
+    def shadow_report(self, shadow_slot: str) -> dict[str, Any] | None:
+        with self._lock:
+            shadow = next((s for s in self._shadows.values() if s.slot == shadow_slot), None)
+            active = next((a for a, s in self._shadows.items() if s.slot == shadow_slot), None)
+        if shadow is None:
+            return None
+        with shadow.lock:
+            figures = shadow.stats.report()
+        return {
+            "of": active,
+            "model": shadow.serving.ref.model,
+            "version": shadow.serving.ref.version,
+            "bundle_sha256": shadow.serving.ref.bundle_sha256,
+            "sample_rate": shadow.sample_rate,
+            **figures,
+        }
+
+    def offer_shadow(
+        self,
+        slot: str,
+        feeds: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray],
+        latency_ms: float,
+    ) -> None:
+        shadow = self._shadows.get(slot)  # a dict read: no lock on the hot path
+        if shadow is not None and self._runner is not None:
+            self._runner.offer(shadow, feeds, outputs, latency_ms)
+
+    def drain_shadows(self) -> None:
+        if self._runner is not None:
+            self._runner.drain()
+
+    def swap(self, slot: str, new: ServingModel, *, retire_old: bool = True) -> ServingModel | None:
+        """Make ``new`` serve ``slot`` and return the model it replaced, which is retired
+        unless ``retire_old`` is False (probation keeps it loaded to switch back to)."""
+        with self._lock:
+            old = self._slots.get(slot)
+            self._slots[slot] = new
+        if old is not None and retire_old:
+            old.retire()
+        return old
+
+    def remove(self, slot: str) -> None:
+        with self._lock:
+            old = self._slots.pop(slot, None)
+        if old is not None:
+            old.retire()
+
+    def _resolve_locked(self, name: str) -> str | None:
+        if name in self._slots:
+            return name
+        return next((s for s, m in self._slots.items() if m.ref.model == name), None)
+
+    def resolve(self, name: str) -> str | None:
+        """A slot name, or the model name a slot serves."""
+        with self._lock:
+            return self._resolve_locked(name)
+
+    def acquire(self, name: str) -> ServingModel:
+        """The model serving ``name``, held (not closed by a swap) until its ``_release()``."""
+        # The hot path takes no table lock: a dict read is atomic, and a model that a swap has
+        # retired in the meantime refuses the hold, so the request looks again.
+        serving = self._slots.get(name)
+        if serving is not None and serving._hold():
+            return serving
+        with self._lock:  # a model name rather than a slot's, or a slot being swapped
+            slot = self._resolve_locked(name)
+            # Whatever is in the table is not retired (swap and remove take it out first).
+            held = self._slots.get(slot) if slot is not None else None
+            if held is None or not held._hold():
+                raise LookupError(name)
+        return held
+
+    @contextmanager
+    def use(self, name: str) -> Iterator[ServingModel]:
+        """The model serving ``name``, held for the duration of the block."""
+        serving = self.acquire(name)
+        try:
+            yield serving
+        finally:
+            serving._release()
+
+    def snapshot(self) -> dict[str, ServingModel]:
+        with self._lock:
+            return dict(self._slots)
+
+    def close(self) -> None:
+        with self._lock:
+            slots, self._slots = self._slots, {}
+        for serving in slots.values():
+            serving.retire()
