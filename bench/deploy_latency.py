@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from converters.onnx.samples import mlp_classifier
-from fleet_server.cli.api_client import ApiClient
+from fleet_server.client import ApiClient
 from fleet_server.server import EmbeddedStack
 from fleet_server.settings import Settings
 from hil.rig import LocalAgent

@@ -46,7 +46,7 @@ from edge_agent.runtimes import LoadOptions, get_runtime
 from edge_agent.serving import ServingModel, SlotTable, predict
 from edge_agent.serving.client import AgentClient
 from fleet_server.artifacts import ArtifactStore
-from fleet_server.cli.api_client import ApiClient
+from fleet_server.client import ApiClient
 from fleet_server.server import EmbeddedStack
 from fleet_server.settings import Settings
 from hil.rig import LocalAgent, wait_until

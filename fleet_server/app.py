@@ -10,29 +10,56 @@ from typing import Any
 
 from fastapi import FastAPI
 from sqlalchemy import text
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, SQLModel
 
 from edge_agent import __version__
 from firmware_profiles import default_catalog
 from fleet_server.api.deps import AppState, StateDep, Viewer
 from fleet_server.artifacts import ArtifactStore
+from fleet_server.audit import tables as audit_tables
 from fleet_server.audit.routes import router as audit_router
+from fleet_server.auth import tables as auth_tables
 from fleet_server.auth.ca import FleetCA
-from fleet_server.auth.routes import router as tokens_router
-from fleet_server.auth.service import bootstrap_admin
+from fleet_server.auth.routes import router as auth_router
+from fleet_server.auth.service import authenticate, bootstrap_admin
+from fleet_server.builds import tables as builds_tables
 from fleet_server.builds.routes import router as builds_router
-from fleet_server.builds.service import BuildRunner
+from fleet_server.builds.runner import BuildRunner
+from fleet_server.bundles import tables as bundles_tables
 from fleet_server.bundles.routes import router as bundles_router
 from fleet_server.control.plane import ControlPlane
-from fleet_server.database import create_tables, make_engine
+from fleet_server.database import make_engine
+from fleet_server.devices import tables as devices_tables
 from fleet_server.devices.routes import router as devices_router
 from fleet_server.errors import install_error_handlers
-from fleet_server.keys.routes import router as keys_router
+from fleet_server.keys import tables as keys_tables
 from fleet_server.keys.service import ServerKeys
+from fleet_server.registry import tables as registry_tables
 from fleet_server.registry.routes import router as models_router
+from fleet_server.rollouts import tables as rollouts_tables
 from fleet_server.rollouts.routes import router as rollouts_router
 from fleet_server.settings import Settings
+from fleet_server.trust.routes import router as trust_router
 
 log = logging.getLogger(__name__)
+
+#: Every domain's tables, so that their metadata is registered before ``create_all``.
+TABLE_MODULES = (
+    audit_tables,
+    auth_tables,
+    builds_tables,
+    bundles_tables,
+    devices_tables,
+    keys_tables,
+    registry_tables,
+    rollouts_tables,
+)
+
+
+def create_tables(engine: Engine) -> None:
+    assert TABLE_MODULES  # imported for their side effect: the tables' metadata
+    SQLModel.metadata.create_all(engine)
 
 
 def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
@@ -43,8 +70,6 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = make_engine(settings.resolved_database_url)
         create_tables(engine)
-        from sqlmodel import Session
-
         with Session(engine) as session:
             configured = settings.admin_token.get_secret_value() if settings.admin_token else None
             written = bootstrap_admin(session, configured, settings.admin_token_file)
@@ -94,6 +119,7 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
             keys=keys,
             ca=FleetCA.load_or_create(settings.ca_dir),
             builds=builds,
+            authenticate=authenticate,
         )
         try:
             yield
@@ -114,8 +140,8 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
     app.include_router(builds_router)
     app.include_router(bundles_router)
     app.include_router(rollouts_router)
-    app.include_router(keys_router)
-    app.include_router(tokens_router)
+    app.include_router(trust_router)
+    app.include_router(auth_router)
     app.include_router(audit_router)
 
     @app.get("/healthz", tags=["health"])

@@ -1,16 +1,16 @@
 """Engine and sessions. SQLite for the embedded default, PostgreSQL (psycopg 3) in production.
 
-Tables are created at start-up from the SQLModel metadata of every domain package.
+Tables are created at start-up by ``fleet_server.app``, which imports every domain's tables;
+this module imports none, so every domain can use it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, SQLModel, create_engine
+from sqlmodel import create_engine
 
 
 def make_engine(url: str) -> Engine:
@@ -26,24 +26,6 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
-
-
-def create_tables(engine: Engine) -> None:
-    # Import every domain's tables so their metadata is registered.
-    from fleet_server.audit import tables as _audit  # noqa: F401
-    from fleet_server.auth import tables as _auth  # noqa: F401
-    from fleet_server.bundles import tables as _bundles  # noqa: F401
-    from fleet_server.devices import tables as _devices  # noqa: F401
-    from fleet_server.keys import tables as _keys  # noqa: F401
-    from fleet_server.registry import tables as _registry  # noqa: F401
-    from fleet_server.rollouts import tables as _rollouts  # noqa: F401
-
-    SQLModel.metadata.create_all(engine)
-
-
-def session_scope(engine: Engine) -> Iterator[Session]:
-    with Session(engine) as session:
-        yield session
 
 
 def aware(value: datetime) -> datetime:

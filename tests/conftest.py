@@ -20,8 +20,9 @@ from sqlmodel import SQLModel
 
 from converters.onnx.samples import mlp_classifier
 from fleet_server.broker import EmbeddedBroker
-from fleet_server.cli.api_client import ApiClient
-from fleet_server.database import create_tables, make_engine
+from fleet_server.client import ApiClient
+from fleet_server.app import create_tables
+from fleet_server.database import make_engine
 from fleet_server.server import EmbeddedStack
 from fleet_server.settings import Settings
 

@@ -1,1 +1,2 @@
-"""What every route shares: the application state and the dependency aliases."""
+"""The HTTP seam every domain's routes stand on: dependency aliases and the caller's identity.
+It imports no domain package (see ``deps.py``)."""

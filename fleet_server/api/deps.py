@@ -1,5 +1,10 @@
 """Dependency aliases for routes: ``SessionDep``, ``StateDep``, and the role guards
-``Viewer``, ``Operator``, ``Admin`` (each yields the authenticated :class:`Principal`)."""
+``Viewer``, ``Operator``, ``Admin`` (each yields the authenticated :class:`Principal`).
+
+This is the bottom floor of the server's HTTP side: every domain's routes import it, so it
+imports no domain. The services in :class:`AppState` are named for the type checker only;
+``fleet_server.app`` builds the state and hands routes the pieces each service takes.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +16,19 @@ from fastapi import Depends, Header, Request
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from firmware_profiles import ProfileCatalog
-from fleet_server.artifacts import ArtifactStore
-from fleet_server.auth.ca import FleetCA
-from fleet_server.auth.service import Principal, Role, authenticate
-from fleet_server.keys.service import ServerKeys
+from fleet_server.api.principal import Principal, Role
 from fleet_server.settings import Settings
 
 if TYPE_CHECKING:
-    from fleet_server.builds.service import BuildRunner
+    from firmware_profiles import ProfileCatalog
+    from fleet_server.artifacts import ArtifactStore
+    from fleet_server.auth.ca import FleetCA
+    from fleet_server.builds.runner import BuildRunner
     from fleet_server.control.plane import ControlPlane
+    from fleet_server.keys.service import ServerKeys
+
+#: Finds the principal behind an ``Authorization`` header (``fleet_server.auth.service``).
+Authenticator = Callable[[Session, str | None], Principal]
 
 
 @dataclass
@@ -33,6 +41,7 @@ class AppState:
     keys: ServerKeys
     ca: FleetCA
     builds: BuildRunner
+    authenticate: Authenticator
 
 
 def get_state(request: Request) -> AppState:
@@ -52,9 +61,9 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 
 def get_principal(
-    session: SessionDep, authorization: Annotated[str | None, Header()] = None
+    state: StateDep, session: SessionDep, authorization: Annotated[str | None, Header()] = None
 ) -> Principal:
-    return authenticate(session, authorization)
+    return state.authenticate(session, authorization)
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

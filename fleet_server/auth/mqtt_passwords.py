@@ -16,6 +16,7 @@ from pathlib import Path
 from sqlmodel import Session, col, select
 
 from edge_agent.contracts.durable import write_atomic
+from fleet_server.devices.tables import Device
 
 ITERATIONS = 101
 
@@ -34,8 +35,6 @@ def static_entries_path(password_file: Path) -> Path:
 def write_password_file(session: Session, password_file: Path) -> int:
     """Rewrite the broker's password file: the static entries plus every enrolled device.
     Returns the number of device entries."""
-    from fleet_server.devices.tables import Device
-
     static = static_entries_path(password_file)
     lines = static.read_text().splitlines() if static.is_file() else []
     devices = session.exec(

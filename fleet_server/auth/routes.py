@@ -1,21 +1,25 @@
-"""/v1/tokens: API tokens with roles (admin only). A token is shown once, at creation."""
+"""/v1/tokens (API tokens with roles, admin only; a token is shown once, at creation),
+/v1/enrollment-tokens and /v1/devices/enroll (a device trades a one-time token for its
+identity)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
-from sqlmodel import col, select
+from pydantic import BaseModel, ConfigDict, Field
 
-from fleet_server.api.deps import Admin, SessionDep
+from fleet_server.api.deps import Admin, Operator, SessionDep, StateDep
+from fleet_server.api.principal import Role
 from fleet_server.audit.service import record
-from fleet_server.auth.service import Role, issue_api_token
-from fleet_server.auth.tables import ApiToken
+from fleet_server.auth import enrollment
+from fleet_server.auth.mqtt_passwords import write_password_file
+from fleet_server.auth.service import issue_api_token, list_api_tokens, revoke_api_token
+from fleet_server.auth.tables import ApiToken, EnrollmentTokenCreate, EnrollmentTokenPublic
 from fleet_server.database import aware
-from fleet_server.errors import ConflictError, NotFoundError
+from fleet_server.devices.tables import EnrollRequest, EnrollResponse
 
-router = APIRouter(prefix="/v1/tokens", tags=["auth"])
+router = APIRouter(tags=["auth"])
 
 
 class TokenCreate(BaseModel):
@@ -24,6 +28,8 @@ class TokenCreate(BaseModel):
 
 
 class TokenPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: int
     name: str
     role: str
@@ -36,37 +42,64 @@ class TokenCreated(TokenPublic):
 
 
 def _public(t: ApiToken) -> TokenPublic:
-    return TokenPublic(
-        id=t.id or 0,
-        name=t.name,
-        role=t.role,
-        created_at=aware(t.created_at),
-        revoked_at=aware(t.revoked_at) if t.revoked_at else None,
+    return TokenPublic.model_validate(t).model_copy(
+        update={
+            "created_at": aware(t.created_at),
+            "revoked_at": aware(t.revoked_at) if t.revoked_at else None,
+        }
     )
 
 
-@router.post("", status_code=201, response_model=TokenCreated)
+@router.post("/v1/tokens", status_code=201, response_model=TokenCreated)
 def create_token(body: TokenCreate, session: SessionDep, principal: Admin) -> TokenCreated:
     record(session, principal.name, "token.create", body.name, role=body.role)
     token, row = issue_api_token(session, body.name, body.role)
     return TokenCreated(**_public(row).model_dump(), token=token)
 
 
-@router.get("", response_model=list[TokenPublic])
+@router.get("/v1/tokens", response_model=list[TokenPublic])
 def list_tokens(session: SessionDep, _: Admin) -> list[TokenPublic]:
-    return [_public(t) for t in session.exec(select(ApiToken).order_by(col(ApiToken.id))).all()]
+    return [_public(t) for t in list_api_tokens(session)]
 
 
-@router.delete("/{token_id}", response_model=TokenPublic)
+@router.delete("/v1/tokens/{token_id}", response_model=TokenPublic)
 def revoke_token(token_id: int, session: SessionDep, principal: Admin) -> TokenPublic:
-    row = session.get(ApiToken, token_id)
-    if row is None:
-        raise NotFoundError(f"no API token {token_id}")
-    if row.revoked_at is not None:
-        raise ConflictError(f"API token {token_id} is already revoked")
-    row.revoked_at = datetime.now(UTC)
-    session.add(row)
-    record(session, principal.name, "token.revoke", row.name, token_id=token_id)
-    session.commit()
-    session.refresh(row)
-    return _public(row)
+    return _public(revoke_api_token(session, token_id, principal.name))
+
+
+@router.post(
+    "/v1/enrollment-tokens",
+    status_code=201,
+    response_model=EnrollmentTokenPublic,
+    tags=["devices"],
+)
+def create_enrollment_token(
+    body: EnrollmentTokenCreate, state: StateDep, session: SessionDep, principal: Operator
+) -> EnrollmentTokenPublic:
+    """A one-time token a device trades for its identity at enrollment."""
+    return enrollment.create_enrollment_token(
+        session,
+        state.catalog,
+        body,
+        default_ttl_s=state.settings.enrollment_token_ttl_s,
+        actor=principal.name,
+    )
+
+
+@router.post("/v1/devices/enroll", status_code=201, response_model=EnrollResponse, tags=["devices"])
+def enroll(body: EnrollRequest, state: StateDep, session: SessionDep) -> EnrollResponse:
+    """Called by ``edge-agent enroll``; authenticated by the enrollment token in the body."""
+    root = state.keys.signer(session).root_public  # no keys, no enrollment: checked first
+    reply = enrollment.enroll(
+        session,
+        state.catalog,
+        body,
+        server_url=state.settings.resolved_public_url,
+        mqtt_url=state.control.device_mqtt_url,
+        root_public_key=root,
+        ca=state.ca,
+    )
+    state.control.clear_desired(reply.device_id)
+    if state.settings.broker_password_file is not None:
+        write_password_file(session, state.settings.broker_password_file)
+    return reply

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from edge_agent.contracts.durable import write_atomic
+from fleet_server.api.principal import Principal, Role
+from fleet_server.audit.service import record
 from fleet_server.auth.tables import ApiToken
-from fleet_server.errors import AuthenticationError, PermissionDeniedError
-
-Role = Literal["viewer", "operator", "admin"]
-ROLE_RANK: dict[str, int] = {"viewer": 1, "operator": 2, "admin": 3}
+from fleet_server.devices.tables import Device
+from fleet_server.errors import AuthenticationError, ConflictError, NotFoundError
 
 API_TOKEN_PREFIX = "efa_"
 DEVICE_SECRET_PREFIX = "efd_"
@@ -31,22 +29,6 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-@dataclass(frozen=True)
-class Principal:
-    """An authenticated caller: an API token holder (with a role) or a device."""
-
-    name: str
-    role: str  # viewer / operator / admin / device
-    device_id: str | None = None
-
-    def require(self, role: Role) -> None:
-        if ROLE_RANK.get(self.role, 0) < ROLE_RANK[role]:
-            raise PermissionDeniedError(
-                f"{self.name} ({self.role}) may not do this; it needs the {role} role",
-                required_role=role,
-            )
-
-
 def issue_api_token(session: Session, name: str, role: Role) -> tuple[str, ApiToken]:
     """Create a token (committing the session); the plaintext is returned once, never stored."""
     token = new_secret(API_TOKEN_PREFIX)
@@ -59,6 +41,24 @@ def issue_api_token(session: Session, name: str, role: Role) -> tuple[str, ApiTo
     return token, row
 
 
+def list_api_tokens(session: Session) -> list[ApiToken]:
+    return list(session.exec(select(ApiToken).order_by(col(ApiToken.id))).all())
+
+
+def revoke_api_token(session: Session, token_id: int, actor: str) -> ApiToken:
+    row = session.get(ApiToken, token_id)
+    if row is None:
+        raise NotFoundError(f"no API token {token_id}")
+    if row.revoked_at is not None:
+        raise ConflictError(f"API token {token_id} is already revoked")
+    row.revoked_at = datetime.now(UTC)
+    session.add(row)
+    record(session, actor, "token.revoke", row.name, token_id=token_id)
+    session.commit()
+    session.refresh(row)
+    return row
+
+
 def authenticate(session: Session, authorization: str | None) -> Principal:
     if not authorization:
         raise AuthenticationError("missing bearer token (Authorization: Bearer …)")
@@ -67,8 +67,6 @@ def authenticate(session: Session, authorization: str | None) -> Principal:
         raise AuthenticationError("the Authorization header must be 'Bearer <token>'")
     token_hash = hash_secret(token.strip())
     if token.startswith(DEVICE_SECRET_PREFIX):
-        from fleet_server.devices.tables import Device
-
         device = session.exec(select(Device).where(Device.secret_hash == token_hash)).first()
         if device is None:
             raise AuthenticationError("unknown device credential")

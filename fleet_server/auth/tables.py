@@ -1,10 +1,14 @@
-"""API tokens. Only a sha256 of each token is stored: tokens are 256-bit random strings, so a
-fast hash is enough, and a database leak reveals no usable token."""
+"""API tokens and enrollment tokens. Only a sha256 of each token is stored: tokens are
+256-bit random strings, so a fast hash is enough, and a database leak reveals no usable
+token."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
+from pydantic import BaseModel
+from pydantic import Field as PydanticField
+from sqlalchemy import JSON, Column
 from sqlmodel import Field, SQLModel
 
 
@@ -17,3 +21,31 @@ class ApiToken(SQLModel, table=True):
     role: str = Field(max_length=16)
     created_at: datetime
     revoked_at: datetime | None = None
+
+
+class EnrollmentToken(SQLModel, table=True):
+    __tablename__ = "enrollment_tokens"
+
+    id: int | None = Field(default=None, primary_key=True)
+    token_hash: str = Field(unique=True, max_length=64)
+    profile: str | None = Field(default=None, max_length=63)
+    labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime
+    created_by: str = Field(max_length=128)
+    expires_at: datetime
+    used_at: datetime | None = None
+    used_by: str | None = Field(default=None, max_length=63)
+
+
+class EnrollmentTokenCreate(BaseModel):
+    #: Restrict the token to one profile (the device must enroll with it).
+    profile: str | None = None
+    labels: dict[str, str] = PydanticField(default_factory=dict)
+    ttl_s: int | None = PydanticField(default=None, gt=0, le=30 * 24 * 3600)
+
+
+class EnrollmentTokenPublic(BaseModel):
+    token: str
+    expires_at: datetime
+    profile: str | None
+    labels: dict[str, str]

@@ -7,7 +7,7 @@ import sys
 
 def main() -> None:
     try:
-        from fleet_server.cli.commands import run
+        from fleet_server.cli.main import run
     except ImportError as e:
         print(
             f"error: the edgefleet CLI needs the server extras ({e.name} is missing); "

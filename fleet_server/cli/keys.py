@@ -9,18 +9,17 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from edge_agent.trust import SignedKeyring
 from edge_agent.trust.signing import public_key_to_b64
-from fleet_server.cli.api_client import ApiClient
+from fleet_server.cli.context import client_from_env, console
+from fleet_server.client import ApiClient
 from fleet_server.keys.root import create_root_key, load_root_key, next_keyring
 from fleet_server.keys.service import sign_keyring
 from fleet_server.keys.tables import OnlineKeyPublic
 
 keys_app = typer.Typer(no_args_is_help=True, help="Fleet signing keys (offline root, online keys).")
-console = Console()
 
 RootKeyOpt = Annotated[
     Path, typer.Option("--root-key", help="the offline root key file (passphrase-encrypted PEM)")
@@ -36,9 +35,7 @@ def _passphrase(confirm: bool = False) -> str:
 
 
 def _client_factory() -> Any:
-    from fleet_server.cli.commands import client_from_context
-
-    return client_from_context()
+    return client_from_env()
 
 
 def _install(client: ApiClient, root_public: str, signed: SignedKeyring) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from sqlmodel import Session, select
 
 from edge_agent.protocol.desired import DesiredState, SignedDesiredState, SlotAssignment
 from fleet_server.database import aware
-from fleet_server.devices.tables import DesiredStateRecord
+from fleet_server.devices.tables import BundleGrant, DesiredStateRecord
 from fleet_server.keys.service import FleetSigner
 
 
@@ -105,6 +105,9 @@ def _store(
     )
     envelope = unsigned.model_copy(update={"signatures": [signer.sign(unsigned.signed_bytes())]})
     document = envelope.model_dump(mode="json")
+    for sha256 in {a.bundle_sha256 for a in slots.values()}:
+        if session.get(BundleGrant, (device_id, sha256)) is None:
+            session.add(BundleGrant(device_id=device_id, bundle_sha256=sha256, granted_at=now))
     if record is None:
         record = DesiredStateRecord(device_id=device_id, seq=seq, document=document, updated_at=now)
     else:

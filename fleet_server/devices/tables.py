@@ -1,4 +1,4 @@
-"""Devices, enrollment tokens, and each device's desired-state document.
+"""Devices, and each device's desired-state document.
 
 The desired state lives here, not only in the broker: a broker can lose retained messages
 on a crash, and the server re-sends from this table when a device reports a stale ``seq``.
@@ -36,20 +36,6 @@ class Device(SQLModel, table=True):
     runtimes: dict[str, str] | None = Field(default=None, sa_column=Column(JSON))
 
 
-class EnrollmentToken(SQLModel, table=True):
-    __tablename__ = "enrollment_tokens"
-
-    id: int | None = Field(default=None, primary_key=True)
-    token_hash: str = Field(unique=True, max_length=64)
-    profile: str | None = Field(default=None, max_length=63)
-    labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    created_at: datetime
-    created_by: str = Field(max_length=128)
-    expires_at: datetime
-    used_at: datetime | None = None
-    used_by: str | None = Field(default=None, max_length=63)
-
-
 class DesiredStateRecord(SQLModel, table=True):
     __tablename__ = "desired_states"
 
@@ -58,6 +44,17 @@ class DesiredStateRecord(SQLModel, table=True):
     #: The envelope exactly as published (``SignedDesiredState`` as JSON).
     document: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
     updated_at: datetime
+
+
+class BundleGrant(SQLModel, table=True):
+    """A bundle a device was assigned, now or earlier: it may download it (a rollback fetches
+    the previous version again). Written with every desired-state document."""
+
+    __tablename__ = "bundle_grants"
+
+    device_id: str = Field(primary_key=True, foreign_key="devices.id", max_length=63)
+    bundle_sha256: str = Field(primary_key=True, max_length=64)
+    granted_at: datetime
 
 
 # --- API schemas -------------------------------------------------------------------------------
@@ -75,20 +72,6 @@ class DevicePublic(BaseModel):
     desired_seq: int
     reported_seq: int
     reported: dict[str, Any] | None
-
-
-class EnrollmentTokenCreate(BaseModel):
-    #: Restrict the token to one profile (the device must enroll with it).
-    profile: str | None = None
-    labels: dict[str, str] = PydanticField(default_factory=dict)
-    ttl_s: int | None = PydanticField(default=None, gt=0, le=30 * 24 * 3600)
-
-
-class EnrollmentTokenPublic(BaseModel):
-    token: str
-    expires_at: datetime
-    profile: str | None
-    labels: dict[str, str]
 
 
 class EnrollRequest(BaseModel):

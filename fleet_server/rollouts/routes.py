@@ -30,8 +30,16 @@ def create_rollout(
     ] = None,
 ) -> RolloutPublic:
     """Build bundles for the cohort's profiles and publish each device's new desired state."""
+    settings = state.settings
     rollout, documents = service.create_rollout(
-        session, state, body, principal.name, build_wait_s=build_wait_s
+        session,
+        body,
+        principal.name,
+        runner=state.builds,
+        signer=state.keys.signer(session),
+        public_url=settings.resolved_public_url,
+        desired_ttl_s=settings.desired_state_ttl_s,
+        build_wait_s=settings.rollout_build_wait_s if build_wait_s is None else build_wait_s,
     )
     state.control.publish_all(documents)
     return rollout

@@ -17,14 +17,14 @@ from sqlmodel import Session, col, select
 
 from edge_agent.protocol.desired import SignedDesiredState, SlotAssignment
 from firmware_profiles import ProfileError
-from fleet_server.api.deps import AppState
 from fleet_server.audit.service import record
-from fleet_server.bundles.service import ensure_bundle
+from fleet_server.builds.runner import BuildRunner
+from fleet_server.builds.service import ensure_bundle
 from fleet_server.bundles.tables import Bundle
 from fleet_server.database import aware
 from fleet_server.devices import desired
 from fleet_server.devices.service import resolve_targets
-from fleet_server.devices.tables import DesiredStateRecord, Device
+from fleet_server.devices.tables import Device
 from fleet_server.errors import ConflictError, InvalidInputError, NotFoundError
 from fleet_server.keys.service import FleetSigner
 from fleet_server.registry.service import get_version, version_by_id
@@ -44,28 +44,30 @@ def default_slot(model_name: str) -> str:
 
 def create_rollout(
     session: Session,
-    app: AppState,
     body: RolloutCreate,
     actor: str,
     *,
-    build_wait_s: float | None = None,
+    runner: BuildRunner,
+    signer: FleetSigner,
+    public_url: str,
+    desired_ttl_s: int,
+    build_wait_s: float,
 ) -> tuple[RolloutPublic, dict[str, SignedDesiredState]]:
     """Returns the rollout and the documents to publish (already committed). Bundles that do
-    not exist yet are built first, waiting up to ``build_wait_s`` (default: the setting
-    ``rollout_build_wait_s``); past that, ConflictError ``build_pending`` names the builds
-    and nothing else has changed."""
+    not exist yet are built first (by ``runner``), waiting up to ``build_wait_s``; past that,
+    ConflictError ``build_pending`` names the builds and nothing else has changed. Bundle
+    URLs in the documents start with ``public_url``."""
     model, version = get_version(session, body.model, body.version)
     devices = resolve_targets(session, body.devices, body.selector)
     slot = body.slot or (f"{body.shadow_of}-shadow" if body.shadow_of else default_slot(model.name))
     if body.shadow_of is not None and body.shadow_of == slot:
         raise InvalidInputError("a shadow needs its own slot, not the one it shadows", field="slot")
-    signer = app.keys.signer(session)
 
     # One build per cohort: devices of a profile with the same runtimes installed. Every
     # missing build is queued before any is awaited, so they run side by side.
-    wait_s = app.settings.rollout_build_wait_s if build_wait_s is None else build_wait_s
+    wait_s = build_wait_s
     deadline = time.monotonic() + wait_s
-    cohorts = sorted({_cohort(d) for d in devices}, key=str)
+    cohorts = sorted({cohort_of(d) for d in devices}, key=str)
     bundles: dict[tuple[str, tuple[str, ...] | None], Bundle] = {}
     pending: list[str] = []
     for final in (False, True):
@@ -75,7 +77,7 @@ def create_rollout(
                 continue
             try:
                 bundles[cohort] = _cohort_bundle(
-                    session, app, model, version, cohort, signer, actor,
+                    session, runner, model, version, cohort, signer, actor,
                     wait_s=max(0.0, deadline - time.monotonic()) if final else 0.0,
                 )  # fmt: skip
             except ConflictError as e:
@@ -102,19 +104,19 @@ def create_rollout(
     session.add(rollout)
     documents: dict[str, SignedDesiredState] = {}
     for device in devices:
-        bundle = bundles[_cohort(device)]
+        bundle = bundles[cohort_of(device)]
         envelope = desired.assign_slot(
             session,
             device.id,
             slot,
-            _assignment(app, model, version, bundle, rollout.id).model_copy(
+            slot_assignment(public_url, model, version, bundle, rollout.id).model_copy(
                 update={
                     "mode": "shadow" if body.shadow_of else "active",
                     "shadow_of": body.shadow_of,
                     "sample_rate": body.sample_rate,
                 }
             ),
-            ttl_s=app.settings.desired_state_ttl_s,
+            ttl_s=desired_ttl_s,
             signer=signer,
         )
         documents[device.id] = envelope
@@ -142,7 +144,7 @@ def create_rollout(
 
 def _cohort_bundle(
     session: Session,
-    app: AppState,
+    runner: BuildRunner,
     model: MLModel,
     version: ModelVersion,
     cohort: tuple[str, tuple[str, ...] | None],
@@ -153,12 +155,12 @@ def _cohort_bundle(
 ) -> Bundle:
     profile_name, runtimes = cohort
     try:
-        profile = app.catalog.get(profile_name)
+        profile = runner.catalog.get(profile_name)
     except ProfileError as e:
         raise InvalidInputError(f"device profile {profile_name!r} is no longer known") from e
     return ensure_bundle(
         session,
-        app,
+        runner,
         model,
         version,
         profile,
@@ -169,57 +171,22 @@ def _cohort_bundle(
     )
 
 
-def _cohort(device: Device) -> tuple[str, tuple[str, ...] | None]:
+def cohort_of(device: Device) -> tuple[str, tuple[str, ...] | None]:
     """(profile, runtimes the device has) — None when it has not said."""
     return device.profile, tuple(sorted(device.runtimes)) if device.runtimes else None
 
 
-def _assignment(
-    app: AppState, model: MLModel, version: ModelVersion, bundle: Bundle, rollout_id: str | None
+def slot_assignment(
+    public_url: str, model: MLModel, version: ModelVersion, bundle: Bundle, rollout_id: str | None
 ) -> SlotAssignment:
     return SlotAssignment(
         model=model.name,
         version=version.version,
         bundle_sha256=bundle.sha256,
-        bundle_url=f"{app.settings.resolved_public_url}/v1/bundles/{bundle.sha256}",
+        bundle_url=f"{public_url}/v1/bundles/{bundle.sha256}",
         size=bundle.size,
         rollout_id=rollout_id,
     )
-
-
-def reissue_all(session: Session, app: AppState) -> dict[str, SignedDesiredState]:
-    """After a keyring change: every device gets a new document under the new keyring, and
-    any slot whose bundle was signed by a key that is no longer usable gets a re-signed one.
-    Returns the documents to publish (committed)."""
-    signer = app.keys.signer(session)
-    documents: dict[str, SignedDesiredState] = {}
-    for stored in session.exec(select(DesiredStateRecord)).all():
-        device = session.get(Device, stored.device_id)
-        if device is None:
-            continue
-        slots = dict(SignedDesiredState.model_validate(stored.document).signed.slots)
-        for slot, assignment in slots.items():
-            bundle = session.get(Bundle, assignment.bundle_sha256)
-            if bundle is None or signer.usable(bundle.signing_key_id):
-                continue
-            model, version = version_by_id(session, bundle.model_version_id)
-            fresh = ensure_bundle(
-                session,
-                app,
-                model,
-                version,
-                app.catalog.get(bundle.profile),
-                signer,
-                runtimes=list(_cohort(device)[1] or []) or None,
-            )
-            slots[slot] = _assignment(app, model, version, fresh, assignment.rollout_id)
-        envelope = desired.reissue(
-            session, device.id, slots, ttl_s=app.settings.desired_state_ttl_s, signer=signer
-        )
-        if envelope is not None:
-            documents[device.id] = envelope
-    session.commit()
-    return documents
 
 
 def _target_status(

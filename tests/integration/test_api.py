@@ -10,7 +10,7 @@ import pytest
 from sqlmodel import Session, func, select
 
 from fleet_server.bundles.tables import Bundle
-from fleet_server.cli.api_client import ApiClient, ApiError
+from fleet_server.client import ApiClient, ApiError
 from fleet_server.database import make_engine
 from fleet_server.devices.tables import DesiredStateRecord, Device
 from fleet_server.registry.tables import MLModel, ModelVersion

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fleet_server.cli.api_client import ApiClient, ApiError
+from fleet_server.client import ApiClient, ApiError
 from fleet_server.server import EmbeddedStack
 from tests.integration.test_api import enroll
 

@@ -263,7 +263,7 @@ def test_a_csr_must_name_the_device(secured: Broker) -> None:
 @pytest.mark.slow
 def test_the_whole_path_over_mtls(secured: Broker, model_path: Path, uid: str) -> None:
     """Server and agent both on certificate identities; the agent's key never left it."""
-    from fleet_server.cli.api_client import ApiClient
+    from fleet_server.client import ApiClient
     from fleet_server.server import EmbeddedStack
     from fleet_server.settings import Settings
     from hil.rig import LocalAgent
@@ -310,7 +310,7 @@ def test_password_fallback(password_broker: Broker, model_path: Path, uid: str) 
     import os
     import signal
 
-    from fleet_server.cli.api_client import ApiClient
+    from fleet_server.client import ApiClient
     from fleet_server.server import EmbeddedStack
     from fleet_server.settings import Settings
     from hil.rig import LocalAgent

@@ -18,7 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.protocol import ReportedStatus, Topics
 from fleet_server.broker import EmbeddedBroker
-from fleet_server.cli.api_client import ApiClient
+from fleet_server.client import ApiClient
 from hil.rig import wait_until
 from tests.integration.test_api import enroll
 

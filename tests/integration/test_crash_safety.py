@@ -16,7 +16,7 @@ import pytest
 from converters.onnx.samples import mlp_classifier
 from edge_agent.contracts.failpoints import ENV
 from edge_agent.lifecycle.journal import Journal
-from fleet_server.cli.api_client import ApiClient
+from fleet_server.client import ApiClient
 from fleet_server.server import EmbeddedStack
 from fleet_server.settings import Settings
 from hil.rig import LocalAgent, roll_out, wait_until

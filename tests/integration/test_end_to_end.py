@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from fleet_server.cli.api_client import ApiClient
+from fleet_server.client import ApiClient
 from fleet_server.server import EmbeddedStack
 from fleet_server.settings import Settings
 from hil.rig import LocalAgent, roll_out, wait_until

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fleet_server.broker import EmbeddedBroker
-from fleet_server.cli.api_client import ApiClient, ApiError
+from fleet_server.client import ApiClient, ApiError
 from fleet_server.server import EmbeddedStack
 from fleet_server.settings import Settings
 from hil.rig import LocalAgent, wait_until

@@ -31,7 +31,7 @@ from edge_agent.protocol import Topics
 from edge_agent.protocol.desired import DesiredState, SignedDesiredState, SlotAssignment
 from edge_agent.trust import KeyEntry, Keyring, SignedKeyring, key_id
 from edge_agent.trust.signing import public_key_to_b64
-from fleet_server.cli.api_client import ApiClient
+from fleet_server.client import ApiClient
 from fleet_server.keys.service import sign_bytes, sign_keyring
 from fleet_server.server import EmbeddedStack
 from fleet_server.settings import Settings

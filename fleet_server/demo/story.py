@@ -19,10 +19,10 @@ from rich.live import Live
 from rich.table import Table
 
 from converters.onnx.samples import mlp_classifier, nan_classifier
-from fleet_server.cli.api_client import ApiClient
+from fleet_server.client import ApiClient
+from fleet_server.demo.agents import LocalAgent
 from fleet_server.server import EmbeddedStack
 from fleet_server.settings import Settings
-from hil.rig import LocalAgent
 
 DEVICES = [
     ("edge-x86-01", "x86-64-avx2", {"site": "lab", "ring": "canary"}),

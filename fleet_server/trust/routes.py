@@ -7,17 +7,15 @@ state under the new keyring, so rotations and revocations reach the fleet at onc
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 from fastapi import APIRouter
 
 from fleet_server.api.deps import Admin, SessionDep, StateDep, Viewer
-from fleet_server.audit.service import record
 from fleet_server.errors import NotFoundError
 from fleet_server.keys import service
 from fleet_server.keys.tables import KeyringInstall, OnlineKeyCreate, OnlineKeyPublic, TrustPublic
-from fleet_server.rollouts.service import reissue_all
+from fleet_server.trust import service as ceremony
 
 router = APIRouter(tags=["keys"])
 
@@ -52,20 +50,24 @@ def create_online_key(
 ) -> OnlineKeyPublic:
     """A new online signing key (private half stays on the server). It signs nothing until a
     root-signed keyring that lists it is installed."""
-    key = state.keys.store.create(timedelta(days=body.ttl_days))
-    record(session, principal.name, "key.create", key.keyid, expires_at=key.expires_at.isoformat())
-    session.commit()
-    return key
+    return ceremony.create_online_key(session, state.keys.store, body.ttl_days, principal.name)
 
 
 @router.put("/v1/keyring")
 def install_keyring(
     body: KeyringInstall, state: StateDep, session: SessionDep, principal: Admin
 ) -> dict[str, Any]:
-    record = service.install_keyring(
+    record = ceremony.install_keyring(
         session, state.keys.store, body.root_public_key, body.keyring, principal.name
     )
-    session.commit()
-    documents = reissue_all(session, state)
+    settings = state.settings
+    documents = ceremony.reissue_all(
+        session,
+        runner=state.builds,
+        signer=state.keys.signer(session),
+        public_url=settings.resolved_public_url,
+        desired_ttl_s=settings.desired_state_ttl_s,
+        build_wait_s=settings.rollout_build_wait_s,
+    )
     state.control.publish_all(documents)
     return {"version": record.version, "reissued": len(documents), "keys": service.describe(record)}

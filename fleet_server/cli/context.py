@@ -1,0 +1,52 @@
+"""What every ``edgefleet`` command group shares: the consoles, the server and token options,
+and the API client they build."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from fleet_server.client import ApiClient, default_token
+from fleet_server.settings import Settings
+
+console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_SERVER = "http://127.0.0.1:8600"
+ServerOpt = Annotated[
+    str, typer.Option("--server", envvar="EDGEFLEET_SERVER", help="fleet server URL")
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token", envvar="EDGEFLEET_TOKEN", help="API token (default: the data dir's admin.token)"
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+
+
+def api_client(server: str, token: str | None) -> ApiClient:
+    return ApiClient(server, token or default_token(Settings().data_dir))
+
+
+def client_from_env() -> ApiClient:
+    """Server and token from the environment (commands without --server/--token options)."""
+    return api_client(os.environ.get("EDGEFLEET_SERVER", DEFAULT_SERVER), None)
+
+
+def parse_labels(pairs: list[str] | None) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected key=value, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))

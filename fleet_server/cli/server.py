@@ -1,0 +1,99 @@
+"""``edgefleet serve``, ``demo`` and ``broker-config``: running the fleet server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fleet_server.cli.context import (
+    console,
+)
+from fleet_server.settings import Settings
+
+
+def serve(
+    host: Annotated[str | None, typer.Option(help="bind address (EDGEFLEET_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (EDGEFLEET_PORT)")] = None,
+) -> None:
+    """Run the REST API and control plane (+ an embedded broker unless EDGEFLEET_MQTT_URL)."""
+    import logging
+
+    from fleet_server.server import serve as run_server
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    overrides: dict[str, Any] = {}
+    if host is not None:
+        overrides["host"] = host
+    if port is not None:
+        overrides["port"] = port
+    run_server(Settings(**overrides))
+
+
+def demo(
+    workdir: Annotated[
+        Path | None, typer.Option(help="keep the demo's files here (default: a temp dir)")
+    ] = None,
+) -> None:
+    """The whole story on embedded defaults: server, broker, three devices, a rollout."""
+    from fleet_server.demo.story import run_demo
+
+    raise typer.Exit(run_demo(workdir, console))
+
+
+def broker_config(
+    out: Annotated[Path, typer.Option(help="directory to write the broker's files into")],
+    host: Annotated[str, typer.Option(help="broker host name or IP devices connect to")],
+    port: Annotated[int, typer.Option(help="mTLS listener port")] = 8883,
+    bind: Annotated[str, typer.Option(help="listener bind address")] = "0.0.0.0",
+    auth: Annotated[
+        str, typer.Option(help="mtls (client certificates) or password (fallback)")
+    ] = "mtls",
+) -> None:
+    """Write a Mosquitto config (mTLS, per-device pattern ACLs) signed by this server's fleet
+    CA, and the server's own MQTT identity. Run it on the server host (it reads the data dir)."""
+    from fleet_server.auth.ca import FleetCA
+    from fleet_server.control.broker_config import write_broker_config
+
+    if auth not in ("mtls", "password"):
+        raise typer.BadParameter("--auth must be mtls or password")
+    settings = Settings()
+    written = write_broker_config(
+        FleetCA.load_or_create(settings.ca_dir),
+        out,
+        host=host,
+        port=port,
+        bind=bind,
+        auth=auth,  # type: ignore[arg-type]
+    )
+    console.print(f"wrote {written.mosquitto_conf} and {written.acl}")
+    console.print(f"run the broker:  mosquitto -c {written.mosquitto_conf}")
+    console.print("then start the server with:")
+    print(f"  export EDGEFLEET_MQTT_URL={written.url}")
+    print(f"  export EDGEFLEET_MQTT_CA_FILE={written.ca_cert}")
+    if written.password_file is None:
+        print(f"  export EDGEFLEET_MQTT_CERT_FILE={written.server_cert}")
+        print(f"  export EDGEFLEET_MQTT_KEY_FILE={written.server_key}")
+    else:
+        from sqlmodel import Session
+
+        from fleet_server.auth.mqtt_passwords import write_password_file
+        from fleet_server.app import create_tables
+        from fleet_server.database import make_engine
+
+        engine = make_engine(settings.resolved_database_url)
+        create_tables(engine)
+        with Session(engine) as session:
+            n = write_password_file(session, written.password_file)
+        console.print(f"{n} enrolled device(s) written to {written.password_file}")
+        print("  export EDGEFLEET_MQTT_USERNAME=edgefleet-server")
+        print(f'  export EDGEFLEET_MQTT_PASSWORD="$(cat {written.server_password})"')
+        print(f"  export EDGEFLEET_BROKER_PASSWORD_FILE={written.password_file}")
+        console.print(
+            "the server rewrites the password file at each enrollment; "
+            "reload the broker with: kill -HUP $(pidof mosquitto)"
+        )
+    console.print("devices enrolled from then on get a client certificate and this broker URL.")
