@@ -19,9 +19,9 @@ import pytest
 from sqlmodel import SQLModel
 
 from converters.onnx.samples import mlp_classifier
+from fleet_server.app import create_tables
 from fleet_server.broker import EmbeddedBroker
 from fleet_server.client import ApiClient
-from fleet_server.app import create_tables
 from fleet_server.database import make_engine
 from fleet_server.server import EmbeddedStack
 from fleet_server.settings import Settings

@@ -46,7 +46,7 @@ from edge_agent.lifecycle.staging import stage
 from edge_agent.lifecycle.states import IN_FLIGHT, TERMINAL, Event, State, next_state
 from edge_agent.protocol.desired import DesiredState, SignedDesiredState, SlotAssignment
 from edge_agent.protocol.status import Transition, VersionRef
-from edge_agent.runtimes import LoadOptions
+from edge_agent.runtimes import LoadOptions, Runtime, get_runtime
 from edge_agent.serving import ModelStats, ServingModel, SlotTable, StatsSnapshot, run_counted
 from edge_agent.store.download import check_free_space, download_bundle
 from edge_agent.store.models import ModelStore
@@ -106,7 +106,9 @@ class Deployer:
         policy: ProbationPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        runtime_for: Callable[[str], Runtime] = get_runtime,
     ) -> None:
+        self._runtime_for = runtime_for
         self.device = device
         self.trust = trust
         self.policy = policy or ProbationPolicy()
@@ -536,4 +538,5 @@ class Deployer:
         return Event.SUCCESS
 
     def _load(self, verified: VerifiedBundle, ref: VersionRef) -> ServingModel:
-        return stage(verified, ref, self.device.load_options)
+        runtime = self._runtime_for(verified.manifest.runtime.name)
+        return stage(verified, ref, runtime, self.device.load_options)

@@ -13,7 +13,7 @@ from edge_agent.bundle import VerifiedBundle
 from edge_agent.bundle.selftest import unpack
 from edge_agent.contracts.errors import RuntimeBackendError
 from edge_agent.protocol.status import VersionRef
-from edge_agent.runtimes import LoadedModel, LoadOptions, get_runtime
+from edge_agent.runtimes import LoadedModel, LoadOptions, Runtime
 from edge_agent.serving import ServingModel
 
 #: Self-test inputs are run this many extra times before the switch so the first real request
@@ -21,10 +21,12 @@ from edge_agent.serving import ServingModel
 WARMUP_RUNS = 3
 
 
-def stage(verified: VerifiedBundle, ref: VersionRef, options: LoadOptions) -> ServingModel:
-    """Load in the runtime, pass the self-test, warm up. The model is not serving yet."""
+def stage(
+    verified: VerifiedBundle, ref: VersionRef, runtime: Runtime, options: LoadOptions
+) -> ServingModel:
+    """Load in ``runtime``, pass the self-test, warm up. The model is not serving yet."""
     m = verified.manifest
-    model = get_runtime(m.runtime.name).load(verified.artifact_path, options)
+    model = runtime.load(verified.artifact_path, options)
     try:
         selftest = verified.directory / m.selftest.file
         for _ in range(1 + WARMUP_RUNS):

@@ -1,4 +1,15 @@
-"""The interfaces every runtime backend implements, and input checking shared by all of them."""
+"""The runtime seam: the interfaces every backend implements, and input checking shared by all.
+
+    Runtime.load(path, options) -> LoadedModel      (a backend implements ``_load``)
+    LoadedModel.run(feeds) -> outputs               (a backend implements ``_run``)
+    LoadedModel.close()                             (a backend implements ``_close``)
+
+The public methods are the seam's one wrapper (as python-tuf's fetcher is): whatever a backend
+or its library raises comes out as the project's own error — the project's errors as they are,
+anything else as :class:`RuntimeBackendError` (``load_failed`` / ``inference_failed``), chained
+from the original. So every failure on live traffic is counted, answered with a JSON error,
+and seen by probation; a self-test or probe fails with a reason instead of crashing a step.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.bundle.manifest import TensorSpec
-from edge_agent.contracts.errors import RequestError
+from edge_agent.contracts.errors import EdgefleetError, RequestError, RuntimeBackendError
 
 
 @dataclass(frozen=True)
@@ -24,28 +35,71 @@ class LoadOptions:
     cache_dir: Path | None = None
 
 
+def _foreign(e: Exception, what: str, reason: str) -> RuntimeBackendError:
+    return RuntimeBackendError(
+        f"{what}: {type(e).__name__}: {e}", reason=reason, error_type=type(e).__name__
+    )
+
+
 class LoadedModel(ABC):
     """A model loaded in a runtime, ready to run. ``run`` is safe to call from many threads."""
 
+    #: The runtime that loaded it, for error messages.
+    runtime_name: str = "runtime"
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
 
-    @abstractmethod
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name. Raises ``RequestError`` for feeds that do not fit the model and
+        ``RuntimeBackendError`` for anything else that goes wrong."""
+        try:
+            return self._run(feeds)
+        except EdgefleetError:
+            raise
+        except Exception as e:
+            raise _foreign(e, f"{self.runtime_name} inference failed", "inference_failed") from e
+
+    def close(self) -> None:
+        try:
+            self._close()
+        except EdgefleetError:
+            raise
+        except Exception as e:
+            raise _foreign(e, f"{self.runtime_name} could not close a model", "close_failed") from e
 
     @abstractmethod
-    def close(self) -> None: ...
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    @abstractmethod
+    def _close(self) -> None: ...
 
 
 class Runtime(ABC):
     name: str
 
-    @abstractmethod
     def version(self) -> str | None:
-        """Installed version, or None when the library is not installed."""
+        """Installed version, or None when the library is not installed (or is broken: a
+        runtime that cannot say its version is one the device cannot use)."""
+        try:
+            return self._version()
+        except Exception:
+            return None
+
+    def load(self, path: Path, options: LoadOptions) -> LoadedModel:
+        try:
+            model = self._load(path, options)
+        except EdgefleetError:
+            raise
+        except Exception as e:
+            raise _foreign(e, f"{self.name} could not load {path.name}", "load_failed") from e
+        model.runtime_name = self.name
+        return model
 
     @abstractmethod
-    def load(self, path: Path, options: LoadOptions) -> LoadedModel: ...
+    def _version(self) -> str | None: ...
+
+    @abstractmethod
+    def _load(self, path: Path, options: LoadOptions) -> LoadedModel: ...
 
 
 _DTYPES: dict[str, np.dtype[Any]] = {}

@@ -52,32 +52,26 @@ class LiteRtModel(LoadedModel):
         self.inputs = [_spec(d) for d in self._in]
         self.outputs = [_spec(d) for d in self._out]
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         checked = check_feeds(self.inputs, feeds)
         with self._lock:
             interp = self._interpreter
             if interp is None:
                 raise RuntimeBackendError("model is closed", reason="closed")
-            try:
-                resized = False
-                for detail in self._in:
-                    arr = checked[detail["name"]]
-                    if (
-                        tuple(interp.get_input_details()[self._in.index(detail)]["shape"])
-                        != arr.shape
-                    ):
-                        interp.resize_tensor_input(detail["index"], list(arr.shape))
-                        resized = True
-                if resized:
-                    interp.allocate_tensors()
-                for detail in self._in:
-                    interp.set_tensor(detail["index"], checked[detail["name"]])
-                interp.invoke()
-                return {d["name"]: np.array(interp.get_tensor(d["index"])) for d in self._out}
-            except (RuntimeError, ValueError) as e:
-                raise RuntimeBackendError(f"LiteRT inference failed: {e}") from e
+            resized = False
+            for detail in self._in:
+                arr = checked[detail["name"]]
+                if tuple(interp.get_input_details()[self._in.index(detail)]["shape"]) != arr.shape:
+                    interp.resize_tensor_input(detail["index"], list(arr.shape))
+                    resized = True
+            if resized:
+                interp.allocate_tensors()
+            for detail in self._in:
+                interp.set_tensor(detail["index"], checked[detail["name"]])
+            interp.invoke()
+            return {d["name"]: np.array(interp.get_tensor(d["index"])) for d in self._out}
 
-    def close(self) -> None:
+    def _close(self) -> None:
         with self._lock:
             self._interpreter = None
 
@@ -85,11 +79,11 @@ class LiteRtModel(LoadedModel):
 class LiteRt(Runtime):
     name = "litert"
 
-    def version(self) -> str | None:
+    def _version(self) -> str | None:
         found = _interpreter_class()
         return found[1] if found else None
 
-    def load(self, path: Path, options: LoadOptions) -> LoadedModel:
+    def _load(self, path: Path, options: LoadOptions) -> LoadedModel:
         found = _interpreter_class()
         if found is None:
             raise RuntimeBackendError(

@@ -42,7 +42,7 @@ class OnnxRuntimeModel(LoadedModel):
         self.outputs = [_spec(a) for a in session.get_outputs()]
         self._output_names = [o.name for o in self.outputs]
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self._session
         if session is None:
             raise RuntimeBackendError("model is closed", reason="closed")
@@ -63,7 +63,7 @@ class OnnxRuntimeModel(LoadedModel):
                 raise RuntimeBackendError(f"onnxruntime inference failed: {e}") from e
         return dict(zip(self._output_names, values, strict=True))
 
-    def close(self) -> None:
+    def _close(self) -> None:
         with self._lock:
             self._session = None
 
@@ -71,14 +71,14 @@ class OnnxRuntimeModel(LoadedModel):
 class OnnxRuntime(Runtime):
     name = "onnxruntime"
 
-    def version(self) -> str | None:
+    def _version(self) -> str | None:
         try:
             import onnxruntime
         except ImportError:
             return None
         return str(onnxruntime.__version__)
 
-    def load(self, path: Path, options: LoadOptions) -> LoadedModel:
+    def _load(self, path: Path, options: LoadOptions) -> LoadedModel:
         try:
             import onnxruntime as ort
         except ImportError as e:

@@ -201,7 +201,7 @@ class TensorRtModel(LoadedModel):
             self._buffers[name] = (ptr, nbytes)
         return int(ptr)
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         checked = check_feeds(self.inputs, feeds)
         cudart = self._cudart
         h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
@@ -237,7 +237,7 @@ class TensorRtModel(LoadedModel):
             _check(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
             return results
 
-    def close(self) -> None:
+    def _close(self) -> None:
         with self._lock:
             if self._context is None:
                 return
@@ -252,7 +252,7 @@ class TensorRtModel(LoadedModel):
 class TensorRt(Runtime):
     name = "tensorrt"
 
-    def version(self) -> str | None:
+    def _version(self) -> str | None:
         for dist in ("tensorrt", "tensorrt-cu12", "tensorrt-cu11"):
             try:
                 return version(dist)
@@ -260,7 +260,7 @@ class TensorRt(Runtime):
                 continue
         return None
 
-    def load(self, path: Path, options: LoadOptions) -> LoadedModel:
+    def _load(self, path: Path, options: LoadOptions) -> LoadedModel:
         """``path`` is the bundle's ONNX model; the recipe lies beside it."""
         trt = _trt()
         recipe_path = path.parent / RECIPE_NAME

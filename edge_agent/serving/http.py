@@ -22,12 +22,7 @@ from typing import Any, cast
 import numpy as np
 
 from edge_agent import __version__
-from edge_agent.contracts.errors import (
-    ConfigError,
-    EdgefleetError,
-    RequestError,
-    RuntimeBackendError,
-)
+from edge_agent.contracts.errors import ConfigError, EdgefleetError, RequestError
 from edge_agent.serving import codec
 from edge_agent.serving.predict import predict
 from edge_agent.serving.table import SlotTable
@@ -213,11 +208,12 @@ class _Handler(BaseHTTPRequestHandler):
         except RequestError as e:
             self._error(400, e.reason, e.message)
             return
-        except RuntimeBackendError as e:
+        except EdgefleetError as e:  # RuntimeBackendError: the model failed, and was counted
             self._error(500, e.reason, e.message)
             return
-        except EdgefleetError as e:
-            self._error(500, e.reason, e.message)
+        except Exception as e:  # a bug of ours: answer it, keep the connection and the server
+            log.exception("predict on %s failed unexpectedly", name)
+            self._error(500, "internal_error", f"{type(e).__name__}: {e}")
             return
         headers = {
             "X-Edgefleet-Model": result.ref.model,

@@ -80,8 +80,8 @@ def broker_config(
     else:
         from sqlmodel import Session
 
-        from fleet_server.auth.mqtt_passwords import write_password_file
         from fleet_server.app import create_tables
+        from fleet_server.auth.mqtt_passwords import write_password_file
         from fleet_server.database import make_engine
 
         engine = make_engine(settings.resolved_database_url)

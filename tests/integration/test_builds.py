@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fleet_server.cli.main import app as cli
 from typer.testing import CliRunner
 
 from converters.toolchains import locate
 from edge_agent.runtimes import LoadOptions, get_runtime
 from fleet_server.builds.tables import Build
+from fleet_server.cli.main import app as cli
 from fleet_server.client import ApiClient, ApiError
 from fleet_server.registry.tables import ModelVersion
 from fleet_server.server import EmbeddedStack

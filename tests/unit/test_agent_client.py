@@ -14,13 +14,13 @@ import pytest
 from edge_agent.contracts.errors import TransportError
 from edge_agent.serving import InferenceHTTPServer, SlotTable, start_http
 from edge_agent.serving.client import AgentClient
-from tests.unit.test_serving import FakeModel, serving
+from tests.unit.test_serving import scaler, serving
 
 
 @pytest.fixture
 def agent() -> Iterator[InferenceHTTPServer]:
     table = SlotTable()
-    table.swap("main", serving(FakeModel(2.0), "1.0.0"))
+    table.swap("main", serving(scaler(2.0), "1.0.0"))
     srv, _ = start_http(table, "127.0.0.1", 0)
     yield srv
     srv.shutdown()

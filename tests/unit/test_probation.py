@@ -6,9 +6,6 @@ must not be rolled back for it, while a model that is really slower must be."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Mapping
-
 import numpy as np
 import pytest
 
@@ -16,7 +13,7 @@ from edge_agent.lifecycle.deployer import Deployer, Deployment, ProbationError
 from edge_agent.lifecycle.probation import ProbationPolicy
 from edge_agent.lifecycle.states import Event
 from edge_agent.protocol.desired import SlotAssignment
-from edge_agent.runtimes import LoadedModel
+from edge_agent.runtimes.fake import FakeModel
 from edge_agent.serving import SlotTable
 from tests.unit.test_serving import SPEC_IN, SPEC_OUT, serving
 
@@ -37,25 +34,22 @@ class Clock:
             model.cold = True
 
 
-class ColdStartModel(LoadedModel):
+class ColdStartModel(FakeModel):
     """Takes ``cold_s`` on the first run after an idle pause, ``warm_s`` on the next ones."""
 
     def __init__(self, clock: Clock, warm_s: float, cold_s: float, hiccup_runs: int = 0) -> None:
-        self.inputs, self.outputs = SPEC_IN, SPEC_OUT
+        super().__init__(SPEC_IN, SPEC_OUT, lambda f: {"y": f["x"] * 2}, latency_s=self._latency)
         self.warm_s, self.cold_s, self.cold = warm_s, cold_s, True
         #: Runs at the end of the window that are slow anyway (the board was busy).
         self.clock, self.hiccup_runs = clock, hiccup_runs
         clock.models.append(self)
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _latency(self) -> float:
         hiccup = self.clock.now >= WINDOW_S and self.hiccup_runs > 0
         self.hiccup_runs -= int(hiccup)
-        time.sleep(self.cold_s if self.cold or hiccup else self.warm_s)
+        delay = self.cold_s if self.cold or hiccup else self.warm_s
         self.cold = False
-        return {"y": np.asarray(feeds["x"]) * 2}
-
-    def close(self) -> None:
-        pass
+        return delay
 
 
 def _deploy(clock: Clock, new: ColdStartModel) -> Event:

@@ -1,5 +1,5 @@
-"""The local inference API over real HTTP, with a fake model implementing the runtime
-interface, and the reference-counted swap."""
+"""The local inference API over real HTTP, with the shipped FakeModel (the real runtime
+interface), and the reference-counted swap."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import io
 import json
 import socket
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from edge_agent.bundle import Manifest, ModelRef, RuntimeRequirement, SelfTestSp
 from edge_agent.contracts.errors import RequestError
 from edge_agent.protocol.status import VersionRef
 from edge_agent.runtimes import LoadedModel, check_feeds
+from edge_agent.runtimes.fake import FakeModel
 from edge_agent.serving import InferenceHTTPServer, ServingModel, SlotTable, codec, start_http
 from edge_agent.serving.client import AgentClient, AgentError
 from edge_agent.serving.stats import CHECK_BATCH, CHECK_BATCH_BYTES, ModelStats
@@ -28,27 +29,9 @@ SPEC_IN = [TensorSpec(name="x", dtype="float32", shape=["batch", 3])]
 SPEC_OUT = [TensorSpec(name="y", dtype="float32", shape=["batch", 3])]
 
 
-class FakeModel(LoadedModel):
-    """y = x * factor; optionally blocks in run() until released."""
-
-    def __init__(self, factor: float, gate: threading.Event | None = None) -> None:
-        self.inputs, self.outputs = SPEC_IN, SPEC_OUT
-        self.factor = factor
-        self.gate = gate
-        self.entered = threading.Event()
-        self.closed = False
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        assert not self.closed, "ran on a closed model"
-        checked = check_feeds(self.inputs, feeds)
-        self.entered.set()
-        if self.gate is not None:
-            self.gate.wait(5)
-        assert not self.closed, "closed while running"
-        return {"y": checked["x"] * self.factor}
-
-    def close(self) -> None:
-        self.closed = True
+def scaler(factor: float, gate: threading.Event | None = None) -> FakeModel:
+    """y = x * factor; optionally held in run() until ``gate`` is set."""
+    return FakeModel(SPEC_IN, SPEC_OUT, lambda f: {"y": f["x"] * factor}, gate=gate)
 
 
 def serving(model: LoadedModel, version: str) -> ServingModel:
@@ -74,7 +57,7 @@ def serving(model: LoadedModel, version: str) -> ServingModel:
 @pytest.fixture
 def table() -> SlotTable:
     t = SlotTable()
-    t.swap("main", serving(FakeModel(2.0), "1.0.0"))
+    t.swap("main", serving(scaler(2.0), "1.0.0"))
     return t
 
 
@@ -239,7 +222,7 @@ def test_health_and_readiness(table: SlotTable) -> None:
     try:
         client = AgentClient(f"http://127.0.0.1:{srv.port}")
         assert not client.ready()
-        empty.swap("main", serving(FakeModel(1.0), "1.0.0"))
+        empty.swap("main", serving(scaler(1.0), "1.0.0"))
         assert client.ready()
     finally:
         srv.shutdown()
@@ -249,7 +232,7 @@ def test_health_and_readiness(table: SlotTable) -> None:
 def test_swap_lets_the_in_flight_request_finish_on_the_old_model() -> None:
     table = SlotTable()
     gate = threading.Event()
-    old = FakeModel(2.0, gate)
+    old = scaler(2.0, gate)
     table.swap("main", serving(old, "1.0.0"))
     result: dict[str, object] = {}
 
@@ -261,7 +244,7 @@ def test_swap_lets_the_in_flight_request_finish_on_the_old_model() -> None:
     t = threading.Thread(target=call)
     t.start()
     assert old.entered.wait(5)
-    new = FakeModel(3.0)
+    new = scaler(3.0)
     table.swap("main", serving(new, "2.0.0"))
     assert not old.closed  # still running a request
     with table.use("main") as s:  # new requests go to the new model at once
@@ -349,11 +332,11 @@ def test_a_retired_model_takes_no_new_request() -> None:
     """The lock-free lookup may read a model that a swap retires a moment later: the hold is
     then refused and the request goes to the model serving now, never to a closed one."""
     table = SlotTable()
-    old_model = FakeModel(2.0)
+    old_model = scaler(2.0)
     old = serving(old_model, "1.0.0")
     table.swap("main", old)
     assert old._hold()  # a request that read ``old`` just before the swap
-    table.swap("main", serving(FakeModel(3.0), "2.0.0"))
+    table.swap("main", serving(scaler(3.0), "2.0.0"))
     assert not old._hold()  # retired: no new request starts on it
     assert not old_model.closed  # ... but the one in flight still runs
     old._release()
