@@ -20,7 +20,7 @@ from edge_agent.lifecycle.deployer import Deployer, DeviceContext
 from edge_agent.lifecycle.journal import Journal
 from edge_agent.link.mqtt import AgentLink
 from edge_agent.protocol.desired import SignedDesiredState
-from edge_agent.protocol.status import ReportedStatus, SlotStatus, Transition
+from edge_agent.protocol.status import Refusal, ReportedStatus, SlotStatus, Transition
 from edge_agent.runtimes import LoadOptions, available_runtimes
 from edge_agent.serving import (
     InferenceHTTPServer,
@@ -89,7 +89,7 @@ class Agent:
         )
         self.runtimes = runtimes
         self._last_transition: Transition | None = None
-        self._refusal: dict[str, str] | None = None
+        self._refusal: Refusal | None = None
         self._pending: bytes | None = None
         self._wakeup = threading.Condition()
         self._stopping = threading.Event()
@@ -131,9 +131,20 @@ class Agent:
 
     # --- desired state ---------------------------------------------------------------------------
     def _desired_arrived(self, payload: bytes) -> None:
+        """On the MQTT thread: keep the newest document for the worker, and if it takes the
+        slot under deployment elsewhere, end that deployment now (probation would otherwise
+        hold the worker for its whole window)."""
         with self._wakeup:
             self._pending = payload
             self._wakeup.notify_all()
+        try:
+            envelope = SignedDesiredState.from_bytes(payload)
+        except EdgefleetError:
+            return  # the worker refuses it, with the reason
+        try:
+            self.deployer.supersede(envelope)
+        except Exception:  # never let a document stop the network loop
+            log.exception("checking whether a desired state supersedes the deployment failed")
 
     def _work(self) -> None:
         interval = self.config.reporting.status_interval_s
@@ -144,12 +155,15 @@ class Agent:
                     if not self._wakeup.wait(timeout=max(0.0, next_report - time.monotonic())):
                         break
                 payload, self._pending = self._pending, None
-            if payload is not None:
-                self._apply(payload)
-            elif time.monotonic() >= next_report and self.link.connected.is_set():
-                # Figures that change without a transition (shadow comparisons) reach the
-                # server at least this often.
-                self.publish_status()
+            try:
+                if payload is not None:
+                    self._apply(payload)
+                elif time.monotonic() >= next_report and self.link.connected.is_set():
+                    # Figures that change without a transition (shadow comparisons) reach the
+                    # server at least this often.
+                    self.publish_status()
+            except Exception:  # the worker outlives any one document: it keeps listening
+                log.exception("the deployment worker failed on a desired state; still listening")
             if time.monotonic() >= next_report:
                 next_report = time.monotonic() + interval
 
@@ -174,9 +188,7 @@ class Agent:
     def _refuse(self, error: EdgefleetError, seq: int | None) -> None:
         """Nothing changes on the device; the reason goes to the server."""
         log.error("refused desired state%s: %s", f" seq {seq}" if seq else "", error.message)
-        self._refusal = {"reason": error.reason, "message": error.message}
-        if seq is not None:
-            self._refusal["seq"] = str(seq)
+        self._refusal = Refusal(reason=error.reason, message=error.message, seq=seq)
         self.publish_status()
 
     # --- reporting -------------------------------------------------------------------------------
@@ -193,7 +205,7 @@ class Agent:
                 state=rec.state,
                 active=active.ref if active else None,
                 target_sha256=rec.target.bundle_sha256 if rec.target else None,
-                error={k: v for k, v in rec.error.items() if k != "retry"} if rec.error else None,
+                error=rec.error,
                 shadow=self.table.shadow_report(name) if rec.shadow_of else None,
             )
         return ReportedStatus(

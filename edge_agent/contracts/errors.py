@@ -9,7 +9,8 @@ Branches are named for what the caller should do::
     ├── RuntimeBackendError  a model failed to load or run: fall back to the prior version
     ├── ConversionError      a model could not be compiled for a profile
     ├── ConfigError          a configuration or profile file is wrong: fix the file
-    └── RequestError         a caller sent a bad request (wrong input name, shape, dtype)
+    ├── RequestError         a caller sent a bad request (wrong input name, shape, dtype)
+    └── Superseded           a newer desired state took over the step under way: stop it
 
 Errors carry structured fields (``device_id``, ``bundle_sha256``, ``reason``) so that a
 refusal can be reported over MQTT or REST without parsing the message.
@@ -27,6 +28,7 @@ __all__ = [
     "EdgefleetError",
     "RequestError",
     "RuntimeBackendError",
+    "Superseded",
     "TransportError",
 ]
 
@@ -88,3 +90,10 @@ class RequestError(EdgefleetError):
     """A caller's request cannot be served as sent; the message says what to change."""
 
     reason = "bad_request"
+
+
+class Superseded(EdgefleetError):
+    """A newer desired state took over: the step under way stops (not a failure of the
+    step; the newer document decides what the slot runs)."""
+
+    reason = "superseded"

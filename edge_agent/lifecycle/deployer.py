@@ -1,25 +1,27 @@
 """Runs a slot's deployment through the lifecycle table and keeps the journal.
 
-Each handler does one step and returns an :class:`Event`; it never chooses the next state.
-The journal is saved before each step, so after a crash the agent knows which deployment was
-under way and that the committed version is still the one to serve.
+Each handler does one step and returns a :class:`SlotEvent` — ``SUCCESS``, or a failure event
+with ``ctx.error`` set (a handler may also raise the project's error; :meth:`Deployer._run`
+turns it into the failure event its kind calls for). Handlers never choose the next state. The
+journal is saved before each step, so after a crash the agent knows which deployment was under
+way and that the committed version is still the one to serve; start-up settles it through the
+same table (``INTERRUPTED``).
 
-Desired-state rules (checked in :meth:`Deployer.accept`, in this order): the keyring that
-comes with it must be signed by the pinned root and not older than the one held; the
-document must be signed by a valid key of that keyring; it must name this device, must not
-have expired, and its ``seq`` must be greater than the last accepted one — or equal with
-identical content, which resumes an interrupted deployment.
+A newer desired state ends the deployment under way (:meth:`Deployer.supersede`, called from
+the MQTT thread): a download stops between chunks, probation ends within one wait (the wait is
+on the deployment's ``superseded`` event), and a version on probation is swapped back for the
+prior one — then the newer document is applied. Desired-state acceptance itself is
+:class:`~edge_agent.lifecycle.acceptance.DesiredStateGate`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import random
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
@@ -27,13 +29,14 @@ import numpy as np
 from edge_agent.bundle import VerifiedBundle
 from edge_agent.bundle.selftest import unpack
 from edge_agent.contracts import failpoints
-from edge_agent.contracts.canonical import canonical_json
 from edge_agent.contracts.errors import (
     DesiredStateError,
     EdgefleetError,
     RuntimeBackendError,
+    Superseded,
     TransportError,
 )
+from edge_agent.lifecycle.acceptance import DesiredStateGate
 from edge_agent.lifecycle.journal import Journal, SlotRecord
 from edge_agent.lifecycle.probation import (
     Breach,
@@ -43,12 +46,13 @@ from edge_agent.lifecycle.probation import (
     live_comparable,
 )
 from edge_agent.lifecycle.staging import stage
-from edge_agent.lifecycle.states import IN_FLIGHT, TERMINAL, Event, State, next_state
+from edge_agent.lifecycle.states import IN_FLIGHT, RETRYABLE, TERMINAL, next_state
 from edge_agent.protocol.desired import DesiredState, SignedDesiredState, SlotAssignment
-from edge_agent.protocol.status import Transition, VersionRef
+from edge_agent.protocol.lifecycle import Reason, SlotEvent, SlotMode, SlotState
+from edge_agent.protocol.status import SlotError, Transition, VersionRef
 from edge_agent.runtimes import LoadOptions, Runtime, get_runtime
 from edge_agent.serving import ModelStats, ServingModel, SlotTable, StatsSnapshot, run_counted
-from edge_agent.store.download import check_free_space, download_bundle
+from edge_agent.store.download import check_free_space, fetch_bundle
 from edge_agent.store.models import ModelStore
 from edge_agent.trust import TrustStore
 
@@ -56,6 +60,10 @@ log = logging.getLogger(__name__)
 
 #: A latency regression measured on probes must show this many times in a row.
 LATENCY_CONFIRMATIONS = 3
+#: Events that record why a deployment ended (a rollback's own SUCCESS keeps that record).
+_FAILURES = frozenset(
+    {SlotEvent.FAILURE, SlotEvent.RETRYABLE_FAILURE, SlotEvent.SUPERSEDED, SlotEvent.INTERRUPTED}
+)
 
 
 @dataclass(frozen=True)
@@ -84,14 +92,12 @@ class Deployment:
     prior_runs_probes: bool = False
     probe_inputs: dict[str, np.ndarray] | None = None
     error: EdgefleetError | None = None
+    #: Set (from another thread) when a newer desired state takes this slot elsewhere.
+    superseded: threading.Event = field(default_factory=threading.Event)
 
 
 class ProbationError(RuntimeBackendError):
     """The new version breached the probation policy; ``fields`` holds the figures."""
-
-
-def desired_digest(doc: DesiredState) -> str:
-    return hashlib.sha256(canonical_json(doc.model_dump(mode="json"))).hexdigest()
 
 
 class Deployer:
@@ -104,36 +110,45 @@ class Deployer:
         trust: TrustStore,
         on_transition: Callable[[Transition], None],
         policy: ProbationPolicy | None = None,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         runtime_for: Callable[[str], Runtime] = get_runtime,
     ) -> None:
-        self._runtime_for = runtime_for
+        """``sleep``: a test's clock; by default waits end early when a newer desired state
+        supersedes the deployment."""
         self.device = device
         self.trust = trust
+        self.gate = DesiredStateGate(device.device_id if device else "", journal, trust)
         self.policy = policy or ProbationPolicy()
         self._clock = clock
+        self._sleep = sleep
+        self._runtime_for = runtime_for
         self.journal = journal
         self.store = store
         self.table = table
         self._on_transition = on_transition
-        self._sleep = sleep
-        self._handlers: dict[State, Callable[[Deployment], Event]] = {
-            State.DOWNLOADING: self._download,
-            State.VERIFYING: self._verify,
-            State.STAGING: self._stage,
-            State.SWITCHING: self._switch,
-            State.PROBATION: self._probation,
-            State.ROLLING_BACK: self._roll_back,
+        self._under_way: Deployment | None = None
+        #: A newer document arrived: converging the current one stops after this slot.
+        self._newer = threading.Event()
+        self._handlers: dict[SlotState, Callable[[Deployment], SlotEvent]] = {
+            SlotState.DOWNLOADING: self._download,
+            SlotState.VERIFYING: self._verify,
+            SlotState.STAGING: self._stage,
+            SlotState.SWITCHING: self._switch,
+            SlotState.PROBATION: self._probation,
+            SlotState.ROLLING_BACK: self._roll_back,
         }
 
     # --- start-up ----------------------------------------------------------------------------
     def restore(self) -> None:
-        """Serve every slot's committed version from disk (no server needed)."""
-        for slot, rec in self.journal.data.slots.items():
+        """Serve every slot's committed version from disk (no server needed). A deployment the
+        agent stopped in is settled first; a committed version that no longer loads gives way
+        to the previous one. Both through the transition table."""
+        for slot, rec in list(self.journal.data.slots.items()):
             self._settle_interrupted(slot, rec)
             if rec.committed is None:
                 continue
+            failure: EdgefleetError | None = None
             for candidate in (rec.committed, rec.previous):
                 if candidate is None:
                     continue
@@ -141,14 +156,20 @@ class Deployer:
                     serving = self._load(self.store.open_model(candidate.bundle_sha256), candidate)
                 except (EdgefleetError, OSError, ValueError) as e:
                     log.error("slot %s: cannot restore %s: %s", slot, candidate.version, e)
+                    failure = failure or RuntimeBackendError(
+                        f"{candidate.model} {candidate.version} could not be loaded at "
+                        f"start-up: {e}",
+                        reason=Reason.RESTORE_FAILED,
+                    )
                     continue
                 if rec.shadow_of is not None:
                     self.table.attach_shadow(slot, rec.shadow_of, serving, rec.sample_rate or 0.0)
                 else:
                     self.table.swap(slot, serving)
                 if candidate is not rec.committed:
-                    rec.previous, rec.committed = None, candidate
-                    self.journal.save()
+                    broken, rec.previous, rec.committed = rec.committed, None, candidate
+                    assert failure is not None
+                    self._record(slot, rec, SlotEvent.FAILURE, broken.bundle_sha256, failure)
                 log.info(
                     "slot %s: serving %s %s from disk", slot, candidate.model, candidate.version
                 )
@@ -158,67 +179,55 @@ class Deployer:
         """A deployment that stopped half-way (crash, power loss, an unexpected error) ends
         here: before the switch it failed and will be retried; on probation it is rolled back
         (the new version may be the cause) and not retried."""
-        if rec.state in (State.PROBATION, State.ROLLING_BACK):
-            log.warning("slot %s: stopped in %s; rolling back", slot, rec.state)
-            if rec.state == State.PROBATION:
-                rec.state = next_state(rec.state, Event.FAILURE)
-            rec.state = next_state(rec.state, Event.SUCCESS)
-            rec.error = {
-                "reason": "interrupted_in_probation",
-                "message": "the agent stopped while the new version was on probation",
-                "retry": "no",
-            }
-        elif rec.state in IN_FLIGHT:
-            log.warning("slot %s: deployment interrupted in %s", slot, rec.state)
-            rec.state = next_state(rec.state, Event.FAILURE)
-            rec.error = {
-                "reason": "interrupted",
-                "message": "the deployment stopped before it finished",
-                "retry": "yes",
-            }
-        else:
+        if rec.state not in IN_FLIGHT:
             return
-        self.journal.save()
+        sha = rec.target.bundle_sha256 if rec.target else None
+        log.warning("slot %s: stopped in %s; settling it", slot, rec.state)
+        if rec.state in (SlotState.PROBATION, SlotState.ROLLING_BACK):
+            error = EdgefleetError(
+                "the agent stopped while the new version was on probation",
+                reason=Reason.INTERRUPTED_IN_PROBATION,
+            )
+            self._record(slot, rec, SlotEvent.INTERRUPTED, sha, error, retryable=False)
+            if rec.state == SlotState.ROLLING_BACK:  # start-up serves the prior: done
+                self._record(slot, rec, SlotEvent.SUCCESS, sha)
+        else:
+            error = EdgefleetError(
+                "the deployment stopped before it finished", reason=Reason.INTERRUPTED
+            )
+            self._record(slot, rec, SlotEvent.INTERRUPTED, sha, error, retryable=True)
 
     # --- desired state -----------------------------------------------------------------------
-    def accept(self, envelope: SignedDesiredState, now: datetime | None = None) -> bool:
-        """Check the document against the journal; return True if there is work to do.
+    def accept(self, envelope: SignedDesiredState, now: datetime | None = None) -> None:
+        """Raises :class:`DesiredStateError` (or another ``BundleError``) for a document that
+        must not be applied; a refusal changes nothing."""
+        self.gate.accept(envelope, now)
 
-        Raises :class:`DesiredStateError` for a document that must not be applied.
-        """
-        doc = envelope.signed
-        data = self.journal.data
-        if envelope.keyring is not None:
-            self.trust.update(envelope.keyring, now)
-        self.trust.check(envelope.signed_bytes(), envelope.signatures, "desired state", now)
-        if doc.device_id != self.device.device_id:
-            raise DesiredStateError(
-                f"desired state is for device {doc.device_id!r}", reason="wrong_device"
-            )
-        if doc.is_expired(now):
-            raise DesiredStateError(
-                f"desired state seq {doc.seq} expired at {doc.expires_at.isoformat()}",
-                reason="desired_state_expired",
-            )
-        digest = desired_digest(doc)
-        if doc.seq < data.desired_seq:
-            raise DesiredStateError(
-                f"desired state seq {doc.seq} is older than the accepted seq {data.desired_seq}",
-                reason="stale_seq",
-            )
-        if doc.seq == data.desired_seq and digest != data.desired_digest:
-            raise DesiredStateError(
-                f"desired state seq {doc.seq} was already accepted with different content",
-                reason="replayed_seq",
-            )
-        if doc.seq > data.desired_seq:
-            data.desired_seq, data.desired_digest = doc.seq, digest
-            self.journal.save()
+    def supersede(self, envelope: SignedDesiredState) -> bool:
+        """Called when a document arrives while the worker may be busy: if it would be
+        accepted and takes the slot under deployment elsewhere, end that deployment. A
+        document that names the same target for that slot (a refresh, a new keyring) does
+        not interrupt it."""
+        ctx = self._under_way
+        if ctx is None:
+            return False
+        wanted = envelope.signed.slots.get(ctx.slot)
+        if wanted is not None and wanted == ctx.target:
+            return False
+        if not self.gate.supersedes(envelope):
+            return False
+        log.info("slot %s: a newer desired state supersedes the deployment under way", ctx.slot)
+        self._newer.set()
+        ctx.superseded.set()
         return True
 
     def converge(self, doc: DesiredState) -> None:
-        """Bring every slot to what ``doc`` asks for; a failed slot does not stop the others."""
+        """Bring every slot to what ``doc`` asks for; a failed slot does not stop the others,
+        a newer document does."""
+        self._newer.clear()
         for slot, assignment in doc.slots.items():
+            if self._newer.is_set():
+                return
             rec = self.journal.slot(slot)
             if (
                 rec.committed is not None
@@ -226,11 +235,11 @@ class Deployer:
             ):
                 continue
             if (
-                rec.state in (State.FAILED, State.ROLLED_BACK)
+                rec.state in (SlotState.FAILED, SlotState.ROLLED_BACK)
                 and rec.target is not None
                 and rec.target.bundle_sha256 == assignment.bundle_sha256
                 and rec.error is not None
-                and rec.error.get("retry") != "yes"
+                and not rec.error.retryable
             ):
                 continue  # this exact bundle was refused; only a new document retries it
             self.deploy(slot, assignment)
@@ -242,19 +251,20 @@ class Deployer:
         self.table.detach_shadow(slot)
         rec = self.journal.data.slots.pop(slot)
         self.journal.save()
-        self._emit(slot, rec.state, State.IDLE, Event.SUCCESS, None, "slot removed")
+        self._emit(slot, rec.state, SlotState.IDLE, SlotEvent.SUCCESS, None, "slot removed")
         self._collect_garbage()
 
     # --- the state machine -------------------------------------------------------------------
-    def deploy(self, slot: str, target: SlotAssignment) -> State:
+    def deploy(self, slot: str, target: SlotAssignment) -> SlotState:
         rec = self.journal.slot(slot)
         ctx = Deployment(slot, target)
         rec.target, rec.error = target, None
-        state, event = rec.state, Event.DEPLOY
+        state, event = rec.state, SlotEvent.DEPLOY
+        self._under_way = ctx
         try:
             while True:
                 new_state = next_state(state, event)
-                self._enter(rec, slot, state, new_state, event, ctx)
+                self._enter(rec, slot, new_state, event, ctx)
                 state = new_state
                 if state in TERMINAL:
                     break
@@ -265,7 +275,9 @@ class Deployer:
             log.exception("slot %s: deployment broke in %s", slot, state)
             self._abandon(slot, ctx)
             raise
-        self._finish(rec, ctx, state)
+        finally:
+            self._under_way = None
+        self._finish(ctx, state)
         return state
 
     def _abandon(self, slot: str, ctx: Deployment) -> None:
@@ -283,48 +295,75 @@ class Deployer:
             with contextlib.suppress(OSError):
                 self._settle_interrupted(slot, rec)
 
-    def _run(self, state: State, ctx: Deployment) -> Event:
+    def _run(self, state: SlotState, ctx: Deployment) -> SlotEvent:
         try:
             return self._handlers[state](ctx)
         except EdgefleetError as e:
-            ctx.error = e
-            return Event.FAILURE
+            return self._fail(ctx, e)
+
+    @staticmethod
+    def _fail(ctx: Deployment, error: EdgefleetError) -> SlotEvent:
+        """The failure event ``error`` calls for: a newer document took over, a failure that
+        may pass (network, disk space), or one the same bundle will meet again."""
+        ctx.error = error
+        if isinstance(error, Superseded):
+            return SlotEvent.SUPERSEDED
+        if isinstance(error, TransportError):
+            return SlotEvent.RETRYABLE_FAILURE
+        return SlotEvent.FAILURE
 
     def _enter(
-        self, rec: SlotRecord, slot: str, old: State, new: State, event: Event, ctx: Deployment
+        self, rec: SlotRecord, slot: str, new: SlotState, event: SlotEvent, ctx: Deployment
     ) -> None:
-        rec.state = new
-        if new == State.COMMITTED:
+        if new == SlotState.COMMITTED:
             assert ctx.staged is not None
             rec.previous, rec.committed = rec.committed, ctx.staged.ref
             rec.shadow_of, rec.sample_rate = ctx.target.shadow_of, ctx.target.sample_rate
             rec.target = None
-        elif new in (State.FAILED, State.ROLLING_BACK, State.ROLLED_BACK) and ctx.error:
-            rec.error = {
-                "reason": ctx.error.reason,
-                "message": ctx.error.message,
-                "retry": "yes" if isinstance(ctx.error, TransportError) else "no",
-                **{k: str(v) for k, v in ctx.error.fields.items()},
-            }
+        error = ctx.error if event in _FAILURES else None
+        self._record(slot, rec, event, ctx.target.bundle_sha256, error, expected=new)
+
+    def _record(
+        self,
+        slot: str,
+        rec: SlotRecord,
+        event: SlotEvent,
+        sha: str | None,
+        error: EdgefleetError | None = None,
+        *,
+        retryable: bool | None = None,
+        expected: SlotState | None = None,
+    ) -> None:
+        """One transition: the table's next state, the error it records, the journal written
+        before anything else happens, then the report."""
+        old = rec.state
+        rec.state = next_state(old, event)
+        assert expected is None or rec.state == expected
+        if error is not None:
+            rec.error = SlotError(
+                reason=error.reason,
+                message=error.message,
+                retryable=event in RETRYABLE if retryable is None else retryable,
+                detail={k: str(v) for k, v in error.fields.items()},
+            )
         self.journal.save()
-        failpoints.hit(f"lifecycle.{new}")
-        err = ctx.error if new in (State.FAILED, State.ROLLING_BACK, State.ROLLED_BACK) else None
+        failpoints.hit(f"lifecycle.{rec.state}")
         self._emit(
             slot,
             old,
-            new,
+            rec.state,
             event,
-            ctx.target.bundle_sha256,
-            err.message if err else None,
-            err.reason if err else None,
+            sha,
+            error.message if error else None,
+            error.reason if error else None,
         )
 
     def _emit(
         self,
         slot: str,
-        old: State,
-        new: State,
-        event: Event,
+        old: SlotState,
+        new: SlotState,
+        event: SlotEvent,
         sha: str | None,
         message: str | None,
         reason: str | None = None,
@@ -345,19 +384,15 @@ class Deployer:
             )
         )
 
-    def _finish(self, rec: SlotRecord, ctx: Deployment, state: State) -> None:
-        if state == State.COMMITTED and ctx.prior is not None:
+    def _finish(self, ctx: Deployment, state: SlotState) -> None:
+        if state == SlotState.COMMITTED and ctx.prior is not None:
             ctx.prior.retire()
-        if state == State.FAILED and ctx.staged is not None:
+        if state == SlotState.FAILED and ctx.staged is not None:
             ctx.staged.retire()
         if (
-            state == State.FAILED
+            state == SlotState.FAILED
             and ctx.error is not None
-            and ctx.error.reason
-            in (
-                "digest_mismatch",
-                "oversize",
-            )
+            and ctx.error.reason in (Reason.DIGEST_MISMATCH, Reason.OVERSIZE)
         ):
             self.store.discard_bundle(ctx.target.bundle_sha256)
         self._collect_garbage()
@@ -369,47 +404,40 @@ class Deployer:
                 if ref is not None:
                     keep.add(ref.bundle_sha256)
             if rec.target is not None and (
-                rec.state in IN_FLIGHT or (rec.error or {}).get("retry") == "yes"
+                rec.state in IN_FLIGHT or (rec.error is not None and rec.error.retryable)
             ):
                 keep.add(rec.target.bundle_sha256)  # an interrupted download resumes
         self.store.collect_garbage(keep)
 
+    def _pause(self, ctx: Deployment, seconds: float) -> None:
+        """Wait, unless a newer desired state supersedes the deployment first."""
+        if self._sleep is not None:
+            self._sleep(seconds)
+        else:
+            ctx.superseded.wait(seconds)
+
     # --- handlers: one step each, returning an event -----------------------------------------
-    def _download(self, ctx: Deployment) -> Event:
+    def _download(self, ctx: Deployment) -> SlotEvent:
         sha = ctx.target.bundle_sha256
         if self.store.has_model(sha) or self.store.bundle_path(sha).is_file():
-            return Event.SUCCESS
+            return SlotEvent.SUCCESS
         check_free_space(self.store.downloads, ctx.target.size, self.device.download_reserve_bytes)
-        attempts = self.device.download_attempts
-        for attempt in range(1, attempts + 1):
-            try:
-                download_bundle(
-                    ctx.target.bundle_url,
-                    self.store.bundle_path(sha),
-                    self.store.partial_path(sha),
-                    size=ctx.target.size,
-                    sha256=sha,
-                    credential=self.device.credential,
-                    timeout_s=self.device.download_timeout_s,
-                    max_bytes_per_s=self.device.download_max_bytes_per_s,
-                    sleep=self._sleep,
-                )
-                return Event.SUCCESS
-            except TransportError as e:
-                if attempt == attempts:
-                    raise
-                delay = random.uniform(0, 1.5 ** min(10, attempt))
-                log.warning(
-                    "download attempt %d/%d failed (%s); retrying in %.1fs",
-                    attempt,
-                    attempts,
-                    e,
-                    delay,
-                )
-                self._sleep(delay)
-        raise AssertionError("unreachable")
+        fetch_bundle(
+            ctx.target.bundle_url,
+            self.store.bundle_path(sha),
+            self.store.partial_path(sha),
+            size=ctx.target.size,
+            sha256=sha,
+            credential=self.device.credential,
+            timeout_s=self.device.download_timeout_s,
+            attempts=self.device.download_attempts,
+            max_bytes_per_s=self.device.download_max_bytes_per_s,
+            sleep=self._sleep or (lambda s: self._pause(ctx, s)),
+            cancelled=ctx.superseded.is_set,
+        )
+        return SlotEvent.SUCCESS
 
-    def _verify(self, ctx: Deployment) -> Event:
+    def _verify(self, ctx: Deployment) -> SlotEvent:
         ctx.verified = self.store.install(
             ctx.target.bundle_sha256,
             profile=self.device.profile,
@@ -421,11 +449,11 @@ class Deployer:
             raise DesiredStateError(
                 f"bundle holds {m.model.name} {m.model.version}, the desired state names "
                 f"{ctx.target.model} {ctx.target.version}",
-                reason="bundle_mismatch",
+                reason=Reason.BUNDLE_MISMATCH,
             )
-        return Event.SUCCESS
+        return SlotEvent.SUCCESS
 
-    def _stage(self, ctx: Deployment) -> Event:
+    def _stage(self, ctx: Deployment) -> SlotEvent:
         assert ctx.verified is not None
         m = ctx.verified.manifest
         ref = VersionRef(
@@ -437,9 +465,9 @@ class Deployer:
         )
         ctx.staged = self._load(ctx.verified, ref)
         ctx.probe_inputs, _ = unpack(ctx.verified.directory / m.selftest.file)
-        if ctx.target.mode == "active":
+        if ctx.target.mode == SlotMode.ACTIVE:
             self._measure_prior(ctx)
-        return Event.SUCCESS
+        return SlotEvent.SUCCESS
 
     def _measure_prior(self, ctx: Deployment) -> None:
         """Before the switch: the prior version's live figures, and whether it can run the new
@@ -478,8 +506,10 @@ class Deployer:
             breach = check_health(live, new, policy) or check_latency(
                 live, None, new, prior.p95(), policy
             )
-            if breach is None or breach.reason != "latency_regression":
+            if breach is None or breach.reason != Reason.LATENCY_REGRESSION:
                 return breach
+            if ctx.superseded.is_set():
+                return None  # the probation loop ends it as superseded
         return breach
 
     def _probe_pair(
@@ -496,37 +526,44 @@ class Deployer:
                     run_counted(serving, inputs, stats)
         return pair[0].snapshot(), pair[1].snapshot()
 
-    def _switch(self, ctx: Deployment) -> Event:
+    def _switch(self, ctx: Deployment) -> SlotEvent:
         assert ctx.staged is not None
         if ctx.target.shadow_of is not None:
             # A shadow serves nobody: it goes beside the active slot, replacing any earlier one.
             self.table.attach_shadow(
                 ctx.slot, ctx.target.shadow_of, ctx.staged, ctx.target.sample_rate
             )
-            return Event.SUCCESS
+            return SlotEvent.SUCCESS
         ctx.prior = self.table.swap(ctx.slot, ctx.staged, retire_old=False)
-        return Event.SUCCESS
+        return SlotEvent.SUCCESS
 
-    def _probation(self, ctx: Deployment) -> Event:
-        """Watch the new version for ``window_s``; the first breach ends it."""
+    def _probation(self, ctx: Deployment) -> SlotEvent:
+        """Watch the new version for ``window_s``; the first breach, or a newer desired state,
+        ends it."""
         staged, policy = ctx.staged, self.policy
         assert staged is not None and ctx.probe_inputs is not None
         if ctx.target.shadow_of is not None:
-            return Event.SUCCESS  # nothing depends on a shadow; its figures are the verdict
+            return SlotEvent.SUCCESS  # nothing depends on a shadow; its figures are the verdict
         deadline = self._clock() + policy.window_s
         while True:
+            if ctx.superseded.is_set():
+                return self._fail(ctx, Superseded("a newer desired state ended the probation"))
             breach = check_health(staged.stats.snapshot(), staged.probe_stats.snapshot(), policy)
             if breach is None and self._clock() >= deadline:
                 breach = self._latency_verdict(ctx)
+                if ctx.superseded.is_set():
+                    continue
                 if breach is None:
-                    return Event.SUCCESS
+                    return SlotEvent.SUCCESS
             if breach is not None:
-                raise ProbationError(breach.message, reason=breach.reason, **breach.figures)
-            self._sleep(min(policy.probe_interval_s, max(0.0, deadline - self._clock())))
+                return self._fail(
+                    ctx, ProbationError(breach.message, reason=breach.reason, **breach.figures)
+                )
+            self._pause(ctx, min(policy.probe_interval_s, max(0.0, deadline - self._clock())))
             with contextlib.suppress(RuntimeBackendError):  # run_counted counted it
                 run_counted(staged, ctx.probe_inputs, staged.probe_stats)
 
-    def _roll_back(self, ctx: Deployment) -> Event:
+    def _roll_back(self, ctx: Deployment) -> SlotEvent:
         """Switch the prior version back in (or leave the slot empty if there was none: a
         version that failed its checks is never served)."""
         if ctx.target.shadow_of is not None:
@@ -535,7 +572,7 @@ class Deployer:
             self.table.swap(ctx.slot, ctx.prior)
         else:
             self.table.remove(ctx.slot)
-        return Event.SUCCESS
+        return SlotEvent.SUCCESS
 
     def _load(self, verified: VerifiedBundle, ref: VersionRef) -> ServingModel:
         runtime = self._runtime_for(verified.manifest.runtime.name)

@@ -14,17 +14,17 @@ from pydantic import BaseModel, Field
 
 from edge_agent.contracts.durable import write_atomic
 from edge_agent.contracts.errors import ConfigError
-from edge_agent.lifecycle.states import State
 from edge_agent.protocol.desired import SlotAssignment
-from edge_agent.protocol.status import VersionRef
+from edge_agent.protocol.lifecycle import SlotState
+from edge_agent.protocol.status import SlotError, VersionRef
 
 
 class SlotRecord(BaseModel):
-    state: State = State.IDLE
+    state: SlotState = SlotState.IDLE
     committed: VersionRef | None = None
     previous: VersionRef | None = None
     target: SlotAssignment | None = None
-    error: dict[str, str] | None = None
+    error: SlotError | None = None
     #: A shadow slot: the active slot it runs beside, and the share of requests it sees.
     shadow_of: str | None = None
     sample_rate: float | None = None

@@ -5,8 +5,16 @@ understands. Payloads are UTF-8 JSON.
 """
 
 from edge_agent.protocol.desired import DesiredState, SignedDesiredState, SlotAssignment
+from edge_agent.protocol.lifecycle import Reason, SlotEvent, SlotMode, SlotState
 from edge_agent.protocol.presence import OFFLINE, ONLINE
-from edge_agent.protocol.status import ReportedStatus, SlotStatus, Transition, VersionRef
+from edge_agent.protocol.status import (
+    Refusal,
+    ReportedStatus,
+    SlotError,
+    SlotStatus,
+    Transition,
+    VersionRef,
+)
 from edge_agent.protocol.topics import DEVICE_ID_PATTERN, PREFIX, Topics, parse_device_topic
 
 __all__ = [
@@ -15,9 +23,15 @@ __all__ = [
     "ONLINE",
     "PREFIX",
     "DesiredState",
+    "Reason",
+    "Refusal",
     "ReportedStatus",
     "SignedDesiredState",
     "SlotAssignment",
+    "SlotError",
+    "SlotEvent",
+    "SlotMode",
+    "SlotState",
     "SlotStatus",
     "Topics",
     "Transition",

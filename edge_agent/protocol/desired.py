@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
 
 from edge_agent.contracts.canonical import canonical_json
 from edge_agent.contracts.errors import DesiredStateError
+from edge_agent.protocol.lifecycle import SlotMode
 from edge_agent.protocol.topics import DEVICE_ID_PATTERN
 from edge_agent.trust.keyring import SignedKeyring
 from edge_agent.trust.signing import Signature
@@ -38,18 +39,28 @@ class SlotAssignment(_Message):
     bundle_sha256: str = Field(pattern=SHA256_PATTERN)
     bundle_url: str
     size: int = Field(gt=0)
-    mode: Literal["active", "shadow"] = "active"
     #: Shadow mode: the active slot whose live requests this candidate also runs on, and the
-    #: share of them it sees. Its outputs are never returned.
+    #: share of them it sees. Its outputs are never returned. ``mode`` follows from it.
     shadow_of: str | None = Field(default=None, pattern=SLOT_PATTERN)
     sample_rate: float = Field(default=0.1, ge=0, le=1)
     rollout_id: str | None = None
 
-    @model_validator(mode="after")
-    def _shadow_needs_a_target(self) -> SlotAssignment:
-        if (self.mode == "shadow") != (self.shadow_of is not None):
-            raise ValueError("mode 'shadow' needs shadow_of, and only shadow slots have one")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_agrees(cls, value: Any) -> Any:
+        """``mode`` travels on the wire (readable documents), but ``shadow_of`` alone says it:
+        a document whose ``mode`` disagrees is refused."""
+        if isinstance(value, dict) and "mode" in value:
+            value = dict(value)
+            mode = SlotMode(value.pop("mode"))
+            if (mode == SlotMode.SHADOW) != (value.get("shadow_of") is not None):
+                raise ValueError("mode 'shadow' needs shadow_of, and only shadow slots have one")
+        return value
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def mode(self) -> SlotMode:
+        return SlotMode.SHADOW if self.shadow_of is not None else SlotMode.ACTIVE
 
 
 class DesiredState(_Message):
@@ -89,7 +100,7 @@ class SignedDesiredState(_Message):
     def from_bytes(cls, payload: bytes) -> SignedDesiredState:
         try:
             return cls.model_validate(json.loads(payload))
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise DesiredStateError(
                 f"malformed desired-state document: {e}", reason="desired_state_malformed"
             ) from e

@@ -10,7 +10,9 @@ import json
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from edge_agent.protocol.lifecycle import SlotEvent, SlotState
 
 
 class _Message(BaseModel):
@@ -29,11 +31,44 @@ class VersionRef(_Message):
     precision: str
 
 
+class SlotError(_Message):
+    """Why a slot's last deployment failed. ``retryable``: the failure may pass (network, disk
+    space), so a document naming the same bundle tries again; otherwise only a document naming
+    another bundle does."""
+
+    reason: str
+    message: str
+    retryable: bool = False
+    detail: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_record(cls, value: Any) -> Any:
+        # Journals written before 0.2 kept a flat dict with retry "yes"/"no" and the fields.
+        if isinstance(value, dict) and "retry" in value:
+            flat = {k: str(v) for k, v in value.items()}
+            return {
+                "reason": flat.pop("reason", "error"),
+                "message": flat.pop("message", ""),
+                "retryable": flat.pop("retry") == "yes",
+                "detail": flat,
+            }
+        return value
+
+
+class Refusal(_Message):
+    """Why the last desired-state document was refused (nothing changed on the device)."""
+
+    reason: str
+    message: str
+    seq: int | None = None
+
+
 class Transition(_Message):
     slot: str
-    from_state: str
-    to_state: str
-    event: str
+    from_state: SlotState
+    to_state: SlotState
+    event: SlotEvent
     at: datetime
     bundle_sha256: str | None = None
     reason: str | None = None
@@ -41,11 +76,11 @@ class Transition(_Message):
 
 
 class SlotStatus(_Message):
-    state: str
+    state: SlotState
     active: VersionRef | None = None
     #: The bundle the slot is moving to, while a deployment is under way or after it failed.
     target_sha256: str | None = None
-    error: dict[str, str] | None = None
+    error: SlotError | None = None
     #: Shadow slots: what they run beside, and how they compare with it.
     shadow: dict[str, Any] | None = None
 
@@ -59,7 +94,7 @@ class ReportedStatus(_Message):
     slots: dict[str, SlotStatus] = Field(default_factory=dict)
     last_transition: Transition | None = None
     #: Why the last desired-state document was refused, if it was.
-    refusal: dict[str, str] | None = None
+    refusal: Refusal | None = None
     reported_at: datetime
 
     def to_bytes(self) -> bytes:

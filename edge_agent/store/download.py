@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import shutil
 import time
 import urllib.error
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edge_agent.contracts import failpoints
-from edge_agent.contracts.errors import BundleError, TransportError
+from edge_agent.contracts.errors import BundleError, Superseded, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,11 @@ def download_bundle(
     max_bytes_per_s: int | None = None,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    cancelled: Callable[[], bool] = lambda: False,
 ) -> None:
+    """One attempt; what arrived stays in ``partial`` for the next one. ``cancelled`` is asked
+    between chunks: when it says so, :class:`Superseded` ends the download (the part file
+    stays, so a document naming this bundle again resumes it)."""
     h = hashlib.sha256()
     have = partial.stat().st_size if partial.exists() else 0
     if have > size:
@@ -104,6 +109,8 @@ def download_bundle(
                             sleep(ahead)
                     out.flush()
                     failpoints.hit("download.chunk")
+                    if cancelled():
+                        raise Superseded("a newer desired state took over this download")
                 if received == size and response.read(1):
                     raise BundleError(
                         f"server sent more than the declared {size} bytes",
@@ -134,3 +141,41 @@ def download_bundle(
             bundle_sha256=sha256,
         )
     partial.replace(dest)
+
+
+def fetch_bundle(
+    url: str,
+    dest: Path,
+    partial: Path,
+    *,
+    size: int,
+    sha256: str,
+    credential: str,
+    timeout_s: float,
+    attempts: int,
+    max_bytes_per_s: int | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> None:
+    """:func:`download_bundle`, tried up to ``attempts`` times with jittered exponential
+    backoff between them (``uniform(0, 1.5 ** attempt)`` seconds, so a fleet that lost the
+    server at once does not come back at once). Untrusted bytes (``BundleError``) and a
+    newer desired state (``Superseded``) end it at once."""
+    for attempt in range(1, attempts + 1):
+        try:
+            download_bundle(
+                url, dest, partial, size=size, sha256=sha256, credential=credential,
+                timeout_s=timeout_s, max_bytes_per_s=max_bytes_per_s, sleep=sleep,
+                cancelled=cancelled,
+            )  # fmt: skip
+            return
+        except TransportError as e:
+            if attempt == attempts:
+                raise
+            delay = random.uniform(0, 1.5 ** min(10, attempt))
+            log.warning(
+                "download attempt %d/%d failed (%s); retrying in %.1fs", attempt, attempts, e, delay
+            )
+            sleep(delay)
+            if cancelled():
+                raise Superseded("a newer desired state took over this download") from e

@@ -137,9 +137,10 @@ class TrustStore:
             raise BundleError("no keyring yet: nothing can be verified", reason="keyring_invalid")
         return self.signed.signed
 
-    def update(self, candidate: SignedKeyring, now: datetime | None = None) -> bool:
-        """Accept ``candidate`` if it is valid and not older; return True if it is new."""
-        ring = verify_keyring(candidate, self.root, now)
+    def candidate(self, signed: SignedKeyring, now: datetime | None = None) -> Keyring:
+        """``signed``'s keyring if it could replace the held one (signed by the root, not
+        expired, not older); changes nothing."""
+        ring = verify_keyring(signed, self.root, now)
         if self.signed is not None:
             held = self.signed.signed
             if ring.version < held.version:
@@ -147,23 +148,37 @@ class TrustStore:
                     f"keyring version {ring.version} is older than the held version {held.version}",
                     reason="keyring_rollback",
                 )
-            if ring.version == held.version:
-                if ring != held:
-                    raise BundleError(
-                        f"keyring version {ring.version} differs from the one already held",
-                        reason="keyring_rollback",
-                    )
-                return False
+            if ring.version == held.version and ring != held:
+                raise BundleError(
+                    f"keyring version {ring.version} differs from the one already held",
+                    reason="keyring_rollback",
+                )
+        return ring
+
+    def update(self, candidate: SignedKeyring, now: datetime | None = None) -> bool:
+        """Accept ``candidate`` if it is valid and not older; return True if it is new."""
+        ring = self.candidate(candidate, now)
+        if self.signed is not None and ring.version == self.signed.signed.version:
+            return False
         write_atomic(self.path, candidate.model_dump_json().encode())
         self.signed = candidate
         return True
 
     def check(
-        self, message: bytes, signatures: list[Signature], what: str, now: datetime | None = None
+        self,
+        message: bytes,
+        signatures: list[Signature],
+        what: str,
+        now: datetime | None = None,
+        keyring: Keyring | None = None,
     ) -> str:
-        """The id of the key that validly signed ``message``; the held keyring must itself
-        still be valid (an expired keyring means updates stop: freeze-attack protection)."""
-        if self.signed is None:
-            raise BundleError("no keyring yet: nothing can be verified", reason="keyring_invalid")
-        ring = verify_keyring(self.signed, self.root, now)
-        return check_signed(ring, message, signatures, what, now)
+        """The id of the key that validly signed ``message``; the held keyring (or
+        ``keyring``, one :meth:`candidate` returned) must itself still be valid (an expired
+        keyring means updates stop: freeze-attack protection)."""
+        if keyring is None:
+            if self.signed is None:
+                raise BundleError(
+                    "no keyring yet: nothing can be verified", reason="keyring_invalid"
+                )
+            keyring = verify_keyring(self.signed, self.root, now)
+        return check_signed(keyring, message, signatures, what, now)

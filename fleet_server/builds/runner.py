@@ -27,7 +27,7 @@ from converters.build import Prepared, write_bundle
 from firmware_profiles import ProfileCatalog
 from fleet_server.artifacts import ArtifactStore
 from fleet_server.builds.service import get_build
-from fleet_server.builds.tables import Build
+from fleet_server.builds.tables import Build, BuildState
 from fleet_server.bundles.tables import Bundle
 from fleet_server.keys.service import ServerKeys
 from fleet_server.registry.service import version_by_id
@@ -62,14 +62,16 @@ class BuildRunner:
         """Recover after a restart: a build that was running is failed (its subprocess died
         with the old server); queued ones run."""
         with Session(self.engine) as session:
-            for build in session.exec(select(Build).where(Build.state == "running")).all():
-                build.state, build.finished_at = "failed", datetime.now(UTC)
+            for build in session.exec(select(Build).where(Build.state == BuildState.RUNNING)).all():
+                build.state, build.finished_at = BuildState.FAILED, datetime.now(UTC)
                 build.error = {
                     "reason": "interrupted",
                     "message": "the server stopped while this build ran; create it again",
                 }
                 session.add(build)
-            queued = [b.id for b in session.exec(select(Build).where(Build.state == "queued"))]
+            queued = [
+                b.id for b in session.exec(select(Build).where(Build.state == BuildState.QUEUED))
+            ]
             session.commit()
         for build_id in queued:
             self.submit(build_id)
@@ -105,7 +107,7 @@ class BuildRunner:
         self._append_log(build_id, [f"failed: {message}\n"])
         self._update(
             build_id,
-            state="failed",
+            state=BuildState.FAILED,
             finished_at=datetime.now(UTC),
             error={"reason": reason, "message": message, "detail": detail or None},
         )
@@ -122,7 +124,7 @@ class BuildRunner:
             return
         with Session(self.engine) as session:
             build = get_build(session, build_id)
-            if build.state != "queued":
+            if build.state != BuildState.QUEUED:
                 return
             model, version = version_by_id(session, build.model_version_id)
             profile = self.catalog.get(build.profile)
@@ -141,7 +143,7 @@ class BuildRunner:
                 if version.validation_sha256
                 else None,
             }
-            build.state, build.started_at = "running", datetime.now(UTC)
+            build.state, build.started_at = BuildState.RUNNING, datetime.now(UTC)
             session.add(build)
             session.commit()
         work = self.store.scratch_dir()
@@ -172,7 +174,7 @@ class BuildRunner:
                 candidates = detail.pop("candidates", [])
                 self._update(
                     build_id,
-                    state="failed",
+                    state=BuildState.FAILED,
                     finished_at=datetime.now(UTC),
                     error={
                         "reason": error["reason"],
@@ -249,7 +251,7 @@ class BuildRunner:
                         created_at=datetime.now(UTC),
                     )
                 )
-            build.state = "succeeded"
+            build.state = BuildState.SUCCEEDED
             build.finished_at = datetime.now(UTC)
             build.bundle_sha256 = sha256
             build.runtime, build.precision = result.target.runtime, result.target.precision

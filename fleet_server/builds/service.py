@@ -25,7 +25,14 @@ from edge_agent.contracts.canonical import canonical_json
 from edge_agent.contracts.errors import ConversionError
 from firmware_profiles import Profile, ProfileCatalog, ProfileError
 from fleet_server.audit.service import record
-from fleet_server.builds.tables import Build, BuildCreate, BuildLog, BuildPublic
+from fleet_server.builds.tables import (
+    FINISHED,
+    Build,
+    BuildCreate,
+    BuildLog,
+    BuildPublic,
+    BuildState,
+)
 from fleet_server.bundles.tables import Bundle
 from fleet_server.database import aware
 from fleet_server.errors import ConflictError, InvalidInputError, NotFoundError
@@ -128,9 +135,9 @@ def request_build(
         select(Build).where(Build.cache_key == key).order_by(col(Build.created_at).desc())
     ).all()
     for build in existing:
-        if build.state in ("queued", "running"):
+        if build.state in (BuildState.QUEUED, BuildState.RUNNING):
             return build
-        if build.state == "succeeded" and usable_bundle(session, key, signer) is not None:
+        if build.state == BuildState.SUCCEEDED and usable_bundle(session, key, signer) is not None:
             return build
     assert version.id is not None
     build = Build(
@@ -138,7 +145,7 @@ def request_build(
         model_version_id=version.id,
         profile=profile.name,
         cache_key=key,
-        state="queued",
+        state=BuildState.QUEUED,
         options=options,
         created_at=datetime.now(UTC),
         created_by=actor,
@@ -183,7 +190,7 @@ def to_public(session: Session, build: Build) -> BuildPublic:
         model=model.name,
         version=version.version,
         profile=build.profile,
-        state=build.state,
+        state=BuildState(build.state),
         cache_key=build.cache_key,
         options=build.options,
         runtime=build.runtime,
@@ -224,7 +231,9 @@ def list_builds(session: Session, model: str | None, limit: int) -> list[BuildPu
 def read_log(session: Session, build_id: str, offset: int) -> BuildLog:
     build = get_build(session, build_id)
     text = build.log[offset:] if offset >= 0 else build.log
-    return BuildLog(id=build.id, state=build.state, text=text, next_offset=len(build.log))
+    return BuildLog(
+        id=build.id, state=BuildState(build.state), text=text, next_offset=len(build.log)
+    )
 
 
 def wait_for(engine: Engine, build_id: str, timeout_s: float) -> Build:
@@ -233,7 +242,7 @@ def wait_for(engine: Engine, build_id: str, timeout_s: float) -> Build:
     while True:
         with Session(engine) as session:
             build = get_build(session, build_id)
-            if build.state in ("succeeded", "failed") or time.monotonic() > deadline:
+            if build.state in FINISHED or time.monotonic() > deadline:
                 session.expunge(build)
                 return build
         time.sleep(0.2)
@@ -262,7 +271,7 @@ def ensure_bundle(
     build = request_build(session, runner, signer, model, version, profile, options, actor, key)
     build_id = build.id
     done = wait_for(runner.engine, build_id, wait_s)
-    if done.state == "failed":
+    if done.state == BuildState.FAILED:
         error = done.error or {}
         raise ConversionError(
             f"the build for profile {profile.name!r} failed (edgefleet builds show {build_id}): "
@@ -271,7 +280,7 @@ def ensure_bundle(
             build_id=build_id,
             profile=profile.name,
         )
-    if done.state != "succeeded":
+    if done.state != BuildState.SUCCEEDED:
         raise ConflictError(
             f"the build for profile {profile.name!r} is still {done.state} after "
             f"{wait_s:.0f} s; create the rollout again when "

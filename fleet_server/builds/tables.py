@@ -8,6 +8,7 @@ returns the existing job (or its bundle) instead of compiling again.
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel
@@ -15,7 +16,16 @@ from pydantic import Field as PydanticField
 from sqlalchemy import JSON, Column, Text
 from sqlmodel import Field, SQLModel
 
-BUILD_STATES = ("queued", "running", "succeeded", "failed")
+
+class BuildState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+#: A build in one of these states will not change any more.
+FINISHED = frozenset({BuildState.SUCCEEDED, BuildState.FAILED})
 
 
 class Build(SQLModel, table=True):
@@ -25,7 +35,7 @@ class Build(SQLModel, table=True):
     model_version_id: int = Field(foreign_key="model_versions.id", index=True)
     profile: str = Field(max_length=63)
     cache_key: str = Field(max_length=64, index=True)
-    #: queued / running / succeeded / failed
+    #: A :class:`BuildState` (stored as its string).
     state: str = Field(max_length=16, index=True)
     options: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     log: str = Field(default="", sa_column=Column(Text, nullable=False))
@@ -61,7 +71,7 @@ class BuildPublic(BaseModel):
     model: str
     version: str
     profile: str
-    state: str
+    state: BuildState
     cache_key: str
     options: dict[str, Any]
     runtime: str | None
@@ -79,7 +89,7 @@ class BuildPublic(BaseModel):
 
 class BuildLog(BaseModel):
     id: str
-    state: str
+    state: BuildState
     #: Log text from ``offset`` (characters) on; pass ``next_offset`` to follow it.
     text: str
     next_offset: int

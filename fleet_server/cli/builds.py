@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from fleet_server.builds.tables import BuildState
 from fleet_server.cli.context import (
     DEFAULT_SERVER,
     JsonOpt,
@@ -57,7 +58,7 @@ def follow_build(client: ApiClient, build: dict[str, Any], quiet: bool) -> dict[
                 for line in chunk["text"].rstrip("\n").splitlines():
                     console.print(f"  [dim]{line}[/dim]", highlight=False)
             status.update(f"build {build['id']}: {chunk['state']}…")
-            if chunk["state"] in ("succeeded", "failed"):
+            if chunk["state"] in (BuildState.SUCCEEDED, BuildState.FAILED):
                 break
             time.sleep(0.5)
     result: dict[str, Any] = client.get(f"/v1/builds/{build['id']}")
@@ -98,21 +99,21 @@ def builds_create(
         "precisions": precision,
     }
     build = client.post("/v1/builds", json=body)
-    if wait and build["state"] in ("queued", "running"):
+    if wait and build["state"] in (BuildState.QUEUED, BuildState.RUNNING):
         build = follow_build(client, build, quiet=as_json)
     if as_json:
         print_json(build)
     else:
         console.print(render_build(build))
-        if build["state"] == "succeeded":
+        if build["state"] == BuildState.SUCCEEDED:
             console.print(
                 f"bundle {build['bundle_sha256'][:12]}: {build['runtime']}/{build['precision']}"
                 + (f", {build['seconds']:.1f} s" if build.get("seconds") else "")
                 + (f", peak RSS {build['peak_rss_mb']:.0f} MB" if build.get("peak_rss_mb") else "")
             )
-        elif build["state"] == "failed":
+        elif build["state"] == BuildState.FAILED:
             err_console.print(f"error: {(build['error'] or {}).get('message', 'build failed')}")
-    if build["state"] == "failed":
+    if build["state"] == BuildState.FAILED:
         raise typer.Exit(1)
 
 

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from fleet_server.builds.tables import BuildState
 from fleet_server.cli.builds import follow_build, render_build
 from fleet_server.cli.context import (
     DEFAULT_SERVER,
@@ -114,7 +115,7 @@ def _create_rollout(client: ApiClient, body: dict[str, Any], quiet: bool) -> dic
             if not quiet:
                 console.print(f"building the bundle for this rollout: build {build_id}")
             build = follow_build(client, client.get(f"/v1/builds/{build_id}"), quiet)
-            if build["state"] == "failed":
+            if build["state"] == BuildState.FAILED:
                 console.print(render_build(build))
                 raise typer.Exit(1)
 

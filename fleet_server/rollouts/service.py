@@ -16,6 +16,8 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from edge_agent.protocol.desired import SignedDesiredState, SlotAssignment
+from edge_agent.protocol.lifecycle import SlotState
+from edge_agent.protocol.status import ReportedStatus
 from firmware_profiles import ProfileError
 from fleet_server.audit.service import record
 from fleet_server.builds.runner import BuildRunner
@@ -33,7 +35,9 @@ from fleet_server.rollouts.tables import (
     Rollout,
     RolloutCreate,
     RolloutPublic,
+    RolloutState,
     RolloutTarget,
+    TargetState,
     TargetStatus,
 )
 
@@ -111,7 +115,6 @@ def create_rollout(
             slot,
             slot_assignment(public_url, model, version, bundle, rollout.id).model_copy(
                 update={
-                    "mode": "shadow" if body.shadow_of else "active",
                     "shadow_of": body.shadow_of,
                     "sample_rate": body.sample_rate,
                 }
@@ -192,23 +195,29 @@ def slot_assignment(
 def _target_status(
     device: Device, target: RolloutTarget, slot: str, bundle: Bundle
 ) -> TargetStatus:
-    reported: dict[str, Any] = device.reported or {}
-    slot_report: dict[str, Any] = (reported.get("slots") or {}).get(slot) or {}
-    active = slot_report.get("active") or slot_report.get("shadow") or {}
-    error = slot_report.get("error")
-    slot_state = slot_report.get("state")
-    state = "pending"
-    if slot_report.get("target_sha256") == target.bundle_sha256 and slot_state in (
-        "FAILED",
-        "ROLLED_BACK",
+    reported = ReportedStatus.model_validate(device.reported) if device.reported else None
+    report = reported.slots.get(slot) if reported else None
+    running = None
+    if report is not None:
+        running = report.active.bundle_sha256 if report.active else _shadow_ref(report.shadow)
+    error: dict[str, Any] | None = report.error.model_dump() if report and report.error else None
+    state = TargetState.PENDING
+    if (
+        report is not None
+        and report.target_sha256 == target.bundle_sha256
+        and report.state in (SlotState.FAILED, SlotState.ROLLED_BACK)
     ):
-        state = "failed" if slot_state == "FAILED" else "rolled_back"
-    elif active.get("bundle_sha256") == target.bundle_sha256:
+        failed = report.state == SlotState.FAILED
+        state = TargetState.FAILED if failed else TargetState.ROLLED_BACK
+    elif report is not None and running == target.bundle_sha256:
         # Only a committed version is serving; between the switch and the commit (probation,
         # or a rollback under way) the device may still turn it down.
-        state = "serving" if slot_state == "COMMITTED" else "probation"
-    elif reported.get("refusal") and device.reported_seq < target.desired_seq:
-        state, error = "refused", reported["refusal"]
+        # In a state a deployment ends in, what a slot runs is its committed version (after a
+        # fleet rollback to it, the slot still names the version it left, and why).
+        settled = report.state in (SlotState.COMMITTED, SlotState.FAILED, SlotState.ROLLED_BACK)
+        state = TargetState.SERVING if settled else TargetState.PROBATION
+    elif reported and reported.refusal and device.reported_seq < target.desired_seq:
+        state, error = TargetState.REFUSED, reported.refusal.model_dump()
     return TargetStatus(
         device_id=device.id,
         profile=device.profile,
@@ -216,10 +225,14 @@ def _target_status(
         runtime=bundle.runtime,
         precision=bundle.precision,
         state=state,
-        device_state=slot_report.get("state"),
+        device_state=report.state if report else None,
         online=device.online,
-        error=error if state != "serving" else None,
+        error=error if state != TargetState.SERVING else None,
     )
+
+
+def _shadow_ref(shadow: dict[str, Any] | None) -> str | None:
+    return str(shadow["bundle_sha256"]) if shadow and "bundle_sha256" in shadow else None
 
 
 def describe(session: Session, rollout: Rollout) -> RolloutPublic:
@@ -235,15 +248,15 @@ def describe(session: Session, rollout: Rollout) -> RolloutPublic:
         bundle = session.get(Bundle, t.bundle_sha256)
         assert device is not None and bundle is not None
         statuses.append(_target_status(device, t, rollout.slot, bundle))
-    counts = {s: 0 for s in ("pending", "probation", "serving", "failed", "rolled_back", "refused")}
+    counts = {s: 0 for s in TargetState}
     for s in statuses:
         counts[s.state] += 1
-    if counts["serving"] == len(statuses):
-        overall = "completed"
-    elif counts["pending"] == 0 and counts["probation"] == 0:
-        overall = "failed"
+    if counts[TargetState.SERVING] == len(statuses):
+        overall = RolloutState.COMPLETED
+    elif counts[TargetState.PENDING] == 0 and counts[TargetState.PROBATION] == 0:
+        overall = RolloutState.FAILED
     else:
-        overall = "in_progress"
+        overall = RolloutState.IN_PROGRESS
     return RolloutPublic(
         id=rollout.id,
         model=model.name,
@@ -253,7 +266,7 @@ def describe(session: Session, rollout: Rollout) -> RolloutPublic:
         created_at=aware(rollout.created_at),
         created_by=rollout.created_by,
         state=overall,
-        counts=counts,
+        counts={str(k): v for k, v in counts.items()},
         targets=statuses,
     )
 

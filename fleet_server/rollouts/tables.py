@@ -4,6 +4,7 @@ is never out of step with the fleet."""
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel
@@ -12,6 +13,7 @@ from sqlalchemy import JSON, Column, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from edge_agent.protocol.desired import SLOT_PATTERN
+from edge_agent.protocol.lifecycle import SlotState
 
 
 class Rollout(SQLModel, table=True):
@@ -51,16 +53,32 @@ class RolloutCreate(BaseModel):
     sample_rate: float = PydanticField(default=0.1, ge=0, le=1)
 
 
+class TargetState(StrEnum):
+    """Where one device is in a rollout, read from its reports."""
+
+    PENDING = "pending"
+    PROBATION = "probation"
+    SERVING = "serving"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
+    REFUSED = "refused"
+
+
+class RolloutState(StrEnum):
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
 class TargetStatus(BaseModel):
     device_id: str
     profile: str
     bundle_sha256: str
     runtime: str
     precision: str
-    #: pending / probation / serving / failed / rolled_back / refused
-    state: str
+    state: TargetState
     #: The slot's lifecycle state as the device last reported it.
-    device_state: str | None
+    device_state: SlotState | None
     online: bool
     error: dict[str, Any] | None = None
 
@@ -73,7 +91,6 @@ class RolloutPublic(BaseModel):
     selector: dict[str, str] | None
     created_at: datetime
     created_by: str
-    #: in_progress / completed / failed
-    state: str
+    state: RolloutState
     counts: dict[str, int]
     targets: list[TargetStatus]

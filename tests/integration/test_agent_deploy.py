@@ -19,8 +19,8 @@ from edge_agent.contracts.errors import DesiredStateError
 from edge_agent.lifecycle.deployer import Deployer, DeviceContext
 from edge_agent.lifecycle.journal import Journal
 from edge_agent.lifecycle.probation import ProbationPolicy
-from edge_agent.lifecycle.states import State
 from edge_agent.protocol.desired import SignedDesiredState, SlotAssignment
+from edge_agent.protocol.lifecycle import SlotState as State
 from edge_agent.protocol.status import Transition
 from edge_agent.runtimes import LoadOptions, available_runtimes
 from edge_agent.serving import SlotTable, predict
@@ -228,7 +228,7 @@ def test_failures_before_the_switch_leave_the_active_model_serving(
     dev.apply(2, {"clf": bad})
     rec = dev.journal.data.slots["clf"]
     assert rec.state == State.FAILED
-    assert rec.error is not None and rec.error["reason"] == reason, rec.error
+    assert rec.error is not None and rec.error.reason == reason, rec.error
     assert rec.committed is not None and rec.committed.version == "1.0.0"
     assert dev.serving_version() == "1.0.0"
     assert dev.transitions[-1].to_state == "FAILED" and dev.transitions[-1].reason == reason
@@ -280,7 +280,7 @@ def test_restart_serves_the_committed_version_from_disk(
     again.deployer.restore()
     assert again.serving_version() == "1.0.0"
     rec = again.journal.data.slots["clf"]
-    assert rec.state == State.FAILED and rec.error and rec.error["reason"] == "interrupted"
+    assert rec.state == State.FAILED and rec.error and rec.error.reason == "interrupted"
     # The redelivered document resumes the interrupted deployment.
     again.apply(2, {"clf": publish(root, base, v2, "2.0.0")})
     assert again.serving_version() == "2.0.0"
@@ -332,7 +332,7 @@ def test_probation_rolls_back_to_the_prior_version(
     dev.apply(2, {"clf": publish(root, base, _bundle(tmp_path, fleet, model, "2.0.0"), "2.0.0")})
     rec = dev.journal.data.slots["clf"]
     assert rec.state == State.ROLLED_BACK
-    assert rec.error is not None and rec.error["reason"] == reason, rec.error
+    assert rec.error is not None and rec.error.reason == reason, rec.error
     assert [t.to_state for t in dev.transitions[-3:]] == [
         "PROBATION",
         "ROLLING_BACK",
@@ -345,7 +345,7 @@ def test_probation_rolls_back_to_the_prior_version(
     out = predict(dev.table, "clf", {"x": np.ones((1, 16), np.float32)}).outputs["probs"]
     assert np.isfinite(out).all()
     if reason == "latency_regression":
-        assert float(rec.error["ratio"]) > 2.0
+        assert float(rec.error.detail["ratio"]) > 2.0
     # The same document again does not retry the rolled-back version.
     dev.transitions.clear()
     dev.deployer.converge(dev.fleet.desired("dev-1", 2, {"clf": rec.target}).signed)  # type: ignore[dict-item]
@@ -394,7 +394,7 @@ def test_a_crash_during_probation_returns_to_the_committed_version(
     assert again.serving_version() == "1.0.0"
     rec = again.journal.data.slots["clf"]
     assert rec.state == State.ROLLED_BACK and rec.error
-    assert rec.error["reason"] == "interrupted_in_probation" and rec.error["retry"] == "no"
+    assert rec.error.reason == "interrupted_in_probation" and not rec.error.retryable
 
 
 def test_a_journal_write_that_fails_mid_deployment_leaves_a_deployable_slot(
@@ -422,7 +422,7 @@ def test_a_journal_write_that_fails_mid_deployment_leaves_a_deployable_slot(
         dev.apply(2, {"clf": a2})
     assert dev.serving_version() == "1.0.0"
     rec = dev.journal.data.slots["clf"]
-    assert rec.state == State.FAILED and rec.error and rec.error["retry"] == "yes"
+    assert rec.state == State.FAILED and rec.error and rec.error.retryable
     assert (
         Journal(tmp_path / "dev" / "journal.json", owner=False).data.slots["clf"].state
         == State.FAILED

@@ -98,7 +98,7 @@ def test_kill_9_then_restart(fleet: Fleet, failpoint: str, outcome: str, uid: st
             state, error = slot["state"], slot.get("error") or {}
             if state == "COMMITTED":
                 return state if slot["committed"]["version"] == "2.0.0" else None
-            if state == "FAILED" and error.get("retry") == "yes":
+            if state == "FAILED" and error.get("retryable"):
                 return None  # interrupted: the redelivered document restarts it
             return state if state in ("ROLLED_BACK", "FAILED") else None
 

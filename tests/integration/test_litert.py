@@ -79,8 +79,8 @@ def test_a_litert_bundle_goes_through_the_agent_lifecycle(
     from edge_agent.lifecycle.deployer import Deployer, DeviceContext
     from edge_agent.lifecycle.journal import Journal
     from edge_agent.lifecycle.probation import ProbationPolicy
-    from edge_agent.lifecycle.states import State
     from edge_agent.protocol.desired import SlotAssignment
+    from edge_agent.protocol.lifecycle import SlotState as State
     from edge_agent.serving import SlotTable, predict
     from edge_agent.store.models import ModelStore
     from edge_agent.trust import TrustStore

@@ -1,4 +1,6 @@
-from edge_agent.lifecycle.states import IN_FLIGHT, TERMINAL, TRANSITIONS, Event, State, next_state
+from edge_agent.lifecycle.states import IN_FLIGHT, TERMINAL, TRANSITIONS, next_state
+from edge_agent.protocol.lifecycle import SlotEvent as Event
+from edge_agent.protocol.lifecycle import SlotState as State
 
 
 def test_the_happy_path_reaches_committed_through_probation() -> None:
@@ -39,3 +41,14 @@ def test_every_end_can_deploy_again_and_nothing_deploys_mid_flight() -> None:
 def test_the_table_has_no_dead_ends() -> None:
     for state in State:
         assert any(s == state for s, _ in TRANSITIONS), f"no way out of {state}"
+
+
+def test_a_newer_document_or_a_crash_ends_any_step_and_probation_rolls_back() -> None:
+    for event in (Event.SUPERSEDED, Event.INTERRUPTED):
+        for state in (State.DOWNLOADING, State.VERIFYING, State.STAGING, State.SWITCHING):
+            assert TRANSITIONS[(state, event)] == State.FAILED
+        assert TRANSITIONS[(State.PROBATION, event)] == State.ROLLING_BACK
+
+
+def test_a_committed_version_that_cannot_be_restored_rolls_back() -> None:
+    assert next_state(State.COMMITTED, Event.FAILURE) == State.ROLLED_BACK

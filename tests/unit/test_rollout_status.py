@@ -19,7 +19,9 @@ def status(
     slot: dict[str, Any] | None, refusal: dict[str, str] | None = None, reported_seq: int = 2
 ) -> str:
     device = Device(id="d", profile="x86-64-avx2", secret_hash="x", enrolled_at=datetime.now(UTC),
-                    reported={"slots": {"clf": slot} if slot else {}, "refusal": refusal},
+                    reported={"device_id": "d", "profile": "x86-64-avx2", "agent_version": "0",
+                              "reported_at": "2026-11-30T00:00:00Z",
+                              "slots": {"clf": slot} if slot else {}, "refusal": refusal},
                     reported_seq=reported_seq)  # fmt: skip
     bundle = Bundle(sha256=NEW, model_version_id=1, profile="x86-64-avx2", runtime="onnxruntime",
                     precision="fp32", signing_key_id="k", size=1, manifest={}, created_at=datetime.now(UTC))  # fmt: skip
@@ -49,6 +51,8 @@ def active(sha: str) -> dict[str, str]:
         ({"state": "ROLLED_BACK", "active": active(NEW), "target_sha256": NEW}, "rolled_back"),
         ({"state": "FAILED", "active": active(OLD), "target_sha256": NEW}, "failed"),
         ({"state": "COMMITTED", "active": active(NEW)}, "serving"),
+        # A fleet rollback to the committed version: the slot still names the one it left.
+        ({"state": "ROLLED_BACK", "active": active(NEW), "target_sha256": OLD}, "serving"),
     ],
 )
 def test_only_a_committed_version_counts_as_serving(
@@ -60,7 +64,9 @@ def test_only_a_committed_version_counts_as_serving(
 def test_a_refused_document_is_reported_as_refused() -> None:
     assert (
         status(
-            {"state": "COMMITTED", "active": active(OLD)}, {"reason": "stale_seq"}, reported_seq=1
+            {"state": "COMMITTED", "active": active(OLD)},
+            {"reason": "stale_seq", "message": "older"},
+            reported_seq=1,
         )
         == "refused"
     )
