@@ -70,9 +70,10 @@ def make_models(
 
 def one(spec: dict[str, str]) -> None:
     """Child process: compile one path and gate it; print a JSON line."""
-    from converters.build import Target, _Converters, _load
+    from converters.converter import ConversionJob, Target, load_for_gate
     from converters.data import load_dataset
     from converters.onnx import inspect_onnx
+    from converters.registry import converters_for_build
     from converters.validate import Thresholds, compare, run_dataset
     from firmware_profiles import default_catalog
 
@@ -84,14 +85,13 @@ def one(spec: dict[str, str]) -> None:
     work = Path(spec["work"])
     target = Target(spec["runtime"], spec["precision"], "")
     start = time.perf_counter()
-    artifact = _Converters(
-        source, work, profile, info.inputs, info.outputs, calib, lambda _: None
-    ).produce(target)
+    job = ConversionJob(source, work, profile, info.inputs, info.outputs, calib, lambda _: None)
+    artifact = converters_for_build()[target.runtime].produce(target, job)
     compile_s = time.perf_counter() - start
-    ref_model = _load("onnxruntime", source)
+    ref_model = load_for_gate("onnxruntime", source)
     reference = run_dataset(ref_model, valid)
     ref_model.close()
-    model = _load(artifact.gate_runtime, artifact.path)
+    model = load_for_gate(artifact.gate_runtime, artifact.path)
     got = run_dataset(model, valid)
     model.close()
     report = compare(

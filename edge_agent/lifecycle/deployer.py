@@ -60,7 +60,8 @@ log = logging.getLogger(__name__)
 
 #: A latency regression measured on probes must show this many times in a row.
 LATENCY_CONFIRMATIONS = 3
-#: Events that record why a deployment ended (a rollback's own SUCCESS keeps that record).
+#: Events that record why a deployment ended (a rollback's own SUCCESS reports the same error
+#: and keeps the record).
 _FAILURES = frozenset(
     {SlotEvent.FAILURE, SlotEvent.RETRYABLE_FAILURE, SlotEvent.SUPERSEDED, SlotEvent.INTERRUPTED}
 )
@@ -320,7 +321,8 @@ class Deployer:
             rec.previous, rec.committed = rec.committed, ctx.staged.ref
             rec.shadow_of, rec.sample_rate = ctx.target.shadow_of, ctx.target.sample_rate
             rec.target = None
-        error = ctx.error if event in _FAILURES else None
+        ended = new in (SlotState.FAILED, SlotState.ROLLING_BACK, SlotState.ROLLED_BACK)
+        error = ctx.error if ended else None
         self._record(slot, rec, event, ctx.target.bundle_sha256, error, expected=new)
 
     def _record(
@@ -339,7 +341,7 @@ class Deployer:
         old = rec.state
         rec.state = next_state(old, event)
         assert expected is None or rec.state == expected
-        if error is not None:
+        if error is not None and event in _FAILURES:  # a rollback's SUCCESS keeps the record
             rec.error = SlotError(
                 reason=error.reason,
                 message=error.message,

@@ -491,4 +491,8 @@ def test_shadow_assignments_must_name_their_active_slot() -> None:
     with pytest.raises(ValidationError, match="shadow_of"):
         SlotAssignment.model_validate({**base, "mode": "shadow"})
     with pytest.raises(ValidationError, match="shadow_of"):
-        SlotAssignment.model_validate({**base, "shadow_of": "clf"})
+        SlotAssignment.model_validate({**base, "mode": "active", "shadow_of": "clf"})
+    # shadow_of alone says it: mode follows, and travels on the wire for readers.
+    shadow = SlotAssignment.model_validate({**base, "shadow_of": "clf"})
+    assert shadow.mode == "shadow" and shadow.model_dump()["mode"] == "shadow"
+    assert SlotAssignment.model_validate(shadow.model_dump()) == shadow

@@ -195,7 +195,7 @@ def _stored_document(stack: EmbeddedStack) -> dict[str, Any]:
 def _expect_refusal(rig: Rig, reason: str, seq: int) -> None:
     def refused() -> bool:
         r = rig.reported().get("refusal") or {}
-        return r.get("reason") == reason and r.get("seq") == str(seq)
+        return r.get("reason") == reason and r.get("seq") == seq
 
     try:
         wait_until(refused, 15, f"refusal {reason} of seq {seq}")
