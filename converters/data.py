@@ -10,7 +10,6 @@ runs, with the input and the mismatch named.
 
 from __future__ import annotations
 
-import hashlib
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_agent.bundle.archive import sha256_file
 from edge_agent.bundle.manifest import TensorSpec
 from edge_agent.contracts.errors import ConversionError
 
@@ -51,14 +51,6 @@ class Dataset:
             yield {
                 k: np.ascontiguousarray(v[start : start + batch]) for k, v in self.arrays.items()
             }
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_dataset(path: Path, inputs: list[TensorSpec], *, what: str) -> Dataset:

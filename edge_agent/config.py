@@ -10,6 +10,7 @@ import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edge_agent.contracts.errors import ConfigError
@@ -179,26 +180,21 @@ def render_config(
     tls: bool = False,
     mqtt_password_file: str | None = None,
 ) -> str:
-    """The TOML text ``edge-agent enroll`` writes."""
-    return (
-        f'device_id = "{device_id}"\n'
-        f'profile = "{profile}"\n'
-        f'state_dir = "{state_dir}"\n\n'
-        f"[server]\n"
-        f'url = "{server_url}"\n'
-        f'credential_file = "{credential_file}"\n\n'
-        f"[mqtt]\n"
-        f'url = "{mqtt_url}"\n'
-        + ('ca_file = "ca.crt"\ncert_file = "device.crt"\nkey_file = "device.key"\n' if tls else "")
-        + (
-            f'username = "{device_id}"\npassword_file = "{mqtt_password_file}"\n'
-            if mqtt_password_file
-            else ""
-        )
-        + "\n"
-        f"[trust]\n"
-        f'root_key_file = "{root_key_file}"\n\n'
-        f"[serving]\n"
-        f'host = "127.0.0.1"\n'
-        f"port = {serving_port}\n"
+    """The TOML text ``edge-agent enroll`` writes (by tomli-w: values from the server are
+    escaped, whatever characters they hold)."""
+    mqtt: dict[str, str] = {"url": mqtt_url}
+    if tls:
+        mqtt.update(ca_file="ca.crt", cert_file="device.crt", key_file="device.key")
+    if mqtt_password_file:
+        mqtt.update(username=device_id, password_file=mqtt_password_file)
+    return tomli_w.dumps(
+        {
+            "device_id": device_id,
+            "profile": profile,
+            "state_dir": state_dir,
+            "server": {"url": server_url, "credential_file": credential_file},
+            "mqtt": mqtt,
+            "trust": {"root_key_file": root_key_file},
+            "serving": {"host": "127.0.0.1", "port": serving_port},
+        }
     )

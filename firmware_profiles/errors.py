@@ -22,6 +22,3 @@ class ProfileError(ValueError):
         self.message = message
         self.reason = reason
         self.fields: dict[str, Any] = fields
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"reason": self.reason, "message": self.message, **self.fields}

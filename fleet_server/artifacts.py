@@ -8,11 +8,12 @@ a partial one. Content addressing makes writes idempotent.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from edge_agent.bundle import sha256_file
 
 
 class ArtifactStore:
@@ -33,12 +34,7 @@ class ArtifactStore:
 
     def put_file(self, src: Path) -> tuple[str, int]:
         """Move ``src`` (a file this process wrote) into the store."""
-        h = hashlib.sha256()
-        size = src.stat().st_size
-        with src.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        return self._commit(src, h.hexdigest()), size
+        return self._commit(src, sha256_file(src)), src.stat().st_size
 
     def _commit(self, tmp: Path, sha256: str) -> str:
         final = self.path(sha256)

@@ -13,7 +13,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from converters import build_bundle, inspect_onnx
-from edge_agent.bundle import Manifest
+from edge_agent.bundle import Manifest, sha256_file
 from edge_agent.protocol.desired import DesiredState, SignedDesiredState, SlotAssignment
 from edge_agent.trust import KeyEntry, Keyring, Signature, SignedKeyring, TrustStore, key_id
 from edge_agent.trust.signing import public_key_to_b64
@@ -91,7 +91,7 @@ class TestFleet:
 
 
 def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return sha256_file(path)
 
 
 def make_bundle(

@@ -16,7 +16,6 @@ import json
 import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
@@ -32,11 +31,8 @@ MAX_MANIFEST_BYTES = 1 << 20
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class BundleWriter:
@@ -253,7 +249,3 @@ def _read_signatures(tar: tarfile.TarFile, path: Path) -> tuple[list[Signature],
         raise BundleError(
             f"{path.name}: malformed {SIGNATURE_NAME}: {e}", reason="signature_invalid"
         ) from e
-
-
-def default_created_at() -> datetime:
-    return datetime.now(UTC).replace(microsecond=0)

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from edge_agent.contracts.canonical import canonical_json
+from firmware_profiles import Precision, RuntimeName
 
 FORMAT_VERSION: Literal[1] = 1
 MANIFEST_NAME = "manifest.json"
@@ -44,7 +45,7 @@ class ModelRef(_Strict):
 
 
 class RuntimeRequirement(_Strict):
-    name: Literal["onnxruntime", "litert", "tensorrt"]
+    name: RuntimeName
     #: PEP 440 range the device's runtime version must satisfy.
     versions: str
 
@@ -62,7 +63,7 @@ class Manifest(_Strict):
     model: ModelRef
     profile: str
     runtime: RuntimeRequirement
-    precision: Literal["fp32", "fp16", "int8"]
+    precision: Precision
     #: Path (inside the bundle) of the file the runtime loads.
     artifact: str
     files: list[FileEntry]

@@ -46,9 +46,6 @@ class EdgefleetError(Exception):
             self.reason = reason
         self.fields: dict[str, Any] = fields
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"reason": self.reason, "message": self.message, **self.fields}
-
 
 class BundleError(EdgefleetError):
     """A bundle (or its download) is not what it claims to be. Never retry the same bytes."""

@@ -1,10 +1,18 @@
 """Probation: after a switch, watch the new version before committing to it.
 
-Checked, from live requests and from periodic probes with the bundle's self-test inputs:
-errors (the runtime failed a request), NaN/inf outputs, and latency p95 against the prior
-version's. Latency is compared like with like: live p95 against the prior's live p95 when both
-saw enough requests, otherwise probe p95 against the prior's probe p95 measured on the same
-inputs before the switch.
+What is judged, and when:
+
+- errors (the runtime failed a request) and NaN/inf outputs, from live requests and from the
+  probes (the bundle's self-test inputs, run every ``probe_interval_s``): at any moment of the
+  window, so a bad version goes at the first sign (:func:`check_health`);
+- latency p95 against the prior version's, at the end of the window (:func:`check_latency`),
+  like with like: on live traffic when both versions served ``min_latency_samples`` requests;
+  otherwise on the probes, both versions run alternately and back to back at the verdict (the
+  spaced probes of the window each start cold and would make any version look slower), and a
+  regression must show ``LATENCY_CONFIRMATIONS`` times in a row (the deployer's loop).
+
+A newer desired state ends the window early (the deployer's ``superseded`` event); the prior
+version stays loaded until the verdict, so switching back is a reference swap.
 """
 
 from __future__ import annotations

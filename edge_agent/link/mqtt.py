@@ -3,13 +3,17 @@
 The agent connects with ``clean_start=False`` and a long session expiry, so the broker keeps
 its subscriptions and queues QoS 1 messages while it is offline. Its Last Will marks it
 ``offline`` (retained); on every (re)connect it publishes ``online`` and its full status.
-paho reconnects by itself with exponential backoff between ``reconnect_min_s`` and
-``reconnect_max_s``.
+
+Reconnects use jittered exponential backoff (:func:`reconnect_delay_s`, as aiomqtt does): a
+fleet that lost its broker at once does not come back in lockstep. paho's own backoff has no
+jitter, so it is set to zero and the wait happens in the disconnect / connect-failure
+callbacks, on paho's network thread, where paho would have waited.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +31,14 @@ from edge_agent.protocol.topics import Topics
 log = logging.getLogger(__name__)
 
 
+def reconnect_delay_s(
+    attempt: int, max_s: float, draw: Callable[[float, float], float] = random.uniform
+) -> float:
+    """Seconds to wait before reconnect ``attempt`` (1, 2, …): uniform in
+    [0, min(max_s, 1.5 ** min(10, attempt))]."""
+    return draw(0.0, min(max_s, 1.5 ** min(10, attempt)))
+
+
 class AgentLink:
     def __init__(
         self,
@@ -36,7 +48,6 @@ class AgentLink:
         on_desired: Callable[[bytes], None],
         on_connected: Callable[[], None],
         password: str | None = None,
-        reconnect_min_s: float = 1,
         reconnect_max_s: float = 60,
     ) -> None:
         self.topics = Topics(device_id)
@@ -58,8 +69,12 @@ class AgentLink:
                 certfile=str(config.cert_file) if config.cert_file else None,
                 keyfile=str(config.key_file) if config.key_file else None,
             )
-        client.reconnect_delay_set(int(reconnect_min_s), int(reconnect_max_s))
+        client.reconnect_delay_set(0, 0)  # the jittered wait is ours (see _back_off)
+        self._reconnect_max_s = reconnect_max_s
+        self._attempt = 0
+        self._stopping = threading.Event()
         client.on_connect = self._handle_connect
+        client.on_connect_fail = self._handle_connect_fail
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         self._client = client
@@ -77,6 +92,7 @@ class AgentLink:
         self._client.loop_start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
+        self._stopping.set()
         if self.connected.is_set():
             info = self._client.publish(self.topics.online, OFFLINE, qos=1, retain=True)
             info.wait_for_publish(timeout_s)
@@ -94,6 +110,7 @@ class AgentLink:
             log.error("broker refused the connection: %s", reason)
             return
         log.info("connected to %s:%s", self._config.host, self._config.port)
+        self._attempt = 0
         client.subscribe(self.topics.desired, qos=1)
         client.publish(self.topics.online, ONLINE, qos=1, retain=True)
         self.connected.set()
@@ -104,6 +121,19 @@ class AgentLink:
     ) -> None:
         self.connected.clear()
         log.warning("disconnected from broker: %s", reason)
+        self._back_off()
+
+    def _handle_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        log.warning("cannot reach the broker at %s:%s", self._config.host, self._config.port)
+        self._back_off()
+
+    def _back_off(self) -> None:
+        if self._stopping.is_set():
+            return
+        self._attempt += 1
+        delay = reconnect_delay_s(self._attempt, self._reconnect_max_s)
+        log.info("reconnecting in %.1f s (attempt %d)", delay, self._attempt)
+        self._stopping.wait(delay)
 
     def _handle_message(
         self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 from edge_agent.contracts.errors import RuntimeBackendError
 from edge_agent.runtimes.base import Runtime
 from edge_agent.runtimes.litert import LiteRt
 from edge_agent.runtimes.onnxruntime import OnnxRuntime
 from edge_agent.runtimes.tensorrt import TensorRt
+from firmware_profiles import RuntimeName
 
-_BACKENDS: dict[str, type[Runtime]] = {
-    OnnxRuntime.name: OnnxRuntime,
-    LiteRt.name: LiteRt,
-    TensorRt.name: TensorRt,
-}
+_BACKENDS: dict[str, type[Runtime]] = {b.name: b for b in (OnnxRuntime, LiteRt, TensorRt)}
+# The one list of runtime names is the profiles' (firmware_profiles.RuntimeName): a profile
+# may only name a runtime an agent has a backend for.
+assert set(_BACKENDS) == set(get_args(RuntimeName)), "a profile runtime has no backend"
 
 
 def get_runtime(name: str) -> Runtime:

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.bundle.archive import sha256_file
 from edge_agent.bundle.manifest import TensorSpec
 from edge_agent.contracts.errors import RuntimeBackendError
 from edge_agent.runtimes.base import LoadedModel, LoadOptions, Runtime, check_feeds
@@ -66,12 +67,8 @@ class Recipe:
 
 def engine_key(onnx_path: Path, recipe_path: Path, sm: str, trt_version: str) -> str:
     """Cache key of an engine: the GPU, the TensorRT version, and what it is built from."""
-    digest = hashlib.sha256()
-    for p in (onnx_path, recipe_path):
-        with p.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    return f"sm{sm.replace('.', '')}-trt{trt_version}-{digest.hexdigest()[:32]}"
+    parts = b"".join(bytes.fromhex(sha256_file(p)) for p in (onnx_path, recipe_path))
+    return f"sm{sm.replace('.', '')}-trt{trt_version}-{hashlib.sha256(parts).hexdigest()[:32]}"
 
 
 def _trt() -> Any:

@@ -63,15 +63,15 @@ def download_bundle(
     """One attempt; what arrived stays in ``partial`` for the next one. ``cancelled`` is asked
     between chunks: when it says so, :class:`Superseded` ends the download (the part file
     stays, so a document naming this bundle again resumes it)."""
-    h = hashlib.sha256()
     have = partial.stat().st_size if partial.exists() else 0
     if have > size:
         partial.unlink()
         have = 0
     if have:
         with partial.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+            h = hashlib.file_digest(f, "sha256")  # resumed: the hash continues from here
+    else:
+        h = hashlib.sha256()
     headers = {"Authorization": f"Bearer {credential}"}
     if have:
         headers["Range"] = f"bytes={have}-"

@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
@@ -23,7 +23,7 @@ from sqlmodel import Session, col, select
 from edge_agent import __version__ as edgefleet_version
 from edge_agent.contracts.canonical import canonical_json
 from edge_agent.contracts.errors import ConversionError
-from firmware_profiles import Profile, ProfileCatalog, ProfileError
+from firmware_profiles import Precision, Profile, ProfileCatalog, ProfileError, RuntimeName
 from fleet_server.audit.service import record
 from fleet_server.builds.tables import (
     FINISHED,
@@ -45,8 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_KNOWN_RUNTIMES = ("onnxruntime", "litert", "tensorrt")
-_KNOWN_PRECISIONS = ("fp32", "fp16", "int8")
+_KNOWN_RUNTIMES = get_args(RuntimeName)
+_KNOWN_PRECISIONS = get_args(Precision)
 
 
 def toolchain_versions() -> dict[str, str]:
