@@ -34,7 +34,8 @@ class ArtifactStore:
 
     def put_file(self, src: Path) -> tuple[str, int]:
         """Move ``src`` (a file this process wrote) into the store."""
-        return self._commit(src, sha256_file(src)), src.stat().st_size
+        size = src.stat().st_size  # before the move
+        return self._commit(src, sha256_file(src)), size
 
     def _commit(self, tmp: Path, sha256: str) -> str:
         final = self.path(sha256)

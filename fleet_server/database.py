@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from pydantic import field_validator
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlmodel import create_engine
+from sqlmodel import SQLModel, create_engine
 
 
 def make_engine(url: str) -> Engine:
@@ -32,3 +33,13 @@ def aware(value: datetime) -> datetime:
     """Datetimes come back from SQLite (and ``timestamp`` columns) without a zone; all of
     edgefleet's are UTC."""
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+class UtcPublic(SQLModel):
+    """Mixed into API schemas (``…Public``): every datetime they hold is UTC-aware, so a row
+    maps to its schema in one ``model_validate`` with no field-by-field copy."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _utc(cls, value: object) -> object:
+        return aware(value) if isinstance(value, datetime) else value

@@ -7,7 +7,6 @@ from sqlalchemy import or_
 from sqlmodel import Session, col, select
 
 from fleet_server.audit.tables import AuditEvent, AuditEventPublic
-from fleet_server.database import aware
 
 
 def record(session: Session, actor: str, action: str, target: str, **detail: Any) -> None:
@@ -38,14 +37,4 @@ def query(
         stmt = stmt.where(AuditEvent.target == target)
     if since:
         stmt = stmt.where(AuditEvent.at >= since)
-    return [
-        AuditEventPublic(
-            id=e.id or 0,
-            at=aware(e.at),
-            actor=e.actor,
-            action=e.action,
-            target=e.target,
-            detail=e.detail,
-        )
-        for e in session.exec(stmt).all()
-    ]
+    return [AuditEventPublic.model_validate(e) for e in session.exec(stmt).all()]

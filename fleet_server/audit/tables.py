@@ -3,15 +3,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
 from sqlalchemy import JSON, Column
 from sqlmodel import Field, SQLModel
 
+from fleet_server.database import UtcPublic
 
-class AuditEvent(SQLModel, table=True):
-    __tablename__ = "audit_events"
 
-    id: int | None = Field(default=None, primary_key=True)
+class AuditEventBase(SQLModel):
     at: datetime = Field(index=True)
     actor: str = Field(max_length=128, index=True)
     #: dotted verb, e.g. ``model.upload``, ``rollout.create``, ``keyring.install``
@@ -20,10 +18,11 @@ class AuditEvent(SQLModel, table=True):
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
 
 
-class AuditEventPublic(BaseModel):
+class AuditEvent(AuditEventBase, table=True):
+    __tablename__ = "audit_events"
+
+    id: int | None = Field(default=None, primary_key=True)
+
+
+class AuditEventPublic(AuditEventBase, UtcPublic):
     id: int
-    at: datetime
-    actor: str
-    action: str
-    target: str
-    detail: dict[str, Any]

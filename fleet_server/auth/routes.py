@@ -4,10 +4,8 @@ identity)."""
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from fleet_server.api.deps import Admin, Operator, SessionDep, StateDep
 from fleet_server.api.principal import Role
@@ -15,8 +13,7 @@ from fleet_server.audit.service import record
 from fleet_server.auth import enrollment
 from fleet_server.auth.mqtt_passwords import write_password_file
 from fleet_server.auth.service import issue_api_token, list_api_tokens, revoke_api_token
-from fleet_server.auth.tables import ApiToken, EnrollmentTokenCreate, EnrollmentTokenPublic
-from fleet_server.database import aware
+from fleet_server.auth.tables import ApiTokenPublic, EnrollmentTokenCreate, EnrollmentTokenPublic
 from fleet_server.devices.tables import EnrollRequest, EnrollResponse
 
 router = APIRouter(tags=["auth"])
@@ -27,44 +24,25 @@ class TokenCreate(BaseModel):
     role: Role
 
 
-class TokenPublic(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: int
-    name: str
-    role: str
-    created_at: datetime
-    revoked_at: datetime | None
-
-
-class TokenCreated(TokenPublic):
+class TokenCreated(ApiTokenPublic):
     token: str
-
-
-def _public(t: ApiToken) -> TokenPublic:
-    return TokenPublic.model_validate(t).model_copy(
-        update={
-            "created_at": aware(t.created_at),
-            "revoked_at": aware(t.revoked_at) if t.revoked_at else None,
-        }
-    )
 
 
 @router.post("/v1/tokens", status_code=201, response_model=TokenCreated)
 def create_token(body: TokenCreate, session: SessionDep, principal: Admin) -> TokenCreated:
     record(session, principal.name, "token.create", body.name, role=body.role)
     token, row = issue_api_token(session, body.name, body.role)
-    return TokenCreated(**_public(row).model_dump(), token=token)
+    return TokenCreated.model_validate(row, update={"token": token})
 
 
-@router.get("/v1/tokens", response_model=list[TokenPublic])
-def list_tokens(session: SessionDep, _: Admin) -> list[TokenPublic]:
-    return [_public(t) for t in list_api_tokens(session)]
+@router.get("/v1/tokens", response_model=list[ApiTokenPublic])
+def list_tokens(session: SessionDep, _: Admin) -> list[ApiTokenPublic]:
+    return [ApiTokenPublic.model_validate(t) for t in list_api_tokens(session)]
 
 
-@router.delete("/v1/tokens/{token_id}", response_model=TokenPublic)
-def revoke_token(token_id: int, session: SessionDep, principal: Admin) -> TokenPublic:
-    return _public(revoke_api_token(session, token_id, principal.name))
+@router.delete("/v1/tokens/{token_id}", response_model=ApiTokenPublic)
+def revoke_token(token_id: int, session: SessionDep, principal: Admin) -> ApiTokenPublic:
+    return ApiTokenPublic.model_validate(revoke_api_token(session, token_id, principal.name))
 
 
 @router.post(

@@ -11,16 +11,25 @@ from pydantic import Field as PydanticField
 from sqlalchemy import JSON, Column
 from sqlmodel import Field, SQLModel
 
+from fleet_server.database import UtcPublic
 
-class ApiToken(SQLModel, table=True):
-    __tablename__ = "api_tokens"
 
-    id: int | None = Field(default=None, primary_key=True)
+class ApiTokenBase(SQLModel):
     name: str = Field(index=True, max_length=128)
-    token_hash: str = Field(unique=True, max_length=64)
     role: str = Field(max_length=16)
     created_at: datetime
     revoked_at: datetime | None = None
+
+
+class ApiToken(ApiTokenBase, table=True):
+    __tablename__ = "api_tokens"
+
+    id: int | None = Field(default=None, primary_key=True)
+    token_hash: str = Field(unique=True, max_length=64)
+
+
+class ApiTokenPublic(ApiTokenBase, UtcPublic):
+    id: int
 
 
 class EnrollmentToken(SQLModel, table=True):

@@ -183,27 +183,8 @@ def create_build(
 
 def to_public(session: Session, build: Build) -> BuildPublic:
     model, version = version_by_id(session, build.model_version_id)
-    started = aware(build.started_at) if build.started_at else None
-    finished = aware(build.finished_at) if build.finished_at else None
-    return BuildPublic(
-        id=build.id,
-        model=model.name,
-        version=version.version,
-        profile=build.profile,
-        state=BuildState(build.state),
-        cache_key=build.cache_key,
-        options=build.options,
-        runtime=build.runtime,
-        precision=build.precision,
-        bundle_sha256=build.bundle_sha256,
-        candidates=build.candidates,
-        error=build.error,
-        peak_rss_mb=build.peak_rss_mb,
-        created_at=aware(build.created_at),
-        created_by=build.created_by,
-        started_at=started,
-        finished_at=finished,
-        seconds=(finished - started).total_seconds() if started and finished else None,
+    return BuildPublic.model_validate(
+        build, update={"model": model.name, "version": version.version, "seconds": None}
     )
 
 

@@ -11,10 +11,12 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, model_validator
 from pydantic import Field as PydanticField
 from sqlalchemy import JSON, Column, Text
 from sqlmodel import Field, SQLModel
+
+from fleet_server.database import UtcPublic
 
 
 class BuildState(StrEnum):
@@ -28,17 +30,13 @@ class BuildState(StrEnum):
 FINISHED = frozenset({BuildState.SUCCEEDED, BuildState.FAILED})
 
 
-class Build(SQLModel, table=True):
-    __tablename__ = "builds"
-
+class BuildBase(SQLModel):
     id: str = Field(primary_key=True, max_length=32)
-    model_version_id: int = Field(foreign_key="model_versions.id", index=True)
     profile: str = Field(max_length=63)
     cache_key: str = Field(max_length=64, index=True)
     #: A :class:`BuildState` (stored as its string).
     state: str = Field(max_length=16, index=True)
     options: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    log: str = Field(default="", sa_column=Column(Text, nullable=False))
     #: Every candidate tried, with its parity report (see converters.build).
     candidates: list[dict[str, Any]] = Field(
         default_factory=list, sa_column=Column(JSON, nullable=False)
@@ -54,6 +52,13 @@ class Build(SQLModel, table=True):
     finished_at: datetime | None = None
 
 
+class Build(BuildBase, table=True):
+    __tablename__ = "builds"
+
+    model_version_id: int = Field(foreign_key="model_versions.id", index=True)
+    log: str = Field(default="", sa_column=Column(Text, nullable=False))
+
+
 class BuildCreate(BaseModel):
     model: str
     version: str
@@ -66,25 +71,17 @@ class BuildCreate(BaseModel):
     precisions: list[str] | None = None
 
 
-class BuildPublic(BaseModel):
-    id: str
+class BuildPublic(BuildBase, UtcPublic):
     model: str
     version: str
-    profile: str
-    state: BuildState
-    cache_key: str
-    options: dict[str, Any]
-    runtime: str | None
-    precision: str | None
-    bundle_sha256: str | None
-    candidates: list[dict[str, Any]]
-    error: dict[str, Any] | None
-    peak_rss_mb: float | None
-    created_at: datetime
-    created_by: str
-    started_at: datetime | None
-    finished_at: datetime | None
+    state: BuildState  # the stored string, as its enum
     seconds: float | None
+
+    @model_validator(mode="after")
+    def _duration(self) -> BuildPublic:
+        if self.seconds is None and self.started_at and self.finished_at:
+            self.seconds = (self.finished_at - self.started_at).total_seconds()
+        return self
 
 
 class BuildLog(BaseModel):

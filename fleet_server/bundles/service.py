@@ -6,7 +6,6 @@ from __future__ import annotations
 from sqlmodel import Session
 
 from fleet_server.bundles.tables import Bundle, BundlePublic
-from fleet_server.database import aware
 from fleet_server.devices.tables import BundleGrant
 from fleet_server.errors import NotFoundError, PermissionDeniedError
 from fleet_server.registry.service import version_by_id
@@ -30,16 +29,6 @@ def get_bundle(session: Session, sha256: str) -> Bundle:
 
 def to_public(session: Session, bundle: Bundle) -> BundlePublic:
     model, version = version_by_id(session, bundle.model_version_id)
-    return BundlePublic(
-        sha256=bundle.sha256,
-        model=model.name,
-        version=version.version,
-        profile=bundle.profile,
-        runtime=bundle.runtime,
-        precision=bundle.precision,
-        signing_key_id=bundle.signing_key_id,
-        size=bundle.size,
-        passed_over=bundle.passed_over,
-        created_at=aware(bundle.created_at),
-        manifest=bundle.manifest,
+    return BundlePublic.model_validate(
+        bundle, update={"model": model.name, "version": version.version}
     )

@@ -6,37 +6,33 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
 from sqlalchemy import JSON, Column
 from sqlmodel import Field, SQLModel
 
+from fleet_server.database import UtcPublic
 
-class Bundle(SQLModel, table=True):
-    __tablename__ = "bundles"
+
+class BundleBase(SQLModel):
     sha256: str = Field(primary_key=True, max_length=64)
-    model_version_id: int = Field(foreign_key="model_versions.id", index=True)
     profile: str = Field(max_length=63)
-    #: The build inputs' key (see fleet_server.builds): equal keys, equivalent bundles.
-    cache_key: str = Field(max_length=64, index=True)
     runtime: str = Field(max_length=32)
     precision: str = Field(max_length=8)
     signing_key_id: str = Field(max_length=32)
     size: int
-    manifest: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
     passed_over: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     created_at: datetime
+    #: The signed manifest: files, toolchain versions, parity report.
+    manifest: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
 
 
-class BundlePublic(BaseModel):
-    sha256: str
+class Bundle(BundleBase, table=True):
+    __tablename__ = "bundles"
+
+    model_version_id: int = Field(foreign_key="model_versions.id", index=True)
+    #: The build inputs' key (see fleet_server.builds): equal keys, equivalent bundles.
+    cache_key: str = Field(max_length=64, index=True)
+
+
+class BundlePublic(BundleBase, UtcPublic):
     model: str
     version: str
-    profile: str
-    runtime: str
-    precision: str
-    signing_key_id: str
-    size: int
-    passed_over: list[str]
-    created_at: datetime
-    #: The signed manifest: files, toolchain versions, parity report.
-    manifest: dict[str, Any]

@@ -8,25 +8,14 @@ from datetime import UTC, datetime
 from sqlmodel import Session, col, select
 
 from edge_agent.protocol.status import ReportedStatus
-from fleet_server.database import aware
 from fleet_server.devices.tables import DesiredStateRecord, Device, DevicePublic
 from fleet_server.errors import InvalidInputError, NotFoundError
 
 
 def to_public(session: Session, device: Device) -> DevicePublic:
     desired = session.get(DesiredStateRecord, device.id)
-    return DevicePublic(
-        id=device.id,
-        profile=device.profile,
-        labels=device.labels,
-        enrolled_at=aware(device.enrolled_at),
-        last_seen_at=aware(device.last_seen_at) if device.last_seen_at else None,
-        online=device.online,
-        agent_version=device.agent_version,
-        runtimes=device.runtimes,
-        desired_seq=desired.seq if desired else 0,
-        reported_seq=device.reported_seq,
-        reported=device.reported,
+    return DevicePublic.model_validate(
+        device, update={"desired_seq": desired.seq if desired else 0}
     )
 
 

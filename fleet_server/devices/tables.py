@@ -15,17 +15,13 @@ from sqlalchemy import JSON, Column
 from sqlmodel import Field, SQLModel
 
 from edge_agent.protocol.topics import DEVICE_ID_PATTERN
+from fleet_server.database import UtcPublic
 
 
-class Device(SQLModel, table=True):
-    __tablename__ = "devices"
-
+class DeviceBase(SQLModel):
     id: str = Field(primary_key=True, max_length=63)
     profile: str = Field(max_length=63, index=True)
     labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    secret_hash: str = Field(unique=True, max_length=64)
-    #: Mosquitto-format hash of the device's MQTT password (password-auth brokers).
-    mqtt_password_hash: str | None = Field(default=None, max_length=160)
     enrolled_at: datetime
     last_seen_at: datetime | None = None
     online: bool = False
@@ -34,6 +30,14 @@ class Device(SQLModel, table=True):
     reported: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     #: Runtime name → version the device has (from enrollment and status reports); None: unknown.
     runtimes: dict[str, str] | None = Field(default=None, sa_column=Column(JSON))
+
+
+class Device(DeviceBase, table=True):
+    __tablename__ = "devices"
+
+    secret_hash: str = Field(unique=True, max_length=64)
+    #: Mosquitto-format hash of the device's MQTT password (password-auth brokers).
+    mqtt_password_hash: str | None = Field(default=None, max_length=160)
 
 
 class DesiredStateRecord(SQLModel, table=True):
@@ -60,18 +64,8 @@ class BundleGrant(SQLModel, table=True):
 # --- API schemas -------------------------------------------------------------------------------
 
 
-class DevicePublic(BaseModel):
-    id: str
-    profile: str
-    labels: dict[str, str]
-    enrolled_at: datetime
-    last_seen_at: datetime | None
-    online: bool
-    agent_version: str | None
-    runtimes: dict[str, str] | None = None
+class DevicePublic(DeviceBase, UtcPublic):
     desired_seq: int
-    reported_seq: int
-    reported: dict[str, Any] | None
 
 
 class EnrollRequest(BaseModel):
