@@ -15,12 +15,14 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+
+from pydantic import ValidationError
 
 from edge_agent.config import AgentConfig, render_config
 from edge_agent.contracts.durable import write_atomic
 from edge_agent.contracts.errors import ConfigError, EdgefleetError
 from edge_agent.logs import configure as configure_logging
+from edge_agent.protocol.enrollment import EnrollRequest, EnrollResponse
 from edge_agent.runtimes import available_runtimes
 from firmware_profiles import ProfileError
 
@@ -31,28 +33,27 @@ def _enroll(args: argparse.Namespace) -> int:
     if config_path.exists() and not args.force:
         print(f"error: {config_path} exists; pass --force to enroll again", file=sys.stderr)
         return 2
-    body: dict[str, Any] = {
-        "token": args.token,
-        "device_id": args.device_id,
-        "profile": args.profile,
-    }
-    if args.label:
-        body["labels"] = dict(_label(x) for x in args.label)
-    if args.root_key:
-        body["expected_root_public_key"] = args.root_key
-    key_pem, body["csr"] = _key_and_csr(args.device_id)
-    # The server builds for the runtimes this device has (e.g. no TensorRT engine for a Jetson
-    # whose image lacks TensorRT); status reports keep it up to date.
-    body["runtimes"] = available_runtimes()
+    key_pem, csr = _key_and_csr(args.device_id)
+    request_body = EnrollRequest(
+        token=args.token,
+        device_id=args.device_id,
+        profile=args.profile,
+        labels=dict(_label(x) for x in args.label),
+        expected_root_public_key=args.root_key,
+        csr=csr,
+        # The server builds for the runtimes this device has (e.g. no TensorRT engine for a
+        # Jetson whose image lacks TensorRT); status reports keep it up to date.
+        runtimes=available_runtimes(),
+    )
     request = urllib.request.Request(
         args.server.rstrip("/") + "/v1/devices/enroll",
-        data=json.dumps(body).encode(),
+        data=request_body.model_dump_json(exclude_none=True).encode(),
         headers={"Content-Type": "application/json"},
         method="POST",
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as resp:
-            reply = json.loads(resp.read())
+            reply = EnrollResponse.model_validate_json(resp.read())
     except urllib.error.HTTPError as e:
         try:
             message = json.loads(e.read())["error"]["message"]
@@ -63,7 +64,10 @@ def _enroll(args: argparse.Namespace) -> int:
     except urllib.error.URLError as e:
         print(f"error: cannot reach {args.server}: {e.reason}", file=sys.stderr)
         return 1
-    if args.root_key and args.root_key != reply["root_public_key"]:
+    except ValidationError as e:
+        print(f"error: {args.server} answered enrollment with something else: {e}", file=sys.stderr)
+        return 1
+    if args.root_key and args.root_key != reply.root_public_key:
         print(
             "error: the server's root key differs from --root-key; refusing to enroll "
             "(wrong server, or someone in between)",
@@ -71,27 +75,27 @@ def _enroll(args: argparse.Namespace) -> int:
         )
         return 1
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "root.pub").write_text(reply["root_public_key"] + "\n")
+    (directory / "root.pub").write_text(reply.root_public_key + "\n")
     write_atomic(
-        directory / "device.mqtt-password", (reply["mqtt_password"] + "\n").encode(), mode=0o600
+        directory / "device.mqtt-password", (reply.mqtt_password + "\n").encode(), mode=0o600
     )
-    if reply.get("client_cert"):
+    if reply.client_cert:
         write_atomic(directory / "device.key", key_pem, mode=0o600)
-        (directory / "device.crt").write_text(reply["client_cert"])
-        (directory / "ca.crt").write_text(reply["ca_cert"])
-    write_atomic(directory / "device.secret", (reply["device_secret"] + "\n").encode(), mode=0o600)
+        (directory / "device.crt").write_text(reply.client_cert)
+        (directory / "ca.crt").write_text(reply.ca_cert or "")
+    write_atomic(directory / "device.secret", (reply.device_secret + "\n").encode(), mode=0o600)
     config_path.write_text(
         render_config(
-            device_id=reply["device_id"],
-            profile=reply["profile"],
-            server_url=reply["server_url"],
-            mqtt_url=reply["mqtt_url"],
+            device_id=reply.device_id,
+            profile=reply.profile,
+            server_url=reply.server_url,
+            mqtt_url=reply.mqtt_url,
             serving_port=args.serving_port,
-            tls=bool(reply.get("client_cert")),
+            tls=bool(reply.client_cert),
             mqtt_password_file="device.mqtt-password",
         )
     )
-    print(f"enrolled {reply['device_id']} ({reply['profile']}); config written to {config_path}")
+    print(f"enrolled {reply.device_id} ({reply.profile}); config written to {config_path}")
     print(f"run it with: edge-agent run --config {config_path}")
     return 0
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
+from edge_agent.protocol.enrollment import EnrollRequest, EnrollResponse
 from firmware_profiles import ProfileCatalog, ProfileError
 from fleet_server.audit.service import record
 from fleet_server.auth.ca import FleetCA
@@ -24,7 +25,7 @@ from fleet_server.auth.service import (
 )
 from fleet_server.auth.tables import EnrollmentToken, EnrollmentTokenCreate, EnrollmentTokenPublic
 from fleet_server.database import aware
-from fleet_server.devices.tables import Device, EnrollRequest, EnrollResponse
+from fleet_server.devices.tables import Device
 from fleet_server.errors import AuthenticationError, ConflictError, InvalidInputError
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
+from edge_agent.protocol.enrollment import EnrollRequest, EnrollResponse
 from fleet_server.api.deps import Admin, Operator, SessionDep, StateDep
 from fleet_server.api.principal import Role
 from fleet_server.audit.service import record
@@ -14,7 +15,6 @@ from fleet_server.auth import enrollment
 from fleet_server.auth.mqtt_passwords import write_password_file
 from fleet_server.auth.service import issue_api_token, list_api_tokens, revoke_api_token
 from fleet_server.auth.tables import ApiTokenPublic, EnrollmentTokenCreate, EnrollmentTokenPublic
-from fleet_server.devices.tables import EnrollRequest, EnrollResponse
 
 router = APIRouter(tags=["auth"])
 

@@ -9,12 +9,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
-from pydantic import Field as PydanticField
 from sqlalchemy import JSON, Column
 from sqlmodel import Field, SQLModel
 
-from edge_agent.protocol.topics import DEVICE_ID_PATTERN
 from fleet_server.database import UtcPublic
 
 
@@ -66,32 +63,3 @@ class BundleGrant(SQLModel, table=True):
 
 class DevicePublic(DeviceBase, UtcPublic):
     desired_seq: int
-
-
-class EnrollRequest(BaseModel):
-    token: str
-    device_id: str = PydanticField(pattern=DEVICE_ID_PATTERN)
-    profile: str
-    labels: dict[str, str] = PydanticField(default_factory=dict)
-    #: The root public key the device expects (pinned out of band); enrollment is refused,
-    #: consuming nothing, when the server's differs.
-    expected_root_public_key: str | None = None
-    #: PEM certificate request (CN = device id) for the device's MQTT client certificate.
-    csr: str | None = None
-    #: Runtime name → version installed on the device; builds for it use only these.
-    runtimes: dict[str, str] | None = None
-
-
-class EnrollResponse(BaseModel):
-    device_id: str
-    profile: str
-    device_secret: str
-    server_url: str
-    mqtt_url: str
-    #: The fleet's root public key (base64 Ed25519), for the agent to pin.
-    root_public_key: str
-    #: The device's MQTT client certificate and the fleet CA (when a CSR was sent).
-    client_cert: str | None = None
-    ca_cert: str | None = None
-    #: For brokers without client certificates: username = device id.
-    mqtt_password: str

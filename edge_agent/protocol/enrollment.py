@@ -1,0 +1,43 @@
+"""Enrollment over HTTP (``POST /v1/devices/enroll``): what a device sends with its one-time
+token, and the identity it gets back. Both sides import these models, so the agent never builds
+the JSON by hand and the server's OpenAPI document names the same fields.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge_agent.protocol.topics import DEVICE_ID_PATTERN
+
+__all__ = ["EnrollRequest", "EnrollResponse"]
+
+
+class EnrollRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    token: str
+    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
+    profile: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    #: The root public key the device expects (pinned out of band); enrollment is refused,
+    #: consuming nothing, when the server's differs.
+    expected_root_public_key: str | None = None
+    #: PEM certificate request (CN = device id) for the device's MQTT client certificate.
+    csr: str | None = None
+    #: Runtime name → version installed on the device; builds for it use only these.
+    runtimes: dict[str, str] | None = None
+
+
+class EnrollResponse(BaseModel):
+    device_id: str
+    profile: str
+    device_secret: str
+    server_url: str
+    mqtt_url: str
+    #: The fleet's root public key (base64 Ed25519), for the agent to pin.
+    root_public_key: str
+    #: The device's MQTT client certificate and the fleet CA (when a CSR was sent).
+    client_cert: str | None = None
+    ca_cert: str | None = None
+    #: For brokers without client certificates: username = device id.
+    mqtt_password: str
