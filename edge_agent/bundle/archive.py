@@ -16,12 +16,19 @@ import json
 import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from pathlib import Path
+from typing import IO
 
 from pydantic import ValidationError
 
-from edge_agent.bundle.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest
+from edge_agent.bundle.manifest import (
+    MANIFEST_NAME,
+    SIGNATURE_NAME,
+    FileEntry,
+    Manifest,
+    check_member_name,
+)
+from edge_agent.contracts.canonical import parse_canonical, parse_json
 from edge_agent.contracts.errors import BundleError
 from edge_agent.trust.signing import Signature
 
@@ -100,15 +107,58 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def _check_member_name(name: str) -> None:
-    path = PurePosixPath(name)
-    if (
-        not name
-        or name.startswith("/")
-        or "\\" in name
-        or any(part in ("..", "", ".") for part in name.split("/"))
-        or path.is_absolute()
-    ):
-        raise BundleError(f"unsafe path in bundle: {name!r}", reason="unsafe_path", member=name)
+    try:
+        check_member_name(name)
+    except ValueError as e:
+        raise BundleError(str(e), reason="unsafe_path", member=name) from None
+
+
+#: Tar metadata records (pax headers, GNU long names) are read whole by ``tarfile`` before
+#: anything else: no bundle of ours needs more than a few hundred bytes of them.
+MAX_TAR_METADATA_BYTES = 64 << 10
+#: More members than any bundle has (a model, its extra files, self-test, baseline).
+MAX_MEMBERS = 4096
+_BLOCK = 512
+_METADATA_TYPES = frozenset(b"xgLK")
+
+
+def _tar_number(field: bytes) -> int:
+    """A tar header's numeric field: octal ASCII, or GNU base-256 (high bit set)."""
+    if field and field[0] & 0x80:
+        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text or b"0", 8)
+
+
+def scan_tar_headers(f: IO[bytes], name: str) -> None:
+    """Walk the archive's headers (seeking past member data) before ``tarfile`` parses it, so
+    that oversized metadata or a flood of members is refused at the cost of reading a few
+    headers, never by reading what they claim to hold."""
+    start = f.tell()
+    members = 0
+    while True:
+        header = f.read(_BLOCK)
+        if len(header) < _BLOCK or header == bytes(_BLOCK):
+            break  # end of archive (or a short file: tarfile names that)
+        try:
+            size = _tar_number(header[124:136])
+        except ValueError:
+            raise BundleError(
+                f"{name}: not a bundle (bad tar header)", reason="not_a_bundle"
+            ) from None
+        kind = header[156]
+        if kind in _METADATA_TYPES and size > MAX_TAR_METADATA_BYTES:
+            raise BundleError(
+                f"{name}: a tar metadata record of {size} bytes (limit {MAX_TAR_METADATA_BYTES})",
+                reason="tar_metadata_too_large",
+            )
+        members += 1
+        if members > MAX_MEMBERS:
+            raise BundleError(
+                f"{name}: more than {MAX_MEMBERS} tar records", reason="too_many_members"
+            )
+        f.seek((size + _BLOCK - 1) // _BLOCK * _BLOCK, 1)
+    f.seek(start)
 
 
 class BundleReader:
@@ -128,6 +178,12 @@ class BundleReader:
         self.signatures = signatures
         self._signature_bytes = signature_bytes
 
+    def _members(self) -> list[tarfile.TarInfo]:
+        try:
+            return self._tar.getmembers()
+        except (tarfile.TarError, ValueError, UnicodeError, EOFError) as e:
+            raise BundleError(f"not a bundle (tar): {e}", reason="not_a_bundle") from e
+
     def extract_verified(self, dest: Path) -> None:
         """Check every member against the manifest while copying it below ``dest``.
 
@@ -136,7 +192,7 @@ class BundleReader:
         listed: dict[str, FileEntry] = {e.path: e for e in self.manifest.files}
         seen: set[str] = set()
         dest_root = dest.resolve()
-        for member in self._tar.getmembers():
+        for member in self._members():
             _check_member_name(member.name)
             if not member.isfile():
                 raise BundleError(
@@ -173,7 +229,14 @@ class BundleReader:
                     reason="unsafe_path",
                     member=member.name,
                 )
-            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError) as e:
+                raise BundleError(
+                    f"bundle member {member.name!r} is nested under another member's file",
+                    reason="unsafe_path",
+                    member=member.name,
+                ) from e
             src = self._tar.extractfile(member)
             assert src is not None  # regular file, checked above
             h = hashlib.sha256()
@@ -205,13 +268,19 @@ class BundleReader:
 
 @contextmanager
 def open_bundle(path: Path) -> Iterator[BundleReader]:
-    """Open a bundle and parse its manifest (the first member)."""
+    """Open a bundle and parse its manifest (the first member). Whatever the bytes hold, what
+    comes out is a :class:`BundleError` naming the problem."""
     try:
+        with path.open("rb") as raw_tar:
+            scan_tar_headers(raw_tar, path.name)
         tar = tarfile.open(path, "r:")  # noqa: SIM115 - closed by the `with tar` below
-    except (tarfile.TarError, OSError) as e:
+    except (tarfile.TarError, OSError, ValueError) as e:
         raise BundleError(f"{path.name}: not a bundle (tar): {e}", reason="not_a_bundle") from e
     with tar:
-        first = tar.next()
+        try:
+            first = tar.next()
+        except (tarfile.TarError, ValueError, UnicodeError) as e:
+            raise BundleError(f"{path.name}: not a bundle (tar): {e}", reason="not_a_bundle") from e
         if first is None or first.name != MANIFEST_NAME or not first.isfile():
             raise BundleError(
                 f"{path.name}: the first member must be {MANIFEST_NAME}", reason="no_manifest"
@@ -222,8 +291,7 @@ def open_bundle(path: Path) -> Iterator[BundleReader]:
         assert raw_file is not None
         raw = raw_file.read()
         try:
-            data: Any = json.loads(raw)
-            manifest = Manifest.model_validate(data)
+            manifest = Manifest.model_validate(parse_canonical(raw))
         except (ValueError, ValidationError) as e:
             raise BundleError(
                 f"{path.name}: invalid manifest: {e}", reason="manifest_invalid"
@@ -234,7 +302,10 @@ def open_bundle(path: Path) -> Iterator[BundleReader]:
 
 def _read_signatures(tar: tarfile.TarFile, path: Path) -> tuple[list[Signature], bytes | None]:
     """``manifest.sig`` when it is the second member; an unsigned bundle has none."""
-    second = tar.next()
+    try:
+        second = tar.next()
+    except (tarfile.TarError, ValueError, UnicodeError) as e:
+        raise BundleError(f"{path.name}: not a bundle (tar): {e}", reason="not_a_bundle") from e
     if second is None or second.name != SIGNATURE_NAME:
         return [], None
     if not second.isfile() or second.size > MAX_MANIFEST_BYTES:
@@ -243,7 +314,7 @@ def _read_signatures(tar: tarfile.TarFile, path: Path) -> tuple[list[Signature],
     assert f is not None
     raw = f.read()
     try:
-        doc = json.loads(raw)
+        doc = parse_json(raw)
         return [Signature.model_validate(s) for s in doc["signatures"]], raw
     except (ValueError, KeyError, TypeError, ValidationError) as e:
         raise BundleError(

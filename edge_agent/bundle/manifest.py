@@ -7,9 +7,10 @@ of its content, so a signature over those bytes (``manifest.sig``) is stable.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from pathlib import PurePosixPath
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from edge_agent.contracts.canonical import canonical_json
 from firmware_profiles import Precision, RuntimeName
@@ -23,8 +24,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def check_member_name(name: str) -> str:
+    """A bundle member's name: relative, "/"-separated, no "..", "." or empty parts, no
+    backslash or NUL; returns it, or raises ValueError naming it."""
+    if (
+        not name
+        or name.startswith("/")
+        or "\\" in name
+        or "\x00" in name
+        or any(part in ("..", "", ".") for part in name.split("/"))
+        or PurePosixPath(name).is_absolute()
+    ):
+        raise ValueError(f"unsafe path in bundle: {name!r}")
+    return name
+
+
 class FileEntry(_Strict):
-    path: str
+    path: Annotated[str, AfterValidator(check_member_name)]
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size: int = Field(ge=0)
 
@@ -78,6 +94,18 @@ class Manifest(_Strict):
     expires_at: datetime | None = None
     #: Id of the online key that signed ``manifest.json``; None for an unsigned bundle.
     signing_key_id: str | None = None
+
+    @model_validator(mode="after")
+    def _named_files_are_members(self) -> Manifest:
+        """Every path the manifest names is one of its listed (and so digest-checked)
+        members: a signed manifest cannot point the runtime at a file outside the bundle."""
+        listed = {f.path for f in self.files}
+        if len(listed) != len(self.files):
+            raise ValueError("files lists a path twice")
+        for what, path in (("artifact", self.artifact), ("selftest.file", self.selftest.file)):
+            if path not in listed:
+                raise ValueError(f"{what} {path!r} is not one of the listed files")
+        return self
 
     def to_canonical_json(self) -> bytes:
         return canonical_json(self.model_dump(mode="json"))

@@ -1,11 +1,78 @@
-"""Canonical JSON: sorted keys, no whitespace, UTF-8. The bytes every signature covers, so a
-document's signature does not depend on who serialised it."""
+"""Canonical JSON: sorted keys, no whitespace, UTF-8, no NaN/Infinity. The bytes every
+signature covers, so a document's signature does not depend on who serialised it.
+
+:func:`parse_canonical` is the one way to read signed bytes: it refuses duplicate keys, NaN and
+Infinity, nesting deeper than ``MAX_DEPTH``, and bytes that are not the canonical form of what
+they hold — so the signature check and the parser cannot see two different documents.
+"""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+__all__ = ["MAX_DEPTH", "NotCanonicalError", "canonical_json", "parse_canonical"]
+
+#: Deeper than any document edgefleet writes (a manifest nests 5 levels); far below
+#: Python's recursion limit, so a hostile document is refused by a check, not a crash.
+MAX_DEPTH = 32
+
+
+class NotCanonicalError(ValueError):
+    """Bytes that are not one unambiguous canonical JSON document."""
+
 
 def canonical_json(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode()
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        raise NotCanonicalError(f"duplicate key(s) {dup}")
+    return dict(pairs)
+
+
+def _no_constants(name: str) -> Any:
+    raise NotCanonicalError(f"{name} is not JSON")
+
+
+def nesting_depth(raw: bytes) -> int:
+    """How deep ``raw``'s arrays and objects nest (brackets inside strings not counted)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def parse_json(raw: bytes, max_depth: int = MAX_DEPTH) -> Any:
+    """Strict JSON: no duplicate keys, no NaN/Infinity, bounded nesting. Raises ValueError
+    (``NotCanonicalError`` or ``json.JSONDecodeError``) for anything else."""
+    if nesting_depth(raw) > max_depth:
+        raise NotCanonicalError(f"nested deeper than {max_depth} levels")
+    return json.loads(raw, object_pairs_hook=_unique, parse_constant=_no_constants)
+
+
+def parse_canonical(raw: bytes, max_depth: int = MAX_DEPTH) -> Any:
+    """The document ``raw`` holds, if ``raw`` is exactly its canonical form."""
+    value = parse_json(raw, max_depth)
+    if canonical_json(value) != raw:
+        raise NotCanonicalError("not in canonical form (sorted keys, no whitespace, UTF-8)")
+    return value

@@ -16,7 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.bundle import Manifest, ModelRef, RuntimeRequirement, SelfTestSpec, TensorSpec
+from edge_agent.bundle import (
+    FileEntry,
+    Manifest,
+    ModelRef,
+    RuntimeRequirement,
+    SelfTestSpec,
+    TensorSpec,
+)
 from edge_agent.contracts.errors import RequestError
 from edge_agent.protocol.status import VersionRef
 from edge_agent.runtimes import LoadedModel, check_feeds
@@ -44,7 +51,10 @@ def serving(model: LoadedModel, version: str) -> ServingModel:
         runtime=RuntimeRequirement(name="onnxruntime", versions=">=1"),
         precision="fp32",
         artifact="model/model.onnx",
-        files=[],
+        files=[
+            FileEntry(path=name, sha256="0" * 64, size=1)
+            for name in ("model/model.onnx", "selftest.npz")
+        ],
         inputs=SPEC_IN,
         outputs=SPEC_OUT,
         selftest=SelfTestSpec(file="selftest.npz", atol=0, rtol=0),
