@@ -11,20 +11,22 @@ exactly, by an online key of the root-signed keyring that travels alongside.
 
 from __future__ import annotations
 
-import json
 import re
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
 
-from edge_agent.contracts.canonical import canonical_json
+from edge_agent.contracts.canonical import canonical_json, parse_json
 from edge_agent.contracts.errors import DesiredStateError
 from edge_agent.protocol.lifecycle import SlotMode
 from edge_agent.protocol.topics import DEVICE_ID_PATTERN
 from edge_agent.trust.keyring import SignedKeyring
 from edge_agent.trust.signing import Signature
 
+#: A document for a device with a few slots is a few KiB; the keyring that travels with it
+#: adds a few hundred bytes a key.
+MAX_DOCUMENT_BYTES = 256 << 10
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 SLOT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
@@ -98,8 +100,13 @@ class SignedDesiredState(_Message):
 
     @classmethod
     def from_bytes(cls, payload: bytes) -> SignedDesiredState:
+        if len(payload) > MAX_DOCUMENT_BYTES:
+            raise DesiredStateError(
+                f"desired-state document of {len(payload)} bytes (limit {MAX_DOCUMENT_BYTES})",
+                reason="desired_state_malformed",
+            )
         try:
-            return cls.model_validate(json.loads(payload))
+            return cls.model_validate(parse_json(payload))
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise DesiredStateError(
                 f"malformed desired-state document: {e}", reason="desired_state_malformed"

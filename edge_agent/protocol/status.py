@@ -6,13 +6,16 @@ server compares it with its own record to notice a device that missed an update.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from edge_agent.contracts.canonical import parse_json
 from edge_agent.protocol.lifecycle import SlotEvent, SlotState
+
+#: A status lists a few slots with their figures: a few KiB.
+MAX_STATUS_BYTES = 256 << 10
 
 
 class _Message(BaseModel):
@@ -102,4 +105,10 @@ class ReportedStatus(_Message):
 
     @classmethod
     def from_bytes(cls, payload: bytes) -> ReportedStatus:
-        return cls.model_validate(json.loads(payload))
+        """Raises ValueError (pydantic's ValidationError is one) for anything but a status."""
+        if len(payload) > MAX_STATUS_BYTES:
+            raise ValueError(f"status of {len(payload)} bytes (limit {MAX_STATUS_BYTES})")
+        try:
+            return cls.model_validate(parse_json(payload))
+        except (UnicodeDecodeError, RecursionError) as e:
+            raise ValueError(f"unreadable status: {e}") from e

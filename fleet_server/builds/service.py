@@ -11,6 +11,7 @@ key, moves the bundle into the artifact store and only then marks the build succ
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 import uuid
@@ -21,7 +22,6 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from edge_agent import __version__ as edgefleet_version
-from edge_agent.contracts.canonical import canonical_json
 from edge_agent.contracts.errors import ConversionError
 from firmware_profiles import Precision, Profile, ProfileCatalog, ProfileError, RuntimeName
 from fleet_server.audit.service import record
@@ -82,7 +82,10 @@ def cache_key(version: ModelVersion, profile: Profile, options: dict[str, Any]) 
         "options": options,
         "toolchains": toolchain_versions(),
     }
-    return hashlib.sha256(canonical_json(material)).hexdigest()
+    # Not a signed document: profiles hold infinite thresholds ("no limit"), which canonical
+    # JSON refuses; the key only needs the same bytes for the same material.
+    key = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def normalize_options(

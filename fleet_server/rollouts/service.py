@@ -216,7 +216,12 @@ def _target_status(
         # fleet rollback to it, the slot still names the version it left, and why).
         settled = report.state in (SlotState.COMMITTED, SlotState.FAILED, SlotState.ROLLED_BACK)
         state = TargetState.SERVING if settled else TargetState.PROBATION
-    elif reported and reported.refusal and device.reported_seq < target.desired_seq:
+    elif (
+        reported
+        and reported.refusal
+        and reported.refusal.seq == target.desired_seq  # this document, not some other payload
+        and device.reported_seq < target.desired_seq
+    ):
         state, error = TargetState.REFUSED, reported.refusal.model_dump()
     return TargetStatus(
         device_id=device.id,

@@ -65,8 +65,15 @@ def test_a_refused_document_is_reported_as_refused() -> None:
     assert (
         status(
             {"state": "COMMITTED", "active": active(OLD)},
-            {"reason": "stale_seq", "message": "older"},
+            {"reason": "stale_seq", "message": "older", "seq": 2},
             reported_seq=1,
         )
         == "refused"
+    )
+
+
+def test_a_refusal_of_some_other_payload_does_not_count_against_this_rollout() -> None:
+    garbage = {"reason": "desired_state_malformed", "message": "not JSON", "seq": None}
+    assert (
+        status({"state": "COMMITTED", "active": active(OLD)}, garbage, reported_seq=1) == "pending"
     )
