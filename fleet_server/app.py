@@ -16,6 +16,7 @@ from sqlmodel import Session, SQLModel
 from edge_agent import __version__
 from firmware_profiles import default_catalog
 from fleet_server.api.deps import AppState, StateDep, Viewer
+from fleet_server.api.limits import BodyLimits
 from fleet_server.artifacts import ArtifactStore
 from fleet_server.audit import tables as audit_tables
 from fleet_server.audit.routes import router as audit_router
@@ -32,7 +33,7 @@ from fleet_server.control.plane import ControlPlane
 from fleet_server.database import make_engine
 from fleet_server.devices import tables as devices_tables
 from fleet_server.devices.routes import router as devices_router
-from fleet_server.errors import install_error_handlers
+from fleet_server.errors import ERROR_RESPONSES, install_error_handlers
 from fleet_server.keys import tables as keys_tables
 from fleet_server.keys.service import ServerKeys
 from fleet_server.registry import tables as registry_tables
@@ -135,14 +136,19 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.include_router(models_router)
-    app.include_router(devices_router)
-    app.include_router(builds_router)
-    app.include_router(bundles_router)
-    app.include_router(rollouts_router)
-    app.include_router(trust_router)
-    app.include_router(auth_router)
-    app.include_router(audit_router)
+    app.add_middleware(
+        BodyLimits,
+        upload_bytes=settings.max_upload_bytes,
+        body_chunk_timeout_s=settings.body_chunk_timeout_s,
+    )
+    app.include_router(models_router, responses=ERROR_RESPONSES)
+    app.include_router(devices_router, responses=ERROR_RESPONSES)
+    app.include_router(builds_router, responses=ERROR_RESPONSES)
+    app.include_router(bundles_router, responses=ERROR_RESPONSES)
+    app.include_router(rollouts_router, responses=ERROR_RESPONSES)
+    app.include_router(trust_router, responses=ERROR_RESPONSES)
+    app.include_router(auth_router, responses=ERROR_RESPONSES)
+    app.include_router(audit_router, responses=ERROR_RESPONSES)
 
     @app.get("/healthz", tags=["health"])
     def healthz(state: StateDep) -> dict[str, Any]:
@@ -154,7 +160,7 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
             "broker_connected": state.control.connected.is_set(),
         }
 
-    @app.get("/v1/profiles", tags=["profiles"])
+    @app.get("/v1/profiles", tags=["profiles"], responses=ERROR_RESPONSES)
     def profiles(state: StateDep, _: Viewer) -> list[dict[str, Any]]:
         return [p.model_dump() for p in state.catalog]
 

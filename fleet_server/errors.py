@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edge_agent.contracts.errors import BundleError, ConfigError, ConversionError, EdgefleetError
@@ -50,6 +51,39 @@ _STATUS: list[tuple[type[EdgefleetError], int]] = [
     (AuthenticationError, 401),
     (PermissionDeniedError, 403),
 ]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    detail: Any = None
+
+
+class ErrorBody(BaseModel):
+    """Every error the API answers: ``{"error": {"code", "message", "detail"}}``."""
+
+    error: ErrorDetail
+
+
+#: What each error status means, for the OpenAPI document: every /v1 route may answer these.
+ERROR_STATUSES: dict[int, str] = {
+    400: "Malformed request (e.g. a Content-Length that is not a number)",
+    401: "Missing, unknown or revoked credential",
+    403: "The credential's role (or device) may not do this",
+    404: "No such resource",
+    408: "The request body arrived too slowly",
+    409: "Conflicts with the current state (nothing was changed)",
+    413: "Request body over the route's limit",
+    422: "The request is well-formed but its content is invalid; the message names the field",
+}
+
+
+#: ``responses=`` for every /v1 router: each error status with the error body's schema, so
+#: generated clients and fuzzers see the contract the handlers below keep.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in ERROR_STATUSES.items()
+}
 
 
 def error_body(code: str, message: str, detail: Any = None) -> dict[str, Any]:

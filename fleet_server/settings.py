@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     enrollment_token_ttl_s: int = Field(default=24 * 3600, gt=0)
     desired_state_ttl_s: int = Field(default=30 * 24 * 3600, gt=0)
     max_upload_bytes: int = Field(default=2 << 30, gt=0)
+    #: A request body that sends nothing for this long is cut off (408): slow clients cannot
+    #: hold the server's memory or a worker.
+    body_chunk_timeout_s: float = Field(default=30.0, gt=0)
     #: Minimum time between two sends of the same document to a device that reports it is
     #: behind (its status may simply predate the document).
     desired_resend_interval_s: float = Field(default=5.0, ge=0)

@@ -4,7 +4,9 @@ identity)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 
 from edge_agent.protocol.enrollment import EnrollRequest, EnrollResponse
@@ -41,7 +43,9 @@ def list_tokens(session: SessionDep, _: Admin) -> list[ApiTokenPublic]:
 
 
 @router.delete("/v1/tokens/{token_id}", response_model=ApiTokenPublic)
-def revoke_token(token_id: int, session: SessionDep, principal: Admin) -> ApiTokenPublic:
+def revoke_token(
+    token_id: Annotated[int, Path(ge=1, le=2**63 - 1)], session: SessionDep, principal: Admin
+) -> ApiTokenPublic:
     return ApiTokenPublic.model_validate(revoke_api_token(session, token_id, principal.name))
 
 

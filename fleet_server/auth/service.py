@@ -51,12 +51,23 @@ def revoke_api_token(session: Session, token_id: int, actor: str) -> ApiToken:
         raise NotFoundError(f"no API token {token_id}")
     if row.revoked_at is not None:
         raise ConflictError(f"API token {token_id} is already revoked")
+    if row.role == "admin" and _active_admins(session) == 1:
+        raise ConflictError(
+            f"API token {token_id} is the last admin token; create another admin token first "
+            "(revoking it would lock every admin out)",
+            reason="last_admin",
+        )
     row.revoked_at = datetime.now(UTC)
     session.add(row)
     record(session, actor, "token.revoke", row.name, token_id=token_id)
     session.commit()
     session.refresh(row)
     return row
+
+
+def _active_admins(session: Session) -> int:
+    query = select(ApiToken).where(ApiToken.role == "admin", col(ApiToken.revoked_at).is_(None))
+    return len(session.exec(query).all())
 
 
 def authenticate(session: Session, authorization: str | None) -> Principal:

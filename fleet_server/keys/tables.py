@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
+from pydantic import Field as PydanticField
 from sqlalchemy import JSON, Column
 from sqlmodel import Field, SQLModel
 
@@ -28,7 +29,8 @@ class OnlineKeyPublic(BaseModel):
 
 
 class OnlineKeyCreate(BaseModel):
-    ttl_days: int = 365
+    #: An online key lives at most ten years (a key that outlives its hardware is a risk).
+    ttl_days: int = PydanticField(default=365, ge=1, le=3650)
 
 
 class KeyringInstall(BaseModel):
