@@ -7,11 +7,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from edge_agent.protocol.enrollment import EnrollRequest, EnrollResponse
 from fleet_server.api.deps import Admin, Operator, SessionDep, StateDep
 from fleet_server.api.principal import Role
+from fleet_server.api.schemas import RequestBody
 from fleet_server.audit.service import record
 from fleet_server.auth import enrollment
 from fleet_server.auth.mqtt_passwords import write_password_file
@@ -21,7 +22,7 @@ from fleet_server.auth.tables import ApiTokenPublic, EnrollmentTokenCreate, Enro
 router = APIRouter(tags=["auth"])
 
 
-class TokenCreate(BaseModel):
+class TokenCreate(RequestBody):
     name: str = Field(min_length=1, max_length=128)
     role: Role
 

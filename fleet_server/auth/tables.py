@@ -11,6 +11,7 @@ from pydantic import Field as PydanticField
 from sqlalchemy import JSON, Column
 from sqlmodel import Field, SQLModel
 
+from fleet_server.api.schemas import RequestBody
 from fleet_server.database import UtcPublic
 
 
@@ -46,7 +47,7 @@ class EnrollmentToken(SQLModel, table=True):
     used_by: str | None = Field(default=None, max_length=63)
 
 
-class EnrollmentTokenCreate(BaseModel):
+class EnrollmentTokenCreate(RequestBody):
     #: Restrict the token to one profile (the device must enroll with it).
     profile: str | None = None
     labels: dict[str, str] = PydanticField(default_factory=dict)

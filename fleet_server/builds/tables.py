@@ -16,6 +16,7 @@ from pydantic import Field as PydanticField
 from sqlalchemy import JSON, Column, Text
 from sqlmodel import Field, SQLModel
 
+from fleet_server.api.schemas import RequestBody
 from fleet_server.database import UtcPublic
 
 
@@ -59,7 +60,7 @@ class Build(BuildBase, table=True):
     log: str = Field(default="", sa_column=Column(Text, nullable=False))
 
 
-class BuildCreate(BaseModel):
+class BuildCreate(RequestBody):
     model: str
     version: str
     profile: str

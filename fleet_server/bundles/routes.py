@@ -2,33 +2,27 @@
 
 from __future__ import annotations
 
-import re
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Path
 from fastapi.responses import FileResponse
 
 from fleet_server.api.deps import PrincipalDep, SessionDep, StateDep, Viewer
 from fleet_server.bundles import service
 from fleet_server.bundles.tables import BundlePublic
-from fleet_server.errors import InvalidInputError, NotFoundError
+from fleet_server.errors import NotFoundError
 
 router = APIRouter(prefix="/v1/bundles", tags=["bundles"])
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def _check(sha256: str) -> None:
-    if not _SHA256.match(sha256):
-        raise InvalidInputError("a bundle id is a lowercase hex sha256 (64 characters)")
+#: A bundle is named by its sha256, in lowercase hex.
+Sha256 = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$", description="the bundle's sha256")]
 
 
 @router.get("/{sha256}", response_class=FileResponse)
 def download_bundle(
-    sha256: str, state: StateDep, session: SessionDep, principal: PrincipalDep
+    sha256: Sha256, state: StateDep, session: SessionDep, principal: PrincipalDep
 ) -> Any:
     """The bundle file. Devices and API tokens may download; ``Range`` requests resume."""
-    _check(sha256)
     service.get_bundle(session, sha256)
     if principal.device_id is not None:
         service.require_assigned(session, principal.device_id, sha256)
@@ -41,12 +35,10 @@ def download_bundle(
 
 
 @router.get("/{sha256}/manifest")
-def bundle_manifest(sha256: str, session: SessionDep, _: Viewer) -> dict[str, Any]:
-    _check(sha256)
+def bundle_manifest(sha256: Sha256, session: SessionDep, _: Viewer) -> dict[str, Any]:
     return service.get_bundle(session, sha256).manifest
 
 
 @router.get("/{sha256}/info", response_model=BundlePublic)
-def bundle_info(sha256: str, session: SessionDep, _: Viewer) -> BundlePublic:
-    _check(sha256)
+def bundle_info(sha256: Sha256, session: SessionDep, _: Viewer) -> BundlePublic:
     return service.to_public(session, service.get_bundle(session, sha256))

@@ -11,6 +11,8 @@ from pydantic import Field as PydanticField
 from sqlalchemy import JSON, Column
 from sqlmodel import Field, SQLModel
 
+from fleet_server.api.schemas import RequestBody
+
 
 class KeyringRecord(SQLModel, table=True):
     __tablename__ = "keyrings"
@@ -28,12 +30,12 @@ class OnlineKeyPublic(BaseModel):
     expires_at: datetime
 
 
-class OnlineKeyCreate(BaseModel):
+class OnlineKeyCreate(RequestBody):
     #: An online key lives at most ten years (a key that outlives its hardware is a risk).
     ttl_days: int = PydanticField(default=365, ge=1, le=3650)
 
 
-class KeyringInstall(BaseModel):
+class KeyringInstall(RequestBody):
     root_public_key: str
     keyring: dict[str, Any]
 

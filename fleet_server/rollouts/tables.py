@@ -14,6 +14,7 @@ from sqlmodel import Field, SQLModel
 
 from edge_agent.protocol.desired import SLOT_PATTERN
 from edge_agent.protocol.lifecycle import SlotState
+from fleet_server.api.schemas import RequestBody
 
 
 class Rollout(SQLModel, table=True):
@@ -38,7 +39,7 @@ class RolloutTarget(SQLModel, table=True):
     desired_seq: int
 
 
-class RolloutCreate(BaseModel):
+class RolloutCreate(RequestBody):
     model: str
     version: str
     #: Explicit device ids…
