@@ -237,18 +237,25 @@ class BundleReader:
                     reason="unsafe_path",
                     member=member.name,
                 ) from e
-            src = self._tar.extractfile(member)
-            assert src is not None  # regular file, checked above
             h = hashlib.sha256()
-            with target.open("xb") as out:
-                remaining = entry.size
-                while remaining > 0:
-                    chunk = src.read(min(_CHUNK, remaining))
-                    if not chunk:
-                        break
-                    h.update(chunk)
-                    out.write(chunk)
-                    remaining -= len(chunk)
+            try:
+                src = self._tar.extractfile(member)
+                assert src is not None  # regular file, checked above
+                with target.open("xb") as out:
+                    remaining = entry.size
+                    while remaining > 0:
+                        chunk = src.read(min(_CHUNK, remaining))
+                        if not chunk:
+                            break
+                        h.update(chunk)
+                        out.write(chunk)
+                        remaining -= len(chunk)
+            except (tarfile.TarError, EOFError) as e:
+                raise BundleError(
+                    f"{member.name}: cannot be read ({e})",
+                    reason="not_a_bundle",
+                    member=member.name,
+                ) from e
             if h.hexdigest() != entry.sha256:
                 raise BundleError(
                     f"{member.name}: sha256 does not match the manifest",
@@ -264,6 +271,17 @@ class BundleReader:
         (dest / MANIFEST_NAME).write_bytes(self.manifest_bytes)
         if self._signature_bytes is not None:
             (dest / SIGNATURE_NAME).write_bytes(self._signature_bytes)
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> bytes:
+    try:
+        f = tar.extractfile(member)
+        assert f is not None  # a regular file, checked by the caller
+        return f.read()
+    except (tarfile.TarError, EOFError) as e:
+        raise BundleError(
+            f"{name}: {member.name} cannot be read ({e})", reason="not_a_bundle"
+        ) from e
 
 
 @contextmanager
@@ -287,9 +305,7 @@ def open_bundle(path: Path) -> Iterator[BundleReader]:
             )
         if first.size > MAX_MANIFEST_BYTES:
             raise BundleError(f"{path.name}: manifest too large", reason="manifest_too_large")
-        raw_file: IO[bytes] | None = tar.extractfile(first)
-        assert raw_file is not None
-        raw = raw_file.read()
+        raw = _read_member(tar, first, path.name)
         try:
             manifest = Manifest.model_validate(parse_canonical(raw))
         except (ValueError, ValidationError) as e:
@@ -310,9 +326,7 @@ def _read_signatures(tar: tarfile.TarFile, path: Path) -> tuple[list[Signature],
         return [], None
     if not second.isfile() or second.size > MAX_MANIFEST_BYTES:
         raise BundleError(f"{path.name}: malformed {SIGNATURE_NAME}", reason="signature_invalid")
-    f = tar.extractfile(second)
-    assert f is not None
-    raw = f.read()
+    raw = _read_member(tar, second, path.name)
     try:
         doc = parse_json(raw)
         return [Signature.model_validate(s) for s in doc["signatures"]], raw

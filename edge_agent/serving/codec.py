@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import zipfile
 from typing import Any
@@ -44,7 +45,11 @@ def decode_json_value(name: str, value: Any) -> np.ndarray:
             ) from e
         if dtype.kind not in "biuf":
             raise RequestError(f"input {name!r}: dtype {dtype} is not allowed")
-        expected = int(np.prod(shape)) * dtype.itemsize
+        if any(d < 0 for d in shape):
+            raise RequestError(
+                f"input {name!r}: negative dimension in shape {shape}", reason="input_encoding"
+            )
+        expected = math.prod(shape) * dtype.itemsize
         if len(raw) != expected:
             raise RequestError(
                 f"input {name!r}: {len(raw)} bytes do not fill shape {shape} of {dtype}",
@@ -53,13 +58,27 @@ def decode_json_value(name: str, value: Any) -> np.ndarray:
         return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(shape)
     try:
         arr = np.asarray(value)
-    except ValueError as e:
+    except (ValueError, RecursionError, OverflowError) as e:
         raise RequestError(
             f"input {name!r}: ragged nested list ({e})", reason="input_encoding"
         ) from e
     if arr.dtype.kind not in "biuf":
         raise RequestError(f"input {name!r}: not an array of numbers", reason="input_encoding")
     return arr
+
+
+def decode_json_body(body: bytes | bytearray) -> tuple[dict[str, np.ndarray], str]:
+    """``{"inputs": {name: value}, "output_encoding": "list"|"b64"}`` → (feeds, encoding)."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise RequestError(f"body is not valid JSON: {e}", reason="input_encoding") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), dict):
+        raise RequestError('JSON body must be {"inputs": {name: array}}', reason="input_encoding")
+    encoding = doc.get("output_encoding", "list")
+    if encoding not in ("list", "b64"):
+        raise RequestError("output_encoding must be 'list' or 'b64'", reason="input_encoding")
+    return {k: decode_json_value(k, v) for k, v in doc["inputs"].items()}, encoding
 
 
 def encode_json_value(arr: np.ndarray, encoding: str) -> Any:
@@ -73,11 +92,25 @@ def encode_json_value(arr: np.ndarray, encoding: str) -> Any:
     return arr.tolist()
 
 
+#: An .npz body may not unpack to more than this (a zip of zeros compresses 1000:1).
+MAX_NPZ_UNPACKED_BYTES = 1 << 30
+
+
 def decode_npz(body: bytes | bytearray) -> dict[str, np.ndarray]:
+    """Whatever the bytes hold, the only error is a ``RequestError`` naming the problem."""
     try:
+        with zipfile.ZipFile(io.BytesIO(body)) as archive:
+            unpacked = sum(info.file_size for info in archive.infolist())
+        if unpacked > MAX_NPZ_UNPACKED_BYTES:
+            raise RequestError(
+                f".npz body unpacks to {unpacked} bytes (limit {MAX_NPZ_UNPACKED_BYTES})",
+                reason="input_encoding",
+            )
         with NPY_LOCK, np.load(io.BytesIO(body), allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
-    except (ValueError, OSError, zipfile.BadZipFile) as e:
+    except RequestError:
+        raise
+    except Exception as e:  # numpy and zipfile raise a dozen types for bad bytes
         raise RequestError(f"body is not a valid .npz archive: {e}", reason="input_encoding") from e
 
 
@@ -91,7 +124,7 @@ def decode_npy(body: bytes) -> np.ndarray:
     try:
         with NPY_LOCK:
             arr = np.load(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError) as e:
+    except Exception as e:  # numpy raises several types for bad bytes
         raise RequestError(f"body is not a valid .npy array: {e}", reason="input_encoding") from e
     if not isinstance(arr, np.ndarray):
         raise RequestError("body is not a single .npy array", reason="input_encoding")
@@ -124,7 +157,7 @@ def decode_tensor(
         if dt is None:
             dt = np.dtype(dtype)
         dims = [int(d) for d in shape.split(",")] if shape.strip() else []
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, SyntaxError) as e:
         raise RequestError(
             f"{what}: bad {DTYPE_HEADER} {dtype!r} or {SHAPE_HEADER} {shape!r} ({e})",
             reason="input_encoding",

@@ -266,19 +266,7 @@ class _Handler(BaseHTTPRequestHandler):
             return {self._single_input(name, "a .npy"): arr}, "list"
         if content_type != codec.JSON:
             raise RequestError(f"unsupported Content-Type {content_type!r}", reason="content_type")
-        try:
-            doc = json.loads(body)
-        except ValueError as e:
-            raise RequestError(f"body is not valid JSON: {e}", reason="input_encoding") from e
-        if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), dict):
-            raise RequestError(
-                'JSON body must be {"inputs": {name: array}}', reason="input_encoding"
-            )
-        encoding = doc.get("output_encoding", "list")
-        if encoding not in ("list", "b64"):
-            raise RequestError("output_encoding must be 'list' or 'b64'", reason="input_encoding")
-        feeds = {k: codec.decode_json_value(k, v) for k, v in doc["inputs"].items()}
-        return feeds, encoding
+        return codec.decode_json_body(body)
 
     def _single_input(self, model: str, encoding: str) -> str:
         """The input a one-tensor body is for: ``X-Edgefleet-Input``, or the model's only one."""

@@ -7,14 +7,13 @@ Refusal reasons (``BundleError.reason``), stable for reporting:
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edge_agent.contracts.canonical import canonical_json
+from edge_agent.contracts.canonical import canonical_json, parse_json
 from edge_agent.contracts.durable import write_atomic
 from edge_agent.contracts.errors import BundleError
 from edge_agent.trust.signing import Signature, key_id, public_key_from_b64, verify_signature
@@ -49,8 +48,8 @@ class SignedKeyring(_Strict):
     @classmethod
     def from_bytes(cls, data: bytes) -> SignedKeyring:
         try:
-            return cls.model_validate(json.loads(data))
-        except (ValueError, ValidationError) as e:
+            return cls.model_validate(parse_json(data))
+        except (ValueError, ValidationError, UnicodeDecodeError) as e:
             raise BundleError(f"malformed keyring: {e}", reason="keyring_invalid") from e
 
 
