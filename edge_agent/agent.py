@@ -162,8 +162,9 @@ class Agent:
                     # Figures that change without a transition (shadow comparisons) reach the
                     # server at least this often.
                     self.publish_status()
-            except Exception:  # the worker outlives any one document: it keeps listening
+            except Exception as e:  # the worker outlives any one document: it keeps listening
                 log.exception("the deployment worker failed on a desired state; still listening")
+                self._report_failure(e)
             if time.monotonic() >= next_report:
                 next_report = time.monotonic() + interval
 
@@ -184,6 +185,15 @@ class Agent:
         except Exception:  # a bug must not kill the worker thread; the model keeps serving
             log.exception("deployment crashed")
         self.publish_status()
+
+    def _report_failure(self, error: Exception) -> None:
+        """An unexpected failure is reported like a refusal (nothing was applied), so the
+        fleet sees it; reporting must not fail the worker in turn."""
+        self._refusal = Refusal(reason="agent_error", message=f"{type(error).__name__}: {error}")
+        try:
+            self.publish_status()
+        except Exception:
+            log.exception("could not report the failure")
 
     def _refuse(self, error: EdgefleetError, seq: int | None) -> None:
         """Nothing changes on the device; the reason goes to the server."""

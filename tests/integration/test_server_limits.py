@@ -27,7 +27,7 @@ MIB = 1 << 20
 
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
-    return settings.model_copy(update={"body_chunk_timeout_s": 1.0})
+    return settings.model_copy(update={"body_chunk_timeout_s": 1.0, "max_upload_bytes": 2 * MIB})
 
 
 def _exchange(
@@ -135,6 +135,34 @@ def test_a_chunked_body_is_cut_off_at_the_limit(stack: EmbeddedStack) -> None:
         timeout=10,
     )
     assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+
+
+def test_an_upload_over_the_limit_is_cut_off_as_it_arrives(
+    stack: EmbeddedStack, settings: Settings
+) -> None:
+    boundary = "b0undary"
+
+    def chunks() -> Iterator[bytes]:
+        yield (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\nbig\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="version"\r\n\r\n1\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="m.onnx"\r\n\r\n'
+        ).encode()
+        for _ in range(3):  # 3 MiB against a 2 MiB limit, with no Content-Length
+            yield b"\0" * MIB
+
+    r = httpx.post(
+        f"{stack.url}/v1/models",
+        content=chunks(),
+        headers={
+            "Authorization": f"Bearer {ADMIN_TOKEN}",
+            "Content-Type": f"multipart/form-data; boundary={boundary}",
+        },
+        timeout=10,
+    )
+    assert r.status_code == 413, r.text
+    stored = [p for p in (settings.data_dir / "artifacts").rglob("*") if p.is_file()]
+    assert stored == []
 
 
 def test_slow_clients_do_not_hold_up_the_others(stack: EmbeddedStack) -> None:
