@@ -19,7 +19,6 @@ from edge_agent.trust import TrustStore
 from tests.factories import (
     Members,
     TestFleet,
-    make_bundle,
     read_members,
     resign,
     rewrite_manifest,
@@ -28,23 +27,6 @@ from tests.factories import (
 )
 
 ORT = {"onnxruntime": "1.20.0"}
-
-
-@pytest.fixture(scope="module")
-def fleet() -> TestFleet:
-    return TestFleet()
-
-
-@pytest.fixture(scope="module")
-def bundle(model_path: Path, tmp_path_factory: pytest.TempPathFactory, fleet: TestFleet) -> Path:
-    out = tmp_path_factory.mktemp("bundle") / "b.efb"
-    make_bundle(model_path, out, fleet=fleet)
-    return out
-
-
-@pytest.fixture
-def trust(tmp_path: Path, fleet: TestFleet) -> TrustStore:
-    return fleet.trust_store(tmp_path / "keys" / "keyring.json")
 
 
 def test_manifest_is_canonical_json_first_and_signed(bundle: Path, fleet: TestFleet) -> None:

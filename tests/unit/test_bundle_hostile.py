@@ -16,26 +16,9 @@ from edge_agent.bundle import verify_bundle
 from edge_agent.bundle.archive import MAX_TAR_METADATA_BYTES
 from edge_agent.contracts.errors import BundleError
 from edge_agent.trust import TrustStore
-from tests.factories import Members, TestFleet, make_bundle, read_members, sign_bytes
+from tests.factories import Members, TestFleet, read_members, sign_bytes
 
 ORT = {"onnxruntime": "1.20.0"}
-
-
-@pytest.fixture(scope="module")
-def fleet() -> TestFleet:
-    return TestFleet()
-
-
-@pytest.fixture(scope="module")
-def bundle(model_path: Path, tmp_path_factory: pytest.TempPathFactory, fleet: TestFleet) -> Path:
-    out = tmp_path_factory.mktemp("bundle") / "b.efb"
-    make_bundle(model_path, out, fleet=fleet)
-    return out
-
-
-@pytest.fixture
-def trust(tmp_path: Path, fleet: TestFleet) -> TrustStore:
-    return fleet.trust_store(tmp_path / "keys" / "keyring.json")
 
 
 def _signed(members: Members, raw: bytes, fleet: TestFleet) -> Members:
