@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, get_args
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from converters.build import BuildOptions, candidates
 from edge_agent import __version__ as edgefleet_version
 from edge_agent.contracts.errors import ConversionError
 from firmware_profiles import Precision, Profile, ProfileCatalog, ProfileError, RuntimeName
@@ -73,13 +74,24 @@ def toolchain_versions() -> dict[str, str]:
 def cache_key(version: ModelVersion, profile: Profile, options: dict[str, Any]) -> str:
     # The model version itself is part of the key: a bundle's signed manifest names its model
     # and version, so the same ONNX bytes uploaded as another version need their own bundle.
+    # The runtimes and precisions asked for count only as the candidates they leave, in the
+    # order they are tried: "all of them" and "the ones this device has" are the same build
+    # when the device has them all (so a build made ahead of a rollout is reused by it).
+    tried = candidates(
+        profile,
+        BuildOptions(
+            runtimes=tuple(options["runtimes"]) if options.get("runtimes") is not None else None,
+            precisions=tuple(options["precisions"]) if options.get("precisions") else None,
+        ),
+    )
     material = {
         "model_version": version.id,
         "source": version.source_sha256,
         "calibration": version.calibration_sha256,
         "validation": version.validation_sha256,
         "profile": profile.model_dump(mode="json"),
-        "options": options,
+        "candidates": [[c.runtime, c.precision] for c in tried],
+        "thresholds": options.get("thresholds") or {},
         "toolchains": toolchain_versions(),
     }
     # Not a signed document: profiles hold infinite thresholds ("no limit"), which canonical

@@ -56,7 +56,7 @@ def follow_build(client: ApiClient, build: dict[str, Any], quiet: bool) -> dict[
             offset = chunk["next_offset"]
             if chunk["text"] and not quiet:
                 for line in chunk["text"].rstrip("\n").splitlines():
-                    console.print(f"  [dim]{line}[/dim]", highlight=False)
+                    console.print(f"  {line}", style="dim", highlight=False)
             status.update(f"build {build['id']}: {chunk['state']}…")
             if chunk["state"] in (BuildState.SUCCEEDED, BuildState.FAILED):
                 break
@@ -165,9 +165,13 @@ def builds_logs(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="until the build ends")] = False,
     server: ServerOpt = DEFAULT_SERVER,
     token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Print a build's log."""
+    """Print a build's log (--json: the log with the build's state and next offset)."""
     client = api_client(server, token)
+    if as_json:
+        print_json(client.get(f"/v1/builds/{build_id}/log"))
+        return
     if follow:
         follow_build(client, client.get(f"/v1/builds/{build_id}"), quiet=False)
         return

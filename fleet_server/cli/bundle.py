@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from fleet_server.cli.context import (
+    JsonOpt,
     console,
     print_json,
 )
@@ -17,8 +18,11 @@ bundle_app = typer.Typer(no_args_is_help=True, help="Inspect and verify bundle f
 
 
 @bundle_app.command("inspect")
-def bundle_inspect(file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)]) -> None:
-    """Print a bundle's manifest."""
+def bundle_inspect(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
+    as_json: JsonOpt = True,
+) -> None:
+    """Print a bundle's manifest (JSON is its only form; --json is accepted for symmetry)."""
     from edge_agent.bundle import open_bundle
 
     with open_bundle(file) as reader:
@@ -37,6 +41,7 @@ def bundle_verify(
     profile: Annotated[
         str | None, typer.Option(help="also check it fits this device profile")
     ] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Check a bundle: signature (with --trust), structure, file digests and sizes, fit."""
     import shutil
@@ -73,6 +78,21 @@ def bundle_verify(
         signed = f"signed by {', '.join(s.keyid for s in signatures)} (not checked: pass --trust)"
     else:
         signed = "UNSIGNED"
+    if as_json:
+        print_json(
+            {
+                "ok": True,
+                "model": manifest.model.name,
+                "version": manifest.model.version,
+                "profile": manifest.profile,
+                "runtime": manifest.runtime.name,
+                "precision": manifest.precision,
+                "files": len(manifest.files),
+                "signed_by": [s.keyid for s in signatures],
+                "signature_checked": store is not None,
+            }
+        )
+        return
     console.print(
         f"ok: {manifest.model.name} {manifest.model.version} for {manifest.profile} "
         f"({manifest.runtime.name}/{manifest.precision}), "

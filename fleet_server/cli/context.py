@@ -13,8 +13,10 @@ from rich.console import Console
 from fleet_server.client import ApiClient, default_token
 from fleet_server.settings import Settings
 
-console = Console()
-err_console = Console(stderr=True)
+#: Server text goes to the terminal as it is: rich markup would delete "[samples, 128]" from
+#: a message. Styles are given as ``style=`` or ``Text``, never as markup.
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
 
 DEFAULT_SERVER = "http://127.0.0.1:8600"
 ServerOpt = Annotated[

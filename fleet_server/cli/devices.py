@@ -70,7 +70,35 @@ def devices_list(
 
 @devices_app.command("show")
 def devices_show(
-    device_id: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None
+    device_id: str,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Show one device, with its full reported state (JSON)."""
-    print_json(api_client(server, token).get(f"/v1/devices/{device_id}"))
+    """Show one device: what it runs, slot by slot (--json: the full reported state)."""
+    device = api_client(server, token).get(f"/v1/devices/{device_id}")
+    if as_json:
+        print_json(device)
+        return
+    reported = device.get("reported") or {}
+    console.print(
+        f"{device['id']} ({device['profile']}), {'online' if device['online'] else 'offline'}, "
+        f"agent {device.get('agent_version') or '?'}, labels {device['labels']}, "
+        f"seq {device['desired_seq']}/{device['reported_seq']}",
+        highlight=False,
+    )
+    table = Table("slot", "state", "serving", "target", "error")
+    for name, slot in (reported.get("slots") or {}).items():
+        active = slot.get("active") or {}
+        error = slot.get("error") or {}
+        table.add_row(
+            name,
+            slot.get("state", ""),
+            f"{active.get('model', '')} {active.get('version', '')}".strip(),
+            (slot.get("target_sha256") or "")[:12],
+            f"{error.get('reason', '')}: {error.get('message', '')}" if error else "",
+        )
+    console.print(table)
+    if reported.get("refusal"):
+        refusal = reported["refusal"]
+        console.print(f"last refusal: {refusal['reason']}: {refusal['message']}", highlight=False)

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from edge_agent.trust import SignedKeyring
 from edge_agent.trust.signing import public_key_to_b64
-from fleet_server.cli.context import client_from_env, console
+from fleet_server.cli.context import JsonOpt, client_from_env, console
 from fleet_server.client import ApiClient
 from fleet_server.keys.root import create_root_key, load_root_key, next_keyring
 from fleet_server.keys.service import sign_keyring
@@ -52,7 +52,10 @@ def _current(client: ApiClient) -> tuple[str, SignedKeyring]:
     return trust["root_public_key"], SignedKeyring.model_validate(trust["keyring"])
 
 
-def _report(result: dict[str, Any]) -> None:
+def _report(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+        return
     console.print(
         f"keyring version {result['version']} installed; "
         f"{result['reissued']} device(s) get a re-signed desired state"
@@ -68,27 +71,31 @@ def _print_keys(keys: list[dict[str, Any]]) -> None:
 
 
 @keys_app.command("init")
-def keys_init(root_key: RootKeyOpt, ttl_days: TtlOpt = 365) -> None:
+def keys_init(root_key: RootKeyOpt, ttl_days: TtlOpt = 365, as_json: JsonOpt = False) -> None:
     """Create the root key (here, encrypted) and the first keyring with one online key."""
     client = _client_factory()
     root = create_root_key(root_key, _passphrase(confirm=True))
     online = OnlineKeyPublic.model_validate(client.post("/v1/keys/online", json={}))
     signed = sign_keyring(root, next_keyring(None, add=online, ttl_days=ttl_days))
     root_public = public_key_to_b64(root.public_key())
-    _report(_install(client, root_public, signed))
+    result = _install(client, root_public, signed)
+    if as_json:
+        print(json.dumps({**result, "root_public_key": root_public}, indent=2, default=str))
+        return
+    _report(result, as_json)
     console.print(f"root key written to {root_key}: keep it offline and backed up.")
     console.print(f"root public key (pin it on devices with --root-key): {root_public}")
 
 
 @keys_app.command("rotate")
-def keys_rotate(root_key: RootKeyOpt, ttl_days: TtlOpt = 365) -> None:
+def keys_rotate(root_key: RootKeyOpt, ttl_days: TtlOpt = 365, as_json: JsonOpt = False) -> None:
     """Add a new online key; the server signs with it from now on."""
     client = _client_factory()
     root = load_root_key(root_key, _passphrase())
     root_public, current = _current(client)
     online = OnlineKeyPublic.model_validate(client.post("/v1/keys/online", json={}))
     signed = sign_keyring(root, next_keyring(current.signed, add=online, ttl_days=ttl_days))
-    _report(_install(client, root_public, signed))
+    _report(_install(client, root_public, signed), as_json)
 
 
 @keys_app.command("revoke")
@@ -96,17 +103,18 @@ def keys_revoke(
     keyid: Annotated[str, typer.Argument(help="the online key to revoke")],
     root_key: RootKeyOpt,
     ttl_days: TtlOpt = 365,
+    as_json: JsonOpt = False,
 ) -> None:
     """Revoke an online key: agents refuse anything it signed from now on."""
     client = _client_factory()
     root = load_root_key(root_key, _passphrase())
     root_public, current = _current(client)
     signed = sign_keyring(root, next_keyring(current.signed, revoke=keyid, ttl_days=ttl_days))
-    _report(_install(client, root_public, signed))
+    _report(_install(client, root_public, signed), as_json)
 
 
 @keys_app.command("list")
-def keys_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def keys_list(as_json: JsonOpt = False) -> None:
     """The keyring in force."""
     ring = _client_factory().get("/v1/keyring")
     if as_json:
@@ -117,6 +125,7 @@ def keys_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
 
 @keys_app.command("export-trust")
-def keys_export_trust() -> None:
-    """Print the root public key and keyring (for `edgefleet bundle verify --trust FILE`)."""
+def keys_export_trust(as_json: JsonOpt = True) -> None:
+    """Print the root public key and keyring (for `edgefleet bundle verify --trust FILE`);
+    JSON is its only form."""
     print(json.dumps(_client_factory().get("/v1/trust"), indent=2))

@@ -41,7 +41,10 @@ app.add_typer(tokens.tokens_app, name="tokens")
 
 def run() -> None:
     try:
-        app(standalone_mode=False)
+        # Outside standalone mode click returns a command's exit code (typer.Exit(1) on a
+        # failed build) instead of exiting with it: pass it on.
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:

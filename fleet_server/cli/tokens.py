@@ -56,10 +56,16 @@ def tokens_list(
 
 @tokens_app.command("revoke")
 def tokens_revoke(
-    token_id: int, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None
+    token_id: int,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Revoke an API token at once."""
     t = api_client(server, token).request("DELETE", f"/v1/tokens/{token_id}")
+    if as_json:
+        print_json(t)
+        return
     console.print(f"revoked token {t['id']} ({t['name']}, {t['role']})")
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from edge_agent.contracts.errors import EdgefleetError
 from fleet_server.cli.context import (
+    JsonOpt,
     console,
+    print_json,
 )
 
 toolchain_app = typer.Typer(no_args_is_help=True, help="Converter toolchains on this machine.")
@@ -26,14 +28,20 @@ def toolchain_install(
 
 
 @toolchain_app.command("list")
-def toolchain_list() -> None:
+def toolchain_list(as_json: JsonOpt = False) -> None:
     """Known toolchains and whether they are installed here."""
     from converters.toolchains import TOOLCHAINS, locate
 
+    found_all: dict[str, dict[str, Any]] = {}
     for name, spec in TOOLCHAINS.items():
         try:
-            found = locate(name)
-            state = "installed: " + ", ".join(f"{k} {v}" for k, v in found.versions.items())
+            versions = locate(name).versions
+            found_all[name] = {"installed": True, "versions": versions}
+            state = "installed: " + ", ".join(f"{k} {v}" for k, v in versions.items())
         except EdgefleetError as e:
+            found_all[name] = {"installed": False, "message": e.message}
             state = e.message
-        console.print(f"{name}: {spec.description}\n  {state}", highlight=False)
+        if not as_json:
+            console.print(f"{name}: {spec.description}\n  {state}", highlight=False)
+    if as_json:
+        print_json(found_all)

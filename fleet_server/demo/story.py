@@ -17,6 +17,7 @@ import numpy as np
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from converters.onnx.samples import mlp_classifier, nan_classifier
 from fleet_server.client import ApiClient
@@ -66,7 +67,7 @@ def _follow(api: ApiClient, rollout: dict, console: Console) -> dict:  # type: i
 def run_demo(workdir: Path | None, console: Console) -> int:
     root = workdir or Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
     root.mkdir(parents=True, exist_ok=True)
-    console.rule("[bold]edgefleet demo")
+    console.rule(Text("edgefleet demo", style="bold"))
     console.print(f"working directory: {root}")
     settings = Settings(data_dir=root / "server", port=0, broker_port=0, env="development")
     agents: list[LocalAgent] = []
@@ -111,7 +112,7 @@ def run_demo(workdir: Path | None, console: Console) -> int:
             rollout = _follow(api, rollout, console)
             rolled_out_s = time.monotonic() - deploy_at
             if rollout["state"] != "completed":
-                console.print(f"[red]rollout ended {rollout['state']}[/red]")
+                console.print(f"rollout ended {rollout['state']}", style="red")
                 for agent in agents:
                     console.print(f"--- {agent.device_id} log ---\n{agent.log_tail(15)}")
                 return 1
@@ -158,7 +159,8 @@ def run_demo(workdir: Path | None, console: Console) -> int:
             )
             ok = ok and rolled_back
             console.rule(
-                f"{'[green]ok' if ok else '[red]FAILED'}[/]: 3 devices serving demo-classifier "
+                Text.assemble(("ok" if ok else "FAILED", "green" if ok else "red"))
+                + f": 3 devices serving demo-classifier "
                 f"1.0.0 ({rolled_out_s:.1f}s from deploy to all committed); the bad 1.1.0 was "
                 f"rolled back on every device; {time.monotonic() - started:.1f}s total"
             )

@@ -232,3 +232,38 @@ def test_rollout_builds_each_cohort_side_by_side_and_the_cli_follows_them(
     second = next(r for r in api.get("/v1/rollouts") if r["id"] != first["id"])
     first_shas = {t["bundle_sha256"] for t in first["targets"]}
     assert not first_shas & {t["bundle_sha256"] for t in second["targets"]}
+
+
+def test_a_build_made_ahead_is_reused_by_the_rollout(
+    api: ApiClient, model_path: Path, uid: str
+) -> None:
+    """`builds create` asks for every runtime of the profile; a rollout asks for the ones its
+    device has. Where those leave the same candidates, it is the same artifact: one build."""
+    api.upload_model(model_path, "classifier", "1.0.0")
+    build = api.post(
+        "/v1/builds", json={"model": "classifier", "version": "1.0.0", "profile": "x86-64-avx2"}
+    )
+    deadline = time.monotonic() + 120
+    while api.get(f"/v1/builds/{build['id']}")["state"] != "succeeded":
+        assert time.monotonic() < deadline, api.get(f"/v1/builds/{build['id']}")
+        time.sleep(0.2)
+    token = api.post("/v1/enrollment-tokens", json={})["token"]
+    device = f"ahead-{uid}"
+    api.post(
+        "/v1/devices/enroll",
+        json={
+            "token": token,
+            "device_id": device,
+            "profile": "x86-64-avx2",
+            "runtimes": {"onnxruntime": "1.20.0"},  # all the runtimes x86-64-avx2 lists
+        },
+    )
+    rollout = api.post(
+        "/v1/rollouts?build_wait_s=0",
+        json={"model": "classifier", "version": "1.0.0", "devices": [device]},
+    )
+    assert (
+        rollout["targets"][0]["bundle_sha256"]
+        == api.get(f"/v1/builds/{build['id']}")["bundle_sha256"]
+    )
+    assert len(api.get("/v1/builds")) == 1
