@@ -47,9 +47,11 @@ def baseline(
         out["inputs"][name] = describe(array)
     for name, array in outputs.items():
         entry = describe(array)
-        if array.ndim == 2 and array.shape[1] > 1 and np.isfinite(array).all():
-            top1 = np.bincount(np.argmax(array, axis=1), minlength=array.shape[1])
-            entry["top1_frequencies"] = [float(c) / array.shape[0] for c in top1]
+        if array.ndim == 3 and array.shape[2] > 1 and np.isfinite(array).all():
+            # Stacked [samples, batch, classes]: top-1 over every row.
+            rows = array.reshape(-1, array.shape[2])
+            top1 = np.bincount(np.argmax(rows, axis=1), minlength=rows.shape[1])
+            entry["top1_frequencies"] = [float(c) / rows.shape[0] for c in top1]
         out["outputs"][name] = entry
     out["samples"] = int(next(iter(inputs.values())).shape[0]) if inputs else 0
     return out

@@ -25,7 +25,13 @@ import numpy as np
 
 from converters import baseline as drift
 from converters.converter import Artifact, ConversionJob, Converter, Log, Target, load_for_gate
-from converters.data import Dataset, load_dataset, model_batch, split_holdout, synthetic_dataset
+from converters.data import (
+    Dataset,
+    batch_first,
+    load_dataset,
+    split_holdout,
+    synthetic_dataset,
+)
 from converters.registry import converter, converters_for_build
 from converters.validate import Outputs, Thresholds, compare, run_dataset
 from edge_agent import __version__ as edgefleet_version
@@ -40,8 +46,6 @@ from firmware_profiles import Profile
 ManifestSigner = Callable[[bytes], Signature]
 #: Validation samples generated when neither a calibration nor a validation set was uploaded.
 SYNTHETIC_SAMPLES = 16
-#: Self-test vectors stored in the bundle (samples of the validation set).
-SELFTEST_SAMPLES = 2
 
 
 @dataclass
@@ -63,6 +67,17 @@ class BuildOptions:
     runtimes: tuple[str, ...] | None = None
     #: Restrict to these precisions; None: the profile's.
     precisions: tuple[str, ...] | None = None
+    #: Inputs that are state or configuration: kept in fp32 by quantization (not calibrated).
+    #: None: the default, :func:`default_fp32_inputs`.
+    fp32_inputs: tuple[str, ...] | None = None
+
+
+def default_fp32_inputs(inputs: list[TensorSpec]) -> frozenset[str]:
+    """Inputs that are not data: scalars, integer inputs, and inputs whose first axis is not
+    the batch (a recurrent state ``[layers, batch, hidden]``)."""
+    return frozenset(
+        s.name for s in inputs if not s.shape or np.dtype(s.dtype).kind != "f" or not batch_first(s)
+    )
 
 
 def candidates(profile: Profile, options: BuildOptions | None = None) -> list[Target]:
@@ -207,10 +222,24 @@ def compile_model(
         + (f"{calib.samples} samples" if calib else "none")
     )
     work.mkdir(parents=True, exist_ok=True)
-    reference = _reference_outputs(source, valid, model_batch(inputs))
+    reference = _reference_outputs(source, valid)
     emit(f"reference (fp32 ONNX, onnxruntime): median {reference.median_ms:.2f} ms per call")
 
-    job = ConversionJob(source, work, profile, inputs, outputs, calib, emit)
+    unknown = sorted(set(options.fp32_inputs or ()) - {s.name for s in inputs})
+    if unknown:
+        raise ConversionError(
+            f"fp32_inputs {unknown} name no input; the model's inputs are "
+            f"{[s.name for s in inputs]}",
+            reason="bad_options",
+        )
+    fp32 = (
+        frozenset(options.fp32_inputs)
+        if options.fp32_inputs is not None
+        else default_fp32_inputs(inputs)
+    )
+    if fp32:
+        emit(f"kept in fp32 by quantization (state or configuration): {sorted(fp32)}")
+    job = ConversionJob(source, work, profile, inputs, outputs, calib, emit, fp32, tuple(todo))
     gated = _gate_candidates(job, todo, reference, valid, options)
     base_data = calib if calib is not None else valid
     files = _bundle_files(job, gated, valid, base_data)
@@ -255,11 +284,11 @@ def _check_budget(source: Path, profile: Profile) -> None:
         )
 
 
-def _reference_outputs(source: Path, valid: Dataset, batch: int) -> Outputs:
+def _reference_outputs(source: Path, valid: Dataset) -> Outputs:
     """The fp32 ONNX model's outputs in onnxruntime: what every candidate must agree with."""
     model = load_for_gate("onnxruntime", source)
     try:
-        return run_dataset(model, valid, batch=batch)
+        return run_dataset(model, valid)
     except ConversionError as e:
         raise ConversionError(
             f"the original model does not run in onnxruntime on the validation set: {e.message}",
@@ -332,7 +361,7 @@ def _gate_candidates(
             )
             model = load_for_gate(artifact.gate_runtime, artifact.path)
             try:
-                got = run_dataset(model, valid, batch=job.batch)
+                got = run_dataset(model, valid)
             finally:
                 model.close()
             report = compare(
@@ -389,14 +418,12 @@ def _bundle_files(
     job: ConversionJob, gated: _Gated, valid: Dataset, base_data: Dataset
 ) -> list[tuple[str, Path]]:
     """The artifact, its extra files, the self-test vectors and the drift baseline."""
-    batch = job.batch
-    # Self-test vectors: real validation samples, expected outputs from the compiled artifact.
-    n = min(SELFTEST_SAMPLES * batch, valid.samples) // batch * batch or batch
-    feeds = {k: v[:n] for k, v in valid.arrays.items()}
-    expected = {k: v[:n] for k, v in gated.outputs.arrays.items()}
+    # Self-test vectors: one real validation feed, expected outputs from the compiled artifact.
+    feeds = {k: v[0] for k, v in valid.arrays.items()}
+    expected = {k: v[0] for k, v in gated.outputs.arrays.items()}
     base_model = load_for_gate("onnxruntime", job.source)
     try:
-        base_out = run_dataset(base_model, base_data, batch=batch, warmup=0)
+        base_out = run_dataset(base_model, base_data, warmup=0)
     finally:
         base_model.close()
     base = drift.baseline(base_data.arrays, base_out.arrays, origin=base_data.origin)

@@ -46,6 +46,10 @@ class ConversionJob:
     outputs: list[TensorSpec]
     calibration: Dataset | None
     log: Log
+    #: Inputs quantization keeps in fp32 (state, configuration).
+    fp32_inputs: frozenset[str] = frozenset()
+    #: Every candidate the build will try (converters that share work plan for them all).
+    targets: tuple[Target, ...] = ()
 
     @property
     def batch(self) -> int:

@@ -1,16 +1,22 @@
 """Calibration and validation sets: ``.npz`` files holding one array per model input.
 
-Axis 0 of every array counts samples; the rest of the shape is one sample as the model takes
-it (the model's batch dimension removed). A model whose batch dimension is fixed at 1 and one
-whose batch is dynamic take the same file. Every input must be present with the model's dtype
-and its fixed dimensions, all arrays must hold the same number of samples, and nothing else may
-be in the file: a calibration set that does not fit the model is refused before any converter
-runs, with the input and the mismatch named.
+**One sample is one complete feed** of that input, as the model takes it in one call — any
+rank, scalars included — and the samples are stacked on a new leading axis. For an input
+shaped ``[batch, 16]`` an array ``[samples, 1, 16]`` holds one-row feeds; for a recurrent
+state ``[2, batch, 128]`` it is ``[samples, 2, 1, 128]``; for a scalar sample rate it is
+``[samples]``. Arrays of all inputs hold the same number of samples.
+
+Files written for earlier releases (axis 0 = samples, the rest one sample without the batch
+axis: ``[samples, 16]`` for ``[batch, 16]``) are still read where that is unambiguous: an
+array with the input's own rank, for an input whose first axis is its batch (dynamic, or 1).
+Such rows are grouped into feeds of the model's batch size.
+
+A set that does not fit the model is refused at upload with the input and the mismatch named,
+before any converter runs.
 """
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +36,7 @@ HOLDOUT_FRACTION = 0.25
 
 @dataclass(frozen=True)
 class Dataset:
-    """Arrays keyed by input name, axis 0 = samples."""
+    """Arrays keyed by input name; axis 0 counts samples, ``array[i]`` is one complete feed."""
 
     arrays: dict[str, np.ndarray]
     #: Where the samples came from: "uploaded", "held-out calibration", "synthetic".
@@ -45,11 +51,13 @@ class Dataset:
     def take(self, index: slice) -> Dataset:
         return Dataset({k: v[index] for k, v in self.arrays.items()}, self.origin, self.sha256)
 
-    def feeds(self, batch: int = 1) -> Iterator[dict[str, np.ndarray]]:
-        """Model inputs, ``batch`` samples at a time."""
-        for start in range(0, self.samples, batch):
+    def feeds(self) -> Iterator[dict[str, np.ndarray]]:
+        """One complete feed per sample, as the model takes it in one call."""
+        for i in range(self.samples):
+            # ascontiguousarray would make a scalar feed 1-d; a scalar input takes 0-d.
             yield {
-                k: np.ascontiguousarray(v[start : start + batch]) for k, v in self.arrays.items()
+                k: np.ascontiguousarray(v[i]) if v.ndim > 1 else np.asarray(v[i])
+                for k, v in self.arrays.items()
             }
 
 
@@ -58,18 +66,36 @@ def load_dataset(path: Path, inputs: list[TensorSpec], *, what: str) -> Dataset:
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    except Exception as e:  # numpy and zipfile raise many types for a file that is not .npz
         raise ConversionError(
             f"the {what} set is not a readable .npz file ({e}); write it with "
-            "numpy.savez(path, **{input_name: array})",
+            "numpy.savez(path, **{input_name: samples_array})",
             reason="bad_dataset",
             dataset=what,
         ) from e
-    check_arrays(arrays, inputs, what=what)
-    return Dataset(arrays, "uploaded", sha256_file(path))
+    return Dataset(as_feeds(arrays, inputs, what=what), "uploaded", sha256_file(path))
 
 
-def check_arrays(arrays: dict[str, np.ndarray], inputs: list[TensorSpec], *, what: str) -> None:
+def batch_first(spec: TensorSpec) -> bool:
+    """The input's first axis is its batch: dynamic, or fixed at 1. (A state input such as
+    ``[2, batch, 128]`` leads with a fixed axis of another meaning.)"""
+    if not spec.shape:
+        return False
+    first = spec.shape[0]
+    return not isinstance(first, int) or first <= 1
+
+
+def _expected(spec: TensorSpec) -> str:
+    feed = ", ".join(str(d) for d in spec.shape)
+    return f"[samples{', ' + feed if feed else ''}]"
+
+
+def as_feeds(
+    arrays: dict[str, np.ndarray], inputs: list[TensorSpec], *, what: str
+) -> dict[str, np.ndarray]:
+    """``arrays`` checked against ``inputs`` and in the stacked-feeds layout (legacy row
+    files regrouped); raises ConversionError naming the input and the problem."""
+
     def fail(message: str, **detail: object) -> ConversionError:
         return ConversionError(
             f"{what} set: {message}", reason="bad_dataset", dataset=what, **detail
@@ -84,7 +110,7 @@ def check_arrays(arrays: dict[str, np.ndarray], inputs: list[TensorSpec], *, wha
         raise fail(
             f"array(s) {extra} match no model input; the model's inputs are {sorted(wanted)}"
         )
-    counts = set()
+    out: dict[str, np.ndarray] = {}
     for spec in inputs:
         array = arrays[spec.name]
         if array.dtype != np.dtype(spec.dtype):
@@ -93,27 +119,45 @@ def check_arrays(arrays: dict[str, np.ndarray], inputs: list[TensorSpec], *, wha
                 f"(convert with array.astype(numpy.{spec.dtype}))",
                 input=spec.name,
             )
-        sample_shape = spec.shape[1:]
-        if array.ndim != len(spec.shape):
+        if array.ndim == 0:
             raise fail(
-                f"input {spec.name!r} has shape {list(array.shape)}; expected [samples, "
-                f"{', '.join(str(d) for d in sample_shape)}] for model shape {spec.shape}",
+                f"input {spec.name!r} is a single value; stack the samples on a new leading "
+                f"axis: shape {_expected(spec)}",
                 input=spec.name,
             )
-        for axis, (got, want) in enumerate(zip(array.shape[1:], sample_shape, strict=True), 1):
+        legacy = array.ndim == len(spec.shape) and batch_first(spec)
+        if not legacy and array.ndim != len(spec.shape) + 1:
+            raise fail(
+                f"input {spec.name!r} has shape {list(array.shape)}; one sample is one complete "
+                f"feed of model shape {spec.shape}, stacked on a new leading axis: "
+                f"expected {_expected(spec)}",
+                input=spec.name,
+            )
+        # The fixed dimensions, on the array's own axes (an earlier release's rows lack the
+        # batch axis).
+        model_dims = spec.shape[1:] if legacy else spec.shape
+        for axis, (got, want) in enumerate(zip(array.shape[1:], model_dims, strict=True), 1):
             if isinstance(want, int) and want > 0 and got != want:
                 raise fail(
                     f"input {spec.name!r} has size {got} on axis {axis}, the model takes {want} "
-                    f"(array shape {list(array.shape)}, model shape {spec.shape})",
+                    f"(array shape {list(array.shape)}, expected {_expected(spec)})",
                     input=spec.name,
                 )
+        if legacy:
+            # An earlier release's rows: group them into feeds of the model's batch size.
+            first = spec.shape[0]
+            batch = first if isinstance(first, int) and first > 0 else 1
+            usable = array.shape[0] // batch * batch
+            array = array[:usable].reshape(usable // batch, batch, *array.shape[1:])
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise fail(f"input {spec.name!r} holds NaN or infinite values", input=spec.name)
-        counts.add(array.shape[0])
+        out[spec.name] = array
+    counts = sorted({a.shape[0] for a in out.values()})
     if len(counts) > 1:
-        raise fail(f"arrays hold different numbers of samples: {sorted(counts)}")
-    if counts == {0}:
+        raise fail(f"arrays hold different numbers of samples: {counts}")
+    if counts == [0]:
         raise fail("it holds no samples")
+    return out
 
 
 def split_holdout(calibration: Dataset) -> tuple[Dataset, Dataset]:
@@ -133,11 +177,12 @@ def split_holdout(calibration: Dataset) -> tuple[Dataset, Dataset]:
 
 
 def synthetic_dataset(inputs: list[TensorSpec], samples: int, *, seed: int = 0) -> Dataset:
-    """Standard-normal float inputs (small non-negative integers for integer inputs)."""
+    """Complete feeds fitting ``inputs`` (dynamic dimensions 1): standard-normal floats, small
+    non-negative integers for integer inputs (indices, token ids, a sample-rate code)."""
     rng = np.random.default_rng(seed)
     arrays = {}
     for spec in inputs:
-        shape = [samples] + [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape[1:]]
+        shape = [samples] + [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape]
         dtype = np.dtype(spec.dtype)
         if dtype.kind == "f":
             arrays[spec.name] = rng.standard_normal(shape).astype(dtype)

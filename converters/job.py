@@ -64,6 +64,9 @@ def run(spec: dict[str, Any]) -> int:
                 thresholds=spec.get("thresholds") or {},
                 runtimes=tuple(spec["runtimes"]) if spec.get("runtimes") is not None else None,
                 precisions=tuple(spec["precisions"]) if spec.get("precisions") else None,
+                fp32_inputs=(
+                    tuple(spec["fp32_inputs"]) if spec.get("fp32_inputs") is not None else None
+                ),
             ),
             log=log,
         )

@@ -58,10 +58,11 @@ class Outputs:
         return statistics.median(self.latencies_ms) if self.latencies_ms else 0.0
 
 
-def run_dataset(model: LoadedModel, data: Dataset, *, batch: int = 1, warmup: int = 2) -> Outputs:
-    """Run ``model`` over ``data``, ``batch`` samples per call; non-finite outputs are kept
-    (the gate reports them) but a runtime error is raised as :class:`ConversionError`."""
-    feeds = list(data.feeds(batch))
+def run_dataset(model: LoadedModel, data: Dataset, *, warmup: int = 2) -> Outputs:
+    """Run ``model`` on each of ``data``'s feeds; the outputs are stacked on a new leading
+    axis (one entry per sample, whatever their rank). Non-finite outputs are kept (the gate
+    reports them) but a runtime error is raised as :class:`ConversionError`."""
+    feeds = list(data.feeds())
     try:
         for f in feeds[:warmup]:
             model.run(f)
@@ -77,11 +78,19 @@ def run_dataset(model: LoadedModel, data: Dataset, *, batch: int = 1, warmup: in
         raise ConversionError(
             f"the artifact fails on the validation set: {e.message}", reason="artifact_unusable"
         ) from e
-    return Outputs({k: np.concatenate(v) for k, v in parts.items()}, latencies)
+    try:
+        stacked = {k: np.stack(v) for k, v in parts.items()}
+    except ValueError as e:  # a dynamic output shape that changes from feed to feed
+        raise ConversionError(
+            f"the model's outputs change shape from one sample to the next ({e})",
+            reason="artifact_unusable",
+        ) from e
+    return Outputs(stacked, latencies)
 
 
 def _classifier_like(array: np.ndarray) -> bool:
-    return array.ndim == 2 and array.shape[1] > 1
+    """Stacked [samples, batch, classes] outputs of a [batch, classes] output."""
+    return array.ndim == 3 and array.shape[2] > 1
 
 
 def compare(
@@ -128,7 +137,7 @@ def compare(
         if not finite:
             failed.append(f"output {name!r} has NaN or infinite values where the original has none")
         if _classifier_like(ref):
-            agreement = float(np.mean(np.argmax(got64, axis=1) == np.argmax(ref64, axis=1)))
+            agreement = float(np.mean(np.argmax(got64, axis=-1) == np.argmax(ref64, axis=-1)))
             entry["top1_agreement"] = agreement
             top1.append(agreement)
         outputs[name] = entry

@@ -30,7 +30,9 @@ class OnnxRuntimeConverter(Converter):
             path = optimize_fp32(job.source, out)
         elif target.precision == "int8":
             calibration = job.require_calibration(target)
-            path = quantize_int8(job.source, out, calibration, flavour="x86", batch=job.batch)
+            path = quantize_int8(
+                job.source, out, calibration, flavour="x86", fp32_inputs=job.fp32_inputs
+            )
         else:
             raise ConversionError(
                 f"onnxruntime {target.precision} is not built by edgefleet", reason="no_converter"

@@ -40,11 +40,22 @@ def optimize_fp32(source: Path, out: Path) -> Path:
     return out
 
 
+def _consumers(model_path: Path, inputs: frozenset[str]) -> list[str]:
+    """The nodes that read ``inputs`` directly: left unquantized, so state and configuration
+    inputs reach the model in fp32."""
+    if not inputs:
+        return []
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return [n.name for n in graph.node if n.name and inputs.intersection(n.input)]
+
+
 class _Reader:
     """onnxruntime's CalibrationDataReader protocol over a :class:`Dataset`."""
 
-    def __init__(self, data: Dataset, batch: int) -> None:
-        self._iter: Iterator[dict[str, np.ndarray]] = data.feeds(batch)
+    def __init__(self, data: Dataset) -> None:
+        self._iter: Iterator[dict[str, np.ndarray]] = data.feeds()
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._iter, None)
@@ -59,7 +70,7 @@ def quantize_int8(
     calibration: Dataset,
     *,
     flavour: Literal["x86", "tensorrt"],
-    batch: int = 1,
+    fp32_inputs: frozenset[str] = frozenset(),
 ) -> Path:
     """Static QDQ int8 with per-channel weights, MinMax-calibrated on up to 64 samples."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -82,12 +93,13 @@ def quantize_int8(
             quantize_static(
                 str(prepared),
                 str(out),
-                _Reader(data, batch),
+                _Reader(data),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
                 activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
+                nodes_to_exclude=_consumers(prepared, fp32_inputs),
                 extra_options={
                     "ActivationSymmetric": symmetric,
                     "WeightSymmetric": True,

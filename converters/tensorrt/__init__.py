@@ -67,6 +67,7 @@ def build_artifact(
     calibration: Dataset | None,
     *,
     batch: int,
+    fp32_inputs: frozenset[str] = frozenset(),
 ) -> tuple[Path, Path]:
     """(model.onnx, trt_recipe.json) in ``work``."""
     work.mkdir(parents=True, exist_ok=True)
@@ -77,7 +78,7 @@ def build_artifact(
                 "int8 needs a calibration set (upload one with the model version)",
                 reason="no_calibration",
             )
-        quantize_int8(source, out, calibration, flavour="tensorrt", batch=batch)
+        quantize_int8(source, out, calibration, flavour="tensorrt", fp32_inputs=fp32_inputs)
     else:
         optimize_fp32(source, out)
     recipe = work / RECIPE_NAME

@@ -31,6 +31,7 @@ class TensorRtConverter(Converter):
             job.inputs,
             job.calibration,
             batch=job.batch,
+            fp32_inputs=job.fp32_inputs,
         )
         return Artifact(
             path,

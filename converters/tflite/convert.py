@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.data import MAX_CALIBRATION_SAMPLES, Dataset
+from converters.data import MAX_CALIBRATION_SAMPLES, Dataset, batch_first
 from converters.toolchains import Toolchain
 from edge_agent.bundle.manifest import TensorSpec
 from edge_agent.contracts.errors import ConversionError
@@ -35,6 +35,8 @@ _SAMPLE_NAME = "calibration_image_sample_data_20x128x128x3_float32.npy"
 class TfliteOutputs:
     fp32: Path
     int8: Path | None
+    #: Why there is no int8 model although calibration data was given.
+    int8_error: str | None = None
 
 
 def convert(
@@ -69,8 +71,10 @@ def convert(
         for spec in inputs:
             path = work / f"calibration-{len(cmd)}.npy"
             array = data.arrays[spec.name]
-            # onnx2tf wants the samples with the model's batch axis (one sample per row).
-            np.save(path, array.reshape((array.shape[0], *array.shape[1:])))
+            if batch_first(spec):
+                # onnx2tf wants rows along the model's batch axis: the feeds, concatenated.
+                array = array.reshape(array.shape[0] * array.shape[1], *array.shape[2:])
+            np.save(path, array)
             cmd += ["-cind", spec.name, str(path), "0", "1"]
     log("running: " + " ".join(cmd[1:]))
     with (work / "onnx2tf.log").open("w") as out:
@@ -92,11 +96,18 @@ def convert(
         if "error" in line.lower() or "warning" in line.lower():
             log("onnx2tf: " + line.strip()[:300])
     if proc.returncode != 0:
+        node, error = _summarize(text)
+        op = _op_type(source, node) if node else None
+        where = f"at ONNX node {node!r}{f' ({op})' if op else ''}: " if node else ""
         raise ConversionError(
-            f"onnx2tf failed with exit code {proc.returncode}: {_summarize(text)} "
-            "(the full output is in the build log)",
+            f"onnx2tf could not convert the model {where}{error.rstrip('.')}; what to do: "
+            "export the model "
+            "with static shapes (a fixed batch size) or without that construct, or serve it "
+            "with the profile's other runtime; the full converter output is in the build log",
             reason="converter_failed",
             exit_code=proc.returncode,
+            node=node or "",
+            operator=op or "",
         )
     fp32 = out_dir / "model_float32.tflite"
     int8 = out_dir / "model_integer_quant.tflite"
@@ -105,20 +116,41 @@ def convert(
         raise ConversionError(
             f"onnx2tf exited 0 but wrote no {fp32.name}:\n{tail}", reason="converter_failed"
         )
+    int8_error = None
     if calibration is not None and not int8.is_file():
-        tail = "\n".join(text.strip().splitlines()[-20:])
-        raise ConversionError(
-            f"onnx2tf exited 0 but wrote no int8 model ({int8.name}); the calibration data "
-            f"may not fit the model:\n{tail}",
-            reason="converter_failed",
+        # Judged on its own: the fp32 model onnx2tf did write is still a candidate.
+        node, error = _summarize(text)
+        int8_error = (
+            f"onnx2tf wrote the fp32 model but no int8 one ({int8.name}): "
+            + (f"at ONNX node {node!r}: " if node else "")
+            + error
         )
-    for path in [fp32, int8] if calibration is not None else [fp32]:
+    made = [fp32, int8] if calibration is not None and int8_error is None else [fp32]
+    for path in made:
         rename_io(path, [s.name for s in inputs], [s.name for s in outputs])
-    return TfliteOutputs(fp32=fp32, int8=int8 if calibration is not None else None)
+    return TfliteOutputs(
+        fp32=fp32,
+        int8=int8 if calibration is not None and int8_error is None else None,
+        int8_error=int8_error,
+    )
 
 
-def _summarize(text: str) -> str:
-    """The failing ONNX node and the final exception line of onnx2tf's output."""
+def _op_type(source: Path, node: str) -> str | None:
+    """The ONNX operator of the node onnx2tf named."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(source), load_external_data=False).graph
+    except Exception:  # the name is a help, not a requirement
+        return None
+    # onnx2tf names nodes by the ONNX name, a leading "/" written as "wa/".
+    wanted = {node, "/" + node.removeprefix("wa/"), node.removeprefix("wa/")}
+    return next((n.op_type for n in graph.node if n.name in wanted), None)
+
+
+def _summarize(text: str) -> tuple[str | None, str]:
+    """The failing ONNX node, and the decisive line of onnx2tf's output: its last exception,
+    else its last error line."""
     clean = re.sub(r"\x1b\[[0-9;]*m", "", text)
     lines = [line.strip() for line in clean.splitlines() if line.strip()]
     node = next(
@@ -128,7 +160,7 @@ def _summarize(text: str) -> str:
         (ln for ln in reversed(lines) if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", ln)),
         lines[-1] if lines else "no output",
     )
-    return (f"at ONNX node {node}: " if node else "") + error
+    return node, error
 
 
 def custom_ops(path: Path) -> list[str]:

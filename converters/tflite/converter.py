@@ -36,7 +36,8 @@ class LiteRtConverter(Converter):
         path = files.fp32 if target.precision == "fp32" else files.int8
         if path is None:
             raise ConversionError(
-                f"onnx2tf produced no {target.precision} model", reason="no_artifact"
+                files.int8_error or f"onnx2tf produced no {target.precision} model",
+                reason="converter_failed",
             )
         unsupported = custom_ops(path)
         if unsupported:
@@ -68,13 +69,18 @@ class LiteRtConverter(Converter):
         try:
             toolchain = toolchains.locate("tflite")
             start = time.monotonic()
+            # Calibration (and so onnx2tf's int8 pass) only when an int8 LiteRT candidate is
+            # in the build: a build asking for fp32 alone cannot fail on quantization.
+            wants_int8 = any(
+                t.runtime == self.runtime and t.precision == "int8" for t in job.targets
+            )
             files = tflite.convert(
                 toolchain,
                 job.source,
                 job.work / "tflite",
                 job.inputs,
                 job.outputs,
-                job.calibration,
+                job.calibration if wants_int8 or not job.targets else None,
                 log=job.log,
             )
             job.log(f"onnx2tf finished in {time.monotonic() - start:.1f} s")

@@ -155,6 +155,7 @@ class BuildRunner:
                 "thresholds": options.get("thresholds") or {},
                 "runtimes": options.get("runtimes"),
                 "precisions": options.get("precisions"),
+                "fp32_inputs": options.get("fp32_inputs"),
             }
             (work / "spec.json").write_text(json.dumps(spec))
             outcome, tail, code = self._subprocess(build_id, work)

@@ -92,6 +92,7 @@ def cache_key(version: ModelVersion, profile: Profile, options: dict[str, Any]) 
         "profile": profile.model_dump(mode="json"),
         "candidates": [[c.runtime, c.precision] for c in tried],
         "thresholds": options.get("thresholds") or {},
+        "fp32_inputs": options.get("fp32_inputs"),
         "toolchains": toolchain_versions(),
     }
     # Not a signed document: profiles hold infinite thresholds ("no limit"), which canonical
@@ -104,6 +105,7 @@ def normalize_options(
     thresholds: dict[str, float | None] | None,
     runtimes: list[str] | None,
     precisions: list[str] | None,
+    fp32_inputs: list[str] | None = None,
 ) -> dict[str, Any]:
     known = {"max_abs_error", "max_rel_l2", "min_top1_agreement"}
     unknown = sorted(set(thresholds or {}) - known)
@@ -122,6 +124,7 @@ def normalize_options(
         "thresholds": dict(sorted((thresholds or {}).items())),
         "runtimes": sorted(runtimes) if runtimes is not None else None,
         "precisions": sorted(precisions) if precisions else None,
+        "fp32_inputs": sorted(set(fp32_inputs)) if fp32_inputs is not None else None,
     }
 
 
@@ -191,7 +194,7 @@ def create_build(
         raise InvalidInputError(
             f"unknown profile {body.profile!r}; see GET /v1/profiles", field="profile"
         ) from e
-    options = normalize_options(body.thresholds, body.runtimes, body.precisions)
+    options = normalize_options(body.thresholds, body.runtimes, body.precisions, body.fp32_inputs)
     build = request_build(session, runner, signer, model, version, profile, options, actor)
     return to_public(session, build)
 

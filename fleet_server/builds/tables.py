@@ -70,6 +70,9 @@ class BuildCreate(RequestBody):
     runtimes: list[str] | None = None
     #: Only these precisions (default: the profile's).
     precisions: list[str] | None = None
+    #: Inputs that are state or configuration, kept in fp32 by quantization (not
+    #: calibrated). Default: scalars, integer inputs, and inputs not led by the batch axis.
+    fp32_inputs: list[str] | None = None
 
 
 class BuildPublic(BuildBase, UtcPublic):

@@ -76,6 +76,13 @@ def builds_create(
     ] = None,
     runtime: Annotated[list[str] | None, typer.Option(help="only this runtime")] = None,
     precision: Annotated[list[str] | None, typer.Option(help="only this precision")] = None,
+    fp32_input: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="an input that is state or configuration: kept in fp32, not calibrated "
+            "(repeatable; default: scalars, integer inputs, inputs not led by the batch axis)"
+        ),
+    ] = None,
     wait: Annotated[bool, typer.Option(help="follow the log until the build ends")] = True,
     server: ServerOpt = DEFAULT_SERVER,
     token: TokenOpt = None,
@@ -97,6 +104,7 @@ def builds_create(
         "thresholds": thresholds,
         "runtimes": runtime,
         "precisions": precision,
+        "fp32_inputs": fp32_input,
     }
     build = client.post("/v1/builds", json=body)
     if wait and build["state"] in (BuildState.QUEUED, BuildState.RUNNING):

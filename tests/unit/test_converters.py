@@ -14,7 +14,7 @@ import pytest
 from onnx import numpy_helper
 
 from converters.build import BuildOptions, build_bundle, candidates
-from converters.data import Dataset, check_arrays, split_holdout
+from converters.data import Dataset, as_feeds, split_holdout, synthetic_dataset
 from converters.onnx import inspect_onnx
 from converters.onnx.samples import mlp_classifier
 from converters.validate import Outputs, Thresholds, compare
@@ -66,16 +66,67 @@ def _build(model: Path, profile: str, out: Path, **kw: object) -> object:
         ({"x": np.zeros((4, 16), np.float32), "y": np.zeros(4)}, "array(s) ['y'] match no"),
         ({"x": np.zeros((4, 16), np.float64)}, "has dtype float64, the model takes float32"),
         ({"x": np.zeros((4, 15), np.float32)}, "has size 15 on axis 1, the model takes 16"),
-        ({"x": np.zeros((16,), np.float32)}, "expected [samples, 16]"),
+        ({"x": np.zeros((16,), np.float32)}, "expected [samples, batch, 16]"),
+        ({"x": np.zeros((2, 3, 4, 16), np.float32)}, "expected [samples, batch, 16]"),
+        ({"x": np.float32(3.0)}, "is a single value; stack the samples"),
         ({"x": np.zeros((0, 16), np.float32)}, "it holds no samples"),
         ({"x": np.full((2, 16), np.nan, np.float32)}, "NaN or infinite"),
     ],
 )
 def test_bad_calibration_sets_are_named(arrays: dict[str, np.ndarray], message: str) -> None:
     with pytest.raises(ConversionError) as e:
-        check_arrays(arrays, X, what="calibration")
+        as_feeds(arrays, X, what="calibration")
     assert message in e.value.message and e.value.message.startswith("calibration set:")
     assert e.value.reason == "bad_dataset"
+
+
+STATEFUL = [
+    TensorSpec(name="audio", dtype="float32", shape=["batch", 80]),
+    TensorSpec(name="h0", dtype="float32", shape=[2, "batch", 32]),
+    TensorSpec(name="sample_rate", dtype="int64", shape=[]),
+]
+
+
+def test_one_sample_is_one_complete_feed_of_any_rank() -> None:
+    arrays = {
+        "audio": np.zeros((5, 1, 80), np.float32),
+        "h0": np.zeros((5, 2, 1, 32), np.float32),
+        "sample_rate": np.full(5, 16000, np.int64),
+    }
+    feeds = list(Dataset(as_feeds(arrays, STATEFUL, what="calibration"), "uploaded").feeds())
+    assert len(feeds) == 5
+    assert {k: v.shape for k, v in feeds[0].items()} == {
+        "audio": (1, 80), "h0": (2, 1, 32), "sample_rate": (),
+    }  # fmt: skip
+
+
+def test_a_state_input_is_not_read_as_rows() -> None:
+    """[2, batch, 32] leads with the layers: a [samples, 1, 32] array is not one of its feeds
+    with the batch removed, and is refused naming the layout to use."""
+    arrays = {
+        "audio": np.zeros((5, 1, 80), np.float32),
+        "h0": np.zeros((5, 1, 32), np.float32),
+        "sample_rate": np.full(5, 16000, np.int64),
+    }
+    with pytest.raises(ConversionError, match=r"expected \[samples, 2, batch, 32\]"):
+        as_feeds(arrays, STATEFUL, what="calibration")
+
+
+def test_earlier_row_files_still_read_where_unambiguous() -> None:
+    rows = {"x": np.arange(64, dtype=np.float32).reshape(4, 16)}
+    feeds = as_feeds(rows, X, what="calibration")["x"]
+    assert feeds.shape == (4, 1, 16) and feeds[2, 0, 0] == 32
+
+
+def test_synthetic_feeds_fit_state_and_scalar_inputs() -> None:
+    data = synthetic_dataset(STATEFUL, 3)
+    feed = next(data.feeds())
+    assert {k: v.shape for k, v in feed.items()} == {
+        "audio": (1, 80),
+        "h0": (2, 1, 32),
+        "sample_rate": (),
+    }
+    as_feeds(data.arrays, STATEFUL, what="synthetic")  # what it makes, it accepts
 
 
 def test_holdout_keeps_a_quarter_for_validation() -> None:
@@ -89,7 +140,8 @@ def test_holdout_keeps_a_quarter_for_validation() -> None:
 
 
 def _outputs(array: np.ndarray) -> Outputs:
-    return Outputs({"y": array}, [1.0, 2.0, 3.0])
+    """Rows as the gate sees a classifier's outputs: stacked per sample, a batch of 1 each."""
+    return Outputs({"y": array[:, None, :] if array.ndim == 2 else array}, [1.0, 2.0, 3.0])
 
 
 def test_gate_reports_each_failed_check_with_numbers(tmp_path: Path) -> None:

@@ -1,0 +1,138 @@
+"""Models whose inputs are not all ``[batch, …]``, end to end: a streaming GRU exported from
+torch, with a recurrent state ``[layers, batch, hidden]`` and a scalar sample rate, uploaded
+with a calibration set of complete feeds, built for an x86 and a Raspberry Pi profile, served
+by real agent processes — and each device's answer to a held-out feed equals onnxruntime's on
+the original model within the figures of the build's own parity report. Where a converter
+cannot take the model, the build says which node, which operator, and what to do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from fleet_server.client import ApiClient
+from fleet_server.server import EmbeddedStack
+from hil.rig import LocalAgent, roll_out
+
+pytestmark = [pytest.mark.slow, pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)]
+
+LAYERS, HIDDEN, FEATURES, CLASSES = 2, 32, 16, 4
+
+
+def streaming_gru(path: Path) -> Path:
+    """x [batch, 16], h0 [2, batch, 32], sample_rate [] (int64) → probs [batch, 4], hn."""
+    import torch
+    from torch import nn
+
+    class StreamingGRU(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.gru = nn.GRU(FEATURES, HIDDEN, num_layers=LAYERS)
+            self.head = nn.Linear(HIDDEN, CLASSES)
+
+        def forward(
+            self, x: torch.Tensor, h0: torch.Tensor, sample_rate: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            scale = sample_rate.to(torch.float32) / 16000.0
+            out, hn = self.gru((x * scale).unsqueeze(0), h0)
+            return torch.softmax(self.head(out[0]), dim=-1), hn
+
+    example = (
+        torch.zeros(1, FEATURES),
+        torch.zeros(LAYERS, 1, HIDDEN),
+        torch.tensor(16000, dtype=torch.int64),
+    )
+    torch.onnx.export(
+        StreamingGRU().eval(),
+        example,
+        str(path),
+        input_names=["x", "h0", "sample_rate"],
+        output_names=["probs", "hn"],
+        dynamic_axes={
+            "x": {0: "batch"},
+            "h0": {1: "batch"},
+            "probs": {0: "batch"},
+            "hn": {1: "batch"},
+        },
+        opset_version=17,
+        dynamo=False,
+    )
+    return path
+
+
+def feeds(samples: int, seed: int) -> dict[str, np.ndarray]:
+    """Complete feeds stacked on a new leading axis (the calibration layout)."""
+    rng = np.random.default_rng(seed)
+    return {
+        "x": rng.standard_normal((samples, 1, FEATURES)).astype(np.float32),
+        "h0": (0.3 * rng.standard_normal((samples, LAYERS, 1, HIDDEN))).astype(np.float32),
+        "sample_rate": np.full(samples, 16000, np.int64),
+    }
+
+
+def test_a_stateful_streaming_model_deploys_to_x86_and_arm(
+    stack: EmbeddedStack, api: ApiClient, tmp_path: Path, uid: str
+) -> None:
+    model = streaming_gru(tmp_path / "gru.onnx")
+    calibration = tmp_path / "calibration.npz"
+    np.savez(calibration, **feeds(48, seed=1))
+    validation = tmp_path / "validation.npz"
+    np.savez(validation, **feeds(8, seed=2))
+
+    # The old rule (axis 0 = samples, the rest = the input without its batch axis) cannot say
+    # a scalar or a state input; a set shaped that way is refused at upload, naming the fix.
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, **{**feeds(8, seed=3), "h0": np.zeros((8, 1, HIDDEN), np.float32)})
+    with pytest.raises(Exception) as refused:
+        api.upload_model(model, "keyword-spotter", "0.9.0", calibration=wrong)
+    assert "expected [samples, 2, batch, 32]" in str(refused.value)
+
+    version = api.upload_model(
+        model, "keyword-spotter", "1.0.0", calibration=calibration, validation=validation
+    )
+    assert [i["shape"] for i in version["inputs"]] == [["batch", 16], [2, "batch", 32], []]
+
+    agents = []
+    for profile in ("x86-64-avx2", "raspberry-pi-4"):
+        token = api.post("/v1/enrollment-tokens", json={"profile": profile})["token"]
+        agent = LocalAgent(tmp_path / "devices", f"kws-{profile[:6]}-{uid}", profile)
+        agent.enroll(stack.url, token)
+        agent.start()
+        agents.append(agent)
+    try:
+        for agent in agents:
+            agent.wait_ready()
+        done = roll_out(
+            api, "keyword-spotter", "1.0.0", [a.device_id for a in agents], timeout_s=300
+        )
+        assert done["state"] == "completed", done
+        held_out = {k: np.asarray(v[0]) for k, v in feeds(8, seed=2).items()}
+        want = ort.InferenceSession(str(model)).run(None, held_out)
+        targets = {t["device_id"]: t for t in done["targets"]}
+        for agent in agents:
+            target = targets[agent.device_id]
+            bundle = api.get(f"/v1/bundles/{target['bundle_sha256']}/info")
+            chosen = bundle["manifest"]["parity"]["chosen"]
+            got = agent.client.predict("keyword-spotter", held_out)
+            for name, ref in zip(("probs", "hn"), want, strict=True):
+                err = float(np.max(np.abs(got[name] - ref)))
+                # The same feed the parity gate measured: within its figure.
+                assert err <= chosen["max_abs_error"] + 1e-5, (agent.profile, name, err, chosen)
+            if agent.profile == "x86-64-avx2":
+                assert (chosen["runtime"], chosen["precision"]) == ("onnxruntime", "int8")
+            else:
+                # onnx2tf cannot lower this GRU: the Pi serves it with onnxruntime, and the
+                # build says why LiteRT was passed over, naming the node and its operator.
+                assert chosen["runtime"] == "onnxruntime"
+                passed_over = " ".join(bundle["passed_over"])
+                assert "litert/" in passed_over and "at ONNX node" in passed_over
+                assert "what to do" in passed_over
+        build_logs = [api.get(f"/v1/builds/{b['id']}/log")["text"] for b in api.get("/v1/builds")]
+        assert any("kept in fp32 by quantization" in log and "'h0'" in log for log in build_logs)
+    finally:
+        for agent in agents:
+            agent.stop()
