@@ -206,6 +206,7 @@ def compile_model(
     validation: Path | None = None,
     options: BuildOptions | None = None,
     log: Log | None = None,
+    output_kinds: dict[str, str] | None = None,
 ) -> Prepared:
     """Convert, gate and self-test; the files it returns live in ``work``.
 
@@ -240,7 +241,7 @@ def compile_model(
     if fp32:
         emit(f"kept in fp32 by quantization (state or configuration): {sorted(fp32)}")
     job = ConversionJob(source, work, profile, inputs, outputs, calib, emit, fp32, tuple(todo))
-    gated = _gate_candidates(job, todo, reference, valid, options)
+    gated = _gate_candidates(job, todo, reference, valid, options, output_kinds or {})
     base_data = calib if calib is not None else valid
     files = _bundle_files(job, gated, valid, base_data)
     writer = BundleWriter()
@@ -343,6 +344,7 @@ def _gate_candidates(
     reference: Outputs,
     valid: Dataset,
     options: BuildOptions,
+    kinds: dict[str, str],
 ) -> _Gated:
     """Convert each candidate in turn and gate it against ``reference``; the first that passes
     is chosen. Each earlier one is recorded with why it was not."""
@@ -373,6 +375,7 @@ def _gate_candidates(
                 samples=valid.samples,
                 origin=valid.origin,
                 evaluated_in=artifact.evaluated_in,
+                kinds=kinds,
             )
         except ConversionError as e:
             job.log(f"{label}: rejected: {e.message}")

@@ -69,6 +69,7 @@ def run(spec: dict[str, Any]) -> int:
                 ),
             ),
             log=log,
+            output_kinds=spec.get("output_kinds") or {},
         )
         outcome = {"ok": True, "prepared": prepared.to_json()}
     except ConversionError as e:

@@ -2,7 +2,9 @@
 
 The artifact is loaded in its target runtime (the one the agent uses) and run on the validation
 set next to the fp32 ONNX in onnxruntime. Recorded: max abs error and relative L2 error per
-output and overall, top-1 agreement for classifier-like outputs ([batch, classes], classes > 1),
+output and overall, and per declared output kind a fitting measure: top-1 agreement for class
+scores (and, undeclared, for [batch, classes] outputs), cosine similarity for embeddings, box
+recall at IoU 0.5 for boxes, relative error for regression outputs;
 artifact size, and median host latency of both. Each check is compared with its threshold; an
 artifact that fails any of them is not bundled, and the report says which check failed with
 the numbers.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,21 @@ from edge_agent.contracts.errors import ConversionError, EdgefleetError
 from edge_agent.runtimes import LoadedModel
 
 
+class OutputKind(StrEnum):
+    """What an output holds, declared at upload; each is gated by a fitting measure."""
+
+    #: Today's heuristic: top-1 agreement for [batch, classes] outputs, errors for all.
+    AUTO = "auto"
+    #: Class scores or logits: top-1 agreement (the last axis is the classes).
+    CLASS_SCORES = "class_scores"
+    #: Vectors compared by direction: cosine similarity of each (the last axis).
+    EMBEDDING = "embedding"
+    #: Values that matter as numbers: relative L2 error of the output.
+    REGRESSION = "regression"
+    #: Boxes (x1, y1, x2, y2) on the last axis: the share that keep IoU >= 0.5 (recall).
+    BOXES = "boxes"
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """None disables a check."""
@@ -30,11 +48,15 @@ class Thresholds:
     max_abs_error: float | None = None
     max_rel_l2: float | None = None
     min_top1_agreement: float | None = None
+    #: For outputs declared ``embedding``: the smallest cosine similarity of any vector.
+    min_cosine_similarity: float | None = 0.99
+    #: For outputs declared ``boxes``: the share of boxes that keep IoU >= 0.5.
+    min_box_recall: float | None = 0.9
 
     def merged(self, overrides: dict[str, float | None] | None) -> Thresholds:
         if not overrides:
             return self
-        known = {"max_abs_error", "max_rel_l2", "min_top1_agreement"}
+        known = set(THRESHOLD_NAMES)
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ConversionError(
@@ -88,6 +110,38 @@ def run_dataset(model: LoadedModel, data: Dataset, *, warmup: int = 2) -> Output
     return Outputs(stacked, latencies)
 
 
+THRESHOLD_NAMES = (
+    "max_abs_error",
+    "max_rel_l2",
+    "min_top1_agreement",
+    "min_cosine_similarity",
+    "min_box_recall",
+)
+
+
+def _cosine_min(ref: np.ndarray, got: np.ndarray) -> float:
+    a = ref.reshape(-1, ref.shape[-1]) if ref.ndim else ref.reshape(1, 1)
+    b = got.reshape(-1, got.shape[-1]) if got.ndim else got.reshape(1, 1)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    cos = np.where(norms > 0, np.sum(a * b, axis=1) / np.maximum(norms, 1e-30), 1.0)
+    return float(cos.min()) if cos.size else 1.0
+
+
+def _area(boxes: np.ndarray) -> np.ndarray:
+    area: np.ndarray = np.abs((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+    return area
+
+
+def _box_recall(ref: np.ndarray, got: np.ndarray) -> float:
+    a, b = ref.reshape(-1, 4), got.reshape(-1, 4)
+    width = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+    height = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
+    inter = width * height
+    union = _area(a) + _area(b) - inter
+    iou = np.where(union > 0, inter / np.maximum(union, 1e-30), 1.0)
+    return float(np.mean(iou >= 0.5)) if iou.size else 1.0
+
+
 def _classifier_like(array: np.ndarray) -> bool:
     """Stacked [samples, batch, classes] outputs of a [batch, classes] output."""
     return array.ndim == 3 and array.shape[2] > 1
@@ -103,6 +157,7 @@ def compare(
     samples: int,
     origin: str,
     evaluated_in: str,
+    kinds: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The parity report (JSON-ready). ``report["passed"]`` says whether it may be bundled;
     ``report["failed"]`` lists each failed check as ``"name value vs threshold"``."""
@@ -111,6 +166,8 @@ def compare(
     worst_abs = 0.0
     worst_rel = 0.0
     top1: list[float] = []
+    cosines: list[float] = []
+    recalls: list[float] = []
     for name, ref in reference.arrays.items():
         got = candidate.arrays.get(name)
         if got is None:
@@ -136,12 +193,26 @@ def compare(
         entry: dict[str, Any] = {"max_abs_error": abs_err, "rel_l2_error": rel, "finite": finite}
         if not finite:
             failed.append(f"output {name!r} has NaN or infinite values where the original has none")
-        if _classifier_like(ref):
+        kind = OutputKind((kinds or {}).get(name, OutputKind.AUTO))
+        entry["kind"] = kind.value
+        if kind == OutputKind.CLASS_SCORES or (kind == OutputKind.AUTO and _classifier_like(ref)):
             agreement = float(np.mean(np.argmax(got64, axis=-1) == np.argmax(ref64, axis=-1)))
             entry["top1_agreement"] = agreement
             top1.append(agreement)
+        elif kind == OutputKind.EMBEDDING and finite:
+            entry["min_cosine_similarity"] = _cosine_min(ref64, got64)
+            cosines.append(entry["min_cosine_similarity"])
+        elif kind == OutputKind.BOXES and finite:
+            if ref.shape[-1] != 4:
+                failed.append(f"output {name!r} is declared boxes but its last axis is not 4")
+            else:
+                entry["box_recall"] = _box_recall(ref64, got64)
+                recalls.append(entry["box_recall"])
         outputs[name] = entry
-        worst_abs, worst_rel = max(worst_abs, abs_err), max(worst_rel, rel)
+        if kind in (OutputKind.AUTO, OutputKind.REGRESSION):
+            # A declared class-score, embedding or box output is judged by its own measure;
+            # its numbers are still in the report.
+            worst_abs, worst_rel = max(worst_abs, abs_err), max(worst_rel, rel)
 
     checks: list[dict[str, Any]] = []
 
@@ -159,6 +230,13 @@ def compare(
         check(
             "min_top1_agreement", min(top1) if top1 else None, thresholds.min_top1_agreement, False
         )
+        check(
+            "min_cosine_similarity",
+            min(cosines) if cosines else None,
+            thresholds.min_cosine_similarity,
+            False,
+        )
+        check("min_box_recall", min(recalls) if recalls else None, thresholds.min_box_recall, False)
     size = artifact.stat().st_size
     return {
         "passed": not failed,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ class ApiClient:
         *,
         calibration: Path | None = None,
         validation: Path | None = None,
+        output_kinds: dict[str, str] | None = None,
     ) -> Any:
         with contextlib.ExitStack() as stack:
             files = {
@@ -81,7 +83,12 @@ class ApiClient:
             return self.post(
                 "/v1/models",
                 files=files,
-                data={"name": name, "version": version, "description": description},
+                data={
+                    "name": name,
+                    "version": version,
+                    "description": description,
+                    "output_kinds": json.dumps(output_kinds or {}),
+                },
             )
 
     def close(self) -> None:

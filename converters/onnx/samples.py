@@ -71,6 +71,21 @@ def mlp_classifier(
     return path
 
 
+def mlp_embedder(path: Path, *, features: int = 16, hidden: int = 32, dim: int = 64) -> Path:
+    """x[N, features] → embedding[N, dim]: vectors compared by direction, not class scores."""
+    from onnx import TensorProto, helper
+
+    nodes, inits = _mlp_layers(features, hidden, dim, seed=5)
+    graph = helper.make_graph(
+        [*nodes, helper.make_node("Identity", ["logits"], ["embedding"])],
+        "mlp_embedder",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", dim])],
+        inits,
+    )
+    return _save(graph, path)
+
+
 def _save(graph: object, path: Path, opset: int = 17) -> Path:
     import onnx
     from onnx import helper

@@ -135,7 +135,8 @@ class BuildRunner:
                 "name": model.name,
                 "version": version.version,
                 "inputs": version.inputs,
-                "outputs": version.outputs,
+                "outputs": [{k: v for k, v in o.items() if k != "kind"} for o in version.outputs],
+                "output_kinds": {o["name"]: o["kind"] for o in version.outputs if "kind" in o},
                 "calibration": str(self.store.path(version.calibration_sha256))
                 if version.calibration_sha256
                 else None,

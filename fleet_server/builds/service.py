@@ -22,6 +22,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from converters.build import BuildOptions, candidates
+from converters.validate import THRESHOLD_NAMES
 from edge_agent import __version__ as edgefleet_version
 from edge_agent.contracts.errors import ConversionError
 from firmware_profiles import Precision, Profile, ProfileCatalog, ProfileError, RuntimeName
@@ -107,7 +108,7 @@ def normalize_options(
     precisions: list[str] | None,
     fp32_inputs: list[str] | None = None,
 ) -> dict[str, Any]:
-    known = {"max_abs_error", "max_rel_l2", "min_top1_agreement"}
+    known = set(THRESHOLD_NAMES)
     unknown = sorted(set(thresholds or {}) - known)
     if unknown:
         raise InvalidInputError(

@@ -15,6 +15,7 @@ from fleet_server.cli.context import (
     TokenOpt,
     api_client,
     console,
+    parse_labels,
     print_json,
 )
 
@@ -32,7 +33,8 @@ def models_push(
         typer.Option(
             exists=True,
             dir_okay=False,
-            help=".npz calibration set: one array per input name, axis 0 = samples",
+            help=".npz calibration set: one array per input; one sample is one complete feed, "
+            "stacked on a new leading axis",
         ),
     ] = None,
     validation: Annotated[
@@ -43,13 +45,26 @@ def models_push(
             help=".npz validation set (default: a held-out quarter of the calibration set)",
         ),
     ] = None,
+    output_kind: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="OUTPUT=KIND (repeatable): class_scores, embedding, regression, boxes; each "
+            "output is gated with a fitting measure (default: auto)"
+        ),
+    ] = None,
     server: ServerOpt = DEFAULT_SERVER,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Upload a model version (with its calibration / validation data for int8 builds)."""
     result = api_client(server, token).upload_model(
-        file, name, version, description, calibration=calibration, validation=validation
+        file,
+        name,
+        version,
+        description,
+        calibration=calibration,
+        validation=validation,
+        output_kinds=parse_labels(output_kind),
     )
     if as_json:
         print_json(result)

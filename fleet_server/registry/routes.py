@@ -24,12 +24,22 @@ def upload_model_version(
     description: Annotated[str, Form()] = "",
     calibration: Annotated[
         UploadFile | None,
-        File(description=".npz calibration set: one array per input name, axis 0 = samples"),
+        File(
+            description=".npz calibration set: one array per input name; one sample is one "
+            "complete feed of that input (any rank, scalars too), stacked on a new leading axis"
+        ),
     ] = None,
     validation: Annotated[
         UploadFile | None,
         File(description=".npz validation set (default: a held-out part of the calibration set)"),
     ] = None,
+    output_kinds: Annotated[
+        str,
+        Form(
+            description='JSON {"output name": kind}: class_scores, embedding, regression, '
+            "boxes or auto; each is gated with a fitting measure"
+        ),
+    ] = "",
 ) -> ModelVersionPublic:
     """Upload a new model version (multipart). The file must pass ``onnx.checker``; the
     calibration and validation sets must match the model's input names, dtypes and shapes."""
@@ -45,6 +55,7 @@ def upload_model_version(
         actor=principal.name,
         calibration=calibration.file if calibration is not None else None,
         validation=validation.file if validation is not None else None,
+        output_kinds=output_kinds,
     )
 
 

@@ -6,6 +6,7 @@ before anything is stored; a rejected upload leaves no row and no file behind.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ from sqlmodel import Session, col, select
 
 from converters.data import load_dataset
 from converters.onnx import inspect_onnx
+from converters.validate import OutputKind
 from edge_agent.contracts.errors import ConversionError
 from fleet_server.artifacts import ArtifactStore
 from fleet_server.audit.service import record
@@ -30,6 +32,33 @@ SEMVER = re.compile(
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
     r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
 )
+
+
+def _output_kinds(text: str, names: list[str]) -> dict[str, str]:
+    """The ``output_kinds`` form field: a JSON object naming outputs of this model."""
+    if not text.strip():
+        return {}
+    try:
+        kinds = json.loads(text)
+    except ValueError as e:
+        raise InvalidInputError(f"output_kinds is not JSON: {e}", field="output_kinds") from e
+    if not isinstance(kinds, dict):
+        raise InvalidInputError(
+            'output_kinds must be a JSON object {"output": kind}', field="output_kinds"
+        )
+    unknown = sorted(set(kinds) - set(names))
+    if unknown:
+        raise InvalidInputError(
+            f"output_kinds names {unknown}, not outputs of this model ({names})",
+            field="output_kinds",
+        )
+    allowed = [k.value for k in OutputKind]
+    bad = {n: k for n, k in kinds.items() if k not in allowed}
+    if bad:
+        raise InvalidInputError(
+            f"output_kinds {bad}: a kind is one of {allowed}", field="output_kinds"
+        )
+    return {str(n): str(k) for n, k in kinds.items()}
 
 
 def _check_names(name: str, version: str) -> None:
@@ -57,6 +86,7 @@ def upload_version(
     actor: str,
     calibration: BinaryIO | None = None,
     validation: BinaryIO | None = None,
+    output_kinds: str = "",
 ) -> ModelVersionPublic:
     """Store a model version, with its calibration / validation sets (``.npz``, one array per
     input, axis 0 = samples) when given. Everything is checked before anything is stored."""
@@ -72,6 +102,7 @@ def upload_version(
             info = inspect_onnx(tmp)
         except ConversionError as e:
             raise InvalidInputError(f"{filename}: {e.message}", field="file") from e
+        kinds = _output_kinds(output_kinds, [s.name for s in info.outputs])
         sets: dict[str, tuple[Path, int]] = {}
         for what, upload in (("calibration", calibration), ("validation", validation)):
             if upload is None:
@@ -105,7 +136,10 @@ def upload_version(
             ir_version=info.ir_version,
             producer=info.producer,
             inputs=[s.model_dump() for s in info.inputs],
-            outputs=[s.model_dump() for s in info.outputs],
+            outputs=[
+                {**s.model_dump(), **({"kind": kinds[s.name]} if s.name in kinds else {})}
+                for s in info.outputs
+            ],
             calibration_sha256=stored.get("calibration"),
             calibration_samples=sets["calibration"][1] if "calibration" in sets else None,
             validation_sha256=stored.get("validation"),

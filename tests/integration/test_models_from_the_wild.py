@@ -136,3 +136,50 @@ def test_a_stateful_streaming_model_deploys_to_x86_and_arm(
     finally:
         for agent in agents:
             agent.stop()
+
+
+def test_an_embedding_is_gated_by_cosine_similarity(api: ApiClient, tmp_path: Path) -> None:
+    from converters.onnx.samples import mlp_embedder
+    from fleet_server.client import ApiError
+
+    model = mlp_embedder(tmp_path / "embedder.onnx")
+    calibration = tmp_path / "cal.npz"
+    rng = np.random.default_rng(4)
+    np.savez(calibration, x=rng.standard_normal((48, 1, 16)).astype(np.float32))
+    for kinds, needle in (
+        ({"vectors": "embedding"}, "not outputs of this model"),
+        ({"embedding": "vibes"}, "a kind is one of"),
+    ):
+        with pytest.raises(ApiError) as e:
+            api.upload_model(
+                model, "embedder", "0.1.0", calibration=calibration, output_kinds=kinds
+            )
+        assert e.value.status == 422 and needle in e.value.message
+    version = api.upload_model(
+        model, "embedder", "1.0.0", calibration=calibration, output_kinds={"embedding": "embedding"}
+    )
+    assert version["outputs"][0]["kind"] == "embedding"
+
+    def build(**thresholds: float) -> dict:  # type: ignore[type-arg]
+        started = api.post(
+            "/v1/builds",
+            json={"model": "embedder", "version": "1.0.0", "profile": "x86-64-avx2",
+                  "precisions": ["int8"], "thresholds": thresholds},
+        )  # fmt: skip
+        from hil.rig import wait_until
+
+        return wait_until(
+            lambda: (
+                (b := api.get(f"/v1/builds/{started['id']}"))["state"] in ("succeeded", "failed")
+                and b
+            ),
+            120,
+            "the build",
+        )
+
+    ok = build()
+    assert ok["state"] == "succeeded", ok["error"]
+    parity = ok["candidates"][0]["parity"]["outputs"]["embedding"]
+    assert parity["kind"] == "embedding" and parity["min_cosine_similarity"] > 0.99
+    strict = build(min_cosine_similarity=0.9999999)
+    assert strict["state"] == "failed" and "min_cosine_similarity" in strict["error"]["message"]

@@ -415,3 +415,26 @@ def test_tensorrt_engine_builds_and_matches_the_host_proxy(
     loaded = TensorRt().load(tmp_path / "x/model/model.onnx", LoadOptions(cache_dir=tmp_path / "c"))
     feeds, expected = unpack(tmp_path / "x/selftest.npz")
     np.testing.assert_allclose(loaded.run(feeds)["probs"], expected["probs"], atol=0.1)
+
+
+def test_declared_output_kinds_get_fitting_measures(tmp_path: Path) -> None:
+    artifact = tmp_path / "a"
+    artifact.write_bytes(b"x")
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((6, 1, 8))
+    scaled = vectors * 1.3  # same directions, 30 % off in value
+    boxes = np.array([[[0, 0, 10, 10]], [[5, 5, 15, 15]]], np.float64)
+    moved = boxes + np.array([[[1, 1, 1, 1]], [[8, 8, 8, 8]]])  # one keeps IoU > 0.5, one not
+    ref = Outputs({"emb": vectors, "box": boxes}, [1.0])
+    got = Outputs({"emb": scaled, "box": moved}, [1.0])
+    report = compare(
+        ref, got,
+        thresholds=Thresholds(max_abs_error=None, max_rel_l2=0.05, min_box_recall=0.9),
+        artifact=artifact, source_size=1, samples=6, origin="test", evaluated_in="test",
+        kinds={"emb": "embedding", "box": "boxes"},
+    )  # fmt: skip
+    emb, box = report["outputs"]["emb"], report["outputs"]["box"]
+    assert emb["kind"] == "embedding" and emb["min_cosine_similarity"] == pytest.approx(1.0)
+    assert box["kind"] == "boxes" and box["box_recall"] == 0.5
+    # The embedding's 30 % value error does not fail it: direction is its measure.
+    assert report["failed"] == ["min_box_recall 0.5 < 0.9"]
