@@ -240,7 +240,10 @@ def compile_model(
     )
     if fp32:
         emit(f"kept in fp32 by quantization (state or configuration): {sorted(fp32)}")
-    job = ConversionJob(source, work, profile, inputs, outputs, calib, emit, fp32, tuple(todo))
+    feed_shapes = {k: tuple(int(d) for d in v.shape[1:]) for k, v in valid.arrays.items()}
+    job = ConversionJob(
+        source, work, profile, inputs, outputs, calib, emit, fp32, tuple(todo), feed_shapes
+    )
     gated = _gate_candidates(job, todo, reference, valid, options, output_kinds or {})
     base_data = calib if calib is not None else valid
     files = _bundle_files(job, gated, valid, base_data)

@@ -50,6 +50,9 @@ class ConversionJob:
     fp32_inputs: frozenset[str] = frozenset()
     #: Every candidate the build will try (converters that share work plan for them all).
     targets: tuple[Target, ...] = ()
+    #: The shape of one real feed of each input (from the validation set): what a converter
+    #: that needs static shapes fixes dynamic dimensions to.
+    feed_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def batch(self) -> int:

@@ -29,6 +29,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[${extras}]"
+if [ "$extras" = dev ]; then
+  # Public ONNX models a pip package ships (PP-OCR), for the models-from-the-wild tests. Model
+  # packages go in without their dependencies: only the .onnx files are used.
+  .venv/bin/python -m pip install --quiet --no-deps "rapidocr-onnxruntime==1.4.4"
+fi
 
 # The embedded broker prefers mosquitto (the tests need it); iotcore is the pip fallback.
 if ! command -v mosquitto >/dev/null 2>&1 && [ -x /usr/sbin/mosquitto ]; then

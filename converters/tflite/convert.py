@@ -49,6 +49,7 @@ def convert(
     *,
     log: Callable[[str], None],
     timeout_s: float = 3600,
+    feed_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> TfliteOutputs:
     """Convert once, producing fp32 and (with calibration data) int8 ``.tflite`` files."""
     work.mkdir(parents=True, exist_ok=True)
@@ -65,6 +66,15 @@ def convert(
     for spec in inputs:
         if len(spec.shape) == 4:
             cmd += ["-kt", spec.name]
+    # onnx2tf needs static shapes where the model has "?" or -1 other than a leading batch:
+    # the shape of a real feed (a leading dynamic batch it handles itself, and keeps).
+    static = [
+        f"{s.name}:{','.join(str(d) for d in (feed_shapes or {})[s.name])}"
+        for s in inputs
+        if s.name in (feed_shapes or {}) and _dynamic_beyond_batch(s)
+    ]
+    if static:
+        cmd += ["-ois", *static]
     if calibration is not None:
         cmd += ["-oiqt", "-qt", "per-channel"]
         data = calibration.take(slice(0, MAX_CALIBRATION_SAMPLES))
@@ -133,6 +143,11 @@ def convert(
         int8=int8 if calibration is not None and int8_error is None else None,
         int8_error=int8_error,
     )
+
+
+def _dynamic_beyond_batch(spec: TensorSpec) -> bool:
+    dims = spec.shape[1:] if batch_first(spec) else spec.shape
+    return any(not (isinstance(d, int) and d > 0) for d in dims)
 
 
 def _op_type(source: Path, node: str) -> str | None:

@@ -82,6 +82,7 @@ class LiteRtConverter(Converter):
                 job.outputs,
                 job.calibration if wants_int8 or not job.targets else None,
                 log=job.log,
+                feed_shapes=job.feed_shapes,
             )
             job.log(f"onnx2tf finished in {time.monotonic() - start:.1f} s")
         except ConversionError as e:

@@ -183,3 +183,59 @@ def test_an_embedding_is_gated_by_cosine_similarity(api: ApiClient, tmp_path: Pa
     assert parity["kind"] == "embedding" and parity["min_cosine_similarity"] > 0.99
     strict = build(min_cosine_similarity=0.9999999)
     assert strict["state"] == "failed" and "min_cosine_similarity" in strict["error"]["message"]
+
+
+def test_a_public_model_a_pip_package_ships(
+    stack: EmbeddedStack, api: ApiClient, tmp_path: Path, uid: str
+) -> None:
+    """PP-OCR's text-direction classifier, as rapidocr-onnxruntime ships it (installed by the
+    dev setup, without dependencies): a Paddle export nobody here wrote, with -1 and '?'
+    dimensions. Built for x86 and a Pi (LiteRT through onnx2tf), served, and answering as
+    onnxruntime does on the original within the parity figures."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    assert spec is not None and spec.origin, "the dev setup installs rapidocr-onnxruntime"
+    model = Path(spec.origin).parent / "models" / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
+    rng = np.random.default_rng(7)
+    images = rng.uniform(-1, 1, (40, 1, 3, 48, 192)).astype(np.float32)  # its 48x192 crops
+    calibration = tmp_path / "cal.npz"
+    np.savez(calibration, x=images[:32])
+    validation = tmp_path / "val.npz"
+    np.savez(validation, x=images[32:])
+    api.upload_model(
+        model, "text-direction", "1.0.0", calibration=calibration, validation=validation
+    )
+
+    agents = []
+    for profile in ("x86-64-avx2", "raspberry-pi-4"):
+        token = api.post("/v1/enrollment-tokens", json={"profile": profile})["token"]
+        agent = LocalAgent(tmp_path / "devices", f"ocr-{profile[:6]}-{uid}", profile)
+        agent.enroll(stack.url, token)
+        agent.start()
+        agents.append(agent)
+    try:
+        for agent in agents:
+            agent.wait_ready()
+        done = roll_out(
+            api, "text-direction", "1.0.0", [a.device_id for a in agents], timeout_s=600
+        )
+        assert done["state"] == "completed", done
+        feed = {"x": images[35]}
+        [want] = ort.InferenceSession(str(model)).run(None, feed)
+        targets = {t["device_id"]: t for t in done["targets"]}
+        for agent in agents:
+            bundle = api.get(f"/v1/bundles/{targets[agent.device_id]['bundle_sha256']}/info")
+            chosen = bundle["manifest"]["parity"]["chosen"]
+            [got] = agent.client.predict("text-direction", feed).values()
+            assert float(np.max(np.abs(got - want))) <= chosen["max_abs_error"] + 1e-5, chosen
+            assert int(np.argmax(got)) == int(np.argmax(want))
+            if agent.profile == "raspberry-pi-4":
+                # onnx2tf 1.29 cannot lower this Paddle graph for LiteRT; the Pi serves it with
+                # onnxruntime, and the build names the node, its operator and what to do.
+                passed_over = " ".join(bundle["passed_over"])
+                assert chosen["runtime"] == "onnxruntime" and "litert/fp32" in passed_over
+                assert "at ONNX node" in passed_over and "what to do" in passed_over
+    finally:
+        for agent in agents:
+            agent.stop()
