@@ -239,3 +239,38 @@ def test_a_public_model_a_pip_package_ships(
     finally:
         for agent in agents:
             agent.stop()
+
+
+def test_control_flow_builds_for_x86_and_says_why_litert_cannot(
+    api: ApiClient, tmp_path: Path
+) -> None:
+    """An ONNX ``If``: onnxruntime runs it on x86; on a Pi, LiteRT cannot (onnx2tf leaves it
+    as a custom op or fails on it), the build says so naming the operator, and the profile's
+    onnxruntime serves it."""
+    from converters.onnx.samples import conditional_classifier
+    from hil.rig import wait_until
+
+    model = conditional_classifier(tmp_path / "conditional.onnx")
+    calibration = tmp_path / "cal.npz"
+    np.savez(
+        calibration, x=np.random.default_rng(6).standard_normal((40, 1, 16)).astype(np.float32)
+    )
+    api.upload_model(model, "conditional", "1.0.0", calibration=calibration)
+    builds = {}
+    for profile in ("x86-64-avx2", "raspberry-pi-4"):
+        started = api.post(
+            "/v1/builds", json={"model": "conditional", "version": "1.0.0", "profile": profile}
+        )
+        builds[profile] = wait_until(
+            lambda b=started: (
+                (x := api.get(f"/v1/builds/{b['id']}"))["state"] in ("succeeded", "failed") and x
+            ),
+            300,
+            f"the {profile} build",
+        )
+    x86, pi = builds["x86-64-avx2"], builds["raspberry-pi-4"]
+    assert x86["state"] == "succeeded" and x86["runtime"] == "onnxruntime", x86["error"]
+    assert pi["state"] == "succeeded" and pi["runtime"] == "onnxruntime", pi["error"]
+    litert = [c for c in pi["candidates"] if c["runtime"] == "litert"]
+    assert litert and all(c["outcome"] == "error" for c in litert)
+    assert all("If" in c["error"] for c in litert), [c["error"] for c in litert]

@@ -359,6 +359,36 @@ def test_a_custom_op_left_by_a_converter_that_exited_0_is_named_and_not_bundled(
     assert not out.exists()
 
 
+def test_litert_fp32_is_judged_apart_from_a_failed_int8(
+    model: Path, calibration: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnx2tf wrote the fp32 model but not the int8 one (a stand-in with the real
+    interface): the int8 candidate is rejected with the int8 reason, the fp32 one is judged
+    on its own and bundled."""
+    pytest.importorskip("ai_edge_litert")
+    import converters.tflite.convert as tflite
+    import converters.toolchains as toolchains
+    from converters.tflite.samples import mlp_classifier_tflite
+
+    fp32 = mlp_classifier_tflite(tmp_path / "model_float32.tflite", seed=3)  # = the ONNX model
+    monkeypatch.setattr(
+        toolchains, "locate", lambda name: toolchains.Toolchain(name, tmp_path, {"onnx2tf": "x"})
+    )
+    monkeypatch.setattr(
+        tflite,
+        "convert",
+        lambda *a, **kw: tflite.TfliteOutputs(
+            fp32=fp32, int8=None, int8_error="onnx2tf wrote the fp32 model but no int8 one: X"
+        ),
+    )
+    result = _build(
+        model, "raspberry-pi-4", tmp_path / "b.efb", calibration=calibration,
+        options=BuildOptions(runtimes=("litert",)),
+    )  # fmt: skip
+    assert (result.target.runtime, result.target.precision) == ("litert", "fp32")  # type: ignore[attr-defined]
+    assert result.passed_over == ["litert/int8: onnx2tf wrote the fp32 model but no int8 one: X"]  # type: ignore[attr-defined]
+
+
 # --- TensorRT -----------------------------------------------------------------------------------
 
 
