@@ -74,6 +74,25 @@ def feeds(samples: int, seed: int) -> dict[str, np.ndarray]:
     }
 
 
+def _x86_and_pi(api: ApiClient, stack: EmbeddedStack, root: Path, name: str) -> list[LocalAgent]:
+    """Two real agent processes, enrolled and serving: an x86 and a Raspberry Pi 4 profile."""
+    agents = []
+    for profile in ("x86-64-avx2", "raspberry-pi-4"):
+        token = api.post("/v1/enrollment-tokens", json={"profile": profile})["token"]
+        agent = LocalAgent(root / "devices", f"{name}-{profile[:6]}", profile)
+        agent.enroll(stack.url, token)
+        agent.start()
+        agents.append(agent)
+    try:
+        for agent in agents:
+            agent.wait_ready()
+    except BaseException:
+        for agent in agents:
+            agent.stop()
+        raise
+    return agents
+
+
 def test_a_stateful_streaming_model_deploys_to_x86_and_arm(
     stack: EmbeddedStack, api: ApiClient, tmp_path: Path, uid: str
 ) -> None:
@@ -96,16 +115,8 @@ def test_a_stateful_streaming_model_deploys_to_x86_and_arm(
     )
     assert [i["shape"] for i in version["inputs"]] == [["batch", 16], [2, "batch", 32], []]
 
-    agents = []
-    for profile in ("x86-64-avx2", "raspberry-pi-4"):
-        token = api.post("/v1/enrollment-tokens", json={"profile": profile})["token"]
-        agent = LocalAgent(tmp_path / "devices", f"kws-{profile[:6]}-{uid}", profile)
-        agent.enroll(stack.url, token)
-        agent.start()
-        agents.append(agent)
+    agents = _x86_and_pi(api, stack, tmp_path, f"kws-{uid}")
     try:
-        for agent in agents:
-            agent.wait_ready()
         done = roll_out(
             api, "keyword-spotter", "1.0.0", [a.device_id for a in agents], timeout_s=300
         )
@@ -207,16 +218,8 @@ def test_a_public_model_a_pip_package_ships(
         model, "text-direction", "1.0.0", calibration=calibration, validation=validation
     )
 
-    agents = []
-    for profile in ("x86-64-avx2", "raspberry-pi-4"):
-        token = api.post("/v1/enrollment-tokens", json={"profile": profile})["token"]
-        agent = LocalAgent(tmp_path / "devices", f"ocr-{profile[:6]}-{uid}", profile)
-        agent.enroll(stack.url, token)
-        agent.start()
-        agents.append(agent)
+    agents = _x86_and_pi(api, stack, tmp_path, f"ocr-{uid}")
     try:
-        for agent in agents:
-            agent.wait_ready()
         done = roll_out(
             api, "text-direction", "1.0.0", [a.device_id for a in agents], timeout_s=600
         )
