@@ -40,6 +40,7 @@ from fleet_server.registry import tables as registry_tables
 from fleet_server.registry.routes import router as models_router
 from fleet_server.rollouts import tables as rollouts_tables
 from fleet_server.rollouts.routes import router as rollouts_router
+from fleet_server.rollouts.service import backfill_bundle_grants
 from fleet_server.settings import Settings
 from fleet_server.trust.routes import router as trust_router
 
@@ -72,6 +73,9 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
         engine = make_engine(settings.resolved_database_url)
         create_tables(engine)
         with Session(engine) as session:
+            backfilled = backfill_bundle_grants(session)
+            if backfilled:
+                log.info("granted %d earlier rollout bundle(s) to their devices", backfilled)
             configured = settings.admin_token.get_secret_value() if settings.admin_token else None
             written = bootstrap_admin(session, configured, settings.admin_token_file)
         if written is not None:

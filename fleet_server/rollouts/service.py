@@ -26,7 +26,7 @@ from fleet_server.bundles.tables import Bundle
 from fleet_server.database import aware
 from fleet_server.devices import desired
 from fleet_server.devices.service import resolve_targets
-from fleet_server.devices.tables import Device
+from fleet_server.devices.tables import BundleGrant, Device
 from fleet_server.errors import ConflictError, InvalidInputError, NotFoundError
 from fleet_server.keys.service import FleetSigner
 from fleet_server.registry.service import get_version, version_by_id
@@ -40,6 +40,23 @@ from fleet_server.rollouts.tables import (
     TargetState,
     TargetStatus,
 )
+
+
+def backfill_bundle_grants(session: Session) -> int:
+    """Grant every device the bundles its rollouts assigned it (databases from before
+    ``bundle_grants`` existed: a rollback must still be able to fetch the previous version).
+    Returns how many grants were added; idempotent."""
+    granted = {(g.device_id, g.bundle_sha256) for g in session.exec(select(BundleGrant)).all()}
+    added = 0
+    now = datetime.now(UTC)
+    for target in session.exec(select(RolloutTarget)).all():
+        key = (target.device_id, target.bundle_sha256)
+        if key not in granted and session.get(Device, target.device_id) is not None:
+            session.add(BundleGrant(device_id=key[0], bundle_sha256=key[1], granted_at=now))
+            granted.add(key)
+            added += 1
+    session.commit()
+    return added
 
 
 def default_slot(model_name: str) -> str:

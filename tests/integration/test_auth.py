@@ -126,6 +126,25 @@ def test_a_device_acts_only_as_itself(
     api.post("/v1/rollouts", json={"model": "classifier", "version": "2.0.0", "devices": ["dev-a"]})
     assert call(stack, "GET", f"/v1/bundles/{sha_a}", a).status_code == 200
 
+    # A database from before bundle grants existed: its rollouts' bundles are granted again
+    # when the server starts (backfilled from the rollout history), so rollbacks still work.
+    from sqlmodel import Session, delete
+
+    from fleet_server.database import make_engine
+    from fleet_server.devices.tables import BundleGrant
+    from fleet_server.rollouts.service import backfill_bundle_grants
+
+    engine = make_engine(stack.settings.resolved_database_url)
+    with Session(engine) as session:
+        session.exec(delete(BundleGrant))  # type: ignore[call-overload]
+        session.commit()
+        assert call(stack, "GET", f"/v1/bundles/{sha_a}", a).status_code == 403
+        assert backfill_bundle_grants(session) == 3  # dev-a: 1.0.0 and 2.0.0; dev-b: 2.0.0
+        assert backfill_bundle_grants(session) == 0
+    engine.dispose()
+    assert call(stack, "GET", f"/v1/bundles/{sha_a}", a).status_code == 200
+    assert call(stack, "GET", f"/v1/bundles/{sha_b}", b).status_code == 200
+
 
 def test_the_audit_log_records_who_did_what(
     api: ApiClient, stack: EmbeddedStack, model_path: Path
