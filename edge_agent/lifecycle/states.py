@@ -8,7 +8,8 @@ table alone decides what state follows. States and events are the protocol's
     DOWNLOADING … SWITCHING ─failure / retryable_failure / superseded / interrupted─▶ FAILED
     PROBATION ─failure / superseded / interrupted─▶ ROLLING_BACK ─success─▶ ROLLED_BACK
     ROLLING_BACK ─failure─▶ FAILED;  ROLLING_BACK ─interrupted─▶ ROLLED_BACK
-    COMMITTED ─failure (the committed version cannot be loaded at start-up)─▶ ROLLED_BACK
+    COMMITTED/FAILED/ROLLED_BACK ─failure (the committed version cannot be loaded at start-up)─▶
+        ROLLED_BACK (the previous version serves)
 
 A failure before the swap leaves the active model untouched (it is only ever replaced by the
 atomic reference swap in SWITCHING). A failure on probation, or a newer desired state that
@@ -51,7 +52,8 @@ TRANSITIONS: dict[tuple[SlotState, SlotEvent], SlotState] = {
     (S.ROLLING_BACK, E.SUCCESS): S.ROLLED_BACK,
     (S.ROLLING_BACK, E.FAILURE): S.FAILED,
     (S.ROLLING_BACK, E.INTERRUPTED): S.ROLLED_BACK,  # the prior is what start-up serves
-    (S.COMMITTED, E.FAILURE): S.ROLLED_BACK,
+    # At start-up: the committed version cannot be loaded, the previous one serves.
+    **{(s, E.FAILURE): S.ROLLED_BACK for s in TERMINAL},
 }
 
 #: Events after which the same bundle is tried again by a later document.

@@ -286,6 +286,31 @@ def test_restart_serves_the_committed_version_from_disk(
     assert again.serving_version() == "2.0.0"
 
 
+def test_a_committed_version_that_no_longer_loads_gives_way_to_the_previous(
+    files: tuple[Path, str], v1: Path, v2: Path, tmp_path: Path, fleet: TestFleet
+) -> None:
+    """Start-up after the last deployment failed (FAILED, committed 2.0.0, previous 1.0.0)
+    and 2.0.0's files were damaged: the previous version serves, through the table."""
+    import shutil
+
+    root, base = files
+    dev = Device(tmp_path / "dev", fleet)
+    dev.apply(1, {"clf": publish(root, base, v1, "1.0.0")})
+    a2 = publish(root, base, v2, "2.0.0")
+    dev.apply(2, {"clf": a2})
+    bad = publish(root, base, v2, "3.0.0", sha="f" * 64)
+    dev.apply(3, {"clf": bad})
+    rec = dev.journal.data.slots["clf"]
+    assert rec.state == State.FAILED and rec.committed and rec.committed.version == "2.0.0"
+    shutil.rmtree(dev.state_dir / "models" / a2.bundle_sha256)  # damaged on disk
+    again = Device(tmp_path / "dev", fleet)
+    again.deployer.restore()  # used to crash: no transition from FAILED on failure
+    assert again.serving_version() == "1.0.0"
+    rec = again.journal.data.slots["clf"]
+    assert rec.state == State.ROLLED_BACK and rec.committed and rec.committed.version == "1.0.0"
+    assert rec.error is not None and rec.error.reason == "restore_failed"
+
+
 def test_garbage_collection_keeps_current_and_previous(
     files: tuple[Path, str], model_path: Path, tmp_path: Path, fleet: TestFleet
 ) -> None:
