@@ -212,6 +212,8 @@ class Deployer:
         ctx = self._under_way
         if ctx is None:
             return False
+        if ctx.superseded.is_set():
+            return True  # already ending (the server may re-send the newer document meanwhile)
         wanted = envelope.signed.slots.get(ctx.slot)
         if wanted is not None and wanted == ctx.target:
             return False
