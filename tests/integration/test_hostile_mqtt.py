@@ -77,13 +77,20 @@ def test_hostile_desired_state_payloads_change_nothing_and_a_rollout_still_lands
         assert roll_out(api, "classifier", "1.0.0", [agent.device_id])["state"] == "completed"
         topic = Topics(agent.device_id).desired
         for case, payload in HOSTILE:
+            before = _reported(api, agent.device_id).get("reported_at")
             peer.publish(topic, payload.replace(b"DEVICE", agent.device_id.encode()))
-            refusal = wait_until(
-                lambda: (r := _reported(api, agent.device_id).get("refusal")) and r,
+            # This payload's own refusal: a status reported after it, naming a reason.
+            report = wait_until(
+                lambda b=before: (
+                    (r := _reported(api, agent.device_id)).get("reported_at") != b
+                    and r.get("refusal")
+                    and r
+                ),
                 10,
                 f"a refusal of the {case!r} payload",
             )
-            assert refusal["reason"], refusal
+            refusal = report["refusal"]
+            assert refusal["reason"] and refusal["message"], refusal
             assert agent.process is not None and agent.process.poll() is None, agent.log_tail()
             assert (agent.serving("classifier") or {}).get("version") == "1.0.0", case
         # The worker is alive: the next legitimate document is applied.
