@@ -6,6 +6,7 @@ stats.py    per-model counters (requests, errors, NaN/inf, latency) that probati
 shadow.py   a candidate running beside the active model on sampled requests
 http.py     the local HTTP/1.1 and Unix-socket API
 codec.py    the API's tensor encodings (shared with the client)
+metrics.py  the agent's Prometheus metrics (GET /metrics), read at scrape time
 client.py   a small Python client for the local API
 """
 

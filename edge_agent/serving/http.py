@@ -1,6 +1,7 @@
 """The local inference API over HTTP/1.1 (TCP) and a Unix socket, in front of the slot table.
 
-Routes: ``GET /healthz``, ``GET /readyz``, ``GET /v1/models``, ``GET /v1/models/{name}``,
+Routes: ``GET /healthz``, ``GET /readyz``, ``GET /metrics`` (Prometheus), ``GET /v1/models``,
+``GET /v1/models/{name}``,
 ``POST /v1/models/{name}:predict`` (encodings in :mod:`edge_agent.serving.codec`). Errors are
 JSON ``{"error": {"code", "message", "detail"}}``; a model that fails a request answers 500.
 """
@@ -23,7 +24,7 @@ import numpy as np
 
 from edge_agent import __version__
 from edge_agent.contracts.errors import ConfigError, EdgefleetError, RequestError
-from edge_agent.serving import codec
+from edge_agent.serving import codec, metrics
 from edge_agent.serving.predict import predict
 from edge_agent.serving.table import SlotTable
 
@@ -166,6 +167,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif self.path == "/readyz":
             models = {s: m.ref.version for s, m in table.snapshot().items()}
             self._json(200 if models else 503, {"ready": bool(models), "slots": models})
+        elif self.path == "/metrics":
+            self._send(200, metrics.render(table), metrics.CONTENT_TYPE)
         elif self.path == "/v1/models":
             self._json(
                 200,
