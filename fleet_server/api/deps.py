@@ -16,6 +16,7 @@ from fastapi import Depends, Header, Request
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from fleet_server.api.limits import PRINCIPAL_STATE
 from fleet_server.api.principal import Principal, Role
 from fleet_server.settings import Settings
 
@@ -61,9 +62,14 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 
 def get_principal(
-    state: StateDep, session: SessionDep, authorization: Annotated[str | None, Header()] = None
+    request: Request,
+    state: StateDep,
+    session: SessionDep,
+    authorization: Annotated[str | None, Header()] = None,
 ) -> Principal:
-    return state.authenticate(session, authorization)
+    # A request with a body was authenticated by the body-limit middleware already.
+    found: Principal | None = getattr(request.state, PRINCIPAL_STATE, None)
+    return found if found is not None else state.authenticate(session, authorization)
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

@@ -27,6 +27,7 @@ from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from edge_agent.contracts.errors import EdgefleetError
+from fleet_server.api.principal import Principal
 from fleet_server.errors import error_body
 
 __all__ = ["DEFAULT_BODY_BYTES", "ENROLL_BODY_BYTES", "BodyLimits"]
@@ -42,6 +43,8 @@ ENROLL_BODY_BYTES = 64 << 10
 ENROLL_PATH = "/v1/devices/enroll"
 UPLOAD_PATH = "/v1/models"
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+#: Where the authenticated principal waits for the route (``request.state``).
+PRINCIPAL_STATE = "edgefleet_principal"
 
 
 class BodyLimits:
@@ -84,18 +87,21 @@ class BodyLimits:
         await self._bounded(scope, receive, send, limit)
 
     async def _authenticate(self, scope: Scope, header: bytes | None) -> str | None:
-        """None when the header names a known, unrevoked caller; else why not."""
+        """None when the header names a known, unrevoked caller (who is then handed to the
+        route's dependency in the request state, so it is not looked up twice); else why not."""
         state = scope["app"].state.edgefleet
         authorization = header.decode("latin-1") if header is not None else None
 
-        def check() -> None:
+        def check() -> Principal:
             with Session(state.engine) as session:
-                state.authenticate(session, authorization)
+                principal: Principal = state.authenticate(session, authorization)
+                return principal
 
         try:
-            await run_in_threadpool(check)
+            principal = await run_in_threadpool(check)
         except EdgefleetError as e:
             return e.message
+        scope.setdefault("state", {})[PRINCIPAL_STATE] = principal
         return None
 
     async def _bounded(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
