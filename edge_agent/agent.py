@@ -90,7 +90,8 @@ class Agent:
         self.runtimes = runtimes
         self._last_transition: Transition | None = None
         self._refusal: Refusal | None = None
-        self._pending: bytes | None = None
+        #: The newest document that arrived, parsed (or why it could not be).
+        self._pending: SignedDesiredState | EdgefleetError | None = None
         self._wakeup = threading.Condition()
         self._stopping = threading.Event()
         self._status_lock = threading.Lock()
@@ -133,14 +134,17 @@ class Agent:
     def _desired_arrived(self, payload: bytes) -> None:
         """On the MQTT thread: keep the newest document for the worker, and if it takes the
         slot under deployment elsewhere, end that deployment now (probation would otherwise
-        hold the worker for its whole window)."""
-        with self._wakeup:
-            self._pending = payload
-            self._wakeup.notify_all()
+        hold the worker for its whole window). The payload is parsed here, once: the worker
+        gets the document, or the refusal to report."""
         try:
-            envelope = SignedDesiredState.from_bytes(payload)
-        except EdgefleetError:
-            return  # the worker refuses it, with the reason
+            envelope: SignedDesiredState | EdgefleetError = SignedDesiredState.from_bytes(payload)
+        except EdgefleetError as e:
+            envelope = e
+        with self._wakeup:
+            self._pending = envelope
+            self._wakeup.notify_all()
+        if isinstance(envelope, EdgefleetError):
+            return
         try:
             self.deployer.supersede(envelope)
         except Exception:  # never let a document stop the network loop
@@ -154,10 +158,10 @@ class Agent:
                 while self._pending is None and not self._stopping.is_set():
                     if not self._wakeup.wait(timeout=max(0.0, next_report - time.monotonic())):
                         break
-                payload, self._pending = self._pending, None
+                pending, self._pending = self._pending, None
             try:
-                if payload is not None:
-                    self._apply(payload)
+                if pending is not None:
+                    self._apply(pending)
                 elif time.monotonic() >= next_report and self.link.connected.is_set():
                     # Figures that change without a transition (shadow comparisons) reach the
                     # server at least this often.
@@ -168,11 +172,9 @@ class Agent:
             if time.monotonic() >= next_report:
                 next_report = time.monotonic() + interval
 
-    def _apply(self, payload: bytes) -> None:
-        try:
-            envelope = SignedDesiredState.from_bytes(payload)
-        except EdgefleetError as e:
-            self._refuse(e, None)
+    def _apply(self, envelope: SignedDesiredState | EdgefleetError) -> None:
+        if isinstance(envelope, EdgefleetError):  # not a document at all
+            self._refuse(envelope, None)
             return
         try:
             self.deployer.accept(envelope)
