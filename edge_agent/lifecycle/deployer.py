@@ -119,7 +119,7 @@ class Deployer:
         supersedes the deployment."""
         self.device = device
         self.trust = trust
-        self.gate = DesiredStateGate(device.device_id if device else "", journal, trust)
+        self.gate = DesiredStateGate(device.device_id, journal, trust)
         self.policy = policy or ProbationPolicy()
         self._clock = clock
         self._sleep = sleep

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_agent.lifecycle.deployer import Deployer, Deployment, ProbationError
+from edge_agent.lifecycle.deployer import Deployer, Deployment, DeviceContext, ProbationError
 from edge_agent.lifecycle.probation import ProbationPolicy
 from edge_agent.protocol.desired import SlotAssignment
 from edge_agent.protocol.lifecycle import SlotEvent as Event
+from edge_agent.runtimes import LoadOptions
 from edge_agent.runtimes.fake import FakeModel
 from edge_agent.serving import SlotTable
 from tests.unit.test_serving import SPEC_IN, SPEC_OUT, serving
@@ -56,8 +57,16 @@ def _deploy_ctx(clock: Clock, new: ColdStartModel) -> tuple[Event, Deployment]:
     table.swap("main", serving(ColdStartModel(clock, warm_s=0.0005, cold_s=0.02), "1.0.0"))
     policy = ProbationPolicy(window_s=WINDOW_S, probe_interval_s=1, min_latency_samples=10)
     deployer = Deployer(
-        device=None,  # type: ignore[arg-type]  # none of these is used by what is tested here
-        journal=None,  # type: ignore[arg-type]
+        device=DeviceContext(
+            device_id="cam-1",
+            profile="x86-64-avx2",
+            runtimes={},
+            load_options=LoadOptions(),
+            credential="",
+            download_attempts=1,
+            download_timeout_s=1,
+        ),
+        journal=None,  # type: ignore[arg-type]  # none of these is used by what is tested here
         store=None,  # type: ignore[arg-type]
         table=table,
         trust=None,  # type: ignore[arg-type]
