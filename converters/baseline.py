@@ -1,10 +1,14 @@
 """The drift baseline a bundle carries (``baseline.json``): what the model's inputs and outputs
 looked like on the reference data, for the agent to compare live traffic against.
 
-Per tensor: decile bin edges over all its values (live values are counted into these bins; on
-the reference data each bin holds ~10%, so a population stability index against the stored
-histogram measures drift), the histogram itself, mean, std, min and max. Classifier-like
-outputs ([batch, classes]) also get the frequency of each top-1 class.
+Format 2 (``drift``): per tensor, the groups and bins the agent counts live values in, and
+the reference proportions — per feature of a tabular input, per channel of an image, top-1
+class counts of a classifier-like output (see :class:`edge_agent.telemetry.drift.TensorDrift`,
+which does the counting at build time and on the device alike).
+
+Kept from format 1, for agents that predate per-group drift: per tensor, decile bin edges over
+all its values, the histogram, mean, std, min and max; classifier-like outputs ([batch,
+classes]) also get the frequency of each top-1 class.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+from edge_agent.telemetry.drift import TensorDrift
 
 #: At most this many values per tensor are used (a uniform subsample, fixed seed).
 MAX_VALUES = 1_000_000
@@ -39,10 +45,31 @@ def describe(values: np.ndarray) -> dict[str, Any]:
     }
 
 
+def _top1(array: np.ndarray, kind: str) -> bool:
+    """Stacked [samples, batch, classes] class scores (declared, or by the shape heuristic)."""
+    if kind == "class_scores":
+        return array.ndim >= 2 and array.shape[-1] > 1
+    if kind != "auto":
+        return False
+    return array.ndim == 3 and array.shape[2] > 1 and bool(np.isfinite(array).all())
+
+
 def baseline(
-    inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], *, origin: str
+    inputs: dict[str, np.ndarray],
+    outputs: dict[str, np.ndarray],
+    *,
+    origin: str,
+    output_kinds: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    out: dict[str, Any] = {"format": 1, "origin": origin, "inputs": {}, "outputs": {}}
+    kinds = output_kinds or {}
+    out: dict[str, Any] = {"format": 2, "origin": origin, "inputs": {}, "outputs": {}}
+    out["drift"] = {
+        "inputs": {k: TensorDrift.build(v, top1=False).to_json() for k, v in inputs.items()},
+        "outputs": {
+            k: TensorDrift.build(v, top1=_top1(v, kinds.get(k, "auto"))).to_json()
+            for k, v in outputs.items()
+        },
+    }
     for name, array in inputs.items():
         out["inputs"][name] = describe(array)
     for name, array in outputs.items():

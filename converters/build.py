@@ -246,7 +246,7 @@ def compile_model(
     )
     gated = _gate_candidates(job, todo, reference, valid, options, output_kinds or {})
     base_data = calib if calib is not None else valid
-    files = _bundle_files(job, gated, valid, base_data)
+    files = _bundle_files(job, gated, valid, base_data, output_kinds or {})
     writer = BundleWriter()
     for arcname, path in files:
         writer.add_file(arcname, path)
@@ -421,7 +421,11 @@ def _gate_candidates(
 
 
 def _bundle_files(
-    job: ConversionJob, gated: _Gated, valid: Dataset, base_data: Dataset
+    job: ConversionJob,
+    gated: _Gated,
+    valid: Dataset,
+    base_data: Dataset,
+    job_kinds: dict[str, str],
 ) -> list[tuple[str, Path]]:
     """The artifact, its extra files, the self-test vectors and the drift baseline."""
     # Self-test vectors: one real validation feed, expected outputs from the compiled artifact.
@@ -432,7 +436,9 @@ def _bundle_files(
         base_out = run_dataset(base_model, base_data, warmup=0)
     finally:
         base_model.close()
-    base = drift.baseline(base_data.arrays, base_out.arrays, origin=base_data.origin)
+    base = drift.baseline(
+        base_data.arrays, base_out.arrays, origin=base_data.origin, output_kinds=job_kinds
+    )
 
     files: list[tuple[str, Path]] = [("model/" + gated.artifact.path.name, gated.artifact.path)]
     files += [("model/" + extra.name, extra) for extra in gated.artifact.extra]

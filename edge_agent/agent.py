@@ -30,6 +30,8 @@ from edge_agent.serving import (
     start_unix,
 )
 from edge_agent.store.models import ModelStore
+from edge_agent.telemetry.outbox import Outbox, OutboxLimits
+from edge_agent.telemetry.reporter import TelemetryReporter, TelemetrySettings
 from edge_agent.trust import TrustStore
 from firmware_profiles import default_catalog
 
@@ -56,6 +58,24 @@ class Agent:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.table = SlotTable()
         self.journal = Journal(config.state_dir / "journal.json")
+        self.telemetry: TelemetryReporter | None = None
+        if config.telemetry.enabled:
+            t = config.telemetry
+            self.telemetry = TelemetryReporter(
+                config.device_id,
+                Outbox(
+                    config.state_dir / "telemetry",
+                    OutboxLimits(max_bytes=t.outbox_max_bytes, max_age_s=t.outbox_max_age_s),
+                ),
+                TelemetrySettings(
+                    interval_s=t.interval_s,
+                    checkpoint_s=t.checkpoint_s,
+                    resend_after_s=t.resend_after_s,
+                ),
+                publish=self._publish_telemetry,
+                rollout_of=self._rollout_of,
+            )
+            self.table.on_serving = self.telemetry.track
         self.store = ModelStore(config.state_dir)
         self.deployer = Deployer(
             DeviceContext(
@@ -84,7 +104,8 @@ class Agent:
             config.device_id,
             config.mqtt,
             on_desired=self._desired_arrived,
-            on_connected=self.publish_status,
+            on_connected=self._connected,
+            on_ack=self.telemetry.acknowledged if self.telemetry else lambda payload: None,
             password=_read_secret(config.mqtt.password_file) if config.mqtt.password_file else None,
         )
         self.runtimes = runtimes
@@ -109,12 +130,18 @@ class Agent:
             log.info("serving on unix://%s", self.config.serving.unix_socket)
         self._worker = threading.Thread(target=self._work, name="edge-agent-deploy", daemon=True)
         self._worker.start()
+        if self.telemetry is not None:
+            self.telemetry.start()
         self.link.start()
 
     def stop(self) -> None:
         self._stopping.set()
         with self._wakeup:
             self._wakeup.notify_all()
+        if self.telemetry is not None:
+            # The interval so far becomes a batch; sent now if the link is up, else next run.
+            self.telemetry.stop()
+            self.telemetry.send_pending()
         self.link.stop()
         if self._worker is not None:
             self._worker.join(timeout=30)
@@ -129,6 +156,21 @@ class Agent:
 
     def request_stop(self) -> None:
         self._stopping.set()
+
+    def _connected(self) -> None:
+        self.publish_status()
+        if self.telemetry is not None:
+            self.telemetry.connected()
+
+    def _publish_telemetry(self, payload: bytes) -> bool:
+        return self.link.publish_telemetry(payload)
+
+    def _rollout_of(self, slot: str, version: str) -> str | None:
+        """The rollout that brought ``version`` to ``slot``, if the journal still says so."""
+        rec = self.journal.data.slots.get(slot)
+        if rec is not None and rec.target is not None and rec.target.version == version:
+            return rec.target.rollout_id
+        return None
 
     # --- desired state ---------------------------------------------------------------------------
     def _desired_arrived(self, payload: bytes) -> None:

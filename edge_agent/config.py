@@ -101,6 +101,24 @@ class ReportingConfig(_Section):
     status_interval_s: float = Field(default=60.0, gt=0)
 
 
+class TelemetryConfig(_Section):
+    """Fleet telemetry (see :mod:`edge_agent.telemetry`)."""
+
+    enabled: bool = True
+    #: One batch per interval.
+    interval_s: float = Field(default=60.0, gt=0)
+    #: The interval so far is written to the outbox this often: a crash (kill -9, power cut)
+    #: loses at most this much of the figures.
+    checkpoint_s: float = Field(default=5.0, gt=0)
+    #: Share of inference time that drift accounting may take (requests are sampled to fit).
+    budget: float = Field(default=0.02, gt=0, le=1)
+    #: Bounds of the on-disk outbox while the server is unreachable (oldest dropped first).
+    outbox_max_bytes: int = Field(default=32 << 20, ge=64 << 10)
+    outbox_max_age_s: float = Field(default=7 * 24 * 3600, gt=0)
+    #: A batch not acknowledged by the server within this long is sent again.
+    resend_after_s: float = Field(default=30.0, gt=0)
+
+
 class AgentConfig(_Section):
     device_id: str = Field(pattern=DEVICE_ID_PATTERN)
     profile: str
@@ -113,6 +131,7 @@ class AgentConfig(_Section):
     download: DownloadConfig = DownloadConfig()
     probation: ProbationPolicy = ProbationPolicy()
     reporting: ReportingConfig = ReportingConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
 
     @classmethod
     def load(cls, path: Path) -> AgentConfig:

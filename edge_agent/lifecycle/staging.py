@@ -15,6 +15,7 @@ from edge_agent.contracts.errors import RuntimeBackendError
 from edge_agent.protocol.status import VersionRef
 from edge_agent.runtimes import LoadedModel, LoadOptions, Runtime
 from edge_agent.serving import ServingModel
+from edge_agent.telemetry.drift import Baseline
 
 #: Self-test inputs are run this many extra times before the switch so the first real request
 #: does not pay for lazy initialisation (allocator warm-up, kernel selection).
@@ -34,7 +35,8 @@ def stage(
     except BaseException:
         model.close()
         raise
-    return ServingModel(ref, m, model)
+    baseline = Baseline.load(verified.directory / "baseline.json")
+    return ServingModel(ref, m, model, baseline)
 
 
 def run_selftest(model: LoadedModel, path: Path, *, atol: float, rtol: float) -> float:

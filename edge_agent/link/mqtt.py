@@ -47,6 +47,7 @@ class AgentLink:
         *,
         on_desired: Callable[[bytes], None],
         on_connected: Callable[[], None],
+        on_ack: Callable[[bytes], None] = lambda payload: None,
         password: str | None = None,
         reconnect_max_s: float = 60,
     ) -> None:
@@ -54,6 +55,7 @@ class AgentLink:
         self._config = config
         self._on_desired = on_desired
         self._on_connected = on_connected
+        self._on_ack = on_ack
         self.connected = threading.Event()
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5)
         if config.username is not None:
@@ -103,6 +105,13 @@ class AgentLink:
         # Queued by paho while disconnected and sent after the reconnect.
         self._client.publish(self.topics.status, payload, qos=1, retain=True)
 
+    def publish_telemetry(self, payload: bytes) -> bool:
+        """Hand a batch to paho (QoS 1); False when not connected (the outbox keeps it)."""
+        if not self.connected.is_set():
+            return False
+        info = self._client.publish(self.topics.telemetry, payload, qos=1)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
+
     def _handle_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
@@ -111,7 +120,7 @@ class AgentLink:
             return
         log.info("connected to %s:%s", self._config.host, self._config.port)
         self._attempt = 0
-        client.subscribe(self.topics.desired, qos=1)
+        client.subscribe([(self.topics.desired, 1), (self.topics.ack, 1)])
         client.publish(self.topics.online, ONLINE, qos=1, retain=True)
         self.connected.set()
         self._on_connected()
@@ -141,3 +150,5 @@ class AgentLink:
         # An empty retained message is the server deleting a stale document: nothing to do.
         if message.topic == self.topics.desired and message.payload:
             self._on_desired(bytes(message.payload))
+        elif message.topic == self.topics.ack:
+            self._on_ack(bytes(message.payload))

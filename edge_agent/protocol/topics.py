@@ -13,8 +13,8 @@ PREFIX = "edgefleet/v1"
 DEVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 _DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
 
-Kind = Literal["desired", "cmd", "status", "telemetry", "online"]
-KINDS: tuple[Kind, ...] = ("desired", "cmd", "status", "telemetry", "online")
+Kind = Literal["desired", "cmd", "status", "telemetry", "ack", "online"]
+KINDS: tuple[Kind, ...] = ("desired", "cmd", "status", "telemetry", "ack", "online")
 
 
 def is_valid_device_id(device_id: str) -> bool:
@@ -33,12 +33,20 @@ class Topics:
         self.cmd = f"{base}/cmd"
         self.status = f"{base}/status"
         self.telemetry = f"{base}/telemetry"
+        #: server → device: the end-to-end acknowledgement of telemetry batches
+        self.ack = f"{base}/ack"
         self.online = f"{base}/online"
 
     @staticmethod
     def all_devices(kind: Kind) -> str:
         """Subscription filter matching ``kind`` for every device."""
         return f"{PREFIX}/devices/+/{kind}"
+
+    @staticmethod
+    def shared(group: str, kind: Kind) -> str:
+        """A ``$share/`` subscription: the broker hands each message to one member of
+        ``group``, so several server processes split the load."""
+        return f"$share/{group}/{PREFIX}/devices/+/{kind}"
 
 
 def parse_device_topic(topic: str) -> tuple[str, Kind] | None:

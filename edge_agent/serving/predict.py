@@ -55,4 +55,6 @@ def run_counted(
         raise
     latency_ms = (time.perf_counter() - start) * 1000
     stats.record(latency_ms, outputs=outputs)
+    if stats is serving.stats:  # live traffic, not the agent's probes
+        serving.telemetry.record(latency_ms, feeds, outputs)
     return Prediction(outputs, serving.ref, latency_ms)

@@ -121,11 +121,15 @@ class ShadowRunner:
                 try:
                     result = shadow.serving.model.run(feeds)
                 except EdgefleetError:
+                    shadow.serving.stats.record(None, error=True)
                     with shadow.lock:
                         shadow.stats.samples += 1
                         shadow.stats.errors += 1
                     continue
                 shadow_ms = (time.perf_counter() - start) * 1000
+                # The shadow version's own figures, for fleet telemetry.
+                shadow.serving.stats.record(shadow_ms, outputs=result)
+                shadow.serving.telemetry.record(shadow_ms, feeds, result)
                 with shadow.lock:
                     st = shadow.stats
                     st.samples += 1

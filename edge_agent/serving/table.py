@@ -9,9 +9,9 @@ candidate hangs off the active slot it runs beside (see :mod:`edge_agent.serving
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -20,6 +20,8 @@ from edge_agent.protocol.status import VersionRef
 from edge_agent.runtimes import LoadedModel
 from edge_agent.serving.shadow import Shadow, ShadowRunner
 from edge_agent.serving.stats import ModelStats
+from edge_agent.telemetry.drift import Baseline
+from edge_agent.telemetry.figures import ModelTelemetry
 
 __all__ = ["ServingModel", "SlotTable"]
 
@@ -27,13 +29,21 @@ __all__ = ["ServingModel", "SlotTable"]
 class ServingModel:
     """A loaded model plus the count of requests running on it."""
 
-    def __init__(self, ref: VersionRef, manifest: Manifest, model: LoadedModel) -> None:
+    def __init__(
+        self,
+        ref: VersionRef,
+        manifest: Manifest,
+        model: LoadedModel,
+        baseline: Baseline | None = None,
+    ) -> None:
         self.ref = ref
         self.manifest = manifest
         self.model = model
         #: Live requests, and the agent's own probes (kept apart: probes use fixed inputs).
         self.stats = ModelStats()
         self.probe_stats = ModelStats()
+        #: Latency sketch and drift counts of live requests, for fleet telemetry.
+        self.telemetry = ModelTelemetry(baseline)
         self._in_flight = 0
         self._retired = False
         self._lock = threading.Lock()
@@ -51,6 +61,12 @@ class ServingModel:
             self._in_flight -= 1
             if self._retired and self._in_flight == 0:
                 self.model.close()
+
+    @property
+    def finished(self) -> bool:
+        """Retired, and its last request has finished: its figures are final."""
+        with self._lock:
+            return self._retired and self._in_flight == 0
 
     def retire(self) -> None:
         """Close the model as soon as no request is running on it; no new request starts on
@@ -81,6 +97,9 @@ class SlotTable:
         self._shadows: dict[str, Shadow] = {}
         self._runner: ShadowRunner | None = None
         self._lock = threading.Lock()
+        #: Told of every model that starts answering requests (slot, role, model): telemetry.
+        self.on_serving: Callable[[str, Literal["active", "shadow"], ServingModel], None] | None
+        self.on_serving = None
 
     def attach_shadow(
         self, shadow_slot: str, active_slot: str, serving: ServingModel, sample_rate: float
@@ -92,6 +111,8 @@ class SlotTable:
                 self._runner = ShadowRunner()
             old = self._shadows.get(active_slot)
             self._shadows[active_slot] = Shadow(shadow_slot, serving, sample_rate)
+        if self.on_serving is not None:
+            self.on_serving(shadow_slot, "shadow", serving)
         if old is not None:
             old.serving.retire()
             return old.serving
@@ -142,6 +163,8 @@ class SlotTable:
         with self._lock:
             old = self._slots.get(slot)
             self._slots[slot] = new
+        if self.on_serving is not None:
+            self.on_serving(slot, "active", new)
         if old is not None and retire_old:
             old.retire()
         return old

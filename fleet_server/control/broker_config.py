@@ -28,6 +28,7 @@ ACL = f"""# written by edgefleet broker-config
 # Every device (its certificate CN is its username): only its own topics.
 pattern read {PREFIX}/devices/%u/desired
 pattern read {PREFIX}/devices/%u/cmd
+pattern read {PREFIX}/devices/%u/ack
 pattern write {PREFIX}/devices/%u/status
 pattern write {PREFIX}/devices/%u/telemetry
 pattern write {PREFIX}/devices/%u/online

@@ -1,0 +1,195 @@
+"""Telemetry batches (device → server) and their end-to-end acknowledgements (server → device).
+
+A batch holds one interval's figures for every model version that served on the device:
+request, error and NaN/inf counts, a mergeable latency sketch (DDSketch), and counts of the
+sampled inputs and outputs in the bins of the bundle's drift baseline. Only aggregates — never
+an input or an output value.
+
+Delivery invariants (see :mod:`edge_agent.telemetry.outbox`): ``seq`` grows by one per batch
+within a ``stream`` (one stream per outbox: a device whose state directory was wiped starts a
+new one, so its new batches are not mistaken for duplicates); ``floor`` says that the device
+will never send a batch with ``seq <= floor`` again (it was acknowledged, or dropped when the
+outbox was full), so the server's contiguous watermark can step over dropped batches.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal, Self
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+from edge_agent.protocol.desired import SHA256_PATTERN, SLOT_PATTERN
+from edge_agent.protocol.topics import DEVICE_ID_PATTERN
+
+__all__ = [
+    "MAX_BINS",
+    "MAX_CLASSES",
+    "MAX_GROUPS",
+    "MAX_SKETCH_BINS",
+    "MAX_TELEMETRY_BYTES",
+    "STREAM_PATTERN",
+    "LatencySketch",
+    "ProcessFigures",
+    "SlotFigures",
+    "TelemetryAck",
+    "TelemetryBatch",
+    "TensorCounts",
+]
+
+#: A batch for a device with a few slots is a few KiB; 256 features x 10 bins per input adds
+#: ~10 KiB.
+MAX_TELEMETRY_BYTES = 256 * 1024
+#: At 1 % relative accuracy, 1 µs .. 1 hour spans ~1,100 bins.
+MAX_SKETCH_BINS = 2048
+MAX_GROUPS = 256
+MAX_BINS = 64
+MAX_CLASSES = 4096
+MAX_SLOTS = 32
+MAX_TENSORS = 32
+STREAM_PATTERN = r"^[0-9a-f]{16,32}$"
+#: Sequences stay exact in a double (JSON readers that use one).
+MAX_SEQ = 2**53
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LatencySketch(_Message):
+    """A DDSketch of latencies in ms (logarithmic mapping, one dense positive store):
+    ``counts[i]`` values fell in bin ``key_offset + i``; values under the mapping's smallest
+    positive value are in ``zero_count``."""
+
+    relative_accuracy: float = Field(gt=0, lt=1)
+    zero_count: int = Field(ge=0)
+    key_offset: int = Field(ge=-(2**20), le=2**20)
+    counts: list[int] = Field(max_length=MAX_SKETCH_BINS)
+    sum_ms: float = Field(ge=0, allow_inf_nan=False)
+    min_ms: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    max_ms: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _counts(self) -> Self:
+        if any(c < 0 for c in self.counts):
+            raise ValueError("sketch bin counts must not be negative")
+        return self
+
+    @property
+    def count(self) -> int:
+        return self.zero_count + sum(self.counts)
+
+
+class TensorCounts(_Message):
+    """Counts of one tensor's sampled values in its baseline bins: one row per group (a
+    feature, a channel, a group of features, or the whole tensor), one column per bin; for a
+    classifier-like output, one row of top-1 class counts."""
+
+    kind: Literal["bins", "top1"]
+    counts: list[list[int]] = Field(min_length=1, max_length=MAX_GROUPS)
+
+    @model_validator(mode="after")
+    def _shape(self) -> Self:
+        width = len(self.counts[0])
+        limit = MAX_CLASSES if self.kind == "top1" else MAX_BINS
+        if self.kind == "top1" and len(self.counts) != 1:
+            raise ValueError("top-1 counts have exactly one row")
+        if not 1 <= width <= limit:
+            raise ValueError(f"{self.kind} rows must have 1..{limit} columns, not {width}")
+        for row in self.counts:
+            if len(row) != width:
+                raise ValueError("every row of a tensor's counts has the same number of bins")
+            if any(c < 0 for c in row):
+                raise ValueError("counts must not be negative")
+        return self
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.counts), len(self.counts[0])
+
+
+class SlotFigures(_Message):
+    """One model version's figures for the interval, as served in one slot."""
+
+    slot: str = Field(pattern=SLOT_PATTERN)
+    role: Literal["active", "shadow"]
+    model: str = Field(min_length=1, max_length=128)
+    version: str = Field(min_length=1, max_length=64)
+    bundle_sha256: str = Field(pattern=SHA256_PATTERN)
+    rollout_id: str | None = Field(default=None, max_length=64)
+    requests: int = Field(ge=0, le=MAX_SEQ)
+    errors: int = Field(ge=0, le=MAX_SEQ)
+    nonfinite: int = Field(ge=0, le=MAX_SEQ)
+    latency_ms: LatencySketch | None = None
+    #: Requests whose inputs and outputs were counted, and the sampling rate in force at the
+    #: end of the interval (chosen so drift accounting stays within its time budget).
+    sampled: int = Field(default=0, ge=0, le=MAX_SEQ)
+    sample_rate: float = Field(default=0.0, ge=0, le=1)
+    inputs: dict[str, TensorCounts] = Field(default_factory=dict, max_length=MAX_TENSORS)
+    outputs: dict[str, TensorCounts] = Field(default_factory=dict, max_length=MAX_TENSORS)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.errors > self.requests or self.nonfinite > self.requests:
+            raise ValueError("errors and NaN/inf responses cannot exceed requests")
+        if self.sampled > self.requests:
+            raise ValueError("sampled requests cannot exceed requests")
+        if self.latency_ms is not None and self.latency_ms.count > self.requests:
+            raise ValueError("the latency sketch holds more values than there were requests")
+        return self
+
+
+class ProcessFigures(_Message):
+    cpu_percent: float | None = Field(default=None, ge=0, le=100_000, allow_inf_nan=False)
+    rss_bytes: int | None = Field(default=None, ge=0)
+    #: The hottest thermal zone the OS exposes (``/sys/class/thermal``); absent elsewhere.
+    temperature_c: float | None = Field(default=None, ge=-100, le=300, allow_inf_nan=False)
+
+
+class TelemetryBatch(_Message):
+    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
+    stream: str = Field(pattern=STREAM_PATTERN)
+    seq: int = Field(ge=1, le=MAX_SEQ)
+    floor: int = Field(ge=0, le=MAX_SEQ)
+    interval_start: AwareDatetime
+    interval_end: AwareDatetime
+    slots: list[SlotFigures] = Field(default_factory=list, max_length=MAX_SLOTS)
+    process: ProcessFigures = ProcessFigures()
+    #: Batches this device's outbox has dropped so far (it was full, or they were too old).
+    dropped_batches_total: int = Field(default=0, ge=0, le=MAX_SEQ)
+
+    @model_validator(mode="after")
+    def _order(self) -> Self:
+        if self.floor >= self.seq:
+            raise ValueError("floor must be below seq")
+        if self.interval_end < self.interval_start:
+            raise ValueError("interval_end is before interval_start")
+        return self
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(exclude_defaults=False).encode()
+
+    @classmethod
+    def from_bytes(cls, payload: bytes) -> TelemetryBatch:
+        """Raises ValueError (pydantic's ValidationError is one) for anything but a batch."""
+        if len(payload) > MAX_TELEMETRY_BYTES:
+            raise ValueError(f"batch of {len(payload)} bytes (limit {MAX_TELEMETRY_BYTES})")
+        return cls.model_validate_json(payload)
+
+
+class TelemetryAck(_Message):
+    """The server stored every batch of ``stream`` up to ``acked_seq`` (or knows it was
+    dropped): the device may delete them from its outbox."""
+
+    stream: str = Field(pattern=STREAM_PATTERN)
+    acked_seq: int = Field(ge=0, le=MAX_SEQ)
+    acked_at: datetime | None = None
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, payload: bytes) -> TelemetryAck:
+        if len(payload) > 1024:
+            raise ValueError(f"ack of {len(payload)} bytes")
+        return cls.model_validate_json(payload)

@@ -1,0 +1,76 @@
+"""Latency sketches: DDSketch (``ddsketch``) with 1 % relative accuracy, and its wire form.
+
+A sketch is mergeable: the server adds the bin counts of sketches from many devices and
+intervals and reads fleet quantiles off the sum, exact to the sketch's relative accuracy —
+never an average of per-device percentiles. Latencies are positive, so only the positive store
+travels; values below the mapping's smallest positive value count as zeros.
+"""
+
+from __future__ import annotations
+
+from ddsketch import DDSketch
+from ddsketch.ddsketch import BaseDDSketch
+from ddsketch.mapping import LogarithmicMapping
+from ddsketch.store import DenseStore
+
+from edge_agent.protocol.telemetry import LatencySketch
+
+__all__ = ["RELATIVE_ACCURACY", "from_wire", "merge_wire", "new_sketch", "quantile", "to_wire"]
+
+RELATIVE_ACCURACY = 0.01
+
+
+def new_sketch() -> BaseDDSketch:
+    return DDSketch(RELATIVE_ACCURACY)
+
+
+def to_wire(sketch: BaseDDSketch) -> LatencySketch | None:
+    """The sketch's wire form; None when it holds no value."""
+    if sketch.count == 0:
+        return None
+    # ddsketch 3.0.1's DenseStore keeps bins[i] for key offset + i; the bins between the
+    # smallest and largest key used are what carries the distribution.
+    store = sketch._store
+    lo, hi = store.min_key, store.max_key
+    counts = (
+        [] if store.count == 0 else [int(store.bins[k - store.offset]) for k in range(lo, hi + 1)]
+    )
+    return LatencySketch(
+        relative_accuracy=sketch._mapping.relative_accuracy,
+        zero_count=int(sketch._zero_count),
+        key_offset=int(lo) if counts else 0,
+        counts=counts,
+        sum_ms=max(0.0, float(sketch.sum)),
+        min_ms=max(0.0, float(sketch._min)),
+        max_ms=max(0.0, float(sketch._max)),
+    )
+
+
+def from_wire(wire: LatencySketch) -> BaseDDSketch:
+    """A sketch equal to the one ``wire`` was made from (counts, sum, min, max)."""
+    store = DenseStore()
+    for i, count in enumerate(wire.counts):
+        if count:
+            store.add(wire.key_offset + i, count)
+    sketch = BaseDDSketch(
+        LogarithmicMapping(wire.relative_accuracy), store, DenseStore(), wire.zero_count
+    )
+    sketch._sum = wire.sum_ms
+    if wire.min_ms is not None and sketch.count:
+        sketch._min = wire.min_ms
+    if wire.max_ms is not None and sketch.count:
+        sketch._max = wire.max_ms
+    return sketch
+
+
+def merge_wire(sketches: list[LatencySketch]) -> BaseDDSketch:
+    """One sketch holding every value of ``sketches`` (all must share an accuracy)."""
+    merged = new_sketch()
+    for wire in sketches:
+        merged.merge(from_wire(wire))
+    return merged
+
+
+def quantile(sketch: BaseDDSketch, q: float) -> float | None:
+    value = sketch.get_quantile_value(q)
+    return None if value is None else float(value)
