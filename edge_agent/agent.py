@@ -71,6 +71,7 @@ class Agent:
                     interval_s=t.interval_s,
                     checkpoint_s=t.checkpoint_s,
                     resend_after_s=t.resend_after_s,
+                    budget=t.budget,
                 ),
                 publish=self._publish_telemetry,
                 rollout_of=self._rollout_of,

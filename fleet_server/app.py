@@ -42,6 +42,9 @@ from fleet_server.rollouts import tables as rollouts_tables
 from fleet_server.rollouts.routes import router as rollouts_router
 from fleet_server.rollouts.service import backfill_bundle_grants
 from fleet_server.settings import Settings
+from fleet_server.telemetry import tables as telemetry_tables
+from fleet_server.telemetry.routes import router as telemetry_router
+from fleet_server.telemetry.service import TelemetryService
 from fleet_server.trust.routes import router as trust_router
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,7 @@ TABLE_MODULES = (
     keys_tables,
     registry_tables,
     rollouts_tables,
+    telemetry_tables,
 )
 
 
@@ -115,6 +119,22 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
             timeout_s=settings.build_timeout_s,
         )
         builds.start()
+        telemetry = TelemetryService(
+            engine,
+            store,
+            bucket_s=settings.telemetry_bucket_s,
+            window_s=settings.telemetry_window_s,
+        )
+        if settings.telemetry_ingest:
+            telemetry.start_ingest(
+                mqtt_url,
+                tls=(settings.mqtt_ca_file, settings.mqtt_cert_file, settings.mqtt_key_file),
+                credentials=(
+                    (settings.mqtt_username, settings.mqtt_password.get_secret_value())
+                    if settings.mqtt_username and settings.mqtt_password
+                    else None
+                ),
+            )
         app.state.edgefleet = AppState(
             settings=settings,
             engine=engine,
@@ -125,10 +145,12 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
             ca=FleetCA.load_or_create(settings.ca_dir),
             builds=builds,
             authenticate=authenticate,
+            telemetry=telemetry,
         )
         try:
             yield
         finally:
+            telemetry.stop()
             builds.stop()
             control.stop()
             engine.dispose()
@@ -153,6 +175,7 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
     app.include_router(trust_router, responses=ERROR_RESPONSES)
     app.include_router(auth_router, responses=ERROR_RESPONSES)
     app.include_router(audit_router, responses=ERROR_RESPONSES)
+    app.include_router(telemetry_router, responses=ERROR_RESPONSES)
 
     @app.get("/healthz", tags=["health"])
     def healthz(state: StateDep) -> dict[str, Any]:

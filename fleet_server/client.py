@@ -34,6 +34,17 @@ class ApiClient:
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        resp = self._send(method, path, **kwargs)
+        return resp.json() if resp.content else None
+
+    def text(self, path: str, **kwargs: Any) -> str:
+        """A GET whose answer is not JSON (``/metrics``)."""
+        return self._send("GET", path, **kwargs).text
+
+    def put(self, path: str, **kwargs: Any) -> Any:
+        return self.request("PUT", path, **kwargs)
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             resp = self._http.request(method, path, **kwargs)
         except httpx.TransportError as e:
@@ -46,7 +57,7 @@ class ApiClient:
                 raise ApiError(resp.status_code, err["code"], err["message"], err.get("detail"))
             except (ValueError, KeyError, TypeError):
                 raise ApiError(resp.status_code, "http_error", resp.text[:300]) from None
-        return resp.json() if resp.content else None
+        return resp
 
     def get(self, path: str, **kwargs: Any) -> Any:
         return self.request("GET", path, **kwargs)

@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     desired_resend_interval_s: float = Field(default=5.0, ge=0)
     #: Concurrent build jobs (each a subprocess; a TFLite build of a 30 MB CNN peaks near 2.5 GB).
     build_workers: int = Field(default=1, ge=1, le=64)
+    #: Ingest telemetry in this process (a ``$share/`` member; more: `edgefleet telemetry
+    #: ingest`). Rollup bucket size, and the window alerts and /metrics look back over.
+    telemetry_ingest: bool = True
+    telemetry_bucket_s: int = Field(default=60, ge=1, le=86_400)
+    telemetry_window_s: float = Field(default=900, gt=0)
     #: A build running longer is killed and fails.
     build_timeout_s: float = Field(default=3600, gt=0)
     #: How long creating a rollout waits for the builds it needs.

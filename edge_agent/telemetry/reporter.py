@@ -77,6 +77,8 @@ class TelemetrySettings:
     checkpoint_s: float = 5.0
     resend_after_s: float = 30.0
     window: int = 64
+    #: Share of inference time drift accounting may take (each model's sampling follows it).
+    budget: float = 0.02
 
 
 @dataclass
@@ -116,6 +118,7 @@ class TelemetryReporter:
     def track(self, slot: str, role: Role, serving: Served) -> None:
         """``serving`` now answers requests in ``slot``: its figures are reported until it is
         retired and its last request has finished."""
+        serving.telemetry.budget = self.settings.budget
         with self._lock:
             if serving not in self._tracked:
                 # From zero: requests it served before this call are its too.

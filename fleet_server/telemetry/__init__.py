@@ -1,0 +1,1 @@
+"""Fleet telemetry: ingest ($share/), rollups, drift, alerts, /metrics."""

@@ -1,0 +1,203 @@
+"""Telemetry ingest: a ``$share/`` subscriber that stores batches and acknowledges them.
+
+Each server process (``edgefleet serve``, or ``edgefleet telemetry ingest`` for more) runs one
+``TelemetryIngest``; the broker hands every batch to one member of the share group, so
+processes split the load. The MQTT callback only enqueues; one writer thread drains up to
+``max_batch`` messages (or what arrived within ``linger_s``) and stores them in one
+transaction, then publishes each touched stream's watermark on the device's ``ack`` topic.
+
+Members connect with a clean session and no session expiry: a member that goes away must not
+hoard the group's messages in a persistent session (Debian's mosquitto 2.0.11 keeps
+round-robining to an offline member). What the broker drops is not lost: the device resends
+every batch until an acknowledgement covers it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client import CollectorRegistry, Counter
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlmodel import Session
+
+from edge_agent.protocol.telemetry import TelemetryAck
+from edge_agent.protocol.topics import Topics
+from fleet_server.telemetry.store import BundleCatalog, Outcome, store_batches
+
+__all__ = ["SHARE_GROUP", "IngestCounters", "TelemetryIngest"]
+
+log = logging.getLogger(__name__)
+
+SHARE_GROUP = "edgefleet-telemetry"
+
+
+class IngestCounters:
+    """Prometheus counters of one ingest process."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.rejected = Counter(
+            "edgefleet_telemetry_rejected",
+            "Telemetry batches refused, by reason (never stored)",
+            ["reason"],
+            registry=registry,
+        )
+        self.batches = Counter(
+            "edgefleet_telemetry_batches",
+            "Telemetry batches received, by outcome (stored / duplicate)",
+            ["outcome"],
+            registry=registry,
+        )
+
+
+class TelemetryIngest:
+    def __init__(
+        self,
+        engine: Engine,
+        mqtt_url: str,
+        bundles: BundleCatalog,
+        counters: IngestCounters,
+        *,
+        bucket_s: int = 60,
+        max_batch: int = 500,
+        linger_s: float = 0.02,
+        tls: tuple[Path | None, Path | None, Path | None] = (None, None, None),
+        credentials: tuple[str, str] | None = None,
+        on_stored: Callable[[Outcome], None] | None = None,
+    ) -> None:
+        parts = urlsplit(mqtt_url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(f"broker URL must look like mqtt://host:port, got {mqtt_url!r}")
+        self._host, self._port = parts.hostname, parts.port or 1883
+        self._engine = engine
+        self._bundles = bundles
+        self.counters = counters
+        self._bucket_s = bucket_s
+        self._max_batch = max_batch
+        self._linger_s = linger_s
+        self._on_stored = on_stored
+        self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self.connected = threading.Event()
+        self._stopping = False
+        self.stored_total = 0
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"edgefleet-ingest-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv5,
+        )
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.reconnect_delay_set(1, 30)
+        if parts.scheme == "mqtts":
+            ca, cert, key = tls
+            self._client.tls_set(
+                ca_certs=str(ca) if ca else None,
+                certfile=str(cert) if cert else None,
+                keyfile=str(key) if key else None,
+            )
+        if credentials is not None:
+            self._client.username_pw_set(*credentials)
+        self._worker = threading.Thread(target=self._work, name="edgefleet-telemetry", daemon=True)
+
+    def start(self, wait_s: float = 10.0) -> None:
+        self._worker.start()
+        self._client.connect_async(self._host, self._port, keepalive=30, clean_start=True)
+        self._client.loop_start()
+        if not self.connected.wait(wait_s):
+            log.warning("telemetry ingest: broker not reachable yet; will keep trying")
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._inbox.put(None)
+        self._worker.join(timeout=30)
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        if reason.is_failure:
+            log.error("broker refused the telemetry ingest connection: %s", reason)
+            return
+        client.subscribe(Topics.shared(SHARE_GROUP, "telemetry"), qos=1)
+        self.connected.set()
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        self.connected.clear()
+        if not self._stopping:
+            log.warning("telemetry ingest disconnected: %s", reason)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self._inbox.put((message.topic, bytes(message.payload)))
+
+    # --- the writer ---------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            first = self._inbox.get()
+            if first is None:
+                return
+            drained = [first]
+            deadline = time.monotonic() + self._linger_s
+            while len(drained) < self._max_batch:
+                try:
+                    item = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._store(drained)
+                    return
+                drained.append(item)
+            self._store(drained)
+
+    def _store(self, messages: list[tuple[str, bytes]]) -> None:
+        for attempt in range(5):
+            try:
+                with Session(self._engine) as session:
+                    outcome = store_batches(
+                        session, messages, self._bundles, bucket_s=self._bucket_s
+                    )
+                break
+            except (OperationalError, IntegrityError, DBAPIError) as e:
+                # SQLite busy, a serialization failure: the transaction rolled back whole.
+                log.warning("telemetry store attempt %d failed (%s); retrying", attempt + 1, e)
+                time.sleep(0.05 * 2**attempt)
+            except Exception:
+                log.exception("telemetry ingest failed on %d message(s)", len(messages))
+                return
+        else:
+            log.error("telemetry: %d message(s) not stored; devices will resend", len(messages))
+            return
+        for rejection in outcome.rejected:
+            self.counters.rejected.labels(rejection.reason).inc()
+            log.warning(
+                "telemetry from %s refused (%s): %s",
+                rejection.device_id or "?",
+                rejection.reason,
+                rejection.message,
+            )
+        if any(r.reason == "unknown_bundle" for r in outcome.rejected):
+            self._bundles.forget_unknown()
+        self.counters.batches.labels("stored").inc(outcome.stored)
+        self.counters.batches.labels("duplicate").inc(outcome.duplicates)
+        self.stored_total += outcome.stored
+        for (device_id, stream), acked in outcome.acks.items():
+            ack = TelemetryAck(stream=stream, acked_seq=acked)
+            self._client.publish(Topics(device_id).ack, ack.to_bytes(), qos=1)
+        if self._on_stored is not None and outcome.touched:
+            try:
+                self._on_stored(outcome)
+            except Exception:
+                log.exception("after-store hook failed")

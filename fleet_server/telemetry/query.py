@@ -1,0 +1,238 @@
+"""Reading the rollups: fleet figures per model version x profile, over a time range.
+
+Counts are summed, latency sketches merged (so p50/p95/p99 are the fleet's, exact to the
+sketch's 1 %), drift histograms summed per bundle and scored against that bundle's baseline
+(PSI and Jensen-Shannon distance per feature / channel; the worst is reported per tensor).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from sqlalchemy import func
+from sqlmodel import Session, col, select
+
+from edge_agent.protocol.telemetry import LatencySketch
+from edge_agent.telemetry.drift import js_distance, psi
+from edge_agent.telemetry.sketch import merge_wire, quantile
+from fleet_server.database import aware
+from fleet_server.telemetry.store import BundleCatalog, add_counts
+from fleet_server.telemetry.tables import TelemetryDeviceBucket, TelemetryRollup
+
+__all__ = ["DriftScore", "VersionHealth", "series", "summarize"]
+
+
+@dataclass(frozen=True)
+class DriftScore:
+    tensor: str
+    io: str  # input / output
+    worst_group: int
+    psi: float
+    js_distance: float
+
+
+@dataclass
+class VersionHealth:
+    model: str
+    version: str
+    profile: str
+    devices: int = 0
+    requests: int = 0
+    errors: int = 0
+    nonfinite: int = 0
+    sampled: int = 0
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    drift: list[DriftScore] = field(default_factory=list)
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.requests if self.requests else None
+
+    @property
+    def worst_psi(self) -> float | None:
+        values = [d.psi for d in self.drift if np.isfinite(d.psi)]
+        return max(values) if values else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "version": self.version,
+            "profile": self.profile,
+            "devices": self.devices,
+            "requests": self.requests,
+            "errors": self.errors,
+            "error_rate": self.error_rate,
+            "nonfinite": self.nonfinite,
+            "sampled": self.sampled,
+            "latency_ms": {"p50": self.p50_ms, "p95": self.p95_ms, "p99": self.p99_ms},
+            "worst_psi": self.worst_psi,
+            "drift": [
+                {
+                    "tensor": d.tensor,
+                    "io": d.io,
+                    "worst_group": d.worst_group,
+                    "psi": _finite(d.psi),
+                    "js_distance": _finite(d.js_distance),
+                }
+                for d in self.drift
+            ],
+        }
+
+
+def _finite(value: float) -> float | None:
+    return round(float(value), 6) if np.isfinite(value) else None
+
+
+def _rows(
+    session: Session,
+    model: str,
+    *,
+    version: str | None,
+    profile: str | None,
+    rollout_id: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    role: str | None,
+) -> list[TelemetryRollup]:
+    q = select(TelemetryRollup).where(TelemetryRollup.model == model)
+    if version is not None:
+        q = q.where(TelemetryRollup.version == version)
+    if profile is not None:
+        q = q.where(TelemetryRollup.profile == profile)
+    if rollout_id is not None:
+        q = q.where(TelemetryRollup.rollout_id == rollout_id)
+    if since is not None:
+        q = q.where(col(TelemetryRollup.bucket_start) >= since)
+    if until is not None:
+        q = q.where(col(TelemetryRollup.bucket_start) < until)
+    if role is not None:
+        q = q.where(TelemetryRollup.role == role)
+    return list(session.exec(q.order_by(col(TelemetryRollup.bucket_start))).all())
+
+
+def _health(rows: list[TelemetryRollup], bundles: BundleCatalog, session: Session) -> VersionHealth:
+    first = rows[0]
+    h = VersionHealth(first.model, first.version, first.profile)
+    sketches = []
+    per_bundle: dict[str, dict[str, dict[str, tuple[str, np.ndarray]]]] = defaultdict(
+        lambda: {"input": {}, "output": {}}
+    )
+    for r in rows:
+        h.requests += r.requests
+        h.errors += r.errors
+        h.nonfinite += r.nonfinite
+        h.sampled += r.sampled
+        if r.latency_sketch:
+            sketches.append(LatencySketch.model_validate(r.latency_sketch))
+        for io, stored in (("input", r.inputs), ("output", r.outputs)):
+            for name, entry in stored.items():
+                add_counts(per_bundle[r.bundle_sha256][io], entry["kind"], name, entry["counts"])
+    if sketches:
+        merged = merge_wire(sketches)
+        h.p50_ms, h.p95_ms, h.p99_ms = (quantile(merged, q) for q in (0.5, 0.95, 0.99))
+    worst: dict[tuple[str, str], DriftScore] = {}
+    for sha, by_io in per_bundle.items():
+        info = bundles.get(session, sha)
+        if info is None or info.baseline is None:
+            continue
+        for io, tensors in by_io.items():
+            reference = info.baseline.inputs if io == "input" else info.baseline.outputs
+            for name, (_kind, counts) in tensors.items():
+                drift = reference.get(name)
+                if drift is None or drift.shape != counts.shape or counts.sum() == 0:
+                    continue
+                scores = psi(counts, drift.expected)
+                if not np.isfinite(scores).any():
+                    continue
+                g = int(np.nanargmax(scores))
+                js = js_distance(counts, drift.expected)
+                score = DriftScore(name, io, g, float(scores[g]), float(js[g]))
+                if (io, name) not in worst or score.psi > worst[(io, name)].psi:
+                    worst[(io, name)] = score
+    h.drift = sorted(worst.values(), key=lambda d: (d.io, d.tensor))
+    return h
+
+
+def _devices(
+    session: Session, shas: set[str], since: datetime | None, until: datetime | None
+) -> int:
+    if not shas:
+        return 0
+    q = select(func.count(func.distinct(TelemetryDeviceBucket.device_id))).where(
+        col(TelemetryDeviceBucket.bundle_sha256).in_(shas)
+    )
+    if since is not None:
+        q = q.where(col(TelemetryDeviceBucket.bucket_start) >= since)
+    if until is not None:
+        q = q.where(col(TelemetryDeviceBucket.bucket_start) < until)
+    return int(session.exec(q).one())
+
+
+def summarize(
+    session: Session,
+    bundles: BundleCatalog,
+    model: str,
+    *,
+    version: str | None = None,
+    profile: str | None = None,
+    rollout_id: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    role: str | None = "active",
+) -> list[VersionHealth]:
+    """Fleet figures per (version, profile) of ``model`` in [since, until)."""
+    groups: dict[tuple[str, str], list[TelemetryRollup]] = defaultdict(list)
+    for r in _rows(
+        session,
+        model,
+        version=version,
+        profile=profile,
+        rollout_id=rollout_id,
+        since=since,
+        until=until,
+        role=role,
+    ):
+        groups[(r.version, r.profile)].append(r)
+    out = []
+    for key in sorted(groups):
+        rows = groups[key]
+        h = _health(rows, bundles, session)
+        h.devices = _devices(session, {r.bundle_sha256 for r in rows}, since, until)
+        out.append(h)
+    return out
+
+
+def series(
+    session: Session,
+    bundles: BundleCatalog,
+    model: str,
+    *,
+    version: str | None = None,
+    profile: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """One point per (rollup bucket, version, profile): counts, quantiles, worst PSI."""
+    groups: dict[tuple[datetime, str, str], list[TelemetryRollup]] = defaultdict(list)
+    for r in _rows(
+        session,
+        model,
+        version=version,
+        profile=profile,
+        rollout_id=None,
+        since=since,
+        until=until,
+        role="active",
+    ):
+        groups[(aware(r.bucket_start), r.version, r.profile)].append(r)
+    points = []
+    for (bucket, _v, _p), rows in sorted(groups.items()):
+        h = _health(rows, bundles, session)
+        points.append({"bucket_start": bucket.isoformat(), **h.to_json()})
+    return points

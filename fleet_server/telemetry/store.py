@@ -1,0 +1,480 @@
+"""Storing telemetry batches: checked, de-duplicated, folded into rollups, acknowledged.
+
+:func:`store_batches` takes the batches one ingest worker drained from the broker and, in
+one transaction: refuses the bad ones (counted by reason, never stored), inserts the keys of
+the rest (a key already present is a duplicate — stored before, acknowledged again), folds the
+new batches into the rollup rows, and advances each stream's contiguous watermark.
+
+Several ingest processes may store batches of the same device at once (``$share/`` hands
+messages round-robin). Rows are locked in one global order (batch keys, then streams, then
+rollups, each sorted), so two transactions never wait on each other in a cycle; a transaction
+that fails anyway (SQLite busy, a serialization error) is retried whole.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+import threading
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import Session, col, select
+
+from edge_agent.protocol.telemetry import (
+    MAX_TELEMETRY_BYTES,
+    LatencySketch,
+    SlotFigures,
+    TelemetryBatch,
+)
+from edge_agent.protocol.topics import parse_device_topic
+from edge_agent.telemetry.drift import Baseline
+from edge_agent.telemetry.sketch import RELATIVE_ACCURACY, merge_wire, to_wire
+from fleet_server.artifacts import ArtifactStore
+from fleet_server.bundles.tables import Bundle
+from fleet_server.devices.tables import Device
+from fleet_server.registry.tables import MLModel, ModelVersion
+from fleet_server.telemetry.tables import (
+    TelemetryBatchKey,
+    TelemetryDeviceBucket,
+    TelemetryRollup,
+    TelemetryStream,
+)
+
+__all__ = ["BundleCatalog", "Outcome", "Rejection", "bucket_of", "store_batches"]
+
+log = logging.getLogger(__name__)
+
+#: A batch more than this many sequences past what the device says it still holds is refused:
+#: an agent sends at most a window of 64 past its oldest unacknowledged batch.
+MAX_SEQ_AHEAD = 4096
+#: Clock skew tolerated on interval_end.
+MAX_FUTURE = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    sha256: str
+    model: str
+    version: str
+    profile: str
+    baseline: Baseline | None
+
+
+class BundleCatalog:
+    """Bundle facts telemetry needs (model, version, profile, drift baseline), cached: a
+    bundle never changes once built."""
+
+    def __init__(self, store: ArtifactStore) -> None:
+        self._store = store
+        self._cache: dict[str, BundleInfo | None] = {}
+        self._lock = threading.Lock()
+
+    def get(self, session: Session, sha256: str) -> BundleInfo | None:
+        with self._lock:
+            if sha256 in self._cache:
+                return self._cache[sha256]
+        row = session.exec(
+            select(Bundle.sha256, Bundle.profile, MLModel.name, ModelVersion.version)
+            .join(ModelVersion, col(ModelVersion.id) == col(Bundle.model_version_id))
+            .join(MLModel, col(MLModel.id) == col(ModelVersion.model_id))
+            .where(Bundle.sha256 == sha256)
+        ).first()
+        info = None
+        if row is not None:
+            info = BundleInfo(row[0], row[2], row[3], row[1], self._baseline(sha256))
+        with self._lock:
+            if info is not None or len(self._cache) < 100_000:
+                self._cache[sha256] = info
+        return info
+
+    def forget_unknown(self) -> None:
+        """A bundle unknown a moment ago may have been built since."""
+        with self._lock:
+            self._cache = {k: v for k, v in self._cache.items() if v is not None}
+
+    def _baseline(self, sha256: str) -> Baseline | None:
+        path = self._store.path(sha256)
+        try:
+            with tarfile.open(path) as tar:
+                member = tar.extractfile("baseline.json")
+                if member is None:
+                    return None
+                return Baseline.from_json(json.load(io.BytesIO(member.read())))
+        except (OSError, KeyError, ValueError, tarfile.TarError) as e:
+            log.warning("bundle %s: no usable drift baseline (%s)", sha256[:12], e)
+            return None
+
+
+@dataclass(frozen=True)
+class Rejection:
+    device_id: str | None
+    reason: str
+    message: str
+
+
+@dataclass
+class Outcome:
+    stored: int = 0
+    duplicates: int = 0
+    rejected: list[Rejection] = field(default_factory=list)
+    #: (device, stream) → the contiguous watermark to acknowledge
+    acks: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: (model, version, profile) that received new figures
+    touched: set[tuple[str, str, str]] = field(default_factory=set)
+
+
+def bucket_of(moment: datetime, bucket_s: int) -> datetime:
+    ts = moment.astimezone(UTC).timestamp()
+    return datetime.fromtimestamp(ts - ts % bucket_s, UTC)
+
+
+def _check_slot(slot: SlotFigures, info: BundleInfo | None) -> str | None:
+    """Why a slot's figures cannot be stored against its bundle, or None."""
+    if info is None:
+        return "unknown_bundle"
+    if (slot.model, slot.version) != (info.model, info.version):
+        return "bundle_mismatch"
+    if slot.latency_ms is not None and slot.latency_ms.relative_accuracy != RELATIVE_ACCURACY:
+        return "bad_shape"
+    for counts, reference in (
+        (slot.inputs, info.baseline and info.baseline.inputs),
+        (slot.outputs, info.baseline and info.baseline.outputs),
+    ):
+        for name, tensor in counts.items():
+            want = (reference or {}).get(name)
+            if want is None or want.kind != tensor.kind or want.shape != tensor.shape:
+                return "bad_shape"
+    return None
+
+
+def _validate(
+    session: Session,
+    messages: Iterable[tuple[str, bytes]],
+    bundles: BundleCatalog,
+    now: datetime,
+    outcome: Outcome,
+) -> tuple[list[TelemetryBatch], dict[int, str]]:
+    """The batches to store, and (by ``id``) those of them whose figures are refused."""
+    parsed: list[TelemetryBatch] = []
+    for topic, payload in messages:
+        where = parse_device_topic(topic)
+        device_id = where[0] if where else None
+        if where is None or where[1] != "telemetry":
+            outcome.rejected.append(Rejection(None, "bad_topic", f"not a telemetry topic: {topic}"))
+            continue
+        if len(payload) > MAX_TELEMETRY_BYTES:
+            outcome.rejected.append(
+                Rejection(
+                    device_id, "too_large", f"{len(payload)} bytes (limit {MAX_TELEMETRY_BYTES})"
+                )
+            )
+            continue
+        try:
+            batch = TelemetryBatch.from_bytes(payload)
+        except (ValueError, ValidationError) as e:
+            outcome.rejected.append(Rejection(device_id, "malformed", str(e)[:300]))
+            continue
+        if batch.device_id != device_id:
+            outcome.rejected.append(
+                Rejection(device_id, "device_mismatch", f"batch names device {batch.device_id!r}")
+            )
+            continue
+        if batch.seq > batch.floor + MAX_SEQ_AHEAD or batch.interval_end > now + MAX_FUTURE:
+            outcome.rejected.append(
+                Rejection(
+                    device_id, "future_seq", f"seq {batch.seq} / interval_end from the future"
+                )
+            )
+            continue
+        parsed.append(batch)
+    if not parsed:
+        return [], {}
+    enrolled = set(
+        session.exec(
+            select(Device.id).where(col(Device.id).in_({b.device_id for b in parsed}))
+        ).all()
+    )
+    good = []
+    refused: dict[int, str] = {}
+    for batch in parsed:
+        if batch.device_id not in enrolled:
+            outcome.rejected.append(Rejection(batch.device_id, "unknown_device", "not enrolled"))
+            continue
+        problem = next(
+            (
+                p
+                for s in batch.slots
+                if (p := _check_slot(s, bundles.get(session, s.bundle_sha256)))
+            ),
+            None,
+        )
+        if problem is not None:
+            outcome.rejected.append(
+                Rejection(
+                    batch.device_id,
+                    problem,
+                    f"batch {batch.seq}: a slot's figures do not fit its bundle",
+                )
+            )
+            refused[id(batch)] = problem
+        good.append(batch)
+    return good, refused
+
+
+def _insert(session: Session) -> Any:
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+
+
+def store_batches(
+    session: Session,
+    messages: list[tuple[str, bytes]],
+    bundles: BundleCatalog,
+    *,
+    bucket_s: int = 60,
+    now: datetime | None = None,
+) -> Outcome:
+    """Store what is good in ``messages`` (topic, payload) in one transaction and commit."""
+    now = now or datetime.now(UTC)
+    outcome = Outcome()
+    batches, refused = _validate(session, messages, bundles, now, outcome)
+    if not batches:
+        session.rollback()
+        return outcome
+    insert = _insert(session)
+    # De-duplicate within the drain too (a resend can arrive beside the original).
+    unique = {(b.device_id, b.stream, b.seq): b for b in batches}
+    keys = sorted(unique)
+    rows = [
+        {
+            "device_id": d,
+            "stream": s,
+            "seq": q,
+            "interval_end": unique[(d, s, q)].interval_end,
+            "received_at": now,
+            "refused": refused.get(id(unique[(d, s, q)])),
+        }
+        for d, s, q in keys
+    ]
+    inserted = session.execute(
+        insert(TelemetryBatchKey)
+        .values(rows)
+        .on_conflict_do_nothing()
+        .returning(TelemetryBatchKey.device_id, TelemetryBatchKey.stream, TelemetryBatchKey.seq)
+    ).all()
+    new_keys = {(r[0], r[1], r[2]) for r in inserted}
+    new = [unique[k] for k in keys if k in new_keys]
+    outcome.duplicates = len(batches) - len(new)
+    new_figures = [b for b in new if id(b) not in refused]
+    outcome.stored = len(new_figures)
+
+    _advance_streams(session, insert, batches, new, now, outcome)
+    _fold_rollups(session, insert, new_figures, bundles, bucket_s, outcome)
+    session.commit()
+    return outcome
+
+
+def _advance_streams(
+    session: Session,
+    insert: Any,
+    batches: list[TelemetryBatch],
+    new: list[TelemetryBatch],
+    now: datetime,
+    outcome: Outcome,
+) -> None:
+    by_stream: dict[tuple[str, str], list[TelemetryBatch]] = defaultdict(list)
+    for b in batches:
+        by_stream[(b.device_id, b.stream)].append(b)
+    new_ids = {id(b) for b in new}
+    pairs = sorted(by_stream)
+    session.execute(
+        insert(TelemetryStream)
+        .values(
+            [
+                {
+                    "device_id": d,
+                    "stream": s,
+                    "acked_seq": 0,
+                    "batches": 0,
+                    "dropped_batches_total": 0,
+                }
+                for d, s in pairs
+            ]
+        )
+        .on_conflict_do_nothing()
+    )
+    for device_id, stream in pairs:
+        row = session.exec(
+            select(TelemetryStream)
+            .where(TelemetryStream.device_id == device_id, TelemetryStream.stream == stream)
+            .with_for_update()
+        ).one()
+        mine = by_stream[(device_id, stream)]
+        fresh = [b for b in mine if id(b) in new_ids]
+        watermark = max([row.acked_seq, *(b.floor for b in mine)])
+        # Walk the stored sequences above the watermark while they are contiguous.
+        above = session.exec(
+            select(TelemetryBatchKey.seq)
+            .where(
+                TelemetryBatchKey.device_id == device_id,
+                TelemetryBatchKey.stream == stream,
+                TelemetryBatchKey.seq > watermark,
+            )
+            .order_by(col(TelemetryBatchKey.seq))
+            .limit(MAX_SEQ_AHEAD)
+        ).all()
+        for seq in above:
+            if seq != watermark + 1:
+                break
+            watermark = seq
+        row.acked_seq = watermark
+        if fresh:
+            newest = max(fresh, key=lambda b: b.seq)
+            row.batches += len(fresh)
+            row.dropped_batches_total = max(row.dropped_batches_total, newest.dropped_batches_total)
+            if row.last_batch_at is None or newest.interval_end >= _aware(row.last_batch_at):
+                row.last_batch_at = newest.interval_end
+                row.cpu_percent = newest.process.cpu_percent
+                row.rss_bytes = newest.process.rss_bytes
+                row.temperature_c = newest.process.temperature_c
+        session.add(row)
+        outcome.acks[(device_id, stream)] = watermark
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+@dataclass
+class _Delta:
+    requests: int = 0
+    errors: int = 0
+    nonfinite: int = 0
+    sampled: int = 0
+    sketches: list[LatencySketch] = field(default_factory=list)
+    inputs: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)
+    outputs: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)
+    devices: set[str] = field(default_factory=set)
+
+
+def add_counts(into: dict[str, tuple[str, np.ndarray]], kind: str, name: str, counts: Any) -> None:
+    array = np.asarray(counts, np.int64)
+    if name in into and into[name][1].shape == array.shape:
+        into[name] = (kind, into[name][1] + array)
+    elif name not in into:
+        into[name] = (kind, array)
+
+
+def _fold_rollups(
+    session: Session,
+    insert: Any,
+    new: list[TelemetryBatch],
+    bundles: BundleCatalog,
+    bucket_s: int,
+    outcome: Outcome,
+) -> None:
+    deltas: dict[tuple[datetime, str, str, str], _Delta] = defaultdict(_Delta)
+    for batch in new:
+        bucket = bucket_of(batch.interval_end, bucket_s)
+        for s in batch.slots:
+            d = deltas[(bucket, s.bundle_sha256, s.rollout_id or "", s.role)]
+            d.requests += s.requests
+            d.errors += s.errors
+            d.nonfinite += s.nonfinite
+            d.sampled += s.sampled
+            if s.latency_ms is not None:
+                d.sketches.append(s.latency_ms)
+            for name, t in s.inputs.items():
+                add_counts(d.inputs, t.kind, name, t.counts)
+            for name, t in s.outputs.items():
+                add_counts(d.outputs, t.kind, name, t.counts)
+            d.devices.add(batch.device_id)
+    if not deltas:
+        return
+    keys = sorted(deltas)
+    infos = {sha: bundles.get(session, sha) for _, sha, _, _ in keys}
+    session.execute(
+        insert(TelemetryRollup)
+        .values(
+            [
+                {
+                    "bucket_start": bucket,
+                    "bundle_sha256": sha,
+                    "rollout_id": rollout,
+                    "role": role,
+                    "model": infos[sha].model,  # type: ignore[union-attr]
+                    "version": infos[sha].version,  # type: ignore[union-attr]
+                    "profile": infos[sha].profile,  # type: ignore[union-attr]
+                    "requests": 0,
+                    "errors": 0,
+                    "nonfinite": 0,
+                    "sampled": 0,
+                    "inputs": {},
+                    "outputs": {},
+                }
+                for bucket, sha, rollout, role in keys
+            ]
+        )
+        .on_conflict_do_nothing()
+    )
+    for key in keys:
+        bucket, sha, rollout, role = key
+        d = deltas[key]
+        row = session.exec(
+            select(TelemetryRollup)
+            .where(
+                TelemetryRollup.bucket_start == bucket,
+                TelemetryRollup.bundle_sha256 == sha,
+                TelemetryRollup.rollout_id == rollout,
+                TelemetryRollup.role == role,
+            )
+            .with_for_update()
+        ).one()
+        row.requests += d.requests
+        row.errors += d.errors
+        row.nonfinite += d.nonfinite
+        row.sampled += d.sampled
+        if d.sketches:
+            existing = (
+                [LatencySketch.model_validate(row.latency_sketch)] if row.latency_sketch else []
+            )
+            merged = to_wire(merge_wire(existing + d.sketches))
+            row.latency_sketch = merged.model_dump() if merged else None
+        row.inputs = _merged_json(row.inputs, d.inputs)
+        row.outputs = _merged_json(row.outputs, d.outputs)
+        session.add(row)
+        info = infos[sha]
+        assert info is not None
+        outcome.touched.add((info.model, info.version, info.profile))
+    device_rows = sorted(
+        {(bucket, sha, dev) for (bucket, sha, _, _), d in deltas.items() for dev in d.devices}
+    )
+    session.execute(
+        insert(TelemetryDeviceBucket)
+        .values(
+            [{"bucket_start": b, "bundle_sha256": s, "device_id": dev} for b, s, dev in device_rows]
+        )
+        .on_conflict_do_nothing()
+    )
+
+
+def _merged_json(
+    stored: dict[str, Any], delta: dict[str, tuple[str, np.ndarray]]
+) -> dict[str, Any]:
+    current: dict[str, tuple[str, np.ndarray]] = {
+        name: (entry["kind"], np.asarray(entry["counts"], np.int64))
+        for name, entry in stored.items()
+    }
+    for name, (kind, counts) in delta.items():
+        add_counts(current, kind, name, counts)
+    return {
+        name: {"kind": kind, "counts": counts.tolist()} for name, (kind, counts) in current.items()
+    }
