@@ -17,6 +17,7 @@ from fleet_server.cli import (
     models,
     rollouts,
     server,
+    telemetry,
     tokens,
     toolchain,
 )
@@ -37,6 +38,8 @@ app.add_typer(builds.builds_app, name="builds")
 app.add_typer(toolchain.toolchain_app, name="toolchain")
 app.add_typer(keys.keys_app, name="keys")
 app.add_typer(tokens.tokens_app, name="tokens")
+app.add_typer(telemetry.telemetry_app, name="telemetry")
+app.add_typer(telemetry.alerts_app, name="alerts")
 
 
 def run() -> None:

@@ -23,7 +23,12 @@ from fleet_server.database import aware
 from fleet_server.telemetry.store import BundleCatalog, add_counts
 from fleet_server.telemetry.tables import TelemetryDeviceBucket, TelemetryRollup
 
-__all__ = ["DriftScore", "VersionHealth", "series", "summarize"]
+__all__ = ["MIN_DRIFT_VALUES", "DriftScore", "VersionHealth", "series", "summarize"]
+
+#: A group is scored only once this many of its values were counted: with 10 bins, PSI of a
+#: sample of n values from the reference distribution itself is ~9/n, so fewer would raise
+#: alerts on noise.
+MIN_DRIFT_VALUES = 250
 
 
 @dataclass(frozen=True)
@@ -145,9 +150,10 @@ def _health(rows: list[TelemetryRollup], bundles: BundleCatalog, session: Sessio
             reference = info.baseline.inputs if io == "input" else info.baseline.outputs
             for name, (_kind, counts) in tensors.items():
                 drift = reference.get(name)
-                if drift is None or drift.shape != counts.shape or counts.sum() == 0:
+                if drift is None or drift.shape != counts.shape:
                     continue
                 scores = psi(counts, drift.expected)
+                scores[counts.sum(axis=1) < MIN_DRIFT_VALUES] = np.nan
                 if not np.isfinite(scores).any():
                     continue
                 g = int(np.nanargmax(scores))

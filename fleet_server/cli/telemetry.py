@@ -1,0 +1,260 @@
+"""``edgefleet telemetry`` and ``edgefleet alerts``: fleet health from device telemetry."""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from fleet_server.cli.context import (
+    DEFAULT_SERVER,
+    JsonOpt,
+    ServerOpt,
+    TokenOpt,
+    api_client,
+    console,
+    print_json,
+)
+
+telemetry_app = typer.Typer(no_args_is_help=True, help="Fleet telemetry: latency, errors, drift.")
+alerts_app = typer.Typer(no_args_is_help=True, help="Health alerts raised from telemetry.")
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration_s(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``2h``, ``7d`` → seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match or float(match.group(1)) <= 0:
+        raise typer.BadParameter(f"expected a duration like 90s, 15m, 2h or 7d, got {text!r}")
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+SinceOpt = Annotated[str, typer.Option("--since", help="look back this long (90s, 15m, 2h, 7d)")]
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+@telemetry_app.command("show")
+def show(
+    model: Annotated[str, typer.Argument(help="model name")],
+    version: Annotated[str | None, typer.Option(help="only this version")] = None,
+    since: SinceOpt = "1h",
+    shadow: Annotated[bool, typer.Option(help="shadow figures instead of active ones")] = False,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A table per version x profile: devices reporting, requests, error rate, fleet
+    p50/p95/p99 (merged sketches) and the worst drift (PSI)."""
+    params: dict[str, Any] = {
+        "since_s": parse_duration_s(since),
+        "role": "shadow" if shadow else "active",
+    }
+    if version is not None:
+        params["version"] = version
+    rows = api_client(server, token).get(f"/v1/telemetry/models/{model}", params=params)
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(
+        "version",
+        "profile",
+        "devices",
+        "requests",
+        "error rate",
+        "NaN/inf",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "worst PSI",
+        title=f"{model}: last {since}" + (" (shadow)" if shadow else ""),
+    )
+    for r in rows:
+        worst = max(r["drift"], key=lambda d: d["psi"] or 0, default=None)
+        drift = "-"
+        if worst is not None and worst["psi"] is not None:
+            drift = f"{worst['psi']:.3f} ({worst['io']} {worst['tensor']}[{worst['worst_group']}])"
+        rate = r["error_rate"]
+        table.add_row(
+            r["version"],
+            r["profile"],
+            str(r["devices"]),
+            str(r["requests"]),
+            "-" if rate is None else f"{rate:.2%}",
+            str(r["nonfinite"]),
+            _ms(r["latency_ms"]["p50"]),
+            _ms(r["latency_ms"]["p95"]),
+            _ms(r["latency_ms"]["p99"]),
+            drift,
+        )
+    console.print(table)
+    if not rows:
+        console.print(f"no telemetry for {model} in the last {since}")
+
+
+@telemetry_app.command("plot")
+def plot(
+    model: Annotated[str, typer.Argument(help="model name")],
+    out: Annotated[Path, typer.Option("--out", help="PNG file to write")],
+    version: Annotated[str | None, typer.Option(help="only this version")] = None,
+    since: SinceOpt = "24h",
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+) -> None:
+    """Latency (p50/p95) and drift (worst PSI) over time per version x profile, as a PNG."""
+    params: dict[str, Any] = {"since_s": parse_duration_s(since)}
+    if version is not None:
+        params["version"] = version
+    points = api_client(server, token).get(f"/v1/telemetry/models/{model}/series", params=params)
+    if not points:
+        raise typer.BadParameter(f"no telemetry for {model} in the last {since}: nothing to plot")
+    render_plot(model, points, out)
+    console.print(f"wrote {out} ({len(points)} points)")
+
+
+def render_plot(model: str, points: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from datetime import datetime
+
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[dict[str, Any]]] = {}
+    for p in points:
+        series.setdefault(f"{p['version']} / {p['profile']}", []).append(p)
+    fig, (lat, drift) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    for label, rows in sorted(series.items()):
+        when = [datetime.fromisoformat(r["bucket_start"]) for r in rows]
+        p95 = [r["latency_ms"]["p95"] for r in rows]
+        p50 = [r["latency_ms"]["p50"] for r in rows]
+        line = lat.plot(when, p95, marker=".", label=f"{label} p95")[0]
+        lat.plot(when, p50, linestyle="--", color=line.get_color(), label=f"{label} p50")
+        drift.plot(when, [r["worst_psi"] for r in rows], marker=".", label=label)
+    lat.set_ylabel("latency (ms)")
+    lat.set_title(f"{model}: fleet latency and drift")
+    lat.legend(fontsize="small")
+    drift.axhline(0.25, color="red", linewidth=0.8, linestyle=":", label="PSI 0.25")
+    drift.set_ylabel("worst PSI")
+    drift.legend(fontsize="small")
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+@telemetry_app.command("ingest")
+def ingest() -> None:
+    """Run one more telemetry ingest process (a member of the $share/ group) against the
+    server's database and broker (configured by the same EDGEFLEET_* variables as
+    `edgefleet serve`). Runs until interrupted."""
+    from fleet_server.app import create_tables
+    from fleet_server.artifacts import ArtifactStore
+    from fleet_server.database import make_engine
+    from fleet_server.settings import Settings
+    from fleet_server.telemetry.service import TelemetryService
+
+    settings = Settings()
+    if settings.mqtt_url is None:
+        raise typer.BadParameter(
+            "EDGEFLEET_MQTT_URL is not set: an extra ingest process joins the broker the "
+            "server uses"
+        )
+    engine = make_engine(settings.resolved_database_url)
+    create_tables(engine)
+    service = TelemetryService(
+        engine,
+        ArtifactStore(settings.artifacts_dir),
+        bucket_s=settings.telemetry_bucket_s,
+        window_s=settings.telemetry_window_s,
+    )
+    ingest = service.start_ingest(settings.mqtt_url)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    console.print(f"telemetry ingest on {settings.mqtt_url} (Ctrl-C to stop)")
+    stop.wait()
+    service.stop()
+    console.print(f"stored {ingest.stored_total} batch(es)")
+
+
+@alerts_app.command("list")
+def alerts_list(
+    state: Annotated[str, typer.Option(help="open, resolved or all")] = "open",
+    model: Annotated[str | None, typer.Option(help="only this model")] = None,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Alerts raised from fleet telemetry, with their figures."""
+    params: dict[str, Any] = {"state": state}
+    if model is not None:
+        params["model"] = model
+    rows = api_client(server, token).get("/v1/alerts", params=params)
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("id", "raised", "model", "version", "profile", "kind", "state", "message")
+    for a in rows:
+        table.add_row(
+            str(a["id"]),
+            a["raised_at"][:19],
+            a["model"],
+            a["version"],
+            a["profile"],
+            a["kind"] + (f" {a['subject']}" if a["subject"] else ""),
+            a["state"],
+            a["message"],
+        )
+    console.print(table)
+
+
+@alerts_app.command("policy")
+def alerts_policy(
+    model: Annotated[str, typer.Argument(help="model name")],
+    max_error_rate: Annotated[float | None, typer.Option(help="e.g. 0.01")] = None,
+    max_latency_ratio: Annotated[
+        float | None, typer.Option(help="p95 vs the previous version's, e.g. 1.5")
+    ] = None,
+    max_psi: Annotated[float | None, typer.Option(help="e.g. 0.25")] = None,
+    min_requests: Annotated[int | None, typer.Option(help="fewer: not judged")] = None,
+    off: Annotated[
+        list[str] | None, typer.Option(help="disable a check: max_error_rate, ... (repeatable)")
+    ] = None,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the model's alert thresholds; with options, change those named."""
+    client = api_client(server, token)
+    path = f"/v1/models/{model}/alert-policy"
+    policy = client.get(path)
+    changes = {
+        "max_error_rate": max_error_rate,
+        "max_latency_ratio": max_latency_ratio,
+        "max_psi": max_psi,
+        "min_requests": min_requests,
+    }
+    unknown = sorted(set(off or ()) - {"max_error_rate", "max_latency_ratio", "max_psi"})
+    if unknown:
+        raise typer.BadParameter(
+            f"--off takes max_error_rate, max_latency_ratio or max_psi: {unknown}"
+        )
+    changes = {k: v for k, v in changes.items() if v is not None}
+    changes.update({name: None for name in off or ()})
+    if changes:
+        policy = client.put(path, json={**policy, **changes})
+    if as_json:
+        print_json(policy)
+        return
+    for key, value in policy.items():
+        console.print(f"{key}: {'off' if value is None else value}")
