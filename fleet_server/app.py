@@ -107,8 +107,16 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
                 else None
             ),
         )
-        control.start()
         store = ArtifactStore(settings.artifacts_dir)
+        telemetry = TelemetryService(
+            engine,
+            store,
+            bucket_s=settings.telemetry_bucket_s,
+            window_s=settings.telemetry_window_s,
+        )
+        if settings.telemetry_ingest:
+            telemetry.start_ingest(control=control)  # before the connection subscribes
+        control.start()
         catalog = default_catalog()
         builds = BuildRunner(
             engine,
@@ -119,22 +127,6 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
             timeout_s=settings.build_timeout_s,
         )
         builds.start()
-        telemetry = TelemetryService(
-            engine,
-            store,
-            bucket_s=settings.telemetry_bucket_s,
-            window_s=settings.telemetry_window_s,
-        )
-        if settings.telemetry_ingest:
-            telemetry.start_ingest(
-                mqtt_url,
-                tls=(settings.mqtt_ca_file, settings.mqtt_cert_file, settings.mqtt_key_file),
-                credentials=(
-                    (settings.mqtt_username, settings.mqtt_password.get_secret_value())
-                    if settings.mqtt_username and settings.mqtt_password
-                    else None
-                ),
-            )
         app.state.edgefleet = AppState(
             settings=settings,
             engine=engine,

@@ -42,8 +42,9 @@ class ServingModel:
         #: Live requests, and the agent's own probes (kept apart: probes use fixed inputs).
         self.stats = ModelStats()
         self.probe_stats = ModelStats()
-        #: Latency sketch and drift counts of live requests, for fleet telemetry.
-        self.telemetry = ModelTelemetry(baseline)
+        #: Latency sketch and drift counts of live requests, for fleet telemetry (recording
+        #: starts when a telemetry reporter tracks the model).
+        self.telemetry = ModelTelemetry(baseline, enabled=False)
         self._in_flight = 0
         self._retired = False
         self._lock = threading.Lock()

@@ -20,6 +20,7 @@ Counting is vectorised and bounded: at most :data:`MAX_CELLS` values per tensor 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -73,6 +74,17 @@ class TensorDrift:
     #: Reference proportions per group, shape (groups, bins) (``top1``: (1, classes)).
     expected: np.ndarray
 
+    @functools.cached_property
+    def _column_edges(self) -> np.ndarray:
+        """Each column's interior edges, shape (F, bins - 1): computed once, not per request."""
+        edges: np.ndarray = self.edges[self.group_of]
+        return edges
+
+    @functools.cached_property
+    def _column_offsets(self) -> np.ndarray:
+        offsets: np.ndarray = self.group_of * self.bins
+        return offsets
+
     @property
     def groups(self) -> int:
         return int(self.expected.shape[0])
@@ -114,9 +126,8 @@ class TensorDrift:
                 edges = self.edges[self.group_of[col]]
                 bin_of[:, col] = np.searchsorted(edges, values[:, col], side="right")
         else:  # few rows (tabular requests): one broadcast comparison
-            full_edges = self.edges[self.group_of]  # (F, bins - 1)
-            bin_of = (values[:, :, None] >= full_edges[None, :, :]).sum(axis=2)
-        index = self.group_of[None, :] * self.bins + bin_of
+            bin_of = (values[:, :, None] >= self._column_edges[None, :, :]).sum(axis=2)
+        index = self._column_offsets[None, :] + bin_of
         finite = np.isfinite(values)
         counts = np.bincount(index[finite], minlength=self.groups * self.bins)
         shaped: np.ndarray = counts.reshape(self.groups, self.bins).astype(np.int64)

@@ -27,6 +27,9 @@ __all__ = ["DEFAULT_BUDGET", "IntervalFigures", "ModelTelemetry"]
 DEFAULT_BUDGET = 0.02
 #: The sampling rate is re-chosen after this many requests.
 ADJUST_EVERY = 64
+START_RATE = 0.125
+#: The rate aims at this share of the budget: the costs it steers by are estimates.
+HEADROOM = 0.8
 
 
 @dataclass(frozen=True)
@@ -41,16 +44,29 @@ class IntervalFigures:
 class ModelTelemetry:
     """Thread-safe: request threads record, the reporter peeks and harvests."""
 
-    def __init__(self, baseline: Baseline | None, *, budget: float = DEFAULT_BUDGET) -> None:
+    def __init__(
+        self,
+        baseline: Baseline | None,
+        *,
+        budget: float = DEFAULT_BUDGET,
+        enabled: bool = True,
+    ) -> None:
         self.baseline = baseline
         self.budget = budget
+        #: Off, ``record`` returns at once: a model no reporter tracks costs nothing.
+        self.enabled = enabled
+        #: Totals since creation (never reset): telemetry's own time and inference time, for
+        #: benchmarks and the agent's /metrics.
+        self.spent_s = 0.0
+        self.inference_s = 0.0
         self._lock = threading.Lock()
         self._sketch = new_sketch()
         self._sampled = 0
         self._inputs = _zeros(baseline.inputs if baseline else {})
         self._outputs = _zeros(baseline.outputs if baseline else {})
-        # Sampling: start by counting every request, then follow the measured costs.
-        self.sample_rate = 1.0 if baseline and (baseline.inputs or baseline.outputs) else 0.0
+        # Sampling: start with one request in 8 (its costs unknown yet), then follow the
+        # measured costs.
+        self.sample_rate = START_RATE if baseline and (baseline.inputs or baseline.outputs) else 0.0
         self._credit = 1.0
         self._seen = 0
         self._infer_s = 0.0
@@ -61,6 +77,8 @@ class ModelTelemetry:
     def record(
         self, latency_ms: float, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]
     ) -> None:
+        if not self.enabled:
+            return
         start = time.perf_counter()
         with self._lock:
             self._sketch.add(latency_ms)
@@ -82,7 +100,10 @@ class ModelTelemetry:
                     self._outputs[name] += counts
                 self._sampled += 1
             drift_s = time.perf_counter() - base_done
+        end = time.perf_counter()
         with self._lock:
+            self.spent_s += end - start
+            self.inference_s += latency_ms / 1000
             self._infer_s += latency_ms / 1000
             self._base_cost_s += base_done - start
             self._drift_cost_s += drift_s
@@ -97,7 +118,7 @@ class ModelTelemetry:
             per_request_infer = self._infer_s / self._seen
             per_request_base = self._base_cost_s / self._seen
             per_drift = self._drift_cost_s / self._drift_runs
-            room = self.budget * per_request_infer - per_request_base
+            room = HEADROOM * self.budget * per_request_infer - per_request_base
             rate = room / per_drift if per_drift > 0 else 1.0
             # Never freeze at 0: a rate that starved keeps a trickle to measure costs by.
             self.sample_rate = float(min(1.0, max(rate, 1 / 4096)))

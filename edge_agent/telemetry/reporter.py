@@ -119,6 +119,7 @@ class TelemetryReporter:
         """``serving`` now answers requests in ``slot``: its figures are reported until it is
         retired and its last request has finished."""
         serving.telemetry.budget = self.settings.budget
+        serving.telemetry.enabled = True
         with self._lock:
             if serving not in self._tracked:
                 # From zero: requests it served before this call are its too.

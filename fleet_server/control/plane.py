@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -65,6 +66,8 @@ class ControlPlane:
         self._desired_ttl_s = desired_ttl_s
         self._resend_interval_s = resend_interval_s
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        #: Telemetry ingest on this connection: (subscription filter, where messages go).
+        self._telemetry: tuple[str, Callable[[str, bytes], None]] | None = None
         self._last_sent: dict[str, tuple[int, float]] = {}
         self.connected = threading.Event()
         self._stopping = False
@@ -115,7 +118,10 @@ class ControlPlane:
         if reason.is_failure:
             log.error("broker refused the server's connection: %s", reason)
             return
-        client.subscribe([(Topics.all_devices("status"), 1), (Topics.all_devices("online"), 1)])
+        subscriptions = [(Topics.all_devices("status"), 1), (Topics.all_devices("online"), 1)]
+        if self._telemetry is not None:
+            subscriptions.append((self._telemetry[0], 1))
+        client.subscribe(subscriptions)
         self.connected.set()
         log.info("control plane connected to %s", self.mqtt_url)
         self._inbox.put(("$resync", b""))
@@ -128,7 +134,19 @@ class ControlPlane:
             log.warning("control plane disconnected: %s", reason)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if self._telemetry is not None and message.topic.endswith("/telemetry"):
+            self._telemetry[1](message.topic, bytes(message.payload))
+            return
         self._inbox.put((message.topic, bytes(message.payload)))
+
+    def attach_telemetry(self, subscription: str, deliver: Callable[[str, bytes], None]) -> None:
+        """Ingest telemetry on this connection (before ``start``): subscribe ``subscription``
+        and hand each message to ``deliver`` (on the network thread)."""
+        self._telemetry = (subscription, deliver)
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """A QoS 1 message (telemetry acknowledgements)."""
+        self._client.publish(topic, payload, qos=1)
 
     # --- publishing ------------------------------------------------------------------------------
     def publish_desired(self, device_id: str, envelope: SignedDesiredState) -> mqtt.MQTTMessageInfo:

@@ -2,9 +2,12 @@
 
 Each server process (``edgefleet serve``, or ``edgefleet telemetry ingest`` for more) runs one
 ``TelemetryIngest``; the broker hands every batch to one member of the share group, so
-processes split the load. The MQTT callback only enqueues; one writer thread drains up to
-``max_batch`` messages (or what arrived within ``linger_s``) and stores them in one
-transaction, then publishes each touched stream's watermark on the device's ``ack`` topic.
+processes split the load. The API server ingests over its control plane's connection (a broker
+that makes the client id the identity's name allows one connection per identity); a separate
+ingest process opens an :class:`IngestConnection`. The MQTT callback only enqueues; one writer
+thread drains up to ``max_batch`` messages (or what arrived within ``linger_s``) and stores
+them in one transaction, then publishes each touched stream's watermark on the device's
+``ack`` topic.
 
 Members connect with a clean session and no session expiry: a member that goes away must not
 hoard the group's messages in a persistent session (Debian's mosquitto 2.0.11 keeps
@@ -35,11 +38,12 @@ from edge_agent.protocol.telemetry import TelemetryAck
 from edge_agent.protocol.topics import Topics
 from fleet_server.telemetry.store import BundleCatalog, Outcome, store_batches
 
-__all__ = ["SHARE_GROUP", "IngestCounters", "TelemetryIngest"]
+__all__ = ["SHARED_FILTER", "SHARE_GROUP", "IngestConnection", "IngestCounters", "TelemetryIngest"]
 
 log = logging.getLogger(__name__)
 
 SHARE_GROUP = "edgefleet-telemetry"
+SHARED_FILTER = Topics.shared(SHARE_GROUP, "telemetry")
 
 
 class IngestCounters:
@@ -60,36 +64,25 @@ class IngestCounters:
         )
 
 
-class TelemetryIngest:
+class IngestConnection:
+    """An MQTT connection of its own for an ingest process that is not the API server
+    (``edgefleet telemetry ingest``): a clean session, the ``$share/`` subscription."""
+
     def __init__(
         self,
-        engine: Engine,
         mqtt_url: str,
-        bundles: BundleCatalog,
-        counters: IngestCounters,
+        on_message: Callable[[str, bytes], None],
         *,
-        bucket_s: int = 60,
-        max_batch: int = 500,
-        linger_s: float = 0.02,
         tls: tuple[Path | None, Path | None, Path | None] = (None, None, None),
         credentials: tuple[str, str] | None = None,
-        on_stored: Callable[[Outcome], None] | None = None,
     ) -> None:
         parts = urlsplit(mqtt_url)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ValueError(f"broker URL must look like mqtt://host:port, got {mqtt_url!r}")
         self._host, self._port = parts.hostname, parts.port or 1883
-        self._engine = engine
-        self._bundles = bundles
-        self.counters = counters
-        self._bucket_s = bucket_s
-        self._max_batch = max_batch
-        self._linger_s = linger_s
-        self._on_stored = on_stored
-        self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self._deliver = on_message
         self.connected = threading.Event()
         self._stopping = False
-        self.stored_total = 0
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=f"edgefleet-ingest-{uuid.uuid4().hex[:8]}",
@@ -108,10 +101,8 @@ class TelemetryIngest:
             )
         if credentials is not None:
             self._client.username_pw_set(*credentials)
-        self._worker = threading.Thread(target=self._work, name="edgefleet-telemetry", daemon=True)
 
     def start(self, wait_s: float = 10.0) -> None:
-        self._worker.start()
         self._client.connect_async(self._host, self._port, keepalive=30, clean_start=True)
         self._client.loop_start()
         if not self.connected.wait(wait_s):
@@ -121,8 +112,9 @@ class TelemetryIngest:
         self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
-        self._inbox.put(None)
-        self._worker.join(timeout=30)
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self._client.publish(topic, payload, qos=1)
 
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
@@ -130,7 +122,7 @@ class TelemetryIngest:
         if reason.is_failure:
             log.error("broker refused the telemetry ingest connection: %s", reason)
             return
-        client.subscribe(Topics.shared(SHARE_GROUP, "telemetry"), qos=1)
+        client.subscribe(SHARED_FILTER, qos=1)
         self.connected.set()
 
     def _on_disconnect(
@@ -141,7 +133,47 @@ class TelemetryIngest:
             log.warning("telemetry ingest disconnected: %s", reason)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        self._inbox.put((message.topic, bytes(message.payload)))
+        self._deliver(message.topic, bytes(message.payload))
+
+
+class TelemetryIngest:
+    """Stores what it is offered (``offer``, from any MQTT connection's callback) and
+    publishes acknowledgements through ``publish`` (topic, payload; QoS 1)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        bundles: BundleCatalog,
+        counters: IngestCounters,
+        *,
+        publish: Callable[[str, bytes], None],
+        bucket_s: int = 60,
+        max_batch: int = 500,
+        linger_s: float = 0.02,
+        on_stored: Callable[[Outcome], None] | None = None,
+    ) -> None:
+        self._engine = engine
+        self._bundles = bundles
+        self.counters = counters
+        self._publish = publish
+        self._bucket_s = bucket_s
+        self._max_batch = max_batch
+        self._linger_s = linger_s
+        self._on_stored = on_stored
+        self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self.stored_total = 0
+        self._worker = threading.Thread(target=self._work, name="edgefleet-telemetry", daemon=True)
+
+    def start(self) -> None:
+        self._worker.start()
+
+    def stop(self) -> None:
+        self._inbox.put(None)
+        self._worker.join(timeout=30)
+
+    def offer(self, topic: str, payload: bytes) -> None:
+        """Called on an MQTT network thread: only enqueues."""
+        self._inbox.put((topic, payload))
 
     # --- the writer ---------------------------------------------------------------------------
     def _work(self) -> None:
@@ -195,7 +227,7 @@ class TelemetryIngest:
         self.stored_total += outcome.stored
         for (device_id, stream), acked in outcome.acks.items():
             ack = TelemetryAck(stream=stream, acked_seq=acked)
-            self._client.publish(Topics(device_id).ack, ack.to_bytes(), qos=1)
+            self._publish(Topics(device_id).ack, ack.to_bytes())
         if self._on_stored is not None and outcome.touched:
             try:
                 self._on_stored(outcome)

@@ -7,7 +7,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
@@ -15,9 +17,17 @@ from sqlmodel import Session
 
 from fleet_server.artifacts import ArtifactStore
 from fleet_server.telemetry.alerts import refresh_alerts
-from fleet_server.telemetry.ingest import IngestCounters, TelemetryIngest
+from fleet_server.telemetry.ingest import (
+    SHARED_FILTER,
+    IngestConnection,
+    IngestCounters,
+    TelemetryIngest,
+)
 from fleet_server.telemetry.metrics import FleetCollector
 from fleet_server.telemetry.store import BundleCatalog, Outcome
+
+if TYPE_CHECKING:  # the control plane is handed in; telemetry does not build one
+    from fleet_server.control.plane import ControlPlane
 
 __all__ = ["TelemetryService"]
 
@@ -45,31 +55,54 @@ class TelemetryService:
         self.bucket_s = bucket_s
         self.window_s = window_s
         self.ingest: TelemetryIngest | None = None
+        self._connection: IngestConnection | None = None
         self._evaluated: dict[str, float] = {}
         self._lock = threading.Lock()
         self._scheduled: set[str] = set()
 
     def start_ingest(
         self,
-        mqtt_url: str,
+        mqtt_url: str | None = None,
         *,
+        control: ControlPlane | None = None,
         tls: tuple[Path | None, Path | None, Path | None] = (None, None, None),
         credentials: tuple[str, str] | None = None,
     ) -> TelemetryIngest:
-        self.ingest = TelemetryIngest(
+        """Ingest over the control plane's connection (the API server: call before the
+        control plane starts), or over a connection of its own to ``mqtt_url``."""
+        connection: IngestConnection | None = None
+        publish: Callable[[str, bytes], None]
+        if control is not None:
+            publish = control.publish
+        else:
+            if mqtt_url is None:
+                raise ValueError("telemetry ingest needs a broker URL or a control plane")
+            connection = IngestConnection(
+                mqtt_url,
+                lambda topic, payload: ingest.offer(topic, payload),
+                tls=tls,
+                credentials=credentials,
+            )
+            publish = connection.publish
+        ingest = TelemetryIngest(
             self.engine,
-            mqtt_url,
             self.bundles,
             self.counters,
+            publish=publish,
             bucket_s=self.bucket_s,
-            tls=tls,
-            credentials=credentials,
             on_stored=self._stored,
         )
-        self.ingest.start()
-        return self.ingest
+        ingest.start()
+        if control is not None:
+            control.attach_telemetry(SHARED_FILTER, ingest.offer)
+        if connection is not None:
+            connection.start()
+        self.ingest, self._connection = ingest, connection
+        return ingest
 
     def stop(self) -> None:
+        if self._connection is not None:
+            self._connection.stop()
         if self.ingest is not None:
             self.ingest.stop()
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from cryptography import x509
@@ -290,6 +291,7 @@ def test_the_whole_path_over_mtls(secured: Broker, model_path: Path, uid: str) -
         assert (agent.dir / "device.key").stat().st_mode & 0o777 == 0o600
         cert = x509.load_pem_x509_certificate((agent.dir / "device.crt").read_bytes())
         assert cert.subject.rfc4514_string() == f"CN={device}"
+        agent.configure("[telemetry]\ninterval_s = 1\ncheckpoint_s = 0.5\n")
         agent.start()
         try:
             agent.wait_ready()
@@ -299,6 +301,19 @@ def test_the_whole_path_over_mtls(secured: Broker, model_path: Path, uid: str) -
             )
             agent.wait_serving("classifier", "1.0.0")
             wait_until(lambda: api.get(f"/v1/devices/{device}")["online"], 10, "presence over mTLS")
+            # Telemetry through the ACLs: the device writes its telemetry topic, the server
+            # ingests it on its one connection ($share/) and acknowledges on the device's ack.
+            for _ in range(5):
+                agent.client.predict("classifier", {"x": np.ones((1, 16), np.float32)})
+
+            def stored_and_acknowledged() -> bool:
+                streams = api.get(f"/v1/telemetry/devices/{device}")
+                rows = api.get("/v1/telemetry/models/classifier")
+                state = agent.dir / "state" / "telemetry"
+                pending = [p for p in state.iterdir() if p.suffix == ".batch"]
+                return bool(streams and rows and rows[0]["requests"] == 5 and not pending)
+
+            wait_until(stored_and_acknowledged, 20, "telemetry over mTLS, acknowledged")
         finally:
             agent.stop()
 

@@ -298,7 +298,7 @@ def test_two_ingest_members_of_one_share_group_store_each_batch_once(
     store = ArtifactStore(tmp_path / "artifacts")
     members = [TelemetryService(engine, store) for _ in range(2)]
     for m in members:
-        m.start_ingest(settings.mqtt_url or "")
+        m.start_ingest(settings.mqtt_url)
     try:
         messages = [
             (f"edgefleet/v1/devices/{d}/telemetry", json.dumps(_batch(d, seq)).encode())
