@@ -113,7 +113,7 @@ class TelemetryConfig(_Section):
     #: Share of inference time that drift accounting may take (requests are sampled to fit).
     budget: float = Field(default=0.02, gt=0, le=1)
     #: Bounds of the on-disk outbox while the server is unreachable (oldest dropped first).
-    outbox_max_bytes: int = Field(default=32 << 20, ge=64 << 10)
+    outbox_max_bytes: int = Field(default=32 << 20, ge=16 << 10)
     outbox_max_age_s: float = Field(default=7 * 24 * 3600, gt=0)
     #: A batch not acknowledged by the server within this long is sent again.
     resend_after_s: float = Field(default=30.0, gt=0)

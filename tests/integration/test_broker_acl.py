@@ -183,8 +183,10 @@ class Peer:
         self.client.loop_stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def peers(secured: Broker) -> Iterator[dict[str, Peer]]:
+    # Per test: a peer on the server's identity must not outlive its test (the broker makes
+    # the identity the client id, so it would take the real server's session over and back).
     made = {
         "server": Peer(
             secured, "edgefleet-server", secured.config.server_cert, secured.config.server_key
@@ -291,7 +293,7 @@ def test_the_whole_path_over_mtls(secured: Broker, model_path: Path, uid: str) -
         assert (agent.dir / "device.key").stat().st_mode & 0o777 == 0o600
         cert = x509.load_pem_x509_certificate((agent.dir / "device.crt").read_bytes())
         assert cert.subject.rfc4514_string() == f"CN={device}"
-        agent.configure("[telemetry]\ninterval_s = 1\ncheckpoint_s = 0.5\n")
+        agent.configure("[telemetry]\ninterval_s = 1\ncheckpoint_s = 0.5\nresend_after_s = 2\n")
         agent.start()
         try:
             agent.wait_ready()
@@ -313,7 +315,16 @@ def test_the_whole_path_over_mtls(secured: Broker, model_path: Path, uid: str) -
                 pending = [p for p in state.iterdir() if p.suffix == ".batch"]
                 return bool(streams and rows and rows[0]["requests"] == 5 and not pending)
 
-            wait_until(stored_and_acknowledged, 20, "telemetry over mTLS, acknowledged")
+            try:
+                wait_until(stored_and_acknowledged, 20, "telemetry over mTLS, acknowledged")
+            except TimeoutError:
+                pytest.fail(
+                    f"telemetry not stored and acknowledged: streams "
+                    f"{api.get(f'/v1/telemetry/devices/{device}')}, rows "
+                    f"{api.get('/v1/telemetry/models/classifier')}, outbox "
+                    f"{sorted(p.name for p in (agent.dir / 'state' / 'telemetry').iterdir())}\n"
+                    f"{agent.log_tail(30)}"
+                )
         finally:
             agent.stop()
 

@@ -321,3 +321,53 @@ def test_two_ingest_members_of_one_share_group_store_each_batch_once(
         for m in members:
             m.stop()
         engine.dispose()
+
+
+def test_with_the_server_away_past_the_bound_the_oldest_batches_go_and_are_counted(
+    stack: EmbeddedStack, api: ApiClient, model_path: Path, tmp_path: Path, uid: str
+) -> None:
+    bound = 16 << 10
+    api.upload_model(model_path, "classifier", "1.0.0")
+    token = api.post("/v1/enrollment-tokens", json={"profile": "x86-64-avx2"})["token"]
+    agent = LocalAgent(tmp_path / "devices", f"bound-{uid}", "x86-64-avx2")
+    agent.enroll(stack.url, token)
+    agent.configure(
+        "[telemetry]\ninterval_s = 0.2\ncheckpoint_s = 0.1\nresend_after_s = 1\n"
+        f"outbox_max_bytes = {bound}\n"
+    )
+    agent.start()
+    agent.wait_ready()
+    outbox = agent.dir / "state" / "telemetry"
+    restarted: EmbeddedStack | None = None
+    try:
+        assert roll_out(api, "classifier", "1.0.0", [agent.device_id])["state"] == "completed"
+        _serve(agent, 20)
+        wait_until(lambda: _total_requests(api, "classifier") == 20, 30, "the first figures")
+        stack.stop()  # the server is away; the broker stays
+        served = 20
+        deadline = time.monotonic() + 30
+        state: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            _serve(agent, 5)
+            served += 5
+            state = json.loads((outbox / "state.json").read_text())
+            held = sum(p.stat().st_size for p in outbox.glob("*.batch"))
+            assert held <= bound, held  # the agent's disk use stays under the bound
+            if state["dropped_batches_total"] >= 5:
+                break
+            time.sleep(0.05)
+        assert state["dropped_batches_total"] >= 5, state
+        restarted = EmbeddedStack(stack.settings).start()
+        api2 = ApiClient(restarted.url, ADMIN_TOKEN)
+        # Every batch still held is stored and acknowledged: the device's floor carried the
+        # server past the ones it dropped.
+        wait_until(lambda: not list(outbox.glob("*.batch")), 30, "the outbox to empty")
+        [stream] = api2.get(f"/v1/telemetry/devices/{agent.device_id}")
+        assert stream["dropped_batches_total"] >= 5
+        counted = _total_requests(api2, "classifier")
+        assert 20 < counted < served, (counted, served)  # the dropped batches' requests
+        api2.close()
+    finally:
+        agent.stop()
+        if restarted is not None:
+            restarted.stop()

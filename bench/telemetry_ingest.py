@@ -1,0 +1,312 @@
+"""Telemetry ingest throughput: batches stored per second by one and by two ingest processes
+(members of one ``$share/`` group), on SQLite and on PostgreSQL, side by side in one run.
+
+A real mosquitto broker; publisher processes play ``--devices`` devices, each sending its
+batches in sequence (QoS 1) as fast as the broker takes them. A batch is what an agent sends
+for one model: one slot with a latency sketch (~130 bins), 16 features x 10 drift bins, 4 top-1
+classes, process figures (~2.5 KB of JSON). Each ingest process is ``TelemetryService`` with its
+own connection, as ``edgefleet telemetry ingest`` runs it. Measured: from the first publish
+until the database holds every batch (each exactly once).
+
+PostgreSQL: ``EDGEFLEET_BENCH_POSTGRES_URL`` (a database this may wipe), else a fresh database
+on 127.0.0.1:5432 (trust auth) when one answers, else SQLite only.
+
+Run: .venv/bin/python bench/telemetry_ingest.py [--batches 20000] [--devices 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHA = "be" * 32
+
+
+def _batch(device: str, seq: int, rng: np.random.Generator) -> bytes:
+    from edge_agent.telemetry.sketch import new_sketch, to_wire
+
+    sketch = new_sketch()
+    for v in rng.lognormal(0, 0.5, 200):
+        sketch.add(float(v))
+    wire = to_wire(sketch)
+    assert wire is not None
+    now = datetime.now(UTC)
+    body = {
+        "device_id": device,
+        "stream": "0123456789abcdef",
+        "seq": seq,
+        "floor": seq - 1,
+        "interval_start": (now - timedelta(seconds=60)).isoformat(),
+        "interval_end": now.isoformat(),
+        "slots": [
+            {
+                "slot": "clf",
+                "role": "active",
+                "model": "bench",
+                "version": "1.0.0",
+                "bundle_sha256": SHA,
+                "requests": 200,
+                "errors": 0,
+                "nonfinite": 0,
+                "latency_ms": wire.model_dump(),
+                "sampled": 50,
+                "sample_rate": 0.25,
+                "inputs": {"x": {"kind": "bins", "counts": [[5] * 10 for _ in range(16)]}},
+                "outputs": {"probs": {"kind": "top1", "counts": [[20, 10, 10, 10]]}},
+            }
+        ],
+        "process": {"cpu_percent": 12.5, "rss_bytes": 90_000_000, "temperature_c": 51.0},
+        "dropped_batches_total": 0,
+    }
+    return json.dumps(body).encode()
+
+
+def _publisher(url: str, devices: list[str], per_device: int, ready: object) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    rng = np.random.default_rng(abs(hash(devices[0])) % 2**32)
+    payloads = [
+        (f"edgefleet/v1/devices/{d}/telemetry", _batch(d, seq, rng))
+        for seq in range(1, per_device + 1)
+        for d in devices
+    ]
+    host, port = url.removeprefix("mqtt://").split(":")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.connect(host, int(port))
+    client.loop_start()
+    ready.wait()  # type: ignore[attr-defined]
+    infos = [client.publish(t, p, qos=1) for t, p in payloads]
+    for info in infos:
+        info.wait_for_publish(120)
+    client.loop_stop()
+    client.disconnect()
+
+
+def _member(db_url: str, artifacts: str, mqtt_url: str, stop: object) -> None:
+    from fleet_server.artifacts import ArtifactStore
+    from fleet_server.database import make_engine
+    from fleet_server.telemetry.service import TelemetryService
+
+    engine = make_engine(db_url)
+    service = TelemetryService(engine, ArtifactStore(Path(artifacts)))
+    service.start_ingest(mqtt_url)
+    stop.wait()  # type: ignore[attr-defined]
+    service.stop()
+
+
+def _prepare(db_url: str, artifacts: Path, devices: list[str]) -> None:
+    from sqlmodel import Session, SQLModel
+
+    from edge_agent.telemetry.drift import TensorDrift
+    from fleet_server.app import create_tables
+    from fleet_server.artifacts import ArtifactStore
+    from fleet_server.bundles.tables import Bundle
+    from fleet_server.database import make_engine
+    from fleet_server.devices.tables import Device
+    from fleet_server.registry.tables import MLModel, ModelVersion
+
+    engine = make_engine(db_url)
+    create_tables(engine)
+    SQLModel.metadata.drop_all(engine)
+    create_tables(engine)
+    now = datetime.now(UTC)
+    rng = np.random.default_rng(0)
+    with Session(engine) as session:
+        model = MLModel(name="bench", created_at=now)
+        session.add(model)
+        session.flush()
+        version = ModelVersion(
+            model_id=model.id or 0,
+            version="1.0.0",
+            source_sha256="0" * 64,
+            size=1,
+            filename="m.onnx",
+            opset=17,
+            ir_version=8,
+            inputs=[],
+            outputs=[],
+            created_at=now,
+            created_by="bench",
+        )
+        session.add(version)
+        session.flush()
+        session.add(
+            Bundle(
+                sha256=SHA,
+                profile="x86-64-avx2",
+                runtime="onnxruntime",
+                precision="fp32",
+                signing_key_id="k",
+                size=1,
+                created_at=now,
+                manifest={},
+                model_version_id=version.id or 0,
+                cache_key="c",
+            )
+        )
+        for d in devices:
+            session.add(
+                Device(id=d, profile="x86-64-avx2", enrolled_at=now, secret_hash=uuid.uuid4().hex)
+            )
+        session.commit()
+    engine.dispose()
+    x = TensorDrift.build(rng.standard_normal((500, 1, 16)), top1=False)
+    probs = TensorDrift.build(rng.random((500, 1, 4)), top1=True)
+    baseline = {
+        "format": 2,
+        "drift": {"inputs": {"x": x.to_json()}, "outputs": {"probs": probs.to_json()}},
+    }
+    path = ArtifactStore(artifacts).path(SHA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.dumps(baseline).encode()
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("baseline.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+
+def _stored(db_url: str) -> int:
+    from sqlmodel import Session, func, select
+
+    from fleet_server.database import make_engine
+    from fleet_server.telemetry.tables import TelemetryBatchKey
+
+    engine = make_engine(db_url)
+    try:
+        with Session(engine) as session:
+            return int(session.exec(select(func.count()).select_from(TelemetryBatchKey)).one())
+    finally:
+        engine.dispose()
+
+
+def run(db_label: str, db_url: str, members: int, args: argparse.Namespace, url: str) -> float:
+    ctx = mp.get_context("spawn")
+    devices = [f"bench-{i}" for i in range(args.devices)]
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = Path(tmp) / "artifacts"
+        _prepare(db_url, artifacts, devices)
+        stop = ctx.Event()
+        procs = [
+            ctx.Process(target=_member, args=(db_url, str(artifacts), url, stop))
+            for _ in range(members)
+        ]
+        for p in procs:
+            p.start()
+        time.sleep(3)  # members connected and subscribed
+        ready = ctx.Event()
+        per_device = args.batches // args.devices
+        groups = [devices[i :: args.publishers] for i in range(args.publishers)]
+        pubs = [ctx.Process(target=_publisher, args=(url, g, per_device, ready)) for g in groups]
+        for p in pubs:
+            p.start()
+        time.sleep(4)  # publishers built their payloads
+        total = per_device * args.devices
+        start = time.monotonic()
+        ready.set()
+        deadline = start + args.timeout_s
+        count = 0
+        while time.monotonic() < deadline:
+            count = _stored(db_url)
+            if count >= total:
+                break
+            time.sleep(0.1)
+        elapsed = time.monotonic() - start
+        for p in pubs:
+            p.join(30)
+        time.sleep(1)
+        final = _stored(db_url)
+        stop.set()
+        for p in procs:
+            p.join(30)
+    rate = count / elapsed
+    status = "all stored once" if final == total else f"STORED {final} of {total}"
+    print(
+        f"{db_label:10s} {members} ingest process(es): {total} batches in {elapsed:.2f} s "
+        f"= {rate:,.0f} batches/s ({status})"
+    )
+    return rate
+
+
+def _postgres_url() -> tuple[str | None, str | None]:
+    url = os.environ.get("EDGEFLEET_BENCH_POSTGRES_URL")
+    if url:
+        return url, None
+    name = f"edgefleet_bench_{os.getpid()}"
+    ok = subprocess.run(
+        ["psql", "-h", "127.0.0.1", "-U", "postgres", "-qc", f"CREATE DATABASE {name}"],
+        capture_output=True,
+    )
+    if ok.returncode != 0:
+        return None, None
+    return f"postgresql://postgres@127.0.0.1:5432/{name}", name
+
+
+def main() -> None:
+    from fleet_server.broker import EmbeddedBroker
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", type=int, default=20000)
+    parser.add_argument("--devices", type=int, default=200)
+    parser.add_argument("--publishers", type=int, default=2)
+    parser.add_argument("--timeout-s", type=float, default=300)
+    args = parser.parse_args()
+    print(f"one batch: {len(_batch('bench-0', 1, np.random.default_rng(0)))} bytes of JSON")
+    results: dict[str, float] = {}
+    pg_url, pg_name = _postgres_url()
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        EmbeddedBroker(Path(tmp) / "broker", backend="mosquitto") as broker,
+    ):
+        dbs = [("sqlite", f"sqlite:///{Path(tmp) / 'bench.db'}")]
+        if pg_url:
+            dbs.append(("postgresql", pg_url))
+        try:
+            for label, url in dbs:
+                for members in (1, 2):
+                    results[f"{label}x{members}"] = run(label, url, members, args, broker.url)
+        finally:
+            if pg_name:
+                subprocess.run(
+                    [
+                        "psql",
+                        "-h",
+                        "127.0.0.1",
+                        "-U",
+                        "postgres",
+                        "-qc",
+                        f"DROP DATABASE IF EXISTS {pg_name} WITH (FORCE)",
+                    ],
+                    capture_output=True,
+                )
+    print(
+        "SUMMARY telemetry ingest: "
+        + ", ".join(f"{k} {v:,.0f}/s" for k, v in results.items())
+        + (
+            "; two processes vs one on PostgreSQL: "
+            f"{results['postgresqlx2'] / results['postgresqlx1']:.2f}x"
+            if "postgresqlx2" in results
+            else ""
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
