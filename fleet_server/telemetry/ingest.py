@@ -82,6 +82,8 @@ class IngestConnection:
         self._host, self._port = parts.hostname, parts.port or 1883
         self._deliver = on_message
         self.connected = threading.Event()
+        #: The broker granted the shared subscription (messages flow from now on).
+        self.subscribed = threading.Event()
         self._stopping = False
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -91,6 +93,7 @@ class IngestConnection:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = lambda *_: self.subscribed.set()
         self._client.reconnect_delay_set(1, 30)
         if parts.scheme == "mqtts":
             ca, cert, key = tls

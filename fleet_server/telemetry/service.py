@@ -55,7 +55,7 @@ class TelemetryService:
         self.bucket_s = bucket_s
         self.window_s = window_s
         self.ingest: TelemetryIngest | None = None
-        self._connection: IngestConnection | None = None
+        self.connection: IngestConnection | None = None
         self._evaluated: dict[str, float] = {}
         self._lock = threading.Lock()
         self._scheduled: set[str] = set()
@@ -97,12 +97,12 @@ class TelemetryService:
             control.attach_telemetry(SHARED_FILTER, ingest.offer)
         if connection is not None:
             connection.start()
-        self.ingest, self._connection = ingest, connection
+        self.ingest, self.connection = ingest, connection
         return ingest
 
     def stop(self) -> None:
-        if self._connection is not None:
-            self._connection.stop()
+        if self.connection is not None:
+            self.connection.stop()
         if self.ingest is not None:
             self.ingest.stop()
 

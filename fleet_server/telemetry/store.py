@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
+from sqlalchemy import text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
@@ -37,7 +38,7 @@ from edge_agent.protocol.telemetry import (
 )
 from edge_agent.protocol.topics import parse_device_topic
 from edge_agent.telemetry.drift import Baseline
-from edge_agent.telemetry.sketch import RELATIVE_ACCURACY, merge_wire, to_wire
+from edge_agent.telemetry.sketch import RELATIVE_ACCURACY, merge_wires
 from fleet_server.artifacts import ArtifactStore
 from fleet_server.bundles.tables import Bundle
 from fleet_server.devices.tables import Device
@@ -264,13 +265,7 @@ def store_batches(
         }
         for d, s, q in keys
     ]
-    inserted = session.execute(
-        insert(TelemetryBatchKey)
-        .values(rows)
-        .on_conflict_do_nothing()
-        .returning(TelemetryBatchKey.device_id, TelemetryBatchKey.stream, TelemetryBatchKey.seq)
-    ).all()
-    new_keys = {(r[0], r[1], r[2]) for r in inserted}
+    new_keys = _insert_keys(session, insert, rows)
     new = [unique[k] for k in keys if k in new_keys]
     outcome.duplicates = len(batches) - len(new)
     new_figures = [b for b in new if id(b) not in refused]
@@ -280,6 +275,80 @@ def store_batches(
     _fold_rollups(session, insert, new_figures, bundles, bucket_s, outcome)
     session.commit()
     return outcome
+
+
+def _pg_unnest_insert(table: str, columns: dict[str, str], returning: str = "") -> Any:
+    """PostgreSQL: many rows in one statement of arrays, one per column (a multi-row VALUES
+    statement of thousands of placeholders costs the driver more to parse than the server
+    to run). ``columns``: name → SQL type."""
+    arrays = ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in columns.items())
+    sql = (
+        f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({arrays}) "
+        "ON CONFLICT DO NOTHING" + (f" RETURNING {returning}" if returning else "")
+    )
+    return text(sql)
+
+
+_PG_INSERT_KEYS = _pg_unnest_insert(
+    "telemetry_batches",
+    {
+        "device_id": "varchar",
+        "stream": "varchar",
+        "seq": "bigint",
+        "interval_end": "timestamptz",
+        "received_at": "timestamptz",
+        "refused": "varchar",
+    },
+    returning="device_id, stream, seq",
+)
+_PG_INSERT_STREAMS = _pg_unnest_insert(
+    "telemetry_streams",
+    {
+        "device_id": "varchar",
+        "stream": "varchar",
+        "acked_seq": "bigint",
+        "max_seq": "bigint",
+        "batches": "bigint",
+        "dropped_batches_total": "bigint",
+    },
+)
+_PG_INSERT_DEVICE_BUCKETS = _pg_unnest_insert(
+    "telemetry_device_buckets",
+    {"bucket_start": "timestamptz", "bundle_sha256": "varchar", "device_id": "varchar"},
+)
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    return {name: [r[name] for r in rows] for name in rows[0]}
+
+
+def _insert_keys(
+    session: Session, insert: Any, rows: list[dict[str, Any]]
+) -> set[tuple[str, str, int]]:
+    """Insert the batch keys that are not there yet; return those inserted."""
+    if session.get_bind().dialect.name == "postgresql":
+        inserted = session.execute(_PG_INSERT_KEYS, _columns(rows)).all()
+    else:  # executemany, RETURNING only what was inserted
+        inserted = session.execute(
+            insert(TelemetryBatchKey)
+            .on_conflict_do_nothing()
+            .returning(
+                TelemetryBatchKey.device_id, TelemetryBatchKey.stream, TelemetryBatchKey.seq
+            ),
+            rows,
+        ).all()
+    return {(r[0], r[1], int(r[2])) for r in inserted}
+
+
+def _insert_missing(
+    session: Session, insert: Any, table: Any, pg: Any, rows: list[dict[str, Any]]
+) -> None:
+    if not rows:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(pg, _columns(rows))
+    else:
+        session.execute(insert(table).on_conflict_do_nothing(), rows)
 
 
 def _advance_streams(
@@ -295,58 +364,94 @@ def _advance_streams(
         by_stream[(b.device_id, b.stream)].append(b)
     new_ids = {id(b) for b in new}
     pairs = sorted(by_stream)
-    session.execute(
-        insert(TelemetryStream)
-        .values(
-            [
-                {
-                    "device_id": d,
-                    "stream": s,
-                    "acked_seq": 0,
-                    "batches": 0,
-                    "dropped_batches_total": 0,
-                }
-                for d, s in pairs
-            ]
-        )
-        .on_conflict_do_nothing()
+    _insert_missing(
+        session,
+        insert,
+        TelemetryStream,
+        _PG_INSERT_STREAMS,
+        [
+            {
+                "device_id": d,
+                "stream": s,
+                "acked_seq": 0,
+                "max_seq": 0,
+                "batches": 0,
+                "dropped_batches_total": 0,
+            }
+            for d, s in pairs
+        ],
     )
-    for device_id, stream in pairs:
-        row = session.exec(
-            select(TelemetryStream)
-            .where(TelemetryStream.device_id == device_id, TelemetryStream.stream == stream)
-            .with_for_update()
-        ).one()
-        mine = by_stream[(device_id, stream)]
-        fresh = [b for b in mine if id(b) in new_ids]
-        watermark = max([row.acked_seq, *(b.floor for b in mine)])
-        # Walk the stored sequences above the watermark while they are contiguous.
-        above = session.exec(
-            select(TelemetryBatchKey.seq)
-            .where(
-                TelemetryBatchKey.device_id == device_id,
-                TelemetryBatchKey.stream == stream,
-                TelemetryBatchKey.seq > watermark,
-            )
-            .order_by(col(TelemetryBatchKey.seq))
-            .limit(MAX_SEQ_AHEAD)
-        ).all()
-        for seq in above:
-            if seq != watermark + 1:
-                break
-            watermark = seq
-        row.acked_seq = watermark
-        if fresh:
-            newest = max(fresh, key=lambda b: b.seq)
-            row.batches += len(fresh)
-            row.dropped_batches_total = max(row.dropped_batches_total, newest.dropped_batches_total)
-            if row.last_batch_at is None or newest.interval_end >= _aware(row.last_batch_at):
-                row.last_batch_at = newest.interval_end
-                row.cpu_percent = newest.process.cpu_percent
-                row.rss_bytes = newest.process.rss_bytes
-                row.temperature_c = newest.process.temperature_c
-        session.add(row)
-        outcome.acks[(device_id, stream)] = watermark
+    for chunk in _chunks(pairs, STREAMS_PER_QUERY):
+        rows = {
+            (r.device_id, r.stream): r
+            for r in session.exec(
+                select(TelemetryStream)
+                .where(tuple_(TelemetryStream.device_id, TelemetryStream.stream).in_(chunk))
+                .order_by(col(TelemetryStream.device_id), col(TelemetryStream.stream))
+                .with_for_update()
+            ).all()
+        }
+        for pair in chunk:
+            row = rows[pair]
+            mine = by_stream[pair]
+            mark = max([row.acked_seq, *(b.floor for b in mine)])
+            # Walk this drain's sequences (stored now, or before: duplicates); the database
+            # is asked only when it holds more past the mark — after a gap.
+            mark = _walk(mark, sorted({b.seq for b in mine}))
+            if row.max_seq > mark:
+                stored = session.exec(
+                    select(TelemetryBatchKey.seq)
+                    .where(
+                        TelemetryBatchKey.device_id == row.device_id,
+                        TelemetryBatchKey.stream == row.stream,
+                        col(TelemetryBatchKey.seq) > mark,
+                    )
+                    .order_by(col(TelemetryBatchKey.seq))
+                    .limit(MAX_SEQ_AHEAD)
+                ).all()
+                mark = _walk(mark, list(stored))
+            row.max_seq = max(row.max_seq, mark, *(b.seq for b in mine))
+            _advance(row, mark, mine, new_ids, outcome)
+            session.add(row)
+
+
+def _walk(watermark: int, ascending: list[int]) -> int:
+    """The watermark after stepping through ``ascending`` while contiguous."""
+    for seq in ascending:
+        if seq > watermark + 1:
+            break
+        watermark = max(watermark, seq)
+    return watermark
+
+
+#: Streams whose rows are read and locked in one query.
+STREAMS_PER_QUERY = 200
+
+
+def _chunks(items: list[tuple[str, str]], size: int) -> list[list[tuple[str, str]]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _advance(
+    row: TelemetryStream,
+    watermark: int,
+    mine: list[TelemetryBatch],
+    new_ids: set[int],
+    outcome: Outcome,
+) -> None:
+    """Set the stream's watermark and take the newest fresh batch's figures."""
+    row.acked_seq = watermark
+    fresh = [b for b in mine if id(b) in new_ids]
+    if fresh:
+        newest = max(fresh, key=lambda b: b.seq)
+        row.batches += len(fresh)
+        row.dropped_batches_total = max(row.dropped_batches_total, newest.dropped_batches_total)
+        if row.last_batch_at is None or newest.interval_end >= _aware(row.last_batch_at):
+            row.last_batch_at = newest.interval_end
+            row.cpu_percent = newest.process.cpu_percent
+            row.rss_bytes = newest.process.rss_bytes
+            row.temperature_c = newest.process.temperature_c
+    outcome.acks[(row.device_id, row.stream)] = watermark
 
 
 def _aware(value: datetime) -> datetime:
@@ -360,9 +465,26 @@ class _Delta:
     nonfinite: int = 0
     sampled: int = 0
     sketches: list[LatencySketch] = field(default_factory=list)
-    inputs: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)
-    outputs: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)
+    #: tensor → (kind, every batch's counts): summed once per drain, not per batch.
+    inputs: dict[str, tuple[str, list[list[list[int]]]]] = field(default_factory=dict)
+    outputs: dict[str, tuple[str, list[list[list[int]]]]] = field(default_factory=dict)
     devices: set[str] = field(default_factory=set)
+
+    @staticmethod
+    def collect(
+        into: dict[str, tuple[str, list[list[list[int]]]]], name: str, kind: str, counts: Any
+    ) -> None:
+        into.setdefault(name, (kind, []))[1].append(counts)
+
+    @staticmethod
+    def summed(
+        collected: dict[str, tuple[str, list[list[list[int]]]]],
+    ) -> dict[str, tuple[str, np.ndarray]]:
+        """Each tensor's counts summed (every batch's had the baseline's shape: checked)."""
+        return {
+            name: (kind, np.asarray(many, np.int64).sum(axis=0))
+            for name, (kind, many) in collected.items()
+        }
 
 
 def add_counts(into: dict[str, tuple[str, np.ndarray]], kind: str, name: str, counts: Any) -> None:
@@ -393,37 +515,34 @@ def _fold_rollups(
             if s.latency_ms is not None:
                 d.sketches.append(s.latency_ms)
             for name, t in s.inputs.items():
-                add_counts(d.inputs, t.kind, name, t.counts)
+                _Delta.collect(d.inputs, name, t.kind, t.counts)
             for name, t in s.outputs.items():
-                add_counts(d.outputs, t.kind, name, t.counts)
+                _Delta.collect(d.outputs, name, t.kind, t.counts)
             d.devices.add(batch.device_id)
     if not deltas:
         return
     keys = sorted(deltas)
     infos = {sha: bundles.get(session, sha) for _, sha, _, _ in keys}
     session.execute(
-        insert(TelemetryRollup)
-        .values(
-            [
-                {
-                    "bucket_start": bucket,
-                    "bundle_sha256": sha,
-                    "rollout_id": rollout,
-                    "role": role,
-                    "model": infos[sha].model,  # type: ignore[union-attr]
-                    "version": infos[sha].version,  # type: ignore[union-attr]
-                    "profile": infos[sha].profile,  # type: ignore[union-attr]
-                    "requests": 0,
-                    "errors": 0,
-                    "nonfinite": 0,
-                    "sampled": 0,
-                    "inputs": {},
-                    "outputs": {},
-                }
-                for bucket, sha, rollout, role in keys
-            ]
-        )
-        .on_conflict_do_nothing()
+        insert(TelemetryRollup).on_conflict_do_nothing(),
+        [
+            {
+                "bucket_start": bucket,
+                "bundle_sha256": sha,
+                "rollout_id": rollout,
+                "role": role,
+                "model": infos[sha].model,  # type: ignore[union-attr]
+                "version": infos[sha].version,  # type: ignore[union-attr]
+                "profile": infos[sha].profile,  # type: ignore[union-attr]
+                "requests": 0,
+                "errors": 0,
+                "nonfinite": 0,
+                "sampled": 0,
+                "inputs": {},
+                "outputs": {},
+            }
+            for bucket, sha, rollout, role in keys
+        ],
     )
     for key in keys:
         bucket, sha, rollout, role = key
@@ -446,10 +565,10 @@ def _fold_rollups(
             existing = (
                 [LatencySketch.model_validate(row.latency_sketch)] if row.latency_sketch else []
             )
-            merged = to_wire(merge_wire(existing + d.sketches))
+            merged = merge_wires(existing + d.sketches)
             row.latency_sketch = merged.model_dump() if merged else None
-        row.inputs = _merged_json(row.inputs, d.inputs)
-        row.outputs = _merged_json(row.outputs, d.outputs)
+        row.inputs = _merged_json(row.inputs, _Delta.summed(d.inputs))
+        row.outputs = _merged_json(row.outputs, _Delta.summed(d.outputs))
         session.add(row)
         info = infos[sha]
         assert info is not None
@@ -457,12 +576,12 @@ def _fold_rollups(
     device_rows = sorted(
         {(bucket, sha, dev) for (bucket, sha, _, _), d in deltas.items() for dev in d.devices}
     )
-    session.execute(
-        insert(TelemetryDeviceBucket)
-        .values(
-            [{"bucket_start": b, "bundle_sha256": s, "device_id": dev} for b, s, dev in device_rows]
-        )
-        .on_conflict_do_nothing()
+    _insert_missing(
+        session,
+        insert,
+        TelemetryDeviceBucket,
+        _PG_INSERT_DEVICE_BUCKETS,
+        [{"bucket_start": b, "bundle_sha256": s, "device_id": dev} for b, s, dev in device_rows],
     )
 
 

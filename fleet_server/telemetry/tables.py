@@ -39,6 +39,8 @@ class TelemetryStreamBase(SQLModel):
     device_id: str = Field(primary_key=True, max_length=63)
     stream: str = Field(primary_key=True, max_length=32)
     acked_seq: int = Field(default=0, sa_type=BigInteger)
+    #: The highest sequence stored: above ``acked_seq`` only after a gap.
+    max_seq: int = Field(default=0, sa_type=BigInteger)
     batches: int = Field(default=0, sa_type=BigInteger)
     dropped_batches_total: int = Field(default=0, sa_type=BigInteger)
     last_batch_at: datetime | None = None
