@@ -178,6 +178,8 @@ def ingest() -> None:
         window_s=settings.telemetry_window_s,
     )
     ingest = service.start_ingest(settings.mqtt_url)
+    if service.connection is not None and not service.connection.subscribed.wait(30):
+        console.print(f"warning: no subscription granted by {settings.mqtt_url} yet; retrying")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -8,6 +8,7 @@ drift that raises an alert; hostile batches refused and counted; two ingest memb
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -184,8 +185,51 @@ def test_a_drifted_feature_scores_high_psi_alone_and_raises_an_alert(
         alerts = wait_until(alerted, 30, "a drift alert")
         assert alerts[0]["subject"] == "input:x" and alerts[0]["figures"]["group"] == 5
         assert alerts[0]["value"] > 0.25
+        _the_cli_reads_the_same(stack, tmp_path)
     finally:
         agent.stop()
+
+
+def _cli(stack: EmbeddedStack, *args: str) -> Any:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "EDGEFLEET_TOKEN": ADMIN_TOKEN, "EDGEFLEET_SERVER": stack.url}
+    env["COLUMNS"] = "200"
+    return subprocess.run(
+        [sys.executable, "-c", "from fleet_server.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def _the_cli_reads_the_same(stack: EmbeddedStack, tmp_path: Path) -> None:
+    shown = _cli(stack, "telemetry", "show", "classifier", "--since", "15m")
+    assert shown.returncode == 0, shown.stderr
+    assert "1.0.0" in shown.stdout and "x86-64-avx2" in shown.stdout
+    assert "input x[5]" in shown.stdout, shown.stdout  # the worst drift, named
+    rows = json.loads(_cli(stack, "telemetry", "show", "classifier", "--json").stdout)
+    assert rows[0]["requests"] >= 4500
+    png = tmp_path / "report.png"
+    plotted = _cli(stack, "telemetry", "plot", "classifier", "--out", str(png))
+    assert plotted.returncode == 0, plotted.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    listed = json.loads(_cli(stack, "alerts", "list", "--json").stdout)
+    assert [a["kind"] for a in listed] == ["drift"]
+    policy = _cli(
+        stack, "alerts", "policy", "classifier", "--max-psi", "0.3", "--off", "max_error_rate"
+    )
+    assert policy.returncode == 0 and "max_psi: 0.3" in policy.stdout
+    assert "max_error_rate: off" in policy.stdout
+    # Failures: one line, non-zero.
+    missing = _cli(stack, "telemetry", "show", "no-such-model")
+    assert missing.returncode == 1 and "no-such-model" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    bad = _cli(stack, "telemetry", "show", "classifier", "--since", "soon")
+    assert bad.returncode == 2 and "duration" in bad.stderr
 
 
 def _publish(url: str, messages: list[tuple[str, bytes]]) -> None:
@@ -270,14 +314,19 @@ def test_hostile_batches_are_refused_counted_and_never_stored(
     assert api.get("/healthz")["status"] == "ok"
 
 
-def test_two_ingest_members_of_one_share_group_store_each_batch_once(
+def test_two_ingest_processes_of_one_share_group_store_each_batch_once(
     settings: Settings, tmp_path: Path, uid: str
 ) -> None:
+    """Two `edgefleet telemetry ingest` processes on one database split the batches (the
+    broker hands each to one member) and together store each exactly once — resends too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
     from fleet_server.app import create_tables
-    from fleet_server.artifacts import ArtifactStore
     from fleet_server.database import make_engine
     from fleet_server.devices.tables import Device
-    from fleet_server.telemetry.service import TelemetryService
 
     engine = make_engine(settings.resolved_database_url)
     create_tables(engine)
@@ -295,17 +344,28 @@ def test_two_ingest_members_of_one_share_group_store_each_batch_once(
                 )
             )
         session.commit()
-    store = ArtifactStore(tmp_path / "artifacts")
-    members = [TelemetryService(engine, store) for _ in range(2)]
-    for m in members:
-        m.start_ingest(settings.mqtt_url)
+    env = {
+        **os.environ,
+        "EDGEFLEET_MQTT_URL": settings.mqtt_url or "",
+        "EDGEFLEET_DATABASE_URL": settings.resolved_database_url,
+        "EDGEFLEET_DATA_DIR": str(tmp_path / "ingest"),
+    }
+    cli = [sys.executable, "-c", "from fleet_server.cli import main; main()", "telemetry", "ingest"]
+    members = [
+        subprocess.Popen(cli, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
     try:
+        for m in members:  # "telemetry ingest on mqtt://…": connected and subscribed
+            assert m.stdout is not None
+            line = m.stdout.readline()
+            assert "telemetry ingest on" in line, line
         messages = [
             (f"edgefleet/v1/devices/{d}/telemetry", json.dumps(_batch(d, seq)).encode())
             for d in devices
             for seq in range(1, 51)
         ]
-        # Every batch twice, as a device that resends would.
+        # Every third batch twice, as a device that resends would.
         _publish(settings.mqtt_url or "", messages + messages[::3])
 
         def stored() -> int:
@@ -315,12 +375,15 @@ def test_two_ingest_members_of_one_share_group_store_each_batch_once(
         wait_until(lambda: stored() == 200, 30, "all 200 batches")
         time.sleep(1)
         assert stored() == 200
-        got = [m.ingest.stored_total for m in members if m.ingest]
-        assert sum(got) == 200 and min(got) > 0, got  # both members took a share
     finally:
+        outputs = []
         for m in members:
-            m.stop()
+            m.send_signal(signal.SIGTERM)
+            out, _ = m.communicate(timeout=30)
+            outputs.append(out)
         engine.dispose()
+    counts = [int(re.search(r"stored (\d+) batch", out).group(1)) for out in outputs]  # type: ignore[union-attr]
+    assert sum(counts) == 200 and min(counts) > 0, outputs  # both took a share, none twice
 
 
 def test_with_the_server_away_past_the_bound_the_oldest_batches_go_and_are_counted(

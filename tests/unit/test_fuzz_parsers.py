@@ -22,6 +22,7 @@ from edge_agent.contracts.canonical import parse_canonical, parse_json
 from edge_agent.contracts.errors import BundleError, DesiredStateError, RequestError
 from edge_agent.protocol.desired import SignedDesiredState
 from edge_agent.protocol.status import ReportedStatus
+from edge_agent.protocol.telemetry import TelemetryAck, TelemetryBatch
 from edge_agent.serving import codec
 from edge_agent.trust import SignedKeyring
 from tests.factories import TestFleet, make_bundle
@@ -82,6 +83,18 @@ def test_desired_state(payload: bytes) -> None:
 @given(outside_bytes)
 def test_status(payload: bytes) -> None:
     _only(ValueError, lambda: ReportedStatus.from_bytes(payload))
+
+
+@FUZZ
+@given(outside_bytes)
+def test_telemetry_batch(payload: bytes) -> None:
+    _only(ValueError, lambda: TelemetryBatch.from_bytes(payload))
+
+
+@FUZZ
+@given(outside_bytes)
+def test_telemetry_ack(payload: bytes) -> None:
+    _only(ValueError, lambda: TelemetryAck.from_bytes(payload))
 
 
 @FUZZ
