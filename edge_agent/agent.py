@@ -31,7 +31,11 @@ from edge_agent.serving import (
 )
 from edge_agent.store.models import ModelStore
 from edge_agent.telemetry.outbox import Outbox, OutboxLimits
-from edge_agent.telemetry.reporter import TelemetryReporter, TelemetrySettings
+from edge_agent.telemetry.reporter import (
+    OutboxCollector,
+    TelemetryReporter,
+    TelemetrySettings,
+)
 from edge_agent.trust import TrustStore
 from firmware_profiles import default_catalog
 
@@ -72,11 +76,13 @@ class Agent:
                     checkpoint_s=t.checkpoint_s,
                     resend_after_s=t.resend_after_s,
                     budget=t.budget,
+                    min_sample_rate=t.min_sample_rate,
                 ),
                 publish=self._publish_telemetry,
                 rollout_of=self._rollout_of,
             )
             self.table.on_serving = self.telemetry.track
+            self.table.collectors.append(OutboxCollector(self.telemetry.outbox))
         self.store = ModelStore(config.state_dir)
         self.deployer = Deployer(
             DeviceContext(

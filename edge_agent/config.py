@@ -112,6 +112,8 @@ class TelemetryConfig(_Section):
     checkpoint_s: float = Field(default=5.0, gt=0)
     #: Share of inference time that drift accounting may take (requests are sampled to fit).
     budget: float = Field(default=0.02, gt=0, le=1)
+    #: Count at least this share of requests whatever the cost (1.0: every request).
+    min_sample_rate: float = Field(default=0.0, ge=0, le=1)
     #: Bounds of the on-disk outbox while the server is unreachable (oldest dropped first).
     outbox_max_bytes: int = Field(default=32 << 20, ge=16 << 10)
     outbox_max_age_s: float = Field(default=7 * 24 * 3600, gt=0)

@@ -8,7 +8,11 @@ request path nothing. Per slot and served version:
 - ``edgefleet_agent_requests_total``, ``edgefleet_agent_errors_total``,
   ``edgefleet_agent_nonfinite_total`` (counters since the version was loaded);
 - ``edgefleet_agent_latency_ms{quantile}``: p50/p95/p99 over the most recent requests
-  (the window ``ModelStats`` keeps, 1000 requests).
+  (the window ``ModelStats`` keeps, 1000 requests);
+- ``edgefleet_agent_telemetry_sample_rate`` and ``edgefleet_agent_telemetry_cost_ratio``:
+  the drift sampling rate in force and the time fleet telemetry took as a share of inference;
+- whatever else the agent registers in ``SlotTable.collectors`` (the telemetry outbox's
+  pending and dropped batches).
 
 Only aggregates: never an input or an output value.
 """
@@ -50,6 +54,16 @@ class _SlotCollector(Collector):
             "Model latency over the most recent requests",
             labels=[*labels, "quantile"],
         )
+        rate = GaugeMetricFamily(
+            "edgefleet_agent_telemetry_sample_rate",
+            "Share of requests whose inputs and outputs drift accounting counts",
+            labels=labels,
+        )
+        cost = GaugeMetricFamily(
+            "edgefleet_agent_telemetry_cost_ratio",
+            "Time spent on telemetry as a share of inference time, since the version loaded",
+            labels=labels,
+        )
         for slot, serving in sorted(self._table.snapshot().items()):
             ref = serving.ref
             values = [slot, ref.model, ref.version, ref.runtime]
@@ -61,11 +75,18 @@ class _SlotCollector(Collector):
                 points = np.percentile(figures.latency_ms, [q * 100 for q in QUANTILES])
                 for q, point in zip(QUANTILES, points, strict=True):
                     latency.add_metric([*values, str(q)], float(point))
-        yield from (requests, errors, nonfinite, latency)
+            telemetry = serving.telemetry
+            if telemetry.enabled:
+                rate.add_metric(values, telemetry.sample_rate)
+                if telemetry.inference_s > 0:
+                    cost.add_metric(values, telemetry.spent_s / telemetry.inference_s)
+        yield from (requests, errors, nonfinite, latency, rate, cost)
 
 
 def render(table: SlotTable) -> bytes:
     """The Prometheus text exposition of ``table``'s models, as of now."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_SlotCollector(table))
+    for collector in table.collectors:
+        registry.register(collector)
     return generate_latest(registry)

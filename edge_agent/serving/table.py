@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 import numpy as np
+from prometheus_client.registry import Collector
 
 from edge_agent.bundle import Manifest
 from edge_agent.protocol.status import VersionRef
@@ -101,6 +102,8 @@ class SlotTable:
         #: Told of every model that starts answering requests (slot, role, model): telemetry.
         self.on_serving: Callable[[str, Literal["active", "shadow"], ServingModel], None] | None
         self.on_serving = None
+        #: More Prometheus collectors for the local ``/metrics`` (the telemetry outbox's).
+        self.collectors: list[Collector] = []
 
     def attach_shadow(
         self, shadow_slot: str, active_slot: str, serving: ServingModel, sample_rate: float

@@ -49,10 +49,14 @@ class ModelTelemetry:
         baseline: Baseline | None,
         *,
         budget: float = DEFAULT_BUDGET,
+        min_rate: float = 0.0,
         enabled: bool = True,
     ) -> None:
         self.baseline = baseline
         self.budget = budget
+        #: The sampling rate never goes below this (1.0: count every request, whatever the
+        #: cost — for tiny models whose drift matters more than their latency, and for tests).
+        self.min_rate = min_rate
         #: Off, ``record`` returns at once: a model no reporter tracks costs nothing.
         self.enabled = enabled
         #: Totals since creation (never reset): telemetry's own time and inference time, for
@@ -66,7 +70,8 @@ class ModelTelemetry:
         self._outputs = _zeros(baseline.outputs if baseline else {})
         # Sampling: start with one request in 8 (its costs unknown yet), then follow the
         # measured costs.
-        self.sample_rate = START_RATE if baseline and (baseline.inputs or baseline.outputs) else 0.0
+        counting = bool(baseline and (baseline.inputs or baseline.outputs))
+        self.sample_rate = max(START_RATE, min_rate) if counting else 0.0
         self._credit = 1.0
         self._seen = 0
         self._infer_s = 0.0
@@ -121,7 +126,7 @@ class ModelTelemetry:
             room = HEADROOM * self.budget * per_request_infer - per_request_base
             rate = room / per_drift if per_drift > 0 else 1.0
             # Never freeze at 0: a rate that starved keeps a trickle to measure costs by.
-            self.sample_rate = float(min(1.0, max(rate, 1 / 4096)))
+            self.sample_rate = float(min(1.0, max(rate, 1 / 4096, self.min_rate)))
         # Exponential forgetting: the costs follow the model's current load.
         self._seen //= 2
         self._infer_s /= 2

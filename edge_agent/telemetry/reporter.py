@@ -19,11 +19,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, Protocol
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from pydantic import ValidationError
 
 from edge_agent.protocol.status import VersionRef
@@ -37,7 +39,7 @@ from edge_agent.telemetry.figures import ModelTelemetry
 from edge_agent.telemetry.outbox import Outbox
 from edge_agent.telemetry.process import ProcessSampler
 
-__all__ = ["Role", "Served", "TelemetryReporter", "TelemetrySettings"]
+__all__ = ["OutboxCollector", "Role", "Served", "TelemetryReporter", "TelemetrySettings"]
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +79,10 @@ class TelemetrySettings:
     checkpoint_s: float = 5.0
     resend_after_s: float = 30.0
     window: int = 64
-    #: Share of inference time drift accounting may take (each model's sampling follows it).
+    #: Share of inference time drift accounting may take (each model's sampling follows it),
+    #: and the sampling rate it may never go below.
     budget: float = 0.02
+    min_sample_rate: float = 0.0
 
 
 @dataclass
@@ -87,6 +91,30 @@ class _Tracked:
     role: Role
     #: requests, errors, NaN/inf at the last harvest
     last: tuple[int, int, int] = (0, 0, 0)
+
+
+class OutboxCollector(Collector):
+    """The outbox on the agent's local ``/metrics``."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self._outbox = outbox
+
+    def collect(self) -> Iterator[Metric]:
+        pending = GaugeMetricFamily(
+            "edgefleet_agent_telemetry_pending_batches",
+            "Telemetry batches waiting for the server's acknowledgement",
+        )
+        pending.add_metric([], len(self._outbox.pending()))
+        held = GaugeMetricFamily(
+            "edgefleet_agent_telemetry_outbox_bytes", "Bytes the telemetry outbox holds"
+        )
+        held.add_metric([], self._outbox.bytes_used)
+        dropped = CounterMetricFamily(
+            "edgefleet_agent_telemetry_dropped_batches",
+            "Telemetry batches the outbox dropped (full, or older than its age bound)",
+        )
+        dropped.add_metric([], self._outbox.dropped_total)
+        yield from (pending, held, dropped)
 
 
 class TelemetryReporter:
@@ -119,6 +147,10 @@ class TelemetryReporter:
         """``serving`` now answers requests in ``slot``: its figures are reported until it is
         retired and its last request has finished."""
         serving.telemetry.budget = self.settings.budget
+        serving.telemetry.min_rate = self.settings.min_sample_rate
+        serving.telemetry.sample_rate = max(
+            serving.telemetry.sample_rate, serving.telemetry.min_rate
+        )
         serving.telemetry.enabled = True
         with self._lock:
             if serving not in self._tracked:

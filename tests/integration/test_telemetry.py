@@ -154,7 +154,7 @@ def test_a_drifted_feature_scores_high_psi_alone_and_raises_an_alert(
     agent.enroll(stack.url, token)
     # This tiny model answers in microseconds: a 2 % budget would sample few requests, and
     # this test wants every one counted.
-    agent.configure(TELEMETRY + "budget = 1.0\n")
+    agent.configure(TELEMETRY + "min_sample_rate = 1.0\n")
     agent.start()
     agent.wait_ready()
     try:
@@ -170,7 +170,8 @@ def test_a_drifted_feature_scores_high_psi_alone_and_raises_an_alert(
         drift = api.get("/v1/telemetry/models/classifier")[0]["drift"]
         inputs = {d["tensor"]: d for d in drift if d["io"] == "input"}
         health = api.get("/v1/telemetry/models/classifier")[0]
-        assert inputs["x"]["psi"] < 0.1, (health["sampled"], health["requests"], drift)
+        assert health["sampled"] == health["requests"] == 1500, health
+        assert inputs["x"]["psi"] < 0.1, drift
         assert api.get("/v1/alerts", params={"model": "classifier"}) == []
         # Feature 5 moves by one sigma (the window holds both phases: 2 parts in 3 shifted).
         for _ in range(3000):
@@ -420,6 +421,12 @@ def test_with_the_server_away_past_the_bound_the_oldest_batches_go_and_are_count
                 break
             time.sleep(0.05)
         assert state["dropped_batches_total"] >= 5, state
+        import httpx
+
+        local = httpx.get(f"http://127.0.0.1:{agent.serving_port}/metrics").text
+        dropped = re.search(r"^edgefleet_agent_telemetry_dropped_batches_total (\S+)$", local, re.M)
+        assert dropped is not None and float(dropped.group(1)) >= 5, local
+        assert "edgefleet_agent_telemetry_sample_rate{" in local
         restarted = EmbeddedStack(stack.settings).start()
         api2 = ApiClient(restarted.url, ADMIN_TOKEN)
         # Every batch still held is stored and acknowledged: the device's floor carried the
