@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,13 +37,17 @@ from sqlmodel import Session
 
 from edge_agent.protocol.telemetry import TelemetryAck
 from edge_agent.protocol.topics import Topics
-from fleet_server.telemetry.store import BundleCatalog, Outcome, store_batches
+from fleet_server.telemetry.store import BundleCatalog, Outcome, prune_keys, store_batches
 
 __all__ = ["SHARED_FILTER", "SHARE_GROUP", "IngestConnection", "IngestCounters", "TelemetryIngest"]
 
 log = logging.getLogger(__name__)
 
 SHARE_GROUP = "edgefleet-telemetry"
+#: Batch keys a watermark covers are deleted once this old, checked this often: the
+#: de-duplication table holds hours of batches, not the fleet's whole history.
+PRUNE_AFTER_S = 3600.0
+PRUNE_EVERY_S = 600.0
 SHARED_FILTER = Topics.shared(SHARE_GROUP, "telemetry")
 
 
@@ -165,6 +170,7 @@ class TelemetryIngest:
         self._on_stored = on_stored
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self.stored_total = 0
+        self._next_prune = time.monotonic() + PRUNE_EVERY_S
         self._worker = threading.Thread(target=self._work, name="edgefleet-telemetry", daemon=True)
 
     def start(self) -> None:
@@ -236,3 +242,20 @@ class TelemetryIngest:
                 self._on_stored(outcome)
             except Exception:
                 log.exception("after-store hook failed")
+        if time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + PRUNE_EVERY_S
+            self.prune()
+
+    def prune(self, after_s: float = PRUNE_AFTER_S) -> int:
+        """Delete the batch keys the watermarks cover, received over ``after_s`` ago."""
+        try:
+            with Session(self._engine) as session:
+                gone = prune_keys(
+                    session, older_than=datetime.now(UTC) - timedelta(seconds=after_s)
+                )
+        except (OperationalError, DBAPIError) as e:  # another process holds the rows: later
+            log.info("telemetry key pruning deferred: %s", e)
+            return 0
+        if gone:
+            log.info("pruned %d telemetry batch key(s) the watermarks cover", gone)
+        return gone

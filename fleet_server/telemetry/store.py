@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
-from sqlalchemy import text, tuple_
+from sqlalchemy import delete, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
@@ -251,9 +251,14 @@ def store_batches(
         session.rollback()
         return outcome
     insert = _insert(session)
-    # De-duplicate within the drain too (a resend can arrive beside the original).
+    # Streams first (rows locked in one order), then keys, then rollups: two processes storing
+    # batches of one device take turns instead of waiting on each other in a cycle.
+    streams = _lock_streams(session, insert, sorted({(b.device_id, b.stream) for b in batches}))
+    # De-duplicate within the drain too (a resend can arrive beside the original), and drop
+    # what is acknowledged already: a resend whose acknowledgement was lost (its key may have
+    # been pruned since).
     unique = {(b.device_id, b.stream, b.seq): b for b in batches}
-    keys = sorted(unique)
+    keys = sorted(k for k in unique if k[2] > streams[(k[0], k[1])].acked_seq)
     rows = [
         {
             "device_id": d,
@@ -265,16 +270,36 @@ def store_batches(
         }
         for d, s, q in keys
     ]
-    new_keys = _insert_keys(session, insert, rows)
+    new_keys = _insert_keys(session, insert, rows) if rows else set()
     new = [unique[k] for k in keys if k in new_keys]
     outcome.duplicates = len(batches) - len(new)
     new_figures = [b for b in new if id(b) not in refused]
     outcome.stored = len(new_figures)
 
-    _advance_streams(session, insert, batches, new, now, outcome)
+    _advance_streams(session, streams, batches, new, outcome)
     _fold_rollups(session, insert, new_figures, bundles, bucket_s, outcome)
     session.commit()
     return outcome
+
+
+def prune_keys(session: Session, *, older_than: datetime) -> int:
+    """Delete batch keys received before ``older_than`` that their stream's watermark covers:
+    a resend of one is recognised by the watermark alone. Commits; returns how many."""
+    covered = (
+        select(TelemetryStream.acked_seq)
+        .where(
+            TelemetryStream.device_id == TelemetryBatchKey.device_id,
+            TelemetryStream.stream == TelemetryBatchKey.stream,
+        )
+        .scalar_subquery()
+    )
+    result = session.execute(
+        delete(TelemetryBatchKey).where(
+            col(TelemetryBatchKey.received_at) < older_than, col(TelemetryBatchKey.seq) <= covered
+        )
+    )
+    session.commit()
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def _pg_unnest_insert(table: str, columns: dict[str, str], returning: str = "") -> Any:
@@ -351,19 +376,10 @@ def _insert_missing(
         session.execute(insert(table).on_conflict_do_nothing(), rows)
 
 
-def _advance_streams(
-    session: Session,
-    insert: Any,
-    batches: list[TelemetryBatch],
-    new: list[TelemetryBatch],
-    now: datetime,
-    outcome: Outcome,
-) -> None:
-    by_stream: dict[tuple[str, str], list[TelemetryBatch]] = defaultdict(list)
-    for b in batches:
-        by_stream[(b.device_id, b.stream)].append(b)
-    new_ids = {id(b) for b in new}
-    pairs = sorted(by_stream)
+def _lock_streams(
+    session: Session, insert: Any, pairs: list[tuple[str, str]]
+) -> dict[tuple[str, str], TelemetryStream]:
+    """The rows of ``pairs`` (created if new), locked for this transaction, in sorted order."""
     _insert_missing(
         session,
         insert,
@@ -381,38 +397,51 @@ def _advance_streams(
             for d, s in pairs
         ],
     )
+    rows: dict[tuple[str, str], TelemetryStream] = {}
     for chunk in _chunks(pairs, STREAMS_PER_QUERY):
-        rows = {
-            (r.device_id, r.stream): r
-            for r in session.exec(
-                select(TelemetryStream)
-                .where(tuple_(TelemetryStream.device_id, TelemetryStream.stream).in_(chunk))
-                .order_by(col(TelemetryStream.device_id), col(TelemetryStream.stream))
-                .with_for_update()
+        for r in session.exec(
+            select(TelemetryStream)
+            .where(tuple_(TelemetryStream.device_id, TelemetryStream.stream).in_(chunk))
+            .order_by(col(TelemetryStream.device_id), col(TelemetryStream.stream))
+            .with_for_update()
+        ).all():
+            rows[(r.device_id, r.stream)] = r
+    return rows
+
+
+def _advance_streams(
+    session: Session,
+    rows: dict[tuple[str, str], TelemetryStream],
+    batches: list[TelemetryBatch],
+    new: list[TelemetryBatch],
+    outcome: Outcome,
+) -> None:
+    by_stream: dict[tuple[str, str], list[TelemetryBatch]] = defaultdict(list)
+    for b in batches:
+        by_stream[(b.device_id, b.stream)].append(b)
+    new_ids = {id(b) for b in new}
+    for pair in sorted(by_stream):
+        row = rows[pair]
+        mine = by_stream[pair]
+        mark = max([row.acked_seq, *(b.floor for b in mine)])
+        # Walk this drain's sequences (stored now, or before: duplicates); the database
+        # is asked only when it holds more past the mark — after a gap.
+        mark = _walk(mark, sorted({b.seq for b in mine}))
+        if row.max_seq > mark:
+            stored = session.exec(
+                select(TelemetryBatchKey.seq)
+                .where(
+                    TelemetryBatchKey.device_id == row.device_id,
+                    TelemetryBatchKey.stream == row.stream,
+                    col(TelemetryBatchKey.seq) > mark,
+                )
+                .order_by(col(TelemetryBatchKey.seq))
+                .limit(MAX_SEQ_AHEAD)
             ).all()
-        }
-        for pair in chunk:
-            row = rows[pair]
-            mine = by_stream[pair]
-            mark = max([row.acked_seq, *(b.floor for b in mine)])
-            # Walk this drain's sequences (stored now, or before: duplicates); the database
-            # is asked only when it holds more past the mark — after a gap.
-            mark = _walk(mark, sorted({b.seq for b in mine}))
-            if row.max_seq > mark:
-                stored = session.exec(
-                    select(TelemetryBatchKey.seq)
-                    .where(
-                        TelemetryBatchKey.device_id == row.device_id,
-                        TelemetryBatchKey.stream == row.stream,
-                        col(TelemetryBatchKey.seq) > mark,
-                    )
-                    .order_by(col(TelemetryBatchKey.seq))
-                    .limit(MAX_SEQ_AHEAD)
-                ).all()
-                mark = _walk(mark, list(stored))
-            row.max_seq = max(row.max_seq, mark, *(b.seq for b in mine))
-            _advance(row, mark, mine, new_ids, outcome)
-            session.add(row)
+            mark = _walk(mark, list(stored))
+        row.max_seq = max(row.max_seq, mark, *(b.seq for b in mine))
+        _advance(row, mark, mine, new_ids, outcome)
+        session.add(row)
 
 
 def _walk(watermark: int, ascending: list[int]) -> int:

@@ -25,8 +25,13 @@ from fleet_server.devices.tables import Device
 from fleet_server.registry.tables import MLModel, ModelVersion
 from fleet_server.telemetry.alerts import evaluate
 from fleet_server.telemetry.query import summarize
-from fleet_server.telemetry.store import BundleCatalog, store_batches
-from fleet_server.telemetry.tables import AlertPolicy, TelemetryRollup, TelemetryStream
+from fleet_server.telemetry.store import BundleCatalog, prune_keys, store_batches
+from fleet_server.telemetry.tables import (
+    AlertPolicy,
+    TelemetryBatchKey,
+    TelemetryRollup,
+    TelemetryStream,
+)
 
 SHA = "cd" * 32
 STREAM = "00112233aabbccdd"
@@ -210,3 +215,21 @@ def test_fleet_quantiles_come_from_merged_sketches_and_drift_from_summed_counts(
         session.commit()
         findings = evaluate(session, bundles, "clf")
     assert [(f.kind, f.subject) for f in findings] == [("drift", "input:x")]
+
+
+def test_pruned_keys_still_stop_a_late_resend_and_keys_past_a_gap_stay(db: Any) -> None:
+    engine, bundles = db
+    with Session(engine) as session:
+        store_batches(session, [_msg("dev-1", q) for q in (1, 2, 3, 5)], bundles)
+    with Session(engine) as session:
+        gone = prune_keys(session, older_than=datetime.now(UTC) + timedelta(hours=1))
+    assert gone == 3  # 1..3 are under the watermark; 5 (past the gap at 4) is kept
+    with Session(engine) as session:
+        keys = session.exec(select(TelemetryBatchKey.seq)).all()
+        assert sorted(keys) == [5]
+        # A resend of 2 (its acknowledgement was lost) is a duplicate, not new figures.
+        out = store_batches(session, [_msg("dev-1", 2), _msg("dev-1", 4)], bundles)
+    assert (out.stored, out.duplicates) == (1, 1) and out.acks[("dev-1", STREAM)] == 5
+    with Session(engine) as session:
+        [health] = summarize(session, bundles, "clf")
+    assert health.requests == 50
