@@ -249,7 +249,7 @@ def _batch(device: str, seq: int, **over: Any) -> dict[str, Any]:
         "device_id": device,
         "stream": "00112233445566ff",
         "seq": seq,
-        "floor": seq - 1,
+        "floor": 0,  # nothing acknowledged yet: every batch is still pending
         "interval_start": "2026-11-30T00:00:00Z",
         "interval_end": "2026-11-30T00:00:01Z",
         "slots": [],
@@ -373,15 +373,24 @@ def test_two_ingest_processes_of_one_share_group_store_each_batch_once(
             with Session(engine) as session:
                 return int(session.exec(select(func.count()).select_from(TelemetryBatchKey)).one())
 
-        wait_until(lambda: stored() == 200, 30, "all 200 batches")
+        try:
+            wait_until(lambda: stored() == 200, 30, "all 200 batches")
+        except TimeoutError:
+            for m in members:
+                m.send_signal(signal.SIGTERM)
+            pytest.fail(
+                f"{stored()} of 200 stored; the members said:\n"
+                + "\n---\n".join(m.communicate(timeout=30)[0][-3000:] for m in members)
+            )
         time.sleep(1)
         assert stored() == 200
     finally:
         outputs = []
         for m in members:
-            m.send_signal(signal.SIGTERM)
+            if m.poll() is None:
+                m.send_signal(signal.SIGTERM)
             out, _ = m.communicate(timeout=30)
-            outputs.append(out)
+            outputs.append(out or "")
         engine.dispose()
     counts = [int(re.search(r"stored (\d+) batch", out).group(1)) for out in outputs]  # type: ignore[union-attr]
     assert sum(counts) == 200 and min(counts) > 0, outputs  # both took a share, none twice
