@@ -41,12 +41,50 @@ def devices_token(
         print(result["token"])
 
 
+@devices_app.command("label")
+def devices_label(
+    device_id: Annotated[str, typer.Argument(help="device id")],
+    changes: Annotated[
+        list[str], typer.Argument(help="key=value to set, key- to remove (like kubectl label)")
+    ],
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Set and remove a device's labels: `edgefleet devices label cam-01 site=paris tier-`."""
+    set_labels: dict[str, str] = {}
+    remove: list[str] = []
+    for change in changes:
+        if change.endswith("-") and "=" not in change:
+            remove.append(change[:-1])
+            continue
+        key, sep, value = change.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected key=value or key-, got {change!r}")
+        set_labels[key] = value
+    device = api_client(server, token).request(
+        "PATCH", f"/v1/devices/{device_id}/labels", json={"set": set_labels, "remove": remove}
+    )
+    if as_json:
+        print_json(device)
+        return
+    labels = ",".join(f"{k}={v}" for k, v in sorted(device["labels"].items())) or "(none)"
+    console.print(f"{device_id}: {labels}")
+
+
 @devices_app.command("list")
 def devices_list(
-    server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None, as_json: JsonOpt = False
+    selector: Annotated[
+        str | None,
+        typer.Option(help="labels and profile: 'hw=rpi4,site in (berlin,paris),!exempt'"),
+    ] = None,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """List enrolled devices with what they report."""
-    devices = api_client(server, token).get("/v1/devices")
+    params = {"selector": selector} if selector else {}
+    devices = api_client(server, token).get("/v1/devices", params=params)
     if as_json:
         print_json(devices)
         return

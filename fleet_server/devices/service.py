@@ -3,11 +3,14 @@ issues a device its credentials, is :mod:`fleet_server.auth.enrollment`.)"""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 from sqlmodel import Session, col, select
 
 from edge_agent.protocol.status import ReportedStatus
+from fleet_server.audit import service as audit
+from fleet_server.devices.selectors import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, Selector
 from fleet_server.devices.tables import DesiredStateRecord, Device, DevicePublic
 from fleet_server.errors import InvalidInputError, NotFoundError
 
@@ -26,11 +29,41 @@ def get_device(session: Session, device_id: str) -> Device:
     return device
 
 
-def list_devices(session: Session, selector: dict[str, str] | None = None) -> list[Device]:
+def list_devices(
+    session: Session, selector: Selector | dict[str, str] | None = None
+) -> list[Device]:
     devices = session.exec(select(Device).order_by(col(Device.id))).all()
     if selector:
-        devices = [d for d in devices if all(d.labels.get(k) == v for k, v in selector.items())]
+        chosen = selector if isinstance(selector, Selector) else Selector.from_labels(selector)
+        devices = [d for d in devices if chosen.matches(d.labels, d.profile)]
     return list(devices)
+
+
+def change_labels(
+    session: Session, device_id: str, set_labels: dict[str, str], remove: list[str], actor: str
+) -> Device:
+    """Set and remove labels (a key in both is refused), audited; commits."""
+    both = sorted(set(set_labels) & set(remove))
+    if both:
+        raise InvalidInputError(f"labels both set and removed: {both}", field="remove")
+    for key, value in set_labels.items():
+        if not re.match(LABEL_KEY_PATTERN, key) or key == "profile":
+            raise InvalidInputError(
+                f"label key {key!r} must match {LABEL_KEY_PATTERN} and not be 'profile'",
+                field="set",
+            )
+        if not re.match(LABEL_VALUE_PATTERN, value):
+            raise InvalidInputError(
+                f"label {key}={value!r}: the value must match {LABEL_VALUE_PATTERN}", field="set"
+            )
+    device = get_device(session, device_id)
+    labels = {k: v for k, v in device.labels.items() if k not in remove}
+    labels.update(set_labels)
+    device.labels = labels
+    session.add(device)
+    audit.record(session, actor, "device.labels", device_id, set=set_labels, remove=remove)
+    session.commit()
+    return device
 
 
 def resolve_targets(
