@@ -53,7 +53,7 @@ def _batch(device: str, seq: int, rng: np.random.Generator) -> bytes:
         "device_id": device,
         "stream": "0123456789abcdef",
         "seq": seq,
-        "floor": seq - 1,
+        "floor": 0,  # nothing acknowledged yet, as a device that sends a backlog
         "interval_start": (now - timedelta(seconds=60)).isoformat(),
         "interval_end": now.isoformat(),
         "slots": [
