@@ -16,14 +16,10 @@ import logging
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
@@ -32,6 +28,7 @@ from edge_agent.protocol.desired import SignedDesiredState
 from edge_agent.protocol.presence import ONLINE
 from edge_agent.protocol.status import ReportedStatus
 from edge_agent.protocol.topics import Topics, parse_device_topic
+from fleet_server.control.connection import TlsFiles, server_client
 from fleet_server.devices import desired
 from fleet_server.devices.service import record_presence, record_status
 from fleet_server.devices.tables import DesiredStateRecord, Device
@@ -51,16 +48,14 @@ class ControlPlane:
         keys: ServerKeys,
         desired_ttl_s: int = 30 * 24 * 3600,
         resend_interval_s: float = 5.0,
-        tls: tuple[Path | None, Path | None, Path | None] = (None, None, None),
+        tls: TlsFiles = (None, None, None),
         credentials: tuple[str, str] | None = None,
     ) -> None:
-        parts = urlsplit(mqtt_url)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ValueError(f"broker URL must look like mqtt://host:port, got {mqtt_url!r}")
+        self._client, self._host, self._port = server_client(
+            mqtt_url, "server", tls=tls, credentials=credentials
+        )
         self.mqtt_url = mqtt_url
         self.device_mqtt_url = device_mqtt_url or mqtt_url
-        self._host = parts.hostname
-        self._port = parts.port or 1883
         self._engine = engine
         self._keys = keys
         self._desired_ttl_s = desired_ttl_s
@@ -71,30 +66,9 @@ class ControlPlane:
         self._last_sent: dict[str, tuple[int, float]] = {}
         self.connected = threading.Event()
         self._stopping = False
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"edgefleet-server-{uuid.uuid4().hex[:8]}",
-            protocol=mqtt.MQTTv5,
-        )
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
-        self._client.reconnect_delay_set(1, 30)
-        if parts.scheme == "mqtts":
-            ca, cert, key = tls
-            if ca is None or (cert is None and credentials is None):
-                raise ValueError(
-                    "an mqtts:// broker needs EDGEFLEET_MQTT_CA_FILE and either a client "
-                    "certificate (EDGEFLEET_MQTT_CERT_FILE, EDGEFLEET_MQTT_KEY_FILE) or "
-                    "EDGEFLEET_MQTT_USERNAME/PASSWORD (see `edgefleet broker-config`)"
-                )
-            self._client.tls_set(
-                ca_certs=str(ca),
-                certfile=str(cert) if cert else None,
-                keyfile=str(key) if key else None,
-            )
-        if credentials is not None:
-            self._client.username_pw_set(*credentials)
         self._worker = threading.Thread(target=self._work, name="edgefleet-ingest", daemon=True)
 
     # --- connection ------------------------------------------------------------------------------

@@ -21,15 +21,11 @@ import logging
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -37,6 +33,7 @@ from sqlmodel import Session
 
 from edge_agent.protocol.telemetry import TelemetryAck
 from edge_agent.protocol.topics import Topics
+from fleet_server.control.connection import TlsFiles, server_client
 from fleet_server.telemetry.store import BundleCatalog, Outcome, prune_keys, store_batches
 
 __all__ = ["SHARED_FILTER", "SHARE_GROUP", "IngestConnection", "IngestCounters", "TelemetryIngest"]
@@ -78,37 +75,21 @@ class IngestConnection:
         mqtt_url: str,
         on_message: Callable[[str, bytes], None],
         *,
-        tls: tuple[Path | None, Path | None, Path | None] = (None, None, None),
+        tls: TlsFiles = (None, None, None),
         credentials: tuple[str, str] | None = None,
     ) -> None:
-        parts = urlsplit(mqtt_url)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ValueError(f"broker URL must look like mqtt://host:port, got {mqtt_url!r}")
-        self._host, self._port = parts.hostname, parts.port or 1883
+        self._client, self._host, self._port = server_client(
+            mqtt_url, "ingest", tls=tls, credentials=credentials
+        )
         self._deliver = on_message
         self.connected = threading.Event()
         #: The broker granted the shared subscription (messages flow from now on).
         self.subscribed = threading.Event()
         self._stopping = False
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"edgefleet-ingest-{uuid.uuid4().hex[:8]}",
-            protocol=mqtt.MQTTv5,
-        )
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_subscribe = lambda *_: self.subscribed.set()
-        self._client.reconnect_delay_set(1, 30)
-        if parts.scheme == "mqtts":
-            ca, cert, key = tls
-            self._client.tls_set(
-                ca_certs=str(ca) if ca else None,
-                certfile=str(cert) if cert else None,
-                keyfile=str(key) if key else None,
-            )
-        if credentials is not None:
-            self._client.username_pw_set(*credentials)
 
     def start(self, wait_s: float = 10.0) -> None:
         self._client.connect_async(self._host, self._port, keepalive=30, clean_start=True)
