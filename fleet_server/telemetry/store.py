@@ -41,6 +41,7 @@ from edge_agent.telemetry.drift import Baseline
 from edge_agent.telemetry.sketch import RELATIVE_ACCURACY, merge_wires
 from fleet_server.artifacts import ArtifactStore
 from fleet_server.bundles.tables import Bundle
+from fleet_server.database import aware
 from fleet_server.devices.tables import Device
 from fleet_server.registry.tables import MLModel, ModelVersion
 from fleet_server.telemetry.tables import (
@@ -303,9 +304,9 @@ def prune_keys(session: Session, *, older_than: datetime) -> int:
 
 
 def _pg_unnest_insert(table: str, columns: dict[str, str], returning: str = "") -> Any:
-    """PostgreSQL: many rows in one statement of arrays, one per column (a multi-row VALUES
-    statement of thousands of placeholders costs the driver more to parse than the server
-    to run). ``columns``: name → SQL type."""
+    """PostgreSQL: many rows in one statement, one array per column. (psycopg parses a
+    multi-row VALUES statement with thousands of placeholders for longer than the server
+    takes to run it.) ``columns``: name → SQL type."""
     arrays = ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in columns.items())
     sql = (
         f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({arrays}) "
@@ -475,16 +476,12 @@ def _advance(
         newest = max(fresh, key=lambda b: b.seq)
         row.batches += len(fresh)
         row.dropped_batches_total = max(row.dropped_batches_total, newest.dropped_batches_total)
-        if row.last_batch_at is None or newest.interval_end >= _aware(row.last_batch_at):
+        if row.last_batch_at is None or newest.interval_end >= aware(row.last_batch_at):
             row.last_batch_at = newest.interval_end
             row.cpu_percent = newest.process.cpu_percent
             row.rss_bytes = newest.process.rss_bytes
             row.temperature_c = newest.process.temperature_c
     outcome.acks[(row.device_id, row.stream)] = watermark
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 @dataclass

@@ -3,16 +3,14 @@ and refusals that change nothing."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import json
 
 import httpx
 import pytest
 
 from fleet_server.client import ApiClient, ApiError
 from fleet_server.server import EmbeddedStack
-from tests.conftest import ADMIN_TOKEN
+from tests.integration.test_cli import edgefleet
 
 
 def _enroll(stack: EmbeddedStack, api: ApiClient, device: str, profile: str, **labels: str) -> None:
@@ -21,17 +19,6 @@ def _enroll(stack: EmbeddedStack, api: ApiClient, device: str, profile: str, **l
         f"{stack.url}/v1/devices/enroll",
         json={"token": token, "device_id": device, "profile": profile},
     ).raise_for_status()
-
-
-def _cli(stack: EmbeddedStack, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "EDGEFLEET_TOKEN": ADMIN_TOKEN, "EDGEFLEET_SERVER": stack.url}
-    return subprocess.run(
-        [sys.executable, "-c", "from fleet_server.cli import main; main()", *args],
-        capture_output=True,
-        text=True,
-        env={**env, "COLUMNS": "200"},
-        timeout=120,
-    )
 
 
 def test_labels_change_by_rest_and_cli_and_selectors_choose_the_cohort(
@@ -57,11 +44,11 @@ def test_labels_change_by_rest_and_cli_and_selectors_choose_the_cohort(
     assert ids("hw=rpi4,site in (berlin,paris),!exempt") == [a, b]
 
     # The CLI, kubectl-style: key=value sets, key- removes.
-    done = _cli(stack, "devices", "label", c, "ring=canary", "site-")
+    done = edgefleet(stack, "devices", "label", c, "ring=canary", "site-")
     assert done.returncode == 0, done.stderr
     assert f"{c}: hw=nuc,ring=canary" in done.stdout
-    listed = _cli(stack, "devices", "list", "--selector", "ring=canary", "--json")
-    assert sorted(d["id"] for d in __import__("json").loads(listed.stdout)) == sorted([b, c])
+    listed = edgefleet(stack, "devices", "list", "--selector", "ring=canary", "--json")
+    assert sorted(d["id"] for d in json.loads(listed.stdout)) == sorted([b, c])
     events = api.get("/v1/audit", params={"action": "device.labels"})
     assert {e["target"] for e in events} >= {b, c}
 
@@ -93,8 +80,8 @@ def test_a_selector_that_does_not_parse_is_a_clear_error(
     with pytest.raises(ApiError) as caught:
         api.get("/v1/devices", params={"selector": "site in (paris"})
     assert caught.value.status == 422 and "character 1" in str(caught.value)
-    bad = _cli(stack, "devices", "list", "--selector", "a=b,")
+    bad = edgefleet(stack, "devices", "list", "--selector", "a=b,")
     assert bad.returncode == 1 and "does not parse" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
-    missing = _cli(stack, "devices", "label", "no-such-device", "a=b")
+    missing = edgefleet(stack, "devices", "label", "no-such-device", "a=b")
     assert missing.returncode == 1 and "not enrolled" in missing.stderr

@@ -28,6 +28,7 @@ from fleet_server.settings import Settings
 from fleet_server.telemetry.tables import TelemetryBatchKey
 from hil.rig import LocalAgent, roll_out, wait_until
 from tests.conftest import ADMIN_TOKEN
+from tests.integration.test_cli import edgefleet
 
 pytestmark = pytest.mark.slow
 
@@ -191,45 +192,29 @@ def test_a_drifted_feature_scores_high_psi_alone_and_raises_an_alert(
         agent.stop()
 
 
-def _cli(stack: EmbeddedStack, *args: str) -> Any:
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "EDGEFLEET_TOKEN": ADMIN_TOKEN, "EDGEFLEET_SERVER": stack.url}
-    env["COLUMNS"] = "200"
-    return subprocess.run(
-        [sys.executable, "-c", "from fleet_server.cli import main; main()", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-
-
 def _the_cli_reads_the_same(stack: EmbeddedStack, tmp_path: Path) -> None:
-    shown = _cli(stack, "telemetry", "show", "classifier", "--since", "15m")
+    shown = edgefleet(stack, "telemetry", "show", "classifier", "--since", "15m")
     assert shown.returncode == 0, shown.stderr
     assert "1.0.0" in shown.stdout and "x86-64-avx2" in shown.stdout
     assert "input x[5]" in shown.stdout, shown.stdout  # the worst drift, named
-    rows = json.loads(_cli(stack, "telemetry", "show", "classifier", "--json").stdout)
+    rows = json.loads(edgefleet(stack, "telemetry", "show", "classifier", "--json").stdout)
     assert rows[0]["requests"] >= 4500
     png = tmp_path / "report.png"
-    plotted = _cli(stack, "telemetry", "plot", "classifier", "--out", str(png))
+    plotted = edgefleet(stack, "telemetry", "plot", "classifier", "--out", str(png))
     assert plotted.returncode == 0, plotted.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    listed = json.loads(_cli(stack, "alerts", "list", "--json").stdout)
+    listed = json.loads(edgefleet(stack, "alerts", "list", "--json").stdout)
     assert [a["kind"] for a in listed] == ["drift"]
-    policy = _cli(
+    policy = edgefleet(
         stack, "alerts", "policy", "classifier", "--max-psi", "0.3", "--off", "max_error_rate"
     )
     assert policy.returncode == 0 and "max_psi: 0.3" in policy.stdout
     assert "max_error_rate: off" in policy.stdout
     # Failures: one line, non-zero.
-    missing = _cli(stack, "telemetry", "show", "no-such-model")
+    missing = edgefleet(stack, "telemetry", "show", "no-such-model")
     assert missing.returncode == 1 and "no-such-model" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1, missing.stderr
-    bad = _cli(stack, "telemetry", "show", "classifier", "--since", "soon")
+    bad = edgefleet(stack, "telemetry", "show", "classifier", "--since", "soon")
     assert bad.returncode == 2 and "duration" in bad.stderr
 
 
