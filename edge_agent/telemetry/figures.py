@@ -93,20 +93,22 @@ class ModelTelemetry:
                 self._credit -= 1.0
         base_done = time.perf_counter()
         drift_s = 0.0
+        counted: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
         if sample and self.baseline is not None:
             try:
-                counted_in, counted_out = self.baseline.count(feeds, outputs)
+                counted = self.baseline.count(feeds, outputs)
             except (ValueError, TypeError, IndexError):  # a feed unlike the baseline's
-                counted_in, counted_out = {}, {}
-            with self._lock:
-                for name, counts in counted_in.items():
-                    self._inputs[name] += counts
-                for name, counts in counted_out.items():
-                    self._outputs[name] += counts
-                self._sampled += 1
+                counted = ({}, {})
             drift_s = time.perf_counter() - base_done
         end = time.perf_counter()
+        # One more lock for everything this request adds (the hot path takes it twice).
         with self._lock:
+            if counted is not None:
+                for name, counts in counted[0].items():
+                    self._inputs[name] += counts
+                for name, counts in counted[1].items():
+                    self._outputs[name] += counts
+                self._sampled += 1
             self.spent_s += end - start
             self.inference_s += latency_ms / 1000
             self._infer_s += latency_ms / 1000
