@@ -30,7 +30,7 @@ from fleet_server.builds.runner import BuildRunner
 from fleet_server.bundles import tables as bundles_tables
 from fleet_server.bundles.routes import router as bundles_router
 from fleet_server.control.plane import ControlPlane
-from fleet_server.database import make_engine
+from fleet_server.database import add_missing_columns, make_engine
 from fleet_server.devices import tables as devices_tables
 from fleet_server.devices.routes import router as devices_router
 from fleet_server.errors import ERROR_RESPONSES, install_error_handlers
@@ -39,6 +39,7 @@ from fleet_server.keys.service import ServerKeys
 from fleet_server.registry import tables as registry_tables
 from fleet_server.registry.routes import router as models_router
 from fleet_server.rollouts import tables as rollouts_tables
+from fleet_server.rollouts.engine import RolloutEngine
 from fleet_server.rollouts.routes import router as rollouts_router
 from fleet_server.rollouts.service import backfill_bundle_grants
 from fleet_server.settings import Settings
@@ -63,9 +64,11 @@ TABLE_MODULES = (
 )
 
 
-def create_tables(engine: Engine) -> None:
+def create_tables(engine: Engine) -> list[str]:
+    """Create missing tables and add columns newer than the database; returns the latter."""
     assert TABLE_MODULES  # imported for their side effect: the tables' metadata
     SQLModel.metadata.create_all(engine)
+    return add_missing_columns(engine, SQLModel.metadata)
 
 
 def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
@@ -75,7 +78,9 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = make_engine(settings.resolved_database_url)
-        create_tables(engine)
+        upgraded = create_tables(engine)
+        if upgraded:
+            log.warning("database upgraded: added %s", ", ".join(upgraded))
         with Session(engine) as session:
             backfilled = backfill_bundle_grants(session)
             if backfilled:
@@ -127,6 +132,19 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
             timeout_s=settings.build_timeout_s,
         )
         builds.start()
+        rollouts = RolloutEngine(
+            engine,
+            keys=keys,
+            runner=builds,
+            bundles=telemetry.bundles,
+            publish=control.publish_all,
+            public_url=settings.resolved_public_url,
+            desired_ttl_s=settings.desired_state_ttl_s,
+            tick_s=settings.rollout_tick_s,
+            bucket_s=settings.telemetry_bucket_s,
+        )
+        control.on_report = rollouts.wake
+        rollouts.start()
         app.state.edgefleet = AppState(
             settings=settings,
             engine=engine,
@@ -138,10 +156,12 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
             builds=builds,
             authenticate=authenticate,
             telemetry=telemetry,
+            rollouts=rollouts,
         )
         try:
             yield
         finally:
+            rollouts.stop()
             telemetry.stop()
             builds.stop()
             control.stop()

@@ -1,7 +1,8 @@
 """Engine and sessions. SQLite for the embedded default, PostgreSQL (psycopg 3) in production.
 
 Tables are created at start-up by ``fleet_server.app``, which imports every domain's tables;
-this module imports none, so every domain can use it.
+this module imports none, so every domain can use it. Columns added since a database was
+created are added to it at start-up (:func:`add_missing_columns`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from pydantic import field_validator
-from sqlalchemy import event
+from sqlalchemy import MetaData, event, inspect, text
 from sqlalchemy.engine import Engine
 from sqlmodel import SQLModel, create_engine
 
@@ -43,3 +44,36 @@ class UtcPublic(SQLModel):
     @classmethod
     def _utc(cls, value: object) -> object:
         return aware(value) if isinstance(value, datetime) else value
+
+
+def add_missing_columns(engine: Engine, metadata: MetaData) -> list[str]:
+    """Additive schema upgrade: every column the tables declare that an older database lacks
+    is added (``ALTER TABLE … ADD COLUMN``), with the column's Python default as the value of
+    existing rows where it has a plain one, else NULL. Tables are created by ``create_all``;
+    nothing is ever dropped or changed. Returns ``table.column`` for each column added."""
+    inspector = inspect(engine)
+    added: list[str] = []
+    present_tables = set(inspector.get_table_names())
+    with engine.begin() as conn:
+        for table in metadata.sorted_tables:
+            if table.name not in present_tables:
+                continue
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                kind = column.type.compile(dialect=engine.dialect)
+                default = getattr(column.default, "arg", None)
+                clause = ""
+                if isinstance(default, bool):
+                    clause = f" DEFAULT {'TRUE' if default else 'FALSE'}"
+                elif isinstance(default, int | float):
+                    clause = f" DEFAULT {default}"
+                elif isinstance(default, str):
+                    escaped = default.replace("'", "''")
+                    clause = f" DEFAULT '{escaped}'"
+                conn.execute(
+                    text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}{clause}')
+                )
+                added.append(f"{table.name}.{column.name}")
+    return added

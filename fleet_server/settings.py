@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     build_timeout_s: float = Field(default=3600, gt=0)
     #: How long creating a rollout waits for the builds it needs.
     rollout_build_wait_s: float = Field(default=1800, gt=0)
+    #: How often the rollout reconciler steps every active rollout (and at once on reports).
+    rollout_tick_s: float = Field(default=1.0, gt=0, le=3600)
 
     @model_validator(mode="after")
     def _production_guard(self) -> Settings:

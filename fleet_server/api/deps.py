@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from fleet_server.builds.runner import BuildRunner
     from fleet_server.control.plane import ControlPlane
     from fleet_server.keys.service import ServerKeys
+    from fleet_server.rollouts.engine import RolloutEngine
     from fleet_server.telemetry.service import TelemetryService
 
 #: Finds the principal behind an ``Authorization`` header (``fleet_server.auth.service``).
@@ -45,6 +46,7 @@ class AppState:
     builds: BuildRunner
     authenticate: Authenticator
     telemetry: TelemetryService
+    rollouts: RolloutEngine
 
 
 def get_state(request: Request) -> AppState:

@@ -6,7 +6,9 @@ import time
 from typing import Annotated, Any
 
 import typer
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from fleet_server.builds.tables import BuildState
 from fleet_server.cli.builds import follow_build, render_build
@@ -21,31 +23,96 @@ from fleet_server.cli.context import (
     print_json,
 )
 from fleet_server.client import ApiClient, ApiError
+from fleet_server.devices.selectors import Selector
+from fleet_server.errors import InvalidInputError
 
 rollouts_app = typer.Typer(no_args_is_help=True, help="Deploy model versions to devices.")
 
 
-def _render_rollout(r: dict[str, Any]) -> Table:
-    table = Table(
-        "device",
-        "profile",
-        "runtime",
-        "state",
-        "device state",
-        "error",
-        title=f"rollout {r['id']}: {r['model']} {r['version']} → slot {r['slot']} [{r['state']}]",
+#: Rollout states that end it (the CLI stops following there).
+FINISHED = {"completed", "failed", "aborted", "superseded"}
+#: States in which ``create --wait`` stops: over, or waiting for the operator.
+SETTLED = FINISHED | {"awaiting_approval", "paused"}
+#: Devices listed in the live view; the rest are counted.
+SHOWN_DEVICES = 25
+
+
+def _render_rollout(r: dict[str, Any], *, all_devices: bool = False) -> Group:
+    """The rollout as a person follows it: stages, gates, the latest events, devices."""
+    title = (
+        f"rollout {r['id']}: {r['model']} {r['version']} → slot {r['slot']} "
+        f"[{r['state']}] {r.get('strategy', 'all_at_once')}"
     )
-    for t in r["targets"]:
-        err = t.get("error") or {}
-        table.add_row(
-            t["device_id"],
-            t["profile"],
-            f"{t['runtime']}/{t['precision']}",
-            t["state"],
-            t.get("device_state") or "-",
-            err.get("message", ""),
-        )
-    return table
+    parts: list[Any] = []
+    columns = ("targeted", "notified", "downloading", "probation", "active", "failed",
+               "rolled back", "timed out")  # fmt: skip
+    stages = Table("stage", "share", "state", *columns, title=title)
+    for st in r.get("stages", []):
+        c = st["counts"]
+        stages.add_row(
+            str(st["index"] + 1), f"{st['percent']:g} %", st["state"],
+            *(str(c.get(k, 0)) for k in ("targeted", "notified", "downloading", "probation",
+                                         "serving", "failed", "rolled_back", "timed_out")),
+        )  # fmt: skip
+    parts.append(stages)
+    if r.get("gates"):
+        gates = Table("gate", "figure", "threshold", "verdict", "detail")
+        for g in r["gates"]:
+            verdict = {True: "ok", False: "BREACH", None: "-"}[g["ok"]]
+            value = "-" if g["value"] is None else f"{g['value']:g}"
+            gates.add_row(g["gate"], value, f"{g['threshold']:g}", verdict, g.get("detail", ""))
+        parts.append(gates)
+    if r.get("reason"):
+        parts.append(Text(f"reason: {r['reason']}", style="red"))
+    events = Table("at", "event", "by", "message", title="latest events")
+    for e in r.get("events", [])[-6:]:
+        events.add_row(e["at"][11:19], e["kind"], e["actor"], e["message"])
+    parts.append(events)
+    targets = r.get("targets", [])
+    if targets:
+        shown = targets if all_devices else targets[:SHOWN_DEVICES]
+        devices = Table("device", "profile", "stage", "runtime", "state", "device state", "error")
+        for t in shown:
+            err = t.get("error") or {}
+            devices.add_row(
+                t["device_id"], t["profile"], str(t.get("stage", 0) + 1),
+                f"{t['runtime']}/{t['precision']}" if t.get("runtime") else "-",
+                t["state"], t.get("device_state") or "-",
+                err.get("message", "") or (t.get("note") or ""),
+            )  # fmt: skip
+        parts.append(devices)
+        if len(shown) < len(targets):
+            parts.append(Text(f"… and {len(targets) - len(shown)} more devices (--all)"))
+    return Group(*parts)
+
+
+def _split_stages(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"stages are percentages like 1,10,50,100, not {text!r}") from None
+
+
+def _gates(pairs: list[str] | None) -> dict[str, Any] | None:
+    if not pairs:
+        return None
+    out: dict[str, Any] = {}
+    for name, value in parse_labels(pairs).items():
+        try:
+            out[name] = (
+                None
+                if value in ("off", "none")
+                else (
+                    int(value)
+                    if name in ("min_devices_reporting", "min_requests")
+                    else float(value)
+                )
+            )
+        except ValueError:
+            raise typer.BadParameter(f"gate {name}: {value!r} is not a number") from None
+    return out
 
 
 @rollouts_app.command("create")
@@ -53,7 +120,37 @@ def rollouts_create(
     model: Annotated[str, typer.Option(help="model name")],
     version: Annotated[str, typer.Option(help="model version")],
     device: Annotated[list[str] | None, typer.Option(help="target device id (repeatable)")] = None,
-    selector: Annotated[list[str] | None, typer.Option(help="label key=value (repeatable)")] = None,
+    selector: Annotated[
+        list[str] | None,
+        typer.Option(help="cohort: 'hw=rpi4,site in (berlin,paris),!exempt' (repeats are and-ed)"),
+    ] = None,
+    strategy: Annotated[str, typer.Option(help="all_at_once, canary or shadow")] = "all_at_once",
+    stages: Annotated[
+        str | None, typer.Option(help="canary stages in percent, e.g. 1,10,50,100")
+    ] = None,
+    gate: Annotated[
+        list[str] | None,
+        typer.Option(help="gate=threshold (repeatable), e.g. max_error_rate=0.01, max_psi=off"),
+    ] = None,
+    bake_s: Annotated[float, typer.Option(help="how long each stage serves before its gates")] = 0,
+    stage_timeout_s: Annotated[
+        float, typer.Option(help="a device silent this long after notification is timed out")
+    ] = 1800,
+    max_per_minute: Annotated[
+        int | None, typer.Option(help="notify at most this many devices a minute")
+    ] = None,
+    ramp: Annotated[
+        str | None,
+        typer.Option(
+            help="exponential rate: BASE,FACTOR,AFTER (e.g. 10,2,20: x2 per 20 that serve)"
+        ),
+    ] = None,
+    manual_approval: Annotated[
+        bool, typer.Option(help="wait for `rollouts promote` after each stage")
+    ] = False,
+    supersedes: Annotated[
+        str | None, typer.Option(help="the active rollout on this slot this one replaces")
+    ] = None,
     slot: Annotated[
         str | None, typer.Option(help="slot on the device (default: model name)")
     ] = None,
@@ -61,39 +158,77 @@ def rollouts_create(
         str | None, typer.Option(help="run as a shadow beside this active slot (never answers)")
     ] = None,
     sample_rate: Annotated[float, typer.Option(help="shadow: share of requests it sees")] = 0.1,
-    wait: Annotated[bool, typer.Option(help="wait until every target serves or fails")] = True,
+    wait: Annotated[
+        bool, typer.Option(help="follow it until it ends, or waits for approval")
+    ] = True,
     timeout_s: Annotated[float, typer.Option(help="how long --wait waits")] = 300.0,
     server: ServerOpt = DEFAULT_SERVER,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Deploy a model version to devices (by id or label selector)."""
+    """Deploy a model version to a cohort (device ids or a selector), in stages, with gates."""
+    cohort = ",".join(selector) if selector else None
+    if cohort is not None:
+        try:
+            Selector.parse(cohort)
+        except InvalidInputError as e:
+            raise typer.BadParameter(e.message, param_hint="--selector") from None
     client = api_client(server, token)
-    body = {
+    rate: dict[str, Any] = {"max_per_minute": max_per_minute}
+    if ramp is not None:
+        try:
+            base, factor, after = ramp.split(",")
+            rate["ramp"] = {"base_per_minute": int(base), "increase_factor": float(factor),
+                            "after_succeeded": int(after)}  # fmt: skip
+        except ValueError:
+            raise typer.BadParameter(f"--ramp is BASE,FACTOR,AFTER, not {ramp!r}") from None
+    body: dict[str, Any] = {
         "model": model,
         "version": version,
         "devices": device or None,
-        "selector": parse_labels(selector) or None,
+        "selector": cohort,
         "slot": slot,
         "shadow_of": shadow_of,
         "sample_rate": sample_rate,
+        "strategy": strategy,
+        "stages": _split_stages(stages),
+        "gates": _gates(gate),
+        "bake_s": bake_s,
+        "stage_timeout_s": stage_timeout_s,
+        "rate": rate,
+        "manual_approval": manual_approval,
+        "supersedes": supersedes,
     }
-    rollout = _create_rollout(client, body, quiet=as_json)
+    rollout = _create_rollout(client, {k: v for k, v in body.items() if v is not None}, as_json)
     if wait:
-        from rich.live import Live
-
-        deadline = time.monotonic() + timeout_s
-        with Live(_render_rollout(rollout), console=console, transient=as_json) as live:
-            while rollout["state"] == "in_progress" and time.monotonic() < deadline:
-                time.sleep(0.5)
-                rollout = client.get(f"/v1/rollouts/{rollout['id']}")
-                live.update(_render_rollout(rollout))
+        rollout = _follow(client, rollout, timeout_s, SETTLED, quiet=as_json)
     elif not as_json:
         console.print(_render_rollout(rollout))
     if as_json:
         print_json(rollout)
-    if wait and rollout["state"] != "completed":
+    if wait and rollout["state"] not in ("completed", "awaiting_approval"):
         raise typer.Exit(1)
+
+
+def _follow(
+    client: ApiClient,
+    rollout: dict[str, Any],
+    timeout_s: float,
+    until: set[str],
+    *,
+    quiet: bool = False,
+    all_devices: bool = False,
+) -> dict[str, Any]:
+    from rich.live import Live
+
+    deadline = time.monotonic() + timeout_s
+    with Live(_render_rollout(rollout, all_devices=all_devices), console=console,
+              transient=quiet) as live:  # fmt: skip
+        while rollout["state"] not in until and time.monotonic() < deadline:
+            time.sleep(0.5)
+            rollout = client.get(f"/v1/rollouts/{rollout['id']}")
+            live.update(_render_rollout(rollout, all_devices=all_devices))
+    return rollout
 
 
 def _create_rollout(client: ApiClient, body: dict[str, Any], quiet: bool) -> dict[str, Any]:
@@ -123,16 +258,23 @@ def _create_rollout(client: ApiClient, body: dict[str, Any], quiet: bool) -> dic
 @rollouts_app.command("status")
 def rollouts_status(
     rollout_id: str,
+    watch: Annotated[bool, typer.Option("--watch", help="a live view until it ends")] = False,
+    all_devices: Annotated[bool, typer.Option("--all", help="list every device")] = False,
+    timeout_s: Annotated[float, typer.Option(help="how long --watch watches")] = 3600.0,
     server: ServerOpt = DEFAULT_SERVER,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Per-device progress of a rollout."""
-    rollout = api_client(server, token).get(f"/v1/rollouts/{rollout_id}")
+    """Per stage and per device progress, each gate against its threshold, the latest events."""
+    client = api_client(server, token)
+    rollout = client.get(f"/v1/rollouts/{rollout_id}")
+    if watch and not as_json:
+        _follow(client, rollout, timeout_s, FINISHED, all_devices=all_devices)
+        return
     if as_json:
         print_json(rollout)
     else:
-        console.print(_render_rollout(rollout))
+        console.print(_render_rollout(rollout, all_devices=all_devices))
 
 
 @rollouts_app.command("list")
@@ -140,19 +282,71 @@ def rollouts_list(
     server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None, as_json: JsonOpt = False
 ) -> None:
     """All rollouts, newest first."""
-    rollouts = api_client(server, token).get("/v1/rollouts")
+    rollouts = api_client(server, token).get("/v1/rollouts", params={"targets": "false"})
     if as_json:
         print_json(rollouts)
         return
-    table = Table("id", "model", "version", "slot", "state", "serving/total", "created")
+    table = Table("id", "model", "version", "slot", "strategy", "stage", "state",
+                  "serving/targeted", "created")  # fmt: skip
     for r in rollouts:
+        targeted = sum(v for k, v in r["counts"].items() if k not in ("released", "excluded"))
         table.add_row(
             r["id"],
             r["model"],
             r["version"],
             r["slot"],
+            r["strategy"],
+            f"{r['stage'] + 1}/{len(r['stages'])}",
             r["state"],
-            f"{r['counts']['serving']}/{len(r['targets'])}",
+            f"{r['counts']['serving']}/{targeted}",
             r["created_at"][:19],
         )
     console.print(table)
+
+
+def _command(verb: str, rollout_id: str, server: str, token: str | None, as_json: bool,
+             body: dict[str, Any] | None = None) -> None:  # fmt: skip
+    rollout = api_client(server, token).post(f"/v1/rollouts/{rollout_id}/{verb}", json=body)
+    if as_json:
+        print_json(rollout)
+    else:
+        console.print(f"rollout {rollout['id']}: {rollout['state']} (stage {rollout['stage'] + 1})")
+
+
+@rollouts_app.command("pause")
+def rollouts_pause(
+    rollout_id: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:  # fmt: skip
+    """Notify no more devices; those already notified carry on."""
+    _command("pause", rollout_id, server, token, as_json)
+
+
+@rollouts_app.command("resume")
+def rollouts_resume(
+    rollout_id: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:  # fmt: skip
+    """Carry on after a pause."""
+    _command("resume", rollout_id, server, token, as_json)
+
+
+@rollouts_app.command("abort")
+def rollouts_abort(
+    rollout_id: str,
+    reason: Annotated[str | None, typer.Option(help="why (kept in the history)")] = None,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Stop the rollout and give every device it touched its previous version back."""
+    _command("abort", rollout_id, server, token, as_json, {"reason": reason} if reason else None)
+
+
+@rollouts_app.command("promote")
+def rollouts_promote(
+    rollout_id: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:  # fmt: skip
+    """Start the next stage (approve a stage that waits, or cut a bake short)."""
+    _command("promote", rollout_id, server, token, as_json)

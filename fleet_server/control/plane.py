@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -30,12 +31,20 @@ from edge_agent.protocol.status import ReportedStatus
 from edge_agent.protocol.topics import Topics, parse_device_topic
 from fleet_server.control.connection import TlsFiles, server_client
 from fleet_server.devices import desired
-from fleet_server.devices.service import record_presence, record_status
+from fleet_server.devices.service import (
+    apply_presence,
+    apply_status,
+    desired_records,
+    devices_by_id,
+)
 from fleet_server.devices.tables import DesiredStateRecord, Device
 from fleet_server.errors import ConflictError
 from fleet_server.keys.service import ServerKeys
 
 log = logging.getLogger(__name__)
+
+#: Messages stored per transaction, at most.
+INGEST_BATCH = 1000
 
 
 class ControlPlane:
@@ -64,6 +73,8 @@ class ControlPlane:
         #: Telemetry ingest on this connection: (subscription filter, where messages go).
         self._telemetry: tuple[str, Callable[[str, bytes], None]] | None = None
         self._last_sent: dict[str, tuple[int, float]] = {}
+        #: Called after a status or presence message was stored (the rollout engine wakes).
+        self.on_report: Callable[[], None] | None = None
         self.connected = threading.Event()
         self._stopping = False
         self._client.on_connect = self._on_connect
@@ -158,44 +169,101 @@ class ControlPlane:
             item = self._inbox.get()
             if item is None:
                 return
-            topic, payload = item
-            try:
-                if topic == "$resync":
+            # Whatever else is queued goes in the same transaction: a fleet of thousands
+            # reports in bursts, and one commit per message would fall behind.
+            batch = [item]
+            stopping = False
+            while len(batch) < INGEST_BATCH:
+                try:
+                    more = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stopping = True
+                    break
+                batch.append(more)
+            if any(topic == "$resync" for topic, _ in batch):
+                try:
                     self._resync_all()
-                else:
-                    self._ingest(topic, payload)
-            except Exception:  # one bad message must not stop ingest
-                log.exception("failed to ingest %s", topic)
+                except Exception:
+                    log.exception("failed to resync the fleet")
+            try:
+                self._ingest([(t, p) for t, p in batch if t != "$resync"])
+            except Exception:  # one bad batch must not stop ingest
+                log.exception("failed to ingest %d message(s)", len(batch))
+            if stopping:
+                return
 
-    def _ingest(self, topic: str, payload: bytes) -> None:
-        parsed = parse_device_topic(topic)
-        if parsed is None:
-            return
-        device_id, kind = parsed
-        with Session(self._engine) as session:
+    def _ingest(self, messages: list[tuple[str, bytes]]) -> None:
+        """Store presence and status messages in order (one transaction), then re-send
+        stored documents to the devices that are behind."""
+        parsed: list[tuple[str, bytes | ReportedStatus]] = []
+        for topic, payload in messages:
+            found = parse_device_topic(topic)
+            if found is None:
+                continue
+            device_id, kind = found
             if kind == "online":
-                device = record_presence(session, device_id, payload == ONLINE)
-                if device is not None and device.online:
-                    self._resync(session, device)
+                parsed.append((device_id, payload))
             elif kind == "status":
                 try:
                     status = ReportedStatus.from_bytes(payload)
                 except (ValueError, ValidationError) as e:
                     log.warning("ignoring malformed status from %s: %s", device_id, e)
-                    return
+                    continue
                 if status.device_id != device_id:
                     log.warning(
                         "status on %s's topic names %s; ignored", device_id, status.device_id
                     )
-                    return
-                device = record_status(session, status)
-                if device is not None:
-                    self._resync(session, device)
+                    continue
+                parsed.append((device_id, status))
+        if not parsed:
+            return
+        with Session(self._engine) as session:
+            devices = devices_by_id(session, sorted({d for d, _ in parsed}))
+            behind: dict[str, Device] = {}  # reported, or came online: may need the document
+            for device_id, content in parsed:
+                device = devices.get(device_id)
+                if device is None:
+                    continue
+                if isinstance(content, ReportedStatus):
+                    apply_status(device, content)
+                    behind[device_id] = device
+                else:
+                    apply_presence(device, content == ONLINE)
+                    if device.online:
+                        behind[device_id] = device
+                session.add(device)
+            session.commit()
+            self._resync_many(session, list(behind.values()))
+        if self.on_report is not None:
+            self.on_report()
 
     def _resync_all(self) -> None:
         with Session(self._engine) as session:
-            for device in session.exec(select(Device)).all():
+            self._resync_many(session, list(session.exec(select(Device)).all()))
+
+    def _resync_many(self, session: Session, devices: list[Device]) -> None:
+        """:meth:`_resync` for many devices, reading their documents in bulk: only those that
+        expire soon or were signed under another keyring are re-issued one by one."""
+        if not devices:
+            return
+        try:
+            signer = self._keys.signer(session)
+        except ConflictError:
+            return  # no keys yet: nothing was ever sent
+        keyring = signer.keyring.model_dump(mode="json") if signer.keyring else None
+        records = desired_records(session, [d.id for d in devices])
+        soon = datetime.now(UTC) + timedelta(seconds=self._desired_ttl_s // 10)
+        for device in devices:
+            record = records.get(device.id)
+            if record is None:
+                continue
+            expires = datetime.fromisoformat(record.document["signed"]["expires_at"])
+            if expires <= soon or record.document.get("keyring") != keyring:
                 self._resync(session, device)
+            elif device.reported_seq < record.seq:
+                self._send_again(device, record)
 
     def _resync(self, session: Session, device: Device) -> None:
         """Send the stored document again if the device is behind (or it is about to expire)."""
@@ -216,6 +284,9 @@ class ControlPlane:
         record = session.get(DesiredStateRecord, device.id)
         if record is None or device.reported_seq >= record.seq:
             return
+        self._send_again(device, record)
+
+    def _send_again(self, device: Device, record: DesiredStateRecord) -> None:
         last = self._last_sent.get(device.id)
         refused = bool((device.reported or {}).get("refusal"))
         if (

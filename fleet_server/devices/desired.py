@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from edge_agent.protocol.desired import DesiredState, SignedDesiredState, SlotAssignment
 from fleet_server.database import aware
 from fleet_server.devices.tables import BundleGrant, DesiredStateRecord
 from fleet_server.keys.service import FleetSigner
+
+#: Devices read and locked per statement when a rollout writes many documents.
+_CHUNK = 500
 
 
 def _locked(session: Session, device_id: str) -> DesiredStateRecord | None:
@@ -46,6 +49,76 @@ def assign_slot(
         seq = record.seq + 1
     slots[slot] = assignment
     return _store(session, record, device_id, seq, slots, ttl_s, signer)
+
+
+def assign_many(
+    session: Session,
+    slot: str,
+    assignments: dict[str, SlotAssignment | None],
+    *,
+    ttl_s: int,
+    signer: FleetSigner,
+) -> dict[str, SignedDesiredState]:
+    """Stage (not commit) one new document per device giving ``slot`` to its assignment, or
+    taking the slot away where it is None. The devices' records are read and locked a chunk
+    at a time (a rollout writes thousands), in device order so two writers cannot deadlock."""
+    out: dict[str, SignedDesiredState] = {}
+    ids = sorted(assignments)
+    granted = _granted(session, ids)
+    for start in range(0, len(ids), _CHUNK):
+        chunk = ids[start : start + _CHUNK]
+        records = {
+            r.device_id: r
+            for r in session.exec(
+                select(DesiredStateRecord)
+                .where(col(DesiredStateRecord.device_id).in_(chunk))
+                .order_by(col(DesiredStateRecord.device_id))
+                .with_for_update()
+            ).all()
+        }
+        for device_id in chunk:
+            record = records.get(device_id)
+            slots: dict[str, SlotAssignment] = {}
+            seq = 1
+            if record is not None:
+                slots = dict(SignedDesiredState.model_validate(record.document).signed.slots)
+                seq = record.seq + 1
+            assignment = assignments[device_id]
+            if assignment is None:
+                slots.pop(slot, None)
+            else:
+                slots[slot] = assignment
+            out[device_id] = _store(
+                session, record, device_id, seq, slots, ttl_s, signer, granted=granted
+            )
+    return out
+
+
+def current_slot(session: Session, device_ids: list[str], slot: str) -> dict[str, SlotAssignment]:
+    """What each device's stored document gives ``slot`` (devices with none are left out)."""
+    out: dict[str, SlotAssignment] = {}
+    for start in range(0, len(device_ids), _CHUNK):
+        chunk = device_ids[start : start + _CHUNK]
+        for record in session.exec(
+            select(DesiredStateRecord).where(col(DesiredStateRecord.device_id).in_(chunk))
+        ).all():
+            slots = record.document.get("signed", {}).get("slots", {})
+            if slot in slots:
+                out[record.device_id] = SlotAssignment.model_validate(slots[slot])
+    return out
+
+
+def _granted(session: Session, device_ids: list[str]) -> set[tuple[str, str]]:
+    granted: set[tuple[str, str]] = set()
+    for start in range(0, len(device_ids), _CHUNK):
+        chunk = device_ids[start : start + _CHUNK]
+        granted.update(
+            (g.device_id, g.bundle_sha256)
+            for g in session.exec(
+                select(BundleGrant).where(col(BundleGrant.device_id).in_(chunk))
+            ).all()
+        )
+    return granted
 
 
 def refresh(
@@ -91,7 +164,11 @@ def _store(
     slots: dict[str, SlotAssignment],
     ttl_s: int,
     signer: FleetSigner,
+    *,
+    granted: set[tuple[str, str]] | None = None,
 ) -> SignedDesiredState:
+    """``granted``: the (device, bundle) grants known to exist (a bulk caller read them at
+    once); a grant this adds is added to it."""
     now = datetime.now(UTC).replace(microsecond=0)
     unsigned = SignedDesiredState(
         signed=DesiredState(
@@ -106,8 +183,13 @@ def _store(
     envelope = unsigned.model_copy(update={"signatures": [signer.sign(unsigned.signed_bytes())]})
     document = envelope.model_dump(mode="json")
     for sha256 in {a.bundle_sha256 for a in slots.values()}:
-        if session.get(BundleGrant, (device_id, sha256)) is None:
-            session.add(BundleGrant(device_id=device_id, bundle_sha256=sha256, granted_at=now))
+        if granted is not None:
+            if (device_id, sha256) in granted:
+                continue
+            granted.add((device_id, sha256))
+        elif session.get(BundleGrant, (device_id, sha256)) is not None:
+            continue
+        session.add(BundleGrant(device_id=device_id, bundle_sha256=sha256, granted_at=now))
     if record is None:
         record = DesiredStateRecord(device_id=device_id, seq=seq, document=document, updated_at=now)
     else:

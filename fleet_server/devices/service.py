@@ -91,27 +91,41 @@ def resolve_targets(
     return devices
 
 
-def record_presence(session: Session, device_id: str, online: bool) -> Device | None:
-    device = session.get(Device, device_id)
-    if device is None:
-        return None
+def apply_presence(device: Device, online: bool) -> None:
     device.online = online
     device.last_seen_at = datetime.now(UTC)
-    session.add(device)
-    session.commit()
-    return device
 
 
-def record_status(session: Session, status: ReportedStatus) -> Device | None:
-    device = session.get(Device, status.device_id)
-    if device is None:
-        return None
+def apply_status(device: Device, status: ReportedStatus) -> None:
+    """What a status report changes on the device's row (the caller commits)."""
     device.reported = status.model_dump(mode="json")
     device.reported_seq = status.desired_seq
     device.agent_version = status.agent_version
     if status.runtimes:
         device.runtimes = dict(status.runtimes)
     device.last_seen_at = datetime.now(UTC)
-    session.add(device)
-    session.commit()
-    return device
+
+
+#: Rows read per statement when many devices are read at once.
+_CHUNK = 500
+
+
+def devices_by_id(session: Session, device_ids: list[str]) -> dict[str, Device]:
+    out: dict[str, Device] = {}
+    for start in range(0, len(device_ids), _CHUNK):
+        chunk = device_ids[start : start + _CHUNK]
+        out.update((d.id, d) for d in session.exec(select(Device).where(col(Device.id).in_(chunk))))
+    return out
+
+
+def desired_records(session: Session, device_ids: list[str]) -> dict[str, DesiredStateRecord]:
+    out: dict[str, DesiredStateRecord] = {}
+    for start in range(0, len(device_ids), _CHUNK):
+        chunk = device_ids[start : start + _CHUNK]
+        out.update(
+            (r.device_id, r)
+            for r in session.exec(
+                select(DesiredStateRecord).where(col(DesiredStateRecord.device_id).in_(chunk))
+            )
+        )
+    return out

@@ -1,9 +1,10 @@
-"""Creating rollouts and computing their progress.
+"""Creating rollouts, and describing them.
 
-A rollout is checked and prepared completely (model version exists, every target enrolled,
-a bundle built for every profile in the cohort) before the first desired-state document is
-written; the documents and the rollout rows are committed in one transaction, and only then
-published. A refused request changes no device's desired state.
+A rollout is checked and prepared completely (model version exists, explicit targets enrolled,
+no other active rollout on the slot overlaps the cohort unless this one supersedes it, a bundle
+built for every profile in the cohort) before anything is written; the rollout, its targets
+and its first event are committed in one transaction, and the engine's first step notifies the
+first stage. A refused request changes nothing.
 """
 
 from __future__ import annotations
@@ -11,35 +12,46 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import Any
 
 from sqlmodel import Session, col, select
 
-from edge_agent.protocol.desired import SignedDesiredState, SlotAssignment
-from edge_agent.protocol.lifecycle import SlotState
-from edge_agent.protocol.status import ReportedStatus
-from firmware_profiles import ProfileError
+from edge_agent.contracts.errors import ConversionError
 from fleet_server.audit.service import record
 from fleet_server.builds.runner import BuildRunner
-from fleet_server.builds.service import ensure_bundle
 from fleet_server.bundles.tables import Bundle
 from fleet_server.database import aware
-from fleet_server.devices import desired
-from fleet_server.devices.service import resolve_targets
+from fleet_server.devices.selectors import Selector
+from fleet_server.devices.service import list_devices, resolve_targets
 from fleet_server.devices.tables import BundleGrant, Device
 from fleet_server.errors import ConflictError, InvalidInputError, NotFoundError
 from fleet_server.keys.service import FleetSigner
 from fleet_server.registry.service import get_version, version_by_id
-from fleet_server.registry.tables import MLModel, ModelVersion
+from fleet_server.rollouts.engine import BundleChoice, RolloutEngine, choose_bundle, cohort_of
+from fleet_server.rollouts.progress import TargetView, rank, stage_quota, target_view
+from fleet_server.rollouts.spec import RolloutCreate
 from fleet_server.rollouts.tables import (
+    ACTIVE_STATES,
+    GateFigure,
     Rollout,
-    RolloutCreate,
+    RolloutEvent,
+    RolloutEventPublic,
     RolloutPublic,
     RolloutState,
     RolloutTarget,
+    StageStatus,
+    TargetPhase,
     TargetState,
     TargetStatus,
 )
+
+__all__ = [
+    "backfill_bundle_grants",
+    "create_rollout",
+    "default_slot",
+    "describe",
+    "get_rollout",
+    "list_rollouts",
+]
 
 
 def backfill_bundle_grants(session: Session) -> int:
@@ -50,6 +62,11 @@ def backfill_bundle_grants(session: Session) -> int:
     added = 0
     now = datetime.now(UTC)
     for target in session.exec(select(RolloutTarget)).all():
+        if target.bundle_sha256 is None or target.phase in (
+            TargetPhase.SCHEDULED,
+            TargetPhase.EXCLUDED,
+        ):
+            continue
         key = (target.device_id, target.bundle_sha256)
         if key not in granted and session.get(Device, target.device_id) is not None:
             session.add(BundleGrant(device_id=key[0], bundle_sha256=key[1], granted_at=now))
@@ -68,238 +85,363 @@ def create_rollout(
     body: RolloutCreate,
     actor: str,
     *,
+    engine: RolloutEngine,
     runner: BuildRunner,
     signer: FleetSigner,
-    public_url: str,
-    desired_ttl_s: int,
     build_wait_s: float,
-) -> tuple[RolloutPublic, dict[str, SignedDesiredState]]:
-    """Returns the rollout and the documents to publish (already committed). Bundles that do
-    not exist yet are built first (by ``runner``), waiting up to ``build_wait_s``; past that,
-    ConflictError ``build_pending`` names the builds and nothing else has changed. Bundle
-    URLs in the documents start with ``public_url``."""
+) -> RolloutPublic:
+    """Bundles that do not exist yet are built first (by ``runner``), waiting up to
+    ``build_wait_s``; past that, ConflictError ``build_pending`` names the builds and nothing
+    has changed. Devices of a profile whose build fails are excluded, with the reason."""
     model, version = get_version(session, body.model, body.version)
-    devices = resolve_targets(session, body.devices, body.selector)
+    selector = body.cohort_selector()
+    devices = _cohort_now(session, body.devices, selector)
     slot = body.slot or (f"{body.shadow_of}-shadow" if body.shadow_of else default_slot(model.name))
     if body.shadow_of is not None and body.shadow_of == slot:
         raise InvalidInputError("a shadow needs its own slot, not the one it shadows", field="slot")
+    superseded = _check_overlap(session, slot, {d.id for d in devices}, body.supersedes)
+    choices = _bundles(session, runner, model, version, devices, signer, actor, build_wait_s)
+    excluded = {d.id: choices[cohort_of(d)].excluded for d in devices}
+    if all(excluded.values()):
+        reasons = sorted({r for r in excluded.values() if r})
+        raise ConversionError(
+            f"no device of the cohort can get {model.name} {version.version}: "
+            + "; ".join(reasons),
+            reason="no_bundle",
+        )
 
-    # One build per cohort: devices of a profile with the same runtimes installed. Every
-    # missing build is queued before any is awaited, so they run side by side.
-    wait_s = build_wait_s
-    deadline = time.monotonic() + wait_s
+    with engine.lock:
+        now = datetime.now(UTC)
+        rollout = Rollout(
+            id=uuid.uuid4().hex[:16],
+            model_version_id=version.id or 0,
+            slot=slot,
+            selector=body.selector if isinstance(body.selector, dict) else None,
+            cohort=str(selector) if isinstance(body.selector, str) and selector else None,
+            devices=list(dict.fromkeys(body.devices)) if body.devices else None,
+            plan=body.plan(),
+            state=RolloutState.IN_PROGRESS,
+            created_at=now,
+            created_by=actor,
+        )
+        session.add(rollout)
+        session.flush()
+        for device in devices:
+            choice = choices[cohort_of(device)]
+            session.add(
+                RolloutTarget(
+                    rollout_id=rollout.id,
+                    device_id=device.id,
+                    bundle_sha256=choice.sha256,
+                    phase=TargetPhase.EXCLUDED if choice.excluded else TargetPhase.SCHEDULED,
+                    note=choice.excluded,
+                    added_at=now,
+                )
+            )
+        if superseded is not None:
+            _supersede(session, superseded, rollout, actor, now)
+        session.add(
+            RolloutEvent(
+                rollout_id=rollout.id,
+                at=now,
+                kind="created",
+                stage=0,
+                actor=actor,
+                message=f"{body.strategy} rollout of {model.name} {version.version} to "
+                f"{len(devices)} device(s)",
+                figures={
+                    "devices": len(devices),
+                    "excluded": sum(1 for r in excluded.values() if r),
+                    "plan": rollout.plan,
+                },
+            )
+        )
+        record(
+            session,
+            actor,
+            "rollout.create",
+            rollout.id,
+            model=model.name,
+            version=version.version,
+            devices=[d.id for d in devices][:1000],
+            selector=body.selector,
+            plan=rollout.plan,
+            supersedes=body.supersedes,
+        )
+        session.commit()
+        rollout_id = rollout.id
+        engine.step(rollout_id)  # the first stage's devices are notified before we answer
+    session.expire_all()
+    return get_rollout(session, rollout_id)
+
+
+def _cohort_now(
+    session: Session, device_ids: list[str] | None, selector: Selector | None
+) -> list[Device]:
+    if device_ids:
+        return resolve_targets(session, device_ids, None)
+    devices = list_devices(session, selector)
+    if not devices:
+        raise InvalidInputError(
+            f"no enrolled device matches the selector {str(selector)!r}", field="selector"
+        )
+    return devices
+
+
+def _check_overlap(
+    session: Session, slot: str, device_ids: set[str], supersedes: str | None
+) -> Rollout | None:
+    """The active rollout this one supersedes (checked), or None. Any other active rollout on
+    ``slot`` holding one of ``device_ids`` is a conflict."""
+    superseded: Rollout | None = None
+    if supersedes is not None:
+        superseded = session.get(Rollout, supersedes)
+        if superseded is None:
+            raise NotFoundError(f"no rollout {supersedes!r} to supersede", field="supersedes")
+        if superseded.state not in ACTIVE_STATES:
+            raise ConflictError(
+                f"rollout {supersedes} is {superseded.state}; only an active rollout can be "
+                "superseded",
+                reason="rollout_state",
+                field="supersedes",
+            )
+        if superseded.slot != slot:
+            raise InvalidInputError(
+                f"rollout {supersedes} deploys slot {superseded.slot!r}, not {slot!r}",
+                field="supersedes",
+            )
+    rows = session.exec(
+        select(RolloutTarget.rollout_id, RolloutTarget.device_id)
+        .join(Rollout, col(Rollout.id) == col(RolloutTarget.rollout_id))
+        .where(
+            Rollout.slot == slot,
+            col(Rollout.state).in_([str(s) for s in ACTIVE_STATES]),
+            col(RolloutTarget.phase).in_([TargetPhase.SCHEDULED, TargetPhase.NOTIFIED]),
+        )
+    ).all()
+    overlap: dict[str, int] = {}
+    for rollout_id, device_id in rows:
+        if device_id in device_ids and rollout_id != supersedes:
+            overlap[rollout_id] = overlap.get(rollout_id, 0) + 1
+    if overlap:
+        other, count = sorted(overlap.items())[0]
+        raise ConflictError(
+            f"rollout {other} is still active on slot {slot!r} for {count} of these devices; "
+            f"wait for it, abort it, or supersede it explicitly (supersedes: {other!r})",
+            reason="overlapping_rollout",
+            rollout_id=other,
+            field="supersedes",
+        )
+    return superseded
+
+
+def _supersede(session: Session, old: Rollout, new: Rollout, actor: str, now: datetime) -> None:
+    locked = session.exec(select(Rollout).where(Rollout.id == old.id).with_for_update()).one()
+    locked.state, locked.ended_at, locked.superseded_by = RolloutState.SUPERSEDED, now, new.id
+    locked.reason = f"superseded by rollout {new.id}"
+    session.add(locked)
+    for target in session.exec(
+        select(RolloutTarget).where(
+            RolloutTarget.rollout_id == old.id, RolloutTarget.phase == TargetPhase.SCHEDULED
+        )
+    ).all():
+        target.phase, target.note = TargetPhase.RELEASED, f"superseded by rollout {new.id}"
+        session.add(target)
+    session.add(
+        RolloutEvent(
+            rollout_id=old.id, at=now, kind="superseded", stage=locked.stage, actor=actor,
+            message=f"superseded by rollout {new.id}", figures={"by": new.id},
+        )
+    )  # fmt: skip
+
+
+def _bundles(
+    session: Session,
+    runner: BuildRunner,
+    model: object,
+    version: object,
+    devices: list[Device],
+    signer: FleetSigner,
+    actor: str,
+    build_wait_s: float,
+) -> dict[tuple[str, tuple[str, ...] | None], BundleChoice]:
+    # One build per cohort (profile x installed runtimes). Every missing build is queued
+    # before any is awaited, so they run side by side.
     cohorts = sorted({cohort_of(d) for d in devices}, key=str)
-    bundles: dict[tuple[str, tuple[str, ...] | None], Bundle] = {}
-    pending: list[str] = []
+    deadline = time.monotonic() + build_wait_s
+    choices: dict[tuple[str, tuple[str, ...] | None], BundleChoice] = {}
     for final in (False, True):
-        pending = []
         for cohort in cohorts:
-            if cohort in bundles:
+            if cohort in choices and choices[cohort].pending_build is None:
                 continue
-            try:
-                bundles[cohort] = _cohort_bundle(
-                    session, runner, model, version, cohort, signer, actor,
-                    wait_s=max(0.0, deadline - time.monotonic()) if final else 0.0,
-                )  # fmt: skip
-            except ConflictError as e:
-                if e.reason != "build_pending" or not e.fields.get("build_id"):
-                    raise
-                pending.append(e.fields["build_id"])
+            choices[cohort] = choose_bundle(
+                session, runner, model, version, cohort, signer, actor,  # type: ignore[arg-type]
+                wait_s=max(0.0, deadline - time.monotonic()) if final else 0.0,
+            )  # fmt: skip
+    pending = [c.pending_build for c in choices.values() if c.pending_build]
     if pending:
         raise ConflictError(
-            f"{len(pending)} build(s) for this rollout still running after {wait_s:.0f} s "
+            f"{len(pending)} build(s) for this rollout still running after {build_wait_s:.0f} s "
             f"({', '.join(pending)}); create the rollout again when they have succeeded "
             "(the CLI follows them and does this for you)",
             reason="build_pending",
             build_ids=pending,
         )
-
-    rollout = Rollout(
-        id=uuid.uuid4().hex[:16],
-        model_version_id=version.id or 0,
-        slot=slot,
-        selector=body.selector,
-        created_at=datetime.now(UTC),
-        created_by=actor,
-    )
-    session.add(rollout)
-    documents: dict[str, SignedDesiredState] = {}
-    for device in devices:
-        bundle = bundles[cohort_of(device)]
-        envelope = desired.assign_slot(
-            session,
-            device.id,
-            slot,
-            slot_assignment(public_url, model, version, bundle, rollout.id).model_copy(
-                update={
-                    "shadow_of": body.shadow_of,
-                    "sample_rate": body.sample_rate,
-                }
-            ),
-            ttl_s=desired_ttl_s,
-            signer=signer,
-        )
-        documents[device.id] = envelope
-        session.add(
-            RolloutTarget(
-                rollout_id=rollout.id,
-                device_id=device.id,
-                bundle_sha256=bundle.sha256,
-                desired_seq=envelope.signed.seq,
-            )
-        )
-    record(
-        session,
-        actor,
-        "rollout.create",
-        rollout.id,
-        model=model.name,
-        version=version.version,
-        devices=[d.id for d in devices],
-        selector=body.selector,
-    )
-    session.commit()
-    return describe(session, rollout), documents
+    return choices
 
 
-def _cohort_bundle(
+# --- describing --------------------------------------------------------------------------------
+
+
+def describe(
     session: Session,
-    runner: BuildRunner,
-    model: MLModel,
-    version: ModelVersion,
-    cohort: tuple[str, tuple[str, ...] | None],
-    signer: FleetSigner,
-    actor: str,
+    rollout: Rollout,
     *,
-    wait_s: float,
-) -> Bundle:
-    profile_name, runtimes = cohort
-    try:
-        profile = runner.catalog.get(profile_name)
-    except ProfileError as e:
-        raise InvalidInputError(f"device profile {profile_name!r} is no longer known") from e
-    return ensure_bundle(
-        session,
-        runner,
-        model,
-        version,
-        profile,
-        signer,
-        runtimes=list(runtimes) if runtimes is not None else None,
-        actor=actor,
-        wait_s=wait_s,
-    )
-
-
-def cohort_of(device: Device) -> tuple[str, tuple[str, ...] | None]:
-    """(profile, runtimes the device has) — None when it has not said."""
-    return device.profile, tuple(sorted(device.runtimes)) if device.runtimes else None
-
-
-def slot_assignment(
-    public_url: str, model: MLModel, version: ModelVersion, bundle: Bundle, rollout_id: str | None
-) -> SlotAssignment:
-    return SlotAssignment(
-        model=model.name,
-        version=version.version,
-        bundle_sha256=bundle.sha256,
-        bundle_url=f"{public_url}/v1/bundles/{bundle.sha256}",
-        size=bundle.size,
-        rollout_id=rollout_id,
-    )
-
-
-def _target_status(
-    device: Device, target: RolloutTarget, slot: str, bundle: Bundle
-) -> TargetStatus:
-    reported = ReportedStatus.model_validate(device.reported) if device.reported else None
-    report = reported.slots.get(slot) if reported else None
-    running = None
-    if report is not None:
-        running = report.active.bundle_sha256 if report.active else _shadow_ref(report.shadow)
-    error: dict[str, Any] | None = report.error.model_dump() if report and report.error else None
-    state = TargetState.PENDING
-    if (
-        report is not None
-        and report.target_sha256 == target.bundle_sha256
-        and report.state in (SlotState.FAILED, SlotState.ROLLED_BACK)
-    ):
-        failed = report.state == SlotState.FAILED
-        state = TargetState.FAILED if failed else TargetState.ROLLED_BACK
-    elif report is not None and running == target.bundle_sha256:
-        # Only a committed version is serving; between the switch and the commit (probation,
-        # or a rollback under way) the device may still turn it down.
-        # In a state a deployment ends in, what a slot runs is its committed version (after a
-        # fleet rollback to it, the slot still names the version it left, and why).
-        settled = report.state in (SlotState.COMMITTED, SlotState.FAILED, SlotState.ROLLED_BACK)
-        state = TargetState.SERVING if settled else TargetState.PROBATION
-    elif (
-        reported
-        and reported.refusal
-        and reported.refusal.seq == target.desired_seq  # this document, not some other payload
-        and device.reported_seq < target.desired_seq
-    ):
-        state, error = TargetState.REFUSED, reported.refusal.model_dump()
-    return TargetStatus(
-        device_id=device.id,
-        profile=device.profile,
-        bundle_sha256=target.bundle_sha256,
-        runtime=bundle.runtime,
-        precision=bundle.precision,
-        state=state,
-        device_state=report.state if report else None,
-        online=device.online,
-        error=error if state != TargetState.SERVING else None,
-    )
-
-
-def _shadow_ref(shadow: dict[str, Any] | None) -> str | None:
-    return str(shadow["bundle_sha256"]) if shadow and "bundle_sha256" in shadow else None
-
-
-def describe(session: Session, rollout: Rollout) -> RolloutPublic:
+    include_targets: bool = True,
+    now: datetime | None = None,
+) -> RolloutPublic:
+    now = now or datetime.now(UTC)
     model, version = version_by_id(session, rollout.model_version_id)
-    targets = session.exec(
-        select(RolloutTarget)
-        .where(RolloutTarget.rollout_id == rollout.id)
-        .order_by(col(RolloutTarget.device_id))
-    ).all()
+    plan = rollout.plan or _legacy_plan()
+    timeout_s = float(str(plan.get("stage_timeout_s") or 1800))
+    targets = list(
+        session.exec(
+            select(RolloutTarget)
+            .where(RolloutTarget.rollout_id == rollout.id)
+            .order_by(col(RolloutTarget.device_id))
+        ).all()
+    )
+    devices = {
+        d.id: d
+        for d in session.exec(
+            select(Device).where(col(Device.id).in_([t.device_id for t in targets]))
+        ).all()
+    }
+    bundles = {
+        b.sha256: b
+        for b in session.exec(
+            select(Bundle).where(col(Bundle.sha256).in_({t.bundle_sha256 for t in targets}))
+        ).all()
+    }
+    views = [
+        target_view(t, devices[t.device_id], rollout.slot, now=now, timeout_s=timeout_s)
+        for t in targets
+        if t.device_id in devices
+    ]
+    stage_of = _stage_of(rollout, plan, views)
+    counts = {str(s): 0 for s in TargetState}
+    for v in views:
+        counts[v.state] += 1
     statuses = []
-    for t in targets:
-        device = session.get(Device, t.device_id)
-        bundle = session.get(Bundle, t.bundle_sha256)
-        assert device is not None and bundle is not None
-        statuses.append(_target_status(device, t, rollout.slot, bundle))
-    counts = {s: 0 for s in TargetState}
-    for s in statuses:
-        counts[s.state] += 1
-    if counts[TargetState.SERVING] == len(statuses):
-        overall = RolloutState.COMPLETED
-    elif counts[TargetState.PENDING] == 0 and counts[TargetState.PROBATION] == 0:
-        overall = RolloutState.FAILED
-    else:
-        overall = RolloutState.IN_PROGRESS
+    if include_targets:
+        for v in views:
+            bundle = bundles.get(v.target.bundle_sha256 or "")
+            statuses.append(
+                TargetStatus(
+                    device_id=v.device.id,
+                    profile=v.device.profile,
+                    bundle_sha256=v.target.bundle_sha256,
+                    runtime=bundle.runtime if bundle else None,
+                    precision=bundle.precision if bundle else None,
+                    state=v.state,
+                    stage=stage_of.get(v.device.id, v.target.stage),
+                    device_state=v.device_state,
+                    online=v.device.online,
+                    error=v.error,
+                    note=v.target.note,
+                )
+            )
+    events = [
+        RolloutEventPublic.model_validate(e)
+        for e in session.exec(
+            select(RolloutEvent)
+            .where(RolloutEvent.rollout_id == rollout.id)
+            .order_by(col(RolloutEvent.id))
+        ).all()
+    ]
+    gates = [GateFigure.model_validate(g) for g in (rollout.figures or {}).get("gates", [])]
     return RolloutPublic(
         id=rollout.id,
         model=model.name,
         version=version.version,
         slot=rollout.slot,
-        selector=rollout.selector,
+        selector=rollout.cohort if rollout.cohort is not None else rollout.selector,
+        devices=rollout.devices,
+        strategy=str(plan.get("strategy", "all_at_once")),
+        plan=plan,
         created_at=aware(rollout.created_at),
         created_by=rollout.created_by,
-        state=overall,
-        counts={str(k): v for k, v in counts.items()},
+        state=RolloutState(rollout.state),
+        stage=rollout.stage,
+        stage_started_at=aware(rollout.stage_started_at) if rollout.stage_started_at else None,
+        ended_at=aware(rollout.ended_at) if rollout.ended_at else None,
+        reason=rollout.reason,
+        superseded_by=rollout.superseded_by,
+        counts=counts,
+        stages=_stages(rollout, plan, views, stage_of),
+        gates=gates,
         targets=statuses,
+        events=events,
     )
 
 
-def get_rollout(session: Session, rollout_id: str) -> RolloutPublic:
+def _legacy_plan() -> dict[str, object]:
+    return {"strategy": "all_at_once", "stages": [100.0], "gates": {}, "stage_timeout_s": 1800}
+
+
+def _stage_of(rollout: Rollout, plan: dict[str, object], views: list[TargetView]) -> dict[str, int]:
+    """The stage each device is (or will be) in: a notified one, the stage that admitted it;
+    a waiting one, the first stage whose quota reaches its place in the rollout's order."""
+    stages = [float(p) for p in plan.get("stages") or [100.0]]  # type: ignore[attr-defined]
+    eligible = [
+        v for v in views if v.target.phase not in (TargetPhase.RELEASED, TargetPhase.EXCLUDED)
+    ]
+    eligible.sort(key=lambda v: rank(rollout.id, v.device.id))
+    quotas = [stage_quota(p, len(eligible)) for p in stages]
+    out: dict[str, int] = {}
+    for i, v in enumerate(eligible):
+        if v.target.phase != TargetPhase.SCHEDULED:
+            out[v.device.id] = v.target.stage
+        else:
+            out[v.device.id] = next((k for k, q in enumerate(quotas) if i < q), len(stages) - 1)
+    return out
+
+
+def _stages(
+    rollout: Rollout,
+    plan: dict[str, object],
+    views: list[TargetView],
+    stage_of: dict[str, int],
+) -> list[StageStatus]:
+    stages = [float(p) for p in plan.get("stages") or [100.0]]  # type: ignore[attr-defined]
+    out = []
+    for i, percent in enumerate(stages):
+        mine = [v for v in views if stage_of.get(v.device.id) == i]
+        counts = {"targeted": len(mine)}
+        for v in mine:
+            counts[v.state] = counts.get(v.state, 0) + 1
+        counts["notified"] = sum(1 for v in mine if v.target.notified_at is not None)
+        if i < rollout.stage:
+            state = "passed"
+        elif i > rollout.stage:
+            state = "pending"
+        elif rollout.state == RolloutState.IN_PROGRESS:
+            state = "baking" if rollout.stage_settled_at is not None else "running"
+        else:
+            state = str(rollout.state)
+        out.append(StageStatus(index=i, percent=percent, counts=counts, state=state))
+    return out
+
+
+def get_rollout(
+    session: Session, rollout_id: str, *, include_targets: bool = True
+) -> RolloutPublic:
     rollout = session.get(Rollout, rollout_id)
     if rollout is None:
         raise NotFoundError(f"no rollout {rollout_id!r}", rollout_id=rollout_id)
-    return describe(session, rollout)
+    return describe(session, rollout, include_targets=include_targets)
 
 
-def list_rollouts(session: Session) -> list[RolloutPublic]:
+def list_rollouts(session: Session, *, include_targets: bool = True) -> list[RolloutPublic]:
     rows = session.exec(select(Rollout).order_by(col(Rollout.created_at).desc())).all()
-    return [describe(session, r) for r in rows]
+    return [describe(session, r, include_targets=include_targets) for r in rows]

@@ -1,5 +1,15 @@
-"""A rollout and its per-device targets. Progress is derived from what devices report, so it
-is never out of step with the fleet."""
+"""A rollout, its per-device targets and its event history.
+
+- ``rollouts``: the plan (strategy, stages, rate, gates, timeouts) and where the engine is in
+  it (state, stage, when the stage began and settled). Only the reconciler and the operator's
+  commands change it, each under the rollout row's lock.
+- ``rollout_targets``: one row per device the rollout has touched or will: which stage admitted
+  it, when it was notified, what its slot held before (the rollback), and the server's own
+  phase (``scheduled`` / ``notified`` / ``reverted`` / ``released`` / ``excluded``). What the
+  device is doing is derived from its reports, so progress is never out of step with the fleet.
+- ``rollout_events``: every decision (start, stage promoted, gate breach, abort, rollback,
+  pause, …) with its figures, in order.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +18,60 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel
-from pydantic import Field as PydanticField
 from sqlalchemy import JSON, Column, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-from edge_agent.protocol.desired import SLOT_PATTERN
 from edge_agent.protocol.lifecycle import SlotState
-from fleet_server.api.schemas import RequestBody
+from fleet_server.database import UtcPublic
+from fleet_server.rollouts.spec import RolloutCreate
+
+__all__ = [
+    "GateFigure",
+    "Rollout",
+    "RolloutCreate",
+    "RolloutEvent",
+    "RolloutEventPublic",
+    "RolloutPublic",
+    "RolloutState",
+    "RolloutTarget",
+    "StageStatus",
+    "TargetPhase",
+    "TargetState",
+    "TargetStatus",
+]
+
+
+class RolloutState(StrEnum):
+    IN_PROGRESS = "in_progress"
+    #: A stage passed its gates and waits for ``promote`` (manual approval).
+    AWAITING_APPROVAL = "awaiting_approval"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    #: Every target ended and some did not serve (no gate stopped it: all at once, no gates).
+    FAILED = "failed"
+    #: A gate breach or the operator stopped it; touched devices were rolled back.
+    ABORTED = "aborted"
+    #: A newer rollout on the same slot took its devices over.
+    SUPERSEDED = "superseded"
+
+
+ACTIVE_STATES = frozenset(
+    {RolloutState.IN_PROGRESS, RolloutState.AWAITING_APPROVAL, RolloutState.PAUSED}
+)
+
+
+class TargetPhase(StrEnum):
+    """The server's side of a target: what it has done for the device."""
+
+    #: In the cohort and its stage, waiting for the rate limit (or a build).
+    SCHEDULED = "scheduled"
+    NOTIFIED = "notified"
+    #: The rollout gave the device its previous version back.
+    REVERTED = "reverted"
+    #: It left the cohort: the rollout no longer acts on it (it keeps what it has).
+    RELEASED = "released"
+    #: No bundle for its profile could be built.
+    EXCLUDED = "excluded"
 
 
 class Rollout(SQLModel, table=True):
@@ -23,9 +80,26 @@ class Rollout(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=32)
     model_version_id: int = Field(foreign_key="model_versions.id", index=True)
     slot: str = Field(max_length=63)
+    #: The older object form of a label selector (kept as it was given).
     selector: dict[str, str] | None = Field(default=None, sa_column=Column(JSON))
     created_at: datetime
     created_by: str = Field(max_length=128)
+    #: The cohort: a selector expression, or null with a fixed ``devices`` list.
+    cohort: str | None = Field(default=None, max_length=4096)
+    devices: list[str] | None = Field(default=None, sa_column=Column(JSON))
+    #: ``RolloutCreate.plan()``: strategy, stages, rate, gates, bake and timeouts.
+    plan: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    state: str = Field(default=RolloutState.IN_PROGRESS, max_length=24, index=True)
+    stage: int = 0
+    stage_started_at: datetime | None = None
+    #: When every device of the stage had ended (serving, failed or timed out): baking began.
+    stage_settled_at: datetime | None = None
+    ended_at: datetime | None = None
+    #: Why it ended, when it did not complete.
+    reason: str | None = Field(default=None, max_length=500)
+    #: Gate figures of the current stage as last judged.
+    figures: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    superseded_by: str | None = Field(default=None, max_length=32)
 
 
 class RolloutTarget(SQLModel, table=True):
@@ -35,53 +109,109 @@ class RolloutTarget(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     rollout_id: str = Field(foreign_key="rollouts.id", index=True, max_length=32)
     device_id: str = Field(foreign_key="devices.id", max_length=63)
-    bundle_sha256: str = Field(foreign_key="bundles.sha256", max_length=64)
-    desired_seq: int
+    bundle_sha256: str | None = Field(default=None, foreign_key="bundles.sha256", max_length=64)
+    #: The document that gave the device this rollout's version (0 before it was notified).
+    desired_seq: int = 0
+    phase: str = Field(default=TargetPhase.NOTIFIED, max_length=16)
+    #: The stage (0-based) that admitted it.
+    stage: int = 0
+    added_at: datetime | None = None
+    notified_at: datetime | None = None
+    #: The slot's assignment before this rollout (``SlotAssignment`` as JSON); null: empty.
+    previous: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    #: Why it is excluded or released.
+    note: str | None = Field(default=None, max_length=500)
 
 
-class RolloutCreate(RequestBody):
-    model: str
-    version: str
-    #: Explicit device ids…
-    devices: list[str] | None = None
-    #: …or a label selector (all labels must match).
-    selector: dict[str, str] | None = None
-    #: The slot on the device; default: the model name (shadows: "<shadow_of>-shadow").
-    slot: str | None = PydanticField(default=None, pattern=SLOT_PATTERN)
-    #: Shadow mode: run this version beside the given active slot on a share of its live
-    #: requests, never answering with it; the devices report agreement and latency of both.
-    shadow_of: str | None = PydanticField(default=None, pattern=SLOT_PATTERN)
-    sample_rate: float = PydanticField(default=0.1, ge=0, le=1)
+class RolloutEventBase(SQLModel):
+    rollout_id: str = Field(index=True, max_length=32)
+    at: datetime
+    #: created / promoted / awaiting_approval / approved / gate_breach / aborted / rollback /
+    #: paused / resumed / completed / failed / superseded / device_joined / device_released /
+    #: device_excluded
+    kind: str = Field(max_length=32)
+    stage: int | None = None
+    actor: str = Field(default="reconciler", max_length=128)
+    message: str = Field(default="", max_length=1000)
+    figures: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class RolloutEvent(RolloutEventBase, table=True):
+    __tablename__ = "rollout_events"
+
+    id: int | None = Field(default=None, primary_key=True)
+
+
+class RolloutEventPublic(RolloutEventBase, UtcPublic):
+    id: int
+
+
+# --- API schemas -------------------------------------------------------------------------------
 
 
 class TargetState(StrEnum):
-    """Where one device is in a rollout, read from its reports."""
+    """Where one device is in a rollout: the server's phase, then its reports."""
 
+    #: In the cohort, not notified yet (a later stage, the rate limit, a build).
+    WAITING = "waiting"
+    #: Notified; nothing reported for this version yet.
     PENDING = "pending"
+    DOWNLOADING = "downloading"
     PROBATION = "probation"
     SERVING = "serving"
     FAILED = "failed"
     ROLLED_BACK = "rolled_back"
     REFUSED = "refused"
+    TIMED_OUT = "timed_out"
+    #: The rollout gave it its previous version back (fleet rollback).
+    REVERTED = "reverted"
+    RELEASED = "released"
+    EXCLUDED = "excluded"
 
 
-class RolloutState(StrEnum):
-    IN_PROGRESS = "in_progress"
-    COMPLETED = "completed"
-    FAILED = "failed"
+#: States in which a notified device's part is over (for this stage's purposes).
+ENDED = frozenset(
+    {
+        TargetState.SERVING,
+        TargetState.FAILED,
+        TargetState.ROLLED_BACK,
+        TargetState.REFUSED,
+        TargetState.TIMED_OUT,
+    }
+)
 
 
 class TargetStatus(BaseModel):
     device_id: str
     profile: str
-    bundle_sha256: str
-    runtime: str
-    precision: str
+    bundle_sha256: str | None
+    runtime: str | None
+    precision: str | None
     state: TargetState
+    stage: int
     #: The slot's lifecycle state as the device last reported it.
     device_state: SlotState | None
     online: bool
     error: dict[str, Any] | None = None
+    note: str | None = None
+
+
+class GateFigure(BaseModel):
+    gate: str
+    #: The figure now (None: nothing to judge yet).
+    value: float | None
+    threshold: float
+    #: True: within the threshold; False: breached; None: not enough data yet.
+    ok: bool | None
+    detail: str = ""
+
+
+class StageStatus(BaseModel):
+    index: int
+    percent: float
+    #: targeted / notified / downloading / staged / active / failed / rolled_back / timed_out …
+    counts: dict[str, int]
+    state: str  # pending / running / baking / passed / breached
 
 
 class RolloutPublic(BaseModel):
@@ -89,9 +219,20 @@ class RolloutPublic(BaseModel):
     model: str
     version: str
     slot: str
-    selector: dict[str, str] | None
+    selector: dict[str, str] | str | None
+    devices: list[str] | None = None
+    strategy: str
+    plan: dict[str, Any]
     created_at: datetime
     created_by: str
     state: RolloutState
+    stage: int
+    stage_started_at: datetime | None
+    ended_at: datetime | None
+    reason: str | None
+    superseded_by: str | None
     counts: dict[str, int]
+    stages: list[StageStatus]
+    gates: list[GateFigure]
     targets: list[TargetStatus]
+    events: list[RolloutEventPublic]

@@ -123,7 +123,15 @@ def test_a_device_acts_only_as_itself(
     ):
         assert call(stack, method, path, a).status_code == 403, path
     # An earlier assignment stays downloadable (a rollback needs it).
-    api.post("/v1/rollouts", json={"model": "classifier", "version": "2.0.0", "devices": ["dev-a"]})
+    api.post(
+        "/v1/rollouts",
+        json={
+            "model": "classifier",
+            "version": "2.0.0",
+            "devices": ["dev-a"],
+            "supersedes": ra["id"],
+        },
+    )
     assert call(stack, "GET", f"/v1/bundles/{sha_a}", a).status_code == 200
 
     # A database from before bundle grants existed: its rollouts' bundles are granted again

@@ -223,7 +223,7 @@ def test_rollout_builds_each_cohort_side_by_side_and_the_cli_follows_them(
         cli,
         ["rollouts", "create", "--model", "classifier", "--version", "1.0.1",
          "--device", "x86-1", "--device", "orin-1", "--no-wait",
-         "--server", stack.url, "--token", ADMIN_TOKEN],
+         "--supersedes", first["id"], "--server", stack.url, "--token", ADMIN_TOKEN],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "building the bundle for this rollout" in result.output

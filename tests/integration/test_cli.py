@@ -59,9 +59,9 @@ def test_usage_errors_exit_2(stack: EmbeddedStack, model_path: Path) -> None:
         "--version",
         "1.0.0",
         "--selector",
-        "nokeyvalue",
+        "site in (berlin",
     )
-    assert r.returncode == 2
+    assert r.returncode == 2 and "selector" in r.stderr, r.stderr
 
 
 def test_unreachable_server_says_so(tmp_path: Path) -> None:

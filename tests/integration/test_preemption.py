@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from fleet_server.client import ApiClient
+from fleet_server.client import ApiClient, ApiError
 from fleet_server.server import EmbeddedStack
 from hil.rig import LocalAgent, roll_out, wait_until
 
@@ -32,12 +32,18 @@ def _in_probation(agent: LocalAgent, version: str) -> bool:
     return bool(served and served["version"] == version and _slot(agent)["state"] == "PROBATION")
 
 
-def _timed_switch(api: ApiClient, agent: LocalAgent, version: str) -> float:
-    """Roll ``version`` out while another is on probation; seconds until it answers."""
+def _timed_switch(api: ApiClient, agent: LocalAgent, version: str, supersedes: str) -> float:
+    """Roll ``version`` out while another is on probation, superseding its rollout (an
+    overlapping rollout on the slot is refused otherwise); seconds until it answers."""
     start = time.monotonic()
     api.post(
         "/v1/rollouts",
-        json={"model": "classifier", "version": version, "devices": [agent.device_id]},
+        json={
+            "model": "classifier",
+            "version": version,
+            "devices": [agent.device_id],
+            "supersedes": supersedes,
+        },
     )
     agent.wait_serving("classifier", version, timeout_s=WINDOW_S / 2)
     return time.monotonic() - start
@@ -72,19 +78,30 @@ def test_a_newer_document_ends_probation_at_once(
         agent.start()
         agent.wait_ready()
 
-        api.post(
+        second = api.post(
             "/v1/rollouts",
             json={"model": "classifier", "version": "2.0.0", "devices": [agent.device_id]},
         )
         wait_until(lambda: _in_probation(agent, "2.0.0"), 30, "2.0.0 on probation")
 
+        # A second rollout on the slot while 2.0.0's is active is refused unless it says it
+        # supersedes it; nothing changes.
+        with pytest.raises(ApiError) as refused:
+            api.post(
+                "/v1/rollouts",
+                json={"model": "classifier", "version": "3.0.0", "devices": [agent.device_id]},
+            )
+        assert refused.value.reason == "overlapping_rollout" and second["id"] in str(refused.value)
+
         # A newer version takes over: 2.0.0's probation ends, 3.0.0 proceeds.
-        newer_s = _timed_switch(api, agent, "3.0.0")
+        newer_s = _timed_switch(api, agent, "3.0.0", supersedes=second["id"])
+        assert api.get(f"/v1/rollouts/{second['id']}")["state"] == "superseded"
+        third = max(api.get("/v1/rollouts"), key=lambda r: r["created_at"])
         wait_until(lambda: _in_probation(agent, "3.0.0"), 30, "3.0.0 on probation")
 
         # A fleet rollback: a newer document naming the committed version. The prior serves
         # again, and the slot says why it left 3.0.0.
-        rollback_s = _timed_switch(api, agent, "1.0.0")
+        rollback_s = _timed_switch(api, agent, "1.0.0", supersedes=third["id"])
         slot = wait_until(
             lambda: (s := _slot(agent))["state"] == "ROLLED_BACK" and s, 10, "the rollback"
         )

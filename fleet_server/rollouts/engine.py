@@ -1,0 +1,793 @@
+"""The rollout engine: a reconciler that moves every active rollout one step towards its plan.
+
+One step of one rollout, under that rollout's row lock (``SELECT … FOR UPDATE SKIP LOCKED`` on
+PostgreSQL: with several server processes on one database, one acts on a rollout at a time
+and the others skip it; SQLite has one writer, and one process lock covers its threads):
+
+1. **Cohort.** Devices that now match the selector join as ``scheduled`` targets (with the
+   bundle for their profile — built when missing, ``excluded`` with the reason when the build
+   fails); targets that no longer match are ``released``.
+2. **Gates, cheap ones.** Install failures, agent rollbacks and time-outs of the current
+   stage's devices: a breach aborts now, before the stage has run its course.
+3. **Notify.** The stage holds the first ``quota`` devices of the cohort by a stable hash of
+   (rollout, device); those not yet notified get a new desired-state document, as many as the
+   rate limit allows in any 60 s (optionally ramping up as devices succeed).
+4. **Judge.** When every device of the stage has ended (serving, failed, rolled back, refused or
+   timed out) and the bake time has passed, every gate is judged on telemetry from the stage's
+   devices. Pass: the next stage (or ``awaiting_approval``), or ``completed``. Breach: the
+   rollout is aborted and every touched device gets its previous assignment back.
+
+Every decision is a ``rollout_events`` row and an audit entry, written in the transaction that
+makes it, so it is recorded exactly once however many processes run the engine. Documents are
+published after the commit; a publish lost with the broker is re-sent by the control plane
+from the database when the device reports a stale ``seq``. The step is idempotent: rerunning
+it after a crash or a restart does what is still to do and nothing twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from edge_agent.contracts.errors import ConversionError
+from edge_agent.protocol.desired import SignedDesiredState, SlotAssignment
+from firmware_profiles import ProfileError
+from fleet_server.audit.service import record
+from fleet_server.builds.runner import BuildRunner
+from fleet_server.builds.service import ensure_bundle
+from fleet_server.bundles.tables import Bundle
+from fleet_server.database import aware
+from fleet_server.devices import desired
+from fleet_server.devices.selectors import Selector
+from fleet_server.devices.tables import Device
+from fleet_server.errors import ConflictError, NotFoundError
+from fleet_server.keys.service import FleetSigner, ServerKeys
+from fleet_server.registry.service import version_by_id
+from fleet_server.registry.tables import MLModel, ModelVersion
+from fleet_server.rollouts import gates as gate_rules
+from fleet_server.rollouts.progress import TargetView, rank, stage_quota, target_view
+from fleet_server.rollouts.spec import GateSpec, RateSpec, Strategy
+from fleet_server.rollouts.tables import (
+    ACTIVE_STATES,
+    GateFigure,
+    Rollout,
+    RolloutEvent,
+    RolloutState,
+    RolloutTarget,
+    TargetPhase,
+    TargetState,
+)
+
+__all__ = ["BundleChoice", "RolloutEngine", "cohort_of", "rate_allowance", "slot_assignment"]
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[dict[str, SignedDesiredState]], None]
+Cohort = tuple[str, tuple[str, ...] | None]
+
+
+def cohort_of(device: Device) -> Cohort:
+    """(profile, runtimes the device has) — None when it has not said. One bundle each."""
+    return device.profile, tuple(sorted(device.runtimes)) if device.runtimes else None
+
+
+def slot_assignment(
+    public_url: str, model: MLModel, version: ModelVersion, bundle: Bundle, rollout_id: str | None
+) -> SlotAssignment:
+    return SlotAssignment(
+        model=model.name,
+        version=version.version,
+        bundle_sha256=bundle.sha256,
+        bundle_url=f"{public_url}/v1/bundles/{bundle.sha256}",
+        size=bundle.size,
+        rollout_id=rollout_id,
+    )
+
+
+@dataclass(frozen=True)
+class BundleChoice:
+    """For one cohort: its bundle, or that its build is still running, or why it has none."""
+
+    sha256: str | None = None
+    pending_build: str | None = None
+    excluded: str | None = None
+
+
+def choose_bundle(
+    session: Session,
+    runner: BuildRunner,
+    model: MLModel,
+    version: ModelVersion,
+    cohort: Cohort,
+    signer: FleetSigner,
+    actor: str,
+    *,
+    wait_s: float,
+) -> BundleChoice:
+    """Commits (a build request is its own transaction): call outside the rollout's lock."""
+    profile_name, runtimes = cohort
+    try:
+        profile = runner.catalog.get(profile_name)
+    except ProfileError:
+        return BundleChoice(excluded=f"device profile {profile_name!r} is no longer known")
+    try:
+        bundle = ensure_bundle(
+            session, runner, model, version, profile, signer,
+            runtimes=list(runtimes) if runtimes is not None else None,
+            actor=actor, wait_s=wait_s,
+        )  # fmt: skip
+    except ConflictError as e:
+        if e.reason == "build_pending":
+            return BundleChoice(pending_build=str(e.fields.get("build_id") or ""))
+        raise
+    except ConversionError as e:
+        return BundleChoice(excluded=f"no bundle for {profile_name}: {e.message}")
+    return BundleChoice(sha256=bundle.sha256)
+
+
+def rate_allowance(rate: RateSpec, recent: int, succeeded: int) -> int | None:
+    """How many more devices may be notified now, given ``recent`` notified in the last 60 s
+    and ``succeeded`` serving; None: no limit."""
+    limit: float | None = rate.max_per_minute
+    if rate.ramp is not None:
+        ramp = rate.ramp
+        ramped = ramp.base_per_minute * ramp.increase_factor ** (succeeded // ramp.after_succeeded)
+        limit = ramped if limit is None else min(limit, ramped)
+    if limit is None:
+        return None
+    return max(0, int(limit) - recent)
+
+
+class RolloutEngine:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        keys: ServerKeys,
+        runner: BuildRunner,
+        bundles: Any,
+        publish: Publish,
+        public_url: str,
+        desired_ttl_s: int,
+        tick_s: float = 1.0,
+        bucket_s: int = 60,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        """``bundles``: the telemetry bundle catalog (drift baselines) the gates read with."""
+        self._engine = engine
+        self._keys = keys
+        self._runner = runner
+        self._bundles = bundles
+        self._publish = publish
+        self.public_url = public_url
+        self._ttl_s = desired_ttl_s
+        self._tick_s = tick_s
+        self._bucket_s = bucket_s
+        self._clock = clock
+        #: One step at a time in this process (SQLite has no row locks; threads share it).
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._postgres = engine.dialect.name == "postgresql"
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Held while this process changes a rollout (its steps and the operator's commands)."""
+        return self._lock
+
+    # --- the loop --------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="edgefleet-rollouts", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def wake(self) -> None:
+        """Something changed (a status arrived, a device enrolled): step soon."""
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(self._tick_s)
+            self._wake.clear()
+            if self._stopping.is_set():
+                return
+            try:
+                self.tick()
+            except Exception:  # the loop outlives any one failure; the next tick retries
+                log.exception("rollout reconciler tick failed")
+            # Status reports arrive in bursts; coalesce them rather than step per message.
+            self._stopping.wait(min(0.25, self._tick_s))
+
+    def tick(self) -> int:
+        """Step every active rollout once; returns how many were stepped."""
+        with Session(self._engine) as session:
+            ids = list(
+                session.exec(
+                    select(Rollout.id)
+                    .where(col(Rollout.state).in_([str(s) for s in ACTIVE_STATES]))
+                    .order_by(col(Rollout.created_at))
+                ).all()
+            )
+        for rollout_id in ids:
+            try:
+                self.step(rollout_id)
+            except Exception:
+                log.exception("rollout %s: step failed", rollout_id)
+        return len(ids)
+
+    # --- one step --------------------------------------------------------------------------------
+    def step(self, rollout_id: str) -> None:
+        with self._lock:
+            choices = self._prepare_bundles(rollout_id)
+            with Session(self._engine) as session:
+                rollout = self._locked(session, rollout_id, wait=False)
+                if rollout is None or rollout.state not in ACTIVE_STATES:
+                    session.rollback()
+                    return
+                documents = self._advance(session, rollout, choices)
+                session.commit()
+            if documents:
+                self._publish(documents)
+
+    def act(
+        self, rollout_id: str, action: Callable[[Session, Rollout], dict[str, SignedDesiredState]]
+    ) -> None:
+        """Run an operator's command on the locked rollout (waiting for the lock), commit,
+        publish what it wrote. A refusal raises before anything is written."""
+        with self._lock:
+            with Session(self._engine) as session:
+                rollout = self._locked(session, rollout_id, wait=True)
+                if rollout is None:
+                    raise NotFoundError(f"no rollout {rollout_id!r}", rollout_id=rollout_id)
+                documents = action(session, rollout)
+                session.commit()
+            if documents:
+                self._publish(documents)
+
+    def _locked(self, session: Session, rollout_id: str, *, wait: bool) -> Rollout | None:
+        query = select(Rollout).where(Rollout.id == rollout_id)
+        if self._postgres:
+            query = query.with_for_update(skip_locked=not wait)
+        return session.exec(query).first()
+
+    def signer(self, session: Session) -> FleetSigner:
+        return self._keys.signer(session)
+
+    def _prepare_bundles(self, rollout_id: str) -> dict[Cohort, BundleChoice]:
+        """Bundles for the cohorts of devices the rollout has no bundle for yet (newcomers,
+        builds that were pending). Outside the lock: a build request commits."""
+        with Session(self._engine) as session:
+            rollout = session.get(Rollout, rollout_id)
+            if rollout is None or rollout.state not in ACTIVE_STATES:
+                return {}
+            targets = {
+                t.device_id: t
+                for t in session.exec(
+                    select(RolloutTarget).where(RolloutTarget.rollout_id == rollout_id)
+                ).all()
+            }
+            known: dict[Cohort, BundleChoice] = {}
+            wanted: set[Cohort] = set()
+            for device in self._cohort_devices(session, rollout):
+                cohort = cohort_of(device)
+                target = targets.get(device.id)
+                if target is not None and target.bundle_sha256:
+                    known[cohort] = BundleChoice(sha256=target.bundle_sha256)
+                elif target is None or target.phase == TargetPhase.SCHEDULED:
+                    wanted.add(cohort)
+            missing = wanted - set(known)
+            if not missing:
+                return known
+            model, version = version_by_id(session, rollout.model_version_id)
+            try:
+                signer = self.signer(session)
+            except ConflictError:
+                return known
+            for cohort in sorted(missing, key=str):
+                known[cohort] = choose_bundle(
+                    session, self._runner, model, version, cohort, signer, "reconciler",
+                    wait_s=0,
+                )  # fmt: skip
+            return known
+
+    def _cohort_devices(self, session: Session, rollout: Rollout) -> list[Device]:
+        if rollout.devices is not None:
+            return list(
+                session.exec(select(Device).where(col(Device.id).in_(rollout.devices))).all()
+            )
+        selector = (
+            Selector.parse(rollout.cohort)
+            if rollout.cohort is not None
+            else Selector.from_labels(rollout.selector or {})
+        )
+        return [
+            d for d in session.exec(select(Device)).all() if selector.matches(d.labels, d.profile)
+        ]
+
+    def _advance(
+        self, session: Session, rollout: Rollout, choices: dict[Cohort, BundleChoice]
+    ) -> dict[str, SignedDesiredState]:
+        now = self._clock()
+        plan = rollout.plan or {}
+        gates = GateSpec.model_validate(plan.get("gates") or {})
+        model, version = version_by_id(session, rollout.model_version_id)
+        targets = {
+            t.device_id: t
+            for t in session.exec(
+                select(RolloutTarget).where(RolloutTarget.rollout_id == rollout.id)
+            ).all()
+        }
+        cohort = {d.id: d for d in self._cohort_devices(session, rollout)}
+        self._sync_cohort(session, rollout, targets, cohort, choices, now)
+        devices = dict(cohort)
+        missing = [d for d in targets if d not in devices]
+        if missing:
+            devices.update(
+                {d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(missing)))}
+            )
+        timeout_s = float(plan.get("stage_timeout_s") or 1800)
+        views = [
+            target_view(t, devices[t.device_id], rollout.slot, now=now, timeout_s=timeout_s)
+            for t in targets.values()
+            if t.device_id in devices
+        ]
+        stage_views, to_notify = self._stage(rollout, plan, views)
+        figures = self._judge(session, rollout, model.name, version.version, stage_views, gates,
+                              telemetry=False)  # fmt: skip
+        broken = gate_rules.breaches(figures)
+        if broken:
+            return self._abort(session, rollout, now, "gate_breach", broken, figures)
+        documents: dict[str, SignedDesiredState] = {}
+        if rollout.state != RolloutState.PAUSED:
+            documents = self._notify(session, rollout, model, version, to_notify, views, now)
+        rollout.figures = {"gates": [f.model_dump() for f in figures], "at": now.isoformat()}
+        if rollout.state != RolloutState.IN_PROGRESS or documents:
+            session.add(rollout)
+            return documents
+        settled = bool(stage_views) and all(v.ended for v in stage_views)
+        if not stage_views and not [v for v in views if v.state == TargetState.WAITING]:
+            settled = True  # nothing left to do in this stage (every device left or excluded)
+        if not settled:
+            rollout.stage_settled_at = None
+            session.add(rollout)
+            return documents
+        if rollout.stage_settled_at is None:
+            rollout.stage_settled_at = now
+        bake_s = float(plan.get("bake_s") or 0)
+        if now < aware(rollout.stage_settled_at) + timedelta(seconds=bake_s):
+            session.add(rollout)
+            return documents
+        figures = self._judge(session, rollout, model.name, version.version, stage_views, gates,
+                              telemetry=True)  # fmt: skip
+        rollout.figures = {"gates": [f.model_dump() for f in figures], "at": now.isoformat()}
+        waiting = [f for f in figures if f.gate == "min_devices_reporting" and f.ok is False]
+        broken = [f for f in gate_rules.breaches(figures) if f not in waiting]
+        started = aware(rollout.stage_started_at or rollout.created_at)
+        if waiting and now < started + timedelta(seconds=timeout_s):
+            session.add(rollout)
+            return documents  # not enough devices have reported yet: wait for them
+        if broken or waiting:
+            return self._abort(session, rollout, now, "gate_breach", broken + waiting, figures)
+        return self._pass_stage(session, rollout, plan, views, figures, now)
+
+    # --- cohort ----------------------------------------------------------------------------------
+    def _sync_cohort(
+        self,
+        session: Session,
+        rollout: Rollout,
+        targets: dict[str, RolloutTarget],
+        cohort: dict[str, Device],
+        choices: dict[Cohort, BundleChoice],
+        now: datetime,
+    ) -> None:
+        taken = self._taken_elsewhere(session, rollout)
+        joined = 0
+        for device_id, device in cohort.items():
+            target = targets.get(device_id)
+            choice = choices.get(cohort_of(device))
+            if target is None:
+                if device_id in taken:
+                    continue  # another active rollout on this slot has it
+                target = RolloutTarget(
+                    rollout_id=rollout.id,
+                    device_id=device_id,
+                    phase=TargetPhase.SCHEDULED,
+                    added_at=now,
+                    stage=rollout.stage,
+                )
+                targets[device_id] = target
+                joined += 1
+                if rollout.stage > 0 or rollout.stage_started_at is not None:
+                    self._event(session, rollout, now, "device_joined",
+                                f"{device_id} joined the cohort", device_id=device_id)  # fmt: skip
+            if target.phase in (TargetPhase.SCHEDULED, TargetPhase.EXCLUDED) and choice:
+                if choice.sha256 is not None:
+                    target.bundle_sha256, target.phase, target.note = (
+                        choice.sha256,
+                        TargetPhase.SCHEDULED,
+                        None,
+                    )
+                elif choice.excluded is not None and target.phase != TargetPhase.EXCLUDED:
+                    target.phase, target.note = TargetPhase.EXCLUDED, choice.excluded
+                    self._event(session, rollout, now, "device_excluded", choice.excluded,
+                                device_id=device_id)  # fmt: skip
+                elif choice.pending_build:
+                    target.note = f"waiting for build {choice.pending_build}"
+            session.add(target)
+        for device_id, target in targets.items():
+            if device_id in cohort or target.phase in (TargetPhase.RELEASED, TargetPhase.EXCLUDED):
+                continue
+            if target.phase in (TargetPhase.SCHEDULED, TargetPhase.NOTIFIED):
+                target.phase = TargetPhase.RELEASED
+                target.note = "left the cohort (labels or profile changed, or it was removed)"
+                session.add(target)
+                self._event(session, rollout, now, "device_released", target.note,
+                            device_id=device_id)  # fmt: skip
+
+    def _taken_elsewhere(self, session: Session, rollout: Rollout) -> set[str]:
+        rows = session.exec(
+            select(RolloutTarget.device_id)
+            .join(Rollout, col(Rollout.id) == col(RolloutTarget.rollout_id))
+            .where(
+                Rollout.slot == rollout.slot,
+                Rollout.id != rollout.id,
+                col(Rollout.state).in_([str(s) for s in ACTIVE_STATES]),
+                col(RolloutTarget.phase).in_([TargetPhase.SCHEDULED, TargetPhase.NOTIFIED]),
+            )
+        ).all()
+        return set(rows)
+
+    # --- stages ----------------------------------------------------------------------------------
+    def _stage(
+        self, rollout: Rollout, plan: dict[str, Any], views: list[TargetView]
+    ) -> tuple[list[TargetView], list[TargetView]]:
+        """The current stage's devices (notified, or due), and those of them to notify."""
+        stages = list(plan.get("stages") or [100.0])
+        eligible = [
+            v for v in views if v.target.phase not in (TargetPhase.RELEASED, TargetPhase.EXCLUDED)
+        ]
+        eligible.sort(key=lambda v: rank(rollout.id, v.device.id))
+        quota = stage_quota(stages[min(rollout.stage, len(stages) - 1)], len(eligible))
+        in_stage: list[TargetView] = []
+        due: list[TargetView] = []
+        for i, v in enumerate(eligible):
+            if v.target.phase != TargetPhase.SCHEDULED:
+                in_stage.append(v)  # once notified, in every later stage
+            elif i < quota:
+                in_stage.append(v)
+                if v.target.bundle_sha256 is not None:
+                    due.append(v)
+        return in_stage, due
+
+    def _notify(
+        self,
+        session: Session,
+        rollout: Rollout,
+        model: MLModel,
+        version: ModelVersion,
+        due: list[TargetView],
+        views: list[TargetView],
+        now: datetime,
+    ) -> dict[str, SignedDesiredState]:
+        if not due:
+            return {}
+        plan = rollout.plan or {}
+        rate = RateSpec.model_validate(plan.get("rate") or {})
+        minute_ago = now - timedelta(seconds=60)
+        recent = sum(
+            1 for v in views if v.target.notified_at and aware(v.target.notified_at) > minute_ago
+        )
+        succeeded = sum(1 for v in views if v.state == TargetState.SERVING)
+        allowance = rate_allowance(rate, recent, succeeded)
+        if allowance is not None:
+            due = due[:allowance]
+        if not due:
+            return {}
+        bundles = {
+            b.sha256: b
+            for b in session.exec(
+                select(Bundle).where(col(Bundle.sha256).in_({v.target.bundle_sha256 for v in due}))
+            ).all()
+        }
+        strategy = plan.get("strategy")
+        base = {}
+        if strategy == Strategy.SHADOW or plan.get("shadow_of"):
+            base = {"shadow_of": plan.get("shadow_of"), "sample_rate": plan.get("sample_rate", 0.1)}
+        ids = [v.device.id for v in due]
+        previous = desired.current_slot(session, ids, rollout.slot)
+        assignments: dict[str, SlotAssignment | None] = {}
+        for v in due:
+            bundle = bundles[v.target.bundle_sha256 or ""]
+            assignment = slot_assignment(self.public_url, model, version, bundle, rollout.id)
+            assignments[v.device.id] = assignment.model_copy(update=base) if base else assignment
+        documents = desired.assign_many(
+            session, rollout.slot, assignments, ttl_s=self._ttl_s, signer=self.signer(session)
+        )
+        for v in due:
+            t = v.target
+            prior = previous.get(t.device_id)
+            t.previous = prior.model_dump(mode="json") if prior is not None else None
+            t.phase, t.notified_at = TargetPhase.NOTIFIED, now
+            t.desired_seq, t.stage, t.note = documents[t.device_id].signed.seq, rollout.stage, None
+            session.add(t)
+        if rollout.stage_started_at is None:
+            rollout.stage_started_at = now
+        return documents
+
+    def _judge(
+        self,
+        session: Session,
+        rollout: Rollout,
+        model: str,
+        version: str,
+        stage_views: list[TargetView],
+        gates: GateSpec,
+        *,
+        telemetry: bool,
+    ) -> list[GateFigure]:
+        plan = rollout.plan or {}
+        return gate_rules.judge(
+            session,
+            self._bundles,
+            rollout_id=rollout.id,
+            model=model,
+            version=version,
+            created_at=aware(rollout.created_at),
+            stage_started_at=aware(rollout.stage_started_at or rollout.created_at),
+            views=stage_views,
+            gates=gates,
+            shadow=plan.get("strategy") == Strategy.SHADOW,
+            telemetry=telemetry,
+            bucket_s=self._bucket_s,
+        )
+
+    def _pass_stage(
+        self,
+        session: Session,
+        rollout: Rollout,
+        plan: dict[str, Any],
+        views: list[TargetView],
+        figures: list[GateFigure],
+        now: datetime,
+    ) -> dict[str, SignedDesiredState]:
+        stages = list(plan.get("stages") or [100.0])
+        shown = [f.model_dump() for f in figures]
+        if rollout.stage >= len(stages) - 1:
+            notified = [v for v in views if v.target.phase == TargetPhase.NOTIFIED]
+            failed = [
+                v
+                for v in notified
+                if v.state in (TargetState.FAILED, TargetState.ROLLED_BACK, TargetState.REFUSED)
+            ]
+            gated = any(
+                value is not None
+                for name, value in (plan.get("gates") or {}).items()
+                if name != "min_requests"
+            )
+            # Failures within a gate's threshold are what the operator allowed; with no gate
+            # at all (all at once, as before gates), any failure fails the rollout. Devices
+            # that timed out catch up when they reconnect.
+            rollout.state = RolloutState.FAILED if failed and not gated else RolloutState.COMPLETED
+            rollout.ended_at = now
+            counts = _count(views)
+            message = (
+                f"{counts.get('serving', 0)} of {len(notified)} devices serve "
+                f"{rollout.id}'s version"
+            )
+            if rollout.state == RolloutState.FAILED:
+                rollout.reason = "some devices did not install the version (no gate configured)"
+            self._event(session, rollout, now, str(rollout.state), message, gates=shown,
+                        counts=counts)  # fmt: skip
+            record(session, "reconciler", f"rollout.{rollout.state}", rollout.id, counts=counts)
+            session.add(rollout)
+            return {}
+        if plan.get("manual_approval") and rollout.state != RolloutState.AWAITING_APPROVAL:
+            rollout.state = RolloutState.AWAITING_APPROVAL
+            self._event(session, rollout, now, "awaiting_approval",
+                        f"stage {rollout.stage + 1} passed its gates; waiting for promote",
+                        gates=shown)  # fmt: skip
+            session.add(rollout)
+            return {}
+        return self._promote(session, rollout, now, "reconciler", shown)
+
+    def _promote(
+        self,
+        session: Session,
+        rollout: Rollout,
+        now: datetime,
+        actor: str,
+        shown: list[dict[str, Any]],
+    ) -> dict[str, SignedDesiredState]:
+        stages = list((rollout.plan or {}).get("stages") or [100.0])
+        rollout.stage += 1
+        rollout.state = RolloutState.IN_PROGRESS
+        rollout.stage_started_at, rollout.stage_settled_at = now, None
+        self._event(session, rollout, now, "promoted",
+                    f"stage {rollout.stage} passed; stage {rollout.stage + 1} "
+                    f"({stages[rollout.stage]:g} %) begins", actor=actor, gates=shown)  # fmt: skip
+        record(session, actor, "rollout.promote", rollout.id, stage=rollout.stage + 1, gates=shown)
+        session.add(rollout)
+        return {}
+
+    # --- ending ----------------------------------------------------------------------------------
+    def _abort(
+        self,
+        session: Session,
+        rollout: Rollout,
+        now: datetime,
+        why: str,
+        breached: list[GateFigure],
+        figures: list[GateFigure],
+        actor: str = "reconciler",
+    ) -> dict[str, SignedDesiredState]:
+        if breached:
+            reason = "; ".join(
+                f"gate {f.gate}: {f.value} against {f.threshold} ({f.detail})" for f in breached
+            )
+        else:
+            reason = why
+        rollout.state, rollout.ended_at, rollout.reason = RolloutState.ABORTED, now, reason[:500]
+        rollout.figures = {"gates": [f.model_dump() for f in figures], "at": now.isoformat()}
+        shown = [f.model_dump() for f in breached]
+        self._event(session, rollout, now, "gate_breach" if breached else "aborted", reason,
+                    actor=actor, stage=rollout.stage, breached=shown)  # fmt: skip
+        documents = self._roll_back(session, rollout, now)
+        self._event(session, rollout, now, "rollback",
+                    f"{len(documents)} device(s) given their previous version back",
+                    actor=actor, devices=len(documents))  # fmt: skip
+        record(session, actor, "rollout.abort", rollout.id, reason=reason, breached=shown,
+               rolled_back=len(documents))  # fmt: skip
+        session.add(rollout)
+        return documents
+
+    def _roll_back(
+        self, session: Session, rollout: Rollout, now: datetime
+    ) -> dict[str, SignedDesiredState]:
+        targets = list(
+            session.exec(select(RolloutTarget).where(RolloutTarget.rollout_id == rollout.id)).all()
+        )
+        notified = [t for t in targets if t.phase == TargetPhase.NOTIFIED]
+        current = desired.current_slot(session, [t.device_id for t in notified], rollout.slot)
+        assignments: dict[str, SlotAssignment | None] = {}
+        for t in notified:
+            mine = current.get(t.device_id)
+            if mine is None or mine.rollout_id != rollout.id:
+                continue  # something newer owns the slot now: leave it
+            assignments[t.device_id] = (
+                SlotAssignment.model_validate(t.previous) if t.previous is not None else None
+            )
+        documents = (
+            desired.assign_many(
+                session, rollout.slot, assignments, ttl_s=self._ttl_s, signer=self.signer(session)
+            )
+            if assignments
+            else {}
+        )
+        for t in targets:
+            if t.phase == TargetPhase.NOTIFIED and t.device_id in assignments:
+                t.phase = TargetPhase.REVERTED
+            elif t.phase == TargetPhase.SCHEDULED:
+                t.phase, t.note = TargetPhase.RELEASED, "the rollout ended before its stage"
+            else:
+                continue
+            session.add(t)
+        return documents
+
+    def _event(
+        self,
+        session: Session,
+        rollout: Rollout,
+        now: datetime,
+        kind: str,
+        message: str,
+        *,
+        actor: str = "reconciler",
+        stage: int | None = None,
+        **figures: Any,
+    ) -> None:
+        session.add(
+            RolloutEvent(
+                rollout_id=rollout.id,
+                at=now,
+                kind=kind,
+                stage=rollout.stage if stage is None else stage,
+                actor=actor,
+                message=message[:1000],
+                figures=figures,
+            )
+        )
+
+    # --- operator commands -----------------------------------------------------------------------
+    def pause(self, rollout_id: str, actor: str) -> None:
+        def action(session: Session, rollout: Rollout) -> dict[str, SignedDesiredState]:
+            _require(rollout, {RolloutState.IN_PROGRESS, RolloutState.AWAITING_APPROVAL}, "pause")
+            rollout.state = RolloutState.PAUSED
+            now = self._clock()
+            self._event(session, rollout, now, "paused", "no more devices are notified",
+                        actor=actor)  # fmt: skip
+            record(session, actor, "rollout.pause", rollout.id)
+            session.add(rollout)
+            return {}
+
+        self.act(rollout_id, action)
+
+    def resume(self, rollout_id: str, actor: str) -> None:
+        def action(session: Session, rollout: Rollout) -> dict[str, SignedDesiredState]:
+            _require(rollout, {RolloutState.PAUSED}, "resume")
+            rollout.state = RolloutState.IN_PROGRESS
+            rollout.stage_settled_at = None  # the bake time runs again from now
+            now = self._clock()
+            self._event(session, rollout, now, "resumed", "notifying again", actor=actor)
+            record(session, actor, "rollout.resume", rollout.id)
+            session.add(rollout)
+            return {}
+
+        self.act(rollout_id, action)
+        self.wake()
+
+    def abort(self, rollout_id: str, actor: str, reason: str | None = None) -> None:
+        def action(session: Session, rollout: Rollout) -> dict[str, SignedDesiredState]:
+            _require(rollout, set(ACTIVE_STATES), "abort")
+            why = f"aborted by {actor}" + (f": {reason}" if reason else "")
+            return self._abort(session, rollout, self._clock(), why, [], [], actor=actor)
+
+        self.act(rollout_id, action)
+
+    def promote(self, rollout_id: str, actor: str) -> None:
+        """Approve the stage that waits for it, or skip the rest of the current stage's bake."""
+
+        def action(session: Session, rollout: Rollout) -> dict[str, SignedDesiredState]:
+            _require(rollout, {RolloutState.AWAITING_APPROVAL, RolloutState.IN_PROGRESS}, "promote")
+            stages = list((rollout.plan or {}).get("stages") or [100.0])
+            if rollout.stage >= len(stages) - 1:
+                raise ConflictError(
+                    f"rollout {rollout.id} is in its last stage; there is nothing to promote to",
+                    reason="last_stage",
+                    rollout_id=rollout.id,
+                )
+            if rollout.state == RolloutState.IN_PROGRESS:
+                _require_settled(rollout)
+            return self._promote(session, rollout, self._clock(), actor, [])
+
+        self.act(rollout_id, action)
+        self.wake()
+
+
+def _require(rollout: Rollout, allowed: Iterable[RolloutState], verb: str) -> None:
+    if rollout.state not in {str(s) for s in allowed}:
+        raise ConflictError(
+            f"rollout {rollout.id} is {rollout.state}: it cannot {verb}",
+            reason="rollout_state",
+            rollout_id=rollout.id,
+            state=rollout.state,
+        )
+
+
+def _require_settled(rollout: Rollout) -> None:
+    if rollout.stage_settled_at is None:
+        raise ConflictError(
+            f"rollout {rollout.id}'s stage {rollout.stage + 1} is still running; promote "
+            "approves a stage once its devices have all ended",
+            reason="stage_running",
+            rollout_id=rollout.id,
+        )
+
+
+def _count(views: list[TargetView]) -> dict[str, int]:
+    counts = {str(s): 0 for s in TargetState}
+    for v in views:
+        counts[v.state] += 1
+    return counts

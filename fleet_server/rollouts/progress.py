@@ -1,0 +1,126 @@
+"""Where each device is in a rollout, and where each stage is: pure functions of the targets'
+rows and the devices' last reports (no I/O), so the REST status, the CLI's live view and the
+reconciler's decisions all read the same words.
+
+A device's report is read as the JSON the control plane stored (``Device.reported``), not
+re-validated: the reconciler reads every target of a 10,000-device rollout each tick.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from edge_agent.protocol.lifecycle import SlotState
+from fleet_server.database import aware
+from fleet_server.devices.tables import Device
+from fleet_server.rollouts.tables import ENDED, RolloutTarget, TargetPhase, TargetState
+
+__all__ = ["TargetView", "rank", "stage_quota", "target_view"]
+
+_INSTALLING = frozenset(
+    {SlotState.DOWNLOADING, SlotState.VERIFYING, SlotState.STAGING, SlotState.SWITCHING}
+)
+_SETTLED = frozenset({SlotState.COMMITTED, SlotState.FAILED, SlotState.ROLLED_BACK})
+
+
+@dataclass(frozen=True)
+class TargetView:
+    target: RolloutTarget
+    device: Device
+    state: TargetState
+    device_state: SlotState | None
+    error: dict[str, Any] | None
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED
+
+
+def rank(rollout_id: str, device_id: str) -> int:
+    """A device's place in the rollout's order: a stable hash of (rollout, device), so a
+    device admitted to stage k is in every later stage, and reruns agree."""
+    digest = hashlib.sha256(f"{rollout_id}/{device_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def stage_quota(percent: float, cohort_size: int) -> int:
+    """How many of ``cohort_size`` devices a stage of ``percent`` holds: at least one (a 1 %
+    canary on a 20-device cohort is one device, not none)."""
+    if cohort_size <= 0:
+        return 0
+    return min(cohort_size, max(1, math.ceil(percent * cohort_size / 100 - 1e-9)))
+
+
+def _shadow_sha(shadow: dict[str, Any] | None) -> str | None:
+    return str(shadow["bundle_sha256"]) if shadow and "bundle_sha256" in shadow else None
+
+
+def target_view(
+    target: RolloutTarget,
+    device: Device,
+    slot: str,
+    *,
+    now: datetime,
+    timeout_s: float,
+) -> TargetView:
+    phase = target.phase
+    if phase == TargetPhase.EXCLUDED:
+        return TargetView(target, device, TargetState.EXCLUDED, None, None)
+    if phase == TargetPhase.SCHEDULED:
+        return TargetView(target, device, TargetState.WAITING, None, None)
+    reported = device.reported or {}
+    report = (reported.get("slots") or {}).get(slot)
+    device_state = SlotState(report["state"]) if report else None
+    if phase == TargetPhase.RELEASED:
+        return TargetView(target, device, TargetState.RELEASED, device_state, None)
+    if phase == TargetPhase.REVERTED:
+        return TargetView(target, device, TargetState.REVERTED, device_state, None)
+    state, error = _reported_state(target, device, report, reported)
+    if state in (TargetState.PENDING, TargetState.DOWNLOADING, TargetState.PROBATION):
+        notified = aware(target.notified_at) if target.notified_at else None
+        if notified is not None and now - notified > timedelta(seconds=timeout_s):
+            state = TargetState.TIMED_OUT
+    return TargetView(
+        target, device, state, device_state, error if state != TargetState.SERVING else None
+    )
+
+
+def _reported_state(
+    target: RolloutTarget,
+    device: Device,
+    report: dict[str, Any] | None,
+    reported: dict[str, Any],
+) -> tuple[TargetState, dict[str, Any] | None]:
+    sha = target.bundle_sha256
+    error = report.get("error") if report else None
+    if report is None:
+        running = None
+    else:
+        active = report.get("active")
+        running = active["bundle_sha256"] if active else _shadow_sha(report.get("shadow"))
+    slot_state = SlotState(report["state"]) if report else None
+    if report is not None and report.get("target_sha256") == sha:
+        if slot_state == SlotState.FAILED:
+            return TargetState.FAILED, error
+        if slot_state == SlotState.ROLLED_BACK:
+            return TargetState.ROLLED_BACK, error
+    if report is not None and running == sha:
+        # Only a committed version is serving; between the switch and the commit (probation,
+        # or a rollback under way) the device may still turn it down. In a state a
+        # deployment ends in, what a slot runs is its committed version (after a fleet
+        # rollback to it, the slot still names the version it left, and why).
+        return (TargetState.SERVING if slot_state in _SETTLED else TargetState.PROBATION), error
+    refusal = reported.get("refusal")
+    if (
+        refusal
+        and refusal.get("seq") == target.desired_seq  # this document, not some other payload
+        and device.reported_seq < target.desired_seq
+    ):
+        return TargetState.REFUSED, refusal
+    if report is not None and report.get("target_sha256") == sha and slot_state in _INSTALLING:
+        return TargetState.DOWNLOADING, None
+    return TargetState.PENDING, None

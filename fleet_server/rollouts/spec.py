@@ -1,0 +1,203 @@
+"""What an operator asks of a rollout: the request body of ``POST /v1/rollouts`` and its rules.
+
+A spec is checked completely before anything is written: stages that do not increase or pass
+100 %, a gate that does not exist, a threshold of the wrong type, a selector that does not
+parse are each refused naming the field (pydantic's 422 names the location; the rules that
+need more than one field raise :class:`InvalidInputError` with ``field``).
+
+Strategies:
+
+- ``all_at_once``: one stage of 100 % (the default; gates optional).
+- ``canary``: stages of a growing share of the cohort (default 1 → 10 → 50 → 100 %).
+- ``shadow``: the candidate runs beside the active slot on sampled requests and never answers;
+  one stage, gated on agreement. It ends with the shadow removed, whatever the verdict.
+- ``stage_then_activate`` and ``ab`` are named in the design but not built yet: refused with
+  a clear error rather than half-run.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from edge_agent.protocol.desired import SLOT_PATTERN
+from fleet_server.api.schemas import RequestBody
+from fleet_server.devices.selectors import Selector
+from fleet_server.errors import InvalidInputError
+
+__all__ = ["GateSpec", "RampSpec", "RateSpec", "RolloutCreate", "Strategy", "default_gates"]
+
+ROLLOUT_ID_PATTERN = r"^[0-9a-f]{16}$"
+
+
+class Strategy(StrEnum):
+    ALL_AT_ONCE = "all_at_once"
+    CANARY = "canary"
+    SHADOW = "shadow"
+    STAGE_THEN_ACTIVATE = "stage_then_activate"
+    AB = "ab"
+
+
+#: Strategies the engine runs today.
+SUPPORTED = frozenset({Strategy.ALL_AT_ONCE, Strategy.CANARY, Strategy.SHADOW})
+DEFAULT_CANARY_STAGES = [1.0, 10.0, 50.0, 100.0]
+
+
+class RampSpec(RequestBody):
+    """Exponential ramp (as AWS IoT Jobs' ``exponentialRate``): start at
+    ``base_per_minute``; each time ``after_succeeded`` more devices serve the version, multiply
+    the rate by ``increase_factor`` (never above ``RateSpec.max_per_minute`` when set)."""
+
+    base_per_minute: int = Field(ge=1, le=1_000_000)
+    increase_factor: float = Field(gt=1, le=10)
+    after_succeeded: int = Field(ge=1, le=1_000_000)
+
+
+class RateSpec(RequestBody):
+    #: At most this many devices are notified in any 60 s; None: no limit.
+    max_per_minute: int | None = Field(default=None, ge=1, le=1_000_000)
+    ramp: RampSpec | None = None
+
+
+class GateSpec(RequestBody):
+    """Health gates, each a threshold (None: off), judged on the devices of the current stage
+    only. A breach aborts the rollout and rolls every touched device back."""
+
+    #: At least this many of the stage's devices must have sent telemetry for the rollout
+    #: before the stage can pass (judged when the bake time is over; at the stage timeout,
+    #: too few is a breach).
+    min_devices_reporting: int | None = Field(default=None, ge=0, le=10_000_000)
+    #: Devices that failed to install (download, verify, self-test) or refused the document.
+    max_install_failure_pct: float | None = Field(default=None, ge=0, le=100)
+    #: Devices whose agent rolled the version back on probation.
+    max_agent_rollback_pct: float | None = Field(default=None, ge=0, le=100)
+    #: Devices that did not report the version within the stage timeout.
+    max_timed_out_pct: float | None = Field(default=None, ge=0, le=100)
+    #: Failed requests over all requests the stage's devices served with the version.
+    max_error_rate: float | None = Field(default=None, ge=0, le=1)
+    #: p95 latency against the previous version's on the same profile (worst profile).
+    max_latency_ratio: float | None = Field(default=None, gt=0)
+    #: Worst PSI of any input or output group against the bundle's baseline.
+    max_psi: float | None = Field(default=None, gt=0)
+    #: Shadow strategy: top-1 agreement of the candidate with the active model.
+    min_shadow_agreement: float | None = Field(default=None, ge=0, le=1)
+    #: Telemetry gates judge a profile only once it served this many requests.
+    min_requests: int = Field(default=100, ge=1, le=10**12)
+
+
+def default_gates(strategy: Strategy) -> GateSpec:
+    """Gates when the request names none: a staged rollout stops at the first failed install
+    or agent rollback; all at once keeps today's behaviour (no gate)."""
+    if strategy == Strategy.ALL_AT_ONCE:
+        return GateSpec()
+    if strategy == Strategy.SHADOW:
+        return GateSpec(max_install_failure_pct=0, min_shadow_agreement=0.9)
+    return GateSpec(max_install_failure_pct=0, max_agent_rollback_pct=0)
+
+
+class RolloutCreate(RequestBody):
+    model: str = Field(min_length=1, max_length=128)
+    version: str = Field(min_length=1, max_length=64)
+    #: Explicit device ids (a fixed cohort)…
+    devices: list[str] | None = Field(default=None, max_length=100_000)
+    #: …or a selector: the set-based form (``hw=rpi4,site in (berlin,paris),!exempt``), or the
+    #: older object of labels that must all match. The cohort is dynamic: devices that come to
+    #: match while the rollout runs join it, devices that stop matching are released.
+    selector: str | dict[str, str] | None = None
+    #: The slot on the device; default: the model name (shadows: "<shadow_of>-shadow").
+    slot: str | None = Field(default=None, pattern=SLOT_PATTERN)
+    #: Shadow: the active slot whose live requests the candidate also runs on.
+    shadow_of: str | None = Field(default=None, pattern=SLOT_PATTERN)
+    sample_rate: float = Field(default=0.1, ge=0, le=1)
+    strategy: Strategy = Field(default=Strategy.ALL_AT_ONCE, strict=False)
+    #: Cumulative shares of the cohort, in percent, increasing, the last 100.
+    stages: list[float] | None = Field(default=None, min_length=1, max_length=20)
+    rate: RateSpec = Field(default_factory=RateSpec)
+    gates: GateSpec | None = None
+    #: After a stage's devices all serve (or ended), how long they serve before the gates
+    #: are judged.
+    bake_s: float = Field(default=0, ge=0, le=30 * 86400)
+    #: A notified device that has not reported the version after this long is timed out.
+    stage_timeout_s: float = Field(default=1800, gt=0, le=30 * 86400)
+    #: Wait for ``promote`` after each passing stage instead of promoting automatically.
+    manual_approval: bool = False
+    #: The active rollout on the same slot this one replaces (required when cohorts overlap).
+    supersedes: str | None = Field(default=None, pattern=ROLLOUT_ID_PATTERN)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RolloutCreate:
+        has_selector = self.selector is not None and self.selector != {}
+        if bool(self.devices) == has_selector:
+            raise InvalidInputError(
+                "name the target devices either by 'devices' or by 'selector'", field="devices"
+            )
+        if self.strategy not in SUPPORTED:
+            raise InvalidInputError(
+                f"strategy {self.strategy!r} is not available yet; use one of "
+                f"{', '.join(sorted(SUPPORTED))}",
+                field="strategy",
+            )
+        if self.strategy == Strategy.SHADOW and self.shadow_of is None:
+            raise InvalidInputError(
+                "strategy 'shadow' needs shadow_of: the active slot it runs beside",
+                field="shadow_of",
+            )
+        if self.shadow_of is not None and self.strategy == Strategy.CANARY:
+            raise InvalidInputError("shadow_of goes with strategy 'shadow'", field="shadow_of")
+        if self.stages is not None:
+            if self.strategy != Strategy.CANARY:
+                raise InvalidInputError(
+                    f"stages are for strategy 'canary'; {self.strategy} has one stage of 100 %",
+                    field="stages",
+                )
+            previous = 0.0
+            for i, pct in enumerate(self.stages):
+                if not 0 < pct <= 100:
+                    raise InvalidInputError(
+                        f"stage {i + 1} is {pct} %: each stage is a share in (0, 100]",
+                        field="stages",
+                    )
+                if pct <= previous:
+                    raise InvalidInputError(
+                        f"stage {i + 1} ({pct} %) does not increase on stage {i} ({previous} %)",
+                        field="stages",
+                    )
+                previous = pct
+            if self.stages[-1] != 100:
+                raise InvalidInputError(
+                    f"the last stage is {self.stages[-1]} %; it must be 100", field="stages"
+                )
+        if isinstance(self.selector, str):
+            Selector.parse(self.selector)  # raises naming the character
+        return self
+
+    def cohort_selector(self) -> Selector | None:
+        if self.selector is None:
+            return None
+        if isinstance(self.selector, str):
+            return Selector.parse(self.selector)
+        return Selector.from_labels(self.selector)
+
+    def stage_list(self) -> list[float]:
+        if self.strategy == Strategy.CANARY:
+            return list(self.stages or DEFAULT_CANARY_STAGES)
+        return [100.0]
+
+    def effective_gates(self) -> GateSpec:
+        return self.gates if self.gates is not None else default_gates(self.strategy)
+
+    def plan(self) -> dict[str, Any]:
+        """What the engine stores and runs by (JSON)."""
+        return {
+            "strategy": str(self.strategy),
+            "stages": self.stage_list(),
+            "rate": self.rate.model_dump(),
+            "gates": self.effective_gates().model_dump(),
+            "bake_s": self.bake_s,
+            "stage_timeout_s": self.stage_timeout_s,
+            "manual_approval": self.manual_approval,
+            "sample_rate": self.sample_rate,
+            "shadow_of": self.shadow_of,
+        }

@@ -1,0 +1,468 @@
+"""The rollout engine with real agents on a real broker: staged canaries, gates that trip on
+what the devices report (install failures on one profile, a latency regression, drift), fleet
+rollback to the previous version, a dynamic cohort, offline devices, restarts of the server and
+the broker mid-rollout, and two server processes on one PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from converters.onnx.samples import slow_classifier
+from fleet_server.broker import EmbeddedBroker, free_port
+from fleet_server.client import ApiClient
+from fleet_server.server import EmbeddedStack
+from fleet_server.settings import Settings
+from hil.rig import LocalAgent, wait_until
+
+pytestmark = pytest.mark.slow
+
+#: Agents report telemetry every half second, so gates have figures within a bake of seconds.
+TELEMETRY = "[telemetry]\ninterval_s = 0.5\ncheckpoint_s = 0.25\nmin_sample_rate = 1.0\n"
+FINISHED = {"completed", "failed", "aborted", "superseded"}
+
+#: A Raspberry Pi whose runtime computes wrong results (a broken delegate): loaded before the
+#: agent, it shifts every float output of LiteRT and onnxruntime on that device only.
+BROKEN_RUNTIME = """
+import numpy as np
+
+def _shift(value):
+    if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+        return value + np.float32(0.5)
+    return value
+
+try:
+    import onnxruntime as _ort
+    _run = _ort.InferenceSession.run
+    _ort.InferenceSession.run = lambda self, *a, **k: [_shift(v) for v in _run(self, *a, **k)]
+except ImportError:
+    pass
+try:
+    from ai_edge_litert import interpreter as _lrt
+    _get = _lrt.Interpreter.get_tensor
+    _lrt.Interpreter.get_tensor = lambda self, i, *a: _shift(_get(self, i, *a))
+except ImportError:
+    pass
+"""
+
+
+def start_fleet(
+    api: ApiClient,
+    stack: EmbeddedStack,
+    root: Path,
+    fleet: list[tuple[str, str, dict[str, str]]],
+    *,
+    probation: str = "",
+    env: dict[str, dict[str, str]] | None = None,
+) -> list[LocalAgent]:
+    agents = []
+    for device_id, profile, labels in fleet:
+        token = api.post("/v1/enrollment-tokens", json={"profile": profile})["token"]
+        agent = LocalAgent(root, device_id, profile, probation=probation)
+        agent.enroll(stack.url, token, labels)
+        agent.configure(TELEMETRY)
+        agent.start(env=(env or {}).get(device_id))
+        agents.append(agent)
+    for agent in agents:
+        agent.wait_ready()
+    return agents
+
+
+def follow(api: ApiClient, rollout_id: str, timeout_s: float = 90) -> dict[str, Any]:
+    def ended() -> dict[str, Any] | None:
+        r: dict[str, Any] = api.get(f"/v1/rollouts/{rollout_id}")
+        return r if r["state"] in FINISHED else None
+
+    return wait_until(ended, timeout_s, f"rollout {rollout_id} to end", interval_s=0.2)
+
+
+def kinds(rollout: dict[str, Any]) -> list[str]:
+    return [e["kind"] for e in rollout["events"]]
+
+
+@contextmanager
+def traffic(
+    agents: list[LocalAgent], make: Callable[[np.random.Generator], np.ndarray]
+) -> Iterator[None]:
+    """Requests to every agent's model in the background (what a gate judges)."""
+    stop = threading.Event()
+
+    def send(agent: LocalAgent, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        while not stop.is_set():
+            try:
+                agent.client.predict("classifier", {"x": make(rng)})
+            except Exception:
+                time.sleep(0.05)  # mid-swap or restarting: the next request goes on
+
+    threads = [
+        threading.Thread(target=send, args=(a, i), daemon=True) for i, a in enumerate(agents)
+    ]
+    for t in threads:
+        t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=10)
+
+
+def normal(rng: np.random.Generator) -> np.ndarray:
+    return rng.standard_normal((1, 16)).astype(np.float32)
+
+
+def all_at_once(api: ApiClient, version: str, selector: str) -> dict[str, Any]:
+    rollout = api.post(
+        "/v1/rollouts", json={"model": "classifier", "version": version, "selector": selector}
+    )
+    done = follow(api, rollout["id"])
+    assert done["state"] == "completed", done
+    return done
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_good_model_rolls_through_four_stages(
+    stack: EmbeddedStack, api: ApiClient, model_path: Path, model_v2_path: Path, tmp_path: Path,
+    uid: str,
+) -> None:  # fmt: skip
+    api.upload_model(model_path, "classifier", "1.0.0")
+    api.upload_model(model_v2_path, "classifier", "1.1.0")
+    fleet = [(f"can-{i}-{uid}", "x86-64-avx2", {"ring": uid}) for i in range(4)]
+    agents = start_fleet(api, stack, tmp_path / "devices", fleet)
+    try:
+        all_at_once(api, "1.0.0", f"ring={uid}")
+        rollout = api.post(
+            "/v1/rollouts",
+            json={
+                "model": "classifier",
+                "version": "1.1.0",
+                "selector": f"ring={uid}",
+                "strategy": "canary",
+                "stages": [25, 50, 75, 100],
+                "bake_s": 0.5,
+            },
+        )
+        # The first stage is one device of four: the others have not been told.
+        assert rollout["stages"][0]["counts"]["targeted"] == 1
+        assert rollout["counts"]["waiting"] == 3 and rollout["counts"]["pending"] == 1
+        done = follow(api, rollout["id"])
+        assert done["state"] == "completed", done
+        assert kinds(done).count("promoted") == 3 and kinds(done)[-1] == "completed"
+        assert [s["counts"]["targeted"] for s in done["stages"]] == [1, 1, 1, 1]
+        assert all(s["state"] == "passed" for s in done["stages"][:3])
+        for agent in agents:
+            assert (agent.serving("classifier") or {})["version"] == "1.1.0"
+        # Each stage began only after the one before it had every device serving.
+        promoted = [e for e in done["events"] if e["kind"] == "promoted"]
+        assert [e["stage"] for e in promoted] == [1, 2, 3]
+        audit = api.get("/v1/audit", params={"target": rollout["id"]})
+        assert {"rollout.create", "rollout.promote", "rollout.completed"} <= {
+            a["action"] for a in audit
+        }
+    finally:
+        for agent in agents:
+            agent.stop()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_self_test_failure_on_one_profile_rolls_the_fleet_back(
+    stack: EmbeddedStack, api: ApiClient, model_path: Path, model_v2_path: Path, tmp_path: Path,
+    uid: str,
+) -> None:  # fmt: skip
+    api.upload_model(model_path, "classifier", "1.0.0")
+    api.upload_model(model_v2_path, "classifier", "1.1.0")
+    site = tmp_path / "broken-runtime"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BROKEN_RUNTIME)
+    fleet = [(f"x86-{i}-{uid}", "x86-64-avx2", {"ring": uid}) for i in range(3)]
+    pi = f"pi-{uid}"
+    agents = start_fleet(api, stack, tmp_path / "devices", fleet)
+    try:
+        all_at_once(api, "1.0.0", f"ring={uid}")
+        # The Pi joins with a runtime that computes wrong answers: 1.0.0 reached it before it
+        # broke (by hand), 1.1.0 will fail its self-test there.
+        token = api.post("/v1/enrollment-tokens", json={"profile": "raspberry-pi-4"})["token"]
+        broken = LocalAgent(tmp_path / "devices", pi, "raspberry-pi-4")
+        broken.enroll(stack.url, token, {"ring": "pi-" + uid})
+        broken.configure(TELEMETRY)
+        broken.start()
+        broken.wait_ready()
+        agents.append(broken)
+        all_at_once(api, "1.0.0", f"ring=pi-{uid}")
+        broken.stop()
+        broken.start(env={"PYTHONPATH": str(site)})
+        broken.wait_ready()
+        api.request("PATCH", f"/v1/devices/{pi}/labels", json={"set": {"ring": uid}, "remove": []})
+
+        rollout = api.post(
+            "/v1/rollouts",
+            json={
+                "model": "classifier",
+                "version": "1.1.0",
+                "selector": f"ring={uid}",
+                "strategy": "canary",
+                "stages": [50, 100],
+            },
+        )
+        done = follow(api, rollout["id"], timeout_s=240)
+        assert done["state"] == "aborted", done
+        breach = next(e for e in done["events"] if e["kind"] == "gate_breach")
+        assert breach["figures"]["breached"][0]["gate"] == "max_install_failure_pct"
+        assert "max_install_failure_pct" in done["reason"]
+        pi_target = next(t for t in done["targets"] if t["device_id"] == pi)
+        assert pi_target["error"]["reason"] == "selftest_failed", pi_target
+        # Every device serves 1.0.0 again: the ones that took 1.1.0 were given 1.0.0 back.
+        for agent in agents:
+            agent.wait_serving("classifier", "1.0.0", timeout_s=30)
+        assert "rollback" in kinds(done)
+    finally:
+        for agent in agents:
+            agent.stop()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_5x_latency_regression_trips_its_gate(
+    stack: EmbeddedStack, api: ApiClient, model_path: Path, tmp_path: Path, uid: str
+) -> None:
+    api.upload_model(model_path, "classifier", "1.0.0")
+    api.upload_model(slow_classifier(tmp_path / "slow.onnx", seed=3), "classifier", "1.1.0")
+    fleet = [(f"lat-{i}-{uid}", "x86-64-avx2", {"ring": uid}) for i in range(2)]
+    # The agents' own probation would catch this too; here only the fleet gate is to.
+    agents = start_fleet(api, stack, tmp_path / "devices", fleet,
+                         probation="max_latency_ratio = 1000\n")  # fmt: skip
+    try:
+        with traffic(agents, normal):
+            all_at_once(api, "1.0.0", f"ring={uid}")
+            time.sleep(2)  # the previous version's latency reaches the server
+            rollout = api.post(
+                "/v1/rollouts",
+                json={
+                    "model": "classifier",
+                    "version": "1.1.0",
+                    "selector": f"ring={uid}",
+                    "strategy": "canary",
+                    "stages": [50, 100],
+                    "bake_s": 3,
+                    "gates": {"max_latency_ratio": 5.0, "max_install_failure_pct": 0,
+                              "min_requests": 20},
+                },
+            )  # fmt: skip
+            done = follow(api, rollout["id"])
+        assert done["state"] == "aborted", done
+        breach = next(e for e in done["events"] if e["kind"] == "gate_breach")
+        figure = breach["figures"]["breached"][0]
+        assert figure["gate"] == "max_latency_ratio" and figure["value"] > 5, figure
+        for agent in agents:
+            agent.wait_serving("classifier", "1.0.0", timeout_s=30)
+        # Only the first stage took it.
+        assert done["counts"]["reverted"] == 1 and done["counts"]["released"] == 1, done["counts"]
+    finally:
+        for agent in agents:
+            agent.stop()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_drifting_inputs_trip_the_drift_gate(
+    stack: EmbeddedStack, api: ApiClient, model_path: Path, model_v2_path: Path, tmp_path: Path,
+    uid: str,
+) -> None:  # fmt: skip
+    rng = np.random.default_rng(7)
+    calibration = tmp_path / "calib.npz"
+    np.savez(calibration, x=rng.standard_normal((2000, 1, 16)).astype(np.float32))
+    api.upload_model(model_path, "classifier", "1.0.0")
+    api.upload_model(model_v2_path, "classifier", "1.1.0", calibration=calibration)
+    fleet = [(f"drift-{uid}", "x86-64-avx2", {"ring": uid})]
+    agents = start_fleet(api, stack, tmp_path / "devices", fleet)
+
+    def shifted(rng: np.random.Generator) -> np.ndarray:
+        x = rng.standard_normal((1, 16)).astype(np.float32)
+        x[:, 5] += 1.5
+        return x
+
+    try:
+        all_at_once(api, "1.0.0", f"ring={uid}")
+        with traffic(agents, shifted):
+            rollout = api.post(
+                "/v1/rollouts",
+                json={
+                    "model": "classifier",
+                    "version": "1.1.0",
+                    "selector": f"ring={uid}",
+                    "strategy": "canary",
+                    "stages": [100],
+                    "bake_s": 4,
+                    "gates": {"max_psi": 0.25, "min_requests": 300},
+                },
+            )
+            done = follow(api, rollout["id"])
+        assert done["state"] == "aborted", done
+        figure = next(e for e in done["events"] if e["kind"] == "gate_breach")["figures"][
+            "breached"
+        ][0]
+        assert figure["gate"] == "max_psi" and figure["value"] > 0.25, figure
+        agents[0].wait_serving("classifier", "1.0.0", timeout_s=30)
+    finally:
+        for agent in agents:
+            agent.stop()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_cohort_is_dynamic_and_offline_devices_catch_up(
+    stack: EmbeddedStack, api: ApiClient, model_path: Path, tmp_path: Path, uid: str
+) -> None:
+    """A device enrolled mid-rollout with matching labels gets the version; one relabelled out
+    is released; one offline through its stage times out without blocking, then catches up."""
+    api.upload_model(model_path, "classifier", "1.0.0")
+    fleet = [(f"dyn-{i}-{uid}", "x86-64-avx2", {"ring": uid}) for i in range(2)]
+    agents = start_fleet(api, stack, tmp_path / "devices", fleet)
+    offline = agents[1]
+    offline.stop()
+    try:
+        rollout = api.post(
+            "/v1/rollouts",
+            json={
+                "model": "classifier",
+                "version": "1.0.0",
+                "selector": f"ring={uid},!exempt",
+                "strategy": "canary",
+                "stages": [100],
+                "stage_timeout_s": 4,
+                "manual_approval": False,
+                "gates": {"max_install_failure_pct": 0, "max_timed_out_pct": 50},
+            },
+        )
+        agents[0].wait_serving("classifier", "1.0.0")
+        # A newcomer with the cohort's labels joins while the rollout runs.
+        [late] = start_fleet(api, stack, tmp_path / "devices",
+                             [(f"dyn-late-{uid}", "x86-64-avx2", {"ring": uid})])  # fmt: skip
+        agents.append(late)
+        late.wait_serving("classifier", "1.0.0", timeout_s=30)
+        current = api.get(f"/v1/rollouts/{rollout['id']}")
+        assert "device_joined" in kinds(current)
+        done = follow(api, rollout["id"])
+        # The offline device timed out (1 of 3, under the 50 % threshold): not a breach.
+        assert done["state"] == "completed", done
+        by_id = {t["device_id"]: t for t in done["targets"]}
+        assert by_id[offline.device_id]["state"] == "timed_out"
+        offline.start()
+        offline.wait_serving("classifier", "1.0.0", timeout_s=30)
+        caught_up = api.get(f"/v1/rollouts/{rollout['id']}")
+        assert {t["device_id"]: t for t in caught_up["targets"]}[offline.device_id][
+            "state"
+        ] == "serving"
+    finally:
+        for agent in agents:
+            agent.stop()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_device_relabelled_out_of_the_cohort_is_released(
+    stack: EmbeddedStack, api: ApiClient, model_path: Path, tmp_path: Path, uid: str
+) -> None:
+    api.upload_model(model_path, "classifier", "1.0.0")
+    fleet = [(f"rel-{i}-{uid}", "x86-64-avx2", {"ring": uid}) for i in range(3)]
+    agents = start_fleet(api, stack, tmp_path / "devices", fleet)
+    try:
+        rollout = api.post(
+            "/v1/rollouts",
+            json={
+                "model": "classifier",
+                "version": "1.0.0",
+                "selector": f"ring={uid},!exempt",
+                "strategy": "canary",
+                "stages": [34, 100],
+                "manual_approval": True,
+            },
+        )
+        waiting = wait_until(
+            lambda: (
+                (r := api.get(f"/v1/rollouts/{rollout['id']}"))["state"] == "awaiting_approval"
+                and r
+            ),
+            60,
+            "the first stage to pass",
+        )
+        untouched = [t for t in waiting["targets"] if t["state"] == "waiting"]
+        assert len(untouched) == 2
+        leaving = untouched[0]["device_id"]
+        api.request("PATCH", f"/v1/devices/{leaving}/labels",
+                    json={"set": {"exempt": "yes"}, "remove": []})  # fmt: skip
+        api.post(f"/v1/rollouts/{rollout['id']}/promote")
+        done = follow(api, rollout["id"])
+        assert done["state"] == "completed", done
+        by_id = {t["device_id"]: t for t in done["targets"]}
+        assert by_id[leaving]["state"] == "released"
+        assert {"awaiting_approval", "promoted", "device_released"} <= set(kinds(done))
+        assert next(a for a in agents if a.device_id == leaving).serving("classifier") is None
+    finally:
+        for agent in agents:
+            agent.stop()
+
+
+def test_broker_and_server_restarts_mid_rollout_end_in_the_right_state(
+    model_path: Path, model_v2_path: Path, tmp_path: Path, uid: str
+) -> None:
+    """A private broker and server, each restarted while the rollout runs: the rollout's state
+    lives in the database and the reconciler carries on where it was; what a device missed
+    while the broker was away is re-sent from the database."""
+    broker = EmbeddedBroker(tmp_path / "broker", port=free_port(), backend="mosquitto").start()
+    settings = Settings(
+        data_dir=tmp_path / "server",
+        port=free_port(),
+        mqtt_url=broker.url,
+        desired_resend_interval_s=0.2,
+    )
+    stack = EmbeddedStack(settings).start()
+    agents: list[LocalAgent] = []
+    api = ApiClient(stack.url, stack.admin_token)
+    try:
+        api.upload_model(model_path, "classifier", "1.0.0")
+        api.upload_model(model_v2_path, "classifier", "1.1.0")
+        fleet = [(f"rs-{i}-{uid}", "x86-64-avx2", {"ring": uid}) for i in range(3)]
+        agents = start_fleet(api, stack, tmp_path / "devices", fleet)
+        all_at_once(api, "1.0.0", f"ring={uid}")
+        rollout = api.post(
+            "/v1/rollouts",
+            json={
+                "model": "classifier",
+                "version": "1.1.0",
+                "selector": f"ring={uid}",
+                "strategy": "canary",
+                "stages": [34, 67, 100],
+                "bake_s": 2,
+            },
+        )
+
+        def serving(n: int) -> bool:
+            return bool(api.get(f"/v1/rollouts/{rollout['id']}")["counts"]["serving"] >= n)
+
+        wait_until(lambda: serving(1), 60, "the first stage to serve")
+        broker.stop()  # the broker goes away during the bake; the next stage waits for it
+        time.sleep(3)
+        broker = EmbeddedBroker(tmp_path / "broker", port=broker.port, backend="mosquitto")
+        broker.start()
+        wait_until(lambda: serving(2), 60, "the second stage to serve")
+        stack.stop()  # and the server, during the second bake
+        api.close()
+        stack = EmbeddedStack(settings).start()
+        api = ApiClient(stack.url, stack.admin_token)
+        done = follow(api, rollout["id"], timeout_s=120)
+        assert done["state"] == "completed", done
+        assert kinds(done).count("promoted") == 2, kinds(done)
+        assert kinds(done).count("completed") == 1
+        for agent in agents:
+            agent.wait_serving("classifier", "1.1.0", timeout_s=30)
+    finally:
+        api.close()
+        for agent in agents:
+            agent.stop()
+        stack.stop()
+        broker.stop()
