@@ -173,10 +173,17 @@ class Agent:
         return self.link.publish_telemetry(payload)
 
     def _rollout_of(self, slot: str, version: str) -> str | None:
-        """The rollout that brought ``version`` to ``slot``, if the journal still says so."""
+        """The rollout that brought ``version`` to ``slot`` (the one deploying it, or the one
+        that brought the committed or previous version), if the journal still says so."""
         rec = self.journal.data.slots.get(slot)
-        if rec is not None and rec.target is not None and rec.target.version == version:
+        if rec is None:
+            return None
+        if rec.target is not None and rec.target.version == version:
             return rec.target.rollout_id
+        if rec.committed is not None and rec.committed.version == version:
+            return rec.committed_rollout_id
+        if rec.previous is not None and rec.previous.version == version:
+            return rec.previous_rollout_id
         return None
 
     # --- desired state ---------------------------------------------------------------------------

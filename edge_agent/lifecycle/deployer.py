@@ -169,6 +169,7 @@ class Deployer:
                     self.table.swap(slot, serving)
                 if candidate is not rec.committed:
                     broken, rec.previous, rec.committed = rec.committed, None, candidate
+                    rec.committed_rollout_id = rec.previous_rollout_id
                     assert failure is not None
                     self._record(slot, rec, SlotEvent.FAILURE, broken.bundle_sha256, failure)
                 log.info(
@@ -321,6 +322,8 @@ class Deployer:
         if new == SlotState.COMMITTED:
             assert ctx.staged is not None
             rec.previous, rec.committed = rec.committed, ctx.staged.ref
+            rec.previous_rollout_id = rec.committed_rollout_id
+            rec.committed_rollout_id = ctx.target.rollout_id
             rec.shadow_of, rec.sample_rate = ctx.target.shadow_of, ctx.target.sample_rate
             rec.target = None
         ended = new in (SlotState.FAILED, SlotState.ROLLING_BACK, SlotState.ROLLED_BACK)

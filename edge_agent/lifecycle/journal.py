@@ -28,6 +28,10 @@ class SlotRecord(BaseModel):
     #: A shadow slot: the active slot it runs beside, and the share of requests it sees.
     shadow_of: str | None = None
     sample_rate: float | None = None
+    #: The rollouts that brought the committed and previous versions (their telemetry is
+    #: tagged with it, so the server's gates judge a rollout's devices after the commit too).
+    committed_rollout_id: str | None = None
+    previous_rollout_id: str | None = None
 
 
 class JournalData(BaseModel):

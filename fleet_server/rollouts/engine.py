@@ -52,7 +52,13 @@ from fleet_server.keys.service import FleetSigner, ServerKeys
 from fleet_server.registry.service import version_by_id
 from fleet_server.registry.tables import MLModel, ModelVersion
 from fleet_server.rollouts import gates as gate_rules
-from fleet_server.rollouts.progress import TargetView, rank, stage_quota, target_view
+from fleet_server.rollouts.progress import (
+    FAILURES,
+    TargetView,
+    rank,
+    stage_quota,
+    target_view,
+)
 from fleet_server.rollouts.spec import GateSpec, RateSpec, Strategy
 from fleet_server.rollouts.tables import (
     ACTIVE_STATES,
@@ -344,6 +350,10 @@ class RolloutEngine:
             for t in targets.values()
             if t.device_id in devices
         ]
+        for v in views:
+            if v.state in FAILURES and v.error is not None and v.target.error != v.error:
+                v.target.error = v.error  # kept: a rollback clears the device's own record
+                session.add(v.target)
         stage_views, to_notify = self._stage(rollout, plan, views)
         figures = self._judge(session, rollout, model.name, version.version, stage_views, gates,
                               telemetry=False)  # fmt: skip

@@ -19,12 +19,14 @@ from fleet_server.database import aware
 from fleet_server.devices.tables import Device
 from fleet_server.rollouts.tables import ENDED, RolloutTarget, TargetPhase, TargetState
 
-__all__ = ["TargetView", "rank", "stage_quota", "target_view"]
+__all__ = ["FAILURES", "TargetView", "rank", "stage_quota", "target_view"]
 
 _INSTALLING = frozenset(
     {SlotState.DOWNLOADING, SlotState.VERIFYING, SlotState.STAGING, SlotState.SWITCHING}
 )
 _SETTLED = frozenset({SlotState.COMMITTED, SlotState.FAILED, SlotState.ROLLED_BACK})
+#: A device's own verdicts against the version.
+FAILURES = frozenset({TargetState.FAILED, TargetState.ROLLED_BACK, TargetState.REFUSED})
 
 
 @dataclass(frozen=True)
@@ -77,9 +79,13 @@ def target_view(
     device_state = SlotState(report["state"]) if report else None
     if phase == TargetPhase.RELEASED:
         return TargetView(target, device, TargetState.RELEASED, device_state, None)
-    if phase == TargetPhase.REVERTED:
-        return TargetView(target, device, TargetState.REVERTED, device_state, None)
     state, error = _reported_state(target, device, report, reported)
+    if phase == TargetPhase.REVERTED:
+        # Given its previous version back; why it failed (if it did) is still worth showing.
+        failed = state in FAILURES
+        return TargetView(
+            target, device, TargetState.REVERTED, device_state, error if failed else target.error
+        )
     if state in (TargetState.PENDING, TargetState.DOWNLOADING, TargetState.PROBATION):
         notified = aware(target.notified_at) if target.notified_at else None
         if notified is not None and now - notified > timedelta(seconds=timeout_s):

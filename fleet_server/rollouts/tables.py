@@ -121,6 +121,9 @@ class RolloutTarget(SQLModel, table=True):
     previous: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     #: Why it is excluded or released.
     note: str | None = Field(default=None, max_length=500)
+    #: Why the device did not take the version (failed, rolled back, refused), as it last
+    #: reported it: kept after a fleet rollback has cleared the device's own record.
+    error: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
 
 
 class RolloutEventBase(SQLModel):
