@@ -77,6 +77,8 @@ class SimulatedDevice:
     profile: str
     mqtt_password: str
     labels: dict[str, str] = field(default_factory=dict)
+    #: The fleet root key it pinned at enrollment (base64).
+    root_public_key: str | None = None
     #: Slot → what it serves (committed) and what it served before.
     committed: dict[str, SlotAssignment] = field(default_factory=dict)
     previous: dict[str, SlotAssignment] = field(default_factory=dict)
@@ -116,7 +118,13 @@ def enroll_fleet(
                   "labels": labels or {}},
         )  # fmt: skip
         devices.append(
-            SimulatedDevice(device_id, profile, enrolled["mqtt_password"], dict(labels or {}))
+            SimulatedDevice(
+                device_id,
+                profile,
+                enrolled["mqtt_password"],
+                dict(labels or {}),
+                root_public_key=enrolled["root_public_key"],
+            )
         )
     return devices
 

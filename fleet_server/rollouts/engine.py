@@ -27,6 +27,8 @@ it after a crash or a restart does what is still to do and nothing twice.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -183,6 +185,8 @@ class RolloutEngine:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._postgres = engine.dialect.name == "postgresql"
+        #: Who the history says decided: this process, so replicas can be told apart.
+        self.actor = f"reconciler@{socket.gethostname()}:{os.getpid()}"
 
     @property
     def lock(self) -> threading.RLock:
@@ -304,7 +308,7 @@ class RolloutEngine:
                 return known
             for cohort in sorted(missing, key=str):
                 known[cohort] = choose_bundle(
-                    session, self._runner, model, version, cohort, signer, "reconciler",
+                    session, self._runner, model, version, cohort, signer, self.actor,
                     wait_s=0,
                 )  # fmt: skip
             return known
@@ -601,7 +605,7 @@ class RolloutEngine:
                 rollout.reason = "some devices did not install the version (no gate configured)"
             self._event(session, rollout, now, str(rollout.state), message, gates=shown,
                         counts=counts)  # fmt: skip
-            record(session, "reconciler", f"rollout.{rollout.state}", rollout.id, counts=counts)
+            record(session, self.actor, f"rollout.{rollout.state}", rollout.id, counts=counts)
             session.add(rollout)
             return {}
         if plan.get("manual_approval") and rollout.state != RolloutState.AWAITING_APPROVAL:
@@ -611,7 +615,7 @@ class RolloutEngine:
                         gates=shown)  # fmt: skip
             session.add(rollout)
             return {}
-        return self._promote(session, rollout, now, "reconciler", shown)
+        return self._promote(session, rollout, now, self.actor, shown)
 
     def _promote(
         self,
@@ -641,8 +645,9 @@ class RolloutEngine:
         why: str,
         breached: list[GateFigure],
         figures: list[GateFigure],
-        actor: str = "reconciler",
+        actor: str | None = None,
     ) -> dict[str, SignedDesiredState]:
+        actor = actor or self.actor
         if breached:
             reason = "; ".join(
                 f"gate {f.gate}: {f.value} against {f.threshold} ({f.detail})" for f in breached
@@ -704,7 +709,7 @@ class RolloutEngine:
         kind: str,
         message: str,
         *,
-        actor: str = "reconciler",
+        actor: str | None = None,
         stage: int | None = None,
         **figures: Any,
     ) -> None:
@@ -714,7 +719,7 @@ class RolloutEngine:
                 at=now,
                 kind=kind,
                 stage=rollout.stage if stage is None else stage,
-                actor=actor,
+                actor=actor or self.actor,
                 message=message[:1000],
                 figures=figures,
             )

@@ -1,0 +1,355 @@
+"""The rollout engine against the fleet simulator (protocol-only devices with their own
+identities on the real broker): refusals that change nothing, rate limits, gates on install
+failures and on telemetry, the operator's commands from the CLI, and two server processes on
+one PostgreSQL that never both act on a rollout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleet_server.broker import EmbeddedBroker, free_port
+from fleet_server.client import ApiClient, ApiError
+from fleet_server.server import EmbeddedStack
+from hil.rig import wait_until
+from hil.simulator import Behaviour, FleetSimulator, SimulatedDevice, enroll_fleet
+from tests.conftest import ADMIN_TOKEN, POSTGRES_URL
+from tests.integration.test_cli import edgefleet
+
+FINISHED = {"completed", "failed", "aborted", "superseded"}
+
+
+def follow(api: ApiClient, rollout_id: str, timeout_s: float = 60) -> dict[str, Any]:
+    def ended() -> dict[str, Any] | None:
+        r: dict[str, Any] = api.get(f"/v1/rollouts/{rollout_id}")
+        return r if r["state"] in FINISHED else None
+
+    return wait_until(ended, timeout_s, f"rollout {rollout_id} to end", interval_s=0.1)
+
+
+@pytest.fixture
+def fleet(
+    stack: EmbeddedStack, api: ApiClient, model_path: Path, model_v2_path: Path, uid: str
+) -> Iterator[tuple[FleetSimulator, list[SimulatedDevice]]]:
+    """Twenty simulated devices labelled ``ring=<uid>``, all serving classifier 1.0.0."""
+    api.upload_model(model_path, "classifier", "1.0.0")
+    api.upload_model(model_v2_path, "classifier", "2.0.0")
+    devices = enroll_fleet(api, 20, prefix=f"sim-{uid}", labels={"ring": uid})
+    sim = FleetSimulator(
+        stack.mqtt_url,
+        devices,
+        root_public_key=devices[0].root_public_key,
+        default=Behaviour(install_s=0.05),
+        telemetry_interval_s=0.5,
+    )
+    with sim:
+        first = api.post("/v1/rollouts", json={"model": "classifier", "version": "1.0.0",
+                                               "selector": f"ring={uid}"})  # fmt: skip
+        assert follow(api, first["id"])["state"] == "completed"
+        assert sim.serving("classifier") == {"1.0.0": 20}
+        yield sim, devices
+
+
+def desired_seqs(api: ApiClient) -> dict[str, int]:
+    return {d["id"]: d["desired_seq"] for d in api.get("/v1/devices")}
+
+
+def test_bad_requests_are_refused_naming_the_field_and_change_nothing(
+    api: ApiClient, fleet: tuple[FleetSimulator, list[SimulatedDevice]], uid: str
+) -> None:
+    del fleet  # twenty devices serving 1.0.0
+    base = {"model": "classifier", "version": "2.0.0", "selector": f"ring={uid}"}
+    before_rollouts = len(api.get("/v1/rollouts"))
+    before_seqs = desired_seqs(api)
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"strategy": "canary", "stages": [10, 5, 100]}, "stages"),
+        ({"strategy": "canary", "stages": [10, 150]}, "stages"),
+        ({"strategy": "canary", "stages": [10, 50]}, "stages"),
+        ({"strategy": "canary", "stages": [0, 100]}, "stages"),
+        ({"stages": [50, 100]}, "stages"),  # stages belong to canaries
+        ({"gates": {"max_latency": 2.0}}, "max_latency"),
+        ({"gates": {"max_error_rate": "high"}}, "max_error_rate"),
+        ({"gates": {"max_error_rate": 2.0}}, "max_error_rate"),
+        ({"selector": "site in (berlin"}, "selector"),
+        ({"strategy": "blue_green"}, "strategy"),
+        ({"strategy": "stage_then_activate"}, "strategy"),
+        ({"strategy": "shadow"}, "shadow_of"),
+        ({"rate": {"max_per_minute": 0}}, "max_per_minute"),
+        (
+            {
+                "rate": {
+                    "ramp": {"base_per_minute": 10, "increase_factor": 1.0, "after_succeeded": 5}
+                }
+            },
+            "increase_factor",
+        ),
+        ({"supersedes": "0123456789abcdef"}, "supersedes"),
+        ({"selector": "ring=nobody-has-this"}, "selector"),
+    ]
+    for change, field in cases:
+        with pytest.raises(ApiError) as refused:
+            api.post("/v1/rollouts", json={**base, **change})
+        assert refused.value.status in (404, 409, 422), (change, refused.value)
+        assert field in str(refused.value) or field in str(refused.value.fields), (
+            change,
+            str(refused.value),
+            refused.value.fields,
+        )
+    assert len(api.get("/v1/rollouts")) == before_rollouts
+    assert desired_seqs(api) == before_seqs
+
+    # An active rollout on the slot: an overlapping one is refused unless it supersedes it.
+    slow = api.post("/v1/rollouts", json={**base, "strategy": "canary", "stages": [5, 100],
+                                          "manual_approval": True})  # fmt: skip
+    seqs = desired_seqs(api)
+    with pytest.raises(ApiError) as overlap:
+        api.post("/v1/rollouts", json=base)
+    assert overlap.value.reason == "overlapping_rollout" and slow["id"] in str(overlap.value)
+    assert desired_seqs(api) == seqs
+    # Commands that do not fit the rollout's state.
+    follow_state = wait_until(
+        lambda: (r := api.get(f"/v1/rollouts/{slow['id']}"))["state"] == "awaiting_approval" and r,
+        30,
+        "the first stage to pass",
+    )
+    assert follow_state["stages"][0]["state"] == "awaiting_approval"
+    with pytest.raises(ApiError) as resume:
+        api.post(f"/v1/rollouts/{slow['id']}/resume")
+    assert resume.value.reason == "rollout_state"
+    api.post(f"/v1/rollouts/{slow['id']}/abort", json={"reason": "testing"})
+    for verb in ("pause", "resume", "promote", "abort"):
+        with pytest.raises(ApiError) as late:
+            api.post(f"/v1/rollouts/{slow['id']}/{verb}")
+        assert late.value.status == 409 and "aborted" in str(late.value), verb
+    with pytest.raises(ApiError) as missing:
+        api.post("/v1/rollouts/ffffffffffffffff/pause")
+    assert missing.value.status == 404
+
+
+def test_the_rate_limit_notifies_at_most_n_devices_a_minute(
+    api: ApiClient, fleet: tuple[FleetSimulator, list[SimulatedDevice]], uid: str
+) -> None:
+    sim, _ = fleet
+    rollout = api.post(
+        "/v1/rollouts",
+        json={"model": "classifier", "version": "2.0.0", "selector": f"ring={uid}",
+              "rate": {"max_per_minute": 6}},
+    )  # fmt: skip
+    wait_until(lambda: sim.serving("classifier").get("2.0.0") == 6, 30, "six devices to serve")
+    # The next minute's allowance has not come: the rest wait, however quickly the six serve.
+    import time
+
+    time.sleep(3)
+    status = api.get(f"/v1/rollouts/{rollout['id']}")
+    assert status["counts"]["serving"] == 6 and status["counts"]["waiting"] == 14, status["counts"]
+    assert sim.serving("classifier") == {"1.0.0": 14, "2.0.0": 6}
+    # An abort gives the six their previous version back; the fourteen were never touched.
+    api.post(f"/v1/rollouts/{rollout['id']}/abort")
+    wait_until(lambda: sim.serving("classifier") == {"1.0.0": 20}, 30, "the rollback")
+    done = api.get(f"/v1/rollouts/{rollout['id']}")
+    assert done["state"] == "aborted"
+    assert done["counts"]["reverted"] == 6 and done["counts"]["released"] == 14
+
+
+def test_install_failures_stop_the_canary_and_roll_its_stage_back(
+    api: ApiClient, fleet: tuple[FleetSimulator, list[SimulatedDevice]], uid: str
+) -> None:
+    sim, _ = fleet
+    sim.behaviours["2.0.0"] = Behaviour(install_s=0.05, fail="probation:nonfinite_outputs")
+    rollout = api.post(
+        "/v1/rollouts",
+        json={"model": "classifier", "version": "2.0.0", "selector": f"ring={uid}",
+              "strategy": "canary", "stages": [10, 50, 100],
+              "gates": {"max_agent_rollback_pct": 20}},
+    )  # fmt: skip
+    done = follow(api, rollout["id"])
+    assert done["state"] == "aborted", done["events"]
+    breach = next(e for e in done["events"] if e["kind"] == "gate_breach")
+    [figure] = breach["figures"]["breached"]
+    # Both devices of the first stage rolled it back: 100 % against 20 %.
+    assert figure["gate"] == "max_agent_rollback_pct" and figure["value"] == 100, figure
+    assert done["stages"][0]["counts"]["targeted"] == 2
+    assert done["counts"]["reverted"] == 2 and done["counts"]["released"] == 18
+    assert sim.serving("classifier") == {"1.0.0": 20}
+    audit = api.get("/v1/audit", params={"target": rollout["id"]})
+    assert "rollout.abort" in {a["action"] for a in audit}
+
+
+def test_a_telemetry_gate_trips_on_the_error_rate_the_devices_report(
+    api: ApiClient, fleet: tuple[FleetSimulator, list[SimulatedDevice]], uid: str
+) -> None:
+    sim, _ = fleet
+    sim.behaviours["2.0.0"] = Behaviour(install_s=0.05, error_rate=0.3, requests_per_interval=50)
+    rollout = api.post(
+        "/v1/rollouts",
+        json={"model": "classifier", "version": "2.0.0", "selector": f"ring={uid}",
+              "strategy": "canary", "stages": [25, 100], "bake_s": 2,
+              "gates": {"max_error_rate": 0.05, "min_requests": 100,
+                        "min_devices_reporting": 5}},
+    )  # fmt: skip
+    done = follow(api, rollout["id"])
+    assert done["state"] == "aborted", done["events"]
+    breach = next(e for e in done["events"] if e["kind"] == "gate_breach")
+    figure = breach["figures"]["breached"][0]
+    assert figure["gate"] == "max_error_rate" and 0.2 < figure["value"] < 0.4, figure
+    gates = {g["gate"]: g for g in done["gates"]}
+    assert (
+        gates["min_devices_reporting"]["ok"] is True
+        and gates["min_devices_reporting"]["value"] == 5
+    )
+    wait_until(lambda: sim.serving("classifier") == {"1.0.0": 20}, 30, "the rollback")
+
+
+def test_a_healthy_version_passes_its_telemetry_gates_and_completes(
+    api: ApiClient, fleet: tuple[FleetSimulator, list[SimulatedDevice]], uid: str
+) -> None:
+    sim, _ = fleet
+    sim.behaviours["2.0.0"] = Behaviour(install_s=0.05, requests_per_interval=50)
+    rollout = api.post(
+        "/v1/rollouts",
+        json={"model": "classifier", "version": "2.0.0", "selector": f"ring={uid}",
+              "strategy": "canary", "stages": [25, 100], "bake_s": 1.5,
+              "rate": {"ramp": {"base_per_minute": 5, "increase_factor": 4,
+                                "after_succeeded": 5}},
+              "gates": {"max_error_rate": 0.05, "min_requests": 100,
+                        "min_devices_reporting": 5}},
+    )  # fmt: skip
+    done = follow(api, rollout["id"], timeout_s=90)
+    assert done["state"] == "completed", done["events"]
+    assert sim.serving("classifier") == {"2.0.0": 20}
+    figures = next(e for e in done["events"] if e["kind"] == "promoted")["figures"]["gates"]
+    assert {g["gate"]: g["ok"] for g in figures} == {
+        "max_error_rate": True,
+        "min_devices_reporting": True,
+    }
+
+
+def test_operator_commands_from_the_cli(
+    stack: EmbeddedStack, api: ApiClient, fleet: tuple[FleetSimulator, list[SimulatedDevice]],
+    uid: str,
+) -> None:  # fmt: skip
+    sim, _ = fleet
+    r = edgefleet(stack, "rollouts", "create", "--model", "classifier", "--version", "2.0.0",
+                  "--selector", f"ring={uid}", "--strategy", "canary", "--stages", "10,100",
+                  "--manual-approval", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    import json
+
+    rollout = json.loads(r.stdout)
+    assert rollout["state"] == "awaiting_approval"
+    r = edgefleet(stack, "rollouts", "status", rollout["id"])
+    assert r.returncode == 0 and "awaiting_approval" in r.stdout and "latest events" in r.stdout
+    assert edgefleet(stack, "rollouts", "pause", rollout["id"]).returncode == 0
+    r = edgefleet(stack, "rollouts", "promote", rollout["id"])
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "paused" in r.stderr, r.stderr
+    assert edgefleet(stack, "rollouts", "resume", rollout["id"]).returncode == 0
+    wait_until(
+        lambda: api.get(f"/v1/rollouts/{rollout['id']}")["state"] == "awaiting_approval",
+        30,
+        "the stage to pass again after the pause",
+    )
+    assert edgefleet(stack, "rollouts", "promote", rollout["id"]).returncode == 0
+    done = follow(api, rollout["id"])
+    assert done["state"] == "completed" and sim.serving("classifier") == {"2.0.0": 20}
+    kinds = [e["kind"] for e in done["events"]]
+    assert kinds.index("paused") < kinds.index("resumed") < kinds.index("promoted")
+    assert next(e for e in done["events"] if e["kind"] == "promoted")["actor"] == "bootstrap-admin"
+    r = edgefleet(stack, "rollouts", "abort", rollout["id"])
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "completed" in r.stderr
+    r = edgefleet(stack, "rollouts", "list")
+    assert r.returncode == 0 and rollout["id"] in r.stdout
+
+
+@pytest.mark.skipif(not POSTGRES_URL, reason="EDGEFLEET_TEST_POSTGRES_URL is not set (CI sets it)")
+def test_two_server_processes_on_postgres_never_both_act_on_a_rollout(
+    tmp_path: Path, model_path: Path, model_v2_path: Path, uid: str
+) -> None:
+    """Two ``edgefleet serve`` processes on one database and one broker (sharing the data
+    directory as they would share an object store and a key vault): every decision of every
+    rollout is in its history once, and the fleet ends where the rollouts say."""
+    from sqlmodel import SQLModel
+
+    from fleet_server.app import create_tables
+    from fleet_server.database import make_engine
+    from fleet_server.settings import Settings
+
+    assert POSTGRES_URL is not None
+    engine = make_engine(Settings(database_url=POSTGRES_URL).resolved_database_url)
+    create_tables(engine)
+    SQLModel.metadata.drop_all(engine)
+    create_tables(engine)
+    engine.dispose()
+    broker = EmbeddedBroker(tmp_path / "broker", backend="mosquitto").start()
+    ports = [free_port(), free_port()]
+    env = {
+        **os.environ,
+        "EDGEFLEET_DATA_DIR": str(tmp_path / "shared"),
+        "EDGEFLEET_DATABASE_URL": POSTGRES_URL,
+        "EDGEFLEET_MQTT_URL": broker.url,
+        "EDGEFLEET_ADMIN_TOKEN": ADMIN_TOKEN,
+        "EDGEFLEET_ROLLOUT_TICK_S": "0.2",
+    }
+    servers: list[subprocess.Popen[bytes]] = []
+    logs = [tmp_path / f"server-{i}.log" for i in range(2)]
+    sim: FleetSimulator | None = None
+    try:
+        for i, port in enumerate(ports):
+            with logs[i].open("wb") as log:
+                servers.append(subprocess.Popen(
+                    [sys.executable, "-c", "from fleet_server.cli import main; main()", "serve"],
+                    env={**env, "EDGEFLEET_PORT": str(port)}, stdout=log,
+                    stderr=subprocess.STDOUT,
+                ))  # fmt: skip
+            api = ApiClient(f"http://127.0.0.1:{port}", ADMIN_TOKEN)
+            wait_until(lambda a=api: _healthy(a), 60, f"server {i} to start")  # type: ignore[misc]
+        one, two = (ApiClient(f"http://127.0.0.1:{p}", ADMIN_TOKEN) for p in ports)
+        one.upload_model(model_path, "classifier", "1.0.0")
+        one.upload_model(model_v2_path, "classifier", "2.0.0")
+        devices = enroll_fleet(two, 40, prefix=f"pg-{uid}", labels={"ring": uid})
+        sim = FleetSimulator(broker.url, devices, default=Behaviour(install_s=0.05),
+                             root_public_key=devices[0].root_public_key).start()  # fmt: skip
+        rollouts = []
+        for version, api in (("1.0.0", one), ("2.0.0", two)):
+            created = api.post(
+                "/v1/rollouts",
+                json={"model": "classifier", "version": version, "selector": f"ring={uid}",
+                      "strategy": "canary", "stages": [5, 10, 25, 50, 75, 100]},
+            )  # fmt: skip
+            rollouts.append(follow(one, created["id"], timeout_s=120))
+        for done in rollouts:
+            assert done["state"] == "completed", done["events"]
+            kinds = [e["kind"] for e in done["events"]]
+            assert kinds.count("promoted") == 5 and kinds.count("completed") == 1, kinds
+            promoted = [e["stage"] for e in done["events"] if e["kind"] == "promoted"]
+            assert promoted == [1, 2, 3, 4, 5]
+        assert sim.serving("classifier") == {"2.0.0": 40}
+        actors = {e["actor"] for r in rollouts for e in r["events"] if e["kind"] == "promoted"}
+        print(f"decisions taken by {sorted(actors)}")
+    finally:
+        if sim is not None:
+            sim.stop()
+        for server in servers:
+            server.send_signal(signal.SIGTERM)
+        for server in servers:
+            try:
+                server.wait(20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        broker.stop()
+        for log_path in logs:
+            if log_path.exists():
+                print(log_path.read_text()[-3000:])
+
+
+def _healthy(api: ApiClient) -> bool:
+    try:
+        return bool(api.get("/healthz")["broker_connected"])
+    except Exception:
+        return False
