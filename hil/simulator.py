@@ -28,6 +28,7 @@ import selectors
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -105,11 +106,12 @@ def enroll_fleet(
     prefix: str,
     profile: str = "x86-64-avx2",
     labels: dict[str, str] | None = None,
+    workers: int = 1,
 ) -> list[SimulatedDevice]:
     """Enroll ``count`` devices through the REST API (a one-time token each, as an operator's
-    provisioning does); returns them with their MQTT credentials."""
-    devices = []
-    for i in range(count):
+    provisioning does), ``workers`` at a time; returns them with their MQTT credentials."""
+
+    def one(i: int) -> SimulatedDevice:
         device_id = f"{prefix}-{i:05d}"
         token = api.post("/v1/enrollment-tokens", json={"profile": profile})["token"]
         enrolled = api.post(
@@ -117,16 +119,18 @@ def enroll_fleet(
             json={"token": token, "device_id": device_id, "profile": profile,
                   "labels": labels or {}},
         )  # fmt: skip
-        devices.append(
-            SimulatedDevice(
-                device_id,
-                profile,
-                enrolled["mqtt_password"],
-                dict(labels or {}),
-                root_public_key=enrolled["root_public_key"],
-            )
+        return SimulatedDevice(
+            device_id,
+            profile,
+            enrolled["mqtt_password"],
+            dict(labels or {}),
+            root_public_key=enrolled["root_public_key"],
         )
-    return devices
+
+    if workers <= 1:
+        return [one(i) for i in range(count)]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, range(count)))
 
 
 class FleetSimulator:

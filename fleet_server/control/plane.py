@@ -146,6 +146,8 @@ class ControlPlane:
         holds them (retained), so a device that subscribes afterwards gets the new one. With
         the broker unreachable they stay queued in the client and are sent on reconnect."""
         sent = [self.publish_desired(device_id, env) for device_id, env in documents.items()]
+        if wait_s <= 0:
+            return
         deadline = time.monotonic() + wait_s
         for info in sent:
             try:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlmodel import Session, col, select
 
+from edge_agent.contracts.canonical import canonical_json
 from edge_agent.protocol.desired import DesiredState, SignedDesiredState, SlotAssignment
 from fleet_server.database import aware
 from fleet_server.devices.tables import BundleGrant, DesiredStateRecord
@@ -81,7 +82,11 @@ def assign_many(
             slots: dict[str, SlotAssignment] = {}
             seq = 1
             if record is not None:
-                slots = dict(SignedDesiredState.model_validate(record.document).signed.slots)
+                # Only the slots: the keyring beside them is the signer's, attached anew.
+                slots = {
+                    name: SlotAssignment.model_validate(a)
+                    for name, a in record.document["signed"]["slots"].items()
+                }
                 seq = record.seq + 1
             assignment = assignments[device_id]
             if assignment is None:
@@ -156,6 +161,20 @@ def reissue(
     return _store(session, record, device_id, record.seq + 1, slots, ttl_s, signer)
 
 
+_keyrings: dict[int, tuple[object, dict[str, object] | None]] = {}
+
+
+def _keyring_json(signer: FleetSigner) -> dict[str, object] | None:
+    ring = signer.keyring
+    cached = _keyrings.get(id(ring))
+    if cached is None or cached[0] is not ring:
+        if len(_keyrings) > 64:
+            _keyrings.clear()
+        cached = (ring, ring.model_dump(mode="json") if ring is not None else None)
+        _keyrings[id(ring)] = cached
+    return cached[1]
+
+
 def _store(
     session: Session,
     record: DesiredStateRecord | None,
@@ -180,8 +199,15 @@ def _store(
         ),
         keyring=signer.keyring,
     )
-    envelope = unsigned.model_copy(update={"signatures": [signer.sign(unsigned.signed_bytes())]})
-    document = envelope.model_dump(mode="json")
+    signed = unsigned.signed.model_dump(mode="json")
+    signature = signer.sign(canonical_json(signed))  # what ``signed_bytes()`` is
+    envelope = unsigned.model_copy(update={"signatures": [signature]})
+    # As ``envelope.model_dump(mode="json")``, without dumping the same keyring each time.
+    document = {
+        "signed": signed,
+        "signatures": [signature.model_dump(mode="json")],
+        "keyring": _keyring_json(signer),
+    }
     for sha256 in {a.bundle_sha256 for a in slots.values()}:
         if granted is not None:
             if (device_id, sha256) in granted:

@@ -14,12 +14,23 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import select as sa_select
+from sqlmodel import Session
+
 from edge_agent.protocol.lifecycle import SlotState
 from fleet_server.database import aware
 from fleet_server.devices.tables import Device
 from fleet_server.rollouts.tables import ENDED, RolloutTarget, TargetPhase, TargetState
 
-__all__ = ["FAILURES", "TargetView", "rank", "stage_quota", "target_view"]
+__all__ = [
+    "FAILURES",
+    "DeviceRow",
+    "TargetView",
+    "device_rows",
+    "rank",
+    "stage_quota",
+    "target_view",
+]
 
 _INSTALLING = frozenset(
     {SlotState.DOWNLOADING, SlotState.VERIFYING, SlotState.STAGING, SlotState.SWITCHING}
@@ -29,10 +40,40 @@ _SETTLED = frozenset({SlotState.COMMITTED, SlotState.FAILED, SlotState.ROLLED_BA
 FAILURES = frozenset({TargetState.FAILED, TargetState.ROLLED_BACK, TargetState.REFUSED})
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceRow:
+    """What progress and gates read of a device: its row without the ORM (the reconciler
+    reads thousands each step)."""
+
+    id: str
+    profile: str
+    labels: dict[str, str]
+    runtimes: dict[str, str] | None
+    online: bool = False
+    reported: dict[str, Any] | None = None
+    reported_seq: int = 0
+
+
+def device_rows(session: Session, device_ids: list[str]) -> dict[str, DeviceRow]:
+    names = ("id", "profile", "labels", "runtimes", "online", "reported", "reported_seq")
+    table = Device.__table__  # type: ignore[attr-defined]
+    columns = [table.c[name] for name in names]
+    out: dict[str, DeviceRow] = {}
+    for start in range(0, len(device_ids), 500):
+        chunk = device_ids[start : start + 500]
+        query = sa_select(*columns).where(table.c.id.in_(chunk))
+        for row in session.execute(query).all():
+            out[row[0]] = DeviceRow(
+                row[0], row[1], dict(row[2] or {}), dict(row[3]) if row[3] else None,
+                bool(row[4]), dict(row[5]) if row[5] else None, row[6] or 0,
+            )  # fmt: skip
+    return out
+
+
 @dataclass(frozen=True)
 class TargetView:
     target: RolloutTarget
-    device: Device
+    device: DeviceRow
     state: TargetState
     device_state: SlotState | None
     error: dict[str, Any] | None
@@ -63,7 +104,7 @@ def _shadow_sha(shadow: dict[str, Any] | None) -> str | None:
 
 def target_view(
     target: RolloutTarget,
-    device: Device,
+    device: DeviceRow,
     slot: str,
     *,
     now: datetime,
@@ -97,7 +138,7 @@ def target_view(
 
 def _reported_state(
     target: RolloutTarget,
-    device: Device,
+    device: DeviceRow,
     report: dict[str, Any] | None,
     reported: dict[str, Any],
 ) -> tuple[TargetState, dict[str, Any] | None]:

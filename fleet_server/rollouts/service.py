@@ -27,7 +27,13 @@ from fleet_server.errors import ConflictError, InvalidInputError, NotFoundError
 from fleet_server.keys.service import FleetSigner
 from fleet_server.registry.service import get_version, version_by_id
 from fleet_server.rollouts.engine import BundleChoice, RolloutEngine, choose_bundle, cohort_of
-from fleet_server.rollouts.progress import TargetView, rank, stage_quota, target_view
+from fleet_server.rollouts.progress import (
+    TargetView,
+    device_rows,
+    rank,
+    stage_quota,
+    target_view,
+)
 from fleet_server.rollouts.spec import RolloutCreate
 from fleet_server.rollouts.tables import (
     ACTIVE_STATES,
@@ -170,7 +176,9 @@ def create_rollout(
         )
         session.commit()
         rollout_id = rollout.id
-        engine.step(rollout_id)  # the first stage's devices are notified before we answer
+        # The first stage's devices are notified, and the broker holds their documents,
+        # before we answer.
+        engine.step(rollout_id, wait_published_s=5.0)
     session.expire_all()
     return get_rollout(session, rollout_id)
 
@@ -311,12 +319,7 @@ def describe(
             .order_by(col(RolloutTarget.device_id))
         ).all()
     )
-    devices = {
-        d.id: d
-        for d in session.exec(
-            select(Device).where(col(Device.id).in_([t.device_id for t in targets]))
-        ).all()
-    }
+    devices = device_rows(session, [t.device_id for t in targets])
     bundles = {
         b.sha256: b
         for b in session.exec(

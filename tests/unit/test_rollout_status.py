@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from fleet_server.devices.tables import Device
-from fleet_server.rollouts.progress import rank, stage_quota, target_view
+from fleet_server.rollouts.progress import DeviceRow, rank, stage_quota, target_view
 from fleet_server.rollouts.tables import RolloutTarget, TargetPhase
 
 NEW, OLD = "a" * 64, "b" * 64
@@ -34,7 +34,9 @@ def status(
                     reported_seq=reported_seq)  # fmt: skip
     target = RolloutTarget(rollout_id="r", device_id="d", bundle_sha256=NEW, desired_seq=2,
                            phase=phase, notified_at=NOW - timedelta(seconds=notified_s_ago))  # fmt: skip
-    return target_view(target, device, "clf", now=NOW, timeout_s=timeout_s).state
+    row = DeviceRow(device.id, device.profile, {}, None, True, device.reported,
+                    device.reported_seq)  # fmt: skip
+    return target_view(target, row, "clf", now=NOW, timeout_s=timeout_s).state
 
 
 def active(sha: str) -> dict[str, str]:

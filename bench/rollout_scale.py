@@ -1,0 +1,264 @@
+"""Rollout at fleet scale: how long until N devices serve a new version, what it costs the
+server, and how long a gate breach takes to put all of them back.
+
+One run, on the real parts: ``edgefleet serve`` as its own process (SQLite, or PostgreSQL
+with ``--database-url``), a private Mosquitto, and the fleet simulator (``hil.simulator``)
+holding N MQTT connections with N enrolled identities in this process. Figures:
+
+- **rollout**: from ``POST /v1/rollouts`` (all at once, no rate limit) until every device
+  serves the version, as the devices see it and as the server reports it;
+- **server CPU seconds** during it (``/proc/<pid>/stat``), in all and per 1,000 devices, and
+  the broker's;
+- **rollback**: a second version whose telemetry shows a 30 % error rate trips the
+  ``max_error_rate`` gate after its bake time; from the breach (the event's time) until
+  every device serves the first version again;
+- where the server's time goes: the engine logs each large step (read, decide + sign +
+  stage, commit, publish).
+
+    .venv/bin/python bench/rollout_scale.py --devices 1000 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from converters.onnx.samples import mlp_classifier
+from fleet_server.broker import EmbeddedBroker, free_port
+from fleet_server.client import ApiClient
+from hil.rig import wait_until
+from hil.simulator import Behaviour, FleetSimulator, enroll_fleet
+
+TOKEN = "efa_bench-admin-token-0123456789abcdef0123456789"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(n: int, database_url: str | None, work: Path) -> dict[str, Any]:
+    broker = EmbeddedBroker(work / "broker", backend="mosquitto").start()
+    port = free_port()
+    env = {
+        **os.environ,
+        "EDGEFLEET_DATA_DIR": str(work / "server"),
+        "EDGEFLEET_MQTT_URL": broker.url,
+        "EDGEFLEET_ADMIN_TOKEN": TOKEN,
+        "EDGEFLEET_PORT": str(port),
+        "EDGEFLEET_TELEMETRY_BUCKET_S": "10",
+    }
+    if database_url:
+        env["EDGEFLEET_DATABASE_URL"] = database_url
+    log_path = work / "server.log"
+    with log_path.open("wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-c", "from fleet_server.cli import main; main()", "serve"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    api = ApiClient(f"http://127.0.0.1:{port}", TOKEN, timeout_s=300)
+    sim: FleetSimulator | None = None
+    try:
+        wait_until(lambda: _healthy(api), 60, "the server")
+        api.upload_model(mlp_classifier(work / "v1.onnx", seed=1), "classifier", "1.0.0")
+        api.upload_model(mlp_classifier(work / "v2.onnx", seed=2), "classifier", "2.0.0")
+        for version in ("1.0.0", "2.0.0"):  # built before the clock starts
+            build = api.post(
+                "/v1/builds",
+                json={"model": "classifier", "version": version, "profile": "x86-64-avx2"},
+            )
+            wait_until(
+                lambda b=build: api.get(f"/v1/builds/{b['id']}")["state"] == "succeeded",
+                300,
+                f"the {version} build",
+            )
+        t = time.perf_counter()
+        devices = enroll_fleet(api, n, prefix=f"b{n}", labels={"fleet": "bench"}, workers=8)
+        enroll_s = time.perf_counter() - t
+        sim = FleetSimulator(
+            broker.url,
+            devices,
+            root_public_key=devices[0].root_public_key,
+            default=Behaviour(install_s=0.0),
+            # A bad version serves with 30 % errors; telemetry every 5 s keeps ingest at
+            # n/5 batches a second.
+            behaviours={
+                "2.0.0": Behaviour(install_s=0.0, error_rate=0.3, requests_per_interval=20)
+            },
+            telemetry_interval_s=10.0,
+            resend_after_s=30,
+        )
+        t = time.perf_counter()
+        sim.start(connect_timeout_s=600)
+        connect_s = time.perf_counter() - t
+
+        server_cpu0, broker_cpu0, sim_cpu0 = cpu_s(server.pid), _broker_cpu(broker), own_cpu_s()
+        t = time.perf_counter()
+        first = api.post(
+            "/v1/rollouts",
+            json={"model": "classifier", "version": "1.0.0", "selector": "fleet=bench"},
+        )
+        created_s = time.perf_counter() - t
+        wait_until(
+            lambda: sim.serving("classifier").get("1.0.0") == n,
+            600,
+            "every device to serve 1.0.0",
+            interval_s=0.2,
+        )
+        devices_active_s = time.perf_counter() - t
+        done = wait_until(
+            lambda: _ended(api, first["id"]), 600, "the rollout to complete", interval_s=0.5
+        )
+        server_done_s = time.perf_counter() - t
+        server_cpu = cpu_s(server.pid) - server_cpu0
+        broker_cpu = _broker_cpu(broker) - broker_cpu0
+        sim_cpu = own_cpu_s() - sim_cpu0
+
+        second = api.post(
+            "/v1/rollouts",
+            json={
+                "model": "classifier",
+                "version": "2.0.0",
+                "selector": "fleet=bench",
+                "bake_s": 15,
+                "gates": {"max_error_rate": 0.05, "min_requests": 200},
+            },
+        )
+        wait_until(
+            lambda: sim.serving("classifier").get("2.0.0") == n,
+            600,
+            "every device to serve 2.0.0",
+            interval_s=0.2,
+        )
+        aborted = wait_until(
+            lambda: _ended(api, second["id"]), 900, "the gate breach", interval_s=0.5
+        )
+        breach = next(e for e in aborted["events"] if e["kind"] == "gate_breach")
+        wait_until(
+            lambda: sim.serving("classifier").get("1.0.0") == n,
+            600,
+            "every device to serve 1.0.0 again",
+            interval_s=0.2,
+        )
+        back_at = time.time()
+        rollback_s = back_at - datetime.fromisoformat(breach["at"]).timestamp()
+        steps = re.findall(
+            r"(\d+) documents in ([\d.]+) s \(read \+ bundles ([\d.]+) s, decide \+ sign \+ "
+            r"stage ([\d.]+) s, commit ([\d.]+) s, publish ([\d.]+) s\)",
+            log_path.read_text(),
+        )
+        return {
+            "devices": n,
+            "database": "postgresql" if database_url else "sqlite",
+            "enroll_s": enroll_s,
+            "connect_s": connect_s,
+            "create_s": created_s,
+            "devices_active_s": devices_active_s,
+            "server_completed_s": server_done_s,
+            "server_cpu_s": server_cpu,
+            "broker_cpu_s": broker_cpu,
+            "simulator_cpu_s": sim_cpu,
+            "state": done["state"],
+            "breach": breach["message"],
+            "rollback_s": rollback_s,
+            "aborted_state": aborted["state"],
+            "steps": steps,
+            "statuses_sent": sim.statuses_sent,
+            "refused": dict(sim.refused),
+        }
+    finally:
+        if sim is not None:
+            sim.stop()
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        broker.stop()
+        api.close()
+
+
+def _broker_cpu(broker: EmbeddedBroker) -> float:
+    process = getattr(broker, "_process", None)
+    return cpu_s(process.pid) if process is not None else float("nan")
+
+
+def _healthy(api: ApiClient) -> bool:
+    try:
+        return bool(api.get("/healthz")["broker_connected"])
+    except Exception:
+        return False
+
+
+def _ended(api: ApiClient, rollout_id: str) -> dict[str, Any] | None:
+    r: dict[str, Any] = api.get(f"/v1/rollouts/{rollout_id}", params={"targets": "false"})
+    return r if r["state"] in ("completed", "failed", "aborted") else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--database-url", help="PostgreSQL URL (default: SQLite)")
+    args = parser.parse_args()
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    results = []
+    for n in args.devices:
+        with tempfile.TemporaryDirectory(prefix="rollout-bench-") as tmp:
+            r = run(n, args.database_url, Path(tmp))
+        results.append(r)
+        print(f"\n== {n} devices ({r['database']}) ==")
+        print(f"enroll {r['enroll_s']:.1f} s, simulator connect {r['connect_s']:.1f} s")
+        print(
+            f"rollout: POST answered in {r['create_s']:.2f} s; every device active after "
+            f"{r['devices_active_s']:.2f} s; server reports completed after "
+            f"{r['server_completed_s']:.2f} s ({r['state']})"
+        )
+        per_k = r["server_cpu_s"] / (n / 1000)
+        print(
+            f"CPU: server {r['server_cpu_s']:.2f} s ({per_k:.2f} s per 1,000 devices), "
+            f"broker {r['broker_cpu_s']:.2f} s, simulator {r['simulator_cpu_s']:.2f} s; "
+            f"{r['statuses_sent']} status reports"
+        )
+        for docs, total, read, decide, commit, publish in r["steps"]:
+            print(
+                f"  engine step: {docs} documents in {total} s: read + bundles {read} s, "
+                f"decide + sign + stage {decide} s, commit {commit} s, publish {publish} s"
+            )
+        print(f"gate breach: {r['breach']}")
+        print(
+            f"rollback: every device back on 1.0.0 {r['rollback_s']:.2f} s after the breach "
+            f"({r['aborted_state']})"
+        )
+        if r["refused"]:
+            print(f"devices refused documents: {r['refused']}")
+    summary = "; ".join(
+        f"{r['devices']} devices: active in {r['devices_active_s']:.1f} s, rollback "
+        f"{r['rollback_s']:.1f} s, server {r['server_cpu_s'] / (r['devices'] / 1000):.2f} "
+        "CPU-s/1k"
+        for r in results
+    )
+    print(f"\nsummary: {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
