@@ -34,7 +34,7 @@ from fleet_server.devices import desired
 from fleet_server.devices.service import (
     apply_presence,
     apply_status,
-    desired_records,
+    desired_summaries,
     devices_by_id,
 )
 from fleet_server.devices.tables import DesiredStateRecord, Device
@@ -254,18 +254,19 @@ class ControlPlane:
             signer = self._keys.signer(session)
         except ConflictError:
             return  # no keys yet: nothing was ever sent
-        keyring = signer.keyring.model_dump(mode="json") if signer.keyring else None
-        records = desired_records(session, [d.id for d in devices])
+        ring = signer.keyring.signed.version if signer.keyring is not None else None
+        stored = desired_summaries(session, [d.id for d in devices])
         soon = datetime.now(UTC) + timedelta(seconds=self._desired_ttl_s // 10)
         for device in devices:
-            record = records.get(device.id)
-            if record is None:
+            summary = stored.get(device.id)
+            if summary is None:
                 continue
-            expires = datetime.fromisoformat(record.document["signed"]["expires_at"])
-            if expires <= soon or record.document.get("keyring") != keyring:
-                self._resync(session, device)
-            elif device.reported_seq < record.seq:
-                self._send_again(device, record)
+            if summary.expires_at <= soon or summary.keyring_version != ring:
+                self._resync(session, device)  # re-issued, with a new seq
+            elif device.reported_seq < summary.seq:
+                record = session.get(DesiredStateRecord, device.id)
+                if record is not None:
+                    self._send_again(device, record)
 
     def _resync(self, session: Session, device: Device) -> None:
         """Send the stored document again if the device is behind (or it is about to expire)."""

@@ -216,9 +216,12 @@ def _store(
         elif session.get(BundleGrant, (device_id, sha256)) is not None:
             continue
         session.add(BundleGrant(device_id=device_id, bundle_sha256=sha256, granted_at=now))
+    expires_at = now + timedelta(seconds=ttl_s)
+    ring_version = signer.keyring.signed.version if signer.keyring is not None else None
     if record is None:
         record = DesiredStateRecord(device_id=device_id, seq=seq, document=document, updated_at=now)
     else:
         record.seq, record.document, record.updated_at = seq, document, now
+    record.expires_at, record.keyring_version = expires_at, ring_version
     session.add(record)
     return envelope

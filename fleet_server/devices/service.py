@@ -4,12 +4,14 @@ issues a device its credentials, is :mod:`fleet_server.auth.enrollment`.)"""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlmodel import Session, col, select
 
 from edge_agent.protocol.status import ReportedStatus
 from fleet_server.audit import service as audit
+from fleet_server.database import aware
 from fleet_server.devices.selectors import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, Selector
 from fleet_server.devices.tables import DesiredStateRecord, Device, DevicePublic
 from fleet_server.errors import InvalidInputError, NotFoundError
@@ -118,14 +120,31 @@ def devices_by_id(session: Session, device_ids: list[str]) -> dict[str, Device]:
     return out
 
 
-def desired_records(session: Session, device_ids: list[str]) -> dict[str, DesiredStateRecord]:
-    out: dict[str, DesiredStateRecord] = {}
+@dataclass(frozen=True)
+class DesiredSummary:
+    """A device's stored document without the document: what deciding to re-send needs."""
+
+    seq: int
+    expires_at: datetime
+    keyring_version: int | None
+
+
+def desired_summaries(session: Session, device_ids: list[str]) -> dict[str, DesiredSummary]:
+    out: dict[str, DesiredSummary] = {}
+    t = DesiredStateRecord
     for start in range(0, len(device_ids), _CHUNK):
         chunk = device_ids[start : start + _CHUNK]
-        out.update(
-            (r.device_id, r)
-            for r in session.exec(
-                select(DesiredStateRecord).where(col(DesiredStateRecord.device_id).in_(chunk))
+        rows = session.exec(
+            select(t.device_id, t.seq, t.expires_at, t.keyring_version).where(
+                col(t.device_id).in_(chunk)
             )
-        )
+        ).all()
+        for device_id, seq, expires_at, ring in rows:
+            if expires_at is None:  # a row from before these columns: read the document
+                record = session.get(DesiredStateRecord, device_id)
+                assert record is not None
+                signed = record.document["signed"]
+                expires_at = datetime.fromisoformat(signed["expires_at"])
+                ring = ((record.document.get("keyring") or {}).get("signed") or {}).get("version")
+            out[device_id] = DesiredSummary(seq, aware(expires_at), ring)
     return out

@@ -45,6 +45,11 @@ class DesiredStateRecord(SQLModel, table=True):
     #: The envelope exactly as published (``SignedDesiredState`` as JSON).
     document: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
     updated_at: datetime
+    #: The document's expiry and the version of the keyring it travels with, beside it so
+    #: that checking thousands of devices reads no document (null in rows from before them:
+    #: read from the document).
+    expires_at: datetime | None = None
+    keyring_version: int | None = None
 
 
 class BundleGrant(SQLModel, table=True):
