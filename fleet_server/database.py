@@ -49,7 +49,8 @@ class UtcPublic(SQLModel):
 def add_missing_columns(engine: Engine, metadata: MetaData) -> list[str]:
     """Additive schema upgrade: every column the tables declare that an older database lacks
     is added (``ALTER TABLE … ADD COLUMN``), with the column's Python default as the value of
-    existing rows where it has a plain one, else NULL. Tables are created by ``create_all``;
+    existing rows where it has a plain one, else NULL, with the indexes on it. Tables are
+    created by ``create_all``;
     nothing is ever dropped or changed. Returns ``table.column`` for each column added."""
     inspector = inspect(engine)
     added: list[str] = []
@@ -76,4 +77,8 @@ def add_missing_columns(engine: Engine, metadata: MetaData) -> list[str]:
                     text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}{clause}')
                 )
                 added.append(f"{table.name}.{column.name}")
+            new = {a.split(".", 1)[1] for a in added if a.startswith(table.name + ".")}
+            for index in table.indexes:
+                if new & {c.name for c in index.columns}:
+                    index.create(conn, checkfirst=True)
     return added
