@@ -32,6 +32,10 @@ DEVICES = [
 ]
 
 
+#: A rollout in these states is still running.
+ACTIVE = {"in_progress", "paused", "awaiting_approval"}
+
+
 def _progress(rollout: dict) -> Table:  # type: ignore[type-arg]
     table = Table(
         "device",
@@ -39,16 +43,18 @@ def _progress(rollout: dict) -> Table:  # type: ignore[type-arg]
         "artifact",
         "state",
         "agent lifecycle",
-        title=f"rollout {rollout['id']} of {rollout['model']} {rollout['version']}: "
-        f"{rollout['state']}",
+        "stage",
+        title=f"{rollout.get('strategy', 'all_at_once')} rollout {rollout['id']} of "
+        f"{rollout['model']} {rollout['version']}: {rollout['state']}",
     )
     for t in rollout["targets"]:
         table.add_row(
             t["device_id"],
             t["profile"],
-            f"{t['runtime']}/{t['precision']}",
+            f"{t['runtime']}/{t['precision']}" if t.get("runtime") else "-",
             t["state"],
             t.get("device_state") or "-",
+            str(t.get("stage", 0) + 1),
         )
     return table
 
@@ -57,7 +63,7 @@ def _follow(api: ApiClient, rollout: dict, console: Console) -> dict:  # type: i
     """Show the rollout live until every device has committed, failed or rolled back."""
     with Live(_progress(rollout), console=console, refresh_per_second=8) as live:
         deadline = time.monotonic() + 120
-        while rollout["state"] == "in_progress" and time.monotonic() < deadline:
+        while rollout["state"] in ACTIVE and time.monotonic() < deadline:
             time.sleep(0.2)
             rollout = api.get(f"/v1/rollouts/{rollout['id']}")
             live.update(_progress(rollout))
@@ -203,9 +209,11 @@ def run_demo(workdir: Path | None, console: Console) -> int:
                 )
             console.print(health)
 
-            # A bad version: it passes upload, build and self-test, but emits NaN. Each device
-            # catches it on probation and switches back to 1.0.0 by itself.
-            console.rule("a bad version: demo-classifier 1.1.0 (emits NaN)")
+            # A bad version: it passes upload, build and self-test, but emits NaN. It goes out
+            # as a canary: the first stage's device catches it on probation and switches back
+            # to 1.0.0 by itself; that agent rollback trips the rollout's gate, which stops the
+            # rollout before any other device is touched.
+            console.rule("a bad version: demo-classifier 1.1.0 (emits NaN), as a canary")
             bad = nan_classifier(root / "models" / "demo-classifier-bad.onnx")
             api.upload_model(bad, "demo-classifier", "1.1.0", "broken on purpose")
             rollout = api.post(
@@ -213,24 +221,42 @@ def run_demo(workdir: Path | None, console: Console) -> int:
                 json={
                     "model": "demo-classifier",
                     "version": "1.1.0",
-                    "selector": {"ring": "canary"},
+                    "selector": "ring=canary",
+                    "strategy": "canary",
+                    "stages": [33, 100],
+                    "gates": {"max_agent_rollback_pct": 0, "max_install_failure_pct": 0},
                 },
             )
             rollout = _follow(api, rollout, console)
             reasons = {t["error"]["reason"] for t in rollout["targets"] if t.get("error")}
             still = {(a.serving("demo-classifier") or {}).get("version") for a in agents}
-            rolled_back = rollout["counts"]["rolled_back"] == len(agents) and still == {"1.0.0"}
+            touched = rollout["counts"]["reverted"]
+            spared = rollout["counts"]["released"]
+            breach = next((e for e in rollout["events"] if e["kind"] == "gate_breach"), None)
+            rolled_back = (
+                rollout["state"] == "aborted"
+                and breach is not None
+                and touched == 1
+                and spared == len(agents) - 1
+                and still == {"1.0.0"}
+            )
             why = ", ".join(sorted(reasons)) or "-"
             console.print(
-                f"devices rolled back: {rollout['counts']['rolled_back']}/{len(agents)} "
-                f"(reason: {why}); serving now: {', '.join(sorted(str(v) for v in still))}"
+                f"\nrollout {rollout['state']}: "
+                f"{breach['message'] if breach else 'no gate breach'}"
+            )
+            console.print(
+                f"stage 1 device rolled back by its agent (reason: {why}) and was given 1.0.0; "
+                f"{spared} device(s) never received 1.1.0; serving now: "
+                f"{', '.join(sorted(str(v) for v in still))}"
             )
             ok = ok and rolled_back
             console.rule(
                 Text.assemble(("ok" if ok else "FAILED", "green" if ok else "red"))
                 + f": 3 devices serving demo-classifier "
                 f"1.0.0 ({rolled_out_s:.1f}s from deploy to all committed); the bad 1.1.0 was "
-                f"rolled back on every device; {time.monotonic() - started:.1f}s total"
+                f"stopped by its canary gate after one device; "
+                f"{time.monotonic() - started:.1f}s total"
             )
             return 0 if ok else 1
     finally:
