@@ -261,6 +261,9 @@ def test_operator_commands_from_the_cli(
     kinds = [e["kind"] for e in done["events"]]
     assert kinds.index("paused") < kinds.index("resumed") < kinds.index("promoted")
     assert next(e for e in done["events"] if e["kind"] == "promoted")["actor"] == "bootstrap-admin"
+    # The live view ends by itself once the rollout has ended, showing how it ended.
+    r = edgefleet(stack, "rollouts", "status", rollout["id"], "--watch")
+    assert r.returncode == 0 and "completed" in r.stdout and "promoted" in r.stdout, r.stdout
     r = edgefleet(stack, "rollouts", "abort", rollout["id"])
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "completed" in r.stderr
     r = edgefleet(stack, "rollouts", "list")

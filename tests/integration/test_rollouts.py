@@ -462,3 +462,59 @@ def test_broker_and_server_restarts_mid_rollout_end_in_the_right_state(
             agent.stop()
         stack.stop()
         broker.stop()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_shadow_rollouts_are_gated_on_agreement(
+    stack: EmbeddedStack, api: ApiClient, model_path: Path, model_v2_path: Path, tmp_path: Path,
+    uid: str,
+) -> None:  # fmt: skip
+    """A candidate that agrees with the active model passes and stays as a shadow; one that
+    disagrees trips ``min_shadow_agreement`` and the shadow slot gets back what it had. The
+    active model answers throughout."""
+    api.upload_model(model_path, "classifier", "1.0.0")
+    api.upload_model(model_path, "classifier", "1.0.1")  # the same weights: agrees
+    api.upload_model(model_v2_path, "classifier", "2.0.0")  # other weights: disagrees
+    fleet = [(f"sh-{i}-{uid}", "x86-64-avx2", {"ring": uid}) for i in range(2)]
+    agents = start_fleet(api, stack, tmp_path / "devices", fleet)
+    for agent in agents:  # shadow figures reach the server with each status report
+        agent.stop()
+        agent.configure("[reporting]\nstatus_interval_s = 0.5\n")
+        agent.start()
+        agent.wait_ready()
+
+    def shadow(version: str, gates: dict[str, Any]) -> dict[str, Any]:
+        rollout = api.post(
+            "/v1/rollouts",
+            json={"model": "classifier", "version": version, "selector": f"ring={uid}",
+                  "strategy": "shadow", "shadow_of": "classifier", "sample_rate": 1.0,
+                  "bake_s": 2, "gates": gates},
+        )  # fmt: skip
+        return follow(api, rollout["id"])
+
+    try:
+        all_at_once(api, "1.0.0", f"ring={uid}")
+        gates = {"min_shadow_agreement": 0.95, "max_install_failure_pct": 0, "min_requests": 50}
+        with traffic(agents, normal):
+            good = shadow("1.0.1", gates)
+            assert good["state"] == "completed", good["events"]
+            figure = {g["gate"]: g for g in good["gates"]}["min_shadow_agreement"]
+            assert figure["ok"] is True and figure["value"] == 1.0, figure
+            bad = shadow("2.0.0", {**gates, "min_shadow_agreement": 0.99})
+        assert bad["state"] == "aborted", bad["events"]
+        breach = next(e for e in bad["events"] if e["kind"] == "gate_breach")
+        assert breach["figures"]["breached"][0]["gate"] == "min_shadow_agreement"
+        for agent in agents:
+            # The active model never changed; the disagreeing shadow gave way to the shadow
+            # the slot had before it (1.0.1, from the passing rollout).
+            assert (agent.serving("classifier") or {})["version"] == "1.0.0"
+
+            def shadowing(device_id: str = agent.device_id) -> bool:
+                slots = api.get(f"/v1/devices/{device_id}")["reported"]["slots"]
+                report = (slots.get("classifier-shadow") or {}).get("shadow") or {}
+                return bool(report.get("version") == "1.0.1")
+
+            wait_until(shadowing, 30, "the previous shadow to be back")
+    finally:
+        for agent in agents:
+            agent.stop()
