@@ -104,6 +104,7 @@ def run(n: int, database_url: str | None, work: Path) -> dict[str, Any]:
                 "2.0.0": Behaviour(install_s=0.0, error_rate=0.3, requests_per_interval=20)
             },
             telemetry_interval_s=10.0,
+            status_interval_s=30.0,
             resend_after_s=30,
         )
         t = time.perf_counter()

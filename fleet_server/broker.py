@@ -79,7 +79,9 @@ class EmbeddedBroker:
             "persistence true\n"
             f"persistence_location {persistence}/\n"
             "autosave_interval 5\n"
-            "max_queued_messages 10000\n"
+            # The server's one connection receives every device's reports: a 10,000-device
+            # fleet reporting at once must not overflow its queue (the default is 1,000).
+            "max_queued_messages 200000\n"
             "log_dest stderr\n"
             "log_type error\n"
             "log_type warning\n"

@@ -144,6 +144,7 @@ class FleetSimulator:
         default: Behaviour = Behaviour(),
         telemetry_interval_s: float = 1.0,
         resend_after_s: float = 5.0,
+        status_interval_s: float = 60.0,
         seed: int = 0,
     ) -> None:
         """``root_public_key``: the fleet root (base64) documents are checked against; None
@@ -155,6 +156,9 @@ class FleetSimulator:
         self.behaviours = dict(behaviours or {})
         self.default = default
         self.telemetry_interval_s = telemetry_interval_s
+        #: Each device reports its status at least this often, as an agent does
+        #: (``[reporting] status_interval_s``): a report the broker dropped is not lost.
+        self.status_interval_s = status_interval_s
         self.resend_after_s = resend_after_s
         self._root = public_key_from_b64(root_public_key) if root_public_key else None
         self._rings: dict[int, Keyring] = {}
@@ -183,6 +187,7 @@ class FleetSimulator:
                 raise TimeoutError(f"{missing} simulated devices did not connect")
             time.sleep(0.05)
         self.schedule(self.telemetry_interval_s, self._telemetry_round)
+        self.schedule(self.status_interval_s, self._status_round)
         return self
 
     def stop(self) -> None:
@@ -441,6 +446,16 @@ class FleetSimulator:
         device.client.publish(Topics(device.device_id).status, status.to_bytes(), qos=1,
                               retain=True)  # fmt: skip
         self.statuses_sent += 1
+
+    def _status_round(self) -> None:
+        if self._stopping.is_set():
+            return
+        # Spread over the interval, as a fleet's agents are (they did not all start at once).
+        devices = [d for d in self.devices.values() if d.connected]
+        for i, device in enumerate(devices):
+            self.schedule(self.status_interval_s * i / max(1, len(devices)),
+                          lambda d=device: self._report(d))  # fmt: skip
+        self.schedule(self.status_interval_s, self._status_round)
 
     # --- telemetry -------------------------------------------------------------------------------
     def _telemetry_round(self) -> None:

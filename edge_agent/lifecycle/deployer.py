@@ -470,7 +470,14 @@ class Deployer:
             runtime=m.runtime.name,
             precision=m.precision,
         )
-        ctx.staged = self._load(ctx.verified, ref)
+        # Staged beside the active version already (as a shadow that answers nobody, self-tested
+        # and warmed when it was staged): it switches in without loading again.
+        adopted = None
+        if ctx.target.mode == SlotMode.ACTIVE:
+            adopted = self.table.take_shadow(ctx.target.bundle_sha256)
+        if adopted is not None:
+            log.info("slot %s: switching to the staged %s %s", ctx.slot, ref.model, ref.version)
+        ctx.staged = adopted or self._load(ctx.verified, ref)
         ctx.probe_inputs, _ = unpack(ctx.verified.directory / m.selftest.file)
         if ctx.target.mode == SlotMode.ACTIVE:
             self._measure_prior(ctx)

@@ -129,6 +129,22 @@ class SlotTable:
         for shadow in gone:
             shadow.serving.retire()
 
+    def take_shadow(self, bundle_sha256: str) -> ServingModel | None:
+        """Detach the shadow running ``bundle_sha256`` and hand it over loaded (not retired):
+        a version staged beside the active one becomes the active one without loading it
+        again (stage then activate)."""
+        with self._lock:
+            found = next(
+                (
+                    a
+                    for a, s in self._shadows.items()
+                    if s.serving.ref.bundle_sha256 == bundle_sha256
+                ),
+                None,
+            )
+            shadow = self._shadows.pop(found) if found is not None else None
+        return shadow.serving if shadow is not None else None
+
     def shadow_report(self, shadow_slot: str) -> dict[str, Any] | None:
         with self._lock:
             shadow = next((s for s in self._shadows.values() if s.slot == shadow_slot), None)

@@ -44,15 +44,16 @@ def _render_rollout(r: dict[str, Any], *, all_devices: bool = False) -> Group:
         f"[{r['state']}] {r.get('strategy', 'all_at_once')}"
     )
     parts: list[Any] = []
-    columns = ("targeted", "notified", "downloading", "probation", "active", "failed",
-               "rolled back", "timed out")  # fmt: skip
+    columns = ("targeted", "notified", "downloading", "staged", "probation", "active",
+               "failed", "rolled back", "timed out")  # fmt: skip
     stages = Table("stage", "share", "state", *columns, title=title)
     for st in r.get("stages", []):
         c = st["counts"]
         stages.add_row(
             str(st["index"] + 1), f"{st['percent']:g} %", st["state"],
-            *(str(c.get(k, 0)) for k in ("targeted", "notified", "downloading", "probation",
-                                         "serving", "failed", "rolled_back", "timed_out")),
+            *(str(c.get(k, 0)) for k in ("targeted", "notified", "downloading", "staged",
+                                         "probation", "serving", "failed", "rolled_back",
+                                         "timed_out")),
         )  # fmt: skip
     parts.append(stages)
     if r.get("gates"):
@@ -124,7 +125,9 @@ def rollouts_create(
         list[str] | None,
         typer.Option(help="cohort: 'hw=rpi4,site in (berlin,paris),!exempt' (repeats are and-ed)"),
     ] = None,
-    strategy: Annotated[str, typer.Option(help="all_at_once, canary or shadow")] = "all_at_once",
+    strategy: Annotated[
+        str, typer.Option(help="all_at_once, canary, shadow or stage_then_activate")
+    ] = "all_at_once",
     stages: Annotated[
         str | None, typer.Option(help="canary stages in percent, e.g. 1,10,50,100")
     ] = None,

@@ -242,8 +242,7 @@ def run_demo(workdir: Path | None, console: Console) -> int:
             )
             why = ", ".join(sorted(reasons)) or "-"
             console.print(
-                f"\nrollout {rollout['state']}: "
-                f"{breach['message'] if breach else 'no gate breach'}"
+                f"\nrollout {rollout['state']}: {breach['message'] if breach else 'no gate breach'}"
             )
             console.print(
                 f"stage 1 device rolled back by its agent (reason: {why}) and was given 1.0.0; "

@@ -61,10 +61,23 @@ def assign_many(
     signer: FleetSigner,
 ) -> dict[str, SignedDesiredState]:
     """Stage (not commit) one new document per device giving ``slot`` to its assignment, or
-    taking the slot away where it is None. The devices' records are read and locked a chunk
-    at a time (a rollout writes thousands), in device order so two writers cannot deadlock."""
+    taking the slot away where it is None."""
+    changes = {device_id: {slot: a} for device_id, a in assignments.items()}
+    return change_many(session, changes, ttl_s=ttl_s, signer=signer)
+
+
+def change_many(
+    session: Session,
+    changes: dict[str, dict[str, SlotAssignment | None]],
+    *,
+    ttl_s: int,
+    signer: FleetSigner,
+) -> dict[str, SignedDesiredState]:
+    """Stage (not commit) one new document per device with its slots changed as given (None:
+    the slot is taken away). The devices' records are read and locked a chunk at a time (a
+    rollout writes thousands), in device order so two writers cannot deadlock."""
     out: dict[str, SignedDesiredState] = {}
-    ids = sorted(assignments)
+    ids = sorted(changes)
     granted = _granted(session, ids)
     for start in range(0, len(ids), _CHUNK):
         chunk = ids[start : start + _CHUNK]
@@ -88,11 +101,11 @@ def assign_many(
                     for name, a in record.document["signed"]["slots"].items()
                 }
                 seq = record.seq + 1
-            assignment = assignments[device_id]
-            if assignment is None:
-                slots.pop(slot, None)
-            else:
-                slots[slot] = assignment
+            for slot, assignment in changes[device_id].items():
+                if assignment is None:
+                    slots.pop(slot, None)
+                else:
+                    slots[slot] = assignment
             out[device_id] = _store(
                 session, record, device_id, seq, slots, ttl_s, signer, granted=granted
             )

@@ -62,7 +62,9 @@ from fleet_server.rollouts.progress import (
     device_rows,
     rank,
     stage_quota,
+    staging_slot,
     target_view,
+    view_slot,
 )
 from fleet_server.rollouts.spec import GateSpec, RateSpec, Strategy
 from fleet_server.rollouts.tables import (
@@ -377,11 +379,23 @@ class RolloutEngine:
         self._sync_cohort(session, rollout, targets, cohort, choices, now)
         devices = device_rows(session, list(targets))
         timeout_s = float(plan.get("stage_timeout_s") or 1800)
+        slot, staging = view_slot(rollout)
+        since = aware(rollout.activated_at) if rollout.activated_at else None
         views = [
-            target_view(t, devices[t.device_id], rollout.slot, now=now, timeout_s=timeout_s)
+            target_view(
+                t,
+                devices[t.device_id],
+                slot,
+                now=now,
+                timeout_s=timeout_s,
+                staging=staging,
+                since=since,
+            )
             for t in targets.values()
             if t.device_id in devices
         ]
+        if since is not None:
+            self._record_switches(session, rollout, views, now)
         for v in views:
             if v.state in FAILURES and v.error is not None and v.target.error != v.error:
                 v.target.error = v.error  # kept: a rollback clears the device's own record
@@ -406,6 +420,8 @@ class RolloutEngine:
             rollout.stage_settled_at = None
             session.add(rollout)
             return documents
+        if staging:
+            return self._activate(session, rollout, model, version, views, now)
         if rollout.stage_settled_at is None:
             rollout.stage_settled_at = now
         bake_s = float(plan.get("bake_s") or 0)
@@ -545,9 +561,14 @@ class RolloutEngine:
             ).all()
         }
         strategy = plan.get("strategy")
-        base = {}
+        base: dict[str, Any] = {}
+        target_slot = rollout.slot
         if strategy == Strategy.SHADOW or plan.get("shadow_of"):
             base = {"shadow_of": plan.get("shadow_of"), "sample_rate": plan.get("sample_rate", 0.1)}
+        elif strategy == Strategy.STAGE_THEN_ACTIVATE and rollout.activated_at is None:
+            # Staged beside the active version: a shadow of it that sees no request.
+            base = {"shadow_of": rollout.slot, "sample_rate": 0.0}
+            target_slot = staging_slot(rollout.slot)
         ids = [v.device.id for v in due]
         previous = desired.current_slot(session, ids, rollout.slot)
         assignments: dict[str, SlotAssignment | None] = {}
@@ -556,7 +577,7 @@ class RolloutEngine:
             assignment = slot_assignment(self.public_url, model, version, bundle, rollout.id)
             assignments[v.device.id] = assignment.model_copy(update=base) if base else assignment
         documents = desired.assign_many(
-            session, rollout.slot, assignments, ttl_s=self._ttl_s, signer=self.signer(session)
+            session, target_slot, assignments, ttl_s=self._ttl_s, signer=self.signer(session)
         )
         for v in due:
             t = v.target
@@ -568,6 +589,79 @@ class RolloutEngine:
         if rollout.stage_started_at is None:
             rollout.stage_started_at = now
         return documents
+
+    def _activate(
+        self,
+        session: Session,
+        rollout: Rollout,
+        model: MLModel,
+        version: ModelVersion,
+        views: list[TargetView],
+        now: datetime,
+    ) -> dict[str, SignedDesiredState]:
+        """Stage then activate: every device of the cohort has staged the version, failed, or
+        timed out (within the gates). One step tells every staged device to switch; the
+        staging slot goes away everywhere (a device that did not stage is released)."""
+        staged = [v for v in views if v.state == TargetState.STAGED]
+        others = [v for v in views if v.target.phase == TargetPhase.NOTIFIED and v not in staged]
+        bundles = {
+            b.sha256: b
+            for b in session.exec(
+                select(Bundle).where(
+                    col(Bundle.sha256).in_({v.target.bundle_sha256 for v in staged})
+                )
+            ).all()
+        }
+        parking = staging_slot(rollout.slot)
+        changes: dict[str, dict[str, SlotAssignment | None]] = {}
+        for v in staged:
+            bundle = bundles[v.target.bundle_sha256 or ""]
+            active = slot_assignment(self.public_url, model, version, bundle, rollout.id)
+            changes[v.device.id] = {rollout.slot: active, parking: None}
+        for v in others:
+            changes[v.device.id] = {parking: None}
+            v.target.phase = TargetPhase.RELEASED
+            v.target.note = f"not staged when the fleet switched ({v.state})"
+            session.add(v.target)
+        documents = (
+            desired.change_many(session, changes, ttl_s=self._ttl_s, signer=self.signer(session))
+            if changes
+            else {}
+        )
+        for v in staged:
+            v.target.desired_seq = documents[v.device.id].signed.seq
+            session.add(v.target)
+        rollout.activated_at, rollout.stage_settled_at = now, None
+        self._event(session, rollout, now, "activated",
+                    f"{len(staged)} staged device(s) told to switch at once"
+                    + (f"; {len(others)} that did not stage released" if others else ""),
+                    staged=len(staged), released=len(others))  # fmt: skip
+        record(session, self.actor, "rollout.activate", rollout.id, staged=len(staged))
+        session.add(rollout)
+        return documents
+
+    def _record_switches(
+        self, session: Session, rollout: Rollout, views: list[TargetView], now: datetime
+    ) -> None:
+        """When each device switched, from its own report of the switch (the PROBATION
+        transition, or COMMITTED when that is the first report seen)."""
+        for v in views:
+            t = v.target
+            if t.switched_at is not None or v.state not in (
+                TargetState.PROBATION,
+                TargetState.SERVING,
+            ):
+                continue
+            moved = (v.device.reported or {}).get("last_transition") or {}
+            switched = now
+            if (
+                moved.get("slot") == rollout.slot
+                and moved.get("bundle_sha256") == t.bundle_sha256
+                and moved.get("to_state") in ("PROBATION", "COMMITTED")
+            ):
+                switched = datetime.fromisoformat(moved["at"])
+            t.switched_at = switched
+            session.add(t)
 
     def _judge(
         self,
@@ -629,10 +723,16 @@ class RolloutEngine:
                 f"{counts.get('serving', 0)} of {len(notified)} devices serve "
                 f"{rollout.id}'s version"
             )
+            spread = _switch_spread(rollout, views)
+            if spread:
+                message += (
+                    f"; they switched within {spread['spread_s']:.3f} s of each other "
+                    f"(p95 {spread['p95_after_command_s']:.3f} s after the command)"
+                )
             if rollout.state == RolloutState.FAILED:
                 rollout.reason = "some devices did not install the version (no gate configured)"
             self._event(session, rollout, now, str(rollout.state), message, gates=shown,
-                        counts=counts)  # fmt: skip
+                        counts=counts, switch=spread)  # fmt: skip
             record(session, self.actor, f"rollout.{rollout.state}", rollout.id, counts=counts)
             session.add(rollout)
             return {}
@@ -703,24 +803,30 @@ class RolloutEngine:
             session.exec(select(RolloutTarget).where(RolloutTarget.rollout_id == rollout.id)).all()
         )
         notified = [t for t in targets if t.phase == TargetPhase.NOTIFIED]
-        current = desired.current_slot(session, [t.device_id for t in notified], rollout.slot)
-        assignments: dict[str, SlotAssignment | None] = {}
+        ids = [t.device_id for t in notified]
+        current = desired.current_slot(session, ids, rollout.slot)
+        parking = staging_slot(rollout.slot)
+        parked = desired.current_slot(session, ids, parking)
+        changes: dict[str, dict[str, SlotAssignment | None]] = {}
         for t in notified:
+            change: dict[str, SlotAssignment | None] = {}
             mine = current.get(t.device_id)
-            if mine is None or mine.rollout_id != rollout.id:
-                continue  # something newer owns the slot now: leave it
-            assignments[t.device_id] = (
-                SlotAssignment.model_validate(t.previous) if t.previous is not None else None
-            )
+            if mine is not None and mine.rollout_id == rollout.id:
+                change[rollout.slot] = (
+                    SlotAssignment.model_validate(t.previous) if t.previous is not None else None
+                )
+            staged = parked.get(t.device_id)
+            if staged is not None and staged.rollout_id == rollout.id:
+                change[parking] = None  # staged beside the active version: taken away
+            if change:  # else something newer owns the slot now: leave it
+                changes[t.device_id] = change
         documents = (
-            desired.assign_many(
-                session, rollout.slot, assignments, ttl_s=self._ttl_s, signer=self.signer(session)
-            )
-            if assignments
+            desired.change_many(session, changes, ttl_s=self._ttl_s, signer=self.signer(session))
+            if changes
             else {}
         )
         for t in targets:
-            if t.phase == TargetPhase.NOTIFIED and t.device_id in assignments:
+            if t.phase == TargetPhase.NOTIFIED and t.device_id in changes:
                 t.phase = TargetPhase.REVERTED
             elif t.phase == TargetPhase.SCHEDULED:
                 t.phase, t.note = TargetPhase.RELEASED, "the rollout ended before its stage"
@@ -831,6 +937,25 @@ def _require_settled(rollout: Rollout) -> None:
             reason="stage_running",
             rollout_id=rollout.id,
         )
+
+
+def _switch_spread(rollout: Rollout, views: list[TargetView]) -> dict[str, float] | None:
+    """Stage then activate: how close together the devices switched, and how long after the
+    command (seconds)."""
+    if rollout.activated_at is None:
+        return None
+    command = aware(rollout.activated_at).timestamp()
+    times = sorted(aware(v.target.switched_at).timestamp() for v in views if v.target.switched_at)
+    if not times:
+        return None
+    after = [t - command for t in times]
+    return {
+        "devices": len(times),
+        "spread_s": round(times[-1] - times[0], 4),
+        "p50_after_command_s": round(after[len(after) // 2], 4),
+        "p95_after_command_s": round(after[min(len(after) - 1, int(len(after) * 0.95))], 4),
+        "max_after_command_s": round(after[-1], 4),
+    }
 
 
 def _count(views: list[TargetView]) -> dict[str, int]:

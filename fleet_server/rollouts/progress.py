@@ -20,7 +20,7 @@ from sqlmodel import Session
 from edge_agent.protocol.lifecycle import SlotState
 from fleet_server.database import aware
 from fleet_server.devices.tables import Device
-from fleet_server.rollouts.tables import ENDED, RolloutTarget, TargetPhase, TargetState
+from fleet_server.rollouts.tables import ENDED, Rollout, RolloutTarget, TargetPhase, TargetState
 
 __all__ = [
     "FAILURES",
@@ -83,6 +83,19 @@ class TargetView:
         return self.state in ENDED
 
 
+def staging_slot(slot: str) -> str:
+    """Where stage then activate stages a version beside ``slot``'s active one."""
+    return f"{slot[:56]}-staged"
+
+
+def view_slot(rollout: Rollout) -> tuple[str, bool]:
+    """The slot a rollout's progress is read from, and whether it is the staging slot."""
+    plan = rollout.plan or {}
+    if plan.get("strategy") == "stage_then_activate" and rollout.activated_at is None:
+        return staging_slot(rollout.slot), True
+    return rollout.slot, False
+
+
 def rank(rollout_id: str, device_id: str) -> int:
     """A device's place in the rollout's order: a stable hash of (rollout, device), so a
     device admitted to stage k is in every later stage, and reruns agree."""
@@ -109,7 +122,12 @@ def target_view(
     *,
     now: datetime,
     timeout_s: float,
+    staging: bool = False,
+    since: datetime | None = None,
 ) -> TargetView:
+    """``staging``: ``slot`` is where the version is staged (stage then activate, before the
+    switch): serving there means staged. ``since``: the time-out runs from then if later than
+    the notification (the switch command, for staged devices)."""
     phase = target.phase
     if phase == TargetPhase.EXCLUDED:
         return TargetView(target, device, TargetState.EXCLUDED, None, None)
@@ -121,6 +139,8 @@ def target_view(
     if phase == TargetPhase.RELEASED:
         return TargetView(target, device, TargetState.RELEASED, device_state, None)
     state, error = _reported_state(target, device, report, reported)
+    if staging and state == TargetState.SERVING:
+        state = TargetState.STAGED
     if phase == TargetPhase.REVERTED:
         # Given its previous version back; why it failed (if it did) is still worth showing.
         failed = state in FAILURES
@@ -129,6 +149,8 @@ def target_view(
         )
     if state in (TargetState.PENDING, TargetState.DOWNLOADING, TargetState.PROBATION):
         notified = aware(target.notified_at) if target.notified_at else None
+        if notified is not None and since is not None:
+            notified = max(notified, since)
         if notified is not None and now - notified > timedelta(seconds=timeout_s):
             state = TargetState.TIMED_OUT
     return TargetView(

@@ -33,6 +33,7 @@ from fleet_server.rollouts.progress import (
     rank,
     stage_quota,
     target_view,
+    view_slot,
 )
 from fleet_server.rollouts.spec import RolloutCreate
 from fleet_server.rollouts.tables import (
@@ -312,6 +313,7 @@ def describe(
     model, version = version_by_id(session, rollout.model_version_id)
     plan = rollout.plan or _legacy_plan()
     timeout_s = float(str(plan.get("stage_timeout_s") or 1800))
+    slot, staging = view_slot(rollout)
     targets = list(
         session.exec(
             select(RolloutTarget)
@@ -327,7 +329,15 @@ def describe(
         ).all()
     }
     views = [
-        target_view(t, devices[t.device_id], rollout.slot, now=now, timeout_s=timeout_s)
+        target_view(
+            t,
+            devices[t.device_id],
+            slot,
+            now=now,
+            timeout_s=timeout_s,
+            staging=staging,
+            since=aware(rollout.activated_at) if rollout.activated_at else None,
+        )
         for t in targets
         if t.device_id in devices
     ]
@@ -380,6 +390,7 @@ def describe(
         ended_at=aware(rollout.ended_at) if rollout.ended_at else None,
         reason=rollout.reason,
         superseded_by=rollout.superseded_by,
+        activated_at=aware(rollout.activated_at) if rollout.activated_at else None,
         counts=counts,
         stages=_stages(rollout, plan, views, stage_of),
         gates=gates,

@@ -10,9 +10,14 @@ Strategies:
 - ``all_at_once``: one stage of 100 % (the default; gates optional).
 - ``canary``: stages of a growing share of the cohort (default 1 → 10 → 50 → 100 %).
 - ``shadow``: the candidate runs beside the active slot on sampled requests and never answers;
-  one stage, gated on agreement. It ends with the shadow removed, whatever the verdict.
-- ``stage_then_activate`` and ``ab`` are named in the design but not built yet: refused with
-  a clear error rather than half-run.
+  one stage, gated on agreement. A passing candidate stays as the shadow; a breach gives the
+  shadow slot back what it had.
+- ``stage_then_activate`` (blue-green on the device): every device downloads, verifies, loads
+  and warms the candidate beside its active version (a shadow slot that answers nobody) and
+  reports it staged; when all have (or failed, or timed out), one step switches every staged
+  device at once, and the switch-time spread is recorded.
+- ``ab`` is named in the design but not built yet: refused with a clear error rather than
+  half-run.
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ class Strategy(StrEnum):
 
 
 #: Strategies the engine runs today.
-SUPPORTED = frozenset({Strategy.ALL_AT_ONCE, Strategy.CANARY, Strategy.SHADOW})
+SUPPORTED = frozenset(
+    {Strategy.ALL_AT_ONCE, Strategy.CANARY, Strategy.SHADOW, Strategy.STAGE_THEN_ACTIVATE}
+)
 DEFAULT_CANARY_STAGES = [1.0, 10.0, 50.0, 100.0]
 
 
@@ -144,7 +151,10 @@ class RolloutCreate(RequestBody):
                 "strategy 'shadow' needs shadow_of: the active slot it runs beside",
                 field="shadow_of",
             )
-        if self.shadow_of is not None and self.strategy == Strategy.CANARY:
+        if self.shadow_of is not None and self.strategy in (
+            Strategy.CANARY,
+            Strategy.STAGE_THEN_ACTIVATE,
+        ):
             raise InvalidInputError("shadow_of goes with strategy 'shadow'", field="shadow_of")
         if self.stages is not None:
             if self.strategy != Strategy.CANARY:

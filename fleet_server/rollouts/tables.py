@@ -100,6 +100,8 @@ class Rollout(SQLModel, table=True):
     #: Gate figures of the current stage as last judged.
     figures: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     superseded_by: str | None = Field(default=None, max_length=32)
+    #: Stage then activate: when the staged devices were told to switch (null before).
+    activated_at: datetime | None = None
 
 
 class RolloutTarget(SQLModel, table=True):
@@ -124,6 +126,8 @@ class RolloutTarget(SQLModel, table=True):
     #: Why the device did not take the version (failed, rolled back, refused), as it last
     #: reported it: kept after a fleet rollback has cleared the device's own record.
     error: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    #: When the device switched to the version (its own report of the switch, as first seen).
+    switched_at: datetime | None = None
 
 
 class RolloutEventBase(SQLModel):
@@ -160,6 +164,8 @@ class TargetState(StrEnum):
     #: Notified; nothing reported for this version yet.
     PENDING = "pending"
     DOWNLOADING = "downloading"
+    #: Stage then activate: loaded and warmed beside the active version, waiting to switch.
+    STAGED = "staged"
     PROBATION = "probation"
     SERVING = "serving"
     FAILED = "failed"
@@ -175,6 +181,7 @@ class TargetState(StrEnum):
 #: States in which a notified device's part is over (for this stage's purposes).
 ENDED = frozenset(
     {
+        TargetState.STAGED,
         TargetState.SERVING,
         TargetState.FAILED,
         TargetState.ROLLED_BACK,
@@ -234,6 +241,7 @@ class RolloutPublic(BaseModel):
     ended_at: datetime | None
     reason: str | None
     superseded_by: str | None
+    activated_at: datetime | None = None
     counts: dict[str, int]
     stages: list[StageStatus]
     gates: list[GateFigure]

@@ -79,7 +79,8 @@ def test_bad_requests_are_refused_naming_the_field_and_change_nothing(
         ({"gates": {"max_error_rate": 2.0}}, "max_error_rate"),
         ({"selector": "site in (berlin"}, "selector"),
         ({"strategy": "blue_green"}, "strategy"),
-        ({"strategy": "stage_then_activate"}, "strategy"),
+        ({"strategy": "ab"}, "strategy"),  # not available yet
+        ({"strategy": "stage_then_activate", "shadow_of": "classifier"}, "shadow_of"),
         ({"strategy": "shadow"}, "shadow_of"),
         ({"rate": {"max_per_minute": 0}}, "max_per_minute"),
         (

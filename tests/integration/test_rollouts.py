@@ -518,3 +518,56 @@ def test_shadow_rollouts_are_gated_on_agreement(
     finally:
         for agent in agents:
             agent.stop()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_stage_then_activate_switches_no_device_before_all_have_staged(
+    stack: EmbeddedStack, api: ApiClient, model_path: Path, model_v2_path: Path, tmp_path: Path,
+    uid: str,
+) -> None:  # fmt: skip
+    """Every device loads and warms 1.1.0 beside 1.0.0 and reports it staged; one is offline,
+    so none switches until it has staged too; then all switch on one command, and the spread
+    of their switch times is recorded."""
+    api.upload_model(model_path, "classifier", "1.0.0")
+    api.upload_model(model_v2_path, "classifier", "1.1.0")
+    fleet = [(f"bg-{i}-{uid}", "x86-64-avx2", {"ring": uid}) for i in range(3)]
+    agents = start_fleet(api, stack, tmp_path / "devices", fleet)
+    late = agents[2]
+    try:
+        all_at_once(api, "1.0.0", f"ring={uid}")
+        late.stop()
+        rollout = api.post(
+            "/v1/rollouts",
+            json={"model": "classifier", "version": "1.1.0", "selector": f"ring={uid}",
+                  "strategy": "stage_then_activate"},
+        )  # fmt: skip
+        staged = wait_until(
+            lambda: (r := api.get(f"/v1/rollouts/{rollout['id']}"))["counts"]["staged"] == 2 and r,
+            60,
+            "two devices to stage 1.1.0",
+        )
+        assert staged["activated_at"] is None
+        for _ in range(10):  # staged, not switched, however long the third takes
+            for agent in agents[:2]:
+                assert (agent.serving("classifier") or {})["version"] == "1.0.0"
+            time.sleep(0.2)
+        assert "activated" not in kinds(api.get(f"/v1/rollouts/{rollout['id']}"))
+        late.start()
+        late.wait_ready()
+        done = follow(api, rollout["id"])
+        assert done["state"] == "completed", done["events"]
+        assert kinds(done).index("activated") < kinds(done).index("completed")
+        for agent in agents:
+            assert (agent.serving("classifier") or {})["version"] == "1.1.0"
+            # The staging slot is gone once the version it held is active.
+            slots = api.get(f"/v1/devices/{agent.device_id}")["reported"]["slots"]
+            assert "classifier-staged" not in slots
+        switch = next(e for e in done["events"] if e["kind"] == "completed")["figures"]["switch"]
+        assert switch["devices"] == 3 and 0 <= switch["spread_s"] < 5, switch
+        print(f"switch spread across 3 agents: {switch}")
+        # The agents switched to the model they had staged, without loading it again.
+        for agent in agents:
+            assert "switching to the staged classifier 1.1.0" in agent.log_path.read_text()
+    finally:
+        for agent in agents:
+            agent.stop()
