@@ -126,7 +126,7 @@ def rollouts_create(
         typer.Option(help="cohort: 'hw=rpi4,site in (berlin,paris),!exempt' (repeats are and-ed)"),
     ] = None,
     strategy: Annotated[
-        str, typer.Option(help="all_at_once, canary, shadow or stage_then_activate")
+        str, typer.Option(help="all_at_once, canary, shadow, stage_then_activate or ab")
     ] = "all_at_once",
     stages: Annotated[
         str | None, typer.Option(help="canary stages in percent, e.g. 1,10,50,100")
@@ -151,6 +151,12 @@ def rollouts_create(
     manual_approval: Annotated[
         bool, typer.Option(help="wait for `rollouts promote` after each stage")
     ] = False,
+    split_pct: Annotated[
+        float | None, typer.Option(help="ab: the share of the cohort on the candidate")
+    ] = None,
+    min_confidence: Annotated[
+        float, typer.Option(help="ab: how sure the verdict must be to promote the candidate")
+    ] = 0.95,
     supersedes: Annotated[
         str | None, typer.Option(help="the active rollout on this slot this one replaces")
     ] = None,
@@ -201,6 +207,8 @@ def rollouts_create(
         "rate": rate,
         "manual_approval": manual_approval,
         "supersedes": supersedes,
+        "split_pct": split_pct,
+        "min_confidence": min_confidence,
     }
     rollout = _create_rollout(client, {k: v for k, v in body.items() if v is not None}, as_json)
     if wait:

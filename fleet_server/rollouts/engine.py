@@ -31,6 +31,7 @@ import os
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -55,6 +56,7 @@ from fleet_server.keys.service import FleetSigner, ServerKeys
 from fleet_server.registry.service import version_by_id
 from fleet_server.registry.tables import MLModel, ModelVersion
 from fleet_server.rollouts import gates as gate_rules
+from fleet_server.rollouts import verdict as verdict_rules
 from fleet_server.rollouts.progress import (
     FAILURES,
     DeviceRow,
@@ -77,6 +79,7 @@ from fleet_server.rollouts.tables import (
     TargetPhase,
     TargetState,
 )
+from fleet_server.telemetry import query
 
 __all__ = ["BundleChoice", "RolloutEngine", "cohort_of", "rate_allowance", "slot_assignment"]
 
@@ -701,6 +704,8 @@ class RolloutEngine:
     ) -> dict[str, SignedDesiredState]:
         stages = list(plan.get("stages") or [100.0])
         shown = [f.model_dump() for f in figures]
+        if plan.get("strategy") == Strategy.AB and rollout.stage == 0:
+            return self._ab_verdict(session, rollout, plan, views, shown, now)
         if rollout.stage >= len(stages) - 1:
             notified = [v for v in views if v.target.phase == TargetPhase.NOTIFIED]
             failed = [
@@ -744,6 +749,77 @@ class RolloutEngine:
             session.add(rollout)
             return {}
         return self._promote(session, rollout, now, self.actor, shown)
+
+    def _ab_verdict(
+        self,
+        session: Session,
+        rollout: Rollout,
+        plan: dict[str, Any],
+        views: list[TargetView],
+        shown: list[dict[str, Any]],
+        now: datetime,
+    ) -> dict[str, SignedDesiredState]:
+        """The hold is over: compare the arms, then promote B or end keeping A."""
+        model, version = version_by_id(session, rollout.model_version_id)
+        epoch = aware(rollout.stage_started_at or rollout.created_at).timestamp()
+        since = datetime.fromtimestamp(epoch - epoch % self._bucket_s, tz=UTC)
+        arm_a = [v for v in views if v.target.phase == TargetPhase.SCHEDULED]
+        priors = Counter(
+            (str(v.target.previous["version"]), v.target.previous.get("rollout_id"))
+            for v in views
+            if v.target.previous
+        )
+        if not priors:
+            # Arm A runs what the notified devices ran before; without one there is nothing
+            # to compare with.
+            return self._end_ab(session, rollout, now, None, "arm A has no version to compare")
+        (a_version, a_rollout), _ = priors.most_common(1)[0]
+        figures = verdict_rules.compare(
+            verdict_rules.arm(
+                a_version,
+                query.totals(session, model.name, version=a_version, rollout_id=a_rollout,
+                             since=since),
+            ),
+            verdict_rules.arm(
+                version.version,
+                query.totals(session, model.name, version=version.version,
+                             rollout_id=rollout.id, since=since),
+            ),
+            float(plan.get("min_confidence") or 0.95),
+        )  # fmt: skip
+        figures["arm_a_devices"] = len(arm_a)
+        figures["arm_b_devices"] = sum(1 for v in views if v.target.phase == TargetPhase.NOTIFIED)
+        winner = figures["winner"]
+        described = _describe_verdict(figures)
+        self._event(session, rollout, now, "ab_verdict", described, verdict=figures,
+                    gates=shown)  # fmt: skip
+        rollout.figures = {**(rollout.figures or {}), "ab": figures}
+        if winner != "b":
+            return self._end_ab(session, rollout, now, figures, described)
+        if plan.get("manual_approval"):
+            rollout.state = RolloutState.AWAITING_APPROVAL
+            session.add(rollout)
+            return {}
+        return self._promote(session, rollout, now, self.actor, shown)
+
+    def _end_ab(
+        self,
+        session: Session,
+        rollout: Rollout,
+        now: datetime,
+        figures: dict[str, Any] | None,
+        why: str,
+    ) -> dict[str, SignedDesiredState]:
+        """A kept: arm B's devices get their previous version back; the experiment is over."""
+        documents = self._roll_back(session, rollout, now)
+        rollout.state, rollout.ended_at = RolloutState.COMPLETED, now
+        rollout.reason = f"A/B: arm A kept ({why})"[:500]
+        self._event(session, rollout, now, "completed",
+                    f"arm A kept; {len(documents)} arm B device(s) given their version back",
+                    verdict=figures, devices=len(documents))  # fmt: skip
+        record(session, self.actor, "rollout.completed", rollout.id, verdict=figures)
+        session.add(rollout)
+        return documents
 
     def _promote(
         self,
@@ -956,6 +1032,23 @@ def _switch_spread(rollout: Rollout, views: list[TargetView]) -> dict[str, float
         "p95_after_command_s": round(after[min(len(after) - 1, int(len(after) * 0.95))], 4),
         "max_after_command_s": round(after[-1], 4),
     }
+
+
+def _describe_verdict(figures: dict[str, Any]) -> str:
+    a, b, cmp = figures["a"], figures["b"], figures["comparison"]
+    parts = []
+    for name, unit in (("error_rate", ""), ("latency", " ms")):
+        better, confidence = cmp[name]["better"], cmp[name]["confidence"]
+        if name == "error_rate":
+            values = f"{a['error_rate'] or 0:.2%} vs {b['error_rate'] or 0:.2%}"
+        else:
+            values = f"mean {a['mean_ms']}{unit} vs {b['mean_ms']}{unit}"
+        verdict = f"{better.upper()} better" if better else "no difference"
+        conf = f", confidence {confidence:.3f}" if confidence is not None else ""
+        parts.append(f"{name} {values} ({verdict}{conf})")
+    winner = figures["winner"]
+    head = f"winner {winner.upper()}" if winner else "no winner"
+    return f"{head}: A {a['version']} vs B {b['version']}: " + "; ".join(parts)
 
 
 def _count(views: list[TargetView]) -> dict[str, int]:

@@ -16,8 +16,11 @@ Strategies:
   and warms the candidate beside its active version (a shadow slot that answers nobody) and
   reports it staged; when all have (or failed, or timed out), one step switches every staged
   device at once, and the switch-time spread is recorded.
-- ``ab`` is named in the design but not built yet: refused with a clear error rather than
-  half-run.
+- ``ab``: a fixed split of the cohort (``split_pct`` on the candidate, arm B; the rest keep
+  their version, arm A) held for ``bake_s``; then a verdict on error rate and latency with a
+  confidence figure (:mod:`fleet_server.rollouts.verdict`): B wins → the candidate goes to
+  the whole cohort (or waits for ``promote`` with manual approval); otherwise arm B gets its
+  previous version back and the rollout ends, keeping A.
 """
 
 from __future__ import annotations
@@ -47,7 +50,13 @@ class Strategy(StrEnum):
 
 #: Strategies the engine runs today.
 SUPPORTED = frozenset(
-    {Strategy.ALL_AT_ONCE, Strategy.CANARY, Strategy.SHADOW, Strategy.STAGE_THEN_ACTIVATE}
+    {
+        Strategy.ALL_AT_ONCE,
+        Strategy.CANARY,
+        Strategy.SHADOW,
+        Strategy.STAGE_THEN_ACTIVATE,
+        Strategy.AB,
+    }
 )
 DEFAULT_CANARY_STAGES = [1.0, 10.0, 50.0, 100.0]
 
@@ -130,6 +139,9 @@ class RolloutCreate(RequestBody):
     stage_timeout_s: float = Field(default=1800, gt=0, le=30 * 86400)
     #: Wait for ``promote`` after each passing stage instead of promoting automatically.
     manual_approval: bool = False
+    #: A/B: the share of the cohort on the candidate (arm B), and how sure the verdict must be.
+    split_pct: float | None = Field(default=None, gt=0, lt=100)
+    min_confidence: float = Field(default=0.95, gt=0.5, lt=1)
     #: The active rollout on the same slot this one replaces (required when cohorts overlap).
     supersedes: str | None = Field(default=None, pattern=ROLLOUT_ID_PATTERN)
 
@@ -179,6 +191,15 @@ class RolloutCreate(RequestBody):
                 raise InvalidInputError(
                     f"the last stage is {self.stages[-1]} %; it must be 100", field="stages"
                 )
+        if self.split_pct is not None and self.strategy != Strategy.AB:
+            raise InvalidInputError("split_pct is for strategy 'ab'", field="split_pct")
+        if self.strategy == Strategy.AB and self.bake_s <= 0:
+            raise InvalidInputError(
+                "strategy 'ab' holds its split for bake_s seconds: give bake_s > 0",
+                field="bake_s",
+            )
+        if self.shadow_of is not None and self.strategy == Strategy.AB:
+            raise InvalidInputError("shadow_of goes with strategy 'shadow'", field="shadow_of")
         if isinstance(self.selector, str):
             Selector.parse(self.selector)  # raises naming the character
         return self
@@ -193,6 +214,8 @@ class RolloutCreate(RequestBody):
     def stage_list(self) -> list[float]:
         if self.strategy == Strategy.CANARY:
             return list(self.stages or DEFAULT_CANARY_STAGES)
+        if self.strategy == Strategy.AB:
+            return [self.split_pct or 50.0, 100.0]
         return [100.0]
 
     def effective_gates(self) -> GateSpec:
@@ -210,4 +233,5 @@ class RolloutCreate(RequestBody):
             "manual_approval": self.manual_approval,
             "sample_rate": self.sample_rate,
             "shadow_of": self.shadow_of,
+            "min_confidence": self.min_confidence,
         }

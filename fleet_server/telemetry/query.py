@@ -18,12 +18,20 @@ from sqlmodel import Session, col, select
 
 from edge_agent.protocol.telemetry import LatencySketch
 from edge_agent.telemetry.drift import js_distance, psi
-from edge_agent.telemetry.sketch import merge_wire, quantile
+from edge_agent.telemetry.sketch import merge_wire, merge_wires, quantile
 from fleet_server.database import aware
 from fleet_server.telemetry.store import BundleCatalog, add_counts
 from fleet_server.telemetry.tables import TelemetryDeviceBucket, TelemetryRollup
 
-__all__ = ["MIN_DRIFT_VALUES", "DriftScore", "VersionHealth", "series", "summarize"]
+__all__ = [
+    "MIN_DRIFT_VALUES",
+    "DriftScore",
+    "Totals",
+    "VersionHealth",
+    "series",
+    "summarize",
+    "totals",
+]
 
 #: A group is scored only once this many of its values were counted: with 10 bins, PSI of a
 #: sample of n values from the reference distribution itself is ~9/n, so fewer would raise
@@ -242,3 +250,31 @@ def series(
         h = _health(rows, bundles, session)
         points.append({"bucket_start": bucket.isoformat(), **h.to_json()})
     return points
+
+
+@dataclass(frozen=True)
+class Totals:
+    """One version's requests, errors and merged latency sketch over a range (all profiles)."""
+
+    requests: int
+    errors: int
+    latency: LatencySketch | None
+
+
+def totals(
+    session: Session,
+    model: str,
+    *,
+    version: str,
+    rollout_id: str | None,
+    since: datetime | None,
+    role: str = "active",
+) -> Totals:
+    rows = _rows(session, model, version=version, profile=None, rollout_id=rollout_id,
+                 since=since, until=None, role=role)  # fmt: skip
+    sketches = [LatencySketch.model_validate(r.latency_sketch) for r in rows if r.latency_sketch]
+    return Totals(
+        requests=sum(r.requests for r in rows),
+        errors=sum(r.errors for r in rows),
+        latency=merge_wires(sketches) if sketches else None,
+    )

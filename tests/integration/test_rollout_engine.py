@@ -79,7 +79,9 @@ def test_bad_requests_are_refused_naming_the_field_and_change_nothing(
         ({"gates": {"max_error_rate": 2.0}}, "max_error_rate"),
         ({"selector": "site in (berlin"}, "selector"),
         ({"strategy": "blue_green"}, "strategy"),
-        ({"strategy": "ab"}, "strategy"),  # not available yet
+        ({"strategy": "ab"}, "bake_s"),  # an A/B test holds for a while
+        ({"split_pct": 30}, "split_pct"),
+        ({"strategy": "ab", "bake_s": 5, "split_pct": 100}, "split_pct"),
         ({"strategy": "stage_then_activate", "shadow_of": "classifier"}, "shadow_of"),
         ({"strategy": "shadow"}, "shadow_of"),
         ({"rate": {"max_per_minute": 0}}, "max_per_minute"),
@@ -269,6 +271,41 @@ def test_operator_commands_from_the_cli(
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "completed" in r.stderr
     r = edgefleet(stack, "rollouts", "list")
     assert r.returncode == 0 and rollout["id"] in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("candidate", "winner", "final"),
+    [
+        (Behaviour(install_s=0.05, latency_ms=0.5, requests_per_interval=60), "b", "2.0.0"),
+        (Behaviour(install_s=0.05, latency_ms=2.0, error_rate=0.2, requests_per_interval=60),
+         "a", "1.0.0"),
+    ],
+    ids=["faster-candidate-wins", "failing-candidate-loses"],
+)  # fmt: skip
+def test_an_ab_split_ends_in_a_verdict_with_confidence(
+    api: ApiClient, fleet: tuple[FleetSimulator, list[SimulatedDevice]], uid: str,
+    candidate: Behaviour, winner: str, final: str,
+) -> None:  # fmt: skip
+    sim, _ = fleet
+    sim.behaviours["1.0.0"] = Behaviour(install_s=0.05, latency_ms=2.0, requests_per_interval=60)
+    sim.behaviours["2.0.0"] = candidate
+    rollout = api.post(
+        "/v1/rollouts",
+        json={"model": "classifier", "version": "2.0.0", "selector": f"ring={uid}",
+              "strategy": "ab", "split_pct": 50, "bake_s": 3, "gates": {}},
+    )  # fmt: skip
+    wait_until(lambda: sim.serving("classifier") == {"1.0.0": 10, "2.0.0": 10}, 30,
+               "the split")  # fmt: skip
+    done = follow(api, rollout["id"])
+    assert done["state"] == "completed", done["events"]
+    verdict = next(e for e in done["events"] if e["kind"] == "ab_verdict")["figures"]["verdict"]
+    assert verdict["winner"] == winner, verdict
+    better = verdict["comparison"]["latency" if winner == "b" else "error_rate"]
+    assert better["better"] == winner and better["confidence"] > 0.99, verdict
+    # Both arms side by side, each from its own devices' telemetry.
+    assert verdict["a"]["version"] == "1.0.0" and verdict["b"]["version"] == "2.0.0"
+    assert verdict["a"]["requests"] >= 300 and verdict["b"]["requests"] >= 300, verdict
+    wait_until(lambda: sim.serving("classifier") == {final: 20}, 30, f"every device on {final}")
 
 
 @pytest.mark.skipif(not POSTGRES_URL, reason="EDGEFLEET_TEST_POSTGRES_URL is not set (CI sets it)")
