@@ -136,6 +136,25 @@ def test_bad_requests_are_refused_naming_the_field_and_change_nothing(
     assert missing.value.status == 404
 
 
+def test_a_device_no_bundle_can_be_built_for_is_excluded_with_the_reason(
+    api: ApiClient, fleet: tuple[FleetSimulator, list[SimulatedDevice]], uid: str
+) -> None:
+    sim, _ = fleet
+    # An x86 device that has only LiteRT installed: no x86 candidate runs on it.
+    token = api.post("/v1/enrollment-tokens", json={})["token"]
+    api.post("/v1/devices/enroll", json={"token": token, "device_id": f"odd-{uid}",
+                                         "profile": "x86-64-avx2", "labels": {"ring": uid},
+                                         "runtimes": {"litert": "2.1.0"}})  # fmt: skip
+    rollout = api.post("/v1/rollouts", json={"model": "classifier", "version": "2.0.0",
+                                             "selector": f"ring={uid}"})  # fmt: skip
+    done = follow(api, rollout["id"])
+    assert done["state"] == "completed", done["events"]
+    odd = next(t for t in done["targets"] if t["device_id"] == f"odd-{uid}")
+    assert odd["state"] == "excluded" and "x86-64-avx2" in odd["note"], odd
+    assert done["counts"]["serving"] == 20 and sim.serving("classifier") == {"2.0.0": 20}
+    assert next(e for e in done["events"] if e["kind"] == "created")["figures"]["excluded"] == 1
+
+
 def test_the_rate_limit_notifies_at_most_n_devices_a_minute(
     api: ApiClient, fleet: tuple[FleetSimulator, list[SimulatedDevice]], uid: str
 ) -> None:
