@@ -98,14 +98,15 @@ def run(n: int, database_url: str | None, work: Path) -> dict[str, Any]:
             devices,
             root_public_key=devices[0].root_public_key,
             default=Behaviour(install_s=0.0),
-            # A bad version serves with 30 % errors; telemetry every 5 s keeps ingest at
-            # n/5 batches a second.
+            # A bad version serves with 30 % errors; telemetry every 10 s from about 1,000
+            # devices keeps ingest near 100 batches a second.
             behaviours={
                 "2.0.0": Behaviour(install_s=0.0, error_rate=0.3, requests_per_interval=20)
             },
             telemetry_interval_s=10.0,
             status_interval_s=30.0,
-            resend_after_s=30,
+            telemetry_share=min(1.0, 1000 / n),  # telemetry from about 1,000 devices
+            resend_after_s=60,
         )
         t = time.perf_counter()
         sim.start(connect_timeout_s=600)
