@@ -217,10 +217,13 @@ def test_rollout_builds_bundles_and_serves_them_with_range(
         == 404
     )
 
-    # A second rollout of the same version reuses the bundles and bumps seq.
+    # A second rollout of the same version (superseding the first, which no device has
+    # answered) reuses the bundles and bumps seq.
     again = api.post(
-        "/v1/rollouts", json={"model": "classifier", "version": "1.0.0", "devices": ["cam-1"]}
-    )
+        "/v1/rollouts",
+        json={"model": "classifier", "version": "1.0.0", "devices": ["cam-1"],
+              "supersedes": rollout["id"]},
+    )  # fmt: skip
     assert again["targets"][0]["bundle_sha256"] == sha and count(stack, Bundle) == 2
     assert api.get("/v1/devices/cam-1")["desired_seq"] == 2
 
