@@ -38,7 +38,8 @@ def decode_json_value(name: str, value: Any) -> np.ndarray:
             dtype = np.dtype(value["dtype"])
             shape = [int(d) for d in value["shape"]]
             raw = base64.b64decode(value["b64"], validate=True)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, SyntaxError) as e:
+            # numpy reads "a,b" dtypes with ast.literal_eval: a stray comma is a SyntaxError.
             raise RequestError(
                 f"input {name!r}: a base64 array needs 'b64', 'dtype' and 'shape' ({e})",
                 reason="input_encoding",

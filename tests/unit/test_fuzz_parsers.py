@@ -221,3 +221,10 @@ def test_bundles(
             )
         except BundleError:
             assert not stage.exists()
+
+
+@pytest.mark.parametrize("dtype", [",", "f4,", "(2,", "i8,,"])
+def test_a_dtype_numpy_cannot_parse_is_a_request_error(dtype: str) -> None:
+    # Found by the fuzzer above: numpy parses "a,b" dtypes with ast.literal_eval.
+    with pytest.raises(RequestError):  # not a SyntaxError from inside numpy
+        codec.decode_json_value("x", {"dtype": dtype, "shape": [1], "b64": ""})
