@@ -23,7 +23,7 @@ from sqlmodel import Session, col, select
 from fleet_server.rollouts.progress import TargetView
 from fleet_server.rollouts.spec import GateSpec
 from fleet_server.rollouts.tables import GateFigure, TargetState
-from fleet_server.telemetry.query import summarize
+from fleet_server.telemetry.query import VersionHealth, summarize
 from fleet_server.telemetry.store import BundleCatalog
 from fleet_server.telemetry.tables import TelemetryDeviceBucket
 
@@ -172,8 +172,8 @@ def _devices_reporting(session: Session, views: Sequence[TargetView], since: dat
     return len(ids.intersection(rows))
 
 
-def _worst_error_rate(healths: Sequence[object], threshold: float) -> GateFigure:
-    rated = [(h.error_rate, h) for h in healths if h.error_rate is not None]  # type: ignore[attr-defined]
+def _worst_error_rate(healths: Sequence[VersionHealth], threshold: float) -> GateFigure:
+    rated = [(h.error_rate, h) for h in healths if h.error_rate is not None]
     if not rated:
         return _unjudged("max_error_rate", threshold, "too few requests yet")
     rate, worst = max(rated, key=lambda r: r[0])
@@ -182,7 +182,7 @@ def _worst_error_rate(healths: Sequence[object], threshold: float) -> GateFigure
         value=round(rate, 6),
         threshold=threshold,
         ok=rate <= threshold,
-        detail=f"{worst.errors} of {worst.requests} requests failed on {worst.profile}",  # type: ignore[attr-defined]
+        detail=f"{worst.errors} of {worst.requests} requests failed on {worst.profile}",
     )
 
 
@@ -190,7 +190,7 @@ def _latency(
     session: Session,
     bundles: BundleCatalog,
     model: str,
-    healths: Sequence[object],
+    healths: Sequence[VersionHealth],
     views: Sequence[TargetView],
     created_at: datetime,
     threshold: float,
@@ -202,7 +202,7 @@ def _latency(
             prior_by_profile[v.device.profile][str(v.target.previous["version"])] += 1
     ratios: list[tuple[float, str]] = []
     for h in healths:
-        profile, p95 = h.profile, h.p95_ms  # type: ignore[attr-defined]
+        profile, p95 = h.profile, h.p95_ms
         priors = prior_by_profile.get(profile)
         if not priors or p95 is None:
             continue

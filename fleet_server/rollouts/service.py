@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlmodel import Session, col, select
 
@@ -26,6 +27,7 @@ from fleet_server.devices.tables import BundleGrant, Device
 from fleet_server.errors import ConflictError, InvalidInputError, NotFoundError
 from fleet_server.keys.service import FleetSigner
 from fleet_server.registry.service import get_version, version_by_id
+from fleet_server.registry.tables import MLModel, ModelVersion
 from fleet_server.rollouts.engine import BundleChoice, RolloutEngine, choose_bundle, cohort_of
 from fleet_server.rollouts.progress import (
     TargetView,
@@ -267,8 +269,8 @@ def _supersede(session: Session, old: Rollout, new: Rollout, actor: str, now: da
 def _bundles(
     session: Session,
     runner: BuildRunner,
-    model: object,
-    version: object,
+    model: MLModel,
+    version: ModelVersion,
     devices: list[Device],
     signer: FleetSigner,
     actor: str,
@@ -284,7 +286,7 @@ def _bundles(
             if cohort in choices and choices[cohort].pending_build is None:
                 continue
             choices[cohort] = choose_bundle(
-                session, runner, model, version, cohort, signer, actor,  # type: ignore[arg-type]
+                session, runner, model, version, cohort, signer, actor,
                 wait_s=max(0.0, deadline - time.monotonic()) if final else 0.0,
             )  # fmt: skip
     pending = [c.pending_build for c in choices.values() if c.pending_build]
@@ -399,14 +401,14 @@ def describe(
     )
 
 
-def _legacy_plan() -> dict[str, object]:
+def _legacy_plan() -> dict[str, Any]:
     return {"strategy": "all_at_once", "stages": [100.0], "gates": {}, "stage_timeout_s": 1800}
 
 
-def _stage_of(rollout: Rollout, plan: dict[str, object], views: list[TargetView]) -> dict[str, int]:
+def _stage_of(rollout: Rollout, plan: dict[str, Any], views: list[TargetView]) -> dict[str, int]:
     """The stage each device is (or will be) in: a notified one, the stage that admitted it;
     a waiting one, the first stage whose quota reaches its place in the rollout's order."""
-    stages = [float(p) for p in plan.get("stages") or [100.0]]  # type: ignore[attr-defined]
+    stages = [float(p) for p in plan.get("stages") or [100.0]]
     eligible = [
         v for v in views if v.target.phase not in (TargetPhase.RELEASED, TargetPhase.EXCLUDED)
     ]
@@ -423,11 +425,11 @@ def _stage_of(rollout: Rollout, plan: dict[str, object], views: list[TargetView]
 
 def _stages(
     rollout: Rollout,
-    plan: dict[str, object],
+    plan: dict[str, Any],
     views: list[TargetView],
     stage_of: dict[str, int],
 ) -> list[StageStatus]:
-    stages = [float(p) for p in plan.get("stages") or [100.0]]  # type: ignore[attr-defined]
+    stages = [float(p) for p in plan.get("stages") or [100.0]]
     out = []
     for i, percent in enumerate(stages):
         mine = [v for v in views if stage_of.get(v.device.id) == i]
