@@ -61,8 +61,9 @@ from fleet_server.rollouts.progress import (
     FAILURES,
     DeviceRow,
     TargetView,
+    bucket_start,
     device_rows,
-    rank,
+    in_order,
     stage_quota,
     staging_slot,
     target_view,
@@ -517,10 +518,7 @@ class RolloutEngine:
     ) -> tuple[list[TargetView], list[TargetView]]:
         """The current stage's devices (notified, or due), and those of them to notify."""
         stages = list(plan.get("stages") or [100.0])
-        eligible = [
-            v for v in views if v.target.phase not in (TargetPhase.RELEASED, TargetPhase.EXCLUDED)
-        ]
-        eligible.sort(key=lambda v: rank(rollout.id, v.device.id))
+        eligible = in_order(rollout.id, views)
         quota = stage_quota(stages[min(rollout.stage, len(stages) - 1)], len(eligible))
         in_stage: list[TargetView] = []
         due: list[TargetView] = []
@@ -761,8 +759,7 @@ class RolloutEngine:
     ) -> dict[str, SignedDesiredState]:
         """The hold is over: compare the arms, then promote B or end keeping A."""
         model, version = version_by_id(session, rollout.model_version_id)
-        epoch = aware(rollout.stage_started_at or rollout.created_at).timestamp()
-        since = datetime.fromtimestamp(epoch - epoch % self._bucket_s, tz=UTC)
+        since = bucket_start(aware(rollout.stage_started_at or rollout.created_at), self._bucket_s)
         arm_a = [v for v in views if v.target.phase == TargetPhase.SCHEDULED]
         priors = Counter(
             (str(v.target.previous["version"]), v.target.previous.get("rollout_id"))

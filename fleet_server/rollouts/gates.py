@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from fleet_server.rollouts.progress import TargetView
+from fleet_server.rollouts.progress import TargetView, bucket_start
 from fleet_server.rollouts.spec import GateSpec
 from fleet_server.rollouts.tables import GateFigure, TargetState
 from fleet_server.telemetry.query import VersionHealth, summarize
@@ -73,8 +73,7 @@ def judge(
     Telemetry is read from the rollup bucket (``bucket_s``) the stage began in: figures are
     this rollout's and this version's only, so the part of that bucket before the stage can
     only hold an earlier stage's devices."""
-    epoch = stage_started_at.timestamp()
-    since = datetime.fromtimestamp(epoch - epoch % bucket_s, tz=stage_started_at.tzinfo)
+    since = bucket_start(stage_started_at, bucket_s)
     figures = [
         f
         for f in (

@@ -103,6 +103,22 @@ def rank(rollout_id: str, device_id: str) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
+def in_order(rollout_id: str, views: list[TargetView]) -> list[TargetView]:
+    """The cohort's devices the stages count (not released, not excluded), in the rollout's
+    order: stage k holds the first ``stage_quota`` of them, plus any notified already."""
+    eligible = [
+        v for v in views if v.target.phase not in (TargetPhase.RELEASED, TargetPhase.EXCLUDED)
+    ]
+    eligible.sort(key=lambda v: rank(rollout_id, v.device.id))
+    return eligible
+
+
+def bucket_start(when: datetime, bucket_s: int) -> datetime:
+    """The start of the telemetry rollup bucket ``when`` falls in."""
+    epoch = when.timestamp()
+    return datetime.fromtimestamp(epoch - epoch % bucket_s, tz=when.tzinfo)
+
+
 def stage_quota(percent: float, cohort_size: int) -> int:
     """How many of ``cohort_size`` devices a stage of ``percent`` holds: at least one (a 1 %
     canary on a 20-device cohort is one device, not none)."""

@@ -32,7 +32,7 @@ from fleet_server.rollouts.engine import BundleChoice, RolloutEngine, choose_bun
 from fleet_server.rollouts.progress import (
     TargetView,
     device_rows,
-    rank,
+    in_order,
     stage_quota,
     target_view,
     view_slot,
@@ -409,10 +409,7 @@ def _stage_of(rollout: Rollout, plan: dict[str, Any], views: list[TargetView]) -
     """The stage each device is (or will be) in: a notified one, the stage that admitted it;
     a waiting one, the first stage whose quota reaches its place in the rollout's order."""
     stages = [float(p) for p in plan.get("stages") or [100.0]]
-    eligible = [
-        v for v in views if v.target.phase not in (TargetPhase.RELEASED, TargetPhase.EXCLUDED)
-    ]
-    eligible.sort(key=lambda v: rank(rollout.id, v.device.id))
+    eligible = in_order(rollout.id, views)
     quotas = [stage_quota(p, len(eligible)) for p in stages]
     out: dict[str, int] = {}
     for i, v in enumerate(eligible):

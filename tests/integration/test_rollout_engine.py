@@ -22,19 +22,11 @@ from hil.rig import wait_until
 from hil.simulator import Behaviour, FleetSimulator, SimulatedDevice, enroll_fleet
 from tests.conftest import ADMIN_TOKEN, POSTGRES_URL
 from tests.integration.test_cli import edgefleet
+from tests.integration.test_rollouts import follow
 
-FINISHED = {"completed", "failed", "aborted", "superseded"}
 #: The engine's logic on one database; what differs on PostgreSQL (locks, two servers) is
 #: tested there by the refusals, the rate limit and the two-server test.
 SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-
-
-def follow(api: ApiClient, rollout_id: str, timeout_s: float = 60) -> dict[str, Any]:
-    def ended() -> dict[str, Any] | None:
-        r: dict[str, Any] = api.get(f"/v1/rollouts/{rollout_id}")
-        return r if r["state"] in FINISHED else None
-
-    return wait_until(ended, timeout_s, f"rollout {rollout_id} to end", interval_s=0.1)
 
 
 @pytest.fixture
