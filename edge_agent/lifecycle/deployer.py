@@ -242,10 +242,14 @@ class Deployer:
                 rec.state in (SlotState.FAILED, SlotState.ROLLED_BACK)
                 and rec.target is not None
                 and rec.target.bundle_sha256 == assignment.bundle_sha256
+                and rec.target.rollout_id == assignment.rollout_id
                 and rec.error is not None
                 and not rec.error.retryable
             ):
-                continue  # this exact bundle was refused; only a new document retries it
+                # This exact bundle failed under this rollout: the same rollout's documents
+                # (re-sent, re-signed) never retry it; a new rollout of it (the operator's
+                # decision, e.g. after a power cut rolled it back on probation) does.
+                continue
             self.deploy(slot, assignment)
         for slot in [s for s in self.journal.data.slots if s not in doc.slots]:
             self._remove_slot(slot)

@@ -422,6 +422,30 @@ def test_a_crash_during_probation_returns_to_the_committed_version(
     assert rec.error.reason == "interrupted_in_probation" and not rec.error.retryable
 
 
+def test_a_version_rolled_back_by_a_power_cut_is_retried_by_a_new_rollout_only(
+    files: tuple[Path, str], v1: Path, v2: Path, tmp_path: Path, fleet: TestFleet
+) -> None:
+    # Found by the HIL power-loss scenario: after the cut rolled 2.0.0 back on probation, the
+    # operator's next rollout of 2.0.0 was ignored (the agent matched the bundle alone) and
+    # the server waited for the stage timeout.
+    root, base = files
+    dev = Device(tmp_path / "dev", fleet)
+    dev.apply(1, {"clf": publish(root, base, v1, "1.0.0")})
+    first = publish(root, base, v2, "2.0.0").model_copy(update={"rollout_id": "a" * 16})
+    rec = dev.journal.data.slots["clf"]
+    rec.state, rec.target = State.PROBATION, first
+    dev.journal.save()
+    again = Device(tmp_path / "dev", fleet)
+    again.deployer.restore()
+    assert again.journal.data.slots["clf"].state == State.ROLLED_BACK
+    again.apply(2, {"clf": first})  # the same rollout, re-signed: not retried
+    assert again.journal.data.slots["clf"].state == State.ROLLED_BACK
+    assert again.serving_version() == "1.0.0"
+    again.apply(3, {"clf": first.model_copy(update={"rollout_id": "b" * 16})})
+    assert again.journal.data.slots["clf"].state == State.COMMITTED
+    assert again.serving_version() == "2.0.0"
+
+
 def test_a_journal_write_that_fails_mid_deployment_leaves_a_deployable_slot(
     files: tuple[Path, str], v1: Path, v2: Path, tmp_path: Path, fleet: TestFleet
 ) -> None:
