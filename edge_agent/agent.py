@@ -98,6 +98,7 @@ class Agent:
                 download_attempts=config.download.attempts,
                 download_timeout_s=config.download.timeout_s,
                 download_max_bytes_per_s=config.download.max_bytes_per_s,
+                download_mirror_url=config.download.mirror_url,
                 download_reserve_bytes=config.download.reserve_bytes,
             ),
             self.journal,

@@ -87,6 +87,21 @@ class DownloadConfig(_Section):
     timeout_s: float = Field(default=30.0, gt=0)
     #: Cap on download bandwidth (bytes/s), e.g. for metered cellular links; unset: none.
     max_bytes_per_s: int | None = Field(default=None, gt=0)
+    #: Fetch bundles from this origin (``http://gateway:8600``) instead of the one in the
+    #: desired state, keeping the path: a site gateway or cache in front of the fleet server,
+    #: or a HIL rig's relay. Integrity does not depend on it (digest and signature).
+    mirror_url: str | None = None
+
+    @field_validator("mirror_url")
+    @classmethod
+    def _origin(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+            raise ValueError("must be an origin such as http://gateway:8600 (no path)")
+        return value.rstrip("/")
+
     #: Free disk space that must remain after the bundle and its extracted copy.
     reserve_bytes: int = Field(default=64 << 20, ge=0)
 

@@ -34,6 +34,8 @@ from fleet_server.database import add_missing_columns, make_engine
 from fleet_server.devices import tables as devices_tables
 from fleet_server.devices.routes import router as devices_router
 from fleet_server.errors import ERROR_RESPONSES, install_error_handlers
+from fleet_server.hil import tables as hil_tables
+from fleet_server.hil.routes import router as hil_router
 from fleet_server.keys import tables as keys_tables
 from fleet_server.keys.service import ServerKeys
 from fleet_server.registry import tables as registry_tables
@@ -57,6 +59,7 @@ TABLE_MODULES = (
     builds_tables,
     bundles_tables,
     devices_tables,
+    hil_tables,
     keys_tables,
     registry_tables,
     rollouts_tables,
@@ -188,6 +191,7 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
     app.include_router(auth_router, responses=ERROR_RESPONSES)
     app.include_router(audit_router, responses=ERROR_RESPONSES)
     app.include_router(telemetry_router, responses=ERROR_RESPONSES)
+    app.include_router(hil_router, responses=ERROR_RESPONSES)
 
     @app.get("/healthz", tags=["health"])
     def healthz(state: StateDep) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
@@ -77,6 +78,8 @@ class DeviceContext:
     download_attempts: int
     download_timeout_s: float
     download_max_bytes_per_s: int | None = None
+    #: An origin that replaces the bundle URL's (``DownloadConfig.mirror_url``).
+    download_mirror_url: str | None = None
     download_reserve_bytes: int = 0
 
 
@@ -433,8 +436,12 @@ class Deployer:
         if self.store.has_model(sha) or self.store.bundle_path(sha).is_file():
             return SlotEvent.SUCCESS
         check_free_space(self.store.downloads, ctx.target.size, self.device.download_reserve_bytes)
+        url = ctx.target.bundle_url
+        if self.device.download_mirror_url:
+            parts = urlsplit(url)
+            url = self.device.download_mirror_url + urlunsplit(("", "", *parts[2:]))
         fetch_bundle(
-            ctx.target.bundle_url,
+            url,
             self.store.bundle_path(sha),
             self.store.partial_path(sha),
             size=ctx.target.size,

@@ -16,7 +16,8 @@ from fleet_server.settings import Settings
 #: Server text goes to the terminal as it is: rich markup would delete "[samples, 128]" from
 #: a message. Styles are given as ``style=`` or ``Text``, never as markup.
 console = Console(markup=False)
-err_console = Console(stderr=True, markup=False)
+#: Errors are one line each, however narrow the terminal (or none: a pipe, a CI log).
+err_console = Console(stderr=True, markup=False, soft_wrap=True)
 
 DEFAULT_SERVER = "http://127.0.0.1:8600"
 ServerOpt = Annotated[

@@ -42,6 +42,21 @@ app.add_typer(telemetry.telemetry_app, name="telemetry")
 app.add_typer(telemetry.alerts_app, name="alerts")
 
 
+def _plugins() -> None:
+    """Command groups other packages add through the ``edgefleet.cli`` entry point (``hil``:
+    the rigs and scenarios, a floor above the server that the server does not import)."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="edgefleet.cli"):
+        try:
+            app.add_typer(ep.load(), name=ep.name)
+        except ImportError as e:  # a part that is not installed; the rest still works
+            err_console.print(f"note: 'edgefleet {ep.name}' is unavailable: {e}")
+
+
+_plugins()
+
+
 def run() -> None:
     try:
         # Outside standalone mode click returns a command's exit code (typer.Exit(1) on a

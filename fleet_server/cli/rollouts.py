@@ -55,6 +55,13 @@ def _render_rollout(r: dict[str, Any], *, all_devices: bool = False) -> Group:
                                          "probation", "serving", "failed", "rolled_back",
                                          "timed_out")),
         )  # fmt: skip
+    if r.get("hil"):
+        h = r["hil"]
+        hil = Table("HIL rig", "state", "runner", "deadline", "report", title="stage 0: HIL")
+        report = h.get("report_url") or "-"
+        hil.add_row(h["rig"], h["state"], h.get("claimed_by") or "-", h["deadline_at"][11:19],
+                    report)  # fmt: skip
+        parts.append(hil)
     parts.append(stages)
     if r.get("gates"):
         gates = Table("gate", "figure", "threshold", "verdict", "detail")
@@ -167,6 +174,16 @@ def rollouts_create(
         str | None, typer.Option(help="run as a shadow beside this active slot (never answers)")
     ] = None,
     sample_rate: Annotated[float, typer.Option(help="shadow: share of requests it sees")] = 0.1,
+    hil_rig: Annotated[
+        str | None,
+        typer.Option(help="stage 0 is a HIL run on this registered rig (`edgefleet hil rigs add`)"),
+    ] = None,
+    hil_scenario: Annotated[
+        list[str] | None, typer.Option(help="HIL scenario (repeatable; default: all the rig can)")
+    ] = None,
+    hil_timeout_s: Annotated[
+        float, typer.Option(help="no HIL verdict within this long fails the stage")
+    ] = 1800,
     wait: Annotated[
         bool, typer.Option(help="follow it until it ends, or waits for approval")
     ] = True,
@@ -210,6 +227,11 @@ def rollouts_create(
         "split_pct": split_pct,
         "min_confidence": min_confidence,
     }
+    if hil_rig is not None:
+        body["hil"] = {"rig": hil_rig, "scenarios": hil_scenario or None,
+                       "timeout_s": hil_timeout_s}  # fmt: skip
+    elif hil_scenario:
+        raise typer.BadParameter("--hil-scenario needs --hil-rig", param_hint="--hil-scenario")
     rollout = _create_rollout(client, {k: v for k, v in body.items() if v is not None}, as_json)
     if wait:
         rollout = _follow(client, rollout, timeout_s, SETTLED, quiet=as_json)

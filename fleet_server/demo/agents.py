@@ -43,7 +43,15 @@ class LocalAgent:
         serving_port: int = 0,
         probation_window_s: float = 0.5,
         probation: str = "",
+        command_prefix: tuple[str, ...] = (),
+        python: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
+        #: Runs the agent inside something (``ip netns exec NAME``, an emulator), with another
+        #: interpreter (an emulated board's) and environment if given.
+        self.command_prefix = command_prefix
+        self.python = python or sys.executable
+        self.env = env or {}
         self.probation_window_s = probation_window_s
         #: Extra lines for the agent's [probation] section.
         self.probation = probation
@@ -57,7 +65,7 @@ class LocalAgent:
         self.client = AgentClient(f"http://127.0.0.1:{self.serving_port}", timeout_s=10)
 
     def _cli(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "edge_agent.cli", *args]
+        return [*self.command_prefix, self.python, "-m", "edge_agent.cli", *args]
 
     def enroll(self, server_url: str, token: str, labels: dict[str, str] | None = None) -> None:
         cmd = self._cli(
@@ -77,7 +85,9 @@ class LocalAgent:
         )
         for k, v in (labels or {}).items():
             cmd += ["--label", f"{k}={v}"]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=180, env={**os.environ, **self.env}
+        )
         if done.returncode != 0:
             raise RuntimeError(f"enroll {self.device_id} failed: {done.stderr.strip()}")
         # AF_UNIX paths are limited to ~108 bytes; test directories can be deeper than that.
@@ -104,7 +114,7 @@ class LocalAgent:
             self._cli("run", "--config", str(self.config)),
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env, **(env or {})},
         )
         log.close()
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
+from fastapi.responses import FileResponse
 
 from fleet_server.api.deps import Operator, SessionDep, StateDep, Viewer
+from fleet_server.errors import NotFoundError
 from fleet_server.registry import service
 from fleet_server.registry.tables import ModelPublic, ModelVersionPublic
 
@@ -72,3 +74,19 @@ def show_model(name: str, session: SessionDep, _: Viewer) -> ModelPublic:
 @router.get("/{name}/versions/{version}", response_model=ModelVersionPublic)
 def show_version(name: str, version: str, session: SessionDep, _: Viewer) -> ModelVersionPublic:
     return service.get_version_public(session, name, version)
+
+
+@router.get(
+    "/{name}/versions/{version}/onnx",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def download_onnx(
+    name: str, version: str, state: StateDep, session: SessionDep, _: Operator
+) -> FileResponse:
+    """The ONNX file as uploaded (for reference predictions, e.g. a HIL run's)."""
+    row = service.get_version(session, name, version)[1]
+    path = state.store.path(row.source_sha256)
+    if not path.is_file():
+        raise NotFoundError(f"{name} {version}'s ONNX file is missing from the artifact store")
+    return FileResponse(path, media_type="application/octet-stream", filename=row.filename)

@@ -52,6 +52,8 @@ from fleet_server.devices import desired
 from fleet_server.devices.selectors import Selector
 from fleet_server.devices.tables import Device
 from fleet_server.errors import ConflictError, NotFoundError
+from fleet_server.hil import service as hil_service
+from fleet_server.hil.tables import OPEN_STATES, RIG_LABEL, HilJobState
 from fleet_server.keys.service import FleetSigner, ServerKeys
 from fleet_server.registry.service import version_by_id
 from fleet_server.registry.tables import MLModel, ModelVersion
@@ -357,7 +359,8 @@ class RolloutEngine:
         return {
             r[0]: _light(r)
             for r in session.exec(query).all()
-            if selector.matches(dict(r[2] or {}), r[1])
+            # A HIL rig's devices are reached by id only, never by a selector.
+            if RIG_LABEL not in (r[2] or {}) and selector.matches(dict(r[2] or {}), r[1])
         }
 
     def _advance(
@@ -371,6 +374,10 @@ class RolloutEngine:
     ) -> dict[str, SignedDesiredState]:
         now = self._clock()
         plan = rollout.plan or {}
+        if plan.get("hil"):
+            held = self._hil_stage(session, rollout, now)
+            if held is not None:
+                return held
         gates = GateSpec.model_validate(plan.get("gates") or {})
         model, version = version_by_id(session, rollout.model_version_id)
         targets = {
@@ -444,6 +451,44 @@ class RolloutEngine:
         if broken or waiting:
             return self._abort(session, rollout, now, "gate_breach", broken + waiting, figures)
         return self._pass_stage(session, rollout, plan, views, figures, now)
+
+    # --- the HIL stage ---------------------------------------------------------------------------
+    def _hil_stage(
+        self, session: Session, rollout: Rollout, now: datetime
+    ) -> dict[str, SignedDesiredState] | None:
+        """None once the rig has passed the version (the fleet's stages go on); otherwise what
+        this step publishes: nothing while the rig runs, the abort when it failed or gave no
+        verdict by its deadline. No fleet device has been notified before it passes."""
+        job = hil_service.job_for_rollout(session, rollout.id)
+        if job is None:
+            return self._abort(session, rollout, now, "the rollout's HIL job is missing", [], [])
+        if job.state in OPEN_STATES:
+            hil_service.expire(session, now, rig=job.rig)
+        if job.state in OPEN_STATES:
+            session.add(rollout)
+            return {}  # the rig is at work (or waits for its runner)
+        public = hil_service.public(job)
+        links = {"job_id": job.id, "rig": job.rig, "state": job.state,
+                 "report_url": public.report_url, "junit_url": public.junit_url}  # fmt: skip
+        if job.state == HilJobState.PASSED:
+            seen = session.exec(
+                select(RolloutEvent.id).where(
+                    RolloutEvent.rollout_id == rollout.id, RolloutEvent.kind == "hil_passed"
+                )
+            ).first()
+            if seen is None:
+                self._event(session, rollout, now, "hil_passed",
+                            f"rig {job.rig} passed {job.model} {job.version} "
+                            f"(runner {job.claimed_by}); the fleet's first stage begins",
+                            stage=0, **links)  # fmt: skip
+                rollout.stage_started_at = now  # the fleet's stage timeout starts now
+                session.add(rollout)
+            return None
+        why = f"HIL stage on rig {job.rig} {job.state}: {job.reason or 'no reason given'}"
+        if links["report_url"]:
+            why += f" (report: {links['report_url']})"
+        self._event(session, rollout, now, "hil_failed", why, stage=0, **links)
+        return self._abort(session, rollout, now, why, [], [])
 
     # --- cohort ----------------------------------------------------------------------------------
     def _sync_cohort(
@@ -856,6 +901,7 @@ class RolloutEngine:
         else:
             reason = why
         rollout.state, rollout.ended_at, rollout.reason = RolloutState.ABORTED, now, reason[:500]
+        hil_service.cancel(session, rollout.id, f"the rollout was aborted: {reason}", now)
         rollout.figures = {"gates": [f.model_dump() for f in figures], "at": now.isoformat()}
         shown = [f.model_dump() for f in breached]
         self._event(session, rollout, now, "gate_breach" if breached else "aborted", reason,

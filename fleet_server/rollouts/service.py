@@ -25,6 +25,8 @@ from fleet_server.devices.selectors import Selector
 from fleet_server.devices.service import list_devices, resolve_targets
 from fleet_server.devices.tables import BundleGrant, Device
 from fleet_server.errors import ConflictError, InvalidInputError, NotFoundError
+from fleet_server.hil import service as hil_service
+from fleet_server.hil.tables import RIG_LABEL
 from fleet_server.keys.service import FleetSigner
 from fleet_server.registry.service import get_version, version_by_id
 from fleet_server.registry.tables import MLModel, ModelVersion
@@ -103,6 +105,8 @@ def create_rollout(
     ``build_wait_s``; past that, ConflictError ``build_pending`` names the builds and nothing
     has changed. Devices of a profile whose build fails are excluded, with the reason."""
     model, version = get_version(session, body.model, body.version)
+    if body.hil is not None:
+        hil_service.get_rig(session, body.hil.rig)  # refused before anything is written
     selector = body.cohort_selector()
     devices = _cohort_now(session, body.devices, selector)
     slot = body.slot or (f"{body.shadow_of}-shadow" if body.shadow_of else default_slot(model.name))
@@ -149,6 +153,20 @@ def create_rollout(
             )
         if superseded is not None:
             _supersede(session, superseded, rollout, actor, now)
+        if body.hil is not None:
+            job = hil_service.create_job(
+                session, rollout_id=rollout.id, rig=body.hil.rig, model=model.name,
+                version=version.version, scenarios=body.hil.scenarios,
+                timeout_s=body.hil.timeout_s, now=now,
+            )  # fmt: skip
+            session.add(
+                RolloutEvent(
+                    rollout_id=rollout.id, at=now, kind="hil_requested", stage=0, actor=actor,
+                    message=f"stage 0 is a HIL run on rig {body.hil.rig}: no device of the "
+                    f"fleet is notified until it passes (deadline {job.deadline_at:%H:%M:%S} UTC)",
+                    figures={"job_id": job.id, "rig": body.hil.rig},
+                )
+            )  # fmt: skip
         session.add(
             RolloutEvent(
                 rollout_id=rollout.id,
@@ -191,7 +209,8 @@ def _cohort_now(
 ) -> list[Device]:
     if device_ids:
         return resolve_targets(session, device_ids, None)
-    devices = list_devices(session, selector)
+    # A HIL rig's devices are reached by id only: never part of a selector's cohort.
+    devices = [d for d in list_devices(session, selector) if RIG_LABEL not in d.labels]
     if not devices:
         raise InvalidInputError(
             f"no enrolled device matches the selector {str(selector)!r}", field="selector"
@@ -251,6 +270,7 @@ def _supersede(session: Session, old: Rollout, new: Rollout, actor: str, now: da
     locked.state, locked.ended_at, locked.superseded_by = RolloutState.SUPERSEDED, now, new.id
     locked.reason = f"superseded by rollout {new.id}"
     session.add(locked)
+    hil_service.cancel(session, old.id, f"the rollout was superseded by {new.id}", now)
     for target in session.exec(
         select(RolloutTarget).where(
             RolloutTarget.rollout_id == old.id, RolloutTarget.phase == TargetPhase.SCHEDULED
@@ -398,6 +418,9 @@ def describe(
         gates=gates,
         targets=statuses,
         events=events,
+        hil=hil_service.public(job)
+        if (job := hil_service.job_for_rollout(session, rollout.id))
+        else None,
     )
 
 

@@ -35,7 +35,15 @@ from fleet_server.api.schemas import RequestBody
 from fleet_server.devices.selectors import Selector
 from fleet_server.errors import InvalidInputError
 
-__all__ = ["GateSpec", "RampSpec", "RateSpec", "RolloutCreate", "Strategy", "default_gates"]
+__all__ = [
+    "GateSpec",
+    "HilStageSpec",
+    "RampSpec",
+    "RateSpec",
+    "RolloutCreate",
+    "Strategy",
+    "default_gates",
+]
 
 ROLLOUT_ID_PATTERN = r"^[0-9a-f]{16}$"
 
@@ -113,6 +121,17 @@ def default_gates(strategy: Strategy) -> GateSpec:
     return GateSpec(max_install_failure_pct=0, max_agent_rollback_pct=0)
 
 
+class HilStageSpec(RequestBody):
+    """Stage 0 is a hardware-in-the-loop run: no fleet device is notified until the rig's
+    runner has passed the version; a failed run aborts the rollout with its report linked, and
+    no verdict within ``timeout_s`` (no runner, or one that died) fails the stage too."""
+
+    rig: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
+    #: Scenarios by name (None: every one the rig's kind supports).
+    scenarios: list[str] | None = Field(default=None, min_length=1, max_length=50)
+    timeout_s: float = Field(default=1800, gt=0, le=7 * 86400)
+
+
 class RolloutCreate(RequestBody):
     model: str = Field(min_length=1, max_length=128)
     version: str = Field(min_length=1, max_length=64)
@@ -144,6 +163,8 @@ class RolloutCreate(RequestBody):
     min_confidence: float = Field(default=0.95, gt=0.5, lt=1)
     #: The active rollout on the same slot this one replaces (required when cohorts overlap).
     supersedes: str | None = Field(default=None, pattern=ROLLOUT_ID_PATTERN)
+    #: A HIL stage before the fleet's first stage (a rig registered with the server).
+    hil: HilStageSpec | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> RolloutCreate:
@@ -234,4 +255,5 @@ class RolloutCreate(RequestBody):
             "sample_rate": self.sample_rate,
             "shadow_of": self.shadow_of,
             "min_confidence": self.min_confidence,
+            "hil": self.hil.model_dump() if self.hil is not None else None,
         }

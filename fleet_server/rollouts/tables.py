@@ -23,6 +23,7 @@ from sqlmodel import Field, SQLModel
 
 from edge_agent.protocol.lifecycle import SlotState
 from fleet_server.database import UtcPublic
+from fleet_server.hil.tables import HilJobPublic
 from fleet_server.rollouts.spec import RolloutCreate
 
 __all__ = [
@@ -247,3 +248,5 @@ class RolloutPublic(BaseModel):
     gates: list[GateFigure]
     targets: list[TargetStatus]
     events: list[RolloutEventPublic]
+    #: The HIL stage's job (rig, state, verdict, report links), when the rollout has one.
+    hil: HilJobPublic | None = None
