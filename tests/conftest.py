@@ -84,6 +84,20 @@ def stack(settings: Settings) -> Iterator[EmbeddedStack]:
 
 
 @pytest.fixture
+def private_stack(tmp_path: Path) -> Iterator[EmbeddedStack]:
+    """A server (SQLite) with a broker of its own, for tests that restart the broker."""
+    settings = Settings(
+        data_dir=tmp_path / "server",
+        port=0,
+        broker_port=0,
+        admin_token=ADMIN_TOKEN,  # type: ignore[arg-type]
+        desired_resend_interval_s=0.2,
+    )
+    with EmbeddedStack(settings) as stack:
+        yield stack
+
+
+@pytest.fixture
 def api(stack: EmbeddedStack) -> Iterator[ApiClient]:
     client = ApiClient(stack.url, ADMIN_TOKEN)
     yield client

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -30,7 +29,6 @@ from paho.mqtt.enums import CallbackAPIVersion
 from converters.onnx.samples import mlp_classifier, nan_classifier
 from fleet_server.client import ApiClient, ApiError
 from fleet_server.server import EmbeddedStack
-from fleet_server.settings import Settings
 from hil.report import write_reports
 from hil.rig import wait_until
 from hil.rigfile import load_rig, parse_rig
@@ -44,17 +42,6 @@ SCENARIOS = [
     "rollout", "bad-version", "power-loss", "link-cut", "slow-link", "broker-restart",
     "tampered-bundle", "offline-stage", "power-cycles",
 ]  # fmt: skip
-
-
-@pytest.fixture
-def private_stack(tmp_path: Path) -> Iterator[EmbeddedStack]:
-    """A server with a broker of its own: the broker-restart scenario restarts it."""
-    settings = Settings(
-        data_dir=tmp_path / "server", port=0, broker_port=0, admin_token=ADMIN_TOKEN,  # type: ignore[arg-type]
-        desired_resend_interval_s=0.2,
-    )  # fmt: skip
-    with EmbeddedStack(settings) as stack:
-        yield stack
 
 
 def _versions(api: ApiClient, root: Path) -> None:

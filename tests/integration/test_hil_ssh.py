@@ -24,7 +24,7 @@ from hil.report import write_reports
 from hil.rigfile import parse_rig
 from hil.runner import HilRun
 from tests.conftest import ADMIN_TOKEN
-from tests.integration.test_hil import _versions, private_stack  # noqa: F401 (a fixture)
+from tests.integration.test_hil import _versions
 
 pytestmark = pytest.mark.slow
 EXAMPLE = Path(__file__).resolve().parents[2] / "hil" / "rigs" / "ssh.toml"
@@ -88,7 +88,7 @@ def _rig(sshd: dict[str, object], board: Path, port: int | None = None) -> str:
 def test_an_ssh_board_installs_enrolls_rolls_out_survives_power_loss_and_gives_its_log(
     sshd: dict[str, object],
     private_stack: EmbeddedStack,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     api = ApiClient(private_stack.url, ADMIN_TOKEN)
     _versions(api, tmp_path)
@@ -116,7 +116,7 @@ def test_an_ssh_board_installs_enrolls_rolls_out_survives_power_loss_and_gives_i
 def test_an_unreachable_ssh_host_is_one_error_naming_the_device_and_exit_2(
     sshd: dict[str, object],
     private_stack: EmbeddedStack,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     _versions(ApiClient(private_stack.url, ADMIN_TOKEN), tmp_path)
     rig_file = tmp_path / "rig.toml"
