@@ -128,7 +128,9 @@ def report_html(result: RunResult) -> str:
         f"<tr><td>started</td><td>{e(result.started_at.isoformat(timespec='seconds'))}</td></tr>",
         "<tr><td>devices</td><td>"
         + "<br>".join(
-            e(f"{d.id}: {d.kind}, {d.profile}, labels {d.labels or {}}") for d in result.rig.devices
+            e(f"{d.id}: {d.kind}, {d.profile}, labels {d.labels or {}}")
+            + "".join(f"<br>&nbsp;&nbsp;{e(f)}" for f in result.facts.get(d.id, []))
+            for d in result.rig.devices
         )
         + "</td></tr></table>",
     ]

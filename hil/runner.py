@@ -83,6 +83,8 @@ class RunResult:
     error: str | None = None
     #: …because of the rig file or the machine (a missing tool, no root): exit status 2.
     config_error: bool = False
+    #: Device id → what it said of itself once prepared (platform, runtimes).
+    facts: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -169,6 +171,7 @@ class HilRun:
                 result.baseline = self.baseline
             for device in self.devices:
                 device.prepare()
+                result.facts[device.id] = list(device.facts)
             self._connect()
         except (RigFileError, ApiError, OSError, TimeoutError, RuntimeError) as e:
             # A rig that cannot start fails every scenario: it never passes one.
@@ -306,6 +309,8 @@ class HilRun:
             tolerance=self._tolerance,
             make_bad_version=self._make_bad_version,
             make_copy=self._make_copy,
+            same_artifact=self._same_artifact,
+            describe=self._describe,
         )
         return ctx
 
@@ -385,6 +390,16 @@ class HilRun:
                 feeds[item["name"]] = rng.integers(0, 4, shape).astype(dtype)
         return feeds
 
+    def _describe(self, device: RigDevice) -> str:
+        try:
+            d = self.api.get(f"/v1/devices/{device.id}")
+            active = d["reported"]["slots"][self.model]["active"]
+            manifest = self.api.get(f"/v1/bundles/{active['bundle_sha256']}/manifest")
+            return (f"{manifest['runtime']['name']} {manifest['precision']} "
+                    f"({manifest['artifact']}, bundle {active['bundle_sha256'][:12]})")  # fmt: skip
+        except (ApiError, KeyError, TypeError):
+            return "(unknown: no report yet)"
+
     def _tolerance(self, version: str, device: RigDevice) -> dict[str, float | None]:
         profile = default_catalog().get(device.spec.profile)
         precision = "fp32"
@@ -394,8 +409,6 @@ class HilRun:
             manifest = self.api.get(f"/v1/bundles/{active['bundle_sha256']}/manifest")
             precision = manifest.get("precision", precision)
         limits = profile.parity.for_precision(precision)
-        if limits.get("max_abs_error") is None:
-            limits["max_abs_error"] = 0.25  # int8: answers are compared loosely
         return limits
 
     def _make_bad_version(self) -> str:
@@ -431,6 +444,39 @@ class HilRun:
             f"{self.model} {self.version} with NaN outputs, made by a HIL run",
         )
         return bad
+
+    def _same_artifact(
+        self, device: RigDevice, feeds: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], list[float]] | None:
+        """The device's active artifact run here in the same runtime, when it is LiteRT."""
+        from edge_agent.bundle.archive import open_bundle
+        from edge_agent.runtimes import LoadOptions, get_runtime
+
+        reported = self.api.get(f"/v1/devices/{device.id}")["reported"]["slots"][self.model]
+        sha = reported["active"]["bundle_sha256"]
+        if reported["active"].get("runtime") != "litert":
+            return None
+        path = self.work_dir / "bundles" / f"{sha}.efb"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(self.api._send("GET", f"/v1/bundles/{sha}").content)
+        extracted = self.work_dir / "bundles" / sha
+        with open_bundle(path) as bundle:
+            if not extracted.exists():
+                extracted.mkdir()
+                bundle.extract_verified(extracted)
+            artifact = extracted / bundle.manifest.artifact
+        model = get_runtime("litert").load(artifact, LoadOptions(threads=1))
+        try:
+            outputs = model.run(feeds)  # and warm
+            times = []
+            for _ in range(20):
+                started = time.perf_counter()
+                model.run(feeds)
+                times.append((time.perf_counter() - started) * 1000)
+            return outputs, times
+        finally:
+            model.close()
 
     def _make_copy(self, tag: str) -> str:
         copy = f"{self.version}+hil.{self.run_id}.{tag}"

@@ -47,6 +47,9 @@ IN_FLIGHT = frozenset(
 __all__ = ["IN_FLIGHT", "SCENARIOS", "Context", "Scenario", "ScenarioError", "Step", "register"]
 
 Step = Callable[["Context"], None]
+#: The same artifact in the same runtime on another CPU: LiteRT on emulated aarch64 and on x86
+#: agree to ~5e-7, not bit for bit.
+SAME_ARTIFACT_ATOL = 1e-4
 
 
 class ScenarioError(AssertionError):
@@ -95,6 +98,16 @@ class Context:
     _bad: str | None = None
     make_bad_version: Callable[[], str] | None = None
     make_copy: Callable[[str], str] | None = None
+    #: The device's own artifact run on this host in the same runtime (LiteRT on x86 for an
+    #: emulated or real ARM board): (outputs, milliseconds), or None for other runtimes.
+    same_artifact: (
+        Callable[
+            [RigDevice, dict[str, np.ndarray]], tuple[dict[str, np.ndarray], list[float]] | None
+        ]
+        | None
+    ) = None
+    #: What the device runs, in words ("litert int8 bundle 3f2a…").
+    describe: Callable[[RigDevice], str] | None = None
 
     # --- evidence ------------------------------------------------------------------------------
     def fail(self, device: RigDevice | str, why: str) -> None:
@@ -258,6 +271,35 @@ class Context:
         return self.make_copy(tag)
 
     # --- predictions ---------------------------------------------------------------------------
+    def _agrees(
+        self,
+        device: RigDevice,
+        name: str,
+        got: np.ndarray,
+        want: np.ndarray,
+        limits: dict[str, float | None],
+    ) -> None:
+        """Within the bundle's parity thresholds: max abs error where the precision checks
+        it (fp32, fp16), else top-1 agreement over the last axis (int8)."""
+        diff = float(np.max(np.abs(got.astype(np.float64) - want)))
+        max_abs = limits.get("max_abs_error")
+        if max_abs is not None:
+            if not np.isfinite(diff) or diff > max_abs:
+                self.fail(device, f"output {name!r} differs from the reference by {diff:.3g} "
+                          f"(parity threshold {max_abs:g})")  # fmt: skip
+            else:
+                self.note(device, f"{name}: within {diff:.2g} of the reference "
+                          f"(threshold {max_abs:g})")  # fmt: skip
+            return
+        floor = limits.get("min_top1_agreement") or 0.0
+        agree = float(np.mean(np.argmax(got, -1) == np.argmax(want, -1))) if got.ndim else 1.0
+        if not np.all(np.isfinite(got)) or agree < floor:
+            self.fail(device, f"output {name!r}: top-1 agreement {agree:.2f} with the reference "
+                      f"(parity threshold {floor:g})")  # fmt: skip
+        else:
+            self.note(device, f"{name}: top-1 agreement {agree:.2f} with the reference "
+                      f"(threshold {floor:g}; max abs difference {diff:.2g})")  # fmt: skip
+
     def check_predictions(self, version: str, samples: int = 20) -> None:
         """Every device's answers agree with the reference within the bundle's parity
         thresholds; the predict round trips are kept as latency figures."""
@@ -270,17 +312,22 @@ class Context:
                 self.fail(device, f"predict failed: {e}")
                 continue
             limits = self.tolerance(version, device) if self.tolerance else {}
-            max_abs = limits.get("max_abs_error") or 1e-4
+            if self.describe is not None:
+                self.note(device, f"runs {self.describe(device)}")
             for name, expected in want.items():
-                diff = float(np.max(np.abs(np.asarray(got[name], np.float64) - expected)))
-                if not np.isfinite(diff) or diff > max_abs:
-                    self.fail(
-                        device, f"output {name!r} differs from the reference by {diff:.3g} "
-                        f"(parity threshold {max_abs:g})",
-                    )  # fmt: skip
-                else:
-                    self.note(device, f"{name}: within {diff:.2g} of the reference "
-                              f"(threshold {max_abs:g})")  # fmt: skip
+                self._agrees(device, name, np.asarray(got[name]), expected, limits)
+            here = self.same_artifact(device, self.inputs) if self.same_artifact else None
+            if here is not None:
+                outputs, times = here
+                self.latencies.extend(("x86 LiteRT (this host)", version, ms) for ms in times)
+                for name, expected in outputs.items():
+                    diff = float(np.max(np.abs(np.asarray(got[name], np.float64) - expected)))
+                    if not np.isfinite(diff) or diff > SAME_ARTIFACT_ATOL:
+                        self.fail(device, f"output {name!r} differs from the same artifact in "
+                                  f"LiteRT on this host by {diff:.3g}")  # fmt: skip
+                    else:
+                        self.note(device, f"{name}: within {diff:.2g} of the same artifact in "
+                                  "LiteRT on this host")  # fmt: skip
             for _ in range(samples):
                 started = time.perf_counter()
                 try:

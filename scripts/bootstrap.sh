@@ -35,6 +35,24 @@ if [ "$extras" = dev ]; then
   .venv/bin/python -m pip install --quiet --no-deps "rapidocr-onnxruntime==1.4.4"
 fi
 
+# The HIL tests' system tools: nftables (netns rigs: packet loss), openssh (ssh rigs against a
+# local sshd), qemu-user-static and mmdebstrap (the emulated Raspberry Pi rig).
+if [ "$extras" = dev ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  missing=""
+  for pair in nft:nftables sshd:openssh-server ssh:openssh-client \
+              qemu-aarch64-static:qemu-user-static mmdebstrap:mmdebstrap; do
+    tool="${pair%%:*}"; package="${pair##*:}"
+    if ! command -v "$tool" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$tool" ]; then
+      missing="$missing $package"
+    fi
+  done
+  if [ -n "$missing" ]; then
+    echo "installing$missing (apt-get)…"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends $missing >/dev/null
+  fi
+fi
+
 # The embedded broker prefers mosquitto (the tests need it); iotcore is the pip fallback.
 if ! command -v mosquitto >/dev/null 2>&1 && [ -x /usr/sbin/mosquitto ]; then
   export PATH="$PATH:/usr/sbin"

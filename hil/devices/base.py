@@ -48,6 +48,8 @@ class RigDevice(ABC):
         self.relay: Relay | None = None
         #: What the link shaping did, in words (evidence for the report).
         self.shaping: list[str] = []
+        #: What the device says of itself once prepared (platform, runtimes), for the report.
+        self.facts: list[str] = []
 
     # --- what every kind provides -------------------------------------------------------------
     @abstractmethod

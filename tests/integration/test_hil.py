@@ -309,3 +309,44 @@ def test_a_rollout_naming_an_unknown_rig_is_refused_and_changes_nothing(
         })  # fmt: skip
     assert e.value.status == 404 and "hil rigs add" in e.value.message
     assert api.get("/v1/rollouts") == before
+
+
+def test_an_emulated_raspberry_pi_serves_the_int8_tflite_bundle_like_x86_litert(
+    private_stack: EmbeddedStack, tmp_path: Path
+) -> None:
+    """The real agent and the real aarch64 LiteRT wheel under qemu-user, on the TFLite int8
+    artifact the converters build for the Raspberry Pi profiles (the arm64 root is cached
+    under .toolchains/ after the first run)."""
+    import numpy as np
+
+    for tool, package in (("qemu-aarch64-static", "qemu-user-static"),
+                          ("mmdebstrap", "mmdebstrap")):  # fmt: skip
+        if shutil.which(tool) is None and os.geteuid() == 0:
+            subprocess.run(["apt-get", "install", "-y", "-qq", package], check=False)
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (apt-get install {package})")
+    api = ApiClient(private_stack.url, ADMIN_TOKEN)
+    calibration = tmp_path / "calibration.npz"
+    rng = np.random.default_rng(0)
+    np.savez(calibration, x=rng.standard_normal((64, 16)).astype(np.float32))
+    api.upload_model(mlp_classifier(tmp_path / "v1.onnx", seed=1), "clf", "1.0.0",
+                     calibration=calibration)  # fmt: skip
+    result = HilRun(
+        api, private_stack.url, load_rig(RIGS / "qemu-aarch64.toml"), model="clf",
+        version="1.0.0", scenarios=["rollout"], state_dir=tmp_path / "rig",
+        work_dir=tmp_path / "work",
+    ).run()  # fmt: skip
+    [case] = result.scenarios[0].cases
+    assert result.passed, (result.error, case.messages, case.log_excerpt)
+    evidence = "\n".join(case.evidence)
+    assert "runs litert int8" in evidence
+    assert "top-1 agreement 1.00 with the reference" in evidence
+    assert "of the same artifact in LiteRT on this host" in evidence
+    # It really ran on (emulated) aarch64, with the root's runtimes (no onnxruntime there).
+    [machine, runtimes] = result.facts["qemu-pi4-01"]
+    assert machine.startswith("platform aarch64") and "litert" in runtimes
+    assert "onnxruntime" not in runtimes
+    reported = api.get("/v1/devices/qemu-pi4-01")["runtimes"]
+    assert set(reported) == {"litert"}
+    devices = {d for d, _, _ in result.latencies}
+    assert devices == {"qemu-pi4-01", "x86 LiteRT (this host)"}
