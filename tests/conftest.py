@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from sqlmodel import SQLModel
@@ -27,7 +28,25 @@ from fleet_server.server import EmbeddedStack
 from fleet_server.settings import Settings
 
 ADMIN_TOKEN = "efa_test-admin-token-0123456789abcdef0123456789"
-POSTGRES_URL = os.environ.get("EDGEFLEET_TEST_POSTGRES_URL")
+
+
+def _worker_database(url: str | None) -> str | None:
+    """Under pytest-xdist each worker gets a database of its own (``<name>_gw0``, …): the
+    database tests start from an empty schema, and two workers would empty each other's."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not url or not worker:
+        return url
+    import psycopg
+
+    parts = urlsplit(url)
+    name = f"{parts.path.lstrip('/')}_{worker}"
+    with psycopg.connect(urlunsplit(parts._replace(path="/postgres")), autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+POSTGRES_URL = _worker_database(os.environ.get("EDGEFLEET_TEST_POSTGRES_URL"))
 # Converter toolchains (onnx2tf for TFLite) live in the checkout; scripts/test.sh installs them.
 os.environ.setdefault(
     "EDGEFLEET_TOOLCHAIN_DIR", str(Path(__file__).resolve().parent.parent / ".toolchains")

@@ -350,3 +350,34 @@ def test_an_emulated_raspberry_pi_serves_the_int8_tflite_bundle_like_x86_litert(
     assert set(reported) == {"litert"}
     devices = {d for d, _, _ in result.latencies}
     assert devices == {"qemu-pi4-01", "x86 LiteRT (this host)"}
+
+
+def test_the_cli_runs_the_readmes_own_scenario_and_writes_the_reports(
+    private_stack: EmbeddedStack, tmp_path: Path
+) -> None:
+    """``edgefleet hil run`` as a person runs it, with the README's example scenario file."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = readme.split("# my_scenarios.py\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "my_scenarios.py").write_text(example)
+    _versions(ApiClient(private_stack.url, ADMIN_TOKEN), tmp_path)
+    rig = tmp_path / "bench.toml"
+    rig.write_text('name = "cli-bench"\n[[devices]]\nid = "cli-dev"\nprofile = "x86-64-avx2"\n'
+                   'kind = "local"\n')  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", "from fleet_server.cli import main; main()", "hil", "run",
+         "--rig", str(rig), "--model", "clf", "--version", "1.1.0", "--out", str(tmp_path / "out"),
+         "--scenarios-from", str(tmp_path / "my_scenarios.py"), "--scenario", "restart-twice",
+         "--scenario", "rollout", "--state-dir", str(tmp_path / "state"),
+         "--server", private_stack.url],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "EDGEFLEET_TOKEN": ADMIN_TOKEN, "COLUMNS": "200",
+             "EDGEFLEET_HIL_LOCK_DIR": str(tmp_path / "locks")},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "restart-twice" in done.stdout and "passed" in done.stdout
+    suite = ET.parse(tmp_path / "out" / "junit.xml").getroot()
+    cases = {c.get("classname"): c for c in suite.iter("testcase")}
+    assert set(cases) == {"hil.cli-bench.restart-twice", "hil.cli-bench.rollout"}
+    assert suite.get("failures") == "0"
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "restarted twice" in page and "the candidate survives two power cycles" in page

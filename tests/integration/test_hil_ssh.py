@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from fleet_server.server import EmbeddedStack
 from hil.report import write_reports
 from hil.rigfile import parse_rig
 from hil.runner import HilRun
+from hil.sshd import LocalSshd
 from tests.conftest import ADMIN_TOKEN
 from tests.integration.test_hil import _versions
 
@@ -30,50 +29,17 @@ pytestmark = pytest.mark.slow
 EXAMPLE = Path(__file__).resolve().parents[2] / "hil" / "rigs" / "ssh.toml"
 
 
-def _sshd_binary() -> str:
-    found = shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
-    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    if LocalSshd.binary() is None and os.geteuid() == 0 and shutil.which("apt-get"):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "install", "-y", "-qq", "openssh-server", "openssh-client"],
                        check=False, env=env, capture_output=True)  # fmt: skip
-        found = "/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None
-    if found is None:
+    if LocalSshd.binary() is None:
         pytest.skip("sshd is not installed (apt-get install openssh-server)")
-    return found
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
-    exe = _sshd_binary()
-    d = tmp_path_factory.mktemp("sshd")
-    for name in ("host_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)],
-                       check=True)  # fmt: skip
-    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
-    (d / "authorized_keys").chmod(0o600)
-    port = free_port()
-    (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\n"
-        f"AuthorizedKeysFile {d / 'authorized_keys'}\nPasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nStrictModes no\nUsePAM no\n"
-        f"PermitRootLogin prohibit-password\nAllowTcpForwarding yes\nPidFile {d / 'sshd.pid'}\n"
-        "MaxStartups 50\nMaxSessions 50\n"
-    )
-    Path("/run/sshd").mkdir(exist_ok=True)  # the privilege separation directory
-    process = subprocess.Popen([exe, "-D", "-e", "-f", str(d / "sshd_config")],
-                               stdout=subprocess.DEVNULL, stderr=(d / "sshd.log").open("wb"))  # fmt: skip
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"sshd did not start: {(d / 'sshd.log').read_text()}")
-            time.sleep(0.05)
-    yield {"port": port, "key": d / "client_key", "dir": d}
-    process.terminate()
-    process.wait(10)
+    server = LocalSshd(tmp_path_factory.mktemp("sshd")).start()
+    yield {"port": server.port, "key": server.key, "dir": server.dir}
+    server.stop()
 
 
 def _rig(sshd: dict[str, object], board: Path, port: int | None = None) -> str:
