@@ -239,9 +239,11 @@ class Context:
 
     def ensure(self, version: str) -> None:
         """Every device serves ``version`` (rolled out if one does not)."""
-        if all(self.serving(d) == version for d in self.devices):
-            return
-        self.rollout(version)
+        for _ in range(2):  # a second rollout if a device rolled the first back (noise)
+            if all(self.serving(d) == version for d in self.devices):
+                return
+            self.rollout(version)
+            self.end_rollouts()
         for device in self.devices:
             try:
                 wait_until(lambda d=device: self.serving(d) == version, 60,  # type: ignore[misc]

@@ -12,4 +12,6 @@ echo "lint: ruff, mypy --strict"
 .venv/bin/ruff check --quiet .
 .venv/bin/ruff format --check --quiet .
 .venv/bin/mypy
-exec .venv/bin/python -m pytest -p no:cacheprovider -ra "$@"
+# Three workers on two cores: most of the suite's time is agents, brokers and rigs waiting;
+# work stealing keeps one long test (a rig's every scenario) from running alone at the end.
+exec .venv/bin/python -m pytest -p no:cacheprovider -ra -n 3 --dist worksteal "$@"

@@ -28,7 +28,7 @@ from edge_agent.serving.client import AgentClient
 from fleet_server.broker import free_port
 from fleet_server.demo.agents import wait_until
 from hil.devices.base import Capability, RigDevice, merge_config
-from hil.devices.local import DOWNLOAD_TIMEOUT_S, PROBATION_WINDOW_S
+from hil.devices.local import DOWNLOAD_TIMEOUT_S, LATENCY_SLACK_MS, PROBATION_WINDOW_S
 from hil.rigfile import DeviceSpec, RigFileError
 
 __all__ = ["SshDevice", "agent_wheel"]
@@ -214,7 +214,8 @@ class SshDevice(RigDevice):
         )
         config = tomllib.loads(self.sh(f"cat {shlex.quote(self._config)}"))
         self._edit({
-            "probation": {"window_s": PROBATION_WINDOW_S, "probe_interval_s": 0.1},
+            "probation": {"window_s": PROBATION_WINDOW_S, "probe_interval_s": 0.1,
+                          "latency_slack_ms": LATENCY_SLACK_MS},
             "reporting": {"status_interval_s": 5.0},
             "telemetry": {"interval_s": 5.0, "resend_after_s": 5.0},
             "download": {"timeout_s": DOWNLOAD_TIMEOUT_S, "attempts": 10},
