@@ -88,14 +88,22 @@ def post_verdict(
     return service.public(job)
 
 
+def _report(state: StateDep, session: SessionDep, job_id: str, which: str) -> FileResponse:
+    media_type = "text/html; charset=utf-8" if which == "report" else "application/xml"
+    path = service.report_path(state.store, service.get_job(session, job_id), which)
+    return FileResponse(path, media_type=media_type)
+
+
+# Two fixed paths rather than one "/{name}": a template would also match "…/verdict" and
+# answer a GET there with 422 instead of 405.
 @router.get(
     "/jobs/{job_id}/report.html",
     response_class=FileResponse,
     responses={200: {"content": {"text/html": {}}}},
 )
 def job_report(job_id: str, state: StateDep, session: SessionDep, _: Viewer) -> FileResponse:
-    path = service.report_path(state.store, service.get_job(session, job_id), "report")
-    return FileResponse(path, media_type="text/html; charset=utf-8")
+    """The job's report.html, as its runner posted it."""
+    return _report(state, session, job_id, "report")
 
 
 @router.get(
@@ -104,5 +112,5 @@ def job_report(job_id: str, state: StateDep, session: SessionDep, _: Viewer) -> 
     responses={200: {"content": {"application/xml": {}}}},
 )
 def job_junit(job_id: str, state: StateDep, session: SessionDep, _: Viewer) -> FileResponse:
-    path = service.report_path(state.store, service.get_job(session, job_id), "junit")
-    return FileResponse(path, media_type="application/xml")
+    """The job's junit.xml, as its runner posted it."""
+    return _report(state, session, job_id, "junit")
