@@ -169,6 +169,13 @@ class HilRun:
             if self.baseline is None:
                 self.baseline = self._previous_version()
                 result.baseline = self.baseline
+            if self.wanted:  # asked for by name: one that cannot run here is an error
+                for scenario in scenarios:
+                    why_not = supported(scenario, self.devices, self._fleet())
+                    if why_not is not None:
+                        raise RigFileError(
+                            self.rig.name, f"scenario {scenario.name!r} cannot run here: {why_not}"
+                        )
             for device in self.devices:
                 device.prepare()
                 result.facts[device.id] = list(device.facts)
@@ -188,15 +195,20 @@ class HilRun:
             return result
         try:
             context = self._context()
-            fleet = {"baseline"} if self.baseline else set()
-            if self.restart_broker is not None:
-                fleet.add("broker_restart")
+            fleet = self._fleet()
             for scenario in scenarios:
                 result.scenarios.append(self._run_one(scenario, context, fleet))
             result.latencies = context.latencies
         finally:
             self._shutdown()
         return result
+
+    def _fleet(self) -> set[str]:
+        """What the fleet side offers the scenarios' needs."""
+        fleet = {"baseline"} if self.baseline else set()
+        if self.restart_broker is not None:
+            fleet.add("broker_restart")
+        return fleet
 
     def _scenarios(self) -> list[Scenario]:
         if not self.wanted:

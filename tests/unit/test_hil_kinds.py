@@ -89,8 +89,23 @@ def test_a_rig_that_cannot_start_fails_every_scenario_and_passes_none(
                     'kind = "netns"\n')  # fmt: skip
     result = HilRun(
         _Api(), "http://127.0.0.1:9", rig, model="clf", version="1.1.0",  # type: ignore[arg-type]
-        scenarios=["rollout", "power-loss"], state_dir=tmp_path / "s", work_dir=tmp_path / "w",
+        scenarios=["rollout", "bad-version"], state_dir=tmp_path / "s", work_dir=tmp_path / "w",
     ).run()  # fmt: skip
     assert not result.passed and result.config_error
     assert "needs root" in (result.error or "")
     assert [c.status for s in result.scenarios for c in s.cases] == ["failed", "failed"]
+
+
+def test_a_scenario_asked_for_by_name_that_the_rig_cannot_run_is_an_error_not_a_skip(
+    tmp_path: Path,
+) -> None:
+    rig = parse_rig('name = "bench"\n[[devices]]\nid = "dev-1"\nprofile = "x86-64-avx2"\n'
+                    'kind = "local"\n')  # fmt: skip
+    result = HilRun(
+        _Api(), "http://127.0.0.1:9", rig, model="clf", version="1.1.0",  # type: ignore[arg-type]
+        scenarios=["broker-restart"], state_dir=tmp_path / "s", work_dir=tmp_path / "w",
+    ).run()  # fmt: skip
+    assert result.config_error and not result.passed
+    assert result.error is not None
+    assert "scenario 'broker-restart' cannot run here: needs a baseline version" in result.error
+    assert not (tmp_path / "s").exists()  # nothing was started
