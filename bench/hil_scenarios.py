@@ -68,13 +68,60 @@ def run_rig(kind: str, root: Path) -> RunResult:
             if kind == "qemu-aarch64":
                 scenarios = ["rollout"]
         try:
-            return HilRun(
+            result = HilRun(
                 api, stack.url, rig, model="clf", version="1.1.0", scenarios=scenarios,
                 state_dir=root / "rig", restart_broker=restart, work_dir=root / "work",
             ).run()  # fmt: skip
         finally:
             if sshd is not None:
                 sshd.stop()
+        if kind == "qemu-aarch64":
+            BARE.update(bare_litert(root / "work"))
+        return result
+
+
+#: The bare LiteRT call on the qemu rig's artifact: {"x86": ms, "qemu-aarch64": ms}.
+BARE: dict[str, float] = {}
+TIMING = """
+import statistics, sys, time
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+it = Interpreter(model_path=sys.argv[1], num_threads=1)
+it.allocate_tensors()
+inp = it.get_input_details()[0]
+it.resize_tensor_input(inp["index"], [4, 16]); it.allocate_tensors()
+x = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
+times = []
+for _ in range(200):
+    t = time.perf_counter()
+    it.set_tensor(inp["index"], x)
+    it.invoke()
+    times.append(time.perf_counter() - t)
+print(statistics.median(times) * 1000)
+"""
+
+
+def bare_litert(work: Path) -> dict[str, float]:
+    """The same .tflite, a batch of 4, one thread: LiteRT on x86 and under qemu-aarch64."""
+    import subprocess
+
+    from hil.devices.qemu import Arm64Root, default_root
+
+    found = sorted(work.glob("bundles/*/model/*.tflite"))
+    if not found:
+        return {}
+    arm = Arm64Root(default_root())
+    out = {}
+    for name, cmd, env in (
+        ("x86", [sys.executable], {}),
+        ("qemu-aarch64", [*arm.command("cortex-a72"), str(arm.python)],
+         {"PYTHONPATH": "/opt/site", "PYTHONNOUSERSITE": "1"}),
+    ):  # fmt: skip
+        done = subprocess.run([*cmd, "-c", TIMING, str(found[0])], capture_output=True,
+                              text=True, env={**os.environ, **env}, timeout=600)  # fmt: skip
+        if done.returncode == 0:
+            out[name] = round(float(done.stdout.strip().splitlines()[-1]), 4)
+    return out
 
 
 def main() -> int:
@@ -107,11 +154,18 @@ def main() -> int:
     kinds = list(durations)
     print(f"\n{'scenario':16}" + "".join(f"{k:>14}" for k in kinds))
     for name in names:
-        cells = "".join(f"{durations[k].get(name, float('nan')):>13.1f}s" for k in kinds)
+        cells = "".join(
+            f"{durations[k][name]:>13.1f}s" if name in durations[k] else f"{'-':>14}" for k in kinds
+        )
         print(f"{name:16}{cells}")
     print(
         f"{'verdict':16}" + "".join(f"{'passed' if verdicts[k] else 'FAILED':>14}" for k in kinds)
     )
+    if BARE:
+        print("\nint8 TFLite, the same artifact, bare LiteRT invoke (batch 4, 1 thread), median "
+              "ms: " + ", ".join(f"{k}: {v}" for k, v in BARE.items())
+              + (f" ({BARE['qemu-aarch64'] / BARE['x86']:.0f}x under emulation)"
+                 if len(BARE) == 2 else ""))  # fmt: skip
     if latency:
         print("\nint8 TFLite predict, median ms: "
               + ", ".join(f"{d}: {ms}" for d, ms in latency.items()))  # fmt: skip
@@ -121,7 +175,7 @@ def main() -> int:
     print("\nsummary: " + ", ".join(f"{k} {total[k]} s ({'passed' if verdicts[k] else 'FAILED'})"
                                     for k in kinds))  # fmt: skip
     print(json.dumps({"durations_s": durations, "passed": verdicts,
-                      "qemu_int8_latency_ms": latency}))  # fmt: skip
+                      "qemu_int8_latency_ms": latency, "bare_litert_int8_ms": BARE}))  # fmt: skip
     return 0 if all(verdicts.values()) else 1
 
 
