@@ -69,7 +69,8 @@ def junit(result: RunResult) -> bytes:
         if case.log_excerpt:
             ET.SubElement(element, "system-out").text = case.log_excerpt
     ET.indent(suite)
-    return ET.tostring(suite, encoding="utf-8", xml_declaration=True)
+    out: bytes = ET.tostring(suite, encoding="utf-8", xml_declaration=True)
+    return out
 
 
 def latency_png(result: RunResult) -> bytes | None:

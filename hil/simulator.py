@@ -20,6 +20,7 @@ devices are 10,000 sockets and one thread, not 10,000 threads.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import heapq
 import logging
@@ -282,6 +283,15 @@ class FleetSimulator:
                         device.client.loop_misc()
 
     # --- the connection --------------------------------------------------------------------------
+    def _watch(self, client: mqtt.Client, sock: Any, *, write: bool, new: bool = False) -> None:
+        """paho's external-loop callbacks: which of a client's socket events the loop waits
+        for."""
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if write else 0)
+        if new:
+            self._selector.register(sock, events, client)
+        else:
+            self._selector.modify(sock, events, client)
+
     def _connect(self, device: SimulatedDevice) -> None:
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=device.device_id, protocol=mqtt.MQTTv5
@@ -291,17 +301,11 @@ class FleetSimulator:
         client.will_set(topics.online, OFFLINE, qos=1, retain=True)
         client.on_connect = lambda c, u, f, rc, p: self._connected(device, rc)
         client.on_message = lambda c, u, m: self._message(device, m)
-        client.on_socket_open = lambda c, u, sock: self._selector.register(
-            sock, selectors.EVENT_READ, c
-        )
+        client.on_socket_open = lambda c, u, sock: self._watch(c, sock, write=False, new=True)
         client.on_socket_close = lambda c, u, sock: self._unregister(sock)
-        client.on_socket_register_write = lambda c, u, sock: self._selector.modify(
-            sock, selectors.EVENT_READ | selectors.EVENT_WRITE, c
-        )
-        client.on_socket_unregister_write = lambda c, u, sock: self._selector.modify(
-            sock, selectors.EVENT_READ, c
-        )
-        props = Properties(PacketTypes.CONNECT)
+        client.on_socket_register_write = lambda c, u, sock: self._watch(c, sock, write=True)
+        client.on_socket_unregister_write = lambda c, u, sock: self._watch(c, sock, write=False)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 3600
         device.client = client
         client.connect(self.host, self.port, keepalive=60, clean_start=False, properties=props)
@@ -464,7 +468,7 @@ class FleetSimulator:
         devices = [d for d in self.devices.values() if d.connected]
         for i, device in enumerate(devices):
             self.schedule(self.status_interval_s * i / max(1, len(devices)),
-                          lambda d=device: self._report(d))  # fmt: skip
+                          functools.partial(self._report, device))  # fmt: skip
         self.schedule(self.status_interval_s, self._status_round)
 
     # --- telemetry -------------------------------------------------------------------------------
