@@ -119,7 +119,8 @@ def run(
     finally:
         lock.release()
     paths = write_reports(result, out)
-    _print(result)
+    if result.error is None:  # else every row would repeat the one reason
+        _print(result)
     console.print(f"junit: {paths['junit']}\nreport: {paths['html']}")
     if result.error is not None:
         err_console.print(f"error: {result.error}")
@@ -129,11 +130,13 @@ def run(
 
 def _print(result: RunResult) -> None:
     table = Table(title=f"HIL {result.rig.name}: {result.model} {result.version}")
-    for column in ("scenario", "device", "verdict", "why"):
+    for column in ("scenario", "device", "verdict", "why / evidence"):
         table.add_column(column)
     for s in result.scenarios:
         for c in s.cases:
-            table.add_row(s.name, c.device, c.status, (c.messages or [""])[0][:120])
+            # A failure or a skip says why; a pass shows its last piece of evidence.
+            detail = c.messages[0] if c.messages else (c.evidence[-1] if c.evidence else "")
+            table.add_row(s.name, c.device, c.status, detail[:120])
     console.print(table)
     console.print("passed" if result.passed else "FAILED")
 

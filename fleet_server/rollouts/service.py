@@ -26,7 +26,7 @@ from fleet_server.devices.service import list_devices, resolve_targets
 from fleet_server.devices.tables import BundleGrant, Device
 from fleet_server.errors import ConflictError, InvalidInputError, NotFoundError
 from fleet_server.hil import service as hil_service
-from fleet_server.hil.tables import RIG_LABEL
+from fleet_server.hil.tables import OPEN_STATES, RIG_LABEL
 from fleet_server.keys.service import FleetSigner
 from fleet_server.registry.service import get_version, version_by_id
 from fleet_server.registry.tables import MLModel, ModelVersion
@@ -344,6 +344,7 @@ def describe(
         ).all()
     )
     devices = device_rows(session, [t.device_id for t in targets])
+    job = hil_service.job_for_rollout(session, rollout.id)
     bundles = {
         b.sha256: b
         for b in session.exec(
@@ -414,13 +415,13 @@ def describe(
         superseded_by=rollout.superseded_by,
         activated_at=aware(rollout.activated_at) if rollout.activated_at else None,
         counts=counts,
-        stages=_stages(rollout, plan, views, stage_of),
+        stages=_stages(
+            rollout, plan, views, stage_of, job is not None and job.state in OPEN_STATES
+        ),
         gates=gates,
         targets=statuses,
         events=events,
-        hil=hil_service.public(job)
-        if (job := hil_service.job_for_rollout(session, rollout.id))
-        else None,
+        hil=hil_service.public(job) if job is not None else None,
     )
 
 
@@ -448,6 +449,7 @@ def _stages(
     plan: dict[str, Any],
     views: list[TargetView],
     stage_of: dict[str, int],
+    hil_open: bool = False,
 ) -> list[StageStatus]:
     stages = [float(p) for p in plan.get("stages") or [100.0]]
     out = []
@@ -461,6 +463,8 @@ def _stages(
             state = "passed"
         elif i > rollout.stage:
             state = "pending"
+        elif rollout.state == RolloutState.IN_PROGRESS and hil_open:
+            state = "waiting_for_hil"  # no device of the stage is notified before the rig passed
         elif rollout.state == RolloutState.IN_PROGRESS:
             state = "baking" if rollout.stage_settled_at is not None else "running"
         else:

@@ -222,7 +222,7 @@ class StageStatus(BaseModel):
     percent: float
     #: targeted / notified / downloading / staged / active / failed / rolled_back / timed_out …
     counts: dict[str, int]
-    state: str  # pending / running / baking / passed / breached
+    state: str  # pending / waiting_for_hil / running / baking / passed / breached
 
 
 class RolloutPublic(BaseModel):

@@ -208,6 +208,7 @@ def test_a_rollout_waits_for_its_rig_and_a_failing_rig_never_reaches_the_fleet(
             "hil": {"rig": f"bench-{uid}", "scenarios": ["rollout"], "timeout_s": 300},
         })  # fmt: skip
         assert bad["state"] == "in_progress" and bad["hil"]["state"] == "pending"
+        assert bad["stages"][0]["state"] == "waiting_for_hil"
         assert sorted(t["device_id"] for t in bad["targets"]) == fleet  # not the rig's device
         run = _cli(stack, *runner_args)
         out = run.communicate(timeout=240)[0]
