@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import re
+import struct
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +31,27 @@ from dataclasses import dataclass
 __all__ = ["Relay"]
 
 CHUNK = 16 * 1024
+#: The longest the relay waits for the device to acknowledge what it was sent before a
+#: progress callback fires.
+DRAIN_S = 5.0
+
+
+async def _acknowledged(writer: asyncio.StreamWriter, timeout_s: float) -> None:
+    """Until every byte written to the peer has been acknowledged by it (Linux: the socket's
+    send queue, SIOCOUTQ, is empty), or ``timeout_s``."""
+    await writer.drain()
+    sock = writer.get_extra_info("socket")
+    deadline = time.monotonic() + timeout_s
+    while sock is not None and time.monotonic() < deadline:
+        try:
+            unacked = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))
+        except OSError:
+            return
+        if unacked[0] == 0:
+            return
+        await asyncio.sleep(0.01)
+
+
 CONTENT_LENGTH = re.compile(rb"\r\ncontent-length: *(\d+)", re.IGNORECASE)
 #: The body byte a tampering relay flips (past the tar's first header block: the manifest).
 TAMPER_OFFSET = 700
@@ -60,7 +84,8 @@ class Relay:
         self.listen_host = listen_host
         self.tamper_bundles = False
         #: (share, callback): called once, from the relay's thread, when a bundle body has
-        #: passed that share of its Content-Length (a fault injected mid-download).
+        #: passed that share of its Content-Length and the device has acknowledged that part
+        #: (a fault injected mid-download).
         self.on_bundle_progress: tuple[float, Callable[[], None]] | None = None
         #: Bundle bodies the relay changed (evidence for the scenario).
         self.tampered = 0
@@ -165,17 +190,28 @@ class Relay:
                 if not upstream and self.tamper_bundles and bundle_request.is_set():
                     data, body_seen = self._tamper(data, body_seen)
                 if not upstream and bundle_request.is_set() and self.on_bundle_progress:
+                    start = 0  # where this chunk's body bytes begin
                     if not body_length and (m := CONTENT_LENGTH.search(data)):
                         body_length = int(m.group(1))
-                        body_passed = len(data) - data.find(b"\r\n\r\n") - 4
-                    else:
-                        body_passed += len(data)
+                        start = data.find(b"\r\n\r\n") + 4
                     share, callback = self.on_bundle_progress
-                    if body_length and body_passed >= share * body_length:
+                    # The device is cut off at exactly this body byte, at least two of its
+                    # reads in (16 KiB each): a read that is still short when the link goes
+                    # returns nothing, and the device would hold nothing to resume from.
+                    at = min(body_length - 1, max(int(share * body_length), 2 * CHUNK))
+                    end = body_passed + len(data) - start
+                    if body_length and end >= at:
+                        split = start + (at - body_passed)
                         self.on_bundle_progress = None
+                        writer.write(data[:split])
+                        # Hold the rest until the device has acknowledged what it was sent:
+                        # a link cut drops what is still queued on this side.
+                        await _acknowledged(writer, DRAIN_S)
                         callback()
                         if not self._up:
                             break
+                        data = data[split:]
+                    body_passed = end
                 shape = self._shape
                 if shape.delay_s:
                     await asyncio.sleep(shape.delay_s)
