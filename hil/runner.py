@@ -13,10 +13,12 @@ and the rig torn down whatever happens; :mod:`hil.report` writes ``junit.xml`` a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import re
 import secrets
+import shutil
 import time
 import traceback
 from collections.abc import Callable
@@ -154,6 +156,8 @@ class HilRun:
             for i, spec in enumerate(rig.devices)
         ]
         self._onnx: dict[str, Path] = {}
+        self._manifests: dict[str, dict[str, Any]] = {}
+        self._bad: str | None = None
         #: Tags the versions this run uploads (copies no device has had).
         self.run_id = secrets.token_hex(3)
 
@@ -250,8 +254,6 @@ class HilRun:
             known = self._known_to_server(device.id)
             if device.enrolled() and (not known or mqtt is None):
                 # State from another server (or a wiped one): start this device afresh.
-                import shutil
-
                 shutil.rmtree(device.state_dir, ignore_errors=True)
                 device.prepare()
             if device.enrolled():
@@ -332,7 +334,9 @@ class HilRun:
             return ScenarioResult(scenario.name, scenario.summary, 0.0, [
                 CaseResult(d.id, "skipped", [why_not]) for d in self.devices
             ])  # fmt: skip
-        ctx = Context(**{**base.__dict__, "failures": {}, "evidence": {}, "rollouts": []})
+        # Evidence, rollouts and latencies of this scenario alone (its figures join the run's
+        # at the end).
+        ctx = dataclasses.replace(base, failures={}, evidence={}, rollouts=[], latencies=[])
         offsets = {d.id: len(d.logs()) for d in self.devices}
         started, wall = time.monotonic(), time.time()
         log.info("HIL %s: scenario %s", self.rig.name, scenario.name)
@@ -353,7 +357,6 @@ class HilRun:
                     device.start()
                     device.wait_ready(120)
         base.latencies.extend(ctx.latencies)
-        base._bad = ctx._bad
         cases = []
         for device in self.devices:
             text = device.logs()[offsets[device.id] :]
@@ -402,29 +405,38 @@ class HilRun:
                 feeds[item["name"]] = rng.integers(0, 4, shape).astype(dtype)
         return feeds
 
-    def _describe(self, device: RigDevice) -> str:
+    def _active_manifest(self, device: RigDevice) -> dict[str, Any] | None:
+        """The manifest of the bundle the device reports active (manifests cached by digest:
+        a bundle never changes), or None before it has reported one."""
         try:
             d = self.api.get(f"/v1/devices/{device.id}")
-            active = d["reported"]["slots"][self.model]["active"]
-            manifest = self.api.get(f"/v1/bundles/{active['bundle_sha256']}/manifest")
-            return (f"{manifest['runtime']['name']} {manifest['precision']} "
-                    f"({manifest['artifact']}, bundle {active['bundle_sha256'][:12]})")  # fmt: skip
+            sha = d["reported"]["slots"][self.model]["active"]["bundle_sha256"]
         except (ApiError, KeyError, TypeError):
+            return None
+        if sha not in self._manifests:
+            self._manifests[sha] = {**self.api.get(f"/v1/bundles/{sha}/manifest"), "sha": sha}
+        return self._manifests[sha]
+
+    def _describe(self, device: RigDevice) -> str:
+        m = self._active_manifest(device)
+        if m is None:
             return "(unknown: no report yet)"
+        return (f"{m['runtime']['name']} {m['precision']} "
+                f"({m['artifact']}, bundle {m['sha'][:12]})")  # fmt: skip
 
     def _tolerance(self, version: str, device: RigDevice) -> dict[str, float | None]:
-        profile = default_catalog().get(device.spec.profile)
-        precision = "fp32"
-        with contextlib.suppress(Exception):
-            d = self.api.get(f"/v1/devices/{device.id}")
-            active = d["reported"]["slots"][self.model]["active"]
-            manifest = self.api.get(f"/v1/bundles/{active['bundle_sha256']}/manifest")
-            precision = manifest.get("precision", precision)
-        limits = profile.parity.for_precision(precision)
-        return limits
+        m = self._active_manifest(device)
+        precision = str(m.get("precision", "fp32")) if m else "fp32"
+        return default_catalog().get(device.spec.profile).parity.for_precision(precision)
 
     def _make_bad_version(self) -> str:
-        """The candidate with every float output multiplied by NaN, uploaded beside it."""
+        """The candidate with every float output multiplied by NaN, uploaded beside it (once
+        a run; an earlier run's upload is used as it is)."""
+        if self._bad is None:
+            self._bad = self._upload_bad_version()
+        return self._bad
+
+    def _upload_bad_version(self) -> str:
         import onnx
         from onnx import TensorProto, helper
 

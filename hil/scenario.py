@@ -96,7 +96,6 @@ class Context:
     #: (device id, version, milliseconds) of the predict calls the scenario made.
     latencies: list[tuple[str, str, float]] = field(default_factory=list)
     rollouts: list[str] = field(default_factory=list)
-    _bad: str | None = None
     make_bad_version: Callable[[], str] | None = None
     make_copy: Callable[[str], str] | None = None
     #: The device's own artifact run on this host in the same runtime (LiteRT on x86 for an
@@ -262,10 +261,8 @@ class Context:
 
     def bad_version(self) -> str:
         """A version of the candidate that emits NaN (made once, on the server)."""
-        if self._bad is None:
-            assert self.make_bad_version is not None
-            self._bad = self.make_bad_version()
-        return self._bad
+        assert self.make_bad_version is not None
+        return self.make_bad_version()
 
     def fresh_copy(self, tag: str) -> str:
         """The candidate's model under a version no device has had (``V+hil.<run>.<tag>``):

@@ -466,7 +466,7 @@ class RolloutEngine:
             hil_service.expire(session, now, rig=job.rig)
         if job.state in OPEN_STATES:
             session.add(rollout)
-            return {}  # the rig is at work (or waits for its runner)
+            return {}  # no document to publish: the rig is at work (or waits for its runner)
         public = hil_service.public(job)
         links = {"job_id": job.id, "rig": job.rig, "state": job.state,
                  "report_url": public.report_url, "junit_url": public.junit_url}  # fmt: skip
