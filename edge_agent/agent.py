@@ -23,6 +23,7 @@ from edge_agent.protocol.desired import SignedDesiredState
 from edge_agent.protocol.status import Refusal, ReportedStatus, SlotStatus, Transition
 from edge_agent.runtimes import LoadOptions, available_runtimes
 from edge_agent.serving import (
+    FeedbackStore,
     InferenceHTTPServer,
     InferenceUnixServer,
     SlotTable,
@@ -61,6 +62,11 @@ class Agent:
                 providers = tuple(spec.providers)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.table = SlotTable()
+        if config.feedback.enabled:
+            f = config.feedback
+            self.table.feedback = FeedbackStore(
+                capacity=f.capacity, max_age_s=f.max_age_s, max_labels_per_s=f.max_labels_per_s
+            )
         self.journal = Journal(config.state_dir / "journal.json")
         self.telemetry: TelemetryReporter | None = None
         if config.telemetry.enabled:
@@ -80,8 +86,11 @@ class Agent:
                 ),
                 publish=self._publish_telemetry,
                 rollout_of=self._rollout_of,
+                labels=self.table.feedback,
             )
             self.table.on_serving = self.telemetry.track
+            if self.table.feedback is not None:
+                self.table.feedback.persist = self.telemetry.persist
             self.table.collectors.append(OutboxCollector(self.telemetry.outbox))
         self.store = ModelStore(config.state_dir)
         self.deployer = Deployer(

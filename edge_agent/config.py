@@ -136,6 +136,18 @@ class TelemetryConfig(_Section):
     resend_after_s: float = Field(default=30.0, gt=0)
 
 
+class FeedbackConfig(_Section):
+    """Request ids and kept answers, for labels applications send back (``:feedback``)."""
+
+    enabled: bool = True
+    #: Requests whose answers are kept for a label, at most (~150 bytes each).
+    capacity: int = Field(default=100_000, ge=1, le=10_000_000)
+    #: A label for an older request counts as late.
+    max_age_s: float = Field(default=24 * 3600, gt=0)
+    #: Labels accepted a second (bursts of ten seconds' worth); more: 429.
+    max_labels_per_s: float = Field(default=1000.0, gt=0)
+
+
 class AgentConfig(_Section):
     device_id: str = Field(pattern=DEVICE_ID_PATTERN)
     profile: str
@@ -149,6 +161,7 @@ class AgentConfig(_Section):
     probation: ProbationPolicy = ProbationPolicy()
     reporting: ReportingConfig = ReportingConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
 
     @classmethod
     def load(cls, path: Path) -> AgentConfig:

@@ -126,9 +126,18 @@ class SlotFigures(_Message):
     sample_rate: float = Field(default=0.0, ge=0, le=1)
     inputs: dict[str, TensorCounts] = Field(default_factory=dict, max_length=MAX_TENSORS)
     outputs: dict[str, TensorCounts] = Field(default_factory=dict, max_length=MAX_TENSORS)
+    #: Ground truth from the field, in the interval the labels arrived (they often come long
+    #: after the prediction): predictions (rows) of this version that got a label, how many
+    #: of them were right, and labels for this slot that found no kept prediction (unknown
+    #: or expired request ids).
+    labelled: int = Field(default=0, ge=0, le=MAX_SEQ)
+    correct: int = Field(default=0, ge=0, le=MAX_SEQ)
+    late: int = Field(default=0, ge=0, le=MAX_SEQ)
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
+        if self.correct > self.labelled:
+            raise ValueError("correct predictions cannot exceed labelled ones")
         if self.errors > self.requests or self.nonfinite > self.requests:
             raise ValueError("errors and NaN/inf responses cannot exceed requests")
         if self.sampled > self.requests:

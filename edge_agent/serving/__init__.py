@@ -4,12 +4,14 @@ table.py    slot → loaded model; atomic swap; in-flight requests finish on the
 predict.py  the in-process request path, counted per model
 stats.py    per-model counters (requests, errors, NaN/inf, latency) that probation reads
 shadow.py   a candidate running beside the active model on sampled requests
+feedback.py request ids, answers kept for labels, labels joined and counted
 http.py     the local HTTP/1.1 and Unix-socket API
 codec.py    the API's tensor encodings (shared with the client)
 metrics.py  the agent's Prometheus metrics (GET /metrics), read at scrape time
 client.py   a small Python client for the local API
 """
 
+from edge_agent.serving.feedback import FeedbackStore
 from edge_agent.serving.http import (
     MAX_BODY_BYTES,
     InferenceHTTPServer,
@@ -23,6 +25,7 @@ from edge_agent.serving.table import ServingModel, SlotTable
 
 __all__ = [
     "MAX_BODY_BYTES",
+    "FeedbackStore",
     "InferenceHTTPServer",
     "InferenceUnixServer",
     "ModelStats",

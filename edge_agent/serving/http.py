@@ -2,8 +2,11 @@
 
 Routes: ``GET /healthz``, ``GET /readyz``, ``GET /metrics`` (Prometheus), ``GET /v1/models``,
 ``GET /v1/models/{name}``,
-``POST /v1/models/{name}:predict`` (encodings in :mod:`edge_agent.serving.codec`). Errors are
-JSON ``{"error": {"code", "message", "detail"}}``; a model that fails a request answers 500.
+``POST /v1/models/{name}:predict`` (encodings in :mod:`edge_agent.serving.codec`; the answer
+carries ``X-Edgefleet-Request-Id``, and ``request_id`` in JSON), ``POST
+/v1/models/{name}:feedback`` (labels for earlier answers, :mod:`edge_agent.serving.feedback`).
+Errors are JSON ``{"error": {"code", "message", "detail"}}``; a model that fails a request
+answers 500.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 from edge_agent import __version__
 from edge_agent.contracts.errors import ConfigError, EdgefleetError, RequestError
 from edge_agent.serving import codec, metrics
+from edge_agent.serving.feedback import parse_feedback
 from edge_agent.serving.predict import predict
 from edge_agent.serving.table import SlotTable
 
@@ -32,6 +36,8 @@ log = logging.getLogger(__name__)
 
 #: Largest request body the local API accepts.
 MAX_BODY_BYTES = 256 << 20
+#: Largest feedback body (10,000 labels with their ids fit in well under 1 MiB).
+MAX_FEEDBACK_BYTES = 4 << 20
 
 
 #: Limits on a request's head, as the standard library's parser has them.
@@ -186,21 +192,26 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "not_found", f"no route {self.path}")
 
     def do_POST(self) -> None:
-        prefix, suffix = "/v1/models/", ":predict"
-        if not (self.path.startswith(prefix) and self.path.endswith(suffix)):
+        prefix = "/v1/models/"
+        suffix = next((s for s in (":predict", ":feedback") if self.path.endswith(s)), None)
+        if not self.path.startswith(prefix) or suffix is None:
             self._error(404, "not_found", f"no route {self.path}")
             return
         name = self.path[len(prefix) : -len(suffix)]
+        limit = MAX_BODY_BYTES if suffix == ":predict" else MAX_FEEDBACK_BYTES
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             self.close_connection = True  # whatever body follows cannot be skipped
             self._error(411, "length_required", "send a Content-Length header")
             return
-        if int(length) > MAX_BODY_BYTES:
+        if int(length) > limit:
             self.close_connection = True
-            self._error(413, "too_large", f"request body over {MAX_BODY_BYTES} bytes")
+            self._error(413, "too_large", f"request body over {limit} bytes")
             return
         body = self.rfile.read(int(length))
+        if suffix == ":feedback":
+            self._feedback(name, body)
+            return
         content_type = (self.headers.get("Content-Type") or codec.JSON).split(";")[0].strip()
         try:
             feeds, out_encoding = self._decode(name, body, content_type)
@@ -223,6 +234,8 @@ class _Handler(BaseHTTPRequestHandler):
             "X-Edgefleet-Version": result.ref.version,
             "X-Edgefleet-Latency-Ms": f"{result.latency_ms:.3f}",
         }
+        if result.request_id is not None:
+            headers["X-Edgefleet-Request-Id"] = result.request_id
         accept = self.headers.get("Accept", "")
         if codec.TENSOR in accept and len(result.outputs) == 1:
             [(out_name, out)] = result.outputs.items()
@@ -237,18 +250,64 @@ class _Handler(BaseHTTPRequestHandler):
         elif codec.NPZ in accept or (content_type == codec.NPZ and codec.JSON not in accept):
             self._send(200, codec.encode_npz(result.outputs), codec.NPZ, headers)
         else:
-            self._json(
-                200,
-                {
-                    "model": result.ref.model,
-                    "version": result.ref.version,
-                    "outputs": {
-                        k: codec.encode_json_value(v, out_encoding)
-                        for k, v in result.outputs.items()
-                    },
+            answer: dict[str, Any] = {
+                "model": result.ref.model,
+                "version": result.ref.version,
+                "outputs": {
+                    k: codec.encode_json_value(v, out_encoding) for k, v in result.outputs.items()
                 },
-                headers,
+            }
+            if result.request_id is not None:
+                answer["request_id"] = result.request_id
+            self._json(200, answer, headers)
+
+    def _feedback(self, name: str, body: bytes) -> None:
+        """Labels for earlier answers: checked whole, counted, made durable, then answered."""
+        table = self.server.table
+        store = table.feedback
+        if store is None:
+            self._error(404, "feedback_off", "this agent keeps no predictions for labels")
+            return
+        slot = table.resolve(name)
+        serving = table.snapshot().get(slot) if slot is not None else None
+        if slot is None or serving is None:
+            self._error(404, "model_not_found", f"no model or slot named {name!r} is serving")
+            return
+        if serving.classes is None:
+            self._error(
+                422,
+                "no_class_output",
+                f"{serving.ref.model} {serving.ref.version} has no class output to label "
+                "(labels are class indices of a classifier-like output)",
             )
+            return
+        try:
+            labels = parse_feedback(json.loads(body))
+        except ValueError as e:  # JSONDecodeError is one
+            self._error(400, "bad_json", f"feedback is not JSON: {e}")
+            return
+        except RequestError as e:
+            self._error(422, e.reason, e.message)
+            return
+        try:
+            verdict = store.label(slot, serving.ref, labels, serving.classes[1])
+        except RequestError as e:
+            if e.reason == "too_many_labels":
+                self._json(
+                    429,
+                    {"error": {"code": e.reason, "message": e.message, "detail": None}},
+                    {"Retry-After": "1"},
+                )
+            else:
+                self._error(422, e.reason, e.message)
+            return
+        try:
+            store.persist()
+        except OSError as e:
+            log.error("feedback counted but not yet durable: %s", e)
+            self._error(503, "not_durable", f"labels counted, not yet on disk: {e}")
+            return
+        self._json(200, verdict.to_json())
 
     def _decode(
         self, name: str, body: bytes, content_type: str

@@ -87,6 +87,7 @@ def render(table: SlotTable) -> bytes:
     """The Prometheus text exposition of ``table``'s models, as of now."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_SlotCollector(table))
-    for collector in table.collectors:
+    extra = [table.feedback.collector()] if table.feedback is not None else []
+    for collector in [*table.collectors, *extra]:
         registry.register(collector)
     return generate_latest(registry)

@@ -26,6 +26,8 @@ class Prediction:
     outputs: dict[str, np.ndarray]
     ref: VersionRef
     latency_ms: float
+    #: The id a label from the application names (None: feedback is off).
+    request_id: str | None = None
 
 
 def predict(table: SlotTable, name: str, feeds: dict[str, np.ndarray]) -> Prediction:
@@ -35,10 +37,18 @@ def predict(table: SlotTable, name: str, feeds: dict[str, np.ndarray]) -> Predic
         result = run_counted(serving, feeds, serving.stats)
     finally:
         serving._release()
+    feedback = table.feedback
+    request_id = None
+    if feedback is not None:
+        request_id = feedback.new_id()
+        top1 = serving.top1(result.outputs)
+        if top1 is not None and serving.slot is not None:
+            feedback.keep(request_id, serving.slot, "active", serving.ref, top1)
+        result = Prediction(result.outputs, result.ref, result.latency_ms, request_id)
     if table._shadows:
         slot = table.resolve(name)
         if slot is not None:
-            table.offer_shadow(slot, feeds, result.outputs, result.latency_ms)
+            table.offer_shadow(slot, feeds, result.outputs, result.latency_ms, request_id)
     return result
 
 

@@ -15,6 +15,7 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -84,10 +85,16 @@ def compare(
             stats.compared_rows += a.shape[0]
 
 
+#: Told of each answer a shadow gave to a request with an id: (request id, shadow slot,
+#: the shadow's model, its outputs).
+OnAnswer = Callable[[str, str, "ServingModel", dict[str, np.ndarray]], None]
+
+
 class ShadowRunner:
-    def __init__(self) -> None:
+    def __init__(self, on_answer: OnAnswer | None = None) -> None:
+        self._on_answer = on_answer
         self._queue: queue.Queue[
-            tuple[Shadow, dict[str, np.ndarray], dict[str, np.ndarray], float]
+            tuple[Shadow, dict[str, np.ndarray], dict[str, np.ndarray], float, str | None]
         ] = queue.Queue(QUEUE_SIZE)
         self._thread = threading.Thread(target=self._work, name="edge-agent-shadow", daemon=True)
         self._thread.start()
@@ -98,11 +105,12 @@ class ShadowRunner:
         feeds: dict[str, np.ndarray],
         outputs: dict[str, np.ndarray],
         active_ms: float,
+        request_id: str | None = None,
     ) -> None:
         if random.random() >= shadow.sample_rate:
             return
         try:
-            self._queue.put_nowait((shadow, feeds, outputs, active_ms))
+            self._queue.put_nowait((shadow, feeds, outputs, active_ms, request_id))
         except queue.Full:
             with shadow.lock:
                 shadow.stats.dropped += 1
@@ -115,7 +123,7 @@ class ShadowRunner:
 
     def _work(self) -> None:
         while True:
-            shadow, feeds, outputs, active_ms = self._queue.get()
+            shadow, feeds, outputs, active_ms, request_id = self._queue.get()
             try:
                 start = time.perf_counter()
                 try:
@@ -136,6 +144,8 @@ class ShadowRunner:
                     st.active_ms.append(active_ms)
                     st.shadow_ms.append(shadow_ms)
                     compare(st, outputs, result)
+                if request_id is not None and self._on_answer is not None:
+                    self._on_answer(request_id, shadow.slot, shadow.serving, result)
             except Exception:  # the shadow must never take the agent down
                 log.exception("shadow run failed")
             finally:

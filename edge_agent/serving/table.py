@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 from edge_agent.bundle import Manifest
 from edge_agent.protocol.status import VersionRef
 from edge_agent.runtimes import LoadedModel
+from edge_agent.serving.feedback import MAX_ROWS_KEPT, FeedbackStore, class_output
 from edge_agent.serving.shadow import Shadow, ShadowRunner
 from edge_agent.serving.stats import ModelStats
 from edge_agent.telemetry.drift import Baseline
@@ -46,6 +47,12 @@ class ServingModel:
         #: Latency sketch and drift counts of live requests, for fleet telemetry (recording
         #: starts when a telemetry reporter tracks the model).
         self.telemetry = ModelTelemetry(baseline, enabled=False)
+        #: The output whose top-1 class is the answer, and its classes (labels join to it).
+        self.classes = class_output(
+            manifest, {k: d.kind for k, d in (baseline.outputs if baseline else {}).items()}
+        )
+        #: The slot it serves (set when it starts serving one).
+        self.slot: str | None = None
         self._in_flight = 0
         self._retired = False
         self._lock = threading.Lock()
@@ -78,6 +85,20 @@ class ServingModel:
             if self._in_flight == 0:
                 self.model.close()
 
+    def top1(self, outputs: dict[str, np.ndarray]) -> np.ndarray | None:
+        """The class of each row of the answer, when it has a class output and few rows."""
+        if self.classes is None:
+            return None
+        name, classes = self.classes
+        out = outputs.get(name)
+        if out is None or out.ndim == 0 or out.shape[-1] != classes:
+            return None
+        rows = out.reshape(-1, classes)
+        if rows.shape[0] > MAX_ROWS_KEPT:
+            return None
+        top: np.ndarray = rows.argmax(axis=1).astype(np.int32)
+        return top
+
     def describe(self) -> dict[str, Any]:
         return {
             "model": self.ref.model,
@@ -104,6 +125,8 @@ class SlotTable:
         self.on_serving = None
         #: More Prometheus collectors for the local ``/metrics`` (the telemetry outbox's).
         self.collectors: list[Collector] = []
+        #: Request ids and kept answers for labels from applications (None: off).
+        self.feedback: FeedbackStore | None = None
 
     def attach_shadow(
         self, shadow_slot: str, active_slot: str, serving: ServingModel, sample_rate: float
@@ -112,7 +135,7 @@ class SlotTable:
         model it replaces as that slot's shadow."""
         with self._lock:
             if self._runner is None:
-                self._runner = ShadowRunner()
+                self._runner = ShadowRunner(on_answer=self._kept_shadow_answer)
             old = self._shadows.get(active_slot)
             self._shadows[active_slot] = Shadow(shadow_slot, serving, sample_rate)
         if self.on_serving is not None:
@@ -168,10 +191,20 @@ class SlotTable:
         feeds: dict[str, np.ndarray],
         outputs: dict[str, np.ndarray],
         latency_ms: float,
+        request_id: str | None = None,
     ) -> None:
         shadow = self._shadows.get(slot)  # a dict read: no lock on the hot path
         if shadow is not None and self._runner is not None:
-            self._runner.offer(shadow, feeds, outputs, latency_ms)
+            self._runner.offer(shadow, feeds, outputs, latency_ms, request_id)
+
+    def _kept_shadow_answer(
+        self, request_id: str, shadow_slot: str, serving: ServingModel, outputs: dict[str, Any]
+    ) -> None:
+        """A shadow answered a live request: keep its answer for the request's label too."""
+        if self.feedback is not None:
+            top1 = serving.top1(outputs)
+            if top1 is not None:
+                self.feedback.keep(request_id, shadow_slot, "shadow", serving.ref, top1)
 
     def drain_shadows(self) -> None:
         if self._runner is not None:
@@ -180,6 +213,7 @@ class SlotTable:
     def swap(self, slot: str, new: ServingModel, *, retire_old: bool = True) -> ServingModel | None:
         """Make ``new`` serve ``slot`` and return the model it replaced, which is retired
         unless ``retire_old`` is False (probation keeps it loaded to switch back to)."""
+        new.slot = slot
         with self._lock:
             old = self._slots.get(slot)
             self._slots[slot] = new

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, Protocol
@@ -57,6 +57,22 @@ class Counts(Protocol):
 
 class Counters(Protocol):
     def snapshot(self) -> Counts: ...
+
+
+class Labels(Protocol):
+    @property
+    def labelled(self) -> int: ...
+    @property
+    def correct(self) -> int: ...
+    @property
+    def late(self) -> int: ...
+
+
+class LabelSource(Protocol):
+    """Labels joined to kept predictions (``edge_agent.serving.feedback.FeedbackStore``), per
+    (slot, role, model, version, bundle_sha256)."""
+
+    def counts(self, *, reset: bool) -> Mapping[tuple[str, Role, str, str, str], Labels]: ...
 
 
 class Served(Protocol):
@@ -127,6 +143,7 @@ class TelemetryReporter:
         publish: Callable[[bytes], bool],
         rollout_of: Callable[[str, str], str | None] = lambda slot, version: None,
         process: ProcessSampler | None = None,
+        labels: LabelSource | None = None,
     ) -> None:
         self.device_id = device_id
         self.outbox = outbox
@@ -134,7 +151,17 @@ class TelemetryReporter:
         self._publish = publish
         self._rollout_of = rollout_of
         self._process = process or ProcessSampler()
+        self._labels = labels
         self._lock = threading.Lock()
+        #: One cut of the figures at a time (a checkpoint asked for by the feedback route
+        #: must not interleave with the thread's close of the interval: a label would be in
+        #: the closed batch and in the next draft).
+        self._cut = threading.Lock()
+        # Group commit of persist(): callers wait for one checkpoint that began after them.
+        self._persist = threading.Condition()
+        self._persist_asked = 0
+        self._persist_done = 0
+        self._persisting = False
         self._tracked: dict[Served, _Tracked] = {}
         self._sent: dict[int, float] = {}
         self._wake = threading.Event()
@@ -222,23 +249,47 @@ class TelemetryReporter:
     # --- batches ----------------------------------------------------------------------------------
     def checkpoint(self) -> int:
         """Write the interval so far as the outbox's draft."""
-        slots = self._figures(reset=False)
-        process = self._process_figures_peek()
-        end = datetime.now(UTC)
-        return self.outbox.write_draft(
-            lambda seq, floor, dropped: self._batch(seq, floor, dropped, slots, end, process)
-        )
+        with self._cut:
+            slots = self._figures(reset=False)
+            process = self._process_figures_peek()
+            end = datetime.now(UTC)
+            return self.outbox.write_draft(
+                lambda seq, floor, dropped: self._batch(seq, floor, dropped, slots, end, process)
+            )
+
+    def persist(self) -> None:
+        """Return once everything counted before the call is in the outbox (a draft or a
+        batch): labels are acknowledged to the application only then. Concurrent callers
+        share one checkpoint (group commit); raises OSError when the disk refuses."""
+        with self._persist:
+            self._persist_asked += 1
+            ticket = self._persist_asked
+            while self._persist_done < ticket:
+                if self._persisting:
+                    self._persist.wait()
+                    continue
+                self._persisting = True
+                covered = self._persist_asked
+                self._persist.release()
+                try:
+                    self.checkpoint()
+                finally:
+                    self._persist.acquire()
+                    self._persisting = False
+                    self._persist.notify_all()
+                self._persist_done = max(self._persist_done, covered)
 
     def close_interval(self) -> int:
         """Close the interval into a batch in the outbox; returns its sequence."""
-        slots = self._figures(reset=True)
-        process = self._process.sample()
-        end = datetime.now(UTC)
-        seq = self.outbox.close(
-            lambda seq, floor, dropped: self._batch(seq, floor, dropped, slots, end, process)
-        )
-        self._interval_start = end
-        return seq
+        with self._cut:
+            slots = self._figures(reset=True)
+            process = self._process.sample()
+            end = datetime.now(UTC)
+            seq = self.outbox.close(
+                lambda seq, floor, dropped: self._batch(seq, floor, dropped, slots, end, process)
+            )
+            self._interval_start = end
+            return seq
 
     def _batch(
         self,
@@ -266,6 +317,7 @@ class TelemetryReporter:
 
     def _figures(self, *, reset: bool) -> list[SlotFigures]:
         out: list[SlotFigures] = []
+        labels = dict(self._labels.counts(reset=reset)) if self._labels is not None else {}
         with self._lock:
             tracked = list(self._tracked.items())
         for serving, t in tracked:
@@ -281,9 +333,10 @@ class TelemetryReporter:
                 if finished:
                     with self._lock:
                         self._tracked.pop(serving, None)
-            if requests == 0 and (finished or t.role == "shadow"):
-                continue
             ref = serving.ref
+            got = labels.pop((t.slot, t.role, ref.model, ref.version, ref.bundle_sha256), None)
+            if requests == 0 and (finished or t.role == "shadow") and got is None:
+                continue
             out.append(
                 SlotFigures(
                     slot=t.slot,
@@ -302,6 +355,27 @@ class TelemetryReporter:
                     sample_rate=figures.sample_rate,
                     inputs=figures.inputs,
                     outputs=figures.outputs,
+                    labelled=got.labelled if got else 0,
+                    correct=got.correct if got else 0,
+                    late=got.late if got else 0,
+                )
+            )
+        # Labels for versions that no longer serve here (they answered before a swap).
+        for (slot, role, model, version, sha), got in labels.items():
+            out.append(
+                SlotFigures(
+                    slot=slot,
+                    role=role,
+                    model=model,
+                    version=version,
+                    bundle_sha256=sha,
+                    rollout_id=self._rollout_of(slot, version),
+                    requests=0,
+                    errors=0,
+                    nonfinite=0,
+                    labelled=got.labelled,
+                    correct=got.correct,
+                    late=got.late,
                 )
             )
         return out

@@ -114,7 +114,7 @@ def _gates(pairs: list[str] | None) -> dict[str, Any] | None:
                 if value in ("off", "none")
                 else (
                     int(value)
-                    if name in ("min_devices_reporting", "min_requests")
+                    if name in ("min_devices_reporting", "min_requests", "min_labels")
                     else float(value)
                 )
             )

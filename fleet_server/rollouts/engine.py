@@ -71,7 +71,7 @@ from fleet_server.rollouts.progress import (
     target_view,
     view_slot,
 )
-from fleet_server.rollouts.spec import GateSpec, RateSpec, Strategy
+from fleet_server.rollouts.spec import EVIDENCE_SETTINGS, GateSpec, RateSpec, Strategy
 from fleet_server.rollouts.tables import (
     ACTIVE_STATES,
     GateFigure,
@@ -759,7 +759,7 @@ class RolloutEngine:
             gated = any(
                 value is not None
                 for name, value in (plan.get("gates") or {}).items()
-                if name != "min_requests"
+                if name not in EVIDENCE_SETTINGS
             )
             # Failures within a gate's threshold are what the operator allowed; with no gate
             # at all (all at once, as before gates), any failure fails the rollout. Devices

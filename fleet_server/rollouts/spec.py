@@ -26,7 +26,7 @@ Strategies:
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -36,6 +36,8 @@ from fleet_server.devices.selectors import Selector
 from fleet_server.errors import InvalidInputError
 
 __all__ = [
+    "DEFAULT_PREDICTION_SHIFT",
+    "EVIDENCE_SETTINGS",
     "GateSpec",
     "HilStageSpec",
     "RampSpec",
@@ -107,8 +109,28 @@ class GateSpec(RequestBody):
     max_psi: float | None = Field(default=None, gt=0)
     #: Shadow strategy: top-1 agreement of the candidate with the active model.
     min_shadow_agreement: float | None = Field(default=None, ge=0, le=1)
+    #: Canary, A/B and shadow: PSI of the candidate's predictions (top-1 class frequencies,
+    #: or binned output values) against the version it replaces, over the same window and
+    #: profile. On by default (:data:`DEFAULT_PREDICTION_SHIFT`) whenever the previous version
+    #: has predictions in telemetry; ``null`` turns it off.
+    max_prediction_shift: float | None = Field(default=None, gt=0)
+    #: Online accuracy of the candidate (labels applications sent back), at least.
+    min_accuracy: float | None = Field(default=None, ge=0, le=1)
+    #: The previous version's online accuracy minus the candidate's, at most.
+    max_accuracy_drop: float | None = Field(default=None, ge=0, le=1)
     #: Telemetry gates judge a profile only once it served this many requests.
     min_requests: int = Field(default=100, ge=1, le=10**12)
+    #: Accuracy gates judge a version only once this many of its predictions were labelled.
+    min_labels: int = Field(default=100, ge=1, le=10**12)
+
+
+#: PSI above 0.25 is the usual "a shift worth acting on"; an honest retrain that changes a
+#: few percent of top-1 decisions scores ~0.01-0.03, a model that answers one class scores > 2.
+DEFAULT_PREDICTION_SHIFT = 0.25
+#: Strategies that compare the candidate's predictions with the previous version's by default.
+SHIFT_STRATEGIES = frozenset({Strategy.CANARY, Strategy.AB, Strategy.SHADOW})
+#: Settings that are not gates (thresholds of evidence).
+EVIDENCE_SETTINGS = frozenset({"min_requests", "min_labels"})
 
 
 def default_gates(strategy: Strategy) -> GateSpec:
@@ -165,6 +187,13 @@ class RolloutCreate(RequestBody):
     supersedes: str | None = Field(default=None, pattern=ROLLOUT_ID_PATTERN)
     #: A HIL stage before the fleet's first stage (a rig registered with the server).
     hil: HilStageSpec | None = None
+    #: After the bake, how long a stage waits for every configured gate's evidence (requests,
+    #: labels, predictions of both versions, reporting devices) before it stops…
+    max_bake_s: float = Field(default=3600, gt=0, le=30 * 86400)
+    #: …for approval (``promote``), or aborts with a fleet rollback.
+    on_no_evidence: Literal["approval", "abort"] = "approval"
+    #: Deploy a version whose inputs or outputs differ from what the slot serves (audited).
+    allow_breaking: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> RolloutCreate:
@@ -240,7 +269,12 @@ class RolloutCreate(RequestBody):
         return [100.0]
 
     def effective_gates(self) -> GateSpec:
-        return self.gates if self.gates is not None else default_gates(self.strategy)
+        gates = self.gates if self.gates is not None else default_gates(self.strategy)
+        if self.strategy in SHIFT_STRATEGIES and (
+            self.gates is None or "max_prediction_shift" not in self.gates.model_fields_set
+        ):
+            gates = gates.model_copy(update={"max_prediction_shift": DEFAULT_PREDICTION_SHIFT})
+        return gates
 
     def plan(self) -> dict[str, Any]:
         """What the engine stores and runs by (JSON)."""
@@ -256,4 +290,7 @@ class RolloutCreate(RequestBody):
             "shadow_of": self.shadow_of,
             "min_confidence": self.min_confidence,
             "hil": self.hil.model_dump() if self.hil is not None else None,
+            "max_bake_s": self.max_bake_s,
+            "on_no_evidence": self.on_no_evidence,
+            "allow_breaking": self.allow_breaking,
         }

@@ -26,8 +26,10 @@ from fleet_server.telemetry.tables import TelemetryDeviceBucket, TelemetryRollup
 __all__ = [
     "MIN_DRIFT_VALUES",
     "DriftScore",
+    "Predictions",
     "Totals",
     "VersionHealth",
+    "predictions",
     "series",
     "summarize",
     "totals",
@@ -58,6 +60,9 @@ class VersionHealth:
     errors: int = 0
     nonfinite: int = 0
     sampled: int = 0
+    labelled: int = 0
+    correct: int = 0
+    late: int = 0
     p50_ms: float | None = None
     p95_ms: float | None = None
     p99_ms: float | None = None
@@ -66,6 +71,10 @@ class VersionHealth:
     @property
     def error_rate(self) -> float | None:
         return self.errors / self.requests if self.requests else None
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.labelled if self.labelled else None
 
     @property
     def worst_psi(self) -> float | None:
@@ -83,6 +92,10 @@ class VersionHealth:
             "error_rate": self.error_rate,
             "nonfinite": self.nonfinite,
             "sampled": self.sampled,
+            "labelled": self.labelled,
+            "correct": self.correct,
+            "late": self.late,
+            "accuracy": self.accuracy,
             "latency_ms": {"p50": self.p50_ms, "p95": self.p95_ms, "p99": self.p99_ms},
             "worst_psi": self.worst_psi,
             "drift": [
@@ -141,6 +154,9 @@ def _health(rows: list[TelemetryRollup], bundles: BundleCatalog, session: Sessio
         h.errors += r.errors
         h.nonfinite += r.nonfinite
         h.sampled += r.sampled
+        h.labelled += r.labelled
+        h.correct += r.correct
+        h.late += r.late
         if r.latency_sketch:
             sketches.append(LatencySketch.model_validate(r.latency_sketch))
         for io, stored in (("input", r.inputs), ("output", r.outputs)):
@@ -254,11 +270,14 @@ def series(
 
 @dataclass(frozen=True)
 class Totals:
-    """One version's requests, errors and merged latency sketch over a range (all profiles)."""
+    """One version's requests, errors, labels and merged latency sketch over a range (all
+    profiles)."""
 
     requests: int
     errors: int
     latency: LatencySketch | None
+    labelled: int = 0
+    correct: int = 0
 
 
 def totals(
@@ -277,4 +296,54 @@ def totals(
         requests=sum(r.requests for r in rows),
         errors=sum(r.errors for r in rows),
         latency=merge_wires(sketches) if sketches else None,
+        labelled=sum(r.labelled for r in rows),
+        correct=sum(r.correct for r in rows),
     )
+
+
+@dataclass
+class Predictions:
+    """What some bundles of one profile answered over a range: each output's counts in its
+    own bundle's drift bins (summed per bundle), and the labels they got."""
+
+    #: bundle sha256 → output name → (kind, counts)
+    outputs: dict[str, dict[str, tuple[str, np.ndarray]]] = field(default_factory=dict)
+    requests: int = 0
+    labelled: int = 0
+    correct: int = 0
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.labelled if self.labelled else None
+
+
+def predictions(
+    session: Session,
+    model: str,
+    *,
+    shas: set[str],
+    role: str,
+    rollout_ids: set[str] | None,
+    since: datetime,
+) -> Predictions:
+    """The outputs and labels of bundles ``shas`` in role ``role`` since ``since``
+    (``rollout_ids``: only as deployed by these rollouts; "" is none)."""
+    out = Predictions()
+    if not shas:
+        return out
+    q = select(TelemetryRollup).where(
+        TelemetryRollup.model == model,
+        col(TelemetryRollup.bundle_sha256).in_(shas),
+        TelemetryRollup.role == role,
+        col(TelemetryRollup.bucket_start) >= since,
+    )
+    if rollout_ids is not None:
+        q = q.where(col(TelemetryRollup.rollout_id).in_(rollout_ids))
+    for r in session.exec(q).all():
+        out.requests += r.requests
+        out.labelled += r.labelled
+        out.correct += r.correct
+        into = out.outputs.setdefault(r.bundle_sha256, {})
+        for name, entry in r.outputs.items():
+            add_counts(into, entry["kind"], name, entry["counts"])
+    return out

@@ -490,6 +490,9 @@ class _Delta:
     errors: int = 0
     nonfinite: int = 0
     sampled: int = 0
+    labelled: int = 0
+    correct: int = 0
+    late: int = 0
     sketches: list[LatencySketch] = field(default_factory=list)
     #: tensor → (kind, every batch's counts): summed once per drain, not per batch.
     inputs: dict[str, tuple[str, list[list[list[int]]]]] = field(default_factory=dict)
@@ -538,6 +541,9 @@ def _fold_rollups(
             d.errors += s.errors
             d.nonfinite += s.nonfinite
             d.sampled += s.sampled
+            d.labelled += s.labelled
+            d.correct += s.correct
+            d.late += s.late
             if s.latency_ms is not None:
                 d.sketches.append(s.latency_ms)
             for name, t in s.inputs.items():
@@ -564,6 +570,9 @@ def _fold_rollups(
                 "errors": 0,
                 "nonfinite": 0,
                 "sampled": 0,
+                "labelled": 0,
+                "correct": 0,
+                "late": 0,
                 "inputs": {},
                 "outputs": {},
             }
@@ -587,6 +596,9 @@ def _fold_rollups(
         row.errors += d.errors
         row.nonfinite += d.nonfinite
         row.sampled += d.sampled
+        row.labelled += d.labelled
+        row.correct += d.correct
+        row.late += d.late
         if d.sketches:
             existing = (
                 [LatencySketch.model_validate(row.latency_sketch)] if row.latency_sketch else []

@@ -77,6 +77,10 @@ class TelemetryRollup(SQLModel, table=True):
     errors: int = Field(default=0, sa_type=BigInteger)
     nonfinite: int = Field(default=0, sa_type=BigInteger)
     sampled: int = Field(default=0, sa_type=BigInteger)
+    #: Labels from the field: labelled predictions, the right ones, labels that came too late.
+    labelled: int = Field(default=0, sa_type=BigInteger)
+    correct: int = Field(default=0, sa_type=BigInteger)
+    late: int = Field(default=0, sa_type=BigInteger)
     #: The merged ``LatencySketch`` (wire form); None before the first latency.
     latency_sketch: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     #: tensor → {"kind", "counts"} summed.
