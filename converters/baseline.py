@@ -65,8 +65,18 @@ def baseline(
     out: dict[str, Any] = {"format": 2, "origin": origin, "inputs": {}, "outputs": {}}
     if origin == "synthetic":
         # A handful of made-up feeds say nothing about live traffic: no drift reference, so
-        # the agent counts nothing and no PSI is computed (upload calibration data for one).
-        out["drift"] = {"inputs": {}, "outputs": {}, "skipped": "synthetic reference data"}
+        # no PSI against the baseline is computed (upload calibration data for one). The
+        # outputs are still counted, in the classes (or bins) below: that is how a
+        # candidate's predictions are compared with the version it replaces.
+        out["drift"] = {
+            "inputs": {},
+            "outputs": {
+                k: TensorDrift.build(v, top1=_top1(v, kinds.get(k, "auto"))).to_json()
+                for k, v in outputs.items()
+            },
+            "reference": False,
+            "skipped": "synthetic reference data",
+        }
     else:
         out["drift"] = {
             "inputs": {k: TensorDrift.build(v, top1=False).to_json() for k, v in inputs.items()},

@@ -24,11 +24,31 @@ def mlp_weights(
     return w1, b1, w2, b2
 
 
-def _mlp_layers(features: int, hidden: int, classes: int, seed: int) -> tuple[list[Any], list[Any]]:
-    """x → Gemm → Relu → Gemm → ``logits``: (nodes, initializers)."""
+def _mlp_layers(
+    features: int,
+    hidden: int,
+    classes: int,
+    seed: int,
+    *,
+    retrain: float = 0.0,
+    answer: int | None = None,
+) -> tuple[list[Any], list[Any]]:
+    """x → Gemm → Relu → Gemm → ``logits``: (nodes, initializers). ``retrain``: every weight
+    moved by that share of its layer's scale (a retrain on much the same data); ``answer``:
+    the last layer ignores its input and always scores that class highest."""
     from onnx import helper, numpy_helper
 
     w1, b1, w2, b2 = mlp_weights(features, hidden, classes, seed)
+    if retrain:
+        rng = np.random.default_rng(seed + 10_000)
+        w1, b1, w2, b2 = (
+            (a + rng.standard_normal(a.shape) * retrain * a.std()).astype(np.float32)
+            for a in (w1, b1, w2, b2)
+        )
+    if answer is not None:
+        w2 = np.zeros_like(w2)
+        b2 = np.zeros_like(b2)
+        b2[answer] = 4.0
     nodes = [
         helper.make_node("Gemm", ["x", "w1", "b1"], ["h"]),
         helper.make_node("Relu", ["h"], ["hr"]),
@@ -48,12 +68,18 @@ def mlp_classifier(
     classes: int = 4,
     seed: int = 0,
     opset: int = 17,
+    retrain: float = 0.0,
+    answer: int | None = None,
 ) -> Path:
-    """x[N, features] → probs[N, classes] (Gemm → Relu → Gemm → Softmax)."""
+    """x[N, features] → probs[N, classes] (Gemm → Relu → Gemm → Softmax).
+
+    ``retrain=0.1``: the same classifier retrained honestly (weights moved by 10 % of their
+    scale: a few percent of top-1 decisions change); ``answer=0``: a silently wrong version
+    that loads, is fast, answers every request with finite scores, and always says class 0."""
     import onnx
     from onnx import TensorProto, helper
 
-    nodes, inits = _mlp_layers(features, hidden, classes, seed)
+    nodes, inits = _mlp_layers(features, hidden, classes, seed, retrain=retrain, answer=answer)
     graph = helper.make_graph(
         [*nodes, helper.make_node("Softmax", ["logits"], ["probs"], axis=-1)],
         "mlp_classifier",

@@ -233,6 +233,7 @@ class AgentClient:
         if reply.status != 200:
             self._raise_for(reply.status, reply.body)
         h = reply.headers
+        self._local.request_id = h.get("x-edgefleet-request-id")
         if h.get("content-type", "").startswith(codec.TENSOR):
             name = h.get("x-edgefleet-output", "")
             return {
@@ -244,6 +245,29 @@ class AgentClient:
                 )
             }
         return codec.decode_npz(reply.body)
+
+    @property
+    def last_request_id(self) -> str | None:
+        """The request id of this thread's last answer (what a label names later)."""
+        rid: str | None = getattr(self._local, "request_id", None)
+        return rid
+
+    def feedback(self, model: str, labels: list[tuple[str, int | list[int]]]) -> dict[str, int]:
+        """Send labels for earlier answers: [(request id, class or classes per row)]. Returns
+        ``{accepted, correct, late}``; refusals raise (RequestError / AgentError)."""
+        body = json.dumps(
+            {"feedback": [{"request_id": rid, "label": label} for rid, label in labels]}
+        ).encode()
+        reply = self._request(
+            "POST",
+            f"/v1/models/{quote(model, safe='')}:feedback",
+            body,
+            f"Content-Type: {codec.JSON}\r\n",
+        )
+        if reply.status != 200:
+            self._raise_for(reply.status, reply.body)
+        result: dict[str, int] = json.loads(reply.body)
+        return result
 
     def models(self) -> list[dict[str, Any]]:
         reply = self._request("GET", "/v1/models")

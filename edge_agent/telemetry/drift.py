@@ -221,6 +221,10 @@ def _proportions(counts: np.ndarray) -> np.ndarray:
 class Baseline:
     inputs: dict[str, TensorDrift]
     outputs: dict[str, TensorDrift]
+    #: False: the expected proportions come from made-up data (no calibration data was
+    #: uploaded): the bins say how to count, not what live traffic should look like, so no
+    #: PSI against them is meaningful.
+    reference: bool = True
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Baseline:
@@ -229,6 +233,7 @@ class Baseline:
             return cls(
                 {k: TensorDrift.from_json(v) for k, v in drift.get("inputs", {}).items()},
                 {k: TensorDrift.from_json(v) for k, v in drift.get("outputs", {}).items()},
+                reference=drift.get("reference", True) is not False,
             )
 
         # Format 1: one whole-tensor decile histogram per tensor (and top-1 frequencies).

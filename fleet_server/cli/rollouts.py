@@ -65,11 +65,28 @@ def _render_rollout(r: dict[str, Any], *, all_devices: bool = False) -> Group:
     parts.append(stages)
     if r.get("gates"):
         gates = Table("gate", "figure", "threshold", "verdict", "detail")
+        shown_data = []
         for g in r["gates"]:
-            verdict = {True: "ok", False: "BREACH", None: "-"}[g["ok"]]
+            verdict = {True: "ok", False: "BREACH", None: "no evidence yet"}[g["ok"]]
+            if not g.get("applies", True):
+                verdict = "n/a"
             value = "-" if g["value"] is None else f"{g['value']:g}"
             gates.add_row(g["gate"], value, f"{g['threshold']:g}", verdict, g.get("detail", ""))
+            if g.get("data") and g["data"].get("previous"):
+                shown_data.append(g["data"])
         parts.append(gates)
+        for d in shown_data:
+            shift = Table("", *(str(i) for i in range(len(d["previous"]))),
+                          title=f"prediction shift: {d['output']} ({d['kind']}"
+                                f"{'' if d['kind'] == 'top1' else ', group ' + str(d['group'])})"
+                                f" on {d['profile']}")  # fmt: skip
+            shift.add_row(f"previous {d.get('previous_version') or ''}",
+                          *(f"{p:.3f}" for p in d["previous"]))  # fmt: skip
+            shift.add_row("candidate", *(f"{p:.3f}" for p in d["candidate"]))
+            parts.append(shift)
+    if r.get("awaiting") == "evidence":
+        note = "awaiting approval: a gate lacked evidence (promote accepts, abort rolls back)"
+        parts.append(Text(note, style="yellow"))
     if r.get("reason"):
         parts.append(Text(f"reason: {r['reason']}", style="red"))
     events = Table("at", "event", "by", "message", title="latest events")

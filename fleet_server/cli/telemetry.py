@@ -53,7 +53,8 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """A table per version x profile: devices reporting, requests, error rate, fleet
-    p50/p95/p99 (merged sketches) and the worst drift (PSI)."""
+    p50/p95/p99 (merged sketches), the worst drift (PSI), and online accuracy from the labels
+    applications sent back (right / labelled, and late labels)."""
     params: dict[str, Any] = {
         "since_s": parse_duration_s(since),
         "role": "shadow" if shadow else "active",
@@ -75,6 +76,7 @@ def show(
         "p95 ms",
         "p99 ms",
         "worst PSI",
+        "accuracy",
         title=f"{model}: last {since}" + (" (shadow)" if shadow else ""),
     )
     for r in rows:
@@ -94,10 +96,18 @@ def show(
             _ms(r["latency_ms"]["p95"]),
             _ms(r["latency_ms"]["p99"]),
             drift,
+            _accuracy(r),
         )
     console.print(table)
     if not rows:
         console.print(f"no telemetry for {model} in the last {since}")
+
+
+def _accuracy(row: dict[str, Any]) -> str:
+    if not row.get("labelled"):
+        return f"- ({row['late']} late)" if row.get("late") else "-"
+    text = f"{row['accuracy']:.2%} of {row['labelled']}"
+    return text + (f", {row['late']} late" if row.get("late") else "")
 
 
 @telemetry_app.command("plot")

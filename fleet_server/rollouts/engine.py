@@ -445,12 +445,51 @@ class RolloutEngine:
         waiting = [f for f in figures if f.gate == "min_devices_reporting" and f.ok is False]
         broken = [f for f in gate_rules.breaches(figures) if f not in waiting]
         started = aware(rollout.stage_started_at or rollout.created_at)
+        if broken:
+            return self._abort(session, rollout, now, "gate_breach", broken, figures)
         if waiting and now < started + timedelta(seconds=timeout_s):
             session.add(rollout)
             return documents  # not enough devices have reported yet: wait for them
-        if broken or waiting:
-            return self._abort(session, rollout, now, "gate_breach", broken + waiting, figures)
+        if waiting:
+            return self._abort(session, rollout, now, "gate_breach", waiting, figures)
+        lacking = gate_rules.lacking(figures)
+        if lacking and rollout.evidence_waived_stage != rollout.stage:
+            return self._lacking_evidence(session, rollout, plan, lacking, figures, now)
         return self._pass_stage(session, rollout, plan, views, figures, now)
+
+    def _lacking_evidence(
+        self,
+        session: Session,
+        rollout: Rollout,
+        plan: dict[str, Any],
+        lacking: list[GateFigure],
+        figures: list[GateFigure],
+        now: datetime,
+    ) -> dict[str, SignedDesiredState]:
+        """Gates that cannot be judged yet never pass a stage: wait for their evidence up to
+        ``max_bake_s`` after the bake, then stop for approval (or abort, as the plan says)."""
+        assert rollout.stage_settled_at is not None
+        bake_s = float(plan.get("bake_s") or 0)
+        max_bake_s = float(plan.get("max_bake_s") or 3600)
+        deadline = aware(rollout.stage_settled_at) + timedelta(seconds=bake_s + max_bake_s)
+        if now < deadline:
+            session.add(rollout)
+            return {}
+        missing = "; ".join(f"{f.gate}: {f.detail}" for f in lacking)
+        if plan.get("on_no_evidence") == "abort":
+            why = f"no evidence within max_bake_s ({max_bake_s:g} s) for {missing}"
+            return self._abort(session, rollout, now, why, [], figures)
+        rollout.state, rollout.awaiting = RolloutState.AWAITING_APPROVAL, "evidence"
+        message = (
+            f"stage {rollout.stage + 1}: no evidence within max_bake_s ({max_bake_s:g} s) for "
+            f"{missing}; promote to accept the stage without it, or abort"
+        )
+        self._event(session, rollout, now, "no_evidence", message[:1000],
+                    lacking=[f.model_dump() for f in lacking])  # fmt: skip
+        record(session, self.actor, "rollout.no_evidence", rollout.id, stage=rollout.stage + 1,
+               lacking=[f.gate for f in lacking])  # fmt: skip
+        session.add(rollout)
+        return {}
 
     # --- the HIL stage ---------------------------------------------------------------------------
     def _hil_stage(
@@ -734,6 +773,7 @@ class RolloutEngine:
             shadow=plan.get("strategy") == Strategy.SHADOW,
             telemetry=telemetry,
             bucket_s=self._bucket_s,
+            shadow_of=plan.get("shadow_of") if plan.get("strategy") == Strategy.SHADOW else None,
         )
 
     def _pass_stage(
@@ -785,7 +825,7 @@ class RolloutEngine:
             session.add(rollout)
             return {}
         if plan.get("manual_approval") and rollout.state != RolloutState.AWAITING_APPROVAL:
-            rollout.state = RolloutState.AWAITING_APPROVAL
+            rollout.state, rollout.awaiting = RolloutState.AWAITING_APPROVAL, "stage"
             self._event(session, rollout, now, "awaiting_approval",
                         f"stage {rollout.stage + 1} passed its gates; waiting for promote",
                         gates=shown)  # fmt: skip
@@ -839,7 +879,7 @@ class RolloutEngine:
         if winner != "b":
             return self._end_ab(session, rollout, now, figures, described)
         if plan.get("manual_approval"):
-            rollout.state = RolloutState.AWAITING_APPROVAL
+            rollout.state, rollout.awaiting = RolloutState.AWAITING_APPROVAL, "stage"
             session.add(rollout)
             return {}
         return self._promote(session, rollout, now, self.actor, shown)
@@ -873,7 +913,7 @@ class RolloutEngine:
     ) -> dict[str, SignedDesiredState]:
         stages = list((rollout.plan or {}).get("stages") or [100.0])
         rollout.stage += 1
-        rollout.state = RolloutState.IN_PROGRESS
+        rollout.state, rollout.awaiting = RolloutState.IN_PROGRESS, None
         rollout.stage_started_at, rollout.stage_settled_at = now, None
         self._event(session, rollout, now, "promoted",
                     f"stage {rollout.stage} passed; stage {rollout.stage + 1} "
@@ -1019,6 +1059,19 @@ class RolloutEngine:
 
         def action(session: Session, rollout: Rollout) -> dict[str, SignedDesiredState]:
             _require(rollout, {RolloutState.AWAITING_APPROVAL, RolloutState.IN_PROGRESS}, "promote")
+            now = self._clock()
+            if rollout.state == RolloutState.AWAITING_APPROVAL and rollout.awaiting == "evidence":
+                # The operator accepts the stage without the evidence its gates lacked: the
+                # stage goes on as if they had passed (an A/B verdict, the next stage, the end).
+                rollout.state, rollout.awaiting = RolloutState.IN_PROGRESS, None
+                rollout.evidence_waived_stage = rollout.stage
+                self._event(session, rollout, now, "approved",
+                            f"stage {rollout.stage + 1} accepted without the missing evidence",
+                            actor=actor)  # fmt: skip
+                record(session, actor, "rollout.accept_without_evidence", rollout.id,
+                       stage=rollout.stage + 1)  # fmt: skip
+                session.add(rollout)
+                return {}
             stages = list((rollout.plan or {}).get("stages") or [100.0])
             if rollout.stage >= len(stages) - 1:
                 raise ConflictError(
@@ -1028,7 +1081,7 @@ class RolloutEngine:
                 )
             if rollout.state == RolloutState.IN_PROGRESS:
                 _require_settled(rollout)
-            return self._promote(session, rollout, self._clock(), actor, [])
+            return self._promote(session, rollout, now, actor, [])
 
         self.act(rollout_id, action)
         self.wake()
@@ -1080,10 +1133,15 @@ def _switch_spread(rollout: Rollout, views: list[TargetView]) -> dict[str, float
 def _describe_verdict(figures: dict[str, Any]) -> str:
     a, b, cmp = figures["a"], figures["b"], figures["comparison"]
     parts = []
-    for name, unit in (("error_rate", ""), ("latency", " ms")):
+    for name, unit in (("error_rate", ""), ("latency", " ms"), ("accuracy", "")):
         better, confidence = cmp[name]["better"], cmp[name]["confidence"]
+        if name == "accuracy" and confidence is None:
+            continue  # no labels: not compared
         if name == "error_rate":
             values = f"{a['error_rate'] or 0:.2%} vs {b['error_rate'] or 0:.2%}"
+        elif name == "accuracy":
+            values = (f"{a['accuracy']:.2%} of {a['labelled']} vs "
+                      f"{b['accuracy']:.2%} of {b['labelled']} labelled")  # fmt: skip
         else:
             values = f"mean {a['mean_ms']}{unit} vs {b['mean_ms']}{unit}"
         verdict = f"{better.upper()} better" if better else "no difference"

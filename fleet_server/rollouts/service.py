@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlmodel import Session, col, select
@@ -31,6 +31,7 @@ from fleet_server.keys.service import FleetSigner
 from fleet_server.registry.service import get_version, version_by_id
 from fleet_server.registry.tables import MLModel, ModelVersion
 from fleet_server.rollouts.engine import BundleChoice, RolloutEngine, choose_bundle, cohort_of
+from fleet_server.rollouts.gates import lacking
 from fleet_server.rollouts.progress import (
     TargetView,
     device_rows,
@@ -416,9 +417,15 @@ def describe(
         activated_at=aware(rollout.activated_at) if rollout.activated_at else None,
         counts=counts,
         stages=_stages(
-            rollout, plan, views, stage_of, job is not None and job.state in OPEN_STATES
+            rollout,
+            plan,
+            views,
+            stage_of,
+            job is not None and job.state in OPEN_STATES,
+            lacking=bool(lacking(gates)),
         ),
         gates=gates,
+        awaiting=rollout.awaiting if rollout.state == RolloutState.AWAITING_APPROVAL else None,
         targets=statuses,
         events=events,
         hil=hil_service.public(job) if job is not None else None,
@@ -450,6 +457,8 @@ def _stages(
     views: list[TargetView],
     stage_of: dict[str, int],
     hil_open: bool = False,
+    *,
+    lacking: bool = False,
 ) -> list[StageStatus]:
     stages = [float(p) for p in plan.get("stages") or [100.0]]
     out = []
@@ -465,8 +474,12 @@ def _stages(
             state = "pending"
         elif rollout.state == RolloutState.IN_PROGRESS and hil_open:
             state = "waiting_for_hil"  # no device of the stage is notified before the rig passed
+        elif rollout.state == RolloutState.IN_PROGRESS and rollout.stage_settled_at is not None:
+            baked = aware(rollout.stage_settled_at) + timedelta(seconds=plan.get("bake_s") or 0)
+            # Past the bake, gates still lacking evidence hold the stage.
+            state = "waiting_for_evidence" if lacking and datetime.now(UTC) >= baked else "baking"
         elif rollout.state == RolloutState.IN_PROGRESS:
-            state = "baking" if rollout.stage_settled_at is not None else "running"
+            state = "running"
         else:
             state = str(rollout.state)
         out.append(StageStatus(index=i, percent=percent, counts=counts, state=state))

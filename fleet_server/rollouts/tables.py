@@ -103,6 +103,11 @@ class Rollout(SQLModel, table=True):
     superseded_by: str | None = Field(default=None, max_length=32)
     #: Stage then activate: when the staged devices were told to switch (null before).
     activated_at: datetime | None = None
+    #: Why it is ``awaiting_approval``: "stage" (passed, manual approval) or "evidence" (a
+    #: gate had too little evidence within ``max_bake_s``).
+    awaiting: str | None = Field(default=None, max_length=16)
+    #: The stage whose missing evidence an operator accepted (``promote``).
+    evidence_waived_stage: int | None = None
 
 
 class RolloutTarget(SQLModel, table=True):
@@ -212,9 +217,14 @@ class GateFigure(BaseModel):
     #: The figure now (None: nothing to judge yet).
     value: float | None
     threshold: float
-    #: True: within the threshold; False: breached; None: not enough data yet.
+    #: True: within the threshold; False: breached; None: not enough evidence yet.
     ok: bool | None
     detail: str = ""
+    #: False: the gate does not apply to this stage (the prediction shift when the previous
+    #: version has no predictions in telemetry): it neither blocks nor passes anything.
+    applies: bool = True
+    #: What the figure was computed from (the prediction shift: both distributions).
+    data: dict[str, Any] | None = None
 
 
 class StageStatus(BaseModel):
@@ -222,7 +232,9 @@ class StageStatus(BaseModel):
     percent: float
     #: targeted / notified / downloading / staged / active / failed / rolled_back / timed_out …
     counts: dict[str, int]
-    state: str  # pending / waiting_for_hil / running / baking / passed / breached
+    #: pending / waiting_for_hil / running / baking / waiting_for_evidence / passed /
+    #: awaiting_approval / …
+    state: str
 
 
 class RolloutPublic(BaseModel):
@@ -250,3 +262,6 @@ class RolloutPublic(BaseModel):
     events: list[RolloutEventPublic]
     #: The HIL stage's job (rig, state, verdict, report links), when the rollout has one.
     hil: HilJobPublic | None = None
+    #: Awaiting approval of a passed stage ("stage") or of one whose gates lacked evidence
+    #: within max_bake_s ("evidence").
+    awaiting: str | None = None

@@ -6,6 +6,8 @@ this rollout; for A, tagged with the rollout that brought A's version (devices o
 cohort that got that version from the same rollout count too: rollups are not per device).
 
 - Error rate: a two-proportion z-test.
+- Online accuracy, when applications sent labels back (at least :data:`MIN_LABELS` per arm):
+  a two-proportion z-test on right / labelled, higher is better.
 - Latency: mean and variance read off the merged DDSketch (bin values at the sketch's 1 %),
   compared with Welch's statistic (normal approximation; arms of hundreds of requests).
 
@@ -26,7 +28,10 @@ from ddsketch.mapping import LogarithmicMapping
 from edge_agent.protocol.telemetry import LatencySketch
 from fleet_server.telemetry.query import Totals
 
-__all__ = ["Arm", "arm", "compare"]
+__all__ = ["MIN_LABELS", "Arm", "arm", "compare"]
+
+#: Each arm needs this many labelled predictions before accuracy is compared.
+MIN_LABELS = 30
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,8 @@ class Arm:
     mean_ms: float | None
     var_ms2: float | None
     p95_ms: float | None
+    labelled: int = 0
+    correct: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -44,6 +51,9 @@ class Arm:
             "requests": self.requests,
             "errors": self.errors,
             "error_rate": self.errors / self.requests if self.requests else None,
+            "labelled": self.labelled,
+            "correct": self.correct,
+            "accuracy": self.correct / self.labelled if self.labelled else None,
             "mean_ms": _round(self.mean_ms),
             "p95_ms": _round(self.p95_ms),
         }
@@ -55,7 +65,8 @@ def _round(value: float | None) -> float | None:
 
 def arm(version: str, figures: Totals) -> Arm:
     mean, var, p95 = _moments(figures.latency)
-    return Arm(version, figures.requests, figures.errors, mean, var, p95)
+    return Arm(version, figures.requests, figures.errors, mean, var, p95,
+               figures.labelled, figures.correct)  # fmt: skip
 
 
 def _moments(sketch: LatencySketch | None) -> tuple[float | None, float | None, float | None]:
@@ -103,8 +114,14 @@ def compare(a: Arm, b: Arm, min_confidence: float) -> dict[str, Any]:
         assert b.var_ms2 is not None
         se = math.sqrt(a.var_ms2 / a.requests + b.var_ms2 / b.requests)
         z_lat = (a.mean_ms - b.mean_ms) / se if se > 0 else 0.0
+    z_acc: float | None = None
+    if a.labelled >= MIN_LABELS and b.labelled >= MIN_LABELS:
+        pa, pb = a.correct / a.labelled, b.correct / b.labelled
+        pooled = (a.correct + b.correct) / (a.labelled + b.labelled)
+        se = math.sqrt(pooled * (1 - pooled) * (1 / a.labelled + 1 / b.labelled))
+        z_acc = (pb - pa) / se if se > 0 else 0.0  # higher is better: B's lead
     verdicts: dict[str, dict[str, Any]] = {}
-    for name, z in (("error_rate", z_err), ("latency", z_lat)):
+    for name, z in (("error_rate", z_err), ("latency", z_lat), ("accuracy", z_acc)):
         better, confidence = _side(z)
         verdicts[name] = {"better": better, "confidence": confidence}
     figures["comparison"] = verdicts

@@ -67,6 +67,21 @@ class FleetCollector(Collector):
                 "Responses with NaN/inf outputs on devices",
                 labels=labels,
             )
+            labelled = CounterMetricFamily(
+                "edgefleet_feedback_labelled",
+                "Predictions applications labelled (ground truth from the field), active role",
+                labels=labels,
+            )
+            correct = CounterMetricFamily(
+                "edgefleet_feedback_correct",
+                "Labelled predictions that were right, active role",
+                labels=labels,
+            )
+            late = CounterMetricFamily(
+                "edgefleet_feedback_late",
+                "Labels that found no kept prediction (unknown or expired request ids)",
+                labels=labels,
+            )
             totals = session.execute(
                 sa_select(
                     col(TelemetryRollup.model),
@@ -75,19 +90,30 @@ class FleetCollector(Collector):
                     func.sum(TelemetryRollup.requests),
                     func.sum(TelemetryRollup.errors),
                     func.sum(TelemetryRollup.nonfinite),
-                ).group_by(
+                    func.sum(TelemetryRollup.labelled),
+                    func.sum(TelemetryRollup.correct),
+                    func.sum(TelemetryRollup.late),
+                )
+                .where(col(TelemetryRollup.role) == "active")
+                .group_by(
                     col(TelemetryRollup.model),
                     col(TelemetryRollup.version),
                     col(TelemetryRollup.profile),
                 )
             ).all()
-            for model, version, profile, req, err, nf in totals:
+            for model, version, profile, req, err, nf, lab, cor, lt in totals:
                 requests.add_metric([model, version, profile], float(req or 0))
                 errors.add_metric([model, version, profile], float(err or 0))
                 nonfinite.add_metric([model, version, profile], float(nf or 0))
+                labelled.add_metric([model, version, profile], float(lab or 0))
+                correct.add_metric([model, version, profile], float(cor or 0))
+                late.add_metric([model, version, profile], float(lt or 0))
             yield requests
             yield errors
             yield nonfinite
+            yield labelled
+            yield correct
+            yield late
 
             latency = GaugeMetricFamily(
                 "edgefleet_inference_latency_ms",
@@ -99,9 +125,16 @@ class FleetCollector(Collector):
                 f"Worst PSI per tensor over the last {self._window_s:.0f} s",
                 labels=[*labels, "tensor"],
             )
+            accuracy = GaugeMetricFamily(
+                "edgefleet_online_accuracy",
+                f"Labelled predictions that were right over the last {self._window_s:.0f} s",
+                labels=labels,
+            )
             since = datetime.now(UTC) - timedelta(seconds=self._window_s)
             for model in sorted({row[0] for row in totals}):
                 for h in summarize(session, self._bundles, model, since=since):
+                    if h.accuracy is not None:
+                        accuracy.add_metric([h.model, h.version, h.profile], h.accuracy)
                     for q, attr in QUANTILES:
                         value = getattr(h, attr)
                         if value is not None:
@@ -110,6 +143,7 @@ class FleetCollector(Collector):
                         drift.add_metric([h.model, h.version, h.profile, d.tensor], d.psi)
             yield latency
             yield drift
+            yield accuracy
 
             dropped = GaugeMetricFamily(
                 "edgefleet_telemetry_device_dropped_batches",

@@ -168,7 +168,7 @@ def _health(rows: list[TelemetryRollup], bundles: BundleCatalog, session: Sessio
     worst: dict[tuple[str, str], DriftScore] = {}
     for sha, by_io in per_bundle.items():
         info = bundles.get(session, sha)
-        if info is None or info.baseline is None:
+        if info is None or info.baseline is None or not info.baseline.reference:
             continue
         for io, tensors in by_io.items():
             reference = info.baseline.inputs if io == "input" else info.baseline.outputs

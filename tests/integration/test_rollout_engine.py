@@ -249,7 +249,11 @@ def test_a_healthy_version_passes_its_telemetry_gates_and_completes(
     assert {g["gate"]: g["ok"] for g in figures} == {
         "max_error_rate": True,
         "min_devices_reporting": True,
+        "max_prediction_shift": None,  # on by default for a canary…
     }
+    shift = next(g for g in figures if g["gate"] == "max_prediction_shift")
+    # …and off here: simulated devices report no predictions to compare.
+    assert shift["applies"] is False and "no predictions" in shift["detail"]
 
 
 @SQLITE_ONLY
@@ -326,6 +330,62 @@ def test_an_ab_split_ends_in_a_verdict_with_confidence(
     assert verdict["a"]["version"] == "1.0.0" and verdict["b"]["version"] == "2.0.0"
     assert verdict["a"]["requests"] >= 300 and verdict["b"]["requests"] >= 300, verdict
     wait_until(lambda: sim.serving("classifier") == {final: 20}, 30, f"every device on {final}")
+
+
+@SQLITE_ONLY
+def test_a_gate_without_evidence_never_passes_a_stage(
+    api: ApiClient, fleet: tuple[FleetSimulator, list[SimulatedDevice]], uid: str
+) -> None:
+    """Devices that serve no request give an error-rate gate nothing to judge: the stage waits
+    up to max_bake_s, then stops for approval, saying which gate lacks what; promote accepts
+    the stage without it (audited), and the rollout goes on."""
+    sim, _ = fleet
+    sim.behaviours["2.0.0"] = Behaviour(install_s=0.05, requests_per_interval=0)
+    rollout = api.post(
+        "/v1/rollouts",
+        json={"model": "classifier", "version": "2.0.0", "selector": f"ring={uid}",
+              "strategy": "canary", "stages": [10, 100], "bake_s": 0.5, "max_bake_s": 2,
+              "gates": {"max_error_rate": 0.01, "min_requests": 50}},
+    )  # fmt: skip
+
+    def waiting() -> dict[str, Any] | None:
+        r: dict[str, Any] = api.get(f"/v1/rollouts/{rollout['id']}")
+        return r if r["state"] == "awaiting_approval" else None
+
+    held = wait_until(waiting, 60, "the stage to stop for approval")
+    assert held["awaiting"] == "evidence" and held["stage"] == 0
+    figure = next(g for g in held["gates"] if g["gate"] == "max_error_rate")
+    assert figure["ok"] is None and figure["applies"] is True
+    event = next(e for e in held["events"] if e["kind"] == "no_evidence")
+    assert "max_error_rate" in event["message"] and "max_bake_s" in event["message"]
+    assert sim.serving("classifier") == {"1.0.0": 18, "2.0.0": 2}  # nothing went further
+    api.post(f"/v1/rollouts/{rollout['id']}/promote")
+    # Stage 2 lacks the evidence too: it stops again, and is accepted again.
+    wait_until(lambda: (r := waiting()) is not None and r["stage"] == 1, 60, "stage 2 to stop")
+    api.post(f"/v1/rollouts/{rollout['id']}/promote")
+    done = follow(api, rollout["id"])
+    assert done["state"] == "completed", done["events"]
+    assert [e["kind"] for e in done["events"]].count("approved") == 2
+    audit = api.get("/v1/audit", params={"limit": 50})
+    assert any(a["action"] == "rollout.accept_without_evidence" for a in audit), audit
+
+
+@SQLITE_ONLY
+def test_no_evidence_can_abort_instead(
+    api: ApiClient, fleet: tuple[FleetSimulator, list[SimulatedDevice]], uid: str
+) -> None:
+    sim, _ = fleet
+    sim.behaviours["2.0.0"] = Behaviour(install_s=0.05, requests_per_interval=0)
+    rollout = api.post(
+        "/v1/rollouts",
+        json={"model": "classifier", "version": "2.0.0", "selector": f"ring={uid}",
+              "strategy": "canary", "stages": [10, 100], "bake_s": 0.5, "max_bake_s": 1,
+              "on_no_evidence": "abort", "gates": {"max_error_rate": 0.01}},
+    )  # fmt: skip
+    done = follow(api, rollout["id"])
+    assert done["state"] == "aborted" and "no evidence" in done["reason"], done["reason"]
+    assert "max_error_rate" in done["reason"]
+    wait_until(lambda: sim.serving("classifier") == {"1.0.0": 20}, 30, "the rollback")
 
 
 @pytest.mark.skipif(not POSTGRES_URL, reason="EDGEFLEET_TEST_POSTGRES_URL is not set (CI sets it)")
