@@ -49,6 +49,7 @@ from fleet_server.telemetry import tables as telemetry_tables
 from fleet_server.telemetry.routes import router as telemetry_router
 from fleet_server.telemetry.service import TelemetryService
 from fleet_server.trust.routes import router as trust_router
+from fleet_server.versions.routes import router as versions_router
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,7 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
     app.include_router(audit_router, responses=ERROR_RESPONSES)
     app.include_router(telemetry_router, responses=ERROR_RESPONSES)
     app.include_router(hil_router, responses=ERROR_RESPONSES)
+    app.include_router(versions_router, responses=ERROR_RESPONSES)
 
     @app.get("/healthz", tags=["health"])
     def healthz(state: StateDep) -> dict[str, Any]:

@@ -75,6 +75,9 @@ class ApiClient:
         calibration: Path | None = None,
         validation: Path | None = None,
         output_kinds: dict[str, str] | None = None,
+        card: Path | None = None,
+        meta: dict[str, str] | None = None,
+        parents: list[str] | None = None,
     ) -> Any:
         with contextlib.ExitStack() as stack:
             files = {
@@ -84,7 +87,11 @@ class ApiClient:
                     "application/octet-stream",
                 )
             }
-            for field, extra in (("calibration", calibration), ("validation", validation)):
+            for field, extra in (
+                ("calibration", calibration),
+                ("validation", validation),
+                ("card", card),
+            ):
                 if extra is not None:
                     files[field] = (
                         extra.name,
@@ -99,6 +106,8 @@ class ApiClient:
                     "version": version,
                     "description": description,
                     "output_kinds": json.dumps(output_kinds or {}),
+                    "meta": json.dumps(meta or {}),
+                    "parents": ",".join(parents or []),
                 },
             )
 

@@ -65,6 +65,9 @@ def add_missing_columns(engine: Engine, metadata: MetaData) -> list[str]:
                     continue
                 kind = column.type.compile(dialect=engine.dialect)
                 default = getattr(column.default, "arg", None)
+                server = getattr(column.server_default, "arg", None)
+                if default is None and isinstance(server, str):
+                    default = server  # a column declared with a server default (JSON, text)
                 clause = ""
                 if isinstance(default, bool):
                     clause = f" DEFAULT {'TRUE' if default else 'FALSE'}"

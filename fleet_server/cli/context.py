@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Annotated, Any
 
 import typer
@@ -53,3 +54,14 @@ def parse_labels(pairs: list[str] | None) -> dict[str, str]:
 
 def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, default=str))
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration_s(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``2h``, ``7d`` → seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match or float(match.group(1)) <= 0:
+        raise typer.BadParameter(f"expected a duration like 90s, 15m, 2h or 7d, got {text!r}")
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.markdown import Markdown
 from rich.table import Table
 
 from fleet_server.cli.context import (
@@ -15,6 +16,7 @@ from fleet_server.cli.context import (
     TokenOpt,
     api_client,
     console,
+    parse_duration_s,
     parse_labels,
     print_json,
 )
@@ -52,11 +54,27 @@ def models_push(
             "output is gated with a fitting measure (default: auto)"
         ),
     ] = None,
+    card: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="model card (Markdown, at most 64 KiB)"),
+    ] = None,
+    meta: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="KEY=VALUE (repeatable): training data reference, commit, owner, offline "
+            "metrics (keys are identifiers)"
+        ),
+    ] = None,
+    parent: Annotated[
+        list[str] | None,
+        typer.Option(help="a version of this model it was derived from (repeatable)"),
+    ] = None,
     server: ServerOpt = DEFAULT_SERVER,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Upload a model version (with its calibration / validation data for int8 builds)."""
+    """Upload a model version (with its calibration / validation data for int8 builds, its
+    model card, metadata and parents). A version is immutable once pushed."""
     result = api_client(server, token).upload_model(
         file,
         name,
@@ -65,6 +83,9 @@ def models_push(
         calibration=calibration,
         validation=validation,
         output_kinds=parse_labels(output_kind),
+        card=card,
+        meta=_meta(meta),
+        parents=parent,
     )
     if as_json:
         print_json(result)
@@ -93,11 +114,30 @@ def models_list(
     console.print(table)
 
 
+def _meta(pairs: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise typer.BadParameter(f"--meta takes KEY=VALUE, not {pair!r}", param_hint="--meta")
+        out[key] = value
+    return out
+
+
 @models_app.command("show")
 def models_show(
-    name: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None, as_json: JsonOpt = False
+    name: str,
+    version: Annotated[str | None, typer.Argument(help="one version in full")] = None,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Show a model's versions with their inputs and outputs."""
+    """Show a model's versions with their inputs and outputs; with VERSION, that version's
+    lineage, card, metadata, builds with their parity figures, and where it runs now."""
+    if version is not None:
+        _show_version(api_client(server, token).get(
+            f"/v1/models/{name}/versions/{version}/overview"), as_json)  # fmt: skip
+        return
     model = api_client(server, token).get(f"/v1/models/{name}")
     if as_json:
         print_json(model)
@@ -114,3 +154,95 @@ def models_show(
             v["created_at"][:19],
         )
     console.print(table)
+
+
+def _show_version(v: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(v)
+        return
+    console.print(
+        f"[bold]{v['model']} {v['version']}[/bold]  sha256 {v['source_sha256'][:12]}  "
+        f"{v['size']} bytes  opset {v['opset']}  pushed {v['created_at'][:19]} by {v['created_by']}"
+    )
+    lineage = v["lineage"]
+    console.print(
+        "lineage: "
+        + (" ← ".join([v["version"], *lineage["ancestors"]]) if lineage["ancestors"] else "root")
+        + (f"; derived from it: {', '.join(lineage['children'])}" if lineage["children"] else "")
+    )
+    if v["description"]:
+        console.print(v["description"])
+    ins = ", ".join(f"{s['name']}{s['shape']}:{s['dtype']}" for s in v["inputs"])
+    outs = ", ".join(f"{s['name']}{s['shape']}:{s['dtype']}" for s in v["outputs"])
+    console.print(f"inputs:  {ins}\noutputs: {outs}")
+    if v["meta"]:
+        meta = Table("key", "value", title="metadata")
+        for key, value in sorted(v["meta"].items()):
+            meta.add_row(key, value)
+        console.print(meta)
+    builds = Table("profile", "runtime", "precision", "size", "max abs err", "top-1 agree",
+                   "speedup", "bundle", title="builds")  # fmt: skip
+    for b in v["bundles"]:
+        p = b["parity"]
+        builds.add_row(b["profile"], b["runtime"], b["precision"], str(b["size"]),
+                       _num(p.get("max_abs_error")), _num(p.get("top1_agreement")),
+                       _num(p.get("speedup")), b["bundle_sha256"][:12])  # fmt: skip
+    console.print(builds if v["bundles"] else "builds: none yet (edgefleet builds create)")
+    running = v["running"]
+    where = ", ".join(f"{n} on {p}" for p, n in sorted(running["by_profile"].items()))
+    console.print(f"runs on {running['devices']} device(s)" + (f": {where}" if where else ""))
+    if v["card"]:
+        console.print(Markdown(v["card"]))
+
+
+def _num(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+@models_app.command("diff")
+def models_diff(
+    name: Annotated[str, typer.Argument(help="model name")],
+    a: Annotated[str, typer.Argument(help="the version deployed now")],
+    b: Annotated[str, typer.Argument(help="the version to compare with it")],
+    since: Annotated[str, typer.Option(help="telemetry window, e.g. 1h, 24h, 7d")] = "24h",
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Two versions side by side: what would break a caller of A, size, precision and parity
+    per profile, and p95 latency, error rate, accuracy and drift where telemetry exists."""
+    d = api_client(server, token).get(
+        f"/v1/models/{name}/diff", params={"a": a, "b": b, "since_s": parse_duration_s(since)}
+    )
+    if as_json:
+        print_json(d)
+        return
+    if d["compatible"]:
+        console.print(f"{name} {b} takes {a}'s inputs and outputs: callers need no change")
+    else:
+        console.print(f"[red]{name} {b} breaks callers of {a}:[/red]")
+        for change in d["io_differences"]:
+            console.print(f"  - {change}")
+    table = Table("profile", "", f"{a}", f"{b}", title=f"{name}: {a} vs {b} (telemetry: {since})")
+    for profile, entry in d["profiles"].items():
+        rows: list[tuple[str, Any, Any]] = []
+        built = (entry["a"] or {}), (entry["b"] or {})
+        rows.append(("precision", built[0].get("precision"), built[1].get("precision")))
+        rows.append(("size", built[0].get("size"), built[1].get("size")))
+        for key in ("max_abs_error", "top1_agreement"):
+            rows.append((key, (built[0].get("parity") or {}).get(key),
+                         (built[1].get("parity") or {}).get(key)))  # fmt: skip
+        seen = entry.get("telemetry") or {}
+        ta, tb = seen.get("a") or {}, seen.get("b") or {}
+        for key in ("p95_ms", "error_rate", "accuracy", "worst_psi"):
+            if ta.get(key) is not None or tb.get(key) is not None:
+                rows.append((key, ta.get(key), tb.get(key)))
+        for i, (label, x, y) in enumerate(rows):
+            table.add_row(profile if i == 0 else "", label, _cell(x), _cell(y))
+    console.print(table)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import signal
 import threading
 from pathlib import Path
@@ -18,22 +17,12 @@ from fleet_server.cli.context import (
     TokenOpt,
     api_client,
     console,
+    parse_duration_s,
     print_json,
 )
 
 telemetry_app = typer.Typer(no_args_is_help=True, help="Fleet telemetry: latency, errors, drift.")
 alerts_app = typer.Typer(no_args_is_help=True, help="Health alerts raised from telemetry.")
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration_s(text: str) -> float:
-    """``90``, ``90s``, ``15m``, ``2h``, ``7d`` → seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
-    if not match or float(match.group(1)) <= 0:
-        raise typer.BadParameter(f"expected a duration like 90s, 15m, 2h or 7d, got {text!r}")
-    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
-
 
 SinceOpt = Annotated[str, typer.Option("--since", help="look back this long (90s, 15m, 2h, 7d)")]
 

@@ -42,9 +42,23 @@ def upload_model_version(
             "boxes or auto; each is gated with a fitting measure"
         ),
     ] = "",
+    card: Annotated[
+        UploadFile | None, File(description="the model card (Markdown, UTF-8, at most 64 KiB)")
+    ] = None,
+    meta: Annotated[
+        str,
+        Form(
+            description='JSON {"key": "value"}: training data reference, commit, owner, offline '
+            "metrics (keys are identifiers; at most 64)"
+        ),
+    ] = "",
+    parents: Annotated[
+        str, Form(description="comma-separated versions of this model it was derived from")
+    ] = "",
 ) -> ModelVersionPublic:
     """Upload a new model version (multipart). The file must pass ``onnx.checker``; the
-    calibration and validation sets must match the model's input names, dtypes and shapes."""
+    calibration and validation sets must match the model's input names, dtypes and shapes.
+    A version is immutable once pushed: its card, metadata and parents too."""
     return service.upload_version(
         session,
         state.store,
@@ -58,6 +72,9 @@ def upload_model_version(
         calibration=calibration.file if calibration is not None else None,
         validation=validation.file if validation is not None else None,
         output_kinds=output_kinds,
+        card=card.file if card is not None else None,
+        meta=meta,
+        parents=parents,
     )
 
 

@@ -61,6 +61,69 @@ def _output_kinds(text: str, names: list[str]) -> dict[str, str]:
     return {str(n): str(k) for n, k in kinds.items()}
 
 
+#: A model card is Markdown text, at most this long.
+MAX_CARD_BYTES = 64 * 1024
+MAX_META_KEYS = 64
+MAX_META_VALUE = 1024
+META_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def _card(card: BinaryIO | None) -> str:
+    if card is None:
+        return ""
+    data = card.read(MAX_CARD_BYTES + 1)
+    if len(data) > MAX_CARD_BYTES:
+        raise InvalidInputError(
+            f"the model card is over {MAX_CARD_BYTES // 1024} KiB; link long documents from it",
+            field="card",
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidInputError(f"the model card is not UTF-8 text ({e})", field="card") from e
+    if "\x00" in text:
+        raise InvalidInputError("the model card is not text (it holds NUL bytes)", field="card")
+    return text
+
+
+def _meta(text: str) -> dict[str, str]:
+    """The ``meta`` form field: a JSON object of identifier keys and string values."""
+    if not text.strip():
+        return {}
+    try:
+        meta = json.loads(text)
+    except ValueError as e:
+        raise InvalidInputError(f"meta is not JSON: {e}", field="meta") from e
+    if not isinstance(meta, dict):
+        raise InvalidInputError('meta must be a JSON object {"key": "value"}', field="meta")
+    if len(meta) > MAX_META_KEYS:
+        raise InvalidInputError(f"meta has {len(meta)} keys (limit {MAX_META_KEYS})", field="meta")
+    bad = sorted(k for k in meta if not META_KEY.match(k))
+    if bad:
+        raise InvalidInputError(
+            f"meta keys {bad} are not identifiers (letters, digits, '_'; not first a digit)",
+            field="meta",
+        )
+    for key, value in meta.items():
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise InvalidInputError(f"meta {key}: a string or a number, not {value!r}",
+                                    field="meta")  # fmt: skip
+        if len(str(value)) > MAX_META_VALUE:
+            raise InvalidInputError(f"meta {key}: over {MAX_META_VALUE} characters", field="meta")
+    return {k: str(v) for k, v in meta.items()}
+
+
+def _parents(session: Session, model: MLModel | None, name: str, text: str) -> list[str]:
+    parents = [p.strip() for p in text.split(",") if p.strip()]
+    for parent in parents:
+        if model is None or _find_version(session, model, parent) is None:
+            raise InvalidInputError(
+                f"parent {name} {parent} does not exist; push it first (or name no parent)",
+                field="parents",
+            )
+    return list(dict.fromkeys(parents))
+
+
 def _check_names(name: str, version: str) -> None:
     if not MODEL_NAME.match(name):
         raise InvalidInputError(
@@ -87,13 +150,20 @@ def upload_version(
     calibration: BinaryIO | None = None,
     validation: BinaryIO | None = None,
     output_kinds: str = "",
+    card: BinaryIO | None = None,
+    meta: str = "",
+    parents: str = "",
 ) -> ModelVersionPublic:
     """Store a model version, with its calibration / validation sets (``.npz``, one array per
-    input, axis 0 = samples) when given. Everything is checked before anything is stored."""
+    input, axis 0 = samples) when given, its model card, metadata and parents. Everything is
+    checked before anything is stored."""
     _check_names(name, version)
     model = session.exec(select(MLModel).where(MLModel.name == name)).first()
     if model is not None and _find_version(session, model, version) is not None:
         raise ConflictError(f"{name} {version} already exists; versions are immutable")
+    card_text = _card(card)
+    meta_values = _meta(meta)
+    lineage = _parents(session, model, name, parents)
 
     scratch = store.scratch_dir()
     try:
@@ -144,6 +214,9 @@ def upload_version(
             calibration_samples=sets["calibration"][1] if "calibration" in sets else None,
             validation_sha256=stored.get("validation"),
             validation_samples=sets["validation"][1] if "validation" in sets else None,
+            card=card_text,
+            meta=meta_values,
+            parents=lineage,
             created_at=now,
             created_by=actor,
         )

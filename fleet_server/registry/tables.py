@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlalchemy import JSON, Column, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -34,6 +34,16 @@ class ModelVersionBase(SQLModel):
     calibration_samples: int | None = None
     validation_sha256: str | None = Field(default=None, max_length=64)
     validation_samples: int | None = None
+    #: The model card (Markdown), as pushed.
+    card: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=""))
+    #: key → value: training data reference, commit, owner, offline metrics…
+    meta: dict[str, str] = Field(
+        default_factory=dict, sa_column=Column(JSON, nullable=False, server_default="{}")
+    )
+    #: Versions of the same model this one was derived from (lineage).
+    parents: list[str] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]")
+    )
     created_at: datetime
     created_by: str = Field(max_length=128)
 

@@ -947,9 +947,14 @@ class RolloutEngine:
         self._event(session, rollout, now, "gate_breach" if breached else "aborted", reason,
                     actor=actor, stage=rollout.stage, breached=shown)  # fmt: skip
         documents = self._roll_back(session, rollout, now)
-        self._event(session, rollout, now, "rollback",
-                    f"{len(documents)} device(s) given their previous version back",
-                    actor=actor, devices=len(documents))  # fmt: skip
+        message = f"{len(documents)} device(s) given their previous version back"
+        breaking = (rollout.plan or {}).get("breaking")
+        if breaking and documents:
+            # Back across an input/output change: callers updated for the candidate break.
+            changes = "; ".join(f"{v}: " + ", ".join(c) for v, c in breaking["differences"].items())
+            message += f", across an input/output change ({changes})"
+        self._event(session, rollout, now, "rollback", message[:1000], actor=actor,
+                    devices=len(documents), breaking=breaking)  # fmt: skip
         record(session, actor, "rollout.abort", rollout.id, reason=reason, breached=shown,
                rolled_back=len(documents))  # fmt: skip
         session.add(rollout)

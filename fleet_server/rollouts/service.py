@@ -21,6 +21,7 @@ from fleet_server.audit.service import record
 from fleet_server.builds.runner import BuildRunner
 from fleet_server.bundles.tables import Bundle
 from fleet_server.database import aware
+from fleet_server.devices.desired import current_slot
 from fleet_server.devices.selectors import Selector
 from fleet_server.devices.service import list_devices, resolve_targets
 from fleet_server.devices.tables import BundleGrant, Device
@@ -28,6 +29,7 @@ from fleet_server.errors import ConflictError, InvalidInputError, NotFoundError
 from fleet_server.hil import service as hil_service
 from fleet_server.hil.tables import OPEN_STATES, RIG_LABEL
 from fleet_server.keys.service import FleetSigner
+from fleet_server.registry.compat import io_differences
 from fleet_server.registry.service import get_version, version_by_id
 from fleet_server.registry.tables import MLModel, ModelVersion
 from fleet_server.rollouts.engine import BundleChoice, RolloutEngine, choose_bundle, cohort_of
@@ -114,6 +116,7 @@ def create_rollout(
     if body.shadow_of is not None and body.shadow_of == slot:
         raise InvalidInputError("a shadow needs its own slot, not the one it shadows", field="slot")
     superseded = _check_overlap(session, slot, {d.id for d in devices}, body.supersedes)
+    breaking = _schema_changes(session, body, model, version, body.shadow_of or slot, devices)
     choices = _bundles(session, runner, model, version, devices, signer, actor, build_wait_s)
     excluded = {d.id: choices[cohort_of(d)].excluded for d in devices}
     if all(excluded.values()):
@@ -133,7 +136,7 @@ def create_rollout(
             selector=body.selector if isinstance(body.selector, dict) else None,
             cohort=str(selector) if isinstance(body.selector, str) and selector else None,
             devices=list(dict.fromkeys(body.devices)) if body.devices else None,
-            plan=body.plan(),
+            plan={**body.plan(), **({"breaking": breaking} if breaking else {})},
             state=RolloutState.IN_PROGRESS,
             created_at=now,
             created_by=actor,
@@ -184,6 +187,9 @@ def create_rollout(
                 },
             )
         )
+        if breaking:
+            record(session, actor, "rollout.allow_breaking", rollout.id, model=model.name,
+                   version=version.version, **breaking)  # fmt: skip
         record(
             session,
             actor,
@@ -203,6 +209,42 @@ def create_rollout(
         engine.step(rollout_id, wait_published_s=5.0)
     session.expire_all()
     return get_rollout(session, rollout_id)
+
+
+def _schema_changes(
+    session: Session,
+    body: RolloutCreate,
+    model: MLModel,
+    version: ModelVersion,
+    slot: str,
+    devices: list[Device],
+) -> dict[str, Any] | None:
+    """How the candidate's inputs and outputs differ from each version the cohort's slot
+    serves. Refused (409 ``breaking_change``, naming every difference) unless the request
+    says ``allow_breaking``; then returned, to be audited and kept in the plan."""
+    serving = current_slot(session, [d.id for d in devices], slot)
+    found: dict[str, list[str]] = {}
+    for name, number in sorted({(a.model, a.version) for a in serving.values()}):
+        if (name, number) == (model.name, version.version):
+            continue
+        try:
+            _, old = get_version(session, name, number)
+        except NotFoundError:
+            continue
+        changes = io_differences(old.inputs, old.outputs, version.inputs, version.outputs)
+        if changes:
+            found[f"{name} {number}"] = changes
+    if not found:
+        return None
+    if not body.allow_breaking:
+        listed = "; ".join(f"against {v}: " + ", ".join(c) for v, c in found.items())
+        raise ConflictError(
+            f"{model.name} {version.version} would break the callers of slot {slot!r}: "
+            f"{listed}. Deploy it to a new slot, or say allow_breaking (audited)",
+            reason="breaking_change",
+            differences=found,
+        )
+    return {"slot": slot, "differences": found}
 
 
 def _cohort_now(

@@ -8,10 +8,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from fleet_server.client import ApiClient, ApiError
 from fleet_server.server import EmbeddedStack
+from hil.rig import wait_until
 from tests.conftest import ADMIN_TOKEN
 from tests.factories import TestFleet, make_bundle, read_members, write_members
 
@@ -45,6 +48,61 @@ def test_models_push_list_show(stack: EmbeddedStack, model_path: Path) -> None:
     )
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0 and "already exists" in r.stderr
+
+
+def test_a_version_explains_itself(
+    stack: EmbeddedStack, api: ApiClient, model_path: Path, model_v2_path: Path, tmp_path: Path
+) -> None:
+    card = tmp_path / "CARD.md"
+    card.write_text("# Classifier\n\nTrained on **bench-2026-11**; known weak on class 3.\n")
+    r = edgefleet(stack, "models", "push", str(model_path), "--name", "clf", "--version", "1.0.0",
+                  "--card", str(card), "--meta", "commit=4be1f0c", "--meta", "owner=vision-team",
+                  "--meta", "offline_top1=0.913")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = edgefleet(stack, "models", "push", str(model_v2_path), "--name", "clf", "--version",
+                  "1.1.0", "--parent", "1.0.0", "--meta", "data=s3://datasets/bench-2026-12")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    api.post("/v1/builds", json={"model": "clf", "version": "1.1.0", "profile": "x86-64-avx2"})
+    wait_until(lambda: api.get("/v1/models/clf/versions/1.1.0/overview")["bundles"], 120,
+               "the build")  # fmt: skip
+    shown = edgefleet(stack, "models", "show", "clf", "1.1.0")
+    assert shown.returncode == 0, shown.stderr
+    out = shown.stdout
+    assert "lineage: 1.1.0 ← 1.0.0" in out and "s3://datasets/bench-2026-12" in out, out
+    assert "x86-64-avx2" in out and "runs on 0 device(s)" in out, out
+    root = edgefleet(stack, "models", "show", "clf", "1.0.0").stdout
+    assert "derived from it: 1.1.0" in root and "known weak on class 3" in root, root
+    assert "vision-team" in root and "4be1f0c" in root
+    detail = api.get("/v1/models/clf/versions/1.0.0")
+    assert detail["meta"]["offline_top1"] == "0.913" and detail["card"].startswith("# Classifier")
+    diff = edgefleet(stack, "models", "diff", "clf", "1.0.0", "1.1.0")
+    assert diff.returncode == 0 and "callers need no change" in diff.stdout, diff.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"meta": '{"not an identifier": "x"}'}, "meta"),
+        ({"meta": '{"1st": "x"}'}, "meta"),
+        ({"meta": "[1, 2]"}, "meta"),
+        ({"meta": '{"k": {"nested": 1}}'}, "meta"),
+        ({"parents": "9.9.9"}, "parents"),
+        ({"card": b"x" * (64 * 1024 + 1)}, "card"),
+        ({"card": b"\xff\xfe not utf-8"}, "card"),
+    ],
+)
+def test_bad_cards_metadata_and_parents_store_nothing(
+    stack: EmbeddedStack, api: ApiClient, model_path: Path, extra: dict[str, Any], field: str
+) -> None:
+    data = {"name": "clf", "version": "2.0.0", **{k: v for k, v in extra.items() if k != "card"}}
+    files: dict[str, Any] = {"file": ("m.onnx", model_path.read_bytes())}
+    if "card" in extra:
+        files["card"] = ("CARD.md", extra["card"])
+    with pytest.raises(ApiError) as refused:
+        api.post("/v1/models", files=files, data=data)
+    assert refused.value.status == 422 and field in str(refused.value.fields), refused.value
+    with pytest.raises(ApiError):  # nothing stored half-way
+        api.get("/v1/models/clf/versions/2.0.0")
 
 
 def test_usage_errors_exit_2(stack: EmbeddedStack, model_path: Path) -> None:

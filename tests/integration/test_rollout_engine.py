@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from fleet_server.broker import EmbeddedBroker, free_port
@@ -385,6 +386,77 @@ def test_no_evidence_can_abort_instead(
     done = follow(api, rollout["id"])
     assert done["state"] == "aborted" and "no evidence" in done["reason"], done["reason"]
     assert "max_error_rate" in done["reason"]
+    wait_until(lambda: sim.serving("classifier") == {"1.0.0": 20}, 30, "the rollback")
+
+
+def _variant(source: Path, out: Path, change: str) -> Path:
+    """The sample classifier with one change to what its callers see."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    m = onnx.load(str(source))
+    g = m.graph
+    if change == "renamed_input":
+        g.input[0].name = "features"
+        for node in g.node:
+            node.input[:] = ["features" if i == "x" else i for i in node.input]
+    elif change == "dtype":
+        g.input[0].type.tensor_type.elem_type = TensorProto.DOUBLE
+        g.node.insert(0, helper.make_node("Cast", ["x"], ["x32"], to=TensorProto.FLOAT))
+        for node in list(g.node)[1:]:
+            node.input[:] = ["x32" if i == "x" else i for i in node.input]
+    elif change == "output_rank":
+        for node in g.node:
+            node.output[:] = ["probs2" if o == "probs" else o for o in node.output]
+        g.initializer.append(onnx.numpy_helper.from_array(np.array([1], np.int64), "axis1"))
+        g.node.append(helper.make_node("Unsqueeze", ["probs2", "axis1"], ["probs"]))
+        g.output[0].CopyFrom(
+            helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", 1, 4])
+        )
+    onnx.checker.check_model(m)
+    onnx.save(m, str(out))
+    return out
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ("renamed_input", "input 'x' is gone (new inputs: features)"),
+        ("dtype", "input 'x': dtype float32 → float64"),
+        ("output_rank", "output 'probs': rank 2 → 3"),
+    ],
+)
+def test_a_version_that_breaks_its_callers_is_refused_unless_allowed(
+    api: ApiClient, fleet: tuple[FleetSimulator, list[SimulatedDevice]], uid: str,
+    model_path: Path, tmp_path: Path, change: str, named: str,
+) -> None:  # fmt: skip
+    sim, _ = fleet
+    api.upload_model(_variant(model_path, tmp_path / "v3.onnx", change), "classifier", "3.0.0")
+    before = desired_seqs(api)
+    body = {"model": "classifier", "version": "3.0.0", "selector": f"ring={uid}"}
+    with pytest.raises(ApiError) as refused:
+        api.post("/v1/rollouts", json=body)
+    e = refused.value
+    assert e.status == 409 and e.reason == "breaking_change", e
+    assert named in e.message and "classifier 1.0.0" in e.message, e.message
+    assert desired_seqs(api) == before  # nothing changed
+    assert api.get("/v1/rollouts", params={"targets": "false"})[0]["version"] == "1.0.0"
+    # models diff says the same.
+    diff = api.get("/v1/models/classifier/diff", params={"a": "1.0.0", "b": "3.0.0"})
+    assert diff["compatible"] is False and named in " ".join(diff["io_differences"]), diff
+
+    # allow_breaking goes through, audited; a fleet rollback across the change says so.
+    rollout = api.post("/v1/rollouts", json={**body, "allow_breaking": True, "strategy": "canary",
+                                            "stages": [50, 100], "manual_approval": True})  # fmt: skip
+    audit = api.get("/v1/audit", params={"action": "rollout.allow_breaking"})
+    assert audit and audit[0]["target"] == rollout["id"], audit
+    assert named in str(audit[0]["detail"]), audit[0]
+    wait_until(lambda: sim.serving("classifier").get("3.0.0") == 10, 30, "the first stage")
+    api.post(f"/v1/rollouts/{rollout['id']}/abort")
+    done = follow(api, rollout["id"])
+    rollback = next(e for e in done["events"] if e["kind"] == "rollback")
+    assert "across an input/output change" in rollback["message"] and named in rollback["message"]
     wait_until(lambda: sim.serving("classifier") == {"1.0.0": 20}, 30, "the rollback")
 
 

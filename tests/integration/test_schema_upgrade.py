@@ -14,12 +14,16 @@ from fleet_server.app import create_tables
 from fleet_server.database import make_engine
 from fleet_server.devices.service import desired_summaries
 from fleet_server.devices.tables import DesiredStateRecord, Device
+from fleet_server.registry.service import get_version_public
+from fleet_server.registry.tables import MLModel, ModelVersion
 from fleet_server.settings import Settings
 
 DROPPED = {
-    "rollouts": ["plan", "state", "stage", "cohort"],
     "rollout_targets": ["phase", "previous", "error"],
     "desired_states": ["expires_at", "keyring_version"],
+    "model_versions": ["card", "meta", "parents"],
+    "telemetry_rollups": ["labelled", "correct", "late"],
+    "rollouts": ["plan", "state", "stage", "cohort", "awaiting", "evidence_waived_stage"],
 }
 
 
@@ -30,6 +34,12 @@ def test_columns_added_since_a_database_was_created_are_added(db_url: str) -> No
         with Session(engine) as session:
             session.add(Device(id="old-1", profile="x86-64-avx2", labels={}, secret_hash="h",
                                enrolled_at=datetime.now(UTC)))  # fmt: skip
+            session.add(MLModel(id=1, name="clf", created_at=datetime.now(UTC)))
+            session.flush()
+            session.add(ModelVersion(model_id=1, version="1.0.0", source_sha256="0" * 64, size=1,
+                                     filename="m.onnx", opset=17, ir_version=8, inputs=[],
+                                     outputs=[], created_at=datetime.now(UTC),
+                                     created_by="admin"))  # fmt: skip
             session.commit()
         with engine.begin() as conn:
             conn.execute(text("DROP INDEX ix_rollouts_state"))
@@ -54,6 +64,9 @@ def test_columns_added_since_a_database_was_created_are_added(db_url: str) -> No
         with Session(engine) as session:
             record = session.get(DesiredStateRecord, "old-1")
             assert record is not None and record.seq == 7 and record.expires_at is None
+            # A version pushed before cards and lineage reads as having none.
+            old = get_version_public(session, "clf", "1.0.0")
+            assert (old.card, old.meta, old.parents) == ("", {}, [])
             summary = desired_summaries(session, ["old-1"])["old-1"]
             assert summary.seq == 7 and summary.keyring_version == 3
             assert summary.expires_at == datetime(2027, 1, 1, tzinfo=UTC)
