@@ -40,9 +40,12 @@ from edge_agent.protocol.status import VersionRef
 __all__ = [
     "MAX_LABELS_PER_REQUEST",
     "MAX_ROWS_KEPT",
+    "Answer",
     "FeedbackStore",
+    "Key",
     "LabelCounts",
     "Verdict",
+    "answer_key",
     "class_output",
     "parse_feedback",
 ]
@@ -69,15 +72,24 @@ def class_output(manifest: Manifest, drift_kinds: dict[str, str]) -> tuple[str, 
     return None
 
 
-@dataclass(frozen=True, slots=True)
-class _Kept:
-    at: float
-    #: slot, role → (the version's key, top-1 class per row)
-    answers: dict[tuple[str, Role], tuple[_Key, np.ndarray]]
-
-
 #: (slot, role, model, version, bundle_sha256)
-_Key = tuple[str, Role, str, str, str]
+Key = tuple[str, Role, str, str, str]
+#: One answer: the class of the request's one row (an int), or of each of its rows.
+Answer = int | np.ndarray
+
+
+def answer_key(slot: str, role: Role, ref: VersionRef) -> Key:
+    return (slot, role, ref.model, ref.version, ref.bundle_sha256)
+
+
+def _rows(answer: Answer) -> int:
+    return 1 if isinstance(answer, int) else len(answer)
+
+
+def _right(answer: Answer, truth: list[int]) -> int:
+    if isinstance(answer, int):
+        return int(answer == truth[0])
+    return int((answer == np.asarray(truth)).sum())
 
 
 @dataclass
@@ -161,10 +173,13 @@ class FeedbackStore:
         self.max_labels_per_s = max_labels_per_s
         self._clock = clock
         self._lock = threading.Lock()
-        self._kept: OrderedDict[str, _Kept] = OrderedDict()
-        self._counts: dict[_Key, LabelCounts] = {}
+        #: request id → (kept at, the slot's key, its answer): the hot path adds one tuple.
+        self._kept: OrderedDict[str, tuple[float, Key, Answer]] = OrderedDict()
+        #: request id → the answers of shadows that ran on it (a sample of requests).
+        self._shadows: OrderedDict[str, list[tuple[Key, Answer]]] = OrderedDict()
+        self._counts: dict[Key, LabelCounts] = {}
         #: Never reset: the agent's /metrics.
-        self._totals: dict[_Key, LabelCounts] = {}
+        self._totals: dict[Key, LabelCounts] = {}
         self.refused: dict[str, int] = {}
         self._prefix = os.urandom(6).hex()
         self._ids = itertools.count(1)
@@ -177,22 +192,25 @@ class FeedbackStore:
 
     # --- the predict path ------------------------------------------------------------------------
     def new_id(self) -> str:
-        return f"{self._prefix}-{next(self._ids):x}"
+        return self._prefix + format(next(self._ids), "x")
 
-    def keep(
-        self, request_id: str, slot: str, role: Role, ref: VersionRef, top1: np.ndarray
-    ) -> None:
-        """Keep ``top1`` (one class per row) as ``ref``'s answer to ``request_id``."""
-        key: _Key = (slot, role, ref.model, ref.version, ref.bundle_sha256)
-        now = self._clock()
+    def keep(self, request_id: str, key: Key, answer: Answer) -> None:
+        """Keep ``answer`` as the active version's (``key``) to ``request_id``."""
+        at = self._clock()
         with self._lock:
-            kept = self._kept.get(request_id)
-            if kept is None:
-                kept = _Kept(now, {})
-                self._kept[request_id] = kept
-                if len(self._kept) > self.capacity:
-                    self._kept.popitem(last=False)
-            kept.answers[(slot, role)] = (key, top1)
+            kept = self._kept
+            kept[request_id] = (at, key, answer)
+            if len(kept) > self.capacity:
+                kept.popitem(last=False)
+
+    def keep_shadow(self, request_id: str, key: Key, answer: Answer) -> None:
+        """A shadow's answer to a request the active version answered (and kept)."""
+        with self._lock:
+            if request_id not in self._kept:
+                return  # forgotten already, or not kept (no class output)
+            self._shadows.setdefault(request_id, []).append((key, answer))
+            if len(self._shadows) > self.capacity:
+                self._shadows.popitem(last=False)
 
     # --- labels ----------------------------------------------------------------------------------
     def label(
@@ -223,42 +241,40 @@ class FeedbackStore:
                     f"more than {self.max_labels_per_s:g} labels a second; retry later",
                     reason="too_many_labels",
                 )
-            joined: list[tuple[str, list[int], list[tuple[_Key, np.ndarray]]]] = []
+            joined: list[tuple[str, list[int], list[tuple[Key, Answer]]]] = []
             for rid, rows in labels:
                 kept = self._kept.get(rid)
-                # The request's answers (the slot's, and a shadow's beside it), if the slot
+                # The request's answers (the slot's, and a shadow's beside it), if this slot
                 # answered it.
-                mine = (
-                    list(kept.answers.values())
-                    if kept is not None and (slot, "active") in kept.answers
-                    else []
-                )
-                if mine and any(len(top1) != len(rows) for _k, top1 in mine):
+                mine: list[tuple[Key, Answer]] = []
+                if kept is not None and kept[1][0] == slot:
+                    mine = [(kept[1], kept[2]), *self._shadows.get(rid, [])]
+                if mine and _rows(mine[0][1]) != len(rows):
                     raise RequestError(
-                        f"request {rid} answered {len(mine[0][1])} row(s); "
+                        f"request {rid} answered {_rows(mine[0][1])} row(s); "
                         f"its label has {len(rows)}",
                         reason="bad_label",
                     )
                 joined.append((rid, rows, mine))
             self._tokens -= len(labels)
             accepted = correct_active = late = 0
-            late_key: _Key = (slot, "active", active.model, active.version, active.bundle_sha256)
+            late_key = answer_key(slot, "active", active)
             for rid, rows, mine in joined:
                 if not mine:
                     late += 1
                     self._add_locked(late_key, 0, 0, 1)
                     continue
-                self._kept.pop(rid, None)  # one label per prediction
+                del self._kept[rid]  # one label per prediction
+                self._shadows.pop(rid, None)
                 accepted += 1
-                truth = np.asarray(rows)
-                for key, top1 in mine:
-                    right = int((top1 == truth).sum())
+                for key, answer in mine:
+                    right = _right(answer, rows)
                     self._add_locked(key, len(rows), right, 0)
                     if key[1] == "active":
                         correct_active += right
             return Verdict(accepted, correct_active, late)
 
-    def _add_locked(self, key: _Key, labelled: int, correct: int, late: int) -> None:
+    def _add_locked(self, key: Key, labelled: int, correct: int, late: int) -> None:
         for table in (self._counts, self._totals):
             c = table.setdefault(key, LabelCounts())
             c.labelled += labelled
@@ -274,12 +290,13 @@ class FeedbackStore:
         horizon = now - self.max_age_s
         while self._kept:
             rid, kept = next(iter(self._kept.items()))
-            if kept.at >= horizon:
+            if kept[0] >= horizon:
                 break
             del self._kept[rid]
+            self._shadows.pop(rid, None)
 
     # --- reporting -------------------------------------------------------------------------------
-    def counts(self, *, reset: bool) -> dict[_Key, LabelCounts]:
+    def counts(self, *, reset: bool) -> dict[Key, LabelCounts]:
         """Label counts since the last reset (the reporter's interval)."""
         with self._lock:
             out = {k: LabelCounts(c.labelled, c.correct, c.late) for k, c in self._counts.items()}

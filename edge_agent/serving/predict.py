@@ -21,7 +21,7 @@ from edge_agent.serving.table import ServingModel, SlotTable
 __all__ = ["Prediction", "predict", "run_counted"]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Prediction:
     outputs: dict[str, np.ndarray]
     ref: VersionRef
@@ -38,17 +38,17 @@ def predict(table: SlotTable, name: str, feeds: dict[str, np.ndarray]) -> Predic
     finally:
         serving._release()
     feedback = table.feedback
-    request_id = None
     if feedback is not None:
-        request_id = feedback.new_id()
-        top1 = serving.top1(result.outputs)
-        if top1 is not None and serving.slot is not None:
-            feedback.keep(request_id, serving.slot, "active", serving.ref, top1)
-        result = Prediction(result.outputs, result.ref, result.latency_ms, request_id)
+        result.request_id = feedback.new_id()
+        key = serving.answer_key
+        if key is not None:
+            top1 = serving.top1(result.outputs)
+            if top1 is not None:
+                feedback.keep(result.request_id, key, top1)
     if table._shadows:
         slot = table.resolve(name)
         if slot is not None:
-            table.offer_shadow(slot, feeds, result.outputs, result.latency_ms, request_id)
+            table.offer_shadow(slot, feeds, result.outputs, result.latency_ms, result.request_id)
     return result
 
 

@@ -19,7 +19,14 @@ from prometheus_client.registry import Collector
 from edge_agent.bundle import Manifest
 from edge_agent.protocol.status import VersionRef
 from edge_agent.runtimes import LoadedModel
-from edge_agent.serving.feedback import MAX_ROWS_KEPT, FeedbackStore, class_output
+from edge_agent.serving.feedback import (
+    MAX_ROWS_KEPT,
+    Answer,
+    FeedbackStore,
+    Key,
+    answer_key,
+    class_output,
+)
 from edge_agent.serving.shadow import Shadow, ShadowRunner
 from edge_agent.serving.stats import ModelStats
 from edge_agent.telemetry.drift import Baseline
@@ -51,8 +58,9 @@ class ServingModel:
         self.classes = class_output(
             manifest, {k: d.kind for k, d in (baseline.outputs if baseline else {}).items()}
         )
-        #: The slot it serves (set when it starts serving one).
+        #: The slot it serves, and its key for kept answers (set when it starts serving).
         self.slot: str | None = None
+        self.answer_key: Key | None = None
         self._in_flight = 0
         self._retired = False
         self._lock = threading.Lock()
@@ -85,18 +93,21 @@ class ServingModel:
             if self._in_flight == 0:
                 self.model.close()
 
-    def top1(self, outputs: dict[str, np.ndarray]) -> np.ndarray | None:
-        """The class of each row of the answer, when it has a class output and few rows."""
+    def top1(self, outputs: dict[str, np.ndarray]) -> Answer | None:
+        """The class of the answer's one row (an int), or of each of its rows, when it has a
+        class output and few rows."""
         if self.classes is None:
             return None
         name, classes = self.classes
         out = outputs.get(name)
         if out is None or out.ndim == 0 or out.shape[-1] != classes:
             return None
+        if out.size == classes:
+            return int(out.argmax())
         rows = out.reshape(-1, classes)
         if rows.shape[0] > MAX_ROWS_KEPT:
             return None
-        top: np.ndarray = rows.argmax(axis=1).astype(np.int32)
+        top: np.ndarray = rows.argmax(axis=1)
         return top
 
     def describe(self) -> dict[str, Any]:
@@ -204,7 +215,8 @@ class SlotTable:
         if self.feedback is not None:
             top1 = serving.top1(outputs)
             if top1 is not None:
-                self.feedback.keep(request_id, shadow_slot, "shadow", serving.ref, top1)
+                key = answer_key(shadow_slot, "shadow", serving.ref)
+                self.feedback.keep_shadow(request_id, key, top1)
 
     def drain_shadows(self) -> None:
         if self._runner is not None:
@@ -214,6 +226,7 @@ class SlotTable:
         """Make ``new`` serve ``slot`` and return the model it replaced, which is retired
         unless ``retire_old`` is False (probation keeps it loaded to switch back to)."""
         new.slot = slot
+        new.answer_key = answer_key(slot, "active", new.ref)
         with self._lock:
             old = self._slots.get(slot)
             self._slots[slot] = new

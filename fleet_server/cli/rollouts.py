@@ -191,6 +191,17 @@ def rollouts_create(
         str | None, typer.Option(help="run as a shadow beside this active slot (never answers)")
     ] = None,
     sample_rate: Annotated[float, typer.Option(help="shadow: share of requests it sees")] = 0.1,
+    max_bake_s: Annotated[
+        float,
+        typer.Option(help="after the bake, how long a stage waits for its gates' evidence"),
+    ] = 3600,
+    on_no_evidence: Annotated[
+        str, typer.Option(help="no evidence within --max-bake-s: 'approval' or 'abort'")
+    ] = "approval",
+    allow_breaking: Annotated[
+        bool,
+        typer.Option(help="deploy even if inputs/outputs differ from what the slot serves"),
+    ] = False,
     hil_rig: Annotated[
         str | None,
         typer.Option(help="stage 0 is a HIL run on this registered rig (`edgefleet hil rigs add`)"),
@@ -243,6 +254,9 @@ def rollouts_create(
         "supersedes": supersedes,
         "split_pct": split_pct,
         "min_confidence": min_confidence,
+        "max_bake_s": max_bake_s,
+        "on_no_evidence": on_no_evidence,
+        "allow_breaking": allow_breaking,
     }
     if hil_rig is not None:
         body["hil"] = {"rig": hil_rig, "scenarios": hil_scenario or None,

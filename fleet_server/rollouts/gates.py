@@ -280,8 +280,8 @@ def _shift(
     judged: list[tuple[OutputShift, _Side]] = []
     waiting: list[str] = []
     for side in sides:
-        if not side.previous.outputs:
-            continue  # the previous version has no predictions: nothing to compare with here
+        if _thin(side.previous):
+            continue  # too few predictions of the previous version to compare with here
         # The previous version's binning: that of its bundle with the most counted values.
         ref_sha = max(
             side.previous.outputs,
@@ -307,7 +307,8 @@ def _shift(
             threshold=threshold,
             ok=None,
             applies=False,
-            detail="off: the previous version has no predictions in telemetry to compare with",
+            detail=f"off: the previous version has no predictions in telemetry to compare "
+            f"with (fewer than {MIN_SHIFT_VALUES} in this stage and the hour before the rollout)",
         )
     if judged:
         worst, side = max(judged, key=lambda j: j[0].psi or 0.0)

@@ -20,7 +20,7 @@ from edge_agent.serving import (
     SlotTable,
     start_http,
 )
-from edge_agent.serving.feedback import MAX_LABELS_PER_REQUEST
+from edge_agent.serving.feedback import MAX_LABELS_PER_REQUEST, answer_key
 from edge_agent.telemetry.outbox import Outbox
 from edge_agent.telemetry.reporter import TelemetryReporter, TelemetrySettings
 from tests.unit.test_serving import SPEC_IN, SPEC_OUT, post, serving
@@ -197,7 +197,7 @@ def test_the_store_is_bounded_by_count_and_age() -> None:
     t.swap("main", model)
     ids = [store.new_id() for _ in range(5)]
     for rid in ids:
-        store.keep(rid, "main", "active", model.ref, np.array([0], np.int32))
+        store.keep(rid, answer_key("main", "active", model.ref), 0)
     assert len(store) == 3  # the two oldest went
     v = store.label("main", model.ref, [(ids[0], [0]), (ids[4], [0])], 3)
     assert (v.accepted, v.late) == (1, 1)
