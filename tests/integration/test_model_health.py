@@ -19,6 +19,7 @@ from fleet_server.demo.agents import LocalAgent
 from fleet_server.server import EmbeddedStack
 from fleet_server.settings import Settings
 from hil.rig import wait_until
+from tests.integration.test_cli import edgefleet
 from tests.integration.test_rollouts import (
     all_at_once,
     follow,
@@ -80,6 +81,12 @@ def test_a_one_class_model_stops_at_its_canary_and_a_retrain_passes(
         assert figure["data"]["candidate"] == [1.0, 0.0, 0.0, 0.0], figure
         assert figure["data"]["previous_version"] == "1.1.0"
         assert "promoted" not in kinds(bad)
+        # What an operator reads: both distributions beside the breached gate.
+        shown = edgefleet(stack, "rollouts", "status", bad["id"])
+        assert shown.returncode == 0, shown.stderr
+        print(shown.stdout)
+        assert "BREACH" in shown.stdout and "prediction shift: probs (top1)" in shown.stdout
+        assert "previous 1.1.0" in shown.stdout and "candidate" in shown.stdout
         for agent in agents:
             agent.wait_serving("classifier", "1.1.0", timeout_s=30)
     finally:
