@@ -72,6 +72,9 @@ class Behaviour:
     error_rate: float = 0.0
     #: Requests served per telemetry interval (0: no telemetry for it).
     requests_per_interval: int = 0
+    #: Labels applications send back per interval, and the share of them that is right.
+    labels_per_interval: int = 0
+    accuracy: float = 1.0
 
 
 @dataclass
@@ -525,10 +528,12 @@ class FleetSimulator:
                 errors += 1
             else:
                 sketch.add(max(1e-3, self._rng.gauss(b.latency_ms, b.latency_ms * 0.1)))
+        labelled = b.labels_per_interval
+        correct = sum(1 for _ in range(labelled) if self._rng.random() < b.accuracy)
         return SlotFigures(
             slot=slot, role="active", model=a.model, version=a.version,
             bundle_sha256=a.bundle_sha256, rollout_id=a.rollout_id, requests=n, errors=errors,
-            nonfinite=0, latency_ms=to_wire(sketch),
+            nonfinite=0, latency_ms=to_wire(sketch), labelled=labelled, correct=correct,
         )  # fmt: skip
 
     # --- what a test or benchmark reads ----------------------------------------------------------

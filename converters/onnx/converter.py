@@ -30,8 +30,16 @@ class OnnxRuntimeConverter(Converter):
             path = optimize_fp32(job.source, out)
         elif target.precision == "int8":
             calibration = job.require_calibration(target)
+            features = set(job.profile.accelerator.cpu_features)
             path = quantize_int8(
-                job.source, out, calibration, flavour="x86", fp32_inputs=job.fp32_inputs
+                job.source,
+                out,
+                calibration,
+                flavour="x86",
+                fp32_inputs=job.fp32_inputs,
+                # Without VNNI, x86 int8 kernels multiply u8 x s8 pairs into saturating int16
+                # (vpmaddubsw): 7-bit weights keep the sums in range, at a little precision.
+                reduce_range=not features & {"avx512_vnni", "avx_vnni", "amx_int8"},
             )
         else:
             raise ConversionError(

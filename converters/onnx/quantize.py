@@ -71,8 +71,11 @@ def quantize_int8(
     *,
     flavour: Literal["x86", "tensorrt"],
     fp32_inputs: frozenset[str] = frozenset(),
+    reduce_range: bool = False,
 ) -> Path:
-    """Static QDQ int8 with per-channel weights, MinMax-calibrated on up to 64 samples."""
+    """Static QDQ int8 with per-channel weights, MinMax-calibrated on up to 64 samples.
+    ``reduce_range``: 7-bit weights, for x86 CPUs without VNNI (see onnxruntime's
+    quantization notes: their u8 x s8 products saturate in int16 otherwise)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -99,6 +102,7 @@ def quantize_int8(
                 activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
+                reduce_range=reduce_range,
                 nodes_to_exclude=_consumers(prepared, fp32_inputs),
                 extra_options={
                     "ActivationSymmetric": symmetric,

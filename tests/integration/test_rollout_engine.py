@@ -372,6 +372,38 @@ def test_a_gate_without_evidence_never_passes_a_stage(
 
 
 @SQLITE_ONLY
+@pytest.mark.parametrize(
+    ("accuracy", "state"), [(0.9, "completed"), (0.6, "aborted")], ids=["kept", "dropped"]
+)
+def test_online_accuracy_gates_judge_the_candidate_against_its_predecessor(
+    api: ApiClient, fleet: tuple[FleetSimulator, list[SimulatedDevice]], uid: str,
+    accuracy: float, state: str,
+) -> None:  # fmt: skip
+    sim, _ = fleet
+    labelled = dict(install_s=0.05, requests_per_interval=60, labels_per_interval=100)
+    sim.behaviours["1.0.0"] = Behaviour(**labelled, accuracy=0.9)  # type: ignore[arg-type]
+    sim.behaviours["2.0.0"] = Behaviour(**labelled, accuracy=accuracy)  # type: ignore[arg-type]
+    rollout = api.post(
+        "/v1/rollouts",
+        json={"model": "classifier", "version": "2.0.0", "selector": f"ring={uid}",
+              "strategy": "canary", "stages": [20, 100], "bake_s": 1,
+              "gates": {"min_accuracy": 0.8, "max_accuracy_drop": 0.05, "min_labels": 1000}},
+    )  # fmt: skip
+    done = follow(api, rollout["id"], timeout_s=120)
+    assert done["state"] == state, done["events"]
+    judged = next(e for e in done["events"] if e["kind"] in ("promoted", "gate_breach"))
+    figures = {g["gate"]: g for g in judged["figures"].get("gates") or
+               judged["figures"]["breached"]}  # fmt: skip
+    drop = figures["max_accuracy_drop"]
+    assert "against 1.0.0's" in drop["detail"], drop
+    if state == "completed":
+        assert drop["ok"] is True and figures["min_accuracy"]["ok"] is True
+    else:
+        assert drop["ok"] is False and drop["value"] > 0.2, drop
+        wait_until(lambda: sim.serving("classifier") == {"1.0.0": 20}, 30, "the rollback")
+
+
+@SQLITE_ONLY
 def test_no_evidence_can_abort_instead(
     api: ApiClient, fleet: tuple[FleetSimulator, list[SimulatedDevice]], uid: str
 ) -> None:

@@ -508,6 +508,10 @@ def test_shadow_rollouts_are_gated_on_agreement(
             assert good["state"] == "completed", good["events"]
             figure = {g["gate"]: g for g in good["gates"]}["min_shadow_agreement"]
             assert figure["ok"] is True and figure["value"] == 1.0, figure
+            # On by default: the shadow's answers against the active version's beside it.
+            shift = {g["gate"]: g for g in good["gates"]}["max_prediction_shift"]
+            assert shift["ok"] is True and shift["value"] < 0.05, shift
+            assert shift["data"]["previous_version"] == "1.0.0", shift
             bad = shadow("2.0.0", {**gates, "min_shadow_agreement": 0.99})
         assert bad["state"] == "aborted", bad["events"]
         breach = next(e for e in bad["events"] if e["kind"] == "gate_breach")

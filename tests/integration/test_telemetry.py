@@ -167,7 +167,11 @@ def test_a_drifted_feature_scores_high_psi_alone_and_raises_an_alert(
             agent.client.predict(
                 "classifier", {"x": rng.standard_normal((1, 16)).astype(np.float32)}
             )
-        wait_until(lambda: _total_requests(api, "classifier") >= 1500, 30, "figures")
+        # A request is counted before it is sampled: a batch cut between the two carries it in
+        # requests and the next batch in sampled. Wait for both.
+        wait_until(lambda: _total_requests(api, "classifier") >= 1500
+                   and api.get("/v1/telemetry/models/classifier")[0]["sampled"] >= 1500, 30,
+                   "figures")  # fmt: skip
         drift = api.get("/v1/telemetry/models/classifier")[0]["drift"]
         inputs = {d["tensor"]: d for d in drift if d["io"] == "input"}
         health = api.get("/v1/telemetry/models/classifier")[0]
