@@ -121,7 +121,10 @@ class SlotFigures(_Message):
     nonfinite: int = Field(ge=0, le=MAX_SEQ)
     latency_ms: LatencySketch | None = None
     #: Requests whose inputs and outputs were counted, and the sampling rate in force at the
-    #: end of the interval (chosen so drift accounting stays within its time budget).
+    #: end of the interval (chosen so drift accounting stays within its time budget). A
+    #: request is counted in ``requests`` just before it is sampled, so an interval cut
+    #: between the two carries it in one batch's ``requests`` and the next one's ``sampled``:
+    #: totals agree, a single batch may not.
     sampled: int = Field(default=0, ge=0, le=MAX_SEQ)
     sample_rate: float = Field(default=0.0, ge=0, le=1)
     inputs: dict[str, TensorCounts] = Field(default_factory=dict, max_length=MAX_TENSORS)
@@ -140,8 +143,6 @@ class SlotFigures(_Message):
             raise ValueError("correct predictions cannot exceed labelled ones")
         if self.errors > self.requests or self.nonfinite > self.requests:
             raise ValueError("errors and NaN/inf responses cannot exceed requests")
-        if self.sampled > self.requests:
-            raise ValueError("sampled requests cannot exceed requests")
         if self.latency_ms is not None and self.latency_ms.count > self.requests:
             raise ValueError("the latency sketch holds more values than there were requests")
         return self

@@ -335,7 +335,8 @@ class TelemetryReporter:
                         self._tracked.pop(serving, None)
             ref = serving.ref
             got = labels.pop((t.slot, t.role, ref.model, ref.version, ref.bundle_sha256), None)
-            if requests == 0 and (finished or t.role == "shadow") and got is None:
+            quiet = requests == 0 and not figures.sampled and got is None
+            if quiet and (finished or t.role == "shadow"):
                 continue
             out.append(
                 SlotFigures(
@@ -351,7 +352,7 @@ class TelemetryReporter:
                     latency_ms=figures.latency_ms
                     if figures.latency_ms is None or figures.latency_ms.count <= requests
                     else None,
-                    sampled=min(figures.sampled, requests),
+                    sampled=figures.sampled,
                     sample_rate=figures.sample_rate,
                     inputs=figures.inputs,
                     outputs=figures.outputs,

@@ -193,8 +193,9 @@ def test_install_failures_stop_the_canary_and_roll_its_stage_back(
     assert done["state"] == "aborted", done["events"]
     breach = next(e for e in done["events"] if e["kind"] == "gate_breach")
     [figure] = breach["figures"]["breached"]
-    # Both devices of the first stage rolled it back: 100 % against 20 %.
-    assert figure["gate"] == "max_agent_rollback_pct" and figure["value"] == 100, figure
+    # The first stage's devices rolled it back: the first of the two is already 50 % against
+    # 20 % (the gate is checked at every step, so it may stop the stage before the second).
+    assert figure["gate"] == "max_agent_rollback_pct" and figure["value"] >= 50, figure
     assert done["stages"][0]["counts"]["targeted"] == 2
     assert done["counts"]["reverted"] == 2 and done["counts"]["released"] == 18
     assert sim.serving("classifier") == {"1.0.0": 20}
