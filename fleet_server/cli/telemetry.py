@@ -37,6 +37,9 @@ def show(
     version: Annotated[str | None, typer.Option(help="only this version")] = None,
     since: SinceOpt = "1h",
     shadow: Annotated[bool, typer.Option(help="shadow figures instead of active ones")] = False,
+    by_rollout: Annotated[
+        bool, typer.Option("--by-rollout", help="a row per rollout that deployed the version")
+    ] = False,
     server: ServerOpt = DEFAULT_SERVER,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
@@ -50,12 +53,15 @@ def show(
     }
     if version is not None:
         params["version"] = version
+    if by_rollout:
+        params["by_rollout"] = "true"
     rows = api_client(server, token).get(f"/v1/telemetry/models/{model}", params=params)
     if as_json:
         print_json(rows)
         return
     table = Table(
         "version",
+        *(["rollout"] if by_rollout else []),
         "profile",
         "devices",
         "requests",
@@ -76,6 +82,7 @@ def show(
         rate = r["error_rate"]
         table.add_row(
             r["version"],
+            *([r.get("rollout_id") or "-"] if by_rollout else []),
             r["profile"],
             str(r["devices"]),
             str(r["requests"]),

@@ -67,6 +67,8 @@ class VersionHealth:
     p95_ms: float | None = None
     p99_ms: float | None = None
     drift: list[DriftScore] = field(default_factory=list)
+    #: Grouped by rollout: the rollout that deployed the version (None: none did).
+    rollout_id: str | None = None
 
     @property
     def error_rate(self) -> float | None:
@@ -86,6 +88,7 @@ class VersionHealth:
             "model": self.model,
             "version": self.version,
             "profile": self.profile,
+            "rollout_id": self.rollout_id,
             "devices": self.devices,
             "requests": self.requests,
             "errors": self.errors,
@@ -215,9 +218,11 @@ def summarize(
     since: datetime | None = None,
     until: datetime | None = None,
     role: str | None = "active",
+    by_rollout: bool = False,
 ) -> list[VersionHealth]:
-    """Fleet figures per (version, profile) of ``model`` in [since, until)."""
-    groups: dict[tuple[str, str], list[TelemetryRollup]] = defaultdict(list)
+    """Fleet figures per (version, profile) of ``model`` in [since, until); with
+    ``by_rollout``, per (version, profile, the rollout that deployed it)."""
+    groups: dict[tuple[str, str, str], list[TelemetryRollup]] = defaultdict(list)
     for r in _rows(
         session,
         model,
@@ -228,12 +233,14 @@ def summarize(
         until=until,
         role=role,
     ):
-        groups[(r.version, r.profile)].append(r)
+        groups[(r.version, r.profile, r.rollout_id if by_rollout else "")].append(r)
     out = []
     for key in sorted(groups):
         rows = groups[key]
         h = _health(rows, bundles, session)
         h.devices = _devices(session, {r.bundle_sha256 for r in rows}, since, until)
+        if by_rollout:
+            h.rollout_id = key[2] or None
         out.append(h)
     return out
 

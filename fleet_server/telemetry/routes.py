@@ -47,9 +47,11 @@ def model_health(
     rollout_id: str | None = None,
     role: Literal["active", "shadow"] = "active",
     since_s: SinceS = 3600,
+    by_rollout: bool = False,
 ) -> list[dict[str, Any]]:
-    """Per version x profile: devices reporting, requests, errors, NaN/inf, fleet p50/p95/p99
-    (merged sketches) and drift (PSI, JS distance per tensor) over the last ``since_s``."""
+    """Per version x profile (x rollout with ``by_rollout``): devices reporting, requests,
+    errors, NaN/inf, fleet p50/p95/p99 (merged sketches), drift (PSI, JS distance per tensor)
+    and online accuracy (labels from the field) over the last ``since_s``."""
     _model(session, model)
     since = datetime.now(UTC) - timedelta(seconds=since_s)
     found = summarize(
@@ -61,6 +63,7 @@ def model_health(
         rollout_id=rollout_id,
         since=since,
         role=role,
+        by_rollout=by_rollout,
     )
     return [h.to_json() for h in found]
 

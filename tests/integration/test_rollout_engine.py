@@ -397,6 +397,14 @@ def test_online_accuracy_gates_judge_the_candidate_against_its_predecessor(
                judged["figures"]["breached"]}  # fmt: skip
     drop = figures["max_accuracy_drop"]
     assert "against 1.0.0's" in drop["detail"], drop
+    # Online accuracy per version x profile x rollout, from the outside too.
+    rows = api.get("/v1/telemetry/models/classifier", params={"by_rollout": "true"})
+    mine = [r for r in rows if r["rollout_id"] == rollout["id"]]
+    assert mine and all(r["version"] == "2.0.0" for r in mine), rows
+    assert mine[0]["labelled"] >= 1000 and abs(mine[0]["accuracy"] - accuracy) < 0.05, mine
+    shown = edgefleet(None, "telemetry", "show", "classifier", "--by-rollout",
+                      "--server", api.base_url)  # fmt: skip
+    assert shown.returncode == 0 and rollout["id"] in shown.stdout, shown.stdout + shown.stderr
     if state == "completed":
         assert drop["ok"] is True and figures["min_accuracy"]["ok"] is True
     else:
