@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import onnxruntime as ort
 
+from bench import timing
 from converters.onnx.samples import mlp_classifier
 from edge_agent.bundle import (
     FileEntry,
@@ -76,18 +76,6 @@ def serving(session: ort.InferenceSession, hidden: int) -> ServingModel:
     return ServingModel(ref, manifest, model)
 
 
-def interleaved(fns: dict[str, Callable[[], object]], calls: int) -> dict[str, list[float]]:
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    while any(len(got) < calls for got in samples.values()):
-        for name, fn in fns.items():
-            for i in range(BLOCK):
-                t0 = time.perf_counter()
-                fn()
-                if i >= BLOCK_WARMUP:
-                    samples[name].append((time.perf_counter() - t0) * 1e6)
-    return samples
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=3000)
@@ -107,14 +95,17 @@ def main() -> None:
     off.swap("clf", serving(session, args.hidden))
     on.swap("clf", serving(session, args.hidden))
     feeds = {"x": x}
-    samples = interleaved(
+    seconds = timing.interleaved(
         {
             "raw": lambda: session.run(None, feeds),
             "feedback on": lambda: predict(on, "clf", feeds),
             "feedback off": lambda: predict(off, "clf", feeds),
         },
         args.calls,
+        block=BLOCK,
+        warmup=BLOCK_WARMUP,
     )
+    samples = {name: [t * 1e6 for t in got] for name, got in seconds.items()}
     medians = {name: statistics.median(got) for name, got in samples.items()}
     # Paired: on and off back to back (in alternating order), the median of the differences.
     paired = []

@@ -39,6 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import timing
 from converters.onnx.samples import mlp_classifier
 from edge_agent.bundle import open_bundle
 from edge_agent.protocol.status import VersionRef
@@ -60,17 +61,10 @@ BLOCK, BLOCK_WARMUP = 20, 5
 
 def interleaved(fns: dict[str, Callable[[], object]], calls: int) -> dict[str, tuple[float, float]]:
     """Median and p99 (ms) of ``calls`` counted calls of each function, taking turns in blocks."""
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    while any(len(got) < calls for got in samples.values()):
-        for name, fn in fns.items():
-            for i in range(BLOCK):
-                t0 = time.perf_counter()
-                fn()
-                if i >= BLOCK_WARMUP:
-                    samples[name].append((time.perf_counter() - t0) * 1000)
+    samples = timing.interleaved(fns, calls, block=BLOCK, warmup=BLOCK_WARMUP)
     rows = {}
     for name, got in samples.items():
-        got.sort()
+        got = sorted(s * 1000 for s in got)
         rows[name] = (statistics.median(got), got[int(0.99 * len(got)) - 1])
     return rows
 

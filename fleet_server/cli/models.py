@@ -84,7 +84,7 @@ def models_push(
         validation=validation,
         output_kinds=parse_labels(output_kind),
         card=card,
-        meta=_meta(meta),
+        meta=parse_labels(meta),
         parents=parent,
     )
     if as_json:
@@ -112,16 +112,6 @@ def models_list(
         versions = [v["version"] for v in m["versions"]]
         table.add_row(m["name"], ", ".join(versions), versions[-1] if versions else "-")
     console.print(table)
-
-
-def _meta(pairs: list[str] | None) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for pair in pairs or []:
-        key, eq, value = pair.partition("=")
-        if not eq or not key:
-            raise typer.BadParameter(f"--meta takes KEY=VALUE, not {pair!r}", param_hint="--meta")
-        out[key] = value
-    return out
 
 
 @models_app.command("show")

@@ -11,7 +11,7 @@ import re
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -34,18 +34,22 @@ SEMVER = re.compile(
 )
 
 
-def _output_kinds(text: str, names: list[str]) -> dict[str, str]:
-    """The ``output_kinds`` form field: a JSON object naming outputs of this model."""
+def _json_object(text: str, field: str, shape: str) -> dict[str, Any]:
+    """A form field holding a JSON object (empty: none); ``shape`` shows one in the error."""
     if not text.strip():
         return {}
     try:
-        kinds = json.loads(text)
+        value = json.loads(text)
     except ValueError as e:
-        raise InvalidInputError(f"output_kinds is not JSON: {e}", field="output_kinds") from e
-    if not isinstance(kinds, dict):
-        raise InvalidInputError(
-            'output_kinds must be a JSON object {"output": kind}', field="output_kinds"
-        )
+        raise InvalidInputError(f"{field} is not JSON: {e}", field=field) from e
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"{field} must be a JSON object {shape}", field=field)
+    return value
+
+
+def _output_kinds(text: str, names: list[str]) -> dict[str, str]:
+    """The ``output_kinds`` form field: a JSON object naming outputs of this model."""
+    kinds = _json_object(text, "output_kinds", '{"output": kind}')
     unknown = sorted(set(kinds) - set(names))
     if unknown:
         raise InvalidInputError(
@@ -88,14 +92,7 @@ def _card(card: BinaryIO | None) -> str:
 
 def _meta(text: str) -> dict[str, str]:
     """The ``meta`` form field: a JSON object of identifier keys and string values."""
-    if not text.strip():
-        return {}
-    try:
-        meta = json.loads(text)
-    except ValueError as e:
-        raise InvalidInputError(f"meta is not JSON: {e}", field="meta") from e
-    if not isinstance(meta, dict):
-        raise InvalidInputError('meta must be a JSON object {"key": "value"}', field="meta")
+    meta = _json_object(text, "meta", '{"key": "value"}')
     if len(meta) > MAX_META_KEYS:
         raise InvalidInputError(f"meta has {len(meta)} keys (limit {MAX_META_KEYS})", field="meta")
     bad = sorted(k for k in meta if not META_KEY.match(k))

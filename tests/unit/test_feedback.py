@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,6 @@ from edge_agent.serving import (
     InferenceHTTPServer,
     ServingModel,
     SlotTable,
-    start_http,
 )
 from edge_agent.serving.feedback import MAX_LABELS_PER_REQUEST, answer_key
 from edge_agent.telemetry.outbox import Outbox
@@ -39,14 +37,6 @@ def table() -> SlotTable:
     t.feedback = FeedbackStore(capacity=1000, max_labels_per_s=200)
     t.swap("main", serving(IDENTITY, "1.0.0"))
     return t
-
-
-@pytest.fixture
-def server(table: SlotTable) -> Iterator[InferenceHTTPServer]:
-    srv, _ = start_http(table, "127.0.0.1", 0)
-    yield srv
-    srv.shutdown()
-    srv.server_close()
 
 
 def predict(srv: InferenceHTTPServer, classes: list[int]) -> str:

@@ -9,7 +9,6 @@ import io
 import json
 import socket
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -69,14 +68,6 @@ def table() -> SlotTable:
     t = SlotTable()
     t.swap("main", serving(scaler(2.0), "1.0.0"))
     return t
-
-
-@pytest.fixture
-def server(table: SlotTable) -> Iterator[InferenceHTTPServer]:
-    srv, _ = start_http(table, "127.0.0.1", 0)
-    yield srv
-    srv.shutdown()
-    srv.server_close()
 
 
 def post(
