@@ -224,7 +224,7 @@ def upload_version(
         session.rollback()
         raise ConflictError(f"{name} {version} already exists; versions are immutable") from e
     session.refresh(row)
-    return _public(row, name)
+    return public_version(row, name)
 
 
 def _receive(stream: BinaryIO, dest: Path, max_bytes: int, field: str) -> Path:
@@ -250,7 +250,7 @@ def _find_version(session: Session, model: MLModel, version: str) -> ModelVersio
     ).first()
 
 
-def _public(row: ModelVersion, name: str) -> ModelVersionPublic:
+def public_version(row: ModelVersion, name: str) -> ModelVersionPublic:
     return ModelVersionPublic(model=name, **row.model_dump(exclude={"id", "model_id"}))
 
 
@@ -277,7 +277,7 @@ def version_by_id(session: Session, version_id: int) -> tuple[MLModel, ModelVers
 
 def get_version_public(session: Session, name: str, version: str) -> ModelVersionPublic:
     _, row = get_version(session, name, version)
-    return _public(row, name)
+    return public_version(row, name)
 
 
 def describe_model(session: Session, model: MLModel) -> ModelPublic:
@@ -289,7 +289,7 @@ def describe_model(session: Session, model: MLModel) -> ModelPublic:
     return ModelPublic(
         name=model.name,
         created_at=model.created_at,
-        versions=[_public(r, model.name) for r in rows],
+        versions=[public_version(r, model.name) for r in rows],
     )
 
 

@@ -192,6 +192,8 @@ class _Side:
     previous: Predictions
     previous_version: str | None
     widened: bool = False
+    #: The previous version counted enough predictions (here or widened) to compare with.
+    comparable: bool = False
 
 
 def _sides(
@@ -245,7 +247,7 @@ def _sides(
             )
             widened = True
         version = versions.most_common(1)[0][0] if versions else None
-        sides.append(_Side(profile, candidate, previous, version, widened))
+        sides.append(_Side(profile, candidate, previous, version, widened, not _thin(previous)))
     return sides
 
 
@@ -280,7 +282,7 @@ def _shift(
     judged: list[tuple[OutputShift, _Side]] = []
     waiting: list[str] = []
     for side in sides:
-        if _thin(side.previous):
+        if not side.comparable:
             continue  # too few predictions of the previous version to compare with here
         # The previous version's binning: that of its bundle with the most counted values.
         ref_sha = max(

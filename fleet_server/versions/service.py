@@ -20,7 +20,7 @@ from sqlmodel import Session, col, select
 from fleet_server.bundles.tables import Bundle
 from fleet_server.devices.tables import Device
 from fleet_server.registry.compat import io_differences
-from fleet_server.registry.service import get_version, get_version_public
+from fleet_server.registry.service import get_version, public_version
 from fleet_server.registry.tables import MLModel, ModelVersion
 from fleet_server.telemetry.query import summarize
 from fleet_server.telemetry.store import BundleCatalog
@@ -87,7 +87,7 @@ def _running(session: Session, model: str, version: str) -> dict[str, Any]:
 def overview(session: Session, name: str, version: str) -> dict[str, Any]:
     model, row = get_version(session, name, version)
     return {
-        **get_version_public(session, name, version).model_dump(mode="json"),
+        **public_version(row, name).model_dump(mode="json"),
         "lineage": _lineage(session, model, row),
         "bundles": _bundles(session, row),
         "running": _running(session, name, version),
