@@ -59,6 +59,9 @@ class TelemetryService:
         self._evaluated: dict[str, float] = {}
         self._lock = threading.Lock()
         self._scheduled: set[str] = set()
+        #: One evaluation at a time: two (the ingest thread's and a timer's) reading "no open
+        #: alert" at once would both open one.
+        self._refreshing = threading.Lock()
 
     def start_ingest(
         self,
@@ -133,7 +136,7 @@ class TelemetryService:
 
     def refresh(self, models: set[str]) -> None:
         try:
-            with Session(self.engine, expire_on_commit=False) as session:
+            with self._refreshing, Session(self.engine, expire_on_commit=False) as session:
                 opened = refresh_alerts(session, self.bundles, models, window_s=self.window_s)
         except Exception:
             log.exception("alert evaluation failed for %s", sorted(models))

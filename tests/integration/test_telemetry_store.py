@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,8 +26,10 @@ from fleet_server.devices.tables import Device
 from fleet_server.registry.tables import MLModel, ModelVersion
 from fleet_server.telemetry.alerts import evaluate
 from fleet_server.telemetry.query import summarize
+from fleet_server.telemetry.service import TelemetryService
 from fleet_server.telemetry.store import BundleCatalog, prune_keys, store_batches
 from fleet_server.telemetry.tables import (
+    Alert,
     AlertPolicy,
     TelemetryBatchKey,
     TelemetryRollup,
@@ -233,3 +236,27 @@ def test_pruned_keys_still_stop_a_late_resend_and_keys_past_a_gap_stay(db: Any) 
     with Session(engine) as session:
         [health] = summarize(session, bundles, "clf")
     assert health.requests == 50
+
+
+def test_evaluations_at_once_open_one_alert_per_finding(db: Any, tmp_path: Path) -> None:
+    """The ingest thread and a throttle timer may evaluate the same model at the same moment:
+    one alert is opened, not one per evaluation."""
+    engine, bundles = db
+    shifted = [[0] * 9 + [300], [30] * 10, [30] * 10, [30] * 10]
+    with Session(engine) as session:
+        store_batches(session, [_msg("dev-1", 1, requests=500, x=shifted)], bundles)
+    service = TelemetryService(engine, ArtifactStore(tmp_path / "artifacts"))
+    start = threading.Barrier(8)
+
+    def evaluate_now() -> None:
+        start.wait()
+        service.refresh({"clf"})
+
+    threads = [threading.Thread(target=evaluate_now) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with Session(engine) as session:
+        alerts = session.exec(select(Alert).where(Alert.model == "clf")).all()
+    assert [(a.kind, a.subject, a.state) for a in alerts] == [("drift", "input:x", "open")]
