@@ -23,7 +23,7 @@ from fleet_server.audit.routes import router as audit_router
 from fleet_server.auth import tables as auth_tables
 from fleet_server.auth.ca import FleetCA
 from fleet_server.auth.routes import router as auth_router
-from fleet_server.auth.service import authenticate, bootstrap_admin
+from fleet_server.auth.service import authenticate, authenticate_ui_session, bootstrap_admin
 from fleet_server.builds import tables as builds_tables
 from fleet_server.builds.routes import router as builds_router
 from fleet_server.builds.runner import BuildRunner
@@ -49,6 +49,7 @@ from fleet_server.telemetry import tables as telemetry_tables
 from fleet_server.telemetry.routes import router as telemetry_router
 from fleet_server.telemetry.service import TelemetryService
 from fleet_server.trust.routes import router as trust_router
+from fleet_server.ui.routes import install as install_ui
 from fleet_server.versions.routes import router as versions_router
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,7 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
             ca=FleetCA.load_or_create(settings.ca_dir),
             builds=builds,
             authenticate=authenticate,
+            authenticate_session=authenticate_ui_session,
             telemetry=telemetry,
             rollouts=rollouts,
         )
@@ -194,6 +196,7 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
     app.include_router(telemetry_router, responses=ERROR_RESPONSES)
     app.include_router(hil_router, responses=ERROR_RESPONSES)
     app.include_router(versions_router, responses=ERROR_RESPONSES)
+    install_ui(app)
 
     @app.get("/healthz", tags=["health"])
     def healthz(state: StateDep) -> dict[str, Any]:

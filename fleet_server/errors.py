@@ -86,6 +86,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+def http_status(exc: EdgefleetError) -> int:
+    """The HTTP status an error answers with (500: not a domain error we map)."""
+    return next((s for cls, s in _STATUS if isinstance(exc, cls)), 500)
+
+
 def error_body(code: str, message: str, detail: Any = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "detail": detail}}
 
@@ -93,7 +98,7 @@ def error_body(code: str, message: str, detail: Any = None) -> dict[str, Any]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EdgefleetError)
     async def _domain(request: Request, exc: EdgefleetError) -> JSONResponse:
-        status = next((s for cls, s in _STATUS if isinstance(exc, cls)), 500)
+        status = http_status(exc)
         if status == 500:
             log.error("unhandled domain error on %s: %s", request.url.path, exc.message)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None

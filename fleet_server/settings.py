@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     #: Admin API token to install at start-up (hashed); unset, one is generated into data_dir.
     admin_token: SecretStr | None = None
     enrollment_token_ttl_s: int = Field(default=24 * 3600, gt=0)
+    #: How long a dashboard sign-in lasts (it ends sooner if its API token is revoked).
+    ui_session_ttl_s: int = Field(default=12 * 3600, gt=0, le=30 * 24 * 3600)
     desired_state_ttl_s: int = Field(default=30 * 24 * 3600, gt=0)
     max_upload_bytes: int = Field(default=2 << 30, gt=0)
     #: A request body that sends nothing for this long is cut off (408): slow clients cannot

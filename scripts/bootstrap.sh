@@ -36,11 +36,12 @@ if [ "$extras" = dev ]; then
 fi
 
 # The HIL tests' system tools: nftables (netns rigs: packet loss), openssh (ssh rigs against a
-# local sshd), qemu-user-static and mmdebstrap (the emulated Raspberry Pi rig).
+# local sshd), qemu-user-static and mmdebstrap (the emulated Raspberry Pi rig); Debian's
+# chromium for the dashboard's browser tests (Playwright drives it; it downloads no browser).
 if [ "$extras" = dev ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=""
   for pair in nft:nftables sshd:openssh-server ssh:openssh-client \
-              qemu-aarch64-static:qemu-user-static mmdebstrap:mmdebstrap; do
+              qemu-aarch64-static:qemu-user-static mmdebstrap:mmdebstrap chromium:chromium; do
     tool="${pair%%:*}"; package="${pair##*:}"
     if ! command -v "$tool" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$tool" ]; then
       missing="$missing $package"

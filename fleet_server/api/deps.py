@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 #: Finds the principal behind an ``Authorization`` header (``fleet_server.auth.service``).
 Authenticator = Callable[[Session, str | None], Principal]
+#: Finds the principal behind a dashboard session cookie's value.
+SessionAuthenticator = Callable[[Session, str | None], Principal]
 
 
 @dataclass
@@ -45,6 +47,7 @@ class AppState:
     ca: FleetCA
     builds: BuildRunner
     authenticate: Authenticator
+    authenticate_session: SessionAuthenticator
     telemetry: TelemetryService
     rollouts: RolloutEngine
 

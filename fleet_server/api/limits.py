@@ -42,6 +42,12 @@ DEFAULT_BODY_BYTES = 1 << 20
 ENROLL_BODY_BYTES = 64 << 10
 ENROLL_PATH = "/v1/devices/enroll"
 UPLOAD_PATH = "/v1/models"
+#: The dashboard: its actions authenticate by session cookie when they carry no bearer header;
+#: its sign-in form is the one dashboard route that takes a body from anyone.
+UI_PREFIX = "/ui/"
+SIGNIN_PATH = "/ui/signin"
+SIGNIN_BODY_BYTES = 4 << 10
+SESSION_COOKIE = "edgefleet_session"
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 #: Where the authenticated principal waits for the route (``request.state``).
 PRINCIPAL_STATE = "edgefleet_principal"
@@ -60,6 +66,8 @@ class BodyLimits:
             return self.upload_bytes
         if path == ENROLL_PATH:
             return ENROLL_BODY_BYTES
+        if path == SIGNIN_PATH:
+            return SIGNIN_BODY_BYTES
         return DEFAULT_BODY_BYTES
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -68,8 +76,12 @@ class BodyLimits:
             return
         path: str = scope["path"]
         headers = {k.lower(): v for k, v in scope["headers"]}
-        if path != ENROLL_PATH:
-            refusal = await self._authenticate(scope, headers.get(b"authorization"))
+        if path not in (ENROLL_PATH, SIGNIN_PATH):
+            header = headers.get(b"authorization")
+            cookie = None
+            if header is None and path.startswith(UI_PREFIX):
+                cookie = session_cookie(headers.get(b"cookie"))
+            refusal = await self._authenticate(scope, header, cookie)
             if refusal is not None:
                 await _reply(send, 401, "unauthenticated", refusal, {"WWW-Authenticate": "Bearer"})
                 return
@@ -86,15 +98,22 @@ class BodyLimits:
                 return
         await self._bounded(scope, receive, send, limit)
 
-    async def _authenticate(self, scope: Scope, header: bytes | None) -> str | None:
-        """None when the header names a known, unrevoked caller (who is then handed to the
-        route's dependency in the request state, so it is not looked up twice); else why not."""
+    async def _authenticate(
+        self, scope: Scope, header: bytes | None, cookie: str | None
+    ) -> str | None:
+        """None when the header (or a dashboard session cookie) names a known, unrevoked
+        caller (who is then handed to the route's dependency in the request state, so it is
+        not looked up twice); else why not."""
         state = scope["app"].state.edgefleet
         authorization = header.decode("latin-1") if header is not None else None
 
         def check() -> Principal:
             with Session(state.engine) as session:
-                principal: Principal = state.authenticate(session, authorization)
+                principal: Principal
+                if cookie is not None:
+                    principal = state.authenticate_session(session, cookie)
+                else:
+                    principal = state.authenticate(session, authorization)
                 return principal
 
         try:
@@ -134,6 +153,18 @@ class BodyLimits:
                 await send(message)
 
         await self.app(scope, limited, guarded)
+
+
+def session_cookie(header: bytes | str | None) -> str | None:
+    """The dashboard session cookie's value in a ``Cookie`` header, if there is one."""
+    if header is None:
+        return None
+    text = header.decode("latin-1") if isinstance(header, bytes) else header
+    for part in text.split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == SESSION_COOKIE and value:
+            return value
+    return None
 
 
 async def _reply(

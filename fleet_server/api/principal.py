@@ -24,6 +24,9 @@ class Principal:
     name: str
     role: str  # viewer / operator / admin / device
     device_id: str | None = None
+    #: A dashboard session's CSRF token (every action must send it back); None for callers
+    #: with a bearer header, which a browser never adds by itself.
+    csrf: str | None = None
 
     def require(self, role: Role) -> None:
         if ROLE_RANK.get(self.role, 0) < ROLE_RANK[role]:

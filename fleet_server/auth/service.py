@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlmodel import Session, col, select
@@ -12,13 +12,15 @@ from sqlmodel import Session, col, select
 from edge_agent.contracts.durable import write_atomic
 from fleet_server.api.principal import Principal, Role
 from fleet_server.audit.service import record
-from fleet_server.auth.tables import ApiToken
+from fleet_server.auth.tables import ApiToken, UiSession
+from fleet_server.database import aware
 from fleet_server.devices.tables import Device
 from fleet_server.errors import AuthenticationError, ConflictError, NotFoundError
 
 API_TOKEN_PREFIX = "efa_"
 DEVICE_SECRET_PREFIX = "efd_"
 ENROLLMENT_TOKEN_PREFIX = "efe_"
+UI_SESSION_PREFIX = "efs_"
 
 
 def new_secret(prefix: str) -> str:
@@ -113,3 +115,49 @@ def bootstrap_admin(session: Session, configured: str | None, token_file: Path) 
     token, _ = issue_api_token(session, "bootstrap-admin", "admin")
     write_atomic(token_file, (token + "\n").encode(), mode=0o600)
     return token_file
+
+
+def open_ui_session(session: Session, token: str, ttl_s: float) -> tuple[str, Principal]:
+    """Sign in to the dashboard with an API token: returns the session's secret (the cookie's
+    value) and who it acts as. Audited; commits."""
+    principal = authenticate(session, f"Bearer {token.strip()}")
+    if principal.device_id is not None:
+        raise AuthenticationError("a device credential cannot sign in to the dashboard")
+    api = session.exec(select(ApiToken).where(ApiToken.token_hash == hash_secret(token.strip())))
+    row = api.one()
+    secret = new_secret(UI_SESSION_PREFIX)
+    now = datetime.now(UTC)
+    ui = UiSession(
+        secret_hash=hash_secret(secret),
+        token_id=row.id or 0,
+        csrf=secrets.token_urlsafe(24),
+        created_at=now,
+        expires_at=now + timedelta(seconds=ttl_s),
+    )
+    session.add(ui)
+    record(session, principal.name, "ui.sign_in", principal.name)
+    # Expired sign-ins go when a new one comes: the table holds only live ones, and a few.
+    for old in session.exec(select(UiSession).where(col(UiSession.expires_at) < now)).all():
+        session.delete(old)
+    session.commit()
+    return secret, Principal(name=principal.name, role=principal.role, csrf=ui.csrf)
+
+
+def authenticate_ui_session(session: Session, secret: str | None) -> Principal:
+    """Who a dashboard session cookie acts as, with its CSRF token."""
+    if not secret:
+        raise AuthenticationError("not signed in")
+    ui = session.get(UiSession, hash_secret(secret))
+    if ui is None or aware(ui.expires_at) <= datetime.now(UTC):
+        raise AuthenticationError("the session has ended; sign in again")
+    api = session.get(ApiToken, ui.token_id)
+    if api is None or api.revoked_at is not None:
+        raise AuthenticationError("the session's API token was revoked")
+    return Principal(name=api.name, role=api.role, csrf=ui.csrf)
+
+
+def close_ui_session(session: Session, secret: str | None) -> None:
+    ui = session.get(UiSession, hash_secret(secret)) if secret else None
+    if ui is not None:
+        session.delete(ui)
+        session.commit()

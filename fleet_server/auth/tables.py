@@ -29,6 +29,21 @@ class ApiToken(ApiTokenBase, table=True):
     token_hash: str = Field(unique=True, max_length=64)
 
 
+class UiSession(SQLModel, table=True):
+    """A dashboard sign-in: the browser holds the secret in an HttpOnly cookie, the table its
+    sha256. It acts with its API token's name and role for as long as that token is not
+    revoked, until it expires or is signed out."""
+
+    __tablename__ = "ui_sessions"
+
+    secret_hash: str = Field(primary_key=True, max_length=64)
+    token_id: int = Field(foreign_key="api_tokens.id", index=True)
+    #: Sent back with every action (form field or header) and compared with this.
+    csrf: str = Field(max_length=64)
+    created_at: datetime
+    expires_at: datetime
+
+
 class ApiTokenPublic(ApiTokenBase, UtcPublic):
     id: int
 

@@ -229,7 +229,9 @@ class ControlPlane:
                 if device is None:
                     continue
                 if isinstance(content, ReportedStatus):
-                    apply_status(device, content)
+                    moved = apply_status(device, content)
+                    if moved is not None:
+                        session.add(moved)
                     behind[device_id] = device
                 else:
                     apply_presence(device, content == ONLINE)

@@ -13,7 +13,7 @@ from edge_agent.protocol.status import ReportedStatus
 from fleet_server.audit import service as audit
 from fleet_server.database import aware
 from fleet_server.devices.selectors import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, Selector
-from fleet_server.devices.tables import DesiredStateRecord, Device, DevicePublic
+from fleet_server.devices.tables import DesiredStateRecord, Device, DevicePublic, DeviceTransition
 from fleet_server.errors import InvalidInputError, NotFoundError
 
 
@@ -98,14 +98,42 @@ def apply_presence(device: Device, online: bool) -> None:
     device.last_seen_at = datetime.now(UTC)
 
 
-def apply_status(device: Device, status: ReportedStatus) -> None:
-    """What a status report changes on the device's row (the caller commits)."""
+def apply_status(device: Device, status: ReportedStatus) -> DeviceTransition | None:
+    """What a status report changes on the device's row (the caller commits); the report's
+    last transition, when it is one not seen before, as a history row for the caller to add."""
+    before = (device.reported or {}).get("last_transition")
     device.reported = status.model_dump(mode="json")
     device.reported_seq = status.desired_seq
     device.agent_version = status.agent_version
     if status.runtimes:
         device.runtimes = dict(status.runtimes)
     device.last_seen_at = datetime.now(UTC)
+    moved = status.last_transition
+    if moved is None or device.reported.get("last_transition") == before:
+        return None
+    return DeviceTransition(
+        device_id=device.id,
+        slot=moved.slot,
+        from_state=moved.from_state,
+        to_state=moved.to_state,
+        event=moved.event,
+        at=moved.at,
+        bundle_sha256=moved.bundle_sha256,
+        reason=(moved.reason or "")[:64] or None,
+        message=(moved.message or "")[:500] or None,
+    )
+
+
+def transitions(session: Session, device_id: str, limit: int = 50) -> list[DeviceTransition]:
+    """The device's latest lifecycle steps, newest first."""
+    return list(
+        session.exec(
+            select(DeviceTransition)
+            .where(DeviceTransition.device_id == device_id)
+            .order_by(col(DeviceTransition.at).desc(), col(DeviceTransition.id).desc())
+            .limit(limit)
+        ).all()
+    )
 
 
 #: Rows read per statement when many devices are read at once.

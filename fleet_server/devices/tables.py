@@ -63,6 +63,24 @@ class BundleGrant(SQLModel, table=True):
     granted_at: datetime
 
 
+class DeviceTransition(SQLModel, table=True):
+    """One step of a slot's lifecycle, as the device reported it (each status report carries
+    its last transition): the device's history on the dashboard."""
+
+    __tablename__ = "device_transitions"
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(foreign_key="devices.id", index=True, max_length=63)
+    slot: str = Field(max_length=128)
+    from_state: str = Field(max_length=16)
+    to_state: str = Field(max_length=16)
+    event: str = Field(max_length=32)
+    at: datetime
+    bundle_sha256: str | None = Field(default=None, max_length=64)
+    reason: str | None = Field(default=None, max_length=64)
+    message: str | None = Field(default=None, max_length=500)
+
+
 # --- API schemas -------------------------------------------------------------------------------
 
 

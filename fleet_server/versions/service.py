@@ -38,7 +38,8 @@ def _bundles(session: Session, row: ModelVersion) -> list[dict[str, Any]]:
         .where(Bundle.model_version_id == row.id)
         .order_by(col(Bundle.profile), col(Bundle.created_at))
     ).all():
-        parity = (b.manifest or {}).get("parity") or {}
+        # The manifest's parity report: the chosen artifact's figures, and those rejected.
+        parity = ((b.manifest or {}).get("parity") or {}).get("chosen") or {}
         out.append(
             {
                 "profile": b.profile,

@@ -77,3 +77,14 @@ def test_pip_resolves_the_agent_extra_without_server_packages(tmp_path: Path) ->
     installed = {i["metadata"]["name"].lower() for i in json.loads(report.read_text())["install"]}
     assert {"paho-mqtt", "onnxruntime"} <= installed
     assert not installed & SERVER_ONLY, installed & SERVER_ONLY
+
+
+def test_package_data_ships_every_dashboard_file() -> None:
+    """The dashboard's templates and vendored scripts are not Python: a wheel holds them only
+    if package-data names them."""
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = data["package-data"]["fleet_server.ui"]
+    ui = ROOT / "fleet_server" / "ui"
+    shipped = {p for pattern in patterns for p in ui.glob(pattern) if p.is_file()}
+    present = {p for d in ("templates", "static") for p in (ui / d).iterdir() if p.is_file()}
+    assert present and present == shipped, sorted(str(p) for p in present ^ shipped)
