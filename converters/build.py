@@ -452,7 +452,11 @@ def _bundle_files(
 
 
 def _summary(report: dict[str, Any]) -> str:
-    parts = [f"max abs {report['max_abs_error']:.3g}", f"rel L2 {report['rel_l2_error']:.3g}"]
+    parts = []
+    if report.get("max_abs_error") is not None:
+        parts.append(f"max abs {report['max_abs_error']:.3g}")
+    if report.get("rel_l2_error") is not None:
+        parts.append(f"rel L2 {report['rel_l2_error']:.3g}")
     if report.get("top1_agreement") is not None:
         parts.append(f"top-1 {report['top1_agreement']:.3f}")
     parts.append(f"{report['size_bytes'] / 1e6:.2f} MB")

@@ -163,8 +163,10 @@ def compare(
     ``report["failed"]`` lists each failed check as ``"name value vs threshold"``."""
     outputs: dict[str, dict[str, Any]] = {}
     failed: list[str] = []
-    worst_abs = 0.0
-    worst_rel = 0.0
+    # Over the outputs judged by absolute and relative error (auto, regression); None when
+    # every output is judged by its own measure (top-1, cosine, recall): no such check then.
+    worst_abs: float | None = None
+    worst_rel: float | None = None
     top1: list[float] = []
     cosines: list[float] = []
     recalls: list[float] = []
@@ -212,7 +214,8 @@ def compare(
         if kind in (OutputKind.AUTO, OutputKind.REGRESSION):
             # A declared class-score, embedding or box output is judged by its own measure;
             # its numbers are still in the report.
-            worst_abs, worst_rel = max(worst_abs, abs_err), max(worst_rel, rel)
+            worst_abs = abs_err if worst_abs is None else max(worst_abs, abs_err)
+            worst_rel = rel if worst_rel is None else max(worst_rel, rel)
 
     checks: list[dict[str, Any]] = []
 

@@ -37,8 +37,8 @@ def render_build(b: dict[str, Any]) -> Table:
         table.add_row(
             f"{c['runtime']}/{c['precision']}",
             c["outcome"],
-            f"{p['max_abs_error']:.3g}" if p else "",
-            f"{p['rel_l2_error']:.3g}" if p else "",
+            _figure(p.get("max_abs_error")),
+            _figure(p.get("rel_l2_error")),
             f"{top1:.3f}" if isinstance(top1, float) else "",
             f"{p['size_bytes'] / 1e6:.2f} MB" if p else "",
             f"{p['latency_ms_median']:.2f} ms" if p else "",
@@ -184,3 +184,8 @@ def builds_logs(
         follow_build(client, client.get(f"/v1/builds/{build_id}"), quiet=False)
         return
     print(client.get(f"/v1/builds/{build_id}/log")["text"], end="")
+
+
+def _figure(value: Any) -> str:
+    """A parity figure; blank when the build did not judge by it (e.g. top-1 outputs)."""
+    return f"{value:.3g}" if isinstance(value, float) else ""

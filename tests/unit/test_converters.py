@@ -468,3 +468,24 @@ def test_declared_output_kinds_get_fitting_measures(tmp_path: Path) -> None:
     assert box["kind"] == "boxes" and box["box_recall"] == 0.5
     # The embedding's 30 % value error does not fail it: direction is its measure.
     assert report["failed"] == ["min_box_recall 0.5 < 0.9"]
+    # Every output is judged by its own measure: no absolute or relative error check is
+    # recorded as passed (it judged nothing), and the report says so with None.
+    assert [c["name"] for c in report["checks"]] == ["min_cosine_similarity", "min_box_recall"]
+    assert report["max_abs_error"] is None and report["rel_l2_error"] is None
+
+
+def test_an_undeclared_output_beside_class_scores_is_judged_by_error(tmp_path: Path) -> None:
+    artifact = tmp_path / "a"
+    artifact.write_bytes(b"x")
+    probs = np.array([[[0.7, 0.2, 0.1]], [[0.1, 0.8, 0.1]]])
+    value = np.array([[[1.0]], [[2.0]]])
+    ref = Outputs({"probs": probs, "value": value}, [1.0])
+    got = Outputs({"probs": probs + 0.05, "value": value * 1.2}, [1.0])
+    report = compare(
+        ref, got, thresholds=Thresholds(max_abs_error=None, max_rel_l2=0.05),
+        artifact=artifact, source_size=1, samples=2, origin="test", evaluated_in="test",
+        kinds={"probs": "class_scores"},
+    )  # fmt: skip
+    # The class scores (5 % off) are judged by top-1; the regression output's 20 % fails.
+    assert report["rel_l2_error"] == pytest.approx(0.2)
+    assert report["failed"] == ["max_rel_l2 0.2 > 0.05"]
