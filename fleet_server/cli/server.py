@@ -37,11 +37,15 @@ def demo(
     workdir: Annotated[
         Path | None, typer.Option(help="keep the demo's files here (default: a temp dir)")
     ] = None,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="leave everything running to explore (Ctrl-C ends it)")
+    ] = False,
 ) -> None:
-    """The whole story on embedded defaults: server, broker, three devices, a rollout."""
+    """The whole story on embedded defaults: six devices on three profiles, a model trained
+    here, a good canary that goes through and a silently wrong one stopped at its first stage."""
     from fleet_server.demo.story import run_demo
 
-    raise typer.Exit(run_demo(workdir, console))
+    raise typer.Exit(run_demo(workdir, console, keep=keep))
 
 
 def broker_config(
