@@ -90,6 +90,7 @@ class Traffic:
     failed: int = 0
     labelled: int = 0
     errors: list[str] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
 
@@ -104,6 +105,20 @@ class Traffic:
         for t in self._threads:
             t.join(10)
 
+    def totals(self) -> tuple[int, int, int, list[str]]:
+        """Served, failed, labels accepted, and the first few errors."""
+        with self._lock:
+            return self.served, self.failed, self.labelled, list(self.errors)
+
+    def _count(self, served: int = 0, labelled: int = 0, error: str | None = None) -> None:
+        with self._lock:
+            self.served += served
+            self.labelled += labelled
+            if error is not None:
+                self.failed += 1
+                if len(self.errors) < 5:
+                    self.errors.append(error)
+
     def _run(self, agent: LocalAgent, seed: int) -> None:
         client = AgentClient(f"http://127.0.0.1:{agent.serving_port}", timeout_s=10)
         rng = np.random.default_rng(100 + seed)
@@ -117,17 +132,15 @@ class Traffic:
                 i = int(rng.integers(len(self.digits.labels)))
                 try:
                     client.predict(MODEL, {"image": images[i : i + 1]})
-                    self.served += 1
+                    self._count(served=1)
                     rid = client.last_request_id
                     if rid is not None and rng.random() < 0.5:
                         pending.append((rid, int(self.digits.labels[i])))
                     if len(pending) >= 10:
-                        self.labelled += client.feedback(MODEL, pending)["accepted"]
+                        self._count(labelled=client.feedback(MODEL, pending)["accepted"])
                         pending.clear()
                 except Exception as e:  # counted and shown: the demo promises none
-                    self.failed += 1
-                    if len(self.errors) < 5:
-                        self.errors.append(f"{agent.device_id}: {e}")
+                    self._count(error=f"{agent.device_id}: {e}")
                     pending.clear()
                 next_at += gap
                 self._stop.wait(max(0.0, next_at - time.monotonic()))
@@ -168,7 +181,9 @@ def _progress(rollout: dict[str, Any]) -> Group:
     return Group(*parts)
 
 
-def _follow(api: ApiClient, rollout: dict[str, Any], console: Console, timeout_s: float) -> Any:
+def _follow(
+    api: ApiClient, rollout: dict[str, Any], console: Console, timeout_s: float
+) -> dict[str, Any]:
     """A live view of the rollout until it ends (or waits for a person)."""
     deadline = time.monotonic() + timeout_s
     with Live(_progress(rollout), console=console, refresh_per_second=4, transient=False) as live:
@@ -267,6 +282,150 @@ def _why(rollout: dict[str, Any]) -> str:
     return last["message"] if last else rollout.get("reason") or "-"
 
 
+@dataclass(frozen=True)
+class Versions:
+    """The three versions as ONNX files, their calibration set, and the digits the devices
+    will be shown (held out from training)."""
+
+    files: dict[str, Path]
+    calibration: Path
+    field: Digits
+
+
+def _train(root: Path, console: Console) -> Versions:
+    console.rule("a digit reader, trained here")
+    t0 = time.monotonic()
+    train, field_digits = draw_digits(6000, seed=1), draw_digits(1000, seed=2)
+    models = root / "models"
+    net = Network(seed=1)
+    net.train(train, 3, seed=1)
+    first_acc = net.accuracy(field_digits)
+    files = {"1.0.0": export_onnx(net, models / "digits-1.0.0.onnx", "digits CNN 1.0.0")}
+    net.train(train, 3, seed=2, lr=0.002)
+    second_acc = net.accuracy(field_digits)
+    files["1.1.0"] = export_onnx(net, models / "digits-1.1.0.onnx", "digits CNN 1.1.0")
+    wrong = fold_scale(net, 255.0)
+    files["1.2.0"] = export_onnx(wrong, models / "digits-1.2.0.onnx", "digits CNN 1.2.0")
+    calibration = models / "calibration.npz"
+    np.savez(calibration, image=draw_digits(1024, seed=3).images[:, None])  # a feed per sample
+    console.print(
+        f"trained a CNN on {len(train.labels)} drawn digits in {time.monotonic() - t0:.1f}s: "
+        f"1.0.0 reads {first_acc:.1%} of 1000 held-out digits right, 1.1.0 (trained longer) "
+        f"{second_acc:.1%}; 1.2.0 is 1.1.0 exported with a normalisation bug (it expects "
+        "pixels in 0..255; devices send 0..1)"
+    )
+    return Versions(files, calibration, field_digits)
+
+
+def _upload(api: ApiClient, versions: Versions) -> None:
+    described = {"1.0.0": ("digits CNN", None), "1.1.0": ("digits CNN, trained longer", "1.0.0"),
+                 "1.2.0": ("digits CNN, re-exported", "1.1.0")}  # fmt: skip
+    for version, path in versions.files.items():
+        description, parent = described[version]
+        api.upload_model(path, MODEL, version, description, calibration=versions.calibration,
+                         output_kinds={"probs": "class_scores"},
+                         parents=[parent] if parent else None)  # fmt: skip
+
+
+def _enroll(root: Path, stack: EmbeddedStack, api: ApiClient, agents: list[LocalAgent]) -> None:
+    """Six agents, appended to ``agents`` as each starts (so that each is stopped after)."""
+    for device_id, profile in DEVICES:
+        token = api.post("/v1/enrollment-tokens", json={"profile": profile})["token"]
+        # Six devices share this machine's cores: a neighbour's swap or a build shows up as
+        # a latency spike that a real device, with its CPU to itself, would not see.
+        # Probation still compares latency, with 20 ms of slack.
+        agent = LocalAgent(root / "devices", device_id, profile, probation_window_s=3,
+                           probation="latency_slack_ms = 20\n")  # fmt: skip
+        agent.enroll(stack.url, token, {"site": "lab", "fleet": "demo"})
+        # Telemetry every second so the demo's gates have evidence at once; all requests
+        # sampled for drift (a real model's budget covers it, see bench/telemetry_cost.py).
+        agent.configure("[telemetry]\ninterval_s = 1\ncheckpoint_s = 0.5\nmin_sample_rate = 1.0\n")
+        agent.start()
+        agents.append(agent)
+    for agent in agents:
+        agent.wait_ready()
+
+
+def _prebuild(api: ApiClient) -> tuple[list[str], dict[str, list[str]]]:
+    """Build 1.1.0 and 1.2.0 while 1.0.0 rolls out (two build workers), for the runtimes the
+    devices have, as their rollouts will ask. Returns the build ids and those runtimes."""
+    runtimes = {p: sorted(api.get(f"/v1/devices/{d}").get("runtimes") or {}) for d, p in DEVICES}
+    builds = [
+        api.post("/v1/builds", json={"model": MODEL, "version": version, "profile": profile,
+                                     "runtimes": installed})["id"]
+        for version in ("1.1.0", "1.2.0")
+        for profile, installed in sorted(runtimes.items())
+    ]  # fmt: skip
+    return builds, runtimes
+
+
+def _canary(api: ApiClient, console: Console, version: str) -> dict[str, Any]:
+    body = {"model": MODEL, "version": version, "selector": "fleet=demo", "strategy": "canary",
+            "stages": STAGES, "bake_s": BAKE_S, "gates": GATES, "max_bake_s": 120}  # fmt: skip
+    return _follow(api, api.post("/v1/rollouts", json=body), console, 400)
+
+
+def _closing(
+    api: ApiClient,
+    console: Console,
+    agents: list[LocalAgent],
+    rollouts: tuple[dict[str, Any], dict[str, Any], dict[str, Any]],
+    traffic: Traffic,
+    started: float,
+) -> bool:
+    """What the fleet measured, what happened and why; True when the story came out as told:
+    1.1.0 everywhere, 1.2.0 stopped at its first stage by the prediction shift, no request
+    lost."""
+    first, good, bad = rollouts
+    console.rule("the closing figures")
+    figures, rows = _closing_table(api, time.monotonic() - started + 60)
+    console.print(figures)
+    console.print(_drift_note(rows, api.get("/v1/alerts", params={"model": MODEL})))
+    # The canary's device was given 1.1.0 back; it may still be switching.
+    for agent in agents:
+        with contextlib.suppress(TimeoutError):  # reported below
+            agent.wait_serving(MODEL, "1.1.0", timeout_s=30)
+    serving = [(a.serving(MODEL) or {}).get("version") for a in agents]
+    outcome = Table("rollout", "version", "strategy", "ended", "why",
+                    title="what happened, and why")  # fmt: skip
+    for r in rollouts:
+        outcome.add_row(r["id"], r["version"], r["strategy"], r["state"], _why(r))
+    console.print(outcome)
+    breach = next((e for e in bad["events"] if e["kind"] == "gate_breach"), None)
+    reached = [t["device_id"] for t in bad["targets"] if t["state"] == "reverted"]
+    good_ok = first["state"] == good["state"] == "completed" and set(serving) == {"1.1.0"}
+    bad_ok = (
+        bad["state"] == "aborted"
+        and bad["stage"] == 0
+        and breach is not None
+        and "max_prediction_shift" in breach["message"]
+        and len(reached) == 1
+    )
+    console.print(
+        f"1.2.0 reached {len(reached)} device(s) ({', '.join(reached) or '-'}), given 1.1.0 "
+        f"back; {len(agents) - len(reached)} never received it"
+    )
+    served, failed, labelled, errors = traffic.totals()
+    console.print(
+        f"requests served during the rollouts: {served}, failed: {failed}; labels sent back: "
+        f"{labelled}"
+    )
+    for error in errors:
+        console.print(f"  {error}", style="red")
+    ok = good_ok and bad_ok and failed == 0
+    stopped = (
+        "stopped at its first stage by the prediction-shift gate"
+        if bad_ok
+        else f"ended {bad['state']} at stage {bad['stage'] + 1}"
+    )
+    console.rule(
+        Text.assemble(("ok" if ok else "FAILED", "green" if ok else "red"))
+        + f": 1.1.0 serving on {serving.count('1.1.0')} of {len(agents)} devices; 1.2.0 "
+        + f"{stopped}; {time.monotonic() - started:.0f}s in all"
+    )
+    return ok
+
+
 def run_demo(workdir: Path | None, console: Console, *, keep: bool = False) -> int:
     if not console.is_terminal:  # a log file or CI: tables as wide as a terminal shows them
         console.width = max(console.width, 140)
@@ -286,71 +445,13 @@ def run_demo(workdir: Path | None, console: Console, *, keep: bool = False) -> i
             )
             console.print(f"MQTT broker   {stack.mqtt_url}  ({stack.broker.backend}, embedded)")
             api = ApiClient(stack.url, stack.admin_token)
+            versions = _train(root, console)
+            _upload(api, versions)
 
-            # --- the model ---------------------------------------------------------------
-            console.rule("a digit reader, trained here")
-            t0 = time.monotonic()
-            train, field_digits = draw_digits(6000, seed=1), draw_digits(1000, seed=2)
-            calibration = draw_digits(1024, seed=3)
-            net = Network(seed=1)
-            net.train(train, 3, seed=1)
-            first_acc = net.accuracy(field_digits)
-            v100 = export_onnx(net, root / "models" / "digits-1.0.0.onnx", "digits CNN 1.0.0")
-            net.train(train, 3, seed=2, lr=0.002)
-            second_acc = net.accuracy(field_digits)
-            v110 = export_onnx(net, root / "models" / "digits-1.1.0.onnx", "digits CNN 1.1.0")
-            wrong = fold_scale(net, 255.0)
-            v120 = export_onnx(wrong, root / "models" / "digits-1.2.0.onnx", "digits CNN 1.2.0")
-            calib_path = root / "models" / "calibration.npz"
-            np.savez(calib_path, image=calibration.images[:, None])  # one feed per sample
-            console.print(
-                f"trained a CNN on {len(train.labels)} drawn digits in "
-                f"{time.monotonic() - t0:.1f}s: "
-                f"1.0.0 reads {first_acc:.1%} of 1000 held-out digits right, 1.1.0 (trained "
-                f"longer) {second_acc:.1%}; 1.2.0 is 1.1.0 exported with a normalisation bug "
-                "(it expects pixels in 0..255; devices send 0..1)"
-            )
-            kinds = {"probs": "class_scores"}
-            upload = api.upload_model
-            upload(v100, MODEL, "1.0.0", "digits CNN", calibration=calib_path,
-                   output_kinds=kinds)  # fmt: skip
-            upload(v110, MODEL, "1.1.0", "digits CNN, trained longer", calibration=calib_path,
-                   output_kinds=kinds, parents=["1.0.0"])  # fmt: skip
-            upload(v120, MODEL, "1.2.0", "digits CNN, re-exported", calibration=calib_path,
-                   output_kinds=kinds, parents=["1.1.0"])  # fmt: skip
-
-            # --- the fleet -----------------------------------------------------------------
             console.rule("six devices, three profiles")
-            for device_id, profile in DEVICES:
-                token = api.post("/v1/enrollment-tokens", json={"profile": profile})["token"]
-                # Six devices share this machine's cores: a neighbour's swap or a build shows
-                # up as a latency spike that a real device, with its CPU to itself, would
-                # not see. Probation still compares latency, with 20 ms of slack.
-                agent = LocalAgent(root / "devices", device_id, profile, probation_window_s=3,
-                                   probation="latency_slack_ms = 20\n")  # fmt: skip
-                agent.enroll(stack.url, token, {"site": "lab", "fleet": "demo"})
-                # Telemetry every second so the demo's gates have evidence at once; all
-                # requests sampled for drift (a real model's budget covers it, see
-                # bench/telemetry_cost.py).
-                agent.configure(
-                    "[telemetry]\ninterval_s = 1\ncheckpoint_s = 0.5\nmin_sample_rate = 1.0\n"
-                )
-                agent.start()
-                agents.append(agent)
-            for agent in agents:
-                agent.wait_ready()
-            runtimes = {
-                p: sorted(api.get(f"/v1/devices/{d}").get("runtimes") or {}) for d, p in DEVICES
-            }
+            _enroll(root, stack, api, agents)
             console.print(", ".join(f"{a.device_id} ({a.profile})" for a in agents))
-            # The later versions build while the first rolls out (two build workers), for
-            # the runtimes the devices have, as their rollouts will ask.
-            builds = [
-                api.post("/v1/builds", json={"model": MODEL, "version": version,
-                                             "profile": profile, "runtimes": installed})["id"]
-                for version in ("1.1.0", "1.2.0")
-                for profile, installed in sorted(runtimes.items())
-            ]  # fmt: skip
+            builds, runtimes = _prebuild(api)
 
             console.rule(f"{MODEL} 1.0.0 to the whole fleet")
             first = api.post("/v1/rollouts", json={"model": MODEL, "version": "1.0.0",
@@ -359,104 +460,42 @@ def run_demo(workdir: Path | None, console: Console, *, keep: bool = False) -> i
             if first["state"] != "completed":
                 return _failed(console, agents, f"1.0.0 rollout ended {first['state']}")
             console.print(_parity_table(api, first, runtimes))
-
             # Builds compete with the devices for this machine's CPUs: none runs under the
             # canaries, whose devices judge latency on probation.
             wait_until(lambda: _built(api, builds), 300, "the builds of 1.1.0 and 1.2.0")
-            traffic = Traffic(agents, field_digits, RATE_PER_DEVICE, glare=GLARE)
+            traffic = Traffic(agents, versions.field, RATE_PER_DEVICE, glare=GLARE)
             traffic.start()
             console.print(
-                f"steady traffic: {RATE_PER_DEVICE:g} requests/s to each device, the true "
-                "label sent back for half of the answers; the Raspberry Pis' cameras see glare "
-                "the calibration data never had (their inputs drift)"
+                f"steady traffic: {RATE_PER_DEVICE:g} requests/s to each device, the true label "
+                "sent back for half of the answers; the Raspberry Pis' cameras see glare the "
+                "calibration data never had (their inputs drift)"
             )
             wait_until(lambda: _enough_predictions(api, "1.0.0", 250), 120,
                        "1.0.0's predictions on every profile")  # fmt: skip
 
-            # --- a good version, stage by stage --------------------------------------------
             console.rule(f"{MODEL} 1.1.0 as a canary: {STAGES} % of the fleet")
-            body = {"model": MODEL, "selector": "fleet=demo", "strategy": "canary",
-                    "stages": STAGES, "bake_s": BAKE_S, "gates": GATES,
-                    "max_bake_s": 120}  # fmt: skip
-            good = api.post("/v1/rollouts", json={**body, "version": "1.1.0"})
-            good = _follow(api, good, console, 400)
+            good = _canary(api, console, "1.1.0")
             console.print(_parity_table(api, good, runtimes))
 
-            # --- a silently wrong version --------------------------------------------------
             console.rule(f"{MODEL} 1.2.0 as a canary: finite, well-formed, and wrong")
             wait_until(lambda: _enough_predictions(api, "1.1.0", 250), 120,
                        "1.1.0's predictions on every profile")  # fmt: skip
-            bad = api.post("/v1/rollouts", json={**body, "version": "1.2.0"})
-            bad = _follow(api, bad, console, 300)
+            bad = _canary(api, console, "1.2.0")
             breach = next((e for e in bad["events"] if e["kind"] == "gate_breach"), None)
             if breach is not None:
                 console.print(Text(f"stopped: {breach['message']}", style="bold"))
 
-            # --- what the fleet measured ---------------------------------------------------
             time.sleep(2.5)  # the last telemetry interval reaches the server
             traffic.stop()
-            console.rule("the closing figures")
-            figures, rows = _closing_table(api, time.monotonic() - started + 60)
-            console.print(figures)
-            alerts = api.get("/v1/alerts", params={"model": MODEL})
-            console.print(_drift_note(rows, alerts))
-            # The canary's device was given 1.1.0 back; it may still be switching.
-            for agent in agents:
-                with contextlib.suppress(TimeoutError):  # reported below
-                    agent.wait_serving(MODEL, "1.1.0", timeout_s=30)
-            serving = {a.device_id: (a.serving(MODEL) or {}).get("version") for a in agents}
-            outcome = Table("rollout", "version", "strategy", "ended", "why",
-                            title="what happened, and why")  # fmt: skip
-            for r in (first, good, bad):
-                outcome.add_row(r["id"], r["version"], r["strategy"], r["state"], _why(r))
-            console.print(outcome)
-            touched = bad["counts"].get("reverted", 0)
-            good_ok = good["state"] == "completed" and set(serving.values()) == {"1.1.0"}
-            bad_ok = (
-                bad["state"] == "aborted"
-                and bad["stage"] == 0
-                and breach is not None
-                and "max_prediction_shift" in breach["message"]
-                and touched == 1
-            )
-            reached = [t["device_id"] for t in bad["targets"] if t["state"] == "reverted"]
-            console.print(
-                f"1.2.0 reached {len(reached)} device(s) ({', '.join(reached) or '-'}), given "
-                f"1.1.0 back; {len(agents) - len(reached)} never received it"
-            )
-            console.print(
-                f"requests served during the rollouts: {traffic.served}, failed: "
-                f"{traffic.failed}; labels sent back: {traffic.labelled}"
-            )
-            for error in traffic.errors:
-                console.print(f"  {error}", style="red")
-            ok = good_ok and bad_ok and traffic.failed == 0
-            console.rule(
-                Text.assemble(("ok" if ok else "FAILED", "green" if ok else "red"))
-                + f": 1.1.0 serving on {sum(v == '1.1.0' for v in serving.values())} of "
-                f"{len(agents)} devices; 1.2.0 "
-                + (
-                    "stopped at its first stage by the prediction-shift gate"
-                    if bad_ok
-                    else f"ended {bad['state']} at stage {bad['stage'] + 1}"
-                )
-                + f"; {time.monotonic() - started:.0f}s in all"
-            )
+            ok = _closing(api, console, agents, (first, good, bad), traffic, started)
             console.print(
                 f"dashboard: {stack.url}/ui  (sign in with the admin token in "
                 f"{settings.admin_token_file})"
             )
             if keep:
-                traffic = Traffic(agents, field_digits, RATE_PER_DEVICE, glare=GLARE)
+                traffic = Traffic(agents, versions.field, RATE_PER_DEVICE, glare=GLARE)
                 traffic.start()
-                console.print("--keep: everything stays up, traffic included; Ctrl-C ends it")
-                # A TERM (a service manager, `kill`) ends it as Ctrl-C does: agents stopped.
-                signal.signal(signal.SIGTERM, _interrupt)
-                try:
-                    while True:
-                        time.sleep(3600)
-                except KeyboardInterrupt:
-                    pass
+                _wait_for_interrupt(console)
             return 0 if ok else 1
     finally:
         if traffic is not None:
@@ -465,6 +504,15 @@ def run_demo(workdir: Path | None, console: Console, *, keep: bool = False) -> i
             agent.stop()
         if workdir is None:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _wait_for_interrupt(console: Console) -> None:
+    console.print("--keep: everything stays up, traffic included; Ctrl-C ends it")
+    # A TERM (a service manager, `kill`) ends it as Ctrl-C does: the agents are stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            time.sleep(3600)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

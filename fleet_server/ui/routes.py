@@ -10,6 +10,7 @@ action is a POST that needs the operator role and, from a browser, the session's
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlencode
@@ -109,7 +110,7 @@ def render(
     response = templates.TemplateResponse(
         request,
         template,
-        {"me": principal, "live": request.headers.get("hx-request") == "true", **context},
+        {"me": principal, **context},
         status_code=status_code,
     )
     response.headers.update(SECURITY_HEADERS)
@@ -129,7 +130,9 @@ def install(app: FastAPI) -> None:
         return RedirectResponse(target, status_code=303)
 
 
-def _page(request: Request, principal: Principal, template: str, build: Any) -> Response:
+def _page(
+    request: Request, principal: Principal, template: str, build: Callable[[], dict[str, Any]]
+) -> Response:
     """Render ``template`` with what ``build()`` returns; a domain error (unknown id, bad
     selector) becomes the page's error message with its status."""
     try:
