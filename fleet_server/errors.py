@@ -95,15 +95,20 @@ def error_body(code: str, message: str, detail: Any = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "detail": detail}}
 
 
+def error_response(request: Request, exc: EdgefleetError) -> JSONResponse:
+    """The API's answer to a domain error: its status and the JSON error body."""
+    status = http_status(exc)
+    if status == 500:
+        log.error("unhandled domain error on %s: %s", request.url.path, exc.message)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    detail = {k: v for k, v in exc.fields.items()} or None
+    return JSONResponse(error_body(exc.reason, exc.message, detail), status, headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EdgefleetError)
     async def _domain(request: Request, exc: EdgefleetError) -> JSONResponse:
-        status = http_status(exc)
-        if status == 500:
-            log.error("unhandled domain error on %s: %s", request.url.path, exc.message)
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        detail = {k: v for k, v in exc.fields.items()} or None
-        return JSONResponse(error_body(exc.reason, exc.message, detail), status, headers=headers)
+        return error_response(request, exc)
 
     @app.exception_handler(ProfileError)
     async def _profile(request: Request, exc: ProfileError) -> JSONResponse:

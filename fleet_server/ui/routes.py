@@ -27,7 +27,12 @@ from fleet_server.api.limits import PRINCIPAL_STATE, SESSION_COOKIE
 from fleet_server.api.principal import Principal
 from fleet_server.auth.service import close_ui_session, open_ui_session
 from fleet_server.devices.selectors import Selector
-from fleet_server.errors import AuthenticationError, PermissionDeniedError, http_status
+from fleet_server.errors import (
+    AuthenticationError,
+    PermissionDeniedError,
+    error_response,
+    http_status,
+)
 from fleet_server.ui import views
 
 HERE = Path(__file__).parent
@@ -121,6 +126,15 @@ def install(app: FastAPI) -> None:
     """Mount the dashboard: its pages, its static files, and its error pages."""
     app.include_router(router)
     app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="ui-static")
+
+    @app.exception_handler(PermissionDeniedError)
+    async def _refused(request: Request, exc: PermissionDeniedError) -> Response:
+        """A refused action from a browser's form gets a page saying why; a script (or any
+        other route) gets the API's JSON error."""
+        browser = "text/html" in request.headers.get("accept", "")
+        if request.url.path.startswith("/ui/") and browser:
+            return render(request, "error.html", None, 403, message=exc.message)
+        return error_response(request, exc)
 
     @app.exception_handler(SignInRequired)
     async def _sign_in(request: Request, exc: SignInRequired) -> Response:

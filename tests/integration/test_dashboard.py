@@ -161,6 +161,13 @@ def test_a_viewer_sees_no_buttons_and_its_post_is_refused(
     assert r.status_code == 403 and "operator" in r.json()["error"]["message"]
     assert _state(api, rid) == "in_progress"
     assert client.get("/ui/audit").status_code == 403  # as GET /v1/audit: admins only
+    # The same refusal to a browser's form is a page that says why.
+    page = client.post(
+        f"/ui/rollouts/{rid}/abort", data={"csrf": csrf}, headers={"Accept": "text/html"}
+    )
+    assert page.status_code == 403 and "needs the operator role" in page.text
+    assert page.headers["content-type"].startswith("text/html")
+    assert _state(api, rid) == "in_progress"
 
 
 def test_signing_out_or_revoking_the_token_ends_the_session(
