@@ -76,7 +76,8 @@ def _render_rollout(r: dict[str, Any], *, all_devices: bool = False) -> Group:
                 shown_data.append(g["data"])
         parts.append(gates)
         for d in shown_data:
-            shift = Table("", *(str(i) for i in range(len(d["previous"]))),
+            bins = d.get("labels") or [str(i) for i in range(len(d["previous"]))]
+            shift = Table("", *bins,
                           title=f"prediction shift: {d['output']} ({d['kind']}"
                                 f"{'' if d['kind'] == 'top1' else ', group ' + str(d['group'])})"
                                 f" on {d['profile']}")  # fmt: skip

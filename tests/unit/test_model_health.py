@@ -6,11 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_agent.telemetry.drift import TensorDrift
+from edge_agent.telemetry.drift import TensorDrift, psi
 from fleet_server.rollouts.spec import DEFAULT_PREDICTION_SHIFT, RolloutCreate
 from fleet_server.rollouts.verdict import arm, compare
 from fleet_server.telemetry.query import Totals
-from fleet_server.telemetry.shift import MIN_SHIFT_VALUES, compare_outputs, rebin
+from fleet_server.telemetry.shift import (
+    MAX_SHIFT_CLASSES,
+    MIN_SHIFT_VALUES,
+    compare_outputs,
+    rebin,
+)
 from tests.unit.test_rollout_rules import body, sketch_of
 
 CLASSES = TensorDrift("top1", None, np.zeros(1, np.int64), np.zeros((1, 0)), np.ones((1, 4)))
@@ -103,3 +108,41 @@ def test_labels_drive_the_ab_verdict() -> None:
     none = compare(arm("1", Totals(400, 0, same)), arm("2", Totals(400, 0, same)), 0.95)
     assert none["comparison"]["accuracy"] == {"better": None, "confidence": None}
     assert none["winner"] is None
+
+
+def test_many_classes_are_compared_over_the_frequent_ones_and_other() -> None:
+    """At 1,000 classes and a canary's 200 predictions, class-by-class PSI of two identical
+    models is ~5 (pure sampling noise): the gate would stop every honest update. Folded into
+    the 9 classes both versions answer most and "other", noise stays under the threshold,
+    and a collapse (onto a frequent or a rare class) still shows."""
+    rng = np.random.default_rng(7)
+    k = 1000
+    mix = rng.dirichlet(np.full(k, 0.3))
+    many = TensorDrift("top1", None, np.zeros(1, np.int64), np.zeros((1, 0)), np.ones((1, k)))
+
+    def sample(n: int, p: np.ndarray = mix) -> np.ndarray:
+        return np.bincount(rng.choice(k, n, p=p), minlength=k)[None]
+
+    scores = []
+    for _ in range(200):
+        before, after = sample(MIN_SHIFT_VALUES * 3), sample(MIN_SHIFT_VALUES)
+        unfolded = psi(after, before / before.sum())[0]
+        assert unfolded > 1  # what the gate would have judged
+        [honest] = compare_outputs({"p": before}, {"p": after}, {"p": many})
+        assert honest.psi is not None and len(honest.previous) == MAX_SHIFT_CLASSES
+        scores.append(honest.psi)
+    # Two identical models: noise well under the threshold, at most rarely near it.
+    assert np.median(scores) < 0.1 and np.percentile(scores, 99) < DEFAULT_PREDICTION_SHIFT
+    before = sample(600)
+    assert honest.labels is not None and honest.labels[-1] == "other"
+    [frequent] = compare_outputs(
+        {"p": before}, {"p": sample(300, np.eye(k)[int(np.argmax(mix))])}, {"p": many}
+    )
+    rare = int(np.argmin(mix))
+    [onto_rare] = compare_outputs({"p": before}, {"p": sample(300, np.eye(k)[rare])}, {"p": many})
+    for collapsed in (frequent, onto_rare):
+        assert collapsed.psi is not None and collapsed.psi > 4 * DEFAULT_PREDICTION_SHIFT
+    assert frequent.labels is not None and frequent.labels[0] == str(int(np.argmax(mix)))
+    # The class it collapsed onto is frequent among both versions' answers: a bin of its own.
+    assert onto_rare.labels is not None and str(rare) in onto_rare.labels
+    assert onto_rare.candidate[onto_rare.labels.index(str(rare))] == 1.0
