@@ -25,6 +25,7 @@ from typing import Any
 import anyio
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import cookie_parser
 
 from edge_agent.contracts.errors import EdgefleetError
 from fleet_server.api.principal import Principal
@@ -155,16 +156,12 @@ class BodyLimits:
         await self.app(scope, limited, guarded)
 
 
-def session_cookie(header: bytes | str | None) -> str | None:
-    """The dashboard session cookie's value in a ``Cookie`` header, if there is one."""
+def session_cookie(header: bytes | None) -> str | None:
+    """The dashboard session cookie's value in a ``Cookie`` header, if there is one (read as
+    Starlette reads ``request.cookies``)."""
     if header is None:
         return None
-    text = header.decode("latin-1") if isinstance(header, bytes) else header
-    for part in text.split(";"):
-        name, _, value = part.strip().partition("=")
-        if name == SESSION_COOKIE and value:
-            return value
-    return None
+    return cookie_parser(header.decode("latin-1")).get(SESSION_COOKIE) or None
 
 
 async def _reply(

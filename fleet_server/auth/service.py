@@ -84,10 +84,15 @@ def authenticate(session: Session, authorization: str | None) -> Principal:
         if device is None:
             raise AuthenticationError("unknown device credential")
         return Principal(name=f"device:{device.id}", role="device", device_id=device.id)
+    api = _live_api_token(session, token_hash)
+    return Principal(name=api.name, role=api.role)
+
+
+def _live_api_token(session: Session, token_hash: str) -> ApiToken:
     api = session.exec(select(ApiToken).where(ApiToken.token_hash == token_hash)).first()
     if api is None or api.revoked_at is not None:
         raise AuthenticationError("unknown or revoked API token")
-    return Principal(name=api.name, role=api.role)
+    return api
 
 
 def bootstrap_admin(session: Session, configured: str | None, token_file: Path) -> Path | None:
@@ -120,11 +125,9 @@ def bootstrap_admin(session: Session, configured: str | None, token_file: Path) 
 def open_ui_session(session: Session, token: str, ttl_s: float) -> tuple[str, Principal]:
     """Sign in to the dashboard with an API token: returns the session's secret (the cookie's
     value) and who it acts as. Audited; commits."""
-    principal = authenticate(session, f"Bearer {token.strip()}")
-    if principal.device_id is not None:
+    if token.strip().startswith(DEVICE_SECRET_PREFIX):
         raise AuthenticationError("a device credential cannot sign in to the dashboard")
-    api = session.exec(select(ApiToken).where(ApiToken.token_hash == hash_secret(token.strip())))
-    row = api.one()
+    row = _live_api_token(session, hash_secret(token.strip()))
     secret = new_secret(UI_SESSION_PREFIX)
     now = datetime.now(UTC)
     ui = UiSession(
@@ -135,12 +138,12 @@ def open_ui_session(session: Session, token: str, ttl_s: float) -> tuple[str, Pr
         expires_at=now + timedelta(seconds=ttl_s),
     )
     session.add(ui)
-    record(session, principal.name, "ui.sign_in", principal.name)
+    record(session, row.name, "ui.sign_in", row.name)
     # Expired sign-ins go when a new one comes: the table holds only live ones, and a few.
     for old in session.exec(select(UiSession).where(col(UiSession.expires_at) < now)).all():
         session.delete(old)
     session.commit()
-    return secret, Principal(name=principal.name, role=principal.role, csrf=ui.csrf)
+    return secret, Principal(name=row.name, role=row.role, csrf=ui.csrf)
 
 
 def authenticate_ui_session(session: Session, secret: str | None) -> Principal:

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from edge_agent.serving.client import AgentClient
 from fleet_server.broker import free_port
+from fleet_server.client import ApiClient
 
 T = TypeVar("T")
 
@@ -172,3 +173,33 @@ class LocalAgent:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+#: Telemetry every second with every request sampled for drift: the fleet's figures (and the
+#: gates' evidence) arrive at once. A real model's sampling budget: bench/telemetry_cost.py.
+FAST_TELEMETRY = "[telemetry]\ninterval_s = 1\ncheckpoint_s = 0.5\nmin_sample_rate = 1.0\n"
+
+
+def start_agents(
+    api: ApiClient,
+    root: Path,
+    devices: list[tuple[str, str]],
+    labels: dict[str, str],
+    into: list[LocalAgent],
+    *,
+    config: str = FAST_TELEMETRY,
+    **options: Any,
+) -> None:
+    """Enroll (a one-time token each) and start an agent per (device id, profile), with
+    ``config`` appended to its agent.toml and ``options`` for :class:`LocalAgent`; each is
+    appended to ``into`` as it starts, so that the caller stops every one that did. Returns
+    when all serve their local API."""
+    for device_id, profile in devices:
+        token = api.post("/v1/enrollment-tokens", json={"profile": profile})["token"]
+        agent = LocalAgent(root / "devices", device_id, profile, **options)
+        agent.enroll(api.base_url, token, labels)
+        agent.configure(config)
+        agent.start()
+        into.append(agent)
+    for agent in into:
+        agent.wait_ready()

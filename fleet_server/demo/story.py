@@ -36,7 +36,7 @@ from rich.text import Text
 
 from edge_agent.serving.client import AgentClient
 from fleet_server.client import ApiClient
-from fleet_server.demo.agents import LocalAgent, wait_until
+from fleet_server.demo.agents import LocalAgent, start_agents, wait_until
 from fleet_server.demo.digits import Digits, Network, draw_digits, export_onnx, fold_scale
 from fleet_server.server import EmbeddedStack
 from fleet_server.settings import Settings
@@ -327,25 +327,6 @@ def _upload(api: ApiClient, versions: Versions) -> None:
                          parents=[parent] if parent else None)  # fmt: skip
 
 
-def _enroll(root: Path, stack: EmbeddedStack, api: ApiClient, agents: list[LocalAgent]) -> None:
-    """Six agents, appended to ``agents`` as each starts (so that each is stopped after)."""
-    for device_id, profile in DEVICES:
-        token = api.post("/v1/enrollment-tokens", json={"profile": profile})["token"]
-        # Six devices share this machine's cores: a neighbour's swap or a build shows up as
-        # a latency spike that a real device, with its CPU to itself, would not see.
-        # Probation still compares latency, with 20 ms of slack.
-        agent = LocalAgent(root / "devices", device_id, profile, probation_window_s=3,
-                           probation="latency_slack_ms = 20\n")  # fmt: skip
-        agent.enroll(stack.url, token, {"site": "lab", "fleet": "demo"})
-        # Telemetry every second so the demo's gates have evidence at once; all requests
-        # sampled for drift (a real model's budget covers it, see bench/telemetry_cost.py).
-        agent.configure("[telemetry]\ninterval_s = 1\ncheckpoint_s = 0.5\nmin_sample_rate = 1.0\n")
-        agent.start()
-        agents.append(agent)
-    for agent in agents:
-        agent.wait_ready()
-
-
 def _prebuild(api: ApiClient) -> tuple[list[str], dict[str, list[str]]]:
     """Build 1.1.0 and 1.2.0 while 1.0.0 rolls out (two build workers), for the runtimes the
     devices have, as their rollouts will ask. Returns the build ids and those runtimes."""
@@ -449,7 +430,11 @@ def run_demo(workdir: Path | None, console: Console, *, keep: bool = False) -> i
             _upload(api, versions)
 
             console.rule("six devices, three profiles")
-            _enroll(root, stack, api, agents)
+            # Six devices share this machine's cores: a neighbour's swap or a build shows up
+            # as a latency spike that a real device, with its CPU to itself, would not see.
+            # Probation still compares latency, with 20 ms of slack.
+            start_agents(api, root, DEVICES, {"site": "lab", "fleet": "demo"}, agents,
+                         probation_window_s=3, probation="latency_slack_ms = 20\n")  # fmt: skip
             console.print(", ".join(f"{a.device_id} ({a.profile})" for a in agents))
             builds, runtimes = _prebuild(api)
 

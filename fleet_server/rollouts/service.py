@@ -537,6 +537,22 @@ def get_rollout(
     return describe(session, rollout, include_targets=include_targets)
 
 
-def list_rollouts(session: Session, *, include_targets: bool = True) -> list[RolloutPublic]:
-    rows = session.exec(select(Rollout).order_by(col(Rollout.created_at).desc())).all()
+def list_rollouts(
+    session: Session,
+    *,
+    include_targets: bool = True,
+    model: str | None = None,
+    version: str | None = None,
+) -> list[RolloutPublic]:
+    """Newest first; only those of ``model`` (and ``version``) when given."""
+    query = select(Rollout).order_by(col(Rollout.created_at).desc())
+    if model is not None:
+        query = (
+            query.join(ModelVersion, col(ModelVersion.id) == Rollout.model_version_id)
+            .join(MLModel, col(MLModel.id) == ModelVersion.model_id)
+            .where(MLModel.name == model)
+        )
+        if version is not None:
+            query = query.where(ModelVersion.version == version)
+    rows = session.exec(query).all()
     return [describe(session, r, include_targets=include_targets) for r in rows]

@@ -22,7 +22,7 @@ from fastapi.templating import Jinja2Templates
 from sqlmodel import Session
 
 from edge_agent.contracts.errors import EdgefleetError
-from fleet_server.api.deps import StateDep
+from fleet_server.api.deps import AppState, StateDep
 from fleet_server.api.limits import PRINCIPAL_STATE, SESSION_COOKIE
 from fleet_server.api.principal import Principal
 from fleet_server.auth.service import close_ui_session, open_ui_session
@@ -145,12 +145,17 @@ def install(app: FastAPI) -> None:
 
 
 def _page(
-    request: Request, principal: Principal, template: str, build: Callable[[], dict[str, Any]]
+    request: Request,
+    state: AppState,
+    principal: Principal,
+    template: str,
+    build: Callable[[Session], dict[str, Any]],
 ) -> Response:
-    """Render ``template`` with what ``build()`` returns; a domain error (unknown id, bad
-    selector) becomes the page's error message with its status."""
+    """Render ``template`` with what ``build(session)`` returns; a domain error (unknown id,
+    bad selector) becomes the page's error message with its status."""
     try:
-        context = build()
+        with Session(state.engine) as session:
+            context = build(session)
     except EdgefleetError as e:
         status = http_status(e)
         return render(request, "error.html", principal, status, message=e.message)
@@ -225,30 +230,21 @@ def fleet_page(
     me: ViewerDep,
     selector: Annotated[str | None, Query(max_length=4096)] = None,
 ) -> Response:
-    def build() -> dict[str, Any]:
+    def build(session: Session) -> dict[str, Any]:
         chosen = Selector.parse(selector) if selector else None
-        with Session(state.engine) as session:
-            return {"selector": selector or "", **views.fleet(session, chosen)}
+        return {"selector": selector or "", **views.fleet(session, chosen)}
 
-    return _page(request, me, "fleet.html", build)
+    return _page(request, state, me, "fleet.html", build)
 
 
 @router.get("/devices/{device_id}", response_class=HTMLResponse)
 def device_page(request: Request, state: StateDep, me: ViewerDep, device_id: str) -> Response:
-    def build() -> dict[str, Any]:
-        with Session(state.engine) as session:
-            return views.device(session, device_id)
-
-    return _page(request, me, "device.html", build)
+    return _page(request, state, me, "device.html", lambda s: views.device(s, device_id))
 
 
 @router.get("/rollouts", response_class=HTMLResponse)
 def rollouts_page(request: Request, state: StateDep, me: ViewerDep) -> Response:
-    def build() -> dict[str, Any]:
-        with Session(state.engine) as session:
-            return {"rollouts": views.rollout_list(session)}
-
-    return _page(request, me, "rollouts.html", build)
+    return _page(request, state, me, "rollouts.html", lambda s: {"rollouts": views.rollout_list(s)})
 
 
 @router.get("/rollouts/{rollout_id}", response_class=HTMLResponse)
@@ -259,12 +255,11 @@ def rollout_page(
     rollout_id: str,
     notice: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Response:
-    def build() -> dict[str, Any]:
-        with Session(state.engine) as session:
-            found = views.rollout(session, rollout_id)
+    def build(session: Session) -> dict[str, Any]:
+        found = views.rollout(session, rollout_id)
         return {"r": found, "actions": views.actions(found), "notice": notice}
 
-    return _page(request, me, "rollout.html", build)
+    return _page(request, state, me, "rollout.html", build)
 
 
 @router.post("/rollouts/{rollout_id}/{action}")
@@ -293,11 +288,7 @@ def rollout_action(
 
 @router.get("/models", response_class=HTMLResponse)
 def models_page(request: Request, state: StateDep, me: ViewerDep) -> Response:
-    def build() -> dict[str, Any]:
-        with Session(state.engine) as session:
-            return {"models": views.models(session)}
-
-    return _page(request, me, "models.html", build)
+    return _page(request, state, me, "models.html", lambda s: {"models": views.models(s)})
 
 
 @router.get("/models/{name}/versions/{version}", response_class=HTMLResponse)
@@ -309,12 +300,13 @@ def version_page(
     version: str,
     since_s: SinceQuery = None,
 ) -> Response:
-    def build() -> dict[str, Any]:
-        with Session(state.engine) as session:
-            found = views.version(session, state.telemetry.bundles, name, version, _since(since_s))
-        return {**found, "since_s": _since(since_s)}
+    window = _since(since_s)
 
-    return _page(request, me, "version.html", build)
+    def build(session: Session) -> dict[str, Any]:
+        found = views.version(session, state.telemetry.bundles, name, version, window)
+        return {**found, "since_s": window}
+
+    return _page(request, state, me, "version.html", build)
 
 
 @router.get("/models/{name}/versions/{version}/series.json")
@@ -335,9 +327,8 @@ def audit_page(
     action: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ) -> Response:
-    def build() -> dict[str, Any]:
+    def build(session: Session) -> dict[str, Any]:
         me.require("admin")  # as GET /v1/audit
-        with Session(state.engine) as session:
-            return {"events": views.audit_log(session, action, limit), "action": action or ""}
+        return {"events": views.audit_log(session, action, limit), "action": action or ""}
 
-    return _page(request, me, "audit.html", build)
+    return _page(request, state, me, "audit.html", build)

@@ -16,7 +16,7 @@ from fleet_server.database import aware
 from fleet_server.devices import service as devices
 from fleet_server.devices.selectors import Selector
 from fleet_server.devices.tables import Device
-from fleet_server.registry.tables import MLModel, ModelVersion
+from fleet_server.registry import service as registry
 from fleet_server.rollouts import service as rollouts
 from fleet_server.rollouts.tables import RolloutPublic, RolloutState
 from fleet_server.telemetry.query import series, summarize
@@ -135,15 +135,11 @@ def rollout_list(session: Session) -> list[RolloutPublic]:
 
 
 def models(session: Session) -> list[dict[str, Any]]:
-    out = []
-    for m in session.exec(select(MLModel).order_by(col(MLModel.name))).all():
-        found = session.exec(
-            select(ModelVersion.version)
-            .where(ModelVersion.model_id == m.id)
-            .order_by(col(ModelVersion.created_at).desc())
-        ).all()
-        out.append({"name": m.name, "versions": list(found)})
-    return out
+    """Each model with its versions, newest first."""
+    return [
+        {"name": m.name, "versions": [v.version for v in reversed(m.versions)]}
+        for m in registry.list_models(session)
+    ]
 
 
 #: The gates that judge a version against the one it replaces (or runs beside).
@@ -163,11 +159,7 @@ def version(
     seen = versions.overview(session, name, number)
     active = summarize(session, bundles, name, version=number, since=since)
     shadow = summarize(session, bundles, name, version=number, since=since, role="shadow")
-    involved = [
-        r
-        for r in rollouts.list_rollouts(session, include_targets=False)
-        if r.model == name and r.version == number
-    ]
+    involved = rollouts.list_rollouts(session, include_targets=False, model=name, version=number)
     return {
         "version": seen,
         "active": [h.to_json() for h in active],

@@ -14,16 +14,9 @@ import pytest
 from fleet_server.client import ApiClient
 from fleet_server.server import EmbeddedStack
 from tests.conftest import ADMIN_TOKEN
+from tests.integration.test_api import enroll
 
 PAGES = ["/ui", "/ui/rollouts", "/ui/models", "/ui/audit", "/ui/models/classifier/versions/1.0.0"]
-
-
-def _enroll(api: ApiClient, device_id: str, **labels: str) -> None:
-    token = api.post("/v1/enrollment-tokens", json={"labels": labels})["token"]
-    api.post(
-        "/v1/devices/enroll",
-        json={"token": token, "device_id": device_id, "profile": "x86-64-avx2"},
-    )
 
 
 @pytest.fixture
@@ -31,8 +24,8 @@ def fleet(api: ApiClient, model_path: Path) -> dict[str, Any]:
     """A model, two enrolled devices that never connect, and a canary rollout to them that
     therefore stays in progress (something to pause)."""
     api.upload_model(model_path, "classifier", "1.0.0", "first")
-    _enroll(api, "ui-dev-1", site="lab", ring="canary")
-    _enroll(api, "ui-dev-2", site="field")
+    enroll(api, "ui-dev-1", site="lab", ring="canary")
+    enroll(api, "ui-dev-2", site="field")
     rollout = api.post(
         "/v1/rollouts",
         json={"model": "classifier", "version": "1.0.0", "devices": ["ui-dev-1", "ui-dev-2"]},

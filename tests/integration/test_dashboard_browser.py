@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from fleet_server.client import ApiClient
-from fleet_server.demo.agents import LocalAgent, wait_until
+from fleet_server.demo.agents import LocalAgent, start_agents, wait_until
 from fleet_server.server import EmbeddedStack
 from tests.conftest import ADMIN_TOKEN
 from tests.integration.test_cli import edgefleet
@@ -97,21 +97,14 @@ class Watched:
         assert self.foreign == [], f"requests to other hosts: {self.foreign}"
 
 
-def _fleet(stack: EmbeddedStack, api: ApiClient, root: Path, model: Path) -> list[LocalAgent]:
-    """Two agents serving classifier 1.0.0 under traffic, reporting every second."""
+def _fleet(api: ApiClient, root: Path, model: Path, agents: list[LocalAgent]) -> None:
+    """Two agents (added to ``agents``) serving classifier 1.0.0 under traffic, reporting
+    every second."""
     calibration = root / "calibration.npz"
     np.savez(calibration, x=np.random.default_rng(0).standard_normal((256, 1, 16)).astype("f4"))
     api.upload_model(model, "classifier", "1.0.0", "first", calibration=calibration)
-    agents = []
-    for i in (1, 2):
-        token = api.post("/v1/enrollment-tokens", json={"profile": "x86-64-avx2"})["token"]
-        agent = LocalAgent(root / "devices", f"ui-edge-{i}", "x86-64-avx2")
-        agent.enroll(stack.url, token, {"site": "lab", "ring": "canary"})
-        agent.configure("[telemetry]\ninterval_s = 1\ncheckpoint_s = 0.5\nmin_sample_rate = 1.0\n")
-        agent.start()
-        agents.append(agent)
-    for agent in agents:
-        agent.wait_ready()
+    devices = [(f"ui-edge-{i}", "x86-64-avx2") for i in (1, 2)]
+    start_agents(api, root, devices, {"site": "lab", "ring": "canary"}, agents)
     first = api.post(
         "/v1/rollouts", json={"model": "classifier", "version": "1.0.0", "selector": "ring=canary"}
     )
@@ -125,7 +118,6 @@ def _fleet(stack: EmbeddedStack, api: ApiClient, root: Path, model: Path) -> lis
         30,
         "the agents' telemetry",
     )
-    return agents
 
 
 def test_the_dashboard_in_a_real_browser(
@@ -134,8 +126,9 @@ def test_the_dashboard_in_a_real_browser(
 ) -> None:  # fmt: skip
     stack = private_stack
     api = ApiClient(stack.url, ADMIN_TOKEN)
-    agents = _fleet(stack, api, tmp_path, model_path)
+    agents: list[LocalAgent] = []
     try:
+        _fleet(api, tmp_path, model_path, agents)
         api.upload_model(model_v2_path, "classifier", "1.1.0", "second", parents=["1.0.0"])
         admin = Watched(chromium, stack.url, viewport={"width": 1280, "height": 900})
         admin.sign_in(ADMIN_TOKEN, then="/ui/rollouts")
