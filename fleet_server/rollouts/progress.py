@@ -29,6 +29,7 @@ __all__ = [
     "device_rows",
     "rank",
     "stage_quota",
+    "switch_spread",
     "target_view",
 ]
 
@@ -209,3 +210,22 @@ def _reported_state(
     if report is not None and report.get("target_sha256") == sha and slot_state in _INSTALLING:
         return TargetState.DOWNLOADING, None
     return TargetState.PENDING, None
+
+
+def switch_spread(rollout: Rollout, views: list[TargetView]) -> dict[str, float] | None:
+    """Stage then activate: how close together the devices switched, and how long after the
+    command (seconds)."""
+    if rollout.activated_at is None:
+        return None
+    command = aware(rollout.activated_at).timestamp()
+    times = sorted(aware(v.target.switched_at).timestamp() for v in views if v.target.switched_at)
+    if not times:
+        return None
+    after = [t - command for t in times]
+    return {
+        "devices": len(times),
+        "spread_s": round(times[-1] - times[0], 4),
+        "p50_after_command_s": round(after[len(after) // 2], 4),
+        "p95_after_command_s": round(after[min(len(after) - 1, int(len(after) * 0.95))], 4),
+        "max_after_command_s": round(after[-1], 4),
+    }

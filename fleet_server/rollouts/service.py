@@ -32,7 +32,8 @@ from fleet_server.keys.service import FleetSigner
 from fleet_server.registry.compat import io_differences
 from fleet_server.registry.service import get_version, version_by_id
 from fleet_server.registry.tables import MLModel, ModelVersion
-from fleet_server.rollouts.engine import BundleChoice, RolloutEngine, choose_bundle, cohort_of
+from fleet_server.rollouts.cohort import BundleChoice, choose_bundle, cohort_of
+from fleet_server.rollouts.engine import RolloutEngine
 from fleet_server.rollouts.gates import lacking
 from fleet_server.rollouts.progress import (
     TargetView,

@@ -24,7 +24,8 @@ from fleet_server.keys import service as keys
 from fleet_server.keys.service import FleetSigner, OnlineKeyStore
 from fleet_server.keys.tables import KeyringRecord, OnlineKeyPublic
 from fleet_server.registry.service import version_by_id
-from fleet_server.rollouts.engine import cohort_of, slot_assignment
+from fleet_server.rollouts.cohort import cohort_of
+from fleet_server.rollouts.notifier import slot_assignment
 
 
 def create_online_key(

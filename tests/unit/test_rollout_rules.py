@@ -10,7 +10,7 @@ import pytest
 from edge_agent.protocol.telemetry import LatencySketch
 from edge_agent.telemetry.sketch import new_sketch, to_wire
 from fleet_server.errors import InvalidInputError
-from fleet_server.rollouts.engine import rate_allowance
+from fleet_server.rollouts.notifier import rate_allowance
 from fleet_server.rollouts.spec import RampSpec, RateSpec, RolloutCreate
 from fleet_server.rollouts.verdict import arm, compare
 from fleet_server.telemetry.query import Totals
