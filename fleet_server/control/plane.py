@@ -12,11 +12,12 @@ expiry is re-issued with a new ``seq``.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,12 +26,12 @@ from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from edge_agent.protocol.desired import SignedDesiredState
 from edge_agent.protocol.presence import ONLINE
 from edge_agent.protocol.status import ReportedStatus
 from edge_agent.protocol.topics import Topics, parse_device_topic
 from fleet_server.control.connection import TlsFiles, server_client
 from fleet_server.devices import desired
+from fleet_server.devices.desired import DesiredDocument
 from fleet_server.devices.service import (
     apply_presence,
     apply_status,
@@ -134,18 +135,18 @@ class ControlPlane:
         self._client.publish(topic, payload, qos=1)
 
     # --- publishing ------------------------------------------------------------------------------
-    def publish_desired(self, device_id: str, envelope: SignedDesiredState) -> mqtt.MQTTMessageInfo:
-        self._last_sent[device_id] = (envelope.signed.seq, time.monotonic())
+    def publish_desired(self, document: DesiredDocument) -> mqtt.MQTTMessageInfo:
+        self._last_sent[document.device_id] = (document.seq, time.monotonic())
         return self._client.publish(
-            Topics(device_id).desired, envelope.to_bytes(), qos=1, retain=True
+            Topics(document.device_id).desired, document.payload, qos=1, retain=True
         )
 
-    def publish_all(self, documents: dict[str, SignedDesiredState], wait_s: float = 5.0) -> None:
+    def publish_all(self, documents: Mapping[str, DesiredDocument], wait_s: float = 5.0) -> None:
         """Publish each device's document, then wait (up to ``wait_s`` in all) for the broker
         to acknowledge them: when a REST call that changed desired states returns, the broker
         holds them (retained), so a device that subscribes afterwards gets the new one. With
         the broker unreachable they stay queued in the client and are sent on reconnect."""
-        sent = [self.publish_desired(device_id, env) for device_id, env in documents.items()]
+        sent = [self.publish_desired(document) for document in documents.values()]
         if wait_s <= 0:
             return
         deadline = time.monotonic() + wait_s
@@ -284,7 +285,7 @@ class ControlPlane:
             signer=signer,
         )
         if refreshed is not None:
-            self.publish_desired(device.id, refreshed)
+            self.publish_desired(refreshed)
             return
         record = session.get(DesiredStateRecord, device.id)
         if record is None or device.reported_seq >= record.seq:
@@ -304,4 +305,6 @@ class ControlPlane:
         log.info(
             "device %s reports seq %d < %d; re-sending", device.id, device.reported_seq, record.seq
         )
-        self.publish_desired(device.id, SignedDesiredState.model_validate(record.document))
+        self.publish_desired(
+            DesiredDocument(device.id, record.seq, json.dumps(record.document).encode())
+        )

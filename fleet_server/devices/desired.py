@@ -3,113 +3,100 @@
 Invariant: a device's ``seq`` only grows. Every change (a new slot assignment, a refresh of
 an expiring document, a new keyring) is a new document with ``seq + 1``, signed by the
 server's online key, stored before it is published.
+
+A rollout writes thousands of documents in one step, so the document is composed as the
+plain JSON the agent verifies (the slots as stored, the timestamps as pydantic writes them),
+signed once over its canonical form, and stored with one bulk statement per chunk of
+devices: no pydantic model is built per device on this path.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlmodel import Session, col, select
+from pydantic import TypeAdapter
+from sqlalchemy import bindparam, insert, update
+from sqlalchemy import select as sa_select
+from sqlmodel import Session, select
 
 from edge_agent.contracts.canonical import canonical_json
-from edge_agent.protocol.desired import DesiredState, SignedDesiredState, SlotAssignment
+from edge_agent.protocol.desired import SignedDesiredState, SlotAssignment
 from fleet_server.database import aware
 from fleet_server.devices.tables import BundleGrant, DesiredStateRecord
 from fleet_server.keys.service import FleetSigner
 
+__all__ = ["DesiredDocument", "change_many", "current_slot", "refresh", "reissue"]
+
 #: Devices read and locked per statement when a rollout writes many documents.
 _CHUNK = 500
+_RECORDS = DesiredStateRecord.__table__  # type: ignore[attr-defined]
+_GRANTS = BundleGrant.__table__  # type: ignore[attr-defined]
+_TIME = TypeAdapter(datetime)
 
 
-def _locked(session: Session, device_id: str) -> DesiredStateRecord | None:
-    # FOR UPDATE serialises concurrent changes to one device on PostgreSQL (SQLite serialises
-    # all writers anyway), so two rollouts cannot both write seq N+1.
-    return session.exec(
-        select(DesiredStateRecord)
-        .where(DesiredStateRecord.device_id == device_id)
-        .with_for_update()
-    ).first()
+@dataclass(frozen=True, slots=True)
+class DesiredDocument:
+    """A stored, signed document, ready to publish: its ``seq`` and its bytes on the wire."""
 
+    device_id: str
+    seq: int
+    payload: bytes
 
-def assign_slot(
-    session: Session,
-    device_id: str,
-    slot: str,
-    assignment: SlotAssignment,
-    *,
-    ttl_s: int,
-    signer: FleetSigner,
-) -> SignedDesiredState:
-    """Stage (not commit) a new document giving ``slot`` to ``assignment``."""
-    record = _locked(session, device_id)
-    slots: dict[str, SlotAssignment] = {}
-    seq = 1
-    if record is not None:
-        previous = SignedDesiredState.model_validate(record.document).signed
-        slots = dict(previous.slots)
-        seq = record.seq + 1
-    slots[slot] = assignment
-    return _store(session, record, device_id, seq, slots, ttl_s, signer)
+    @classmethod
+    def of(cls, envelope: SignedDesiredState) -> DesiredDocument:
+        return cls(envelope.signed.device_id, envelope.signed.seq, envelope.to_bytes())
 
-
-def assign_many(
-    session: Session,
-    slot: str,
-    assignments: dict[str, SlotAssignment | None],
-    *,
-    ttl_s: int,
-    signer: FleetSigner,
-) -> dict[str, SignedDesiredState]:
-    """Stage (not commit) one new document per device giving ``slot`` to its assignment, or
-    taking the slot away where it is None."""
-    changes = {device_id: {slot: a} for device_id, a in assignments.items()}
-    return change_many(session, changes, ttl_s=ttl_s, signer=signer)
+    def envelope(self) -> SignedDesiredState:
+        return SignedDesiredState.from_bytes(self.payload)
 
 
 def change_many(
     session: Session,
-    changes: dict[str, dict[str, SlotAssignment | None]],
+    changes: Mapping[str, Mapping[str, SlotAssignment | None]],
     *,
     ttl_s: int,
     signer: FleetSigner,
-) -> dict[str, SignedDesiredState]:
+) -> dict[str, DesiredDocument]:
     """Stage (not commit) one new document per device with its slots changed as given (None:
     the slot is taken away). The devices' records are read and locked a chunk at a time (a
     rollout writes thousands), in device order so two writers cannot deadlock."""
-    out: dict[str, SignedDesiredState] = {}
+    issuer = _Issuer(signer, ttl_s)
+    as_json: dict[int, dict[str, Any]] = {}  # each distinct assignment dumped once
+
+    def dumped(a: SlotAssignment) -> dict[str, Any]:
+        found = as_json.get(id(a))
+        if found is None:
+            found = as_json[id(a)] = a.model_dump(mode="json")
+        return found
+
     ids = sorted(changes)
-    granted = _granted(session, ids)
     for start in range(0, len(ids), _CHUNK):
         chunk = ids[start : start + _CHUNK]
-        records = {
-            r.device_id: r
-            for r in session.exec(
-                select(DesiredStateRecord)
-                .where(col(DesiredStateRecord.device_id).in_(chunk))
-                .order_by(col(DesiredStateRecord.device_id))
+        stored = {
+            row[0]: (row[1], row[2])
+            for row in session.execute(
+                sa_select(_RECORDS.c.device_id, _RECORDS.c.seq, _RECORDS.c.document)
+                .where(_RECORDS.c.device_id.in_(chunk))
+                .order_by(_RECORDS.c.device_id)
                 .with_for_update()
             ).all()
         }
         for device_id in chunk:
-            record = records.get(device_id)
-            slots: dict[str, SlotAssignment] = {}
-            seq = 1
-            if record is not None:
-                # Only the slots: the keyring beside them is the signer's, attached anew.
-                slots = {
-                    name: SlotAssignment.model_validate(a)
-                    for name, a in record.document["signed"]["slots"].items()
-                }
-                seq = record.seq + 1
+            seq, document = stored.get(device_id, (0, None))
+            # Only the slots: the keyring beside them is the signer's, attached anew.
+            slots = dict(document["signed"]["slots"]) if document else {}
             for slot, assignment in changes[device_id].items():
                 if assignment is None:
                     slots.pop(slot, None)
                 else:
-                    slots[slot] = assignment
-            out[device_id] = _store(
-                session, record, device_id, seq, slots, ttl_s, signer, granted=granted
-            )
-    return out
+                    slots[slot] = dumped(assignment)
+            issuer.issue(device_id, seq + 1, slots, exists=document is not None)
+        issuer.write(session)
+    return issuer.issued
 
 
 def current_slot(session: Session, device_ids: list[str], slot: str) -> dict[str, SlotAssignment]:
@@ -117,31 +104,19 @@ def current_slot(session: Session, device_ids: list[str], slot: str) -> dict[str
     out: dict[str, SlotAssignment] = {}
     for start in range(0, len(device_ids), _CHUNK):
         chunk = device_ids[start : start + _CHUNK]
-        for record in session.exec(
-            select(DesiredStateRecord).where(col(DesiredStateRecord.device_id).in_(chunk))
-        ).all():
-            slots = record.document.get("signed", {}).get("slots", {})
-            if slot in slots:
-                out[record.device_id] = SlotAssignment.model_validate(slots[slot])
-    return out
-
-
-def _granted(session: Session, device_ids: list[str]) -> set[tuple[str, str]]:
-    granted: set[tuple[str, str]] = set()
-    for start in range(0, len(device_ids), _CHUNK):
-        chunk = device_ids[start : start + _CHUNK]
-        granted.update(
-            (g.device_id, g.bundle_sha256)
-            for g in session.exec(
-                select(BundleGrant).where(col(BundleGrant.device_id).in_(chunk))
-            ).all()
+        query = sa_select(_RECORDS.c.device_id, _RECORDS.c.document).where(
+            _RECORDS.c.device_id.in_(chunk)
         )
-    return granted
+        for device_id, document in session.execute(query).all():
+            slots = (document or {}).get("signed", {}).get("slots", {})
+            if slot in slots:
+                out[device_id] = SlotAssignment.model_validate(slots[slot])
+    return out
 
 
 def refresh(
     session: Session, device_id: str, *, ttl_s: int, min_remaining_s: int, signer: FleetSigner
-) -> SignedDesiredState | None:
+) -> DesiredDocument | None:
     """Re-issue the document with a new ``seq`` if it expires within ``min_remaining_s`` or
     was signed under another keyring. Returns the new document (committed), or None."""
     record = _locked(session, device_id)
@@ -154,9 +129,9 @@ def refresh(
     if fresh and envelope.keyring == signer.keyring:
         session.rollback()
         return None
-    new = _store(session, record, device_id, record.seq + 1, dict(doc.slots), ttl_s, signer)
+    issued = _reissue(session, record, dict(record.document["signed"]["slots"]), ttl_s, signer)
     session.commit()
-    return new
+    return issued
 
 
 def reissue(
@@ -166,75 +141,121 @@ def reissue(
     *,
     ttl_s: int,
     signer: FleetSigner,
-) -> SignedDesiredState | None:
+) -> DesiredDocument | None:
     """Stage a new document with ``slots`` (after a keyring change)."""
     record = _locked(session, device_id)
     if record is None:
         return None
-    return _store(session, record, device_id, record.seq + 1, slots, ttl_s, signer)
+    as_json = {name: a.model_dump(mode="json") for name, a in slots.items()}
+    return _reissue(session, record, as_json, ttl_s, signer)
 
 
-_keyrings: dict[int, tuple[object, dict[str, object] | None]] = {}
+def _locked(session: Session, device_id: str) -> DesiredStateRecord | None:
+    # FOR UPDATE serialises concurrent changes to one device on PostgreSQL (SQLite serialises
+    # all writers anyway), so two writers cannot both write seq N+1.
+    return session.exec(
+        select(DesiredStateRecord)
+        .where(DesiredStateRecord.device_id == device_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).first()
 
 
-def _keyring_json(signer: FleetSigner) -> dict[str, object] | None:
-    ring = signer.keyring
-    cached = _keyrings.get(id(ring))
-    if cached is None or cached[0] is not ring:
-        if len(_keyrings) > 64:
-            _keyrings.clear()
-        cached = (ring, ring.model_dump(mode="json") if ring is not None else None)
-        _keyrings[id(ring)] = cached
-    return cached[1]
-
-
-def _store(
+def _reissue(
     session: Session,
-    record: DesiredStateRecord | None,
-    device_id: str,
-    seq: int,
-    slots: dict[str, SlotAssignment],
+    record: DesiredStateRecord,
+    slots: dict[str, Any],
     ttl_s: int,
     signer: FleetSigner,
-    *,
-    granted: set[tuple[str, str]] | None = None,
-) -> SignedDesiredState:
-    """``granted``: the (device, bundle) grants known to exist (a bulk caller read them at
-    once); a grant this adds is added to it."""
-    now = datetime.now(UTC).replace(microsecond=0)
-    unsigned = SignedDesiredState(
-        signed=DesiredState(
-            device_id=device_id,
-            seq=seq,
-            issued_at=now,
-            expires_at=now + timedelta(seconds=ttl_s),
-            slots=slots,
-        ),
-        keyring=signer.keyring,
-    )
-    signed = unsigned.signed.model_dump(mode="json")
-    signature = signer.sign(canonical_json(signed))  # what ``signed_bytes()`` is
-    envelope = unsigned.model_copy(update={"signatures": [signature]})
-    # As ``envelope.model_dump(mode="json")``, without dumping the same keyring each time.
-    document = {
-        "signed": signed,
-        "signatures": [signature.model_dump(mode="json")],
-        "keyring": _keyring_json(signer),
-    }
-    for sha256 in {a.bundle_sha256 for a in slots.values()}:
-        if granted is not None:
-            if (device_id, sha256) in granted:
-                continue
-            granted.add((device_id, sha256))
-        elif session.get(BundleGrant, (device_id, sha256)) is not None:
-            continue
-        session.add(BundleGrant(device_id=device_id, bundle_sha256=sha256, granted_at=now))
-    expires_at = now + timedelta(seconds=ttl_s)
-    ring_version = signer.keyring.signed.version if signer.keyring is not None else None
-    if record is None:
-        record = DesiredStateRecord(device_id=device_id, seq=seq, document=document, updated_at=now)
-    else:
-        record.seq, record.document, record.updated_at = seq, document, now
-    record.expires_at, record.keyring_version = expires_at, ring_version
-    session.add(record)
-    return envelope
+) -> DesiredDocument:
+    issuer = _Issuer(signer, ttl_s)
+    issued = issuer.issue(record.device_id, record.seq + 1, slots, exists=True)
+    session.expire(record)  # written below, by statement
+    issuer.write(session)
+    return issued
+
+
+class _Issuer:
+    """Signs documents and stages their rows: records updated or inserted, and the bundle
+    grants they imply, one bulk statement each per :meth:`write`."""
+
+    def __init__(self, signer: FleetSigner, ttl_s: int) -> None:
+        self._signer = signer
+        self.now = datetime.now(UTC).replace(microsecond=0)
+        self.expires_at = self.now + timedelta(seconds=ttl_s)
+        self._issued_at_json = _TIME.dump_python(self.now, mode="json")
+        self._expires_at_json = _TIME.dump_python(self.expires_at, mode="json")
+        ring = signer.keyring
+        self._keyring = ring.model_dump(mode="json") if ring is not None else None
+        self._ring_version = ring.signed.version if ring is not None else None
+        self.issued: dict[str, DesiredDocument] = {}
+        self._updates: list[dict[str, Any]] = []
+        self._inserts: list[dict[str, Any]] = []
+        self._grants: list[tuple[str, str]] = []
+
+    def issue(
+        self, device_id: str, seq: int, slots: dict[str, Any], *, exists: bool
+    ) -> DesiredDocument:
+        signed = {
+            "device_id": device_id,
+            "seq": seq,
+            "issued_at": self._issued_at_json,
+            "expires_at": self._expires_at_json,
+            "slots": slots,
+        }
+        signature = self._signer.sign(canonical_json(signed))
+        document = {
+            "signed": signed,
+            "signatures": [{"keyid": signature.keyid, "sig": signature.sig}],
+            "keyring": self._keyring,
+        }
+        row = {
+            "b_device_id": device_id,
+            "seq": seq,
+            "document": document,
+            "updated_at": self.now,
+            "expires_at": self.expires_at,
+            "keyring_version": self._ring_version,
+        }
+        (self._updates if exists else self._inserts).append(row)
+        self._grants.extend((device_id, a["bundle_sha256"]) for a in slots.values())
+        issued = DesiredDocument(device_id, seq, json.dumps(document).encode())
+        self.issued[device_id] = issued
+        return issued
+
+    def write(self, session: Session) -> None:
+        session.flush()  # rows the session holds (a device enrolled in this transaction)
+        if self._updates:
+            session.execute(
+                update(_RECORDS)
+                .where(_RECORDS.c.device_id == bindparam("b_device_id"))
+                .values(
+                    seq=bindparam("seq"),
+                    document=bindparam("document"),
+                    updated_at=bindparam("updated_at"),
+                    expires_at=bindparam("expires_at"),
+                    keyring_version=bindparam("keyring_version"),
+                ),
+                self._updates,
+            )
+        if self._inserts:
+            rows = [{**r, "device_id": r.pop("b_device_id")} for r in self._inserts]
+            session.execute(insert(_RECORDS), rows)
+        wanted = sorted(set(self._grants))
+        if wanted:
+            have: set[tuple[str, str]] = set()
+            devices = sorted({d for d, _ in wanted})
+            for start in range(0, len(devices), _CHUNK):
+                chunk = devices[start : start + _CHUNK]
+                query = sa_select(_GRANTS.c.device_id, _GRANTS.c.bundle_sha256).where(
+                    _GRANTS.c.device_id.in_(chunk)
+                )
+                have.update((d, s) for d, s in session.execute(query).all())
+            new = [
+                {"device_id": d, "bundle_sha256": s, "granted_at": self.now}
+                for d, s in wanted
+                if (d, s) not in have
+            ]
+            if new:
+                session.execute(insert(_GRANTS), new)
+        self._updates, self._inserts, self._grants = [], [], []

@@ -46,7 +46,6 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from edge_agent.protocol.desired import SignedDesiredState
 from fleet_server.builds.runner import BuildRunner
 from fleet_server.database import aware
 from fleet_server.errors import NotFoundError
@@ -75,7 +74,7 @@ __all__ = ["Publish", "RolloutEngine"]
 log = logging.getLogger(__name__)
 
 #: Publishes documents; waits up to the given seconds for the broker to acknowledge them.
-Publish = Callable[[dict[str, SignedDesiredState], float], None]
+Publish = Callable[[Documents, float], None]
 
 
 class RolloutEngine:

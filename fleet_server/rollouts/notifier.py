@@ -101,7 +101,7 @@ def notify(
         prior = previous.get(t.device_id)
         t.previous = prior.model_dump(mode="json") if prior is not None else None
         t.phase, t.notified_at = TargetPhase.NOTIFIED, now
-        t.desired_seq, t.stage, t.note = documents[t.device_id].signed.seq, rollout.stage, None
+        t.desired_seq, t.stage, t.note = documents[t.device_id].seq, rollout.stage, None
         step.session.add(t)
     if rollout.stage_started_at is None:
         rollout.stage_started_at = now

@@ -14,16 +14,17 @@ from typing import Any
 
 from sqlmodel import Session
 
-from edge_agent.protocol.desired import SignedDesiredState, SlotAssignment
+from edge_agent.protocol.desired import SlotAssignment
 from fleet_server.builds.runner import BuildRunner
 from fleet_server.devices import desired
+from fleet_server.devices.desired import DesiredDocument
 from fleet_server.keys.service import FleetSigner, ServerKeys
 from fleet_server.rollouts.tables import Rollout, RolloutEvent
 
 __all__ = ["Documents", "EngineConfig", "Step"]
 
 #: Each device's new signed document, to publish after the commit.
-Documents = dict[str, SignedDesiredState]
+Documents = dict[str, DesiredDocument]
 
 
 @dataclass(frozen=True)

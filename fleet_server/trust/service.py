@@ -19,6 +19,7 @@ from fleet_server.builds.runner import BuildRunner
 from fleet_server.builds.service import ensure_bundle
 from fleet_server.bundles.tables import Bundle
 from fleet_server.devices import desired
+from fleet_server.devices.desired import DesiredDocument
 from fleet_server.devices.tables import DesiredStateRecord, Device
 from fleet_server.keys import service as keys
 from fleet_server.keys.service import FleetSigner, OnlineKeyStore
@@ -59,11 +60,11 @@ def reissue_all(
     public_url: str,
     desired_ttl_s: int,
     build_wait_s: float,
-) -> dict[str, SignedDesiredState]:
+) -> dict[str, DesiredDocument]:
     """After a keyring change: every device gets a new document under the new keyring, and
     any slot whose bundle was signed by a key that is no longer usable gets a re-signed one.
     Returns the documents to publish (committed)."""
-    documents: dict[str, SignedDesiredState] = {}
+    documents: dict[str, DesiredDocument] = {}
     for stored in session.exec(select(DesiredStateRecord)).all():
         device = session.get(Device, stored.device_id)
         if device is None:

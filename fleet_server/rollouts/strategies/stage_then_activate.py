@@ -61,7 +61,7 @@ def _activate(
         step.session.add(v.target)
     documents = step.change_documents(changes)
     for v in staged:
-        v.target.desired_seq = documents[v.device.id].signed.seq
+        v.target.desired_seq = documents[v.device.id].seq
         step.session.add(v.target)
     rollout.activated_at, rollout.stage_settled_at = step.now, None
     step.event("activated",
