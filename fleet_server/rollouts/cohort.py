@@ -40,6 +40,7 @@ __all__ = [
     "Cohort",
     "choose_bundle",
     "cohort_of",
+    "matching",
     "members",
     "prepare_bundles",
     "sync",
@@ -134,21 +135,32 @@ def prepare_bundles(
 
 
 def members(session: Session, rollout: Rollout) -> dict[str, DeviceRow]:
-    """The devices the cohort holds now, without their reports (labels and profile
-    decide; reading 10,000 reports to choose would cost more than the step)."""
-    query = select(Device.id, Device.profile, Device.labels, Device.runtimes)
+    """The devices the cohort holds now."""
     if rollout.devices is not None:
-        rows = session.exec(query.where(col(Device.id).in_(rollout.devices))).all()
-        return {r[0]: _light(r) for r in rows}
+        return matching(session, rollout.devices, None)
     selector = (
         Selector.parse(rollout.cohort)
         if rollout.cohort is not None
         else Selector.from_labels(rollout.selector or {})
     )
+    return matching(session, None, selector)
+
+
+def matching(
+    session: Session, device_ids: list[str] | None, selector: Selector | None
+) -> dict[str, DeviceRow]:
+    """The enrolled devices of ``device_ids``, or those ``selector`` matches, without their
+    reports (labels and profile decide; reading 10,000 reports to choose would cost more than
+    the step). A HIL rig's devices are reached by id only."""
+    query = select(Device.id, Device.profile, Device.labels, Device.runtimes)
+    if device_ids is not None:
+        rows = session.exec(query.where(col(Device.id).in_(device_ids))).all()
+        return {r[0]: _light(r) for r in rows}
+    chosen = selector or Selector.from_labels({})
     return {
         r[0]: _light(r)
         for r in session.exec(query).all()
-        if RIG_LABEL not in (r[2] or {}) and selector.matches(dict(r[2] or {}), r[1])
+        if RIG_LABEL not in (r[2] or {}) and chosen.matches(dict(r[2] or {}), r[1])
     }
 
 

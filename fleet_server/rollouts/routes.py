@@ -30,6 +30,7 @@ def create_rollout(
     state: StateDep,
     session: SessionDep,
     principal: Operator,
+    targets: TargetsQuery = True,
     build_wait_s: Annotated[
         float | None,
         Query(
@@ -40,7 +41,8 @@ def create_rollout(
         ),
     ] = None,
 ) -> RolloutPublic:
-    """Build bundles for the cohort's profiles, record the rollout and notify its first stage."""
+    """Build bundles for the cohort's profiles and record the rollout; the engine notifies its
+    first stage right after the answer."""
     settings = state.settings
     return service.create_rollout(
         session,
@@ -50,6 +52,7 @@ def create_rollout(
         runner=state.builds,
         signer=state.keys.signer(session),
         build_wait_s=settings.rollout_build_wait_s if build_wait_s is None else build_wait_s,
+        include_targets=targets,
     )
 
 

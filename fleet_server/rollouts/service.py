@@ -9,11 +9,13 @@ first stage. A refused request changes nothing.
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import insert, text
 from sqlmodel import Session, col, select
 
 from edge_agent.contracts.errors import ConversionError
@@ -23,19 +25,19 @@ from fleet_server.bundles.tables import Bundle
 from fleet_server.database import aware
 from fleet_server.devices.desired import current_slot
 from fleet_server.devices.selectors import Selector
-from fleet_server.devices.service import list_devices, resolve_targets
 from fleet_server.devices.tables import BundleGrant, Device
 from fleet_server.errors import ConflictError, InvalidInputError, NotFoundError
 from fleet_server.hil import service as hil_service
-from fleet_server.hil.tables import OPEN_STATES, RIG_LABEL
+from fleet_server.hil.tables import OPEN_STATES
 from fleet_server.keys.service import FleetSigner
 from fleet_server.registry.compat import io_differences
 from fleet_server.registry.service import get_version, version_by_id
 from fleet_server.registry.tables import MLModel, ModelVersion
-from fleet_server.rollouts.cohort import BundleChoice, choose_bundle, cohort_of
+from fleet_server.rollouts.cohort import BundleChoice, choose_bundle, cohort_of, matching
 from fleet_server.rollouts.engine import RolloutEngine
 from fleet_server.rollouts.gates import lacking
 from fleet_server.rollouts.progress import (
+    DeviceRow,
     TargetView,
     device_rows,
     in_order,
@@ -58,6 +60,8 @@ from fleet_server.rollouts.tables import (
     TargetState,
     TargetStatus,
 )
+
+_TARGETS = RolloutTarget.__table__  # type: ignore[attr-defined]
 
 __all__ = [
     "backfill_bundle_grants",
@@ -104,6 +108,7 @@ def create_rollout(
     runner: BuildRunner,
     signer: FleetSigner,
     build_wait_s: float,
+    include_targets: bool = True,
 ) -> RolloutPublic:
     """Bundles that do not exist yet are built first (by ``runner``), waiting up to
     ``build_wait_s``; past that, ConflictError ``build_pending`` names the builds and nothing
@@ -116,7 +121,7 @@ def create_rollout(
     slot = body.slot or (f"{body.shadow_of}-shadow" if body.shadow_of else default_slot(model.name))
     if body.shadow_of is not None and body.shadow_of == slot:
         raise InvalidInputError("a shadow needs its own slot, not the one it shadows", field="slot")
-    superseded = _check_overlap(session, slot, {d.id for d in devices}, body.supersedes)
+    _check_overlap(session, slot, {d.id for d in devices}, body.supersedes)
     breaking = _schema_changes(session, body, model, version, body.shadow_of or slot, devices)
     choices = _bundles(session, runner, model, version, devices, signer, actor, build_wait_s)
     excluded = {d.id: choices[cohort_of(d)].excluded for d in devices}
@@ -142,20 +147,30 @@ def create_rollout(
             created_at=now,
             created_by=actor,
         )
+        # Checked again under the slot's lock, held until the commit: two servers creating
+        # overlapping rollouts at once cannot both pass (the first check, above, refuses
+        # before any build is asked for).
+        _lock_slot(session, slot)
+        superseded = _check_overlap(session, slot, {d.id for d in devices}, body.supersedes)
         session.add(rollout)
         session.flush()
-        for device in devices:
-            choice = choices[cohort_of(device)]
-            session.add(
-                RolloutTarget(
-                    rollout_id=rollout.id,
-                    device_id=device.id,
-                    bundle_sha256=choice.sha256,
-                    phase=TargetPhase.EXCLUDED if choice.excluded else TargetPhase.SCHEDULED,
-                    note=choice.excluded,
-                    added_at=now,
-                )
-            )
+        session.execute(
+            insert(_TARGETS),
+            [
+                {
+                    "rollout_id": rollout.id,
+                    "device_id": device.id,
+                    "bundle_sha256": choices[cohort_of(device)].sha256,
+                    "phase": str(
+                        TargetPhase.EXCLUDED if excluded[device.id] else TargetPhase.SCHEDULED
+                    ),
+                    "note": excluded[device.id],
+                    "added_at": now,
+                    "stage": 0,
+                }
+                for device in devices
+            ],
+        )
         if superseded is not None:
             _supersede(session, superseded, rollout, actor, now)
         if body.hil is not None:
@@ -205,11 +220,21 @@ def create_rollout(
         )
         session.commit()
         rollout_id = rollout.id
-        # The first stage's devices are notified, and the broker holds their documents,
-        # before we answer.
-        engine.step(rollout_id, wait_published_s=5.0)
+    # The engine notifies the first stage right after the answer (its next step, woken now):
+    # a 10,000-device cohort's documents are not signed and published inside the request.
+    engine.wake()
     session.expire_all()
-    return get_rollout(session, rollout_id)
+    return get_rollout(session, rollout_id, include_targets=include_targets)
+
+
+def _lock_slot(session: Session, slot: str) -> None:
+    """Serialise rollout creation on one slot across server processes (PostgreSQL: a
+    transaction-scoped advisory lock; SQLite has one writer, and one server process)."""
+    bind = session.get_bind()
+    if bind.dialect.name != "postgresql":
+        return
+    key = int.from_bytes(hashlib.sha256(f"edgefleet-slot/{slot}".encode()).digest()[:8], "big")
+    session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key - (1 << 63)})
 
 
 def _schema_changes(
@@ -218,7 +243,7 @@ def _schema_changes(
     model: MLModel,
     version: ModelVersion,
     slot: str,
-    devices: list[Device],
+    devices: list[DeviceRow],
 ) -> dict[str, Any] | None:
     """How the candidate's inputs and outputs differ from each version the cohort's slot
     serves. Refused (409 ``breaking_change``, naming every difference) unless the request
@@ -250,11 +275,17 @@ def _schema_changes(
 
 def _cohort_now(
     session: Session, device_ids: list[str] | None, selector: Selector | None
-) -> list[Device]:
+) -> list[DeviceRow]:
     if device_ids:
-        return resolve_targets(session, device_ids, None)
-    # A HIL rig's devices are reached by id only: never part of a selector's cohort.
-    devices = [d for d in list_devices(session, selector) if RIG_LABEL not in d.labels]
+        unique = list(dict.fromkeys(device_ids))
+        found = matching(session, unique, None)
+        missing = [d for d in unique if d not in found]
+        if missing:
+            raise NotFoundError(
+                f"not enrolled: {', '.join(missing)}", device_ids=missing, field="devices"
+            )
+        return [found[d] for d in unique]
+    devices = sorted(matching(session, None, selector).values(), key=lambda d: d.id)
     if not devices:
         raise InvalidInputError(
             f"no enrolled device matches the selector {str(selector)!r}", field="selector"
@@ -335,7 +366,7 @@ def _bundles(
     runner: BuildRunner,
     model: MLModel,
     version: ModelVersion,
-    devices: list[Device],
+    devices: list[DeviceRow],
     signer: FleetSigner,
     actor: str,
     build_wait_s: float,

@@ -16,6 +16,7 @@ from fleet_server.devices.tables import DesiredStateRecord, Device
 from fleet_server.registry.tables import MLModel, ModelVersion
 from fleet_server.rollouts.tables import Rollout
 from fleet_server.server import EmbeddedStack
+from hil.rig import wait_until
 
 
 def count(stack: EmbeddedStack, table: type) -> int:
@@ -181,7 +182,12 @@ def test_rollout_builds_bundles_and_serves_them_with_range(
     rollout = api.post(
         "/v1/rollouts", json={"model": "classifier", "version": "1.0.0", "selector": {"site": "a"}}
     )
-    assert rollout["state"] == "in_progress" and rollout["counts"]["pending"] == 2
+    assert rollout["state"] == "in_progress" and rollout["counts"]["waiting"] == 2
+    # The engine notifies the cohort right after the answer.
+    rollout = wait_until(
+        lambda: (r := api.get(f"/v1/rollouts/{rollout['id']}"))["counts"]["pending"] == 2 and r,
+        30, "both devices notified", 0.05,
+    )  # fmt: skip
     targets = {t["device_id"]: t for t in rollout["targets"]}
     # No calibration set: int8 is passed over, fp32 TFLite (onnx2tf, checked in LiteRT) wins.
     assert (targets["pi-1"]["runtime"], targets["pi-1"]["precision"]) == ("litert", "fp32")
@@ -225,7 +231,7 @@ def test_rollout_builds_bundles_and_serves_them_with_range(
               "supersedes": rollout["id"]},
     )  # fmt: skip
     assert again["targets"][0]["bundle_sha256"] == sha and count(stack, Bundle) == 2
-    assert api.get("/v1/devices/cam-1")["desired_seq"] == 2
+    wait_until(lambda: api.get("/v1/devices/cam-1")["desired_seq"] == 2, 30, "seq 2", 0.05)
 
 
 def test_openapi_and_health(stack: EmbeddedStack) -> None:
