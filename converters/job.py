@@ -13,6 +13,7 @@ Exit status: 0 built, 1 the build was refused (bad input, nothing passed the gat
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import resource
@@ -86,7 +87,23 @@ def run(spec: dict[str, Any]) -> int:
     return status
 
 
+def _die_with_parent() -> None:
+    """Linux: end with the server that started this (a server killed with SIGKILL must not
+    leave its builds running; another server takes them over)."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the call
+        os._exit(2)
+
+
 def main() -> None:
+    _die_with_parent()
     if len(sys.argv) != 2:
         print("usage: python -m converters.job SPEC.json", file=sys.stderr)
         sys.exit(2)

@@ -103,6 +103,13 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
                     "fleet keeps its root key offline (edgefleet keys init)",
                     dev_root,
                 )
+        store = ArtifactStore(settings.artifacts_dir)
+        telemetry = TelemetryService(
+            engine,
+            store,
+            bucket_s=settings.telemetry_bucket_s,
+            window_s=settings.telemetry_window_s,
+        )
         control = ControlPlane(
             engine,
             mqtt_url,
@@ -116,13 +123,9 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
                 if settings.mqtt_username and settings.mqtt_password
                 else None
             ),
-        )
-        store = ArtifactStore(settings.artifacts_dir)
-        telemetry = TelemetryService(
-            engine,
-            store,
-            bucket_s=settings.telemetry_bucket_s,
-            window_s=settings.telemetry_window_s,
+            status_per_s=settings.status_rate_per_s,
+            status_burst=settings.status_burst,
+            registry=telemetry.registry,
         )
         if settings.telemetry_ingest:
             telemetry.start_ingest(control=control)  # before the connection subscribes
@@ -135,6 +138,7 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
             catalog,
             workers=settings.build_workers,
             timeout_s=settings.build_timeout_s,
+            lease_s=settings.build_lease_s,
         )
         builds.start()
         rollouts = RolloutEngine(

@@ -7,12 +7,13 @@ created are added to it at start-up (:func:`add_missing_columns`).
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 
 from pydantic import field_validator
 from sqlalchemy import MetaData, event, inspect, text
 from sqlalchemy.engine import Engine
-from sqlmodel import SQLModel, create_engine
+from sqlmodel import Session, SQLModel, create_engine
 
 
 def make_engine(url: str) -> Engine:
@@ -85,3 +86,13 @@ def add_missing_columns(engine: Engine, metadata: MetaData) -> list[str]:
                 if new & {c.name for c in index.columns}:
                     index.create(conn, checkfirst=True)
     return added
+
+
+def advisory_lock(session: Session, name: str) -> None:
+    """Serialise one named thing (a rollout's slot, a build's inputs) across server processes
+    until the session's transaction ends: a PostgreSQL transaction-scoped advisory lock.
+    SQLite has one writer, and serves one server process: nothing to do."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    key = int.from_bytes(hashlib.sha256(f"edgefleet/{name}".encode()).digest()[:8], "big")
+    session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key - (1 << 63)})

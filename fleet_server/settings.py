@@ -58,6 +58,14 @@ class Settings(BaseSettings):
     #: Minimum time between two sends of the same document to a device that reports it is
     #: behind (its status may simply predate the document).
     desired_resend_interval_s: float = Field(default=5.0, ge=0)
+    #: The bound on each device's status reports: a burst, then this many a second (a device
+    #: reports each lifecycle step; past the bound, reports are dropped and counted in
+    #: ``edgefleet_status_refused_total{reason="rate"}``).
+    status_rate_per_s: float = Field(default=5.0, gt=0)
+    status_burst: float = Field(default=50.0, ge=1)
+    #: How long a claimed build's lease holds without renewal (a build whose server process
+    #: died is taken over by another process after this).
+    build_lease_s: float = Field(default=30.0, ge=1)
     #: Concurrent build jobs (each a subprocess; a TFLite build of a 30 MB CNN peaks near 2.5 GB).
     build_workers: int = Field(default=1, ge=1, le=64)
     #: Ingest telemetry in this process (a ``$share/`` member; more: `edgefleet telemetry

@@ -36,7 +36,7 @@ from fleet_server.builds.tables import (
     BuildState,
 )
 from fleet_server.bundles.tables import Bundle
-from fleet_server.database import aware
+from fleet_server.database import advisory_lock, aware
 from fleet_server.errors import ConflictError, InvalidInputError, NotFoundError
 from fleet_server.keys.service import FleetSigner
 from fleet_server.registry.service import get_version, version_by_id
@@ -150,6 +150,7 @@ def request_build(
     """The build for these inputs: a finished one whose bundle is still usable, one already
     queued or running, or a new job. ``key``: the inputs' cache key, when already known."""
     key = key or cache_key(version, profile, options)
+    advisory_lock(session, f"build/{key}")  # two servers asking at once make one build
     existing = session.exec(
         select(Build).where(Build.cache_key == key).order_by(col(Build.created_at).desc())
     ).all()

@@ -51,6 +51,13 @@ class BuildBase(SQLModel):
     created_by: str = Field(max_length=128)
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    #: The server process running it, and until when its claim holds (renewed while it runs;
+    #: a build whose process died is taken over by another once the lease has run out).
+    claimed_by: str | None = Field(default=None, max_length=128)
+    lease_until: datetime | None = None
+    #: How many times a process has started it (a build that kills its server each time
+    #: fails after a few, instead of taking every server down in turn).
+    attempts: int = 0
 
 
 class Build(BuildBase, table=True):

@@ -22,6 +22,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
@@ -46,6 +49,48 @@ log = logging.getLogger(__name__)
 
 #: Messages stored per transaction, at most.
 INGEST_BATCH = 1000
+STATUS_GROUP = "edgefleet-status"
+STATUS_FILTER = Topics.shared(STATUS_GROUP, "status")
+#: How long after each connect retained status reports are taken from the plain subscription.
+CATCH_UP_S = 30.0
+_SHARED, _CATCH_UP = 1, 2
+
+
+def _subscription(identifier: int) -> Properties:
+    properties = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
+    properties.SubscriptionIdentifier = identifier
+    return properties
+
+
+class StatusLimit:
+    """A token bucket per device: ``burst`` reports at once, ``per_s`` a second after that. A
+    device that floods its status topic (a bug, or a device someone has taken over) is cut
+    to that rate, counted, and the rest of the fleet is ingested as before."""
+
+    def __init__(self, per_s: float, burst: float, clock: Callable[[], float] = time.monotonic):
+        self._per_s, self._burst, self._clock = per_s, burst, clock
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, device_id: str) -> bool:
+        now = self._clock()
+        tokens, at = self._buckets.get(device_id, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - at) * self._per_s)
+        if tokens < 1:
+            self._buckets[device_id] = (tokens, now)
+            return False
+        self._buckets[device_id] = (tokens - 1, now)
+        return True
+
+
+class StatusCounters:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.refused = Counter(
+            "edgefleet_status_refused",
+            "Status reports not stored, by reason (rate: past the per-device bound; topic: not "
+            "a device's topic; malformed; wrong_device: names another device)",
+            ["reason"],
+            registry=registry if registry is not None else CollectorRegistry(),
+        )
 
 
 class ControlPlane:
@@ -60,7 +105,17 @@ class ControlPlane:
         resend_interval_s: float = 5.0,
         tls: TlsFiles = (None, None, None),
         credentials: tuple[str, str] | None = None,
+        status_per_s: float = 5.0,
+        status_burst: float = 50.0,
+        registry: CollectorRegistry | None = None,
+        catch_up_s: float = CATCH_UP_S,
     ) -> None:
+        """``status_per_s``, ``status_burst``: the per-device bound on status reports (a
+        device reports each lifecycle step, a few a second while it installs); ``registry``:
+        where the refusal counters go (``/metrics``)."""
+        self.status_limit = StatusLimit(status_per_s, status_burst)
+        self.counters = StatusCounters(registry)
+        self._catch_up_s = catch_up_s
         self._client, self._host, self._port = server_client(
             mqtt_url, "server", tls=tls, credentials=credentials
         )
@@ -104,10 +159,21 @@ class ControlPlane:
         if reason.is_failure:
             log.error("broker refused the server's connection: %s", reason)
             return
-        subscriptions = [(Topics.all_devices("status"), 1), (Topics.all_devices("online"), 1)]
+        # Live status reports through the share group: with several server processes each
+        # is stored once. Retained ones (what devices reported while no server listened) come
+        # from a plain subscription held for CATCH_UP_S after each connect; which of the two
+        # delivered a message is told by its subscription identifier (a broker may or may not
+        # send retained messages on a shared subscription). Presence stays plain: retained,
+        # and idempotent.
+        client.subscribe(STATUS_FILTER, qos=1, properties=_subscription(_SHARED))
+        client.subscribe(Topics.all_devices("status"), qos=1, properties=_subscription(_CATCH_UP))
+        subscriptions = [(Topics.all_devices("online"), 1)]
         if self._telemetry is not None:
             subscriptions.append((self._telemetry[0], 1))
         client.subscribe(subscriptions)
+        timer = threading.Timer(self._catch_up_s, self._end_catch_up)
+        timer.daemon = True
+        timer.start()
         self.connected.set()
         log.info("control plane connected to %s", self.mqtt_url)
         self._inbox.put(("$resync", b""))
@@ -119,11 +185,24 @@ class ControlPlane:
         if not self._stopping:
             log.warning("control plane disconnected: %s", reason)
 
+    def _end_catch_up(self) -> None:
+        if self.connected.is_set():
+            self._client.unsubscribe(Topics.all_devices("status"))
+
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        if self._telemetry is not None and message.topic.endswith("/telemetry"):
-            self._telemetry[1](message.topic, bytes(message.payload))
+        topic = message.topic
+        if self._telemetry is not None and topic.endswith("/telemetry"):
+            self._telemetry[1](topic, bytes(message.payload))
             return
-        self._inbox.put((message.topic, bytes(message.payload)))
+        if topic.endswith("/status"):
+            via = getattr(message.properties, "SubscriptionIdentifier", None) or [_SHARED]
+            if message.retain != (_CATCH_UP in via):
+                return  # the other subscription's copy
+            found = parse_device_topic(topic)
+            if found is None or not self.status_limit.allow(found[0]):
+                self.counters.refused.labels("rate" if found else "topic").inc()
+                return
+        self._inbox.put((topic, bytes(message.payload)))
 
     def attach_telemetry(self, subscription: str, deliver: Callable[[str, bytes], None]) -> None:
         """Ingest telemetry on this connection (before ``start``): subscribe ``subscription``
@@ -212,9 +291,11 @@ class ControlPlane:
                 try:
                     status = ReportedStatus.from_bytes(payload)
                 except (ValueError, ValidationError) as e:
+                    self.counters.refused.labels("malformed").inc()
                     log.warning("ignoring malformed status from %s: %s", device_id, e)
                     continue
                 if status.device_id != device_id:
+                    self.counters.refused.labels("wrong_device").inc()
                     log.warning(
                         "status on %s's topic names %s; ignored", device_id, status.device_id
                     )
@@ -223,7 +304,7 @@ class ControlPlane:
         if not parsed:
             return
         with Session(self._engine) as session:
-            devices = devices_by_id(session, sorted({d for d, _ in parsed}))
+            devices = devices_by_id(session, sorted({d for d, _ in parsed}), lock=True)
             behind: dict[str, Device] = {}  # reported, or came online: may need the document
             for device_id, content in parsed:
                 device = devices.get(device_id)

@@ -29,7 +29,14 @@ from fleet_server.database import aware
 from fleet_server.devices.tables import BundleGrant, DesiredStateRecord
 from fleet_server.keys.service import FleetSigner
 
-__all__ = ["DesiredDocument", "change_many", "current_slot", "refresh", "reissue"]
+__all__ = [
+    "DesiredDocument",
+    "change_many",
+    "current_slot",
+    "current_slots",
+    "refresh",
+    "reissue",
+]
 
 #: Devices read and locked per statement when a rollout writes many documents.
 _CHUNK = 500
@@ -77,41 +84,74 @@ def change_many(
     for start in range(0, len(ids), _CHUNK):
         chunk = ids[start : start + _CHUNK]
         stored = {
-            row[0]: (row[1], row[2])
-            for row in session.execute(
-                sa_select(_RECORDS.c.device_id, _RECORDS.c.seq, _RECORDS.c.document)
-                .where(_RECORDS.c.device_id.in_(chunk))
-                .order_by(_RECORDS.c.device_id)
-                .with_for_update()
-            ).all()
+            device_id: (seq, slots)
+            for device_id, seq, slots in _slots_of(session, chunk, lock=True)
         }
         for device_id in chunk:
-            seq, document = stored.get(device_id, (0, None))
+            seq, slots = stored.get(device_id, (0, None))
+            exists = slots is not None
             # Only the slots: the keyring beside them is the signer's, attached anew.
-            slots = dict(document["signed"]["slots"]) if document else {}
+            slots = dict(slots or {})
             for slot, assignment in changes[device_id].items():
                 if assignment is None:
                     slots.pop(slot, None)
                 else:
                     slots[slot] = dumped(assignment)
-            issuer.issue(device_id, seq + 1, slots, exists=document is not None)
+            issuer.issue(device_id, seq + 1, slots, exists=exists)
         issuer.write(session)
     return issuer.issued
 
 
 def current_slot(session: Session, device_ids: list[str], slot: str) -> dict[str, SlotAssignment]:
     """What each device's stored document gives ``slot`` (devices with none are left out)."""
-    out: dict[str, SlotAssignment] = {}
+    return {
+        device_id: assignment
+        for device_id, slots in current_slots(session, device_ids, [slot]).items()
+        if (assignment := slots.get(slot)) is not None
+    }
+
+
+def current_slots(
+    session: Session, device_ids: list[str], names: list[str]
+) -> dict[str, dict[str, SlotAssignment]]:
+    """What each device's stored document gives each of the slots ``names`` (one read)."""
+    out: dict[str, dict[str, SlotAssignment]] = {}
     for start in range(0, len(device_ids), _CHUNK):
         chunk = device_ids[start : start + _CHUNK]
-        query = sa_select(_RECORDS.c.device_id, _RECORDS.c.document).where(
-            _RECORDS.c.device_id.in_(chunk)
-        )
-        for device_id, document in session.execute(query).all():
-            slots = (document or {}).get("signed", {}).get("slots", {})
-            if slot in slots:
-                out[device_id] = SlotAssignment.model_validate(slots[slot])
+        for device_id, _seq, slots in _slots_of(session, chunk, lock=False):
+            out[device_id] = {
+                name: SlotAssignment.model_validate(slots[name]) for name in names if name in slots
+            }
     return out
+
+
+def _slots_of(
+    session: Session, device_ids: list[str], *, lock: bool
+) -> list[tuple[str, int, dict[str, Any]]]:
+    """(device, seq, slots) of the stored documents; rows from before the ``slots`` column
+    are read from their document."""
+    query = (
+        sa_select(_RECORDS.c.device_id, _RECORDS.c.seq, _RECORDS.c.slots)
+        .where(_RECORDS.c.device_id.in_(device_ids))
+        .order_by(_RECORDS.c.device_id)
+    )
+    if lock:
+        query = query.with_for_update()
+    rows = [(d, seq, slots) for d, seq, slots in session.execute(query).all()]
+    older = [d for d, _, slots in rows if slots is None]
+    if older:
+        documents = dict(
+            session.execute(
+                sa_select(_RECORDS.c.device_id, _RECORDS.c.document).where(
+                    _RECORDS.c.device_id.in_(older)
+                )
+            ).all()
+        )
+        rows = [
+            (d, seq, slots if slots is not None else documents[d]["signed"]["slots"])
+            for d, seq, slots in rows
+        ]
+    return rows
 
 
 def refresh(
@@ -216,6 +256,7 @@ class _Issuer:
             "updated_at": self.now,
             "expires_at": self.expires_at,
             "keyring_version": self._ring_version,
+            "slots": slots,
         }
         (self._updates if exists else self._inserts).append(row)
         self._grants.extend((device_id, a["bundle_sha256"]) for a in slots.values())
@@ -235,6 +276,7 @@ class _Issuer:
                     updated_at=bindparam("updated_at"),
                     expires_at=bindparam("expires_at"),
                     keyring_version=bindparam("keyring_version"),
+                    slots=bindparam("slots"),
                 ),
                 self._updates,
             )

@@ -100,7 +100,15 @@ def apply_presence(device: Device, online: bool) -> None:
 
 def apply_status(device: Device, status: ReportedStatus) -> DeviceTransition | None:
     """What a status report changes on the device's row (the caller commits); the report's
-    last transition, when it is one not seen before, as a history row for the caller to add."""
+    last transition, when it is one not seen before, as a history row for the caller to add.
+    A report older than the one stored (two server processes may each take one of a device's
+    reports from the share group) only counts as a sign of life."""
+    device.last_seen_at = datetime.now(UTC)
+    stored_at = (device.reported or {}).get("reported_at")
+    if stored_at is not None and aware(datetime.fromisoformat(stored_at)) > aware(
+        status.reported_at
+    ):
+        return None
     before = (device.reported or {}).get("last_transition")
     device.reported = status.model_dump(mode="json")
     device.reported_seq = status.desired_seq
@@ -140,11 +148,19 @@ def transitions(session: Session, device_id: str, limit: int = 50) -> list[Devic
 _CHUNK = 500
 
 
-def devices_by_id(session: Session, device_ids: list[str]) -> dict[str, Device]:
+def devices_by_id(
+    session: Session, device_ids: list[str], *, lock: bool = False
+) -> dict[str, Device]:
+    """``lock``: the rows are locked until the transaction ends (FOR UPDATE, in id order so
+    two writers cannot deadlock): what two server processes storing reports of the same
+    device at once take turns on."""
     out: dict[str, Device] = {}
     for start in range(0, len(device_ids), _CHUNK):
-        chunk = device_ids[start : start + _CHUNK]
-        out.update((d.id, d) for d in session.exec(select(Device).where(col(Device.id).in_(chunk))))
+        chunk = sorted(device_ids[start : start + _CHUNK])
+        query = select(Device).where(col(Device.id).in_(chunk)).order_by(col(Device.id))
+        if lock:
+            query = query.with_for_update()
+        out.update((d.id, d) for d in session.exec(query))
     return out
 
 

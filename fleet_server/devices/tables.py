@@ -50,6 +50,9 @@ class DesiredStateRecord(SQLModel, table=True):
     #: read from the document).
     expires_at: datetime | None = None
     keyring_version: int | None = None
+    #: The document's slots alone (what a rollout reads for thousands of devices, without
+    #: the keyring that travels in each document); null in rows from before it.
+    slots: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
 
 
 class BundleGrant(SQLModel, table=True):

@@ -105,19 +105,21 @@ def prepare_bundles(
         if rollout is None or rollout.state not in ACTIVE_STATES:
             return {}
         targets = {
-            t.device_id: t
-            for t in session.exec(
-                select(RolloutTarget).where(RolloutTarget.rollout_id == rollout_id)
+            device_id: (sha256, phase)
+            for device_id, sha256, phase in session.exec(
+                select(
+                    RolloutTarget.device_id, RolloutTarget.bundle_sha256, RolloutTarget.phase
+                ).where(RolloutTarget.rollout_id == rollout_id)
             ).all()
         }
         known: dict[Cohort, BundleChoice] = {}
         wanted: set[Cohort] = set()
         for device in members(session, rollout).values():
             cohort = cohort_of(device)
-            target = targets.get(device.id)
-            if target is not None and target.bundle_sha256:
-                known[cohort] = BundleChoice(sha256=target.bundle_sha256)
-            elif target is None or target.phase == TargetPhase.SCHEDULED:
+            sha256, phase = targets.get(device.id, (None, None))
+            if sha256:
+                known[cohort] = BundleChoice(sha256=sha256)
+            elif phase is None or phase == TargetPhase.SCHEDULED:
                 wanted.add(cohort)
         missing = wanted - set(known)
         if not missing:
@@ -188,6 +190,7 @@ def sync(
                 stage=rollout.stage,
             )
             targets[device_id] = target
+            session.add(target)
             if rollout.stage > 0 or rollout.stage_started_at is not None:
                 step.event("device_joined", f"{device_id} joined the cohort", device_id=device_id)
         if target.phase in (TargetPhase.SCHEDULED, TargetPhase.EXCLUDED) and choice:
@@ -202,7 +205,6 @@ def sync(
                 step.event("device_excluded", choice.excluded, device_id=device_id)
             elif choice.pending_build:
                 target.note = f"waiting for build {choice.pending_build}"
-        session.add(target)
     for device_id, target in targets.items():
         if device_id in cohort or target.phase in (TargetPhase.RELEASED, TargetPhase.EXCLUDED):
             continue

@@ -68,18 +68,18 @@ def roll_back(step: Step) -> Documents:
     )
     notified = [t for t in targets if t.phase == TargetPhase.NOTIFIED]
     ids = [t.device_id for t in notified]
-    current = desired.current_slot(session, ids, rollout.slot)
     parking = staging_slot(rollout.slot)
-    parked = desired.current_slot(session, ids, parking)
+    current = desired.current_slots(session, ids, [rollout.slot, parking])
     changes: dict[str, dict[str, SlotAssignment | None]] = {}
     for t in notified:
         change: dict[str, SlotAssignment | None] = {}
-        mine = current.get(t.device_id)
+        slots = current.get(t.device_id, {})
+        mine = slots.get(rollout.slot)
         if mine is not None and mine.rollout_id == rollout.id:
             change[rollout.slot] = (
                 SlotAssignment.model_validate(t.previous) if t.previous is not None else None
             )
-        staged = parked.get(t.device_id)
+        staged = slots.get(parking)
         if staged is not None and staged.rollout_id == rollout.id:
             change[parking] = None  # staged beside the active version: taken away
         if change:  # else something newer owns the slot now: leave it

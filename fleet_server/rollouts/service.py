@@ -9,20 +9,19 @@ first stage. A refused request changes nothing.
 
 from __future__ import annotations
 
-import hashlib
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, text
+from sqlalchemy import insert
 from sqlmodel import Session, col, select
 
 from edge_agent.contracts.errors import ConversionError
 from fleet_server.audit.service import record
 from fleet_server.builds.runner import BuildRunner
 from fleet_server.bundles.tables import Bundle
-from fleet_server.database import aware
+from fleet_server.database import advisory_lock, aware
 from fleet_server.devices.desired import current_slot
 from fleet_server.devices.selectors import Selector
 from fleet_server.devices.tables import BundleGrant, Device
@@ -150,7 +149,7 @@ def create_rollout(
         # Checked again under the slot's lock, held until the commit: two servers creating
         # overlapping rollouts at once cannot both pass (the first check, above, refuses
         # before any build is asked for).
-        _lock_slot(session, slot)
+        advisory_lock(session, f"slot/{slot}")
         superseded = _check_overlap(session, slot, {d.id for d in devices}, body.supersedes)
         session.add(rollout)
         session.flush()
@@ -225,16 +224,6 @@ def create_rollout(
     engine.wake()
     session.expire_all()
     return get_rollout(session, rollout_id, include_targets=include_targets)
-
-
-def _lock_slot(session: Session, slot: str) -> None:
-    """Serialise rollout creation on one slot across server processes (PostgreSQL: a
-    transaction-scoped advisory lock; SQLite has one writer, and one server process)."""
-    bind = session.get_bind()
-    if bind.dialect.name != "postgresql":
-        return
-    key = int.from_bytes(hashlib.sha256(f"edgefleet-slot/{slot}".encode()).digest()[:8], "big")
-    session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key - (1 << 63)})
 
 
 def _schema_changes(

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -19,7 +20,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_agent.protocol import ReportedStatus, Topics
 from fleet_server.broker import EmbeddedBroker
 from fleet_server.client import ApiClient
+from fleet_server.server import EmbeddedStack
 from hil.rig import wait_until
+from tests.conftest import ADMIN_TOKEN
 from tests.integration.test_api import enroll
 
 
@@ -83,6 +86,8 @@ def test_desired_state_is_retained_and_resent_to_a_stale_device(
     api.post(
         "/v1/rollouts", json={"model": "classifier", "version": "1.0.0", "devices": [device_id]}
     )
+    wait_until(lambda: api.get(f"/v1/devices/{device_id}")["desired_seq"] == 1, 30, "seq 1")
+    time.sleep(0.2)  # published right after it is stored
 
     # Subscribing after the publish still delivers it: it was retained.
     peer.subscribe(topics.desired)
@@ -122,6 +127,33 @@ def test_status_for_another_device_or_garbage_is_ignored(
     peer.publish(Topics(a).status, _status(a, 3))
     wait_until(lambda: api.get(f"/v1/devices/{a}")["reported_seq"] == 3, 5, "a's status")
     assert api.get(f"/v1/devices/{b}")["reported_seq"] == 0
+
+
+def test_a_device_flooding_its_status_is_cut_to_its_rate_and_the_rest_are_stored(
+    api: ApiClient, stack: EmbeddedStack, peer: Peer, uid: str
+) -> None:
+    """One device sending 400 reports at once (a bug, or a device someone took over) gets
+    its burst stored and the rest refused and counted; another device's report goes in as
+    before."""
+    loud, quiet = f"loud-{uid}", f"quiet-{uid}"
+    enroll(api, loud)
+    enroll(api, quiet)
+    for seq in range(1, 401):
+        peer.client.publish(Topics(loud).status, _status(loud, seq), qos=0)
+    peer.publish(Topics(quiet).status, _status(quiet, 5))
+    wait_until(lambda: api.get(f"/v1/devices/{quiet}")["reported_seq"] == 5, 5, "quiet's status")
+    scraped = httpx.get(
+        f"{stack.url}/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    ).text
+    refused = next(
+        float(line.split()[-1])
+        for line in scraped.splitlines()
+        if line.startswith('edgefleet_status_refused_total{reason="rate"}')
+    )
+    # The burst (50) and what the bucket refilled at 5 a second went in; the rest did not.
+    assert 300 <= refused <= 350, refused
+    stored = api.get(f"/v1/devices/{loud}")["reported_seq"]
+    assert 50 <= stored < 100, stored
 
 
 def test_enrollment_clears_a_stale_retained_document(

@@ -23,7 +23,7 @@ from hil.rig import wait_until
 from hil.simulator import Behaviour, FleetSimulator, SimulatedDevice, enroll_fleet
 from tests.conftest import ADMIN_TOKEN, POSTGRES_URL
 from tests.integration.test_cli import edgefleet
-from tests.integration.test_rollouts import follow
+from tests.integration.test_rollouts import follow, notified
 
 #: The engine's logic on one database; what differs on PostgreSQL (locks, two servers) is
 #: tested there by the refusals, the rate limit and the two-server test.
@@ -107,6 +107,7 @@ def test_bad_requests_are_refused_naming_the_field_and_change_nothing(
     # An active rollout on the slot: an overlapping one is refused unless it supersedes it.
     slow = api.post("/v1/rollouts", json={**base, "strategy": "canary", "stages": [5, 100],
                                           "manual_approval": True})  # fmt: skip
+    wait_until(lambda: notified(api, slow["id"], 0, 1), 30, "the first stage notified")
     seqs = desired_seqs(api)
     with pytest.raises(ApiError) as overlap:
         api.post("/v1/rollouts", json=base)

@@ -9,6 +9,7 @@ import pytest
 
 from edge_agent.protocol.telemetry import LatencySketch
 from edge_agent.telemetry.sketch import new_sketch, to_wire
+from fleet_server.control.plane import StatusLimit
 from fleet_server.errors import InvalidInputError
 from fleet_server.rollouts.notifier import rate_allowance
 from fleet_server.rollouts.spec import RampSpec, RateSpec, RolloutCreate
@@ -102,3 +103,14 @@ def test_no_difference_shown_keeps_a() -> None:
                       arm("2", Totals(200, 1, sketch_of(values))), 0.95)  # fmt: skip
     assert verdict["winner"] is None
     assert verdict["comparison"]["error_rate"]["confidence"] == 0.5
+
+
+def test_the_status_bound_allows_a_burst_then_its_rate() -> None:
+    now = [0.0]
+    limit = StatusLimit(per_s=2.0, burst=5.0, clock=lambda: now[0])
+    assert [limit.allow("a") for _ in range(7)] == [True] * 5 + [False] * 2
+    assert limit.allow("b")  # each device has its own bucket
+    now[0] = 1.0  # two tokens back
+    assert [limit.allow("a") for _ in range(3)] == [True, True, False]
+    now[0] = 100.0  # never more than the burst
+    assert sum(limit.allow("a") for _ in range(10)) == 5
