@@ -12,15 +12,25 @@ holding N MQTT connections with N enrolled identities in this process. Figures:
 - **rollback**: a second version whose telemetry shows a 30 % error rate trips the
   ``max_error_rate`` gate after its bake time; from the breach (the event's time) until
   every device serves the first version again;
+- **status lag**: from every device active (as the devices see it) until the server's
+  stored reports say so;
+- **raw fan-out** (``raw_fanout_s``), the same machine's floor: last, the same number of
+  signed documents (signed beforehand with the server's key, a new ``seq`` each, naming the
+  second version) published by this process straight to the same broker and simulator, with
+  no server in between, until every device is active. The rollout's ``active_s`` is
+  compared with it;
 - where the server's time goes: the engine logs each large step (read, decide + sign +
   stage, commit, publish).
 
-    .venv/bin/python bench/rollout_scale.py --devices 1000 10000
+Server CPU counts the API process and its ingest processes. It ends with one JSON line.
+
+    .venv/bin/python bench/rollout_scale.py --devices 1000 10000 [--database-url URL]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import resource
@@ -53,7 +63,80 @@ def own_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run(n: int, database_url: str | None, work: Path) -> dict[str, Any]:
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of ``pid`` and its children (the server's ingest processes)."""
+    total = cpu_s(pid)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / TICKS
+    return total
+
+
+def raw_fanout(
+    work: Path,
+    database_url: str | None,
+    broker_url: str,
+    sim: FleetSimulator,
+    n: int,
+    version: str,
+) -> float:
+    """Sign a new document per device naming ``version`` (untimed), then time publishing
+    them straight to the broker until every simulated device is active."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+    from sqlmodel import Session, select
+
+    from edge_agent.protocol.topics import Topics
+    from fleet_server.bundles.tables import Bundle
+    from fleet_server.database import make_engine
+    from fleet_server.devices import desired
+    from fleet_server.devices.tables import Device
+    from fleet_server.keys.service import ServerKeys
+    from fleet_server.registry.service import get_version
+    from fleet_server.rollouts.notifier import slot_assignment
+    from fleet_server.settings import Settings
+
+    settings = Settings(data_dir=work / "server", database_url=database_url)
+    engine = make_engine(settings.resolved_database_url)
+    with Session(engine) as session:
+        model, mv = get_version(session, "classifier", version)
+        bundle = session.exec(select(Bundle).where(Bundle.model_version_id == mv.id)).first()
+        assert bundle is not None
+        assignment = slot_assignment("http://127.0.0.1", model, mv, bundle, None)
+        ids = list(session.exec(select(Device.id)).all())
+        signer = ServerKeys(settings.keys_dir).signer(session)
+        documents = desired.change_many(
+            session, {d: {"classifier": assignment} for d in ids}, ttl_s=86400, signer=signer
+        )
+        session.rollback()  # the server never hears of these
+    engine.dispose()
+    host, port = broker_url.split("://", 1)[1].rsplit(":", 1)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-raw", protocol=mqtt.MQTTv5)
+    client.connect(host, int(port))
+    client.loop_start()
+    try:
+        t = time.perf_counter()
+        for document in documents.values():
+            client.publish(Topics(document.device_id).desired, document.payload, qos=1)
+        wait_until(
+            lambda: sim.serving("classifier").get(version) == n,
+            600,
+            f"every device to serve {version} from the raw publish",
+            interval_s=0.05,
+        )
+        return time.perf_counter() - t
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def run(
+    n: int, database_url: str | None, work: Path, ingest_processes: int | None
+) -> dict[str, Any]:
     broker = EmbeddedBroker(work / "broker", backend="mosquitto").start()
     port = free_port()
     env = {
@@ -66,6 +149,8 @@ def run(n: int, database_url: str | None, work: Path) -> dict[str, Any]:
     }
     if database_url:
         env["EDGEFLEET_DATABASE_URL"] = database_url
+    if ingest_processes is not None:
+        env["EDGEFLEET_INGEST_PROCESSES"] = str(ingest_processes)
     log_path = work / "server.log"
     with log_path.open("wb") as log:
         server = subprocess.Popen(
@@ -112,11 +197,16 @@ def run(n: int, database_url: str | None, work: Path) -> dict[str, Any]:
         sim.start(connect_timeout_s=600)
         connect_s = time.perf_counter() - t
 
-        server_cpu0, broker_cpu0, sim_cpu0 = cpu_s(server.pid), _broker_cpu(broker), own_cpu_s()
+        server_cpu0, broker_cpu0, sim_cpu0 = (
+            tree_cpu_s(server.pid),
+            _broker_cpu(broker),
+            own_cpu_s(),
+        )
         t = time.perf_counter()
         first = api.post(
             "/v1/rollouts",
             json={"model": "classifier", "version": "1.0.0", "selector": "fleet=bench"},
+            params={"targets": "false"},
         )
         created_s = time.perf_counter() - t
         wait_until(
@@ -126,11 +216,15 @@ def run(n: int, database_url: str | None, work: Path) -> dict[str, Any]:
             interval_s=0.2,
         )
         devices_active_s = time.perf_counter() - t
+        wait_until(
+            lambda: _serving(api, first["id"]) == n, 600, "the server to see it", interval_s=0.2
+        )
+        status_lag_s = time.perf_counter() - t - devices_active_s
         done = wait_until(
-            lambda: _ended(api, first["id"]), 600, "the rollout to complete", interval_s=0.5
+            lambda: _ended(api, first["id"]), 600, "the rollout to complete", interval_s=0.2
         )
         server_done_s = time.perf_counter() - t
-        server_cpu = cpu_s(server.pid) - server_cpu0
+        server_cpu = tree_cpu_s(server.pid) - server_cpu0
         broker_cpu = _broker_cpu(broker) - broker_cpu0
         sim_cpu = own_cpu_s() - sim_cpu0
 
@@ -162,6 +256,7 @@ def run(n: int, database_url: str | None, work: Path) -> dict[str, Any]:
         )
         back_at = time.time()
         rollback_s = back_at - datetime.fromisoformat(breach["at"]).timestamp()
+        raw_fanout_s = raw_fanout(work, database_url, broker.url, sim, n, "2.0.0")
         steps = re.findall(
             r"(\d+) documents in ([\d.]+) s \(read \+ bundles ([\d.]+) s, decide \+ sign \+ "
             r"stage ([\d.]+) s, commit ([\d.]+) s, publish ([\d.]+) s\)",
@@ -174,6 +269,8 @@ def run(n: int, database_url: str | None, work: Path) -> dict[str, Any]:
             "connect_s": connect_s,
             "create_s": created_s,
             "devices_active_s": devices_active_s,
+            "status_lag_s": status_lag_s,
+            "raw_fanout_s": raw_fanout_s,
             "server_completed_s": server_done_s,
             "server_cpu_s": server_cpu,
             "broker_cpu_s": broker_cpu,
@@ -210,6 +307,11 @@ def _healthy(api: ApiClient) -> bool:
         return False
 
 
+def _serving(api: ApiClient, rollout_id: str) -> int:
+    r: dict[str, Any] = api.get(f"/v1/rollouts/{rollout_id}", params={"targets": "false"})
+    return int(r["counts"]["serving"])
+
+
 def _ended(api: ApiClient, rollout_id: str) -> dict[str, Any] | None:
     r: dict[str, Any] = api.get(f"/v1/rollouts/{rollout_id}", params={"targets": "false"})
     return r if r["state"] in ("completed", "failed", "aborted") else None
@@ -219,20 +321,28 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--database-url", help="PostgreSQL URL (default: SQLite)")
+    parser.add_argument(
+        "--ingest-processes", type=int, help="the server's (default: its own default)"
+    )
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     results = []
     for n in args.devices:
         with tempfile.TemporaryDirectory(prefix="rollout-bench-") as tmp:
-            r = run(n, args.database_url, Path(tmp))
+            r = run(n, args.database_url, Path(tmp), args.ingest_processes)
         results.append(r)
         print(f"\n== {n} devices ({r['database']}) ==")
         print(f"enroll {r['enroll_s']:.1f} s, simulator connect {r['connect_s']:.1f} s")
         print(
             f"rollout: POST answered in {r['create_s']:.2f} s; every device active after "
-            f"{r['devices_active_s']:.2f} s; server reports completed after "
+            f"{r['devices_active_s']:.2f} s; the server's stored reports say so "
+            f"{r['status_lag_s']:.2f} s later; server reports completed after "
             f"{r['server_completed_s']:.2f} s ({r['state']})"
+        )
+        print(
+            f"raw fan-out (the same documents straight to the broker): {r['raw_fanout_s']:.2f} s;"
+            f" the rollout took {r['devices_active_s'] / r['raw_fanout_s']:.1f}x that"
         )
         per_k = r["server_cpu_s"] / (n / 1000)
         print(
@@ -259,6 +369,22 @@ def main() -> int:
         for r in results
     )
     print(f"\nsummary: {summary}")
+    for r in results:
+        print(
+            json.dumps(
+                {
+                    "devices": r["devices"],
+                    "database": r["database"],
+                    "active_s": round(r["devices_active_s"], 2),
+                    "raw_fanout_s": round(r["raw_fanout_s"], 2),
+                    "completed_s": round(r["server_completed_s"], 2),
+                    "rollback_s": round(r["rollback_s"], 2),
+                    "server_cpu_s_per_1000": round(r["server_cpu_s"] / (r["devices"] / 1000), 2),
+                    "status_lag_s": round(r["status_lag_s"], 2),
+                    "create_s": round(r["create_s"], 2),
+                }
+            )
+        )
     return 0
 
 

@@ -13,7 +13,6 @@ Exit status: 0 built, 1 the build was refused (bad input, nothing passed the gat
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import resource
@@ -26,6 +25,7 @@ from typing import Any
 from converters.build import BuildOptions, compile_model
 from edge_agent.bundle.manifest import TensorSpec
 from edge_agent.contracts.errors import ConversionError
+from edge_agent.contracts.lifetime import die_with_parent
 from firmware_profiles import Profile
 
 
@@ -87,23 +87,8 @@ def run(spec: dict[str, Any]) -> int:
     return status
 
 
-def _die_with_parent() -> None:
-    """Linux: end with the server that started this (a server killed with SIGKILL must not
-    leave its builds running; another server takes them over)."""
-    if not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent died before the call
-        os._exit(2)
-
-
 def main() -> None:
-    _die_with_parent()
+    die_with_parent()
     if len(sys.argv) != 2:
         print("usage: python -m converters.job SPEC.json", file=sys.stderr)
         sys.exit(2)

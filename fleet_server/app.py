@@ -4,6 +4,8 @@ the domain routers."""
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -36,6 +38,7 @@ from fleet_server.devices.routes import router as devices_router
 from fleet_server.errors import ERROR_RESPONSES, install_error_handlers
 from fleet_server.hil import tables as hil_tables
 from fleet_server.hil.routes import router as hil_router
+from fleet_server.ingest import IngestSupervisor
 from fleet_server.keys import tables as keys_tables
 from fleet_server.keys.service import ServerKeys
 from fleet_server.registry import tables as registry_tables
@@ -77,7 +80,9 @@ def create_tables(engine: Engine) -> list[str]:
 
 
 def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
-    """``mqtt_url`` is the broker the server connects to (embedded or external)."""
+    """``mqtt_url`` is the broker the server connects to (embedded or external). With
+    ``settings.resolved_ingest_processes`` above 0 the app starts that many ingest processes
+    (:mod:`fleet_server.ingest`) and stores no report itself."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -104,11 +109,18 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
                     dev_root,
                 )
         store = ArtifactStore(settings.artifacts_dir)
+        ingest_processes = settings.resolved_ingest_processes
+        metrics_dir = settings.data_dir / "ingest-metrics"
+        if ingest_processes:
+            shutil.rmtree(metrics_dir, ignore_errors=True)  # counters since this start
+            metrics_dir.mkdir(parents=True)
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # the children's
         telemetry = TelemetryService(
             engine,
             store,
             bucket_s=settings.telemetry_bucket_s,
             window_s=settings.telemetry_window_s,
+            ingest_metrics_dir=metrics_dir if ingest_processes else None,
         )
         control = ControlPlane(
             engine,
@@ -125,9 +137,10 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
             ),
             status_per_s=settings.status_rate_per_s,
             status_burst=settings.status_burst,
-            registry=telemetry.registry,
+            registry=telemetry.report_registry,
+            ingest=not ingest_processes,
         )
-        if settings.telemetry_ingest:
+        if settings.telemetry_ingest and not ingest_processes:
             telemetry.start_ingest(control=control)  # before the connection subscribes
         control.start()
         catalog = default_catalog()
@@ -154,6 +167,11 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
         )
         control.on_report = rollouts.wake
         rollouts.start()
+        ingest = (
+            IngestSupervisor(settings, mqtt_url, ingest_processes, rollouts.wake).start()
+            if ingest_processes
+            else None
+        )
         app.state.edgefleet = AppState(
             settings=settings,
             engine=engine,
@@ -171,6 +189,8 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
         try:
             yield
         finally:
+            if ingest is not None:
+                ingest.stop()
             rollouts.stop()
             telemetry.stop()
             builds.stop()

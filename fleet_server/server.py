@@ -48,7 +48,11 @@ class EmbeddedStack:
 
     def __init__(self, settings: Settings) -> None:
         port = settings.port or free_port()
-        self.settings = settings.model_copy(update={"port": port})
+        # In one process unless asked otherwise: tests, the demo and benchmarks read its
+        # counters and start and stop it many times.
+        self.settings = settings.model_copy(
+            update={"port": port, "ingest_processes": settings.ingest_processes or 0}
+        )
         self.broker: EmbeddedBroker | None = None
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None

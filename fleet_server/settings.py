@@ -35,6 +35,14 @@ class Settings(BaseSettings):
     #: The server's own identity on a password-auth broker.
     mqtt_username: str | None = None
     mqtt_password: SecretStr | None = None
+    #: The ingest processes' own MQTT identities (``ingest-<n>-client.crt/.key``, or
+    #: ``ingest-<n>.password`` on a password-auth broker), as ``edgefleet broker-config``
+    #: writes them. Unset: they connect with the server's own identity.
+    mqtt_ingest_dir: Path | None = None
+    #: Status and telemetry ingest processes ``edgefleet serve`` starts beside the API (each a
+    #: ``$share/`` member of its own). None: 2 on PostgreSQL, 1 on SQLite; 0: everything in
+    #: one process (a small install).
+    ingest_processes: int | None = Field(default=None, ge=0, le=16)
     #: A password-auth broker's password file, rewritten by the server at each enrollment
     #: (send the broker SIGHUP to reload it; `edgefleet broker-config --auth password`).
     broker_password_file: Path | None = None
@@ -100,6 +108,12 @@ class Settings(BaseSettings):
         if url.startswith("postgresql://") or url.startswith("postgres://"):
             url = "postgresql+psycopg://" + url.split("://", 1)[1]
         return url
+
+    @property
+    def resolved_ingest_processes(self) -> int:
+        if self.ingest_processes is not None:
+            return self.ingest_processes
+        return 2 if self.resolved_database_url.startswith("postgresql") else 1
 
     @property
     def resolved_public_url(self) -> str:

@@ -27,6 +27,7 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, help="edgefleet: ML models on edge fleets."
 )
 app.command()(server.serve)
+app.command()(server.ingest)
 app.command()(server.demo)
 app.command("broker-config")(server.broker_config)
 app.command()(tokens.audit)

@@ -16,8 +16,18 @@ from fleet_server.settings import Settings
 def serve(
     host: Annotated[str | None, typer.Option(help="bind address (EDGEFLEET_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="port (EDGEFLEET_PORT)")] = None,
+    ingest_processes: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=16,
+            help="status and telemetry ingest processes beside the API "
+            "(EDGEFLEET_INGEST_PROCESSES; default 2 on PostgreSQL, 1 on SQLite; 0: one process)",
+        ),
+    ] = None,
 ) -> None:
-    """Run the REST API and control plane (+ an embedded broker unless EDGEFLEET_MQTT_URL)."""
+    """Run the REST API and control plane (+ an embedded broker unless EDGEFLEET_MQTT_URL),
+    and the ingest processes."""
     import logging
 
     from fleet_server.server import serve as run_server
@@ -30,7 +40,40 @@ def serve(
         overrides["host"] = host
     if port is not None:
         overrides["port"] = port
+    if ingest_processes is not None:
+        overrides["ingest_processes"] = ingest_processes
     run_server(Settings(**overrides))
+
+
+def ingest(
+    index: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            help="which ingest identity in EDGEFLEET_MQTT_INGEST_DIR to use (one per process; "
+            "serve's own take 1 to --ingest-processes)",
+        ),
+    ],
+) -> None:
+    """Run one more status and telemetry ingest process (a member of the $share/ groups)
+    against the server's database and broker, configured by the same EDGEFLEET_* variables
+    as `edgefleet serve`. Runs until interrupted."""
+    import logging
+
+    from fleet_server.ingest import run
+
+    settings = Settings()
+    if settings.mqtt_url is None:
+        raise typer.BadParameter(
+            "EDGEFLEET_MQTT_URL is not set: an extra ingest process joins the broker the "
+            "server uses"
+        )
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    console.print(f"ingest process {index} on {settings.mqtt_url} (Ctrl-C to stop)")
+    run(settings, settings.mqtt_url, index)
 
 
 def demo(
@@ -78,6 +121,7 @@ def broker_config(
     console.print("then start the server with:")
     print(f"  export EDGEFLEET_MQTT_URL={written.url}")
     print(f"  export EDGEFLEET_MQTT_CA_FILE={written.ca_cert}")
+    print(f"  export EDGEFLEET_MQTT_INGEST_DIR={written.directory}")
     if written.password_file is None:
         print(f"  export EDGEFLEET_MQTT_CERT_FILE={written.server_cert}")
         print(f"  export EDGEFLEET_MQTT_KEY_FILE={written.server_key}")

@@ -37,6 +37,22 @@ pattern write {PREFIX}/devices/%u/online
 user {SERVER_IDENTITY}
 topic readwrite {PREFIX}/#
 """
+#: Identities for the server's ingest processes (``edgefleet serve --ingest-processes`` and
+#: ``edgefleet ingest --index``): the broker forces each connection's client id to its
+#: identity, so each process needs one of its own.
+INGEST_IDENTITIES = 8
+
+
+def ingest_identity(index: int) -> str:
+    return f"edgefleet-ingest-{index}"
+
+
+def _acl() -> str:
+    ingest = "".join(
+        f"\nuser {ingest_identity(i)}\ntopic readwrite {PREFIX}/#\n"
+        for i in range(1, INGEST_IDENTITIES + 1)
+    )
+    return ACL + "\n# The server's ingest processes." + ingest
 
 
 @dataclass(frozen=True)
@@ -92,7 +108,7 @@ def write_broker_config(
     _readable_by_broker(broker_key, broker_group)
     server_key, server_cert = ca.issue_keypair(SERVER_IDENTITY, out, "server-client", server=False)
     acl = out / "acl"
-    acl.write_text(ACL)
+    acl.write_text(_acl())
     _readable_by_broker(acl, broker_group)
     data = out / "data"
     data.mkdir(exist_ok=True)
@@ -104,13 +120,21 @@ def write_broker_config(
     password_file = server_password = None
     if auth == "mtls":
         identity = "require_certificate true\nuse_identity_as_username true\n"
+        for i in range(1, INGEST_IDENTITIES + 1):
+            ca.issue_keypair(ingest_identity(i), out, f"ingest-{i}-client", server=False)
     else:
         password_file = out / "passwd"
         server_password = out / "server.password"
-        secret = secrets.token_urlsafe(32)
-        write_atomic(server_password, (secret + "\n").encode(), mode=0o600)
+        entries = []
+        for name, path in [(SERVER_IDENTITY, server_password)] + [
+            (ingest_identity(i), out / f"ingest-{i}.password")
+            for i in range(1, INGEST_IDENTITIES + 1)
+        ]:
+            secret = secrets.token_urlsafe(32)
+            write_atomic(path, (secret + "\n").encode(), mode=0o600)
+            entries.append(f"{name}:{mosquitto_hash(secret)}\n")
         static = static_entries_path(password_file)
-        static.write_text(f"{SERVER_IDENTITY}:{mosquitto_hash(secret)}\n")
+        static.write_text("".join(entries))
         password_file.write_text(static.read_text())
         _readable_by_broker(password_file, broker_group)
         identity = f"require_certificate false\npassword_file {password_file}\n"

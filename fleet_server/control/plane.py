@@ -109,15 +109,20 @@ class ControlPlane:
         status_burst: float = 50.0,
         registry: CollectorRegistry | None = None,
         catch_up_s: float = CATCH_UP_S,
+        ingest: bool = True,
+        name: str = "server",
     ) -> None:
         """``status_per_s``, ``status_burst``: the per-device bound on status reports (a
         device reports each lifecycle step, a few a second while it installs); ``registry``:
-        where the refusal counters go (``/metrics``)."""
+        where the refusal counters go (``/metrics``); ``ingest``: store status and presence
+        reports (False: the API process of a server whose ingest processes do it, which only
+        publishes); ``name``: in the MQTT client id."""
         self.status_limit = StatusLimit(status_per_s, status_burst)
         self.counters = StatusCounters(registry)
         self._catch_up_s = catch_up_s
+        self._stores_reports = ingest
         self._client, self._host, self._port = server_client(
-            mqtt_url, "server", tls=tls, credentials=credentials
+            mqtt_url, name, tls=tls, credentials=credentials
         )
         self.mqtt_url = mqtt_url
         self.device_mqtt_url = device_mqtt_url or mqtt_url
@@ -165,15 +170,20 @@ class ControlPlane:
         # delivered a message is told by its subscription identifier (a broker may or may not
         # send retained messages on a shared subscription). Presence stays plain: retained,
         # and idempotent.
-        client.subscribe(STATUS_FILTER, qos=1, properties=_subscription(_SHARED))
-        client.subscribe(Topics.all_devices("status"), qos=1, properties=_subscription(_CATCH_UP))
-        subscriptions = [(Topics.all_devices("online"), 1)]
+        subscriptions = []
+        if self._stores_reports:
+            client.subscribe(STATUS_FILTER, qos=1, properties=_subscription(_SHARED))
+            client.subscribe(
+                Topics.all_devices("status"), qos=1, properties=_subscription(_CATCH_UP)
+            )
+            subscriptions.append((Topics.all_devices("online"), 1))
+            timer = threading.Timer(self._catch_up_s, self._end_catch_up)
+            timer.daemon = True
+            timer.start()
         if self._telemetry is not None:
             subscriptions.append((self._telemetry[0], 1))
-        client.subscribe(subscriptions)
-        timer = threading.Timer(self._catch_up_s, self._end_catch_up)
-        timer.daemon = True
-        timer.start()
+        if subscriptions:
+            client.subscribe(subscriptions)
         self.connected.set()
         log.info("control plane connected to %s", self.mqtt_url)
         self._inbox.put(("$resync", b""))

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
+from fleet_server.database import advisory_lock
 from fleet_server.registry.tables import MLModel, ModelVersion
 from fleet_server.telemetry.query import VersionHealth, summarize
 from fleet_server.telemetry.store import BundleCatalog
@@ -179,6 +180,9 @@ def refresh_alerts(
     now = now or datetime.now(UTC)
     opened = []
     for model in sorted(models):
+        # One evaluation of a model at a time across ingest processes too (each would read
+        # "no open alert" and open one).
+        advisory_lock(session, f"alerts/{model}")
         findings = {
             (f.version, f.profile, f.kind, f.subject): f
             for f in evaluate(session, bundles, model, window_s=window_s, now=now)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -46,12 +47,23 @@ class TelemetryService:
         bucket_s: int = 60,
         window_s: float = 900,
         metrics_window_s: float = 300,
+        ingest_metrics_dir: Path | None = None,
     ) -> None:
+        """``ingest_metrics_dir``: reports are ingested by other processes (``edgefleet
+        serve``'s ingest processes), whose counters are read from there (prometheus-client's
+        multiprocess files) instead of this process's own."""
         self.engine = engine
         self.bundles = BundleCatalog(store)
         self.registry = CollectorRegistry()
         FleetCollector(engine, self.bundles, window_s=metrics_window_s).register(self.registry)
-        self.counters = IngestCounters(self.registry)
+        if ingest_metrics_dir is None:
+            self.counters = IngestCounters(self.registry)
+            #: Where the other report counters of this process go (the control plane's).
+            self.report_registry: CollectorRegistry = self.registry
+        else:
+            MultiProcessCollector(self.registry, path=str(ingest_metrics_dir))  # type: ignore[no-untyped-call]
+            self.counters = IngestCounters(CollectorRegistry())
+            self.report_registry = CollectorRegistry()
         self.bucket_s = bucket_s
         self.window_s = window_s
         self.ingest: TelemetryIngest | None = None

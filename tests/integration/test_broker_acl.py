@@ -28,7 +28,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_agent.protocol import Topics
 from fleet_server.auth.ca import FleetCA
 from fleet_server.broker import free_port
-from fleet_server.control.broker_config import BrokerConfig, write_broker_config
+from fleet_server.control.broker_config import (
+    INGEST_IDENTITIES,
+    BrokerConfig,
+    ingest_identity,
+    write_broker_config,
+)
 from hil.rig import wait_until
 
 
@@ -366,7 +371,8 @@ def test_password_fallback(password_broker: Broker, model_path: Path, uid: str) 
                 json={"token": token, "device_id": device, "profile": "x86-64-avx2"},
             )
     lines = cfg.password_file.read_text().splitlines()
-    assert {line.split(":")[0] for line in lines} == {"edgefleet-server", a_id, b_id}
+    ingest = {ingest_identity(i) for i in range(1, INGEST_IDENTITIES + 1)}
+    assert {line.split(":")[0] for line in lines} == {"edgefleet-server", a_id, b_id} | ingest
     assert all(replies[d]["mqtt_password"] not in cfg.password_file.read_text() for d in replies)
     assert password_broker.process is not None
     os.kill(password_broker.process.pid, signal.SIGHUP)  # reload the password file
@@ -391,19 +397,29 @@ def test_password_fallback(password_broker: Broker, model_path: Path, uid: str) 
         None,
         ("edgefleet-server", cfg.server_password.read_text().strip()),
     )
+    # An ingest process logs in with its own identity and takes reports from the share group.
+    ingest_peer = Peer(
+        password_broker,
+        "ingest-observer",
+        None,
+        None,
+        (ingest_identity(1), (cfg.directory / "ingest-1.password").read_text().strip()),
+    )
     try:
         server.sub(Topics.all_devices("status"))
+        ingest_peer.sub(Topics.shared("edgefleet-status", "status"))
         b.sub(Topics(b_id).desired)
         a.sub(Topics(b_id).desired)
         a.pub(Topics(b_id).status, b"forged")
         a.pub(Topics(a_id).status, b"mine")
         assert (Topics(b_id).status, b"forged") not in (got := server.got())
         assert (Topics(a_id).status, b"mine") in got
+        assert (Topics(a_id).status, b"mine") in ingest_peer.got()
         server.pub(Topics(b_id).desired, b"doc-b")
         assert b.got() == [(Topics(b_id).desired, b"doc-b")]
         assert a.got() == []
     finally:
-        for p in (a, b, server):
+        for p in (a, b, server, ingest_peer):
             p.close()
     with pytest.raises(ConnectionRefusedError):
         login(a_id, "wrong-password")
