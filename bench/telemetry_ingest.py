@@ -14,6 +14,10 @@ until the database holds every batch (each exactly once).
 PostgreSQL: ``EDGEFLEET_BENCH_POSTGRES_URL`` (a database this may wipe), else a fresh database
 on 127.0.0.1:5432 (trust auth) when one answers, else SQLite only.
 
+First, the floor on this machine: the same batches from the same publishers received by a
+bare paho subscriber pair in the same share group that only acknowledges them. The summary
+gives two ingest processes on PostgreSQL as a share of that rate.
+
 Run: .venv/bin/python bench/telemetry_ingest.py [--batches 20000] [--devices 200]
 """
 
@@ -120,6 +124,70 @@ def _member(
     stop.wait()  # type: ignore[attr-defined]
     out.put((ingest.stored_total, time.process_time() - cpu))  # type: ignore[attr-defined]
     service.stop()
+
+
+def _raw_member(mqtt_url: str, ready: object, received: object) -> None:
+    """A bare paho subscriber in the ingest share group: it receives each batch, acknowledges
+    it (QoS 1, and an ``ack`` message to the device as the real ingest does) and stores
+    nothing. The floor the real ingest is compared with."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from fleet_server.telemetry.ingest import SHARED_FILTER
+
+    host, port = mqtt_url.removeprefix("mqtt://").split(":")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.max_inflight_messages_set(1000)
+
+    def on_message(c: mqtt.Client, userdata: object, m: mqtt.MQTTMessage) -> None:
+        device = m.topic.split("/")[3]
+        c.publish(f"edgefleet/v1/devices/{device}/ack", b'{"acked":1}', qos=1)
+        with received.get_lock():  # type: ignore[attr-defined]
+            received.value += 1  # type: ignore[attr-defined]
+
+    client.on_message = on_message
+    client.on_subscribe = lambda *_: ready.set()  # type: ignore[attr-defined]
+    client.on_connect = lambda c, *_: c.subscribe(SHARED_FILTER, qos=1)
+    client.connect(host, int(port))
+    client.loop_forever()
+
+
+def run_raw(args: argparse.Namespace, url: str, members: int = 2) -> float:
+    """The same batches, the same publishers, received by ``members`` bare subscribers."""
+    ctx = mp.get_context("spawn")
+    devices = [f"bench-{i}" for i in range(args.devices)]
+    received = ctx.Value("l", 0)
+    joined = [ctx.Event() for _ in range(members)]
+    procs = [ctx.Process(target=_raw_member, args=(url, j, received)) for j in joined]
+    for p in procs:
+        p.start()
+    for j in joined:
+        j.wait(60)
+    ready = ctx.Event()
+    per_device = args.batches // args.devices
+    groups = [devices[i :: args.publishers] for i in range(args.publishers)]
+    pubs = [ctx.Process(target=_publisher, args=(url, g, per_device, ready)) for g in groups]
+    for p in pubs:
+        p.start()
+    time.sleep(4)  # publishers built their payloads
+    total = per_device * args.devices
+    start = time.monotonic()
+    ready.set()
+    deadline = start + args.timeout_s
+    while time.monotonic() < deadline and received.value < total:
+        time.sleep(0.02)
+    elapsed = time.monotonic() - start
+    for p in pubs:
+        p.join(30)
+    for p in procs:
+        p.terminate()
+        p.join(10)
+    rate = received.value / elapsed
+    print(
+        f"{'raw paho':10s} {members} bare subscribers: {total} batches in {elapsed:.2f} s "
+        f"= {rate:,.0f} batches/s (received and acknowledged, nothing stored)"
+    )
+    return rate
 
 
 def _prepare(db_url: str, artifacts: Path, devices: list[str]) -> None:
@@ -315,6 +383,7 @@ def main() -> None:
         if pg_url:
             dbs.append(("postgresql", pg_url))
         try:
+            results["raw x2"] = run_raw(args, broker.url)
             for label, url in dbs:
                 for members in (1, 2):
                     results[f"{label}x{members}"] = run(label, url, members, args, broker.url)
@@ -338,7 +407,9 @@ def main() -> None:
         + ", ".join(f"{k} {v:,.0f}/s" for k, v in results.items())
         + (
             "; two processes vs one on PostgreSQL: "
-            f"{results['postgresqlx2'] / results['postgresqlx1']:.2f}x"
+            f"{results['postgresqlx2'] / results['postgresqlx1']:.2f}x, "
+            f"two on PostgreSQL vs the bare subscriber pair: "
+            f"{results['postgresqlx2'] / results['raw x2']:.0%}"
             if "postgresqlx2" in results
             else ""
         )

@@ -17,7 +17,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -35,12 +36,8 @@ from edge_agent.protocol.topics import Topics, parse_device_topic
 from fleet_server.control.connection import TlsFiles, server_client
 from fleet_server.devices import desired
 from fleet_server.devices.desired import DesiredDocument
-from fleet_server.devices.service import (
-    apply_presence,
-    apply_status,
-    desired_summaries,
-    devices_by_id,
-)
+from fleet_server.devices.reports import ReportRow, store_reports
+from fleet_server.devices.service import desired_summaries
 from fleet_server.devices.tables import DesiredStateRecord, Device
 from fleet_server.errors import ConflictError
 from fleet_server.keys.service import ServerKeys
@@ -60,6 +57,16 @@ def _subscription(identifier: int) -> Properties:
     properties = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
     properties.SubscriptionIdentifier = identifier
     return properties
+
+
+@dataclass(frozen=True, slots=True)
+class Behind:
+    """A device that may need its document again: what deciding to re-send reads."""
+
+    id: str
+    reported_seq: int
+    #: It refused the last document it got (it would refuse it again).
+    refused: bool
 
 
 class StatusLimit:
@@ -289,14 +296,14 @@ class ControlPlane:
     def _ingest(self, messages: list[tuple[str, bytes]]) -> None:
         """Store presence and status messages in order (one transaction), then re-send
         stored documents to the devices that are behind."""
-        parsed: list[tuple[str, bytes | ReportedStatus]] = []
+        parsed: list[tuple[str, ReportedStatus | bool]] = []
         for topic, payload in messages:
             found = parse_device_topic(topic)
             if found is None:
                 continue
             device_id, kind = found
             if kind == "online":
-                parsed.append((device_id, payload))
+                parsed.append((device_id, payload == ONLINE))
             elif kind == "status":
                 try:
                     status = ReportedStatus.from_bytes(payload)
@@ -314,32 +321,26 @@ class ControlPlane:
         if not parsed:
             return
         with Session(self._engine) as session:
-            devices = devices_by_id(session, sorted({d for d, _ in parsed}), lock=True)
-            behind: dict[str, Device] = {}  # reported, or came online: may need the document
-            for device_id, content in parsed:
-                device = devices.get(device_id)
-                if device is None:
-                    continue
-                if isinstance(content, ReportedStatus):
-                    moved = apply_status(device, content)
-                    if moved is not None:
-                        session.add(moved)
-                    behind[device_id] = device
-                else:
-                    apply_presence(device, content == ONLINE)
-                    if device.online:
-                        behind[device_id] = device
-                session.add(device)
+            rows = store_reports(session, parsed)
             session.commit()
-            self._resync_many(session, list(behind.values()))
+            # Reported, or came online: may need the document again.
+            reported = {d for d, content in parsed if not isinstance(content, bool)}
+            self._resync_many(session, [r for r in rows if r.id in reported or r.online])
         if self.on_report is not None:
             self.on_report()
 
     def _resync_all(self) -> None:
         with Session(self._engine) as session:
-            self._resync_many(session, list(session.exec(select(Device)).all()))
+            rows = session.exec(select(Device.id, Device.reported_seq, Device.reported)).all()
+            self._resync_many(
+                session,
+                [
+                    Behind(d, seq, bool((reported or {}).get("refusal")))
+                    for d, seq, reported in rows
+                ],
+            )
 
-    def _resync_many(self, session: Session, devices: list[Device]) -> None:
+    def _resync_many(self, session: Session, devices: Sequence[Behind | ReportRow]) -> None:
         """:meth:`_resync` for many devices, reading their documents in bulk: only those that
         expire soon or were signed under another keyring are re-issued one by one."""
         if not devices:
@@ -362,7 +363,7 @@ class ControlPlane:
                 if record is not None:
                     self._send_again(device, record)
 
-    def _resync(self, session: Session, device: Device) -> None:
+    def _resync(self, session: Session, device: Behind | ReportRow) -> None:
         """Send the stored document again if the device is behind (or it is about to expire)."""
         try:
             signer = self._keys.signer(session)
@@ -383,13 +384,12 @@ class ControlPlane:
             return
         self._send_again(device, record)
 
-    def _send_again(self, device: Device, record: DesiredStateRecord) -> None:
+    def _send_again(self, device: Behind | ReportRow, record: DesiredStateRecord) -> None:
         last = self._last_sent.get(device.id)
-        refused = bool((device.reported or {}).get("refusal"))
         if (
             last is not None
             and last[0] == record.seq
-            and (refused or time.monotonic() - last[1] < self._resend_interval_s)
+            and (device.refused or time.monotonic() - last[1] < self._resend_interval_s)
         ):
             # A device that refused this document would refuse it again: wait for a new one.
             return

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlmodel import Session, col, select
 
-from edge_agent.protocol.status import ReportedStatus
 from fleet_server.audit import service as audit
 from fleet_server.database import aware
 from fleet_server.devices.selectors import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, Selector
@@ -93,45 +92,6 @@ def resolve_targets(
     return devices
 
 
-def apply_presence(device: Device, online: bool) -> None:
-    device.online = online
-    device.last_seen_at = datetime.now(UTC)
-
-
-def apply_status(device: Device, status: ReportedStatus) -> DeviceTransition | None:
-    """What a status report changes on the device's row (the caller commits); the report's
-    last transition, when it is one not seen before, as a history row for the caller to add.
-    A report older than the one stored (two server processes may each take one of a device's
-    reports from the share group) only counts as a sign of life."""
-    device.last_seen_at = datetime.now(UTC)
-    stored_at = (device.reported or {}).get("reported_at")
-    if stored_at is not None and aware(datetime.fromisoformat(stored_at)) > aware(
-        status.reported_at
-    ):
-        return None
-    before = (device.reported or {}).get("last_transition")
-    device.reported = status.model_dump(mode="json")
-    device.reported_seq = status.desired_seq
-    device.agent_version = status.agent_version
-    if status.runtimes:
-        device.runtimes = dict(status.runtimes)
-    device.last_seen_at = datetime.now(UTC)
-    moved = status.last_transition
-    if moved is None or device.reported.get("last_transition") == before:
-        return None
-    return DeviceTransition(
-        device_id=device.id,
-        slot=moved.slot,
-        from_state=moved.from_state,
-        to_state=moved.to_state,
-        event=moved.event,
-        at=moved.at,
-        bundle_sha256=moved.bundle_sha256,
-        reason=(moved.reason or "")[:64] or None,
-        message=(moved.message or "")[:500] or None,
-    )
-
-
 def transitions(session: Session, device_id: str, limit: int = 50) -> list[DeviceTransition]:
     """The device's latest lifecycle steps, newest first."""
     return list(
@@ -146,22 +106,6 @@ def transitions(session: Session, device_id: str, limit: int = 50) -> list[Devic
 
 #: Rows read per statement when many devices are read at once.
 _CHUNK = 500
-
-
-def devices_by_id(
-    session: Session, device_ids: list[str], *, lock: bool = False
-) -> dict[str, Device]:
-    """``lock``: the rows are locked until the transaction ends (FOR UPDATE, in id order so
-    two writers cannot deadlock): what two server processes storing reports of the same
-    device at once take turns on."""
-    out: dict[str, Device] = {}
-    for start in range(0, len(device_ids), _CHUNK):
-        chunk = sorted(device_ids[start : start + _CHUNK])
-        query = select(Device).where(col(Device.id).in_(chunk)).order_by(col(Device.id))
-        if lock:
-            query = query.with_for_update()
-        out.update((d.id, d) for d in session.exec(query))
-    return out
 
 
 @dataclass(frozen=True)

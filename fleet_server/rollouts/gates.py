@@ -34,9 +34,9 @@ from edge_agent.telemetry.drift import TensorDrift
 from fleet_server.rollouts.progress import TargetView, bucket_start
 from fleet_server.rollouts.spec import EVIDENCE_SETTINGS, GateSpec
 from fleet_server.rollouts.tables import GateFigure, TargetState
+from fleet_server.telemetry.catalog import BundleCatalog
 from fleet_server.telemetry.query import Predictions, VersionHealth, predictions, summarize
 from fleet_server.telemetry.shift import MIN_SHIFT_VALUES, OutputShift, compare_outputs, rebin
-from fleet_server.telemetry.store import BundleCatalog
 from fleet_server.telemetry.tables import TelemetryDeviceBucket
 
 __all__ = ["GATE_NAMES", "breaches", "judge", "lacking"]

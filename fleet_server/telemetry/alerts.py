@@ -17,8 +17,8 @@ from sqlmodel import Session, col, select
 
 from fleet_server.database import advisory_lock
 from fleet_server.registry.tables import MLModel, ModelVersion
+from fleet_server.telemetry.catalog import BundleCatalog
 from fleet_server.telemetry.query import VersionHealth, summarize
-from fleet_server.telemetry.store import BundleCatalog
 from fleet_server.telemetry.tables import Alert, AlertPolicy
 
 __all__ = ["Finding", "evaluate", "policy_for", "refresh_alerts"]

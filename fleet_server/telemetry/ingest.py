@@ -34,7 +34,8 @@ from sqlmodel import Session
 from edge_agent.protocol.telemetry import TelemetryAck
 from edge_agent.protocol.topics import Topics
 from fleet_server.control.connection import TlsFiles, server_client
-from fleet_server.telemetry.store import BundleCatalog, Outcome, prune_keys, store_batches
+from fleet_server.telemetry.catalog import BundleCatalog
+from fleet_server.telemetry.store import Outcome, prune_keys, store_batches
 
 __all__ = ["SHARED_FILTER", "SHARE_GROUP", "IngestConnection", "IngestCounters", "TelemetryIngest"]
 

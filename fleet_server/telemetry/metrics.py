@@ -22,8 +22,8 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from fleet_server.devices.tables import Device
+from fleet_server.telemetry.catalog import BundleCatalog
 from fleet_server.telemetry.query import summarize
-from fleet_server.telemetry.store import BundleCatalog
 from fleet_server.telemetry.tables import TelemetryRollup, TelemetryStream
 
 __all__ = ["FleetCollector"]

@@ -20,7 +20,8 @@ from edge_agent.protocol.telemetry import LatencySketch
 from edge_agent.telemetry.drift import js_distance, psi
 from edge_agent.telemetry.sketch import merge_wire, merge_wires, quantile
 from fleet_server.database import aware
-from fleet_server.telemetry.store import BundleCatalog, add_counts
+from fleet_server.telemetry.catalog import BundleCatalog
+from fleet_server.telemetry.rollups import add_counts
 from fleet_server.telemetry.tables import TelemetryDeviceBucket, TelemetryRollup
 
 __all__ = [

@@ -18,6 +18,7 @@ from sqlmodel import Session
 
 from fleet_server.artifacts import ArtifactStore
 from fleet_server.telemetry.alerts import refresh_alerts
+from fleet_server.telemetry.catalog import BundleCatalog
 from fleet_server.telemetry.ingest import (
     SHARED_FILTER,
     IngestConnection,
@@ -25,7 +26,7 @@ from fleet_server.telemetry.ingest import (
     TelemetryIngest,
 )
 from fleet_server.telemetry.metrics import FleetCollector
-from fleet_server.telemetry.store import BundleCatalog, Outcome
+from fleet_server.telemetry.store import Outcome
 
 if TYPE_CHECKING:  # the control plane is handed in; telemetry does not build one
     from fleet_server.control.plane import ControlPlane

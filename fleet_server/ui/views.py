@@ -19,8 +19,8 @@ from fleet_server.devices.tables import Device
 from fleet_server.registry import service as registry
 from fleet_server.rollouts import service as rollouts
 from fleet_server.rollouts.tables import RolloutPublic, RolloutState
+from fleet_server.telemetry.catalog import BundleCatalog
 from fleet_server.telemetry.query import series, summarize
-from fleet_server.telemetry.store import BundleCatalog
 from fleet_server.telemetry.tables import TelemetryStream, TelemetryStreamPublic
 from fleet_server.versions import service as versions
 

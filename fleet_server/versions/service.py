@@ -22,8 +22,8 @@ from fleet_server.devices.tables import Device
 from fleet_server.registry.compat import io_differences
 from fleet_server.registry.service import get_version, public_version
 from fleet_server.registry.tables import MLModel, ModelVersion
+from fleet_server.telemetry.catalog import BundleCatalog
 from fleet_server.telemetry.query import summarize
-from fleet_server.telemetry.store import BundleCatalog
 
 __all__ = ["diff", "overview"]
 

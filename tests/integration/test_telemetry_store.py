@@ -25,9 +25,10 @@ from fleet_server.database import make_engine
 from fleet_server.devices.tables import Device
 from fleet_server.registry.tables import MLModel, ModelVersion
 from fleet_server.telemetry.alerts import evaluate
+from fleet_server.telemetry.catalog import BundleCatalog
 from fleet_server.telemetry.query import summarize
 from fleet_server.telemetry.service import TelemetryService
-from fleet_server.telemetry.store import BundleCatalog, prune_keys, store_batches
+from fleet_server.telemetry.store import prune_keys, store_batches
 from fleet_server.telemetry.tables import (
     Alert,
     AlertPolicy,

@@ -11,7 +11,7 @@ import pytest
 
 from edge_agent.protocol.lifecycle import SlotEvent, SlotState
 from edge_agent.protocol.status import ReportedStatus, Transition
-from fleet_server.devices.service import apply_status
+from fleet_server.devices.reports import ReportRow, take_status
 from fleet_server.devices.tables import Device
 from fleet_server.ui.views import device_row
 
@@ -23,10 +23,12 @@ def _device(**fields: Any) -> Device:
                   **fields)  # fmt: skip
 
 
-def _status(moved: Transition | None, slots: dict[str, Any] | None = None) -> ReportedStatus:
+def _status(
+    moved: Transition | None, slots: dict[str, Any] | None = None, at: datetime = T0
+) -> ReportedStatus:
     return ReportedStatus.model_validate(
         {"device_id": "cam-01", "profile": "x86-64-avx2", "agent_version": "0.1.0",
-         "slots": slots or {}, "last_transition": moved, "reported_at": T0}
+         "slots": slots or {}, "last_transition": moved, "reported_at": at}
     )  # fmt: skip
 
 
@@ -37,16 +39,25 @@ def _moved(to: SlotState, at: datetime, reason: str | None = None) -> Transition
 
 
 def test_each_transition_is_kept_once() -> None:
-    device = _device()
-    first = apply_status(device, _status(_moved(SlotState.COMMITTED, T0)))
-    assert first is not None and (first.from_state, first.to_state) == ("PROBATION", "COMMITTED")
+    row = ReportRow("cam-01", None, None, 0, True)
+    first = take_status(row, _status(_moved(SlotState.COMMITTED, T0)))
+    assert first is not None
+    assert (first["from_state"], first["to_state"]) == ("PROBATION", "COMMITTED")
     # The same report again (a reconnect, a resend): no second row.
-    assert apply_status(device, _status(_moved(SlotState.COMMITTED, T0))) is None
-    later = apply_status(
-        device, _status(_moved(SlotState.ROLLING_BACK, T0 + timedelta(seconds=5), "latency"))
+    assert take_status(row, _status(_moved(SlotState.COMMITTED, T0))) is None
+    later = take_status(
+        row,
+        _status(
+            _moved(SlotState.ROLLING_BACK, T0 + timedelta(seconds=5), "latency"),
+            at=T0 + timedelta(seconds=5),
+        ),
     )
-    assert later is not None and later.reason == "latency" and later.message
-    assert apply_status(device, _status(None)) is None  # a report with no transition
+    assert later is not None and later.get("reason") == "latency" and later["message"]
+    # A report older than the one taken (another server took the newer one first) changes
+    # nothing, and a report with no transition adds no row.
+    assert take_status(row, _status(_moved(SlotState.COMMITTED, T0))) is None
+    assert row.last_transition is not None and row.last_transition["to_state"] == "ROLLING_BACK"
+    assert take_status(row, _status(None, at=T0 + timedelta(seconds=6))) is None
 
 
 @pytest.mark.parametrize(
@@ -66,7 +77,7 @@ def test_health_is_the_worst_of_the_slots(online: bool, states: list[str], healt
               "runtime": "onnxruntime", "precision": "fp32"}  # fmt: skip
     slots = {f"s{i}": {"state": s, "active": active} for i, s in enumerate(states)}
     device = _device(online=online, last_seen_at=T0)
-    apply_status(device, _status(None, slots))
+    device.reported = _status(None, slots).model_dump(mode="json")
     device.online = online  # a status report does not say whether the device is online
     row = device_row(device)
     assert row.health == health
