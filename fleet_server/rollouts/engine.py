@@ -56,7 +56,7 @@ from fleet_server.rollouts import commands, notifier, stages
 from fleet_server.rollouts import gates as gate_rules
 from fleet_server.rollouts.cohort import BundleChoice, Cohort
 from fleet_server.rollouts.hil_stage import hil_stage
-from fleet_server.rollouts.progress import FAILURES, device_rows, target_view, view_slot
+from fleet_server.rollouts.progress import FAILURES, DeviceRowCache, target_view, view_slot
 from fleet_server.rollouts.rollback import abort
 from fleet_server.rollouts.spec import GateSpec
 from fleet_server.rollouts.step import Documents, EngineConfig, Step
@@ -111,6 +111,7 @@ class RolloutEngine:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._postgres = engine.dialect.name == "postgresql"
+        self._device_rows = DeviceRowCache()
         #: Who the history says decided: this process, so replicas can be told apart.
         self.actor = f"reconciler@{socket.gethostname()}:{os.getpid()}"
 
@@ -242,7 +243,7 @@ class RolloutEngine:
             ).all()
         }
         cohorts.sync(step, targets, cohorts.members(session, rollout), choices)
-        devices = device_rows(session, list(targets))
+        devices = self._device_rows.rows(session, list(targets))
         timeout_s = float(plan.get("stage_timeout_s") or 1800)
         slot, staging = view_slot(rollout)
         since = aware(rollout.activated_at) if rollout.activated_at else None
