@@ -87,19 +87,19 @@ def notify(
     bundles = bundles_of(step, due)
     target_slot, overrides = placement
     ids = [v.device.id for v in due]
-    previous = desired.current_slot(step.session, ids, rollout.slot)
-    changes: dict[str, dict[str, SlotAssignment | None]] = {}
-    for v in due:
-        bundle = bundles[v.target.bundle_sha256 or ""]
+    stored = desired.stored_slots(step.session, ids)
+    # One assignment per bundle, shared by its devices (and so dumped once).
+    assignments: dict[str, SlotAssignment] = {}
+    for sha256, bundle in bundles.items():
         assignment = slot_assignment(step.config.public_url, model, version, bundle, rollout.id)
-        changes[v.device.id] = {
-            target_slot: assignment.model_copy(update=overrides) if overrides else assignment
-        }
+        assignments[sha256] = assignment.model_copy(update=overrides) if overrides else assignment
+    changes: dict[str, dict[str, SlotAssignment | None]] = {
+        v.device.id: {target_slot: assignments[v.target.bundle_sha256 or ""]} for v in due
+    }
     documents = step.change_documents(changes)
     for v in due:
         t = v.target
-        prior = previous.get(t.device_id)
-        t.previous = prior.model_dump(mode="json") if prior is not None else None
+        t.previous = stored.get(t.device_id, {}).get(rollout.slot)
         t.phase, t.notified_at = TargetPhase.NOTIFIED, now
         t.desired_seq, t.stage, t.note = documents[t.device_id].seq, rollout.stage, None
         step.session.add(t)

@@ -8,6 +8,8 @@ back across an input/output change is said in the event, with the differences.
 
 from __future__ import annotations
 
+import json
+
 from sqlmodel import select
 
 from edge_agent.protocol.desired import SlotAssignment
@@ -69,18 +71,25 @@ def roll_back(step: Step) -> Documents:
     notified = [t for t in targets if t.phase == TargetPhase.NOTIFIED]
     ids = [t.device_id for t in notified]
     parking = staging_slot(rollout.slot)
-    current = desired.current_slots(session, ids, [rollout.slot, parking])
+    current = desired.stored_slots(session, ids)
+    # Most devices go back to one of a few previous versions: each validated once (and so
+    # dumped once when the documents are written).
+    previous: dict[str, SlotAssignment] = {}
     changes: dict[str, dict[str, SlotAssignment | None]] = {}
     for t in notified:
         change: dict[str, SlotAssignment | None] = {}
         slots = current.get(t.device_id, {})
         mine = slots.get(rollout.slot)
-        if mine is not None and mine.rollout_id == rollout.id:
-            change[rollout.slot] = (
-                SlotAssignment.model_validate(t.previous) if t.previous is not None else None
-            )
+        if mine is not None and mine.get("rollout_id") == rollout.id:
+            back = None
+            if t.previous is not None:
+                key = json.dumps(t.previous, sort_keys=True)
+                back = previous.get(key) or previous.setdefault(
+                    key, SlotAssignment.model_validate(t.previous)
+                )
+            change[rollout.slot] = back
         staged = slots.get(parking)
-        if staged is not None and staged.rollout_id == rollout.id:
+        if staged is not None and staged.get("rollout_id") == rollout.id:
             change[parking] = None  # staged beside the active version: taken away
         if change:  # else something newer owns the slot now: leave it
             changes[t.device_id] = change

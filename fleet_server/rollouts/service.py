@@ -22,7 +22,7 @@ from fleet_server.audit.service import record
 from fleet_server.builds.runner import BuildRunner
 from fleet_server.bundles.tables import Bundle
 from fleet_server.database import advisory_lock, aware
-from fleet_server.devices.desired import current_slot
+from fleet_server.devices.desired import stored_slots
 from fleet_server.devices.selectors import Selector
 from fleet_server.devices.tables import BundleGrant, Device
 from fleet_server.errors import ConflictError, InvalidInputError, NotFoundError
@@ -237,9 +237,10 @@ def _schema_changes(
     """How the candidate's inputs and outputs differ from each version the cohort's slot
     serves. Refused (409 ``breaking_change``, naming every difference) unless the request
     says ``allow_breaking``; then returned, to be audited and kept in the plan."""
-    serving = current_slot(session, [d.id for d in devices], slot)
+    stored = stored_slots(session, [d.id for d in devices])
+    serving = {(s[slot]["model"], s[slot]["version"]) for s in stored.values() if slot in s}
     found: dict[str, list[str]] = {}
-    for name, number in sorted({(a.model, a.version) for a in serving.values()}):
+    for name, number in sorted(serving):
         if (name, number) == (model.name, version.version):
             continue
         try:

@@ -50,10 +50,12 @@ def _activate(
     bundles = bundles_of(step, staged)
     parking = staging_slot(rollout.slot)
     changes: dict[str, dict[str, SlotAssignment | None]] = {}
+    active = {
+        sha256: slot_assignment(step.config.public_url, model, version, bundle, rollout.id)
+        for sha256, bundle in bundles.items()
+    }
     for v in staged:
-        bundle = bundles[v.target.bundle_sha256 or ""]
-        active = slot_assignment(step.config.public_url, model, version, bundle, rollout.id)
-        changes[v.device.id] = {rollout.slot: active, parking: None}
+        changes[v.device.id] = {rollout.slot: active[v.target.bundle_sha256 or ""], parking: None}
     for v in others:
         changes[v.device.id] = {parking: None}
         v.target.phase = TargetPhase.RELEASED
