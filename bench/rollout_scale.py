@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import resource
@@ -86,8 +87,6 @@ def raw_fanout(
 ) -> float:
     """Sign a new document per device naming ``version`` (untimed), then time publishing
     them straight to the broker until every simulated device is active."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
     from sqlmodel import Session, select
 
     from edge_agent.protocol.topics import Topics
@@ -114,14 +113,17 @@ def raw_fanout(
         )
         session.rollback()  # the server never hears of these
     engine.dispose()
-    host, port = broker_url.split("://", 1)[1].rsplit(":", 1)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-raw", protocol=mqtt.MQTTv5)
-    client.connect(host, int(port))
-    client.loop_start()
+    # Published by a process of its own, as the server publishes from its own: the simulator
+    # holds this process's interpreter.
+    messages = [(Topics(d.device_id).desired, d.payload) for d in documents.values()]
+    ctx = multiprocessing.get_context("spawn")
+    ready, start = ctx.Event(), ctx.Event()
+    publisher = ctx.Process(target=_publish_raw, args=(broker_url, messages, ready, start))
+    publisher.start()
     try:
+        ready.wait(60)  # connected, payloads in hand
         t = time.perf_counter()
-        for document in documents.values():
-            client.publish(Topics(document.device_id).desired, document.payload, qos=1)
+        start.set()
         wait_until(
             lambda: sim.serving("classifier").get(version) == n,
             600,
@@ -130,8 +132,26 @@ def raw_fanout(
         )
         return time.perf_counter() - t
     finally:
-        client.loop_stop()
-        client.disconnect()
+        publisher.join(60)
+
+
+def _publish_raw(
+    broker_url: str, messages: list[tuple[str, bytes]], ready: Any, start: Any
+) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    host, port = broker_url.split("://", 1)[1].rsplit(":", 1)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-raw", protocol=mqtt.MQTTv5)
+    client.connect(host, int(port))
+    client.loop_start()
+    ready.set()
+    start.wait(60)
+    infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
+    for info in infos:
+        info.wait_for_publish(60)
+    client.loop_stop()
+    client.disconnect()
 
 
 def run(
