@@ -14,4 +14,4 @@ echo "lint: ruff, mypy --strict"
 .venv/bin/mypy
 # Three workers on two cores: most of the suite's time is agents, brokers and rigs waiting;
 # work stealing keeps one long test (a rig's every scenario) from running alone at the end.
-exec .venv/bin/python -m pytest -p no:cacheprovider -ra -n 3 --dist worksteal "$@"
+exec .venv/bin/python -m pytest -p no:cacheprovider -ra -n 3 --dist worksteal --durations=15 "$@"

@@ -11,7 +11,9 @@ import pytest
 
 from fleet_server.client import ApiClient, ApiError
 from fleet_server.server import EmbeddedStack
+from hil.rig import wait_until
 from tests.integration.test_api import enroll
+from tests.integration.test_rollouts import notified
 
 #: Endpoints that are deliberately open.
 PUBLIC = {("GET", "/healthz"), ("POST", "/v1/devices/enroll")}
@@ -109,6 +111,9 @@ def test_a_device_acts_only_as_itself(
         "/v1/rollouts", json={"model": "classifier", "version": "2.0.0", "devices": ["dev-b"]}
     )
     sha_a, sha_b = ra["targets"][0]["bundle_sha256"], rb["targets"][0]["bundle_sha256"]
+    # A device may fetch a bundle once it was assigned it: when the engine notifies it.
+    for rollout in (ra, rb):
+        wait_until(lambda r=rollout: notified(api, r["id"], 0, 1), 30, "the device notified")
     assert call(stack, "GET", f"/v1/bundles/{sha_a}", a).status_code == 200
     assert call(stack, "GET", f"/v1/bundles/{sha_b}", b).status_code == 200
     r = call(stack, "GET", f"/v1/bundles/{sha_b}", a)
@@ -123,7 +128,7 @@ def test_a_device_acts_only_as_itself(
     ):
         assert call(stack, method, path, a).status_code == 403, path
     # An earlier assignment stays downloadable (a rollback needs it).
-    api.post(
+    again = api.post(
         "/v1/rollouts",
         json={
             "model": "classifier",
@@ -132,6 +137,7 @@ def test_a_device_acts_only_as_itself(
             "supersedes": ra["id"],
         },
     )
+    wait_until(lambda: notified(api, again["id"], 0, 1), 30, "dev-a notified of 2.0.0")
     assert call(stack, "GET", f"/v1/bundles/{sha_a}", a).status_code == 200
 
     # A database from before bundle grants existed: its rollouts' bundles are granted again
