@@ -34,8 +34,10 @@ import tarfile
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -152,17 +154,13 @@ def _raw_member(mqtt_url: str, ready: object, received: object) -> None:
     client.loop_forever()
 
 
-def run_raw(args: argparse.Namespace, url: str, members: int = 2) -> float:
-    """The same batches, the same publishers, received by ``members`` bare subscribers."""
-    ctx = mp.get_context("spawn")
+def _publish_and_wait(
+    ctx: Any, args: argparse.Namespace, url: str, received: Callable[[], int], poll_s: float
+) -> tuple[float, int, int]:
+    """Start the publishers (their payloads built before the clock starts), release them
+    together and time until ``received()`` counts every batch (or the timeout); returns
+    (seconds, batches counted, batches sent)."""
     devices = [f"bench-{i}" for i in range(args.devices)]
-    received = ctx.Value("l", 0)
-    joined = [ctx.Event() for _ in range(members)]
-    procs = [ctx.Process(target=_raw_member, args=(url, j, received)) for j in joined]
-    for p in procs:
-        p.start()
-    for j in joined:
-        j.wait(60)
     ready = ctx.Event()
     per_device = args.batches // args.devices
     groups = [devices[i :: args.publishers] for i in range(args.publishers)]
@@ -174,15 +172,33 @@ def run_raw(args: argparse.Namespace, url: str, members: int = 2) -> float:
     start = time.monotonic()
     ready.set()
     deadline = start + args.timeout_s
-    while time.monotonic() < deadline and received.value < total:
-        time.sleep(0.02)
+    count = 0
+    while time.monotonic() < deadline:
+        count = received()
+        if count >= total:
+            break
+        time.sleep(poll_s)
     elapsed = time.monotonic() - start
     for p in pubs:
         p.join(30)
+    return elapsed, count, total
+
+
+def run_raw(args: argparse.Namespace, url: str, members: int = 2) -> float:
+    """The same batches, the same publishers, received by ``members`` bare subscribers."""
+    ctx = mp.get_context("spawn")
+    received = ctx.Value("l", 0)
+    joined = [ctx.Event() for _ in range(members)]
+    procs = [ctx.Process(target=_raw_member, args=(url, j, received)) for j in joined]
+    for p in procs:
+        p.start()
+    for j in joined:
+        j.wait(60)
+    elapsed, got, total = _publish_and_wait(ctx, args, url, lambda: int(received.value), 0.02)
     for p in procs:
         p.terminate()
         p.join(10)
-    rate = received.value / elapsed
+    rate = got / elapsed
     print(
         f"{'raw paho':10s} {members} bare subscribers: {total} batches in {elapsed:.2f} s "
         f"= {rate:,.0f} batches/s (received and acknowledged, nothing stored)"
@@ -291,26 +307,7 @@ def run(db_label: str, db_url: str, members: int, args: argparse.Namespace, url:
             p.start()
         for j in joined:  # subscribed: the broker hands them batches from now on
             j.wait(60)
-        ready = ctx.Event()
-        per_device = args.batches // args.devices
-        groups = [devices[i :: args.publishers] for i in range(args.publishers)]
-        pubs = [ctx.Process(target=_publisher, args=(url, g, per_device, ready)) for g in groups]
-        for p in pubs:
-            p.start()
-        time.sleep(4)  # publishers built their payloads
-        total = per_device * args.devices
-        start = time.monotonic()
-        ready.set()
-        deadline = start + args.timeout_s
-        count = 0
-        while time.monotonic() < deadline:
-            count = _stored(db_url)
-            if count >= total:
-                break
-            time.sleep(0.1)
-        elapsed = time.monotonic() - start
-        for p in pubs:
-            p.join(30)
+        elapsed, count, total = _publish_and_wait(ctx, args, url, lambda: _stored(db_url), 0.1)
         time.sleep(1)
         final = _stored(db_url)
         stop.set()

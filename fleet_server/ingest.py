@@ -14,6 +14,7 @@ It ends with its parent (``die_with_parent``); the parent starts a new one if it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -118,12 +119,10 @@ def run(
 
 def _waker(fd: int) -> Callable[[], None]:
     def wake() -> None:
-        try:
+        # A full pipe means the API process has wake-ups enough to read; a closed one, that
+        # it is gone (die_with_parent ends this process then): neither is worth more.
+        with contextlib.suppress(OSError):
             os.write(fd, b"w")
-        except BlockingIOError:
-            pass  # the pipe is full: the API process has wake-ups enough to read
-        except OSError:
-            pass  # the API process is gone; die_with_parent ends this one
 
     return wake
 

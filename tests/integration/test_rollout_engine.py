@@ -1,14 +1,10 @@
 """The rollout engine against the fleet simulator (protocol-only devices with their own
 identities on the real broker): refusals that change nothing, rate limits, gates on install
-failures and on telemetry, the operator's commands from the CLI, and two server processes on
-one PostgreSQL that never both act on a rollout."""
+failures and on telemetry, and the operator's commands from the CLI. (Several server
+processes on one PostgreSQL: test_several_servers.py.)"""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,12 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fleet_server.broker import EmbeddedBroker, free_port
 from fleet_server.client import ApiClient, ApiError
 from fleet_server.server import EmbeddedStack
 from hil.rig import wait_until
 from hil.simulator import Behaviour, FleetSimulator, SimulatedDevice, enroll_fleet
-from tests.conftest import ADMIN_TOKEN, POSTGRES_URL
 from tests.integration.test_cli import edgefleet
 from tests.integration.test_rollouts import follow, notified
 
@@ -500,91 +494,3 @@ def test_a_version_that_breaks_its_callers_is_refused_unless_allowed(
     rollback = next(e for e in done["events"] if e["kind"] == "rollback")
     assert "across an input/output change" in rollback["message"] and named in rollback["message"]
     wait_until(lambda: sim.serving("classifier") == {"1.0.0": 20}, 30, "the rollback")
-
-
-@pytest.mark.skipif(not POSTGRES_URL, reason="EDGEFLEET_TEST_POSTGRES_URL is not set (CI sets it)")
-def test_two_server_processes_on_postgres_never_both_act_on_a_rollout(
-    tmp_path: Path, model_path: Path, model_v2_path: Path, uid: str
-) -> None:
-    """Two ``edgefleet serve`` processes on one database and one broker (sharing the data
-    directory as they would share an object store and a key vault): every decision of every
-    rollout is in its history once, and the fleet ends where the rollouts say."""
-    from sqlmodel import SQLModel
-
-    from fleet_server.app import create_tables
-    from fleet_server.database import make_engine
-    from fleet_server.settings import Settings
-
-    assert POSTGRES_URL is not None
-    engine = make_engine(Settings(database_url=POSTGRES_URL).resolved_database_url)
-    create_tables(engine)
-    SQLModel.metadata.drop_all(engine)
-    create_tables(engine)
-    engine.dispose()
-    broker = EmbeddedBroker(tmp_path / "broker", backend="mosquitto").start()
-    ports = [free_port(), free_port()]
-    env = {
-        **os.environ,
-        "EDGEFLEET_DATA_DIR": str(tmp_path / "shared"),
-        "EDGEFLEET_DATABASE_URL": POSTGRES_URL,
-        "EDGEFLEET_MQTT_URL": broker.url,
-        "EDGEFLEET_ADMIN_TOKEN": ADMIN_TOKEN,
-        "EDGEFLEET_ROLLOUT_TICK_S": "0.2",
-    }
-    servers: list[subprocess.Popen[bytes]] = []
-    logs = [tmp_path / f"server-{i}.log" for i in range(2)]
-    sim: FleetSimulator | None = None
-    try:
-        for i, port in enumerate(ports):
-            with logs[i].open("wb") as log:
-                servers.append(subprocess.Popen(
-                    [sys.executable, "-c", "from fleet_server.cli import main; main()", "serve"],
-                    env={**env, "EDGEFLEET_PORT": str(port)}, stdout=log,
-                    stderr=subprocess.STDOUT,
-                ))  # fmt: skip
-            api = ApiClient(f"http://127.0.0.1:{port}", ADMIN_TOKEN)
-            wait_until(lambda a=api: _healthy(a), 60, f"server {i} to start")  # type: ignore[misc]
-        one, two = (ApiClient(f"http://127.0.0.1:{p}", ADMIN_TOKEN) for p in ports)
-        one.upload_model(model_path, "classifier", "1.0.0")
-        one.upload_model(model_v2_path, "classifier", "2.0.0")
-        devices = enroll_fleet(two, 40, prefix=f"pg-{uid}", labels={"ring": uid})
-        sim = FleetSimulator(broker.url, devices, default=Behaviour(install_s=0.05),
-                             root_public_key=devices[0].root_public_key).start()  # fmt: skip
-        rollouts = []
-        for version, api in (("1.0.0", one), ("2.0.0", two)):
-            created = api.post(
-                "/v1/rollouts",
-                json={"model": "classifier", "version": version, "selector": f"ring={uid}",
-                      "strategy": "canary", "stages": [5, 10, 25, 50, 75, 100]},
-            )  # fmt: skip
-            rollouts.append(follow(one, created["id"], timeout_s=120))
-        for done in rollouts:
-            assert done["state"] == "completed", done["events"]
-            kinds = [e["kind"] for e in done["events"]]
-            assert kinds.count("promoted") == 5 and kinds.count("completed") == 1, kinds
-            promoted = [e["stage"] for e in done["events"] if e["kind"] == "promoted"]
-            assert promoted == [1, 2, 3, 4, 5]
-        assert sim.serving("classifier") == {"2.0.0": 40}
-        actors = {e["actor"] for r in rollouts for e in r["events"] if e["kind"] == "promoted"}
-        print(f"decisions taken by {sorted(actors)}")
-    finally:
-        if sim is not None:
-            sim.stop()
-        for server in servers:
-            server.send_signal(signal.SIGTERM)
-        for server in servers:
-            try:
-                server.wait(20)
-            except subprocess.TimeoutExpired:
-                server.kill()
-        broker.stop()
-        for log_path in logs:
-            if log_path.exists():
-                print(log_path.read_text()[-3000:])
-
-
-def _healthy(api: ApiClient) -> bool:
-    try:
-        return bool(api.get("/healthz")["broker_connected"])
-    except Exception:
-        return False

@@ -2,7 +2,7 @@
 with SIGKILL midway: a build in flight finishes once (taken over when its lease runs out), a
 canary in flight completes with every decision once, every status report is stored once
 (the share group), and two servers creating overlapping rollouts at the same moment cannot
-both pass."""
+both pass. Without a kill, two servers stepping the same rollouts take each decision once."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ class Servers:
                     stderr=subprocess.STDOUT,
                 ))  # fmt: skip
             api = ApiClient(f"http://127.0.0.1:{port}", ADMIN_TOKEN, timeout_s=120)
-            wait_until(lambda a=api: _healthy(a), 60, f"server on port {port}")  # type: ignore[misc]
+            wait_until(lambda a=api: server_healthy(a), 60, f"server on port {port}")  # type: ignore[misc]
             self.apis.append(api)
 
     def stop(self) -> None:
@@ -81,7 +81,7 @@ class Servers:
             print(log_path.read_text()[-3000:])
 
 
-def _healthy(api: ApiClient) -> bool:
+def server_healthy(api: ApiClient) -> bool:
     try:
         return bool(api.get("/healthz")["broker_connected"])
     except Exception:
@@ -193,6 +193,48 @@ def test_a_server_killed_midway_leaves_no_half_made_decision(
         assert duplicated == []
         stored = _rows("SELECT count(*) FROM device_transitions")[0][0]
         assert stored >= 30 * 2  # at least two versions' commits per device
+    finally:
+        if sim is not None:
+            sim.stop()
+        if servers is not None:
+            servers.stop()
+        broker.stop()
+
+
+def test_two_server_processes_never_both_act_on_a_rollout(
+    tmp_path: Path, model_path: Path, model_v2_path: Path, uid: str
+) -> None:
+    """Every decision of every rollout is in its history once, and the fleet ends where the
+    rollouts say."""
+    _fresh_schema()
+    broker = EmbeddedBroker(tmp_path / "broker", backend="mosquitto").start()
+    servers: Servers | None = None
+    sim: FleetSimulator | None = None
+    try:
+        servers = Servers(tmp_path, broker, 2)
+        one, two = servers.apis
+        one.upload_model(model_path, "classifier", "1.0.0")
+        one.upload_model(model_v2_path, "classifier", "2.0.0")
+        devices = enroll_fleet(two, 40, prefix=f"pg-{uid}", labels={"ring": uid})
+        sim = FleetSimulator(broker.url, devices, default=Behaviour(install_s=0.05),
+                             root_public_key=devices[0].root_public_key).start()  # fmt: skip
+        rollouts = []
+        for version, api in (("1.0.0", one), ("2.0.0", two)):
+            created = api.post(
+                "/v1/rollouts",
+                json={"model": "classifier", "version": version, "selector": f"ring={uid}",
+                      "strategy": "canary", "stages": [5, 10, 25, 50, 75, 100]},
+            )  # fmt: skip
+            rollouts.append(follow(one, created["id"], timeout_s=120))
+        for done in rollouts:
+            assert done["state"] == "completed", done["events"]
+            kinds = [e["kind"] for e in done["events"]]
+            assert kinds.count("promoted") == 5 and kinds.count("completed") == 1, kinds
+            promoted = [e["stage"] for e in done["events"] if e["kind"] == "promoted"]
+            assert promoted == [1, 2, 3, 4, 5]
+        assert sim.serving("classifier") == {"2.0.0": 40}
+        actors = {e["actor"] for r in rollouts for e in r["events"] if e["kind"] == "promoted"}
+        print(f"decisions taken by {sorted(actors)}")
     finally:
         if sim is not None:
             sim.stop()
