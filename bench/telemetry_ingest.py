@@ -130,11 +130,12 @@ def _member(
 
 def _raw_member(mqtt_url: str, ready: object, received: object) -> None:
     """A bare paho subscriber in the ingest share group: it receives each batch, acknowledges
-    it (QoS 1, and an ``ack`` message to the device as the real ingest does) and stores
+    it (QoS 1, and an ``ack`` message to the device at the real ingest's QoS) and stores
     nothing. The floor the real ingest is compared with."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
+    from edge_agent.protocol.telemetry import ACK_QOS
     from fleet_server.telemetry.ingest import SHARED_FILTER
 
     host, port = mqtt_url.removeprefix("mqtt://").split(":")
@@ -143,7 +144,7 @@ def _raw_member(mqtt_url: str, ready: object, received: object) -> None:
 
     def on_message(c: mqtt.Client, userdata: object, m: mqtt.MQTTMessage) -> None:
         device = m.topic.split("/")[3]
-        c.publish(f"edgefleet/v1/devices/{device}/ack", b'{"acked":1}', qos=1)
+        c.publish(f"edgefleet/v1/devices/{device}/ack", b'{"acked":1}', qos=ACK_QOS)
         with received.get_lock():  # type: ignore[attr-defined]
             received.value += 1  # type: ignore[attr-defined]
 
@@ -277,18 +278,25 @@ def _prepare(db_url: str, artifacts: Path, devices: list[str]) -> None:
         tar.addfile(info, io.BytesIO(data))
 
 
-def _stored(db_url: str) -> int:
-    from sqlmodel import Session, func, select
+class _Stored:
+    """Counts the stored batch keys, over one connection kept for the run (a new engine per
+    poll would take CPU from the processes measured)."""
 
-    from fleet_server.database import make_engine
-    from fleet_server.telemetry.tables import TelemetryBatchKey
+    def __init__(self, db_url: str) -> None:
+        from fleet_server.database import make_engine
 
-    engine = make_engine(db_url)
-    try:
-        with Session(engine) as session:
+        self._engine = make_engine(db_url)
+
+    def __call__(self) -> int:
+        from sqlmodel import Session, func, select
+
+        from fleet_server.telemetry.tables import TelemetryBatchKey
+
+        with Session(self._engine) as session:
             return int(session.exec(select(func.count()).select_from(TelemetryBatchKey)).one())
-    finally:
-        engine.dispose()
+
+    def close(self) -> None:
+        self._engine.dispose()
 
 
 def run(db_label: str, db_url: str, members: int, args: argparse.Namespace, url: str) -> float:
@@ -307,9 +315,11 @@ def run(db_label: str, db_url: str, members: int, args: argparse.Namespace, url:
             p.start()
         for j in joined:  # subscribed: the broker hands them batches from now on
             j.wait(60)
-        elapsed, count, total = _publish_and_wait(ctx, args, url, lambda: _stored(db_url), 0.1)
+        stored = _Stored(db_url)
+        elapsed, count, total = _publish_and_wait(ctx, args, url, stored, 0.05)
         time.sleep(1)
-        final = _stored(db_url)
+        final = stored()
+        stored.close()
         stop.set()
         shares = [out.get(timeout=30) for _ in procs]
         for p in procs:

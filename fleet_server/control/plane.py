@@ -32,6 +32,7 @@ from sqlmodel import Session, select
 
 from edge_agent.protocol.presence import ONLINE
 from edge_agent.protocol.status import ReportedStatus
+from edge_agent.protocol.telemetry import ACK_QOS
 from edge_agent.protocol.topics import Topics, parse_device_topic
 from fleet_server.control.connection import TlsFiles, server_client
 from fleet_server.devices import desired
@@ -227,8 +228,8 @@ class ControlPlane:
         self._telemetry = (subscription, deliver)
 
     def publish(self, topic: str, payload: bytes) -> None:
-        """A QoS 1 message (telemetry acknowledgements)."""
-        self._client.publish(topic, payload, qos=1)
+        """A telemetry acknowledgement, at QoS 0 (see :data:`ACK_QOS`)."""
+        self._client.publish(topic, payload, qos=ACK_QOS)
 
     # --- publishing ------------------------------------------------------------------------------
     def publish_desired(self, document: DesiredDocument) -> mqtt.MQTTMessageInfo:

@@ -9,7 +9,7 @@ import json
 import logging
 import tarfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlmodel import Session, col, select
 
@@ -30,6 +30,22 @@ class BundleInfo:
     version: str
     profile: str
     baseline: Baseline | None
+    #: The baseline's tensors as ("inputs" | "outputs", name) → (kind, (groups, bins)): what
+    #: each batch's counts are checked against, computed once.
+    shapes: dict[tuple[str, str], tuple[str, tuple[int, int]]] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        shapes = {}
+        if self.baseline is not None:
+            for side, tensors in (
+                ("inputs", self.baseline.inputs),
+                ("outputs", self.baseline.outputs),
+            ):
+                for name, tensor in tensors.items():
+                    shapes[(side, name)] = (tensor.kind, tensor.shape)
+        object.__setattr__(self, "shapes", shapes)
 
 
 class BundleCatalog:

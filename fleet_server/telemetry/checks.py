@@ -18,6 +18,7 @@ from edge_agent.protocol.topics import parse_device_topic
 from edge_agent.telemetry.sketch import RELATIVE_ACCURACY
 from fleet_server.devices.tables import Device
 from fleet_server.telemetry.catalog import BundleCatalog, BundleInfo
+from fleet_server.telemetry.upserts import PG_ENROLLED, is_postgres
 
 __all__ = ["MAX_FUTURE", "MAX_SEQ_AHEAD", "Rejection", "check_slot", "validate"]
 
@@ -43,13 +44,10 @@ def check_slot(slot: SlotFigures, info: BundleInfo | None) -> str | None:
         return "bundle_mismatch"
     if slot.latency_ms is not None and slot.latency_ms.relative_accuracy != RELATIVE_ACCURACY:
         return "bad_shape"
-    for counts, reference in (
-        (slot.inputs, info.baseline and info.baseline.inputs),
-        (slot.outputs, info.baseline and info.baseline.outputs),
-    ):
+    shapes = info.shapes
+    for side, counts in (("inputs", slot.inputs), ("outputs", slot.outputs)):
         for name, tensor in counts.items():
-            want = (reference or {}).get(name)
-            if want is None or want.kind != tensor.kind or want.shape != tensor.shape:
+            if shapes.get((side, name)) != (tensor.kind, tensor.shape):
                 return "bad_shape"
     return None
 
@@ -97,11 +95,11 @@ def validate(
         parsed.append(batch)
     if not parsed:
         return [], {}, rejected
-    enrolled = set(
-        session.exec(
-            select(Device.id).where(col(Device.id).in_({b.device_id for b in parsed}))
-        ).all()
-    )
+    named = sorted({b.device_id for b in parsed})
+    if is_postgres(session):
+        enrolled = set(session.execute(PG_ENROLLED, {"ids": named}).scalars())
+    else:
+        enrolled = set(session.exec(select(Device.id).where(col(Device.id).in_(named))).all())
     good = []
     refused: dict[int, str] = {}
     for batch in parsed:

@@ -31,13 +31,13 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlmodel import Session
 
-from edge_agent.protocol.telemetry import TelemetryAck
+from edge_agent.protocol.telemetry import ACK_QOS, TelemetryAck
 from edge_agent.protocol.topics import Topics
 from fleet_server.control.connection import TlsFiles, server_client
 from fleet_server.telemetry.catalog import BundleCatalog
 from fleet_server.telemetry.store import Outcome, prune_keys, store_batches
 
-__all__ = ["SHARED_FILTER", "SHARE_GROUP", "IngestConnection", "IngestCounters", "TelemetryIngest"]
+__all__ = ["SHARE_GROUP", "IngestConnection", "IngestCounters", "TelemetryIngest"]
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,8 @@ class IngestConnection:
         self._client.loop_stop()
 
     def publish(self, topic: str, payload: bytes) -> None:
-        self._client.publish(topic, payload, qos=1)
+        """A telemetry acknowledgement, at QoS 0 (see :data:`ACK_QOS`)."""
+        self._client.publish(topic, payload, qos=ACK_QOS)
 
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
