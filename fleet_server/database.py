@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime
+from typing import Any
 
 from pydantic import field_validator
-from sqlalchemy import MetaData, event, inspect, text
+from sqlalchemy import ColumnElement, MetaData, String, any_, bindparam, event, inspect, text
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, create_engine
 
@@ -29,6 +31,20 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+#: Ids per ``IN`` list on SQLite (its limit on variables is far above; a statement is cheap).
+IDS_PER_QUERY = 500
+
+
+def among(session: Session, column: Any, ids: list[str]) -> list[ColumnElement[bool]]:
+    """Clauses that together pick the rows whose ``column`` is one of ``ids``: on PostgreSQL
+    one ``= ANY(array)`` (one statement text, whatever the number: psycopg converts an
+    ``IN`` list of 500 placeholders anew each time, most of a 10,000-device read); on SQLite
+    one ``IN`` list per :data:`IDS_PER_QUERY`."""
+    if session.get_bind().dialect.name == "postgresql":
+        return [column == any_(bindparam(None, ids, type_=ARRAY(String)))] if ids else []
+    return [column.in_(ids[i : i + IDS_PER_QUERY]) for i in range(0, len(ids), IDS_PER_QUERY)]
 
 
 def aware(value: datetime) -> datetime:

@@ -22,14 +22,13 @@ from sqlalchemy import select as sa_select
 from sqlmodel import Session
 
 from edge_agent.protocol.status import ReportedStatus
-from fleet_server.database import aware
+from fleet_server.database import among, aware
 from fleet_server.devices.tables import Device, DeviceTransition
 
 __all__ = ["ReportRow", "store_reports", "take_status"]
 
 _DEVICES = Device.__table__  # type: ignore[attr-defined]
 _TRANSITIONS = DeviceTransition.__table__  # type: ignore[attr-defined]
-_CHUNK = 500
 
 
 @dataclass(slots=True)
@@ -124,13 +123,8 @@ def store_reports(
 def _read(session: Session, device_ids: list[str], *, lock: bool) -> dict[str, ReportRow]:
     out: dict[str, ReportRow] = {}
     c = _DEVICES.c
-    for start in range(0, len(device_ids), _CHUNK):
-        chunk = device_ids[start : start + _CHUNK]
-        query = (
-            sa_select(c.id, c.reported, c.reported_seq, c.online)
-            .where(c.id.in_(chunk))
-            .order_by(c.id)
-        )
+    for clause in among(session, c.id, device_ids):
+        query = sa_select(c.id, c.reported, c.reported_seq, c.online).where(clause).order_by(c.id)
         if lock:
             query = query.with_for_update()
         for device_id, reported, seq, online in session.execute(query).all():

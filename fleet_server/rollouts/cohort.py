@@ -9,7 +9,7 @@ rig's devices are reached by id only, never by a selector.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -38,6 +38,7 @@ from fleet_server.rollouts.tables import (
 __all__ = [
     "BundleChoice",
     "Cohort",
+    "Prepared",
     "choose_bundle",
     "cohort_of",
     "matching",
@@ -95,15 +96,24 @@ def choose_bundle(
     return BundleChoice(sha256=bundle.sha256)
 
 
-def prepare_bundles(
-    engine: Engine, config: EngineConfig, rollout_id: str, actor: str
-) -> dict[Cohort, BundleChoice]:
-    """Bundles for the cohorts of devices the rollout has no bundle for yet (newcomers,
-    builds that were pending). Outside the lock: a build request commits."""
+@dataclass
+class Prepared:
+    """What a step reads before it takes the rollout's lock: the cohort's members now, and a
+    bundle for each of their cohorts (profile x runtimes) that has one. No members: the
+    rollout was not active when read (the step decides nothing)."""
+
+    members: dict[str, DeviceRow] | None = None
+    choices: dict[Cohort, BundleChoice] = field(default_factory=dict)
+
+
+def prepare_bundles(engine: Engine, config: EngineConfig, rollout_id: str, actor: str) -> Prepared:
+    """The members, and bundles for the cohorts of devices the rollout has no bundle for yet
+    (newcomers, builds that were pending). Outside the lock: a build request commits. The
+    step goes on with these members (read once a step: 10,000 devices' labels)."""
     with Session(engine) as session:
         rollout = session.get(Rollout, rollout_id)
         if rollout is None or rollout.state not in ACTIVE_STATES:
-            return {}
+            return Prepared()
         targets = {
             device_id: (sha256, phase)
             for device_id, sha256, phase in session.exec(
@@ -114,7 +124,9 @@ def prepare_bundles(
         }
         known: dict[Cohort, BundleChoice] = {}
         wanted: set[Cohort] = set()
-        for device in members(session, rollout).values():
+        cohort_now = members(session, rollout)
+        prepared = Prepared(cohort_now, known)
+        for device in cohort_now.values():
             cohort = cohort_of(device)
             sha256, phase = targets.get(device.id, (None, None))
             if sha256:
@@ -123,17 +135,17 @@ def prepare_bundles(
                 wanted.add(cohort)
         missing = wanted - set(known)
         if not missing:
-            return known
+            return prepared
         model, version = version_by_id(session, rollout.model_version_id)
         try:
             signer = config.keys.signer(session)
         except ConflictError:
-            return known
+            return prepared
         for cohort in sorted(missing, key=str):
             known[cohort] = choose_bundle(
                 session, config.runner, model, version, cohort, signer, actor, wait_s=0
             )
-        return known
+        return prepared
 
 
 def members(session: Session, rollout: Rollout) -> dict[str, DeviceRow]:

@@ -54,7 +54,7 @@ from fleet_server.registry.service import version_by_id
 from fleet_server.rollouts import cohort as cohorts
 from fleet_server.rollouts import commands, notifier, stages
 from fleet_server.rollouts import gates as gate_rules
-from fleet_server.rollouts.cohort import BundleChoice, Cohort
+from fleet_server.rollouts.cohort import Prepared
 from fleet_server.rollouts.hil_stage import hil_stage
 from fleet_server.rollouts.progress import FAILURES, DeviceRowCache, target_view, view_slot
 from fleet_server.rollouts.rollback import abort
@@ -73,6 +73,9 @@ __all__ = ["Publish", "RolloutEngine"]
 
 log = logging.getLogger(__name__)
 
+#: A step that takes this long is logged with where its time went (as is one that publishes
+#: 100 documents or more).
+SLOW_STEP_S = 0.5
 #: Publishes documents; waits up to the given seconds for the broker to acknowledge them.
 Publish = Callable[[Documents, float], None]
 
@@ -179,7 +182,7 @@ class RolloutEngine:
         missed a document is sent it again when it reports an older ``seq``."""
         with self._lock:
             started = time.perf_counter()
-            choices = cohorts.prepare_bundles(self._engine, self.config, rollout_id, self.actor)
+            prepared = cohorts.prepare_bundles(self._engine, self.config, rollout_id, self.actor)
             with Session(self._engine) as session:
                 rollout = self._locked(session, rollout_id, wait=False)
                 if rollout is None or rollout.state not in ACTIVE_STATES:
@@ -187,17 +190,18 @@ class RolloutEngine:
                     return
                 decided = time.perf_counter()
                 with session.no_autoflush:  # the rows it adds are flushed once, at the commit
-                    documents = self._advance(self._step_on(session, rollout), choices)
+                    documents = self._advance(self._step_on(session, rollout), prepared)
                 written = time.perf_counter()
                 session.commit()
             committed = time.perf_counter()
             if documents:
                 self._publish(documents, wait_published_s)
-            if len(documents) >= 100:
+            took = time.perf_counter() - started
+            if len(documents) >= 100 or took >= SLOW_STEP_S:
                 log.info(
                     "rollout %s: %d documents in %.2f s (read + bundles %.2f s, decide + sign + "
                     "stage %.2f s, commit %.2f s, publish %.2f s)",
-                    rollout_id, len(documents), time.perf_counter() - started,
+                    rollout_id, len(documents), took,
                     decided - started, written - decided, committed - written,
                     time.perf_counter() - committed,
                 )  # fmt: skip
@@ -224,11 +228,13 @@ class RolloutEngine:
             query = query.with_for_update(skip_locked=not wait)
         return session.exec(query).first()
 
-    def _advance(self, step: Step, choices: dict[Cohort, BundleChoice]) -> Documents:
+    def _advance(self, step: Step, prepared: Prepared) -> Documents:
         """The order of decisions: the HIL stage, the cohort, the devices' own verdicts (a
         breach aborts at once), notifying, then, once the stage has settled and baked, the
         gates on telemetry."""
         session, rollout, plan, now = step.session, step.rollout, step.plan, step.now
+        if prepared.members is None:  # it was not active a moment ago: decide next time
+            return {}
         if plan.get("hil"):
             held = hil_stage(step)
             if held is not None:
@@ -242,7 +248,7 @@ class RolloutEngine:
                 select(RolloutTarget).where(RolloutTarget.rollout_id == rollout.id)
             ).all()
         }
-        cohorts.sync(step, targets, cohorts.members(session, rollout), choices)
+        cohorts.sync(step, targets, prepared.members, prepared.choices)
         devices = self._device_rows.rows(session, list(targets))
         timeout_s = float(plan.get("stage_timeout_s") or 1800)
         slot, staging = view_slot(rollout)

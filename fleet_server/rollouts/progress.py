@@ -18,7 +18,7 @@ from sqlalchemy import select as sa_select
 from sqlmodel import Session
 
 from edge_agent.protocol.lifecycle import SlotState
-from fleet_server.database import aware
+from fleet_server.database import among, aware
 from fleet_server.devices.tables import Device
 from fleet_server.rollouts.tables import ENDED, Rollout, RolloutTarget, TargetPhase, TargetState
 
@@ -61,13 +61,11 @@ def device_rows(session: Session, device_ids: list[str]) -> dict[str, DeviceRow]
     table = Device.__table__  # type: ignore[attr-defined]
     columns = [table.c[name] for name in names]
     out: dict[str, DeviceRow] = {}
-    for start in range(0, len(device_ids), 500):
-        chunk = device_ids[start : start + 500]
-        query = sa_select(*columns).where(table.c.id.in_(chunk))
-        for row in session.execute(query).all():
+    for clause in among(session, table.c.id, device_ids):
+        for row in session.execute(sa_select(*columns).where(clause)).all():
             out[row[0]] = DeviceRow(
-                row[0], row[1], dict(row[2] or {}), dict(row[3]) if row[3] else None,
-                bool(row[4]), dict(row[5]) if row[5] else None, row[6] or 0,
+                row[0], row[1], row[2] or {}, row[3] or None, bool(row[4]), row[5] or None,
+                row[6] or 0,
             )  # fmt: skip
     return out
 
@@ -84,11 +82,8 @@ class DeviceRowCache:
     def rows(self, session: Session, device_ids: list[str]) -> dict[str, DeviceRow]:
         table = Device.__table__  # type: ignore[attr-defined]
         stamps: dict[str, tuple[Any, ...]] = {}
-        for start in range(0, len(device_ids), 500):
-            chunk = device_ids[start : start + 500]
-            query = sa_select(table.c.id, table.c.last_seen_at, table.c.profile).where(
-                table.c.id.in_(chunk)
-            )
+        for clause in among(session, table.c.id, device_ids):
+            query = sa_select(table.c.id, table.c.last_seen_at, table.c.profile).where(clause)
             for device_id, seen, profile in session.execute(query).all():
                 stamps[device_id] = (seen, profile)
         stale = [d for d, stamp in stamps.items() if self._rows.get(d, ((),))[0] != stamp]
