@@ -34,6 +34,7 @@ from fleet_server.rollouts.tables import (
     RolloutTarget,
     TargetPhase,
 )
+from fleet_server.rollouts.targets import TargetRow
 
 __all__ = [
     "BundleChoice",
@@ -180,7 +181,7 @@ def matching(
 
 def sync(
     step: Step,
-    targets: dict[str, RolloutTarget],
+    targets: dict[str, TargetRow],
     cohort: dict[str, DeviceRow],
     choices: dict[Cohort, BundleChoice],
 ) -> None:
@@ -194,7 +195,8 @@ def sync(
         if target is None:
             if device_id in taken:
                 continue  # another active rollout on this slot has it
-            target = RolloutTarget(
+            target = TargetRow(
+                id=None,
                 rollout_id=rollout.id,
                 device_id=device_id,
                 phase=TargetPhase.SCHEDULED,
@@ -202,28 +204,38 @@ def sync(
                 stage=rollout.stage,
             )
             targets[device_id] = target
-            session.add(target)
+            step.targets.touch(target)
             if rollout.stage > 0 or rollout.stage_started_at is not None:
                 step.event("device_joined", f"{device_id} joined the cohort", device_id=device_id)
         if target.phase in (TargetPhase.SCHEDULED, TargetPhase.EXCLUDED) and choice:
             if choice.sha256 is not None:
-                target.bundle_sha256, target.phase, target.note = (
+                if (target.bundle_sha256, target.phase, target.note) != (
                     choice.sha256,
                     TargetPhase.SCHEDULED,
                     None,
-                )
+                ):
+                    target.bundle_sha256, target.phase, target.note = (
+                        choice.sha256,
+                        TargetPhase.SCHEDULED,
+                        None,
+                    )
+                    step.targets.touch(target)
             elif choice.excluded is not None and target.phase != TargetPhase.EXCLUDED:
                 target.phase, target.note = TargetPhase.EXCLUDED, choice.excluded
+                step.targets.touch(target)
                 step.event("device_excluded", choice.excluded, device_id=device_id)
-            elif choice.pending_build:
-                target.note = f"waiting for build {choice.pending_build}"
+            elif choice.pending_build and target.note != (
+                note := f"waiting for build {choice.pending_build}"
+            ):
+                target.note = note
+                step.targets.touch(target)
     for device_id, target in targets.items():
         if device_id in cohort or target.phase in (TargetPhase.RELEASED, TargetPhase.EXCLUDED):
             continue
         if target.phase in (TargetPhase.SCHEDULED, TargetPhase.NOTIFIED):
             target.phase = TargetPhase.RELEASED
             target.note = "left the cohort (labels or profile changed, or it was removed)"
-            session.add(target)
+            step.targets.touch(target)
             step.event("device_released", target.note, device_id=device_id)
 
 

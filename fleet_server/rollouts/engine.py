@@ -65,7 +65,6 @@ from fleet_server.rollouts.tables import (
     ACTIVE_STATES,
     Rollout,
     RolloutState,
-    RolloutTarget,
     TargetState,
 )
 
@@ -189,8 +188,10 @@ class RolloutEngine:
                     session.rollback()
                     return
                 decided = time.perf_counter()
+                step = self._step_on(session, rollout)
                 with session.no_autoflush:  # the rows it adds are flushed once, at the commit
-                    documents = self._advance(self._step_on(session, rollout), prepared)
+                    documents = self._advance(step, prepared)
+                    step.finish()
                 written = time.perf_counter()
                 session.commit()
             committed = time.perf_counter()
@@ -214,7 +215,9 @@ class RolloutEngine:
                 rollout = self._locked(session, rollout_id, wait=True)
                 if rollout is None:
                     raise NotFoundError(f"no rollout {rollout_id!r}", rollout_id=rollout_id)
-                documents = action(self._step_on(session, rollout))
+                step = self._step_on(session, rollout)
+                documents = action(step)
+                step.finish()
                 session.commit()
             if documents:
                 self._publish(documents, 5.0)
@@ -242,12 +245,7 @@ class RolloutEngine:
         rules = rules_for(plan)
         gates = GateSpec.model_validate(plan.get("gates") or {})
         model, version = version_by_id(session, rollout.model_version_id)
-        targets = {
-            t.device_id: t
-            for t in session.exec(
-                select(RolloutTarget).where(RolloutTarget.rollout_id == rollout.id)
-            ).all()
-        }
+        targets = step.targets.by_device(session)
         cohorts.sync(step, targets, prepared.members, prepared.choices)
         devices = self._device_rows.rows(session, list(targets))
         timeout_s = float(plan.get("stage_timeout_s") or 1800)
@@ -270,7 +268,7 @@ class RolloutEngine:
         for v in views:
             if v.state in FAILURES and v.error is not None and v.target.error != v.error:
                 v.target.error = v.error  # kept: a rollback clears the device's own record
-                session.add(v.target)
+                step.targets.touch(v.target)
         stage_views, to_notify = stages.current(step, views)
         figures = stages.judge(step, model.name, version.version, stage_views, gates,
                                telemetry=False)  # fmt: skip

@@ -102,7 +102,7 @@ def notify(
         t.previous = stored.get(t.device_id, {}).get(rollout.slot)
         t.phase, t.notified_at = TargetPhase.NOTIFIED, now
         t.desired_seq, t.stage, t.note = documents[t.device_id].seq, rollout.stage, None
-        step.session.add(t)
+        step.targets.touch(t)
     if rollout.stage_started_at is None:
         rollout.stage_started_at = now
     return documents

@@ -20,7 +20,8 @@ from sqlmodel import Session
 from edge_agent.protocol.lifecycle import SlotState
 from fleet_server.database import among, aware
 from fleet_server.devices.tables import Device
-from fleet_server.rollouts.tables import ENDED, Rollout, RolloutTarget, TargetPhase, TargetState
+from fleet_server.rollouts.tables import ENDED, Rollout, TargetPhase, TargetState
+from fleet_server.rollouts.targets import TargetRow
 
 __all__ = [
     "FAILURES",
@@ -96,7 +97,7 @@ class DeviceRowCache:
 
 @dataclass(frozen=True)
 class TargetView:
-    target: RolloutTarget
+    target: TargetRow
     device: DeviceRow
     state: TargetState
     device_state: SlotState | None
@@ -156,7 +157,7 @@ def _shadow_sha(shadow: dict[str, Any] | None) -> str | None:
 
 
 def target_view(
-    target: RolloutTarget,
+    target: TargetRow,
     device: DeviceRow,
     slot: str,
     *,
@@ -199,7 +200,7 @@ def target_view(
 
 
 def _reported_state(
-    target: RolloutTarget,
+    target: TargetRow,
     device: DeviceRow,
     report: dict[str, Any] | None,
     reported: dict[str, Any],

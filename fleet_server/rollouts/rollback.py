@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 
-from sqlmodel import select
-
 from edge_agent.protocol.desired import SlotAssignment
 from fleet_server.audit.service import record
 from fleet_server.devices import desired
@@ -21,7 +19,6 @@ from fleet_server.rollouts.step import Documents, Step
 from fleet_server.rollouts.tables import (
     GateFigure,
     RolloutState,
-    RolloutTarget,
     TargetPhase,
 )
 
@@ -65,9 +62,7 @@ def abort(
 
 def roll_back(step: Step) -> Documents:
     session, rollout = step.session, step.rollout
-    targets = list(
-        session.exec(select(RolloutTarget).where(RolloutTarget.rollout_id == rollout.id)).all()
-    )
+    targets = list(step.targets.by_device(session).values())
     notified = [t for t in targets if t.phase == TargetPhase.NOTIFIED]
     ids = [t.device_id for t in notified]
     parking = staging_slot(rollout.slot)
@@ -101,5 +96,5 @@ def roll_back(step: Step) -> Documents:
             t.phase, t.note = TargetPhase.RELEASED, "the rollout ended before its stage"
         else:
             continue
-        session.add(t)
+        step.targets.touch(t)
     return documents

@@ -59,6 +59,7 @@ from fleet_server.rollouts.tables import (
     TargetState,
     TargetStatus,
 )
+from fleet_server.rollouts.targets import load_targets
 
 _TARGETS = RolloutTarget.__table__  # type: ignore[attr-defined]
 
@@ -401,13 +402,7 @@ def describe(
     plan = rollout.plan or _legacy_plan()
     timeout_s = float(str(plan.get("stage_timeout_s") or 1800))
     slot, staging = view_slot(rollout)
-    targets = list(
-        session.exec(
-            select(RolloutTarget)
-            .where(RolloutTarget.rollout_id == rollout.id)
-            .order_by(col(RolloutTarget.device_id))
-        ).all()
-    )
+    targets = load_targets(session, rollout.id)
     devices = device_rows(session, [t.device_id for t in targets])
     job = hil_service.job_for_rollout(session, rollout.id)
     bundles = {

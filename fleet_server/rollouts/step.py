@@ -3,12 +3,14 @@
 A :class:`Step` is made while this process holds the rollout's row lock. What the concepts
 stage on its session (targets, events, audit entries, desired-state documents) is committed
 at once by the reconciler, or by the operator's command, and the documents it returns are
-published only after that commit: a decision is recorded exactly once, or not at all.
+published only after that commit: a decision is recorded exactly once, or not at all. The
+rollout's targets are plain rows (:mod:`~fleet_server.rollouts.targets`): a concept that
+changes one says so (``step.targets.touch``), and :meth:`Step.finish` writes them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +22,7 @@ from fleet_server.devices import desired
 from fleet_server.devices.desired import DesiredDocument
 from fleet_server.keys.service import FleetSigner, ServerKeys
 from fleet_server.rollouts.tables import Rollout, RolloutEvent
+from fleet_server.rollouts.targets import Targets
 
 __all__ = ["Documents", "EngineConfig", "Step"]
 
@@ -48,6 +51,14 @@ class Step:
     #: Who decides when nobody else is named: this process's reconciler.
     actor: str
     config: EngineConfig
+    targets: Targets = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.targets = Targets(self.rollout.id)
+
+    def finish(self) -> None:
+        """Write the targets the step changed (before the caller commits)."""
+        self.targets.write(self.session)
 
     @property
     def plan(self) -> dict[str, Any]:

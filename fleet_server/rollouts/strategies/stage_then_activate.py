@@ -60,11 +60,11 @@ def _activate(
         changes[v.device.id] = {parking: None}
         v.target.phase = TargetPhase.RELEASED
         v.target.note = f"not staged when the fleet switched ({v.state})"
-        step.session.add(v.target)
+        step.targets.touch(v.target)
     documents = step.change_documents(changes)
     for v in staged:
         v.target.desired_seq = documents[v.device.id].seq
-        step.session.add(v.target)
+        step.targets.touch(v.target)
     rollout.activated_at, rollout.stage_settled_at = step.now, None
     step.event("activated",
                f"{len(staged)} staged device(s) told to switch at once"
@@ -94,4 +94,4 @@ def _record_switches(step: Step, views: list[TargetView]) -> None:
         ):
             switched = datetime.fromisoformat(moved["at"])
         t.switched_at = switched
-        step.session.add(t)
+        step.targets.touch(t)
