@@ -13,11 +13,13 @@ transition becomes a history row once (a report sent again adds none).
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import bindparam, insert, update
+from sqlalchemy import bindparam, insert, text, update
 from sqlalchemy import select as sa_select
 from sqlmodel import Session
 
@@ -71,9 +73,15 @@ def take_status(row: ReportRow, status: ReportedStatus) -> dict[str, Any] | None
         "event": str(moved.event),
         "at": moved.at,
         "bundle_sha256": moved.bundle_sha256,
-        "reason": (moved.reason or "")[:64] or None,
-        "message": (moved.message or "")[:500] or None,
+        "reason": _text(moved.reason, 64),
+        "message": _text(moved.message, 500),
     }
+
+
+def _text(value: str | None, limit: int | None = None) -> str | None:
+    """A device's free text as a column can hold it: PostgreSQL text refuses NUL (one such
+    report would fail the whole batch it came in), and a column may have a length."""
+    return (value or "").replace("\x00", "")[:limit] or None
 
 
 def store_reports(
@@ -101,7 +109,7 @@ def store_reports(
             change.update(
                 reported=status.model_dump(mode="json"),
                 reported_seq=status.desired_seq,
-                agent_version=status.agent_version,
+                agent_version=_text(status.agent_version),
             )
             if status.runtimes:
                 change["runtimes"] = dict(status.runtimes)
@@ -110,14 +118,76 @@ def store_reports(
     by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for change in changes:
         by_columns.setdefault(tuple(sorted(change)), []).append(change)
+    postgres = session.get_bind().dialect.name == "postgresql"
     for columns, params in by_columns.items():
+        if postgres:  # one statement, one JSON parameter (no per-row round of the pipeline)
+            session.execute(_pg_update(columns), {"rows": _pg_json(params)})
+            continue
         values: dict[str, Any] = {c: bindparam(c) for c in columns if c != "b_id"}
         session.execute(
             update(_DEVICES).where(_DEVICES.c.id == bindparam("b_id")).values(**values), params
         )
-    if transitions:
+    if transitions and postgres:
+        session.execute(_PG_TRANSITIONS, {"rows": _pg_json(transitions)})
+    elif transitions:
         session.execute(insert(_TRANSITIONS), transitions)
     return list(rows.values())
+
+
+#: The SQL types of the columns a report writes (PostgreSQL's bulk statements).
+_PG_TYPES = {
+    "b_id": "varchar",
+    "last_seen_at": "timestamptz",
+    "online": "boolean",
+    "reported": "json",
+    "reported_seq": "integer",
+    "agent_version": "varchar",
+    "runtimes": "json",
+}
+_PG_TRANSITIONS = text(
+    "INSERT INTO device_transitions (device_id, slot, from_state, to_state, event, at, "
+    "bundle_sha256, reason, message) SELECT device_id, slot, from_state, to_state, event, at, "
+    "bundle_sha256, reason, message FROM json_to_recordset(CAST(:rows AS json)) AS u("
+    "device_id varchar, slot varchar, from_state varchar, to_state varchar, event varchar, "
+    "at timestamptz, bundle_sha256 varchar, reason varchar, message varchar)"
+)
+
+
+@functools.lru_cache(maxsize=16)
+def _pg_update(columns: tuple[str, ...]) -> Any:
+    names = [c for c in columns if c != "b_id"]
+    return text(
+        "UPDATE devices AS d SET "
+        + ", ".join(f"{c} = u.{c}" for c in names)
+        + " FROM json_to_recordset(CAST(:rows AS json)) AS u("
+        + ", ".join(f"{c} {_PG_TYPES[c]}" for c in columns)
+        + ") WHERE d.id = u.b_id"
+    )
+
+
+def _pg_json(rows: list[dict[str, Any]]) -> str:
+    """``rows`` as JSON PostgreSQL reads into text: it cannot hold NUL (``\\u0000``), which a
+    device may put in any free text of its report; such strings lose it."""
+    dumped = json.dumps(rows, default=_iso)
+    if "\\u0000" in dumped:
+        dumped = json.dumps(_without_nul(rows), default=_iso)
+    return dumped
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    return value
+
+
+def _iso(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _read(session: Session, device_ids: list[str], *, lock: bool) -> dict[str, ReportRow]:

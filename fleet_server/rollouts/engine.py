@@ -152,10 +152,10 @@ class RolloutEngine:
             except Exception:  # the loop outlives any one failure; the next tick retries
                 log.exception("rollout reconciler tick failed")
             # Status reports arrive in bursts; coalesce them rather than step per message,
-            # and spend at most about half the time stepping (a 10,000-device rollout takes
-            # a while to read).
+            # and spend at most about two thirds of the time stepping (a 10,000-device
+            # rollout takes a while to read; reports are stored by other processes).
             spent = time.monotonic() - started
-            self._stopping.wait(max(min(0.25, self._tick_s), spent))
+            self._stopping.wait(max(min(0.25, self._tick_s), spent / 2))
 
     def tick(self) -> int:
         """Step every active rollout once; returns how many were stepped."""

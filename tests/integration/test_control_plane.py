@@ -16,10 +16,13 @@ import httpx
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from sqlmodel import Session, select
 
 from edge_agent.protocol import ReportedStatus, Topics
 from fleet_server.broker import EmbeddedBroker
 from fleet_server.client import ApiClient
+from fleet_server.database import make_engine
+from fleet_server.devices.tables import DeviceTransition
 from fleet_server.server import EmbeddedStack
 from hil.rig import wait_until
 from tests.conftest import ADMIN_TOKEN
@@ -169,3 +172,43 @@ def test_enrollment_clears_a_stale_retained_document(
     peer.subscribe(topics.desired)
     with pytest.raises(queue.Empty):
         peer.next(timeout_s=1)
+
+
+def test_a_report_with_nul_bytes_is_stored_without_them_and_spoils_no_other(
+    api: ApiClient, stack: EmbeddedStack, peer: Peer, uid: str
+) -> None:
+    """PostgreSQL text cannot hold NUL: a device that sends one in its free text (a bug, or
+    someone probing) has it dropped, and the reports drained beside it are stored too."""
+    from edge_agent.protocol.lifecycle import SlotEvent, SlotState
+    from edge_agent.protocol.status import Transition
+
+    odd, plain = f"nul-{uid}", f"plain-{uid}"
+    enroll(api, odd)
+    enroll(api, plain)
+    hostile = ReportedStatus(
+        device_id=odd,
+        profile="x86-64-avx2",
+        agent_version="1.0\x00evil",
+        desired_seq=4,
+        reported_at=datetime.now(UTC),
+        last_transition=Transition(
+            slot="clf",
+            from_state=SlotState.DOWNLOADING,
+            to_state=SlotState.FAILED,
+            event=SlotEvent.FAILURE,
+            at=datetime.now(UTC),
+            reason="bad\x00reason",
+            message="nul \x00 inside",
+        ),
+    ).to_bytes()
+    peer.client.publish(Topics(odd).status, hostile, qos=1)
+    peer.publish(Topics(plain).status, _status(plain, 6))
+    wait_until(lambda: api.get(f"/v1/devices/{plain}")["reported_seq"] == 6, 5, "plain's status")
+    wait_until(lambda: api.get(f"/v1/devices/{odd}")["reported_seq"] == 4, 5, "odd's status")
+    stored = api.get(f"/v1/devices/{odd}")
+    assert stored["agent_version"] == "1.0evil"
+    engine = make_engine(stack.settings.resolved_database_url)
+    with Session(engine) as session:
+        moved = session.exec(select(DeviceTransition).where(DeviceTransition.device_id == odd))
+        assert [(t.reason, t.message) for t in moved] == [("badreason", "nul  inside")]
+    engine.dispose()
