@@ -15,7 +15,11 @@ so that neither gets the quieter part of the run. Reported:
 - the memory bound: bytes per kept prediction (one row: its class), and the store at its
   default capacity.
 
-Run: .venv/bin/python bench/feedback_cost.py [--calls 3000] [--hidden 1536]
+The model is sized on the machine that runs it to take about ``--target-ms`` (1 ms): a fixed
+size took 0.85 ms on one day and 0.29 ms on another, and the share depends on it. An A/A pair
+(two tables with feedback off) is timed the same way, paired: the harness's own bias.
+
+Run: .venv/bin/python bench/feedback_cost.py [--calls 3000] [--target-ms 1.0] [--hidden N]
 """
 
 from __future__ import annotations
@@ -76,24 +80,56 @@ def serving(session: ort.InferenceSession, hidden: int) -> ServingModel:
     return ServingModel(ref, manifest, model)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=3000)
-    parser.add_argument("--hidden", type=int, default=10240, help="sizes the model (~1 ms)")
-    args = parser.parse_args()
-
-    work = Path(tempfile.mkdtemp(prefix="feedback-bench-"))
-    path = mlp_classifier(work / "clf.onnx", features=FEATURES, hidden=args.hidden,
+def _session(work: Path, hidden: int) -> ort.InferenceSession:
+    path = mlp_classifier(work / f"clf-{hidden}.onnx", features=FEATURES, hidden=hidden,
                           classes=CLASSES, seed=1)  # fmt: skip
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).standard_normal((1, FEATURES)).astype(np.float32)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    off, on = SlotTable(), SlotTable()
+
+def _time(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> float:
+    t0 = time.perf_counter()
+    session.run(None, feeds)
+    return time.perf_counter() - t0
+
+
+def _paired(a: SlotTable, b: SlotTable, feeds: dict[str, np.ndarray], calls: int) -> float:
+    """``a`` and ``b`` called back to back (in alternating order): the median of the
+    differences, µs (less noise than the difference of two medians)."""
+    differences = []
+    for i in range(calls):
+        pair = []
+        for table in (a, b) if i % 2 else (b, a):
+            t0 = time.perf_counter()
+            predict(table, "clf", feeds)
+            pair.append((table is a, time.perf_counter() - t0))
+        timed = dict(pair)
+        differences.append((timed[True] - timed[False]) * 1e6)
+    return statistics.median(differences)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=3000)
+    parser.add_argument("--target-ms", type=float, default=1.0, help="the model's size, in time")
+    parser.add_argument("--hidden", type=int, default=None, help="a fixed size instead")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="feedback-bench-"))
+    x = np.random.default_rng(0).standard_normal((1, FEATURES)).astype(np.float32)
+    hidden = args.hidden or 4096
+    session = _session(work, hidden)
+    if args.hidden is None:  # its time grows with its hidden width: scale once, then measure
+        probe = statistics.median(_time(session, {"x": x}) for _ in range(200))
+        hidden = max(256, round(hidden * args.target_ms / 1000 / probe))
+        session = _session(work, hidden)
+    args.hidden = hidden
+
+    off, on, off_too = SlotTable(), SlotTable(), SlotTable()
     on.feedback = FeedbackStore()
-    off.swap("clf", serving(session, args.hidden))
-    on.swap("clf", serving(session, args.hidden))
+    for table in (off, on, off_too):
+        table.swap("clf", serving(session, args.hidden))
     feeds = {"x": x}
     seconds = timing.interleaved(
         {
@@ -107,17 +143,8 @@ def main() -> None:
     )
     samples = {name: [t * 1e6 for t in got] for name, got in seconds.items()}
     medians = {name: statistics.median(got) for name, got in samples.items()}
-    # Paired: on and off back to back (in alternating order), the median of the differences.
-    paired = []
-    for i in range(args.calls):
-        pair = []
-        for table in (on, off) if i % 2 else (off, on):
-            t0 = time.perf_counter()
-            predict(table, "clf", feeds)
-            pair.append((table is on, time.perf_counter() - t0))
-        timed = dict(pair)
-        paired.append((timed[True] - timed[False]) * 1e6)
-    paired_us = statistics.median(paired)
+    paired_us = _paired(on, off, feeds, args.calls)
+    control_us = _paired(off_too, off, feeds, args.calls)
     print(f"{'path':<14} {'median µs':>10} {'p99 µs':>10}")
     for name, got in samples.items():
         got.sort()
@@ -151,8 +178,10 @@ def main() -> None:
     diff_us = medians["feedback on"] - medians["feedback off"]
     print(f"\nfeedback work alone: {work_us:.2f} µs a call = {share:.2%} of the model's "
           f"{medians['raw']:.0f} µs inference (target ≤ 1 %)")  # fmt: skip
+    print(f"model: hidden {args.hidden}, {medians['raw']:.0f} µs a call")
     print(f"serving path, on - off medians: {diff_us:+.1f} µs ({diff_us / medians['raw']:+.2%}); "
-          f"paired calls: {paired_us:+.1f} µs ({paired_us / medians['raw']:+.2%})")  # fmt: skip
+          f"paired calls: {paired_us:+.1f} µs ({paired_us / medians['raw']:+.2%}); "
+          f"A/A control, paired: {control_us:+.1f} µs")  # fmt: skip
     print(f"memory: {per_entry:.0f} bytes per kept prediction; the default capacity "
           f"({capacity:,}) holds at most {per_entry * capacity / 2**20:.1f} MiB")  # fmt: skip
     summary = {
@@ -160,6 +189,9 @@ def main() -> None:
         "off_us": round(medians["feedback off"], 1),
         "on_us": round(medians["feedback on"], 1),
         "paired_diff_us": round(paired_us, 1),
+        "paired_share": round(paired_us / medians["raw"], 5),
+        "control_diff_us": round(control_us, 1),
+        "hidden": args.hidden,
         "feedback_work_us": round(work_us, 2),
         "share_of_inference": round(share, 5),
         "bytes_per_kept": round(per_entry),
