@@ -40,6 +40,7 @@ from edge_agent.protocol.status import VersionRef
 __all__ = [
     "MAX_LABELS_PER_REQUEST",
     "MAX_ROWS_KEPT",
+    "RESOLVE_EVERY",
     "Answer",
     "FeedbackStore",
     "Key",
@@ -48,6 +49,7 @@ __all__ = [
     "answer_key",
     "class_output",
     "parse_feedback",
+    "top1_of",
 ]
 
 Role = Literal["active", "shadow"]
@@ -70,6 +72,33 @@ def class_output(manifest: Manifest, drift_kinds: dict[str, str]) -> tuple[str, 
         if isinstance(last, int) and last > 1 and str(spec.dtype).startswith("float"):
             return spec.name, last
     return None
+
+
+#: Answers kept as their output until this many have been, then their top-1 classes found
+#: at once (the memory an output holds is bounded by this many).
+RESOLVE_EVERY = 64
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """An answer kept as the output its top-1 class will be found in."""
+
+    out: np.ndarray
+    classes: int
+
+
+def top1_of(out: np.ndarray | None, classes: int) -> Answer | None:
+    """The class of ``out``'s one row (an int), or of each of its rows (up to
+    :data:`MAX_ROWS_KEPT`); None when it is not a class output of ``classes``."""
+    if out is None or out.ndim == 0 or out.shape[-1] != classes:
+        return None
+    if out.size == classes:
+        return int(out.argmax())
+    rows = out.reshape(-1, classes)
+    if rows.shape[0] > MAX_ROWS_KEPT:
+        return None
+    top: np.ndarray = rows.argmax(axis=1)
+    return top
 
 
 #: (slot, role, model, version, bundle_sha256)
@@ -173,8 +202,13 @@ class FeedbackStore:
         self.max_labels_per_s = max_labels_per_s
         self._clock = clock
         self._lock = threading.Lock()
-        #: request id → (kept at, the slot's key, its answer): the hot path adds one tuple.
-        self._kept: OrderedDict[str, tuple[float, Key, Answer]] = OrderedDict()
+        #: One place per request id, by its sequence number (``seq % capacity``): (seq, kept
+        #: at, the slot's key, its answer, or the output it is the top-1 class of while
+        #: :data:`RESOLVE_EVERY` requests have not passed). A list slot, not a hash table:
+        #: after a large model's inference the serving path's memory is cold, and each line
+        #: it touches costs; the top-1 class is found later, for many answers at once.
+        self._ring: list[tuple[int, float, Key, Answer | _Pending] | None] = [None] * capacity
+        self._pending: list[int] = []
         #: request id → the answers of shadows that ran on it (a sample of requests).
         self._shadows: OrderedDict[str, list[tuple[Key, Answer]]] = OrderedDict()
         self._counts: dict[Key, LabelCounts] = {}
@@ -194,23 +228,72 @@ class FeedbackStore:
     def new_id(self) -> str:
         return self._prefix + format(next(self._ids), "x")
 
+    def answered(
+        self, key: Key | None, classes: tuple[str, int] | None, outputs: dict[str, np.ndarray]
+    ) -> str:
+        """The serving path's one call: a new request id, and the answer kept for it when the
+        model has a class output (``classes``: its name and count). The outputs are read-only
+        (the serving path's statistics froze them), so the top-1 class can wait."""
+        seq = next(self._ids)
+        if key is not None and classes is not None:
+            out = outputs.get(classes[0])
+            if out is not None:
+                entry = (seq, self._clock(), key, _Pending(out, classes[1]))
+                with self._lock:
+                    self._ring[seq % self.capacity] = entry
+                    self._pending.append(seq)
+                    if len(self._pending) >= RESOLVE_EVERY:
+                        self._resolve_locked()
+        return self._prefix + format(seq, "x")
+
     def keep(self, request_id: str, key: Key, answer: Answer) -> None:
         """Keep ``answer`` as the active version's (``key``) to ``request_id``."""
-        at = self._clock()
+        seq = self._seq_of(request_id)
+        if seq is None:
+            return
+        entry = (seq, self._clock(), key, answer)
         with self._lock:
-            kept = self._kept
-            kept[request_id] = (at, key, answer)
-            if len(kept) > self.capacity:
-                kept.popitem(last=False)
+            self._ring[seq % self.capacity] = entry
 
     def keep_shadow(self, request_id: str, key: Key, answer: Answer) -> None:
         """A shadow's answer to a request the active version answered (and kept)."""
+        seq = self._seq_of(request_id)
         with self._lock:
-            if request_id not in self._kept:
+            if seq is None or self._kept_locked(seq, self._clock()) is None:
                 return  # forgotten already, or not kept (no class output)
             self._shadows.setdefault(request_id, []).append((key, answer))
             if len(self._shadows) > self.capacity:
                 self._shadows.popitem(last=False)
+
+    def _seq_of(self, request_id: str) -> int | None:
+        """The sequence number of one of this store's ids, in its one spelling; else None."""
+        if not request_id.startswith(self._prefix):
+            return None
+        try:
+            seq = int(request_id[len(self._prefix) :], 16)
+        except ValueError:
+            return None
+        return seq if seq > 0 and request_id == self._prefix + format(seq, "x") else None
+
+    def _kept_locked(self, seq: int, now: float) -> tuple[int, float, Key, Answer] | None:
+        """The kept answer of request ``seq``, unless it was labelled, overwritten, expired
+        or had no class to keep."""
+        self._resolve_locked()
+        entry = self._ring[seq % self.capacity]
+        if entry is None or entry[0] != seq or entry[1] < now - self.max_age_s:
+            return None
+        return entry  # type: ignore[return-value]  # resolved above
+
+    def _resolve_locked(self) -> None:
+        """Find the top-1 classes of the answers kept as outputs."""
+        ring, capacity = self._ring, self.capacity
+        for seq in self._pending:
+            entry = ring[seq % capacity]
+            if entry is None or entry[0] != seq or not isinstance(entry[3], _Pending):
+                continue
+            answer = top1_of(entry[3].out, entry[3].classes)
+            ring[seq % capacity] = None if answer is None else (*entry[:3], answer)
+        self._pending.clear()
 
     # --- labels ----------------------------------------------------------------------------------
     def label(
@@ -233,7 +316,6 @@ class FeedbackStore:
                     )
         now = self._clock()
         with self._lock:
-            self._expire_locked(now)
             self._refill_locked(now)
             if self._tokens < len(labels):
                 self.refused["rate"] = self.refused.get("rate", 0) + len(labels)
@@ -243,12 +325,13 @@ class FeedbackStore:
                 )
             joined: list[tuple[str, list[int], list[tuple[Key, Answer]]]] = []
             for rid, rows in labels:
-                kept = self._kept.get(rid)
+                seq = self._seq_of(rid)
+                kept = None if seq is None else self._kept_locked(seq, now)
                 # The request's answers (the slot's, and a shadow's beside it), if this slot
                 # answered it.
                 mine: list[tuple[Key, Answer]] = []
-                if kept is not None and kept[1][0] == slot:
-                    mine = [(kept[1], kept[2]), *self._shadows.get(rid, [])]
+                if kept is not None and kept[2][0] == slot:
+                    mine = [(kept[2], kept[3]), *self._shadows.get(rid, [])]
                 if mine and _rows(mine[0][1]) != len(rows):
                     raise RequestError(
                         f"request {rid} answered {_rows(mine[0][1])} row(s); "
@@ -264,7 +347,9 @@ class FeedbackStore:
                     late += 1
                     self._add_locked(late_key, 0, 0, 1)
                     continue
-                del self._kept[rid]  # one label per prediction
+                seq = self._seq_of(rid)
+                assert seq is not None  # it was kept
+                self._ring[seq % self.capacity] = None  # one label per prediction
                 self._shadows.pop(rid, None)
                 accepted += 1
                 for key, answer in mine:
@@ -286,15 +371,6 @@ class FeedbackStore:
         self._tokens = min(burst, self._tokens + (now - self._refilled) * self.max_labels_per_s)
         self._refilled = now
 
-    def _expire_locked(self, now: float) -> None:
-        horizon = now - self.max_age_s
-        while self._kept:
-            rid, kept = next(iter(self._kept.items()))
-            if kept[0] >= horizon:
-                break
-            del self._kept[rid]
-            self._shadows.pop(rid, None)
-
     # --- reporting -------------------------------------------------------------------------------
     def counts(self, *, reset: bool) -> dict[Key, LabelCounts]:
         """Label counts since the last reset (the reporter's interval)."""
@@ -305,8 +381,12 @@ class FeedbackStore:
             return out
 
     def __len__(self) -> int:
+        """Answers kept and not labelled, overwritten or expired (a walk of the store: for
+        the metrics, not the serving path)."""
         with self._lock:
-            return len(self._kept)
+            self._resolve_locked()
+            horizon = self._clock() - self.max_age_s
+            return sum(1 for e in self._ring if e is not None and e[1] >= horizon)
 
     def collector(self) -> Collector:
         return _FeedbackCollector(self)

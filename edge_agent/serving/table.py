@@ -20,12 +20,12 @@ from edge_agent.bundle import Manifest
 from edge_agent.protocol.status import VersionRef
 from edge_agent.runtimes import LoadedModel
 from edge_agent.serving.feedback import (
-    MAX_ROWS_KEPT,
     Answer,
     FeedbackStore,
     Key,
     answer_key,
     class_output,
+    top1_of,
 )
 from edge_agent.serving.shadow import Shadow, ShadowRunner
 from edge_agent.serving.stats import ModelStats
@@ -99,16 +99,7 @@ class ServingModel:
         if self.classes is None:
             return None
         name, classes = self.classes
-        out = outputs.get(name)
-        if out is None or out.ndim == 0 or out.shape[-1] != classes:
-            return None
-        if out.size == classes:
-            return int(out.argmax())
-        rows = out.reshape(-1, classes)
-        if rows.shape[0] > MAX_ROWS_KEPT:
-            return None
-        top: np.ndarray = rows.argmax(axis=1)
-        return top
+        return top1_of(outputs.get(name), classes)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -18,7 +18,7 @@ from edge_agent.serving import (
     ServingModel,
     SlotTable,
 )
-from edge_agent.serving.feedback import MAX_LABELS_PER_REQUEST, answer_key
+from edge_agent.serving.feedback import MAX_LABELS_PER_REQUEST, RESOLVE_EVERY, answer_key
 from edge_agent.telemetry.outbox import Outbox
 from edge_agent.telemetry.reporter import TelemetryReporter, TelemetrySettings
 from tests.unit.test_serving import SPEC_IN, SPEC_OUT, post, serving
@@ -195,6 +195,32 @@ def test_the_store_is_bounded_by_count_and_age() -> None:
     v = store.label("main", model.ref, [(ids[3], [0])], 3)
     assert (v.accepted, v.late) == (0, 1)  # expired
     assert len(store) == 0
+
+
+def test_answers_kept_on_the_serving_path_join_their_labels_before_and_after_resolving() -> None:
+    """The serving path keeps the output and finds its top-1 class later, for many answers
+    at once: a label joins the same answer either way, once; an id in another spelling, or
+    from another store, is late."""
+    store = FeedbackStore(capacity=1000)
+    model = serving(IDENTITY, "1.0.0")
+    key = answer_key("main", "active", model.ref)
+    spec = ("y", 3)
+    outputs = [
+        {"y": np.asarray([onehot([i % 3])], np.float32)[0]} for i in range(RESOLVE_EVERY + 5)
+    ]
+    ids = [store.answered(key, spec, o) for o in outputs]
+    # The first RESOLVE_EVERY were resolved on the way; the last five are still outputs.
+    v = store.label("main", model.ref, [(ids[0], [0]), (ids[-1], [(len(ids) - 1) % 3])], 3)
+    assert (v.accepted, v.correct, v.late) == (2, 2, 0)
+    v = store.label("main", model.ref, [(ids[0], [0])], 3)
+    assert (v.accepted, v.late) == (0, 1)  # one label per prediction
+    seq = ids[1][12:]
+    respelled = [ids[1][:12] + "0x" + seq, ids[1][:12] + seq.upper() + "_", "f" * 12 + seq]
+    v = store.label("main", model.ref, [(r, [1]) for r in respelled], 3)
+    assert (v.accepted, v.late) == (0, 3)
+    # A model with no class output gets ids and keeps nothing.
+    rid = store.answered(key, None, outputs[0])
+    assert (store.label("main", model.ref, [(rid, [0])], 3).late) == 1
 
 
 def test_a_shadow_is_scored_by_the_same_label(table: SlotTable) -> None:
