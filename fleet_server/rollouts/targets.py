@@ -77,11 +77,6 @@ class Targets:
             self._rows = {t.device_id: t for t in load_targets(session, self.rollout_id)}
         return self._rows
 
-    def add(self, session: Session, row: TargetRow) -> None:
-        """A newcomer: written with the step."""
-        self.by_device(session)[row.device_id] = row
-        self.touch(row)
-
     def touch(self, row: TargetRow) -> None:
         """``row`` changed: write it with the step."""
         self._touched[id(row)] = row
