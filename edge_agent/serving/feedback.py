@@ -342,14 +342,16 @@ class FeedbackStore:
             self._tokens -= len(labels)
             accepted = correct_active = late = 0
             late_key = answer_key(slot, "active", active)
+            labelled: set[str] = set()
             for rid, rows, mine in joined:
-                if not mine:
+                if not mine or rid in labelled:  # a second label for it in this request
                     late += 1
                     self._add_locked(late_key, 0, 0, 1)
                     continue
                 seq = self._seq_of(rid)
                 assert seq is not None  # it was kept
                 self._ring[seq % self.capacity] = None  # one label per prediction
+                labelled.add(rid)
                 self._shadows.pop(rid, None)
                 accepted += 1
                 for key, answer in mine:
@@ -385,8 +387,10 @@ class FeedbackStore:
         the metrics, not the serving path)."""
         with self._lock:
             self._resolve_locked()
-            horizon = self._clock() - self.max_age_s
-            return sum(1 for e in self._ring if e is not None and e[1] >= horizon)
+        # Counted outside the lock (a gauge may be a request behind): the serving path
+        # takes it, and a walk of 100,000 places takes milliseconds.
+        horizon = self._clock() - self.max_age_s
+        return sum(1 for e in self._ring if e is not None and e[1] >= horizon)
 
     def collector(self) -> Collector:
         return _FeedbackCollector(self)

@@ -214,6 +214,8 @@ def test_answers_kept_on_the_serving_path_join_their_labels_before_and_after_res
     assert (v.accepted, v.correct, v.late) == (2, 2, 0)
     v = store.label("main", model.ref, [(ids[0], [0])], 3)
     assert (v.accepted, v.late) == (0, 1)  # one label per prediction
+    v = store.label("main", model.ref, [(ids[2], [2]), (ids[2], [2])], 3)
+    assert (v.accepted, v.correct, v.late) == (1, 1, 1)  # ... even twice in one request
     seq = ids[1][12:]
     respelled = [ids[1][:12] + "0x" + seq, ids[1][:12] + seq.upper() + "_", "f" * 12 + seq]
     v = store.label("main", model.ref, [(r, [1]) for r in respelled], 3)
