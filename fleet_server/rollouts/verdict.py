@@ -9,7 +9,10 @@ cohort that got that version from the same rollout count too: rollups are not pe
 - Online accuracy, when applications sent labels back (at least :data:`MIN_LABELS` per arm):
   a two-proportion z-test on right / labelled, higher is better.
 - Latency: mean and variance read off the merged DDSketch (bin values at the sketch's 1 %),
-  compared with Welch's statistic (normal approximation; arms of hundreds of requests).
+  compared with Welch's statistic (normal approximation; arms of hundreds of requests) on the
+  difference beyond :data:`LATENCY_TOLERANCE` of the faster mean: with hundreds of requests a
+  difference of a few per cent (one device busier than the other) is "certain", and it is not
+  a reason to keep a worse model or to ship a slower one.
 
 The confidence of a comparison is the one-sided normal probability that the arm that looks
 better is better. The verdict is B when B is better on some figure with at least
@@ -28,10 +31,12 @@ from ddsketch.mapping import LogarithmicMapping
 from edge_agent.protocol.telemetry import LatencySketch
 from fleet_server.telemetry.query import Totals
 
-__all__ = ["MIN_LABELS", "Arm", "arm", "compare"]
+__all__ = ["LATENCY_TOLERANCE", "MIN_LABELS", "Arm", "arm", "compare"]
 
 #: Each arm needs this many labelled predictions before accuracy is compared.
 MIN_LABELS = 30
+#: Mean latencies closer than this share of the faster one count as alike.
+LATENCY_TOLERANCE = 0.10
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,9 @@ def compare(a: Arm, b: Arm, min_confidence: float) -> dict[str, Any]:
     if a.mean_ms is not None and b.mean_ms is not None and a.var_ms2 is not None:
         assert b.var_ms2 is not None
         se = math.sqrt(a.var_ms2 / a.requests + b.var_ms2 / b.requests)
-        z_lat = (a.mean_ms - b.mean_ms) / se if se > 0 else 0.0
+        lead = a.mean_ms - b.mean_ms  # B's lead (lower is better)
+        beyond = max(0.0, abs(lead) - LATENCY_TOLERANCE * min(a.mean_ms, b.mean_ms))
+        z_lat = math.copysign(beyond, lead) / se if se > 0 else 0.0
     z_acc: float | None = None
     if a.labelled >= MIN_LABELS and b.labelled >= MIN_LABELS:
         pa, pb = a.correct / a.labelled, b.correct / b.labelled

@@ -213,7 +213,12 @@ def test_a_rollout_waits_for_its_rig_and_a_failing_rig_never_reaches_the_fleet(
         run = _cli(stack, *runner_args)
         out = run.communicate(timeout=240)[0]
         assert run.returncode == 1, out
-        ended = api.get(f"/v1/rollouts/{bad['id']}")
+        # The verdict wakes the engine; its next step (a moment later) aborts the rollout.
+        ended = wait_until(
+            lambda: (r := api.get(f"/v1/rollouts/{bad['id']}"))["state"] != "in_progress" and r,
+            10,
+            "the engine to act on the rig's verdict",
+        )
         assert ended["state"] == "aborted", ended["reason"]
         assert f"HIL stage on rig bench-{uid} failed" in ended["reason"]
         assert f"/v1/hil/jobs/{ended['hil']['id']}/report.html" in ended["reason"]

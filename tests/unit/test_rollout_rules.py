@@ -89,6 +89,21 @@ def test_a_faster_arm_wins_on_latency_with_confidence() -> None:
     assert verdict["a"]["mean_ms"] == pytest.approx(2.095, rel=0.02)
 
 
+def test_latencies_a_few_per_cent_apart_are_alike() -> None:
+    """Thousands of requests make a 4 % difference statistically certain; it is within the
+    tolerance, so it decides nothing (one device was busier), while 20 % still does."""
+    base = [2.0 + 0.01 * (i % 20) for i in range(4000)]
+    a = arm("1", Totals(4000, 0, sketch_of(base)))
+    near = arm("2", Totals(4000, 0, sketch_of([v * 1.04 for v in base])))
+    verdict = compare(a, near, 0.95)
+    assert verdict["comparison"]["latency"]["better"] is None
+    assert verdict["winner"] is None
+    far = arm("2", Totals(4000, 0, sketch_of([v * 1.2 for v in base])))
+    verdict = compare(a, far, 0.95)
+    assert verdict["comparison"]["latency"]["better"] == "a"
+    assert verdict["winner"] == "a"
+
+
 def test_more_errors_lose_even_when_faster() -> None:
     a = arm("1", Totals(1000, 5, sketch_of([2.0] * 995)))
     b = arm("2", Totals(1000, 80, sketch_of([1.0] * 920)))
