@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
@@ -23,10 +24,18 @@ from fleet_server.auth.service import (
     hash_secret,
     new_secret,
 )
-from fleet_server.auth.tables import EnrollmentToken, EnrollmentTokenCreate, EnrollmentTokenPublic
+from fleet_server.auth.tables import (
+    EnrollmentToken,
+    EnrollmentTokenBatch,
+    EnrollmentTokenBatchCreate,
+    EnrollmentTokenCreate,
+    EnrollmentTokenPublic,
+)
 from fleet_server.database import aware
 from fleet_server.devices.tables import Device
 from fleet_server.errors import AuthenticationError, ConflictError, InvalidInputError
+
+_TOKENS = EnrollmentToken.__table__  # type: ignore[attr-defined]
 
 
 def _check_profile(catalog: ProfileCatalog, name: str) -> None:
@@ -68,6 +77,50 @@ def create_enrollment_token(
     session.commit()
     return EnrollmentTokenPublic(
         token=token, expires_at=row.expires_at, profile=body.profile, labels=body.labels
+    )
+
+
+def create_enrollment_tokens(
+    session: Session,
+    catalog: ProfileCatalog,
+    body: EnrollmentTokenBatchCreate,
+    *,
+    default_ttl_s: int,
+    actor: str,
+) -> EnrollmentTokenBatch:
+    """``body.count`` one-time tokens alike (profile, labels, expiry), in one transaction: all
+    of them or none."""
+    if body.profile is not None:
+        _check_profile(catalog, body.profile)
+    now = datetime.now(UTC)
+    expires_at = now + timedelta(seconds=body.ttl_s or default_ttl_s)
+    tokens = [new_secret(ENROLLMENT_TOKEN_PREFIX) for _ in range(body.count)]
+    session.execute(
+        insert(_TOKENS),
+        [
+            {
+                "token_hash": hash_secret(token),
+                "profile": body.profile,
+                "labels": body.labels,
+                "created_at": now,
+                "created_by": actor,
+                "expires_at": expires_at,
+            }
+            for token in tokens
+        ],
+    )
+    record(
+        session,
+        actor,
+        "enrollment_token.create",
+        body.profile or "*",
+        labels=body.labels,
+        expires_at=expires_at.isoformat(),
+        count=body.count,
+    )
+    session.commit()
+    return EnrollmentTokenBatch(
+        tokens=tokens, expires_at=expires_at, profile=body.profile, labels=body.labels
     )
 
 

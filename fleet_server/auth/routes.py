@@ -17,7 +17,13 @@ from fleet_server.audit.service import record
 from fleet_server.auth import enrollment
 from fleet_server.auth.mqtt_passwords import write_password_file
 from fleet_server.auth.service import issue_api_token, list_api_tokens, revoke_api_token
-from fleet_server.auth.tables import ApiTokenPublic, EnrollmentTokenCreate, EnrollmentTokenPublic
+from fleet_server.auth.tables import (
+    ApiTokenPublic,
+    EnrollmentTokenBatch,
+    EnrollmentTokenBatchCreate,
+    EnrollmentTokenCreate,
+    EnrollmentTokenPublic,
+)
 
 router = APIRouter(tags=["auth"])
 
@@ -61,6 +67,25 @@ def create_enrollment_token(
 ) -> EnrollmentTokenPublic:
     """A one-time token a device trades for its identity at enrollment."""
     return enrollment.create_enrollment_token(
+        session,
+        state.catalog,
+        body,
+        default_ttl_s=state.settings.enrollment_token_ttl_s,
+        actor=principal.name,
+    )
+
+
+@router.post(
+    "/v1/enrollment-tokens/batch",
+    status_code=201,
+    response_model=EnrollmentTokenBatch,
+    tags=["devices"],
+)
+def create_enrollment_tokens(
+    body: EnrollmentTokenBatchCreate, state: StateDep, session: SessionDep, principal: Operator
+) -> EnrollmentTokenBatch:
+    """``count`` one-time tokens alike, for a batch of devices (one request, one transaction)."""
+    return enrollment.create_enrollment_tokens(
         session,
         state.catalog,
         body,

@@ -69,6 +69,22 @@ class EnrollmentTokenCreate(RequestBody):
     ttl_s: int | None = PydanticField(default=None, gt=0, le=30 * 24 * 3600)
 
 
+#: Tokens one batch request may create (a pallet of devices, not a fleet's worth of secrets
+#: in one answer).
+MAX_TOKENS_PER_BATCH = 10_000
+
+
+class EnrollmentTokenBatchCreate(EnrollmentTokenCreate):
+    count: int = PydanticField(ge=1, le=MAX_TOKENS_PER_BATCH)
+
+
+class EnrollmentTokenBatch(BaseModel):
+    tokens: list[str]
+    expires_at: datetime
+    profile: str | None
+    labels: dict[str, str]
+
+
 class EnrollmentTokenPublic(BaseModel):
     token: str
     expires_at: datetime

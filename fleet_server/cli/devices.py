@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -39,6 +42,39 @@ def devices_token(
         print_json(result)
     else:
         print(result["token"])
+
+
+@devices_app.command("tokens")
+def devices_tokens(
+    count: Annotated[int, typer.Option(help="how many tokens (1..10000)")],
+    out: Annotated[Path, typer.Option(help="CSV file to write (not overwritten)")],
+    profile: Annotated[
+        str | None, typer.Option(help="only devices of this profile may use them")
+    ] = None,
+    label: Annotated[list[str] | None, typer.Option(help="key=value given to each device")] = None,
+    ttl_s: Annotated[int | None, typer.Option(help="validity in seconds")] = None,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+) -> None:
+    """One-time enrollment tokens for a batch of devices, in one request, written to a CSV
+    file only you can read: `token,expires_at,profile,labels` (provisioning reads a line each).
+    """
+    if out.exists():
+        raise typer.BadParameter(f"{out} exists; choose another file", param_hint="--out")
+    body = {"count": count, "profile": profile, "labels": parse_labels(label), "ttl_s": ttl_s}
+    result = api_client(server, token).post("/v1/enrollment-tokens/batch", json=body)
+    labels = ",".join(f"{k}={v}" for k, v in sorted(result["labels"].items()))
+    # Created readable by its owner alone, before any secret is written into it.
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["token", "expires_at", "profile", "labels"])
+        for value in result["tokens"]:
+            writer.writerow([value, result["expires_at"], result["profile"] or "", labels])
+    console.print(
+        f"wrote {len(result['tokens'])} enrollment token(s) to {out} "
+        f"(single use; they expire {result['expires_at']})"
+    )
 
 
 @devices_app.command("label")

@@ -242,3 +242,36 @@ def test_openapi_and_health(stack: EmbeddedStack) -> None:
     )
     health = httpx.get(f"{stack.url}/healthz").json()
     assert health["status"] == "ok" and health["broker_connected"] is True
+
+
+def test_a_batch_of_enrollment_tokens_is_made_whole_or_not_at_all(
+    api: ApiClient, stack: EmbeddedStack
+) -> None:
+    from fleet_server.auth.tables import EnrollmentToken
+
+    before = count(stack, EnrollmentToken)
+    batch = api.post(
+        "/v1/enrollment-tokens/batch",
+        json={"count": 3, "profile": "raspberry-pi-5", "labels": {"pallet": "7"}},
+    )
+    tokens = batch["tokens"]
+    assert len(set(tokens)) == 3 and batch["labels"] == {"pallet": "7"}
+    assert count(stack, EnrollmentToken) == before + 3
+    for i, token in enumerate(tokens):
+        r = httpx.post(
+            f"{stack.url}/v1/devices/enroll",
+            json={"token": token, "device_id": f"pallet-{i}", "profile": "raspberry-pi-5"},
+        )
+        assert r.status_code == 201, r.text
+    assert api.get("/v1/devices/pallet-2")["labels"] == {"pallet": "7"}
+    r = httpx.post(  # each is single use
+        f"{stack.url}/v1/devices/enroll",
+        json={"token": tokens[0], "device_id": "pallet-9", "profile": "raspberry-pi-5"},
+    )
+    assert r.status_code == 401
+    # Too few, too many, a profile nobody has: refused, and no token made.
+    for body in ({"count": 0}, {"count": 10_001}, {"count": 2, "profile": "commodore-64"}):
+        with pytest.raises(ApiError) as e:
+            api.post("/v1/enrollment-tokens/batch", json=body)
+        assert e.value.status == 422, body
+    assert count(stack, EnrollmentToken) == before + 3

@@ -3,8 +3,10 @@ against a real server: outputs, one-line errors, exit codes 0 / 1 / 2."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -303,3 +305,21 @@ def test_agent_config_errors_name_the_field(tmp_path: Path, text: str, needle: s
         timeout=60,
     )
     assert r.returncode == 2 and needle in r.stderr, r.stderr
+
+
+def test_devices_tokens_writes_a_private_csv_and_never_overwrites(
+    stack: EmbeddedStack, tmp_path: Path
+) -> None:
+    out = tmp_path / "pallet.csv"
+    r = edgefleet(stack, "devices", "tokens", "--count", "5", "--profile", "x86-64-avx2",
+                  "--label", "site=lab", "--out", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert f"wrote 5 enrollment token(s) to {out}" in r.stdout.replace("\n", "")
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 5 and len({row["token"] for row in rows}) == 5
+    assert {(row["profile"], row["labels"]) for row in rows} == {("x86-64-avx2", "site=lab")}
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    written = out.read_text()
+    again = edgefleet(stack, "devices", "tokens", "--count", "1", "--out", str(out))
+    assert again.returncode == 2 and "exists" in again.stderr
+    assert out.read_text() == written  # nothing overwritten
