@@ -160,6 +160,9 @@ def test_the_dashboard_in_a_real_browser(
         page.click("button[data-action=resume]")
         page.locator("#rollout-state .b-in_progress").wait_for()
         assert api.get(f"/v1/rollouts/{rid}")["state"] == "in_progress"
+        # Resuming restarts the bake: the engine's next step settles the stage again, and
+        # only a baking stage can be promoted (a running one is refused).
+        page.locator("#stages tr.current .b-baking").wait_for(timeout=30000)
         admin.shot("rollout-baking")
         assert "max_error_rate" in page.locator("#gates").inner_text()
         # Promote cuts a stage's bake short; the page follows the rollout by itself.
