@@ -8,6 +8,7 @@ created are added to it at start-up (:func:`add_missing_columns`).
 from __future__ import annotations
 
 import hashlib
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,6 +46,32 @@ def among(session: Session, column: Any, ids: list[str]) -> list[ColumnElement[b
     if session.get_bind().dialect.name == "postgresql":
         return [column == any_(bindparam(None, ids, type_=ARRAY(String)))] if ids else []
     return [column.in_(ids[i : i + IDS_PER_QUERY]) for i in range(0, len(ids), IDS_PER_QUERY)]
+
+
+def json_rows(rows: list[dict[str, Any]]) -> str:
+    """``rows`` as one JSON text for a PostgreSQL ``json_to_recordset`` parameter (datetimes
+    as ISO 8601). PostgreSQL text cannot hold NUL (``\\u0000``), which a device may put in any
+    free text it sends: such strings lose it, rather than failing the statement."""
+    dumped = json.dumps(rows, default=_iso)
+    if "\\u0000" in dumped:
+        dumped = json.dumps(_without_nul(rows), default=_iso)
+    return dumped
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    return value
+
+
+def _iso(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def aware(value: datetime) -> datetime:

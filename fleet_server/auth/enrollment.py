@@ -53,31 +53,18 @@ def create_enrollment_token(
     default_ttl_s: int,
     actor: str,
 ) -> EnrollmentTokenPublic:
-    if body.profile is not None:
-        _check_profile(catalog, body.profile)
-    token = new_secret(ENROLLMENT_TOKEN_PREFIX)
-    now = datetime.now(UTC)
-    row = EnrollmentToken(
-        token_hash=hash_secret(token),
-        profile=body.profile,
-        labels=body.labels,
-        created_at=now,
-        created_by=actor,
-        expires_at=now + timedelta(seconds=body.ttl_s or default_ttl_s),
-    )
-    session.add(row)
-    record(
+    """One one-time token: a batch of one."""
+    batch = create_enrollment_tokens(
         session,
-        actor,
-        "enrollment_token.create",
-        body.profile or "*",
-        labels=body.labels,
-        expires_at=row.expires_at.isoformat(),
+        catalog,
+        EnrollmentTokenBatchCreate(**body.model_dump(), count=1),
+        default_ttl_s=default_ttl_s,
+        actor=actor,
     )
-    session.commit()
     return EnrollmentTokenPublic(
-        token=token, expires_at=row.expires_at, profile=body.profile, labels=body.labels
-    )
+        token=batch.tokens[0], expires_at=batch.expires_at, profile=batch.profile,
+        labels=batch.labels,
+    )  # fmt: skip
 
 
 def create_enrollment_tokens(
@@ -116,7 +103,7 @@ def create_enrollment_tokens(
         body.profile or "*",
         labels=body.labels,
         expires_at=expires_at.isoformat(),
-        count=body.count,
+        **({"count": body.count} if body.count > 1 else {}),
     )
     session.commit()
     return EnrollmentTokenBatch(

@@ -14,7 +14,6 @@ transition becomes a history row once (a report sent again adds none).
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -24,7 +23,7 @@ from sqlalchemy import select as sa_select
 from sqlmodel import Session
 
 from edge_agent.protocol.status import ReportedStatus
-from fleet_server.database import among, aware
+from fleet_server.database import among, aware, json_rows
 from fleet_server.devices.tables import Device, DeviceTransition
 
 __all__ = ["ReportRow", "store_reports", "take_status"]
@@ -121,14 +120,14 @@ def store_reports(
     postgres = session.get_bind().dialect.name == "postgresql"
     for columns, params in by_columns.items():
         if postgres:  # one statement, one JSON parameter (no per-row round of the pipeline)
-            session.execute(_pg_update(columns), {"rows": _pg_json(params)})
+            session.execute(_pg_update(columns), {"rows": json_rows(params)})
             continue
         values: dict[str, Any] = {c: bindparam(c) for c in columns if c != "b_id"}
         session.execute(
             update(_DEVICES).where(_DEVICES.c.id == bindparam("b_id")).values(**values), params
         )
     if transitions and postgres:
-        session.execute(_PG_TRANSITIONS, {"rows": _pg_json(transitions)})
+        session.execute(_PG_TRANSITIONS, {"rows": json_rows(transitions)})
     elif transitions:
         session.execute(insert(_TRANSITIONS), transitions)
     return list(rows.values())
@@ -163,31 +162,6 @@ def _pg_update(columns: tuple[str, ...]) -> Any:
         + ", ".join(f"{c} {_PG_TYPES[c]}" for c in columns)
         + ") WHERE d.id = u.b_id"
     )
-
-
-def _pg_json(rows: list[dict[str, Any]]) -> str:
-    """``rows`` as JSON PostgreSQL reads into text: it cannot hold NUL (``\\u0000``), which a
-    device may put in any free text of its report; such strings lose it."""
-    dumped = json.dumps(rows, default=_iso)
-    if "\\u0000" in dumped:
-        dumped = json.dumps(_without_nul(rows), default=_iso)
-    return dumped
-
-
-def _without_nul(value: Any) -> Any:
-    if isinstance(value, str):
-        return value.replace("\x00", "")
-    if isinstance(value, dict):
-        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_without_nul(v) for v in value]
-    return value
-
-
-def _iso(value: Any) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _read(session: Session, device_ids: list[str], *, lock: bool) -> dict[str, ReportRow]:

@@ -6,14 +6,13 @@ list as an array one element at a time (a regular expression per string)."""
 
 from __future__ import annotations
 
-import json
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
+from fleet_server.database import json_rows
 from fleet_server.telemetry.tables import TelemetryBatchKey
 
 __all__ = [
@@ -39,15 +38,9 @@ def insert_for(session: Session) -> Any:
     return postgresql.insert if is_postgres(session) else sqlite.insert
 
 
-def _iso(value: Any) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
 def pg_rows(rows: list[dict[str, Any]]) -> dict[str, str]:
     """The parameters of a ``json_to_recordset`` statement: ``rows`` as one JSON text."""
-    return {"rows": json.dumps(rows, default=_iso)}
+    return {"rows": json_rows(rows)}
 
 
 def _record(columns: dict[str, str]) -> str:
