@@ -208,20 +208,19 @@ def run_raw(args: argparse.Namespace, url: str, members: int = 2) -> float:
 
 
 def _prepare(db_url: str, artifacts: Path, devices: list[str]) -> None:
-    from sqlmodel import Session, SQLModel
+    from sqlmodel import Session
 
     from edge_agent.telemetry.drift import TensorDrift
-    from fleet_server.app import create_tables
     from fleet_server.artifacts import ArtifactStore
     from fleet_server.bundles.tables import Bundle
     from fleet_server.database import make_engine
     from fleet_server.devices.tables import Device
     from fleet_server.registry.tables import MLModel, ModelVersion
+    from fleet_server.schema import drop_everything, upgrade
 
     engine = make_engine(db_url)
-    create_tables(engine)
-    SQLModel.metadata.drop_all(engine)
-    create_tables(engine)
+    drop_everything(engine)
+    upgrade(engine)
     now = datetime.now(UTC)
     rng = np.random.default_rng(0)
     with Session(engine) as session:

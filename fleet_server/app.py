@@ -12,43 +12,33 @@ from typing import Any
 
 from fastapi import FastAPI
 from sqlalchemy import text
-from sqlalchemy.engine import Engine
-from sqlmodel import Session, SQLModel
+from sqlmodel import Session
 
 from edge_agent import __version__
 from firmware_profiles import default_catalog
 from fleet_server.api.deps import AppState, StateDep, Viewer
 from fleet_server.api.limits import BodyLimits
 from fleet_server.artifacts import ArtifactStore
-from fleet_server.audit import tables as audit_tables
 from fleet_server.audit.routes import router as audit_router
-from fleet_server.auth import tables as auth_tables
 from fleet_server.auth.ca import FleetCA
 from fleet_server.auth.routes import router as auth_router
 from fleet_server.auth.service import authenticate, authenticate_ui_session, bootstrap_admin
-from fleet_server.builds import tables as builds_tables
 from fleet_server.builds.routes import router as builds_router
 from fleet_server.builds.runner import BuildRunner
-from fleet_server.bundles import tables as bundles_tables
 from fleet_server.bundles.routes import router as bundles_router
 from fleet_server.control.plane import ControlPlane
-from fleet_server.database import add_missing_columns, make_engine
-from fleet_server.devices import tables as devices_tables
+from fleet_server.database import make_engine
 from fleet_server.devices.routes import router as devices_router
 from fleet_server.errors import ERROR_RESPONSES, install_error_handlers
-from fleet_server.hil import tables as hil_tables
 from fleet_server.hil.routes import router as hil_router
 from fleet_server.ingest import IngestSupervisor
-from fleet_server.keys import tables as keys_tables
 from fleet_server.keys.service import ServerKeys
-from fleet_server.registry import tables as registry_tables
 from fleet_server.registry.routes import router as models_router
-from fleet_server.rollouts import tables as rollouts_tables
 from fleet_server.rollouts.engine import RolloutEngine
 from fleet_server.rollouts.routes import router as rollouts_router
 from fleet_server.rollouts.service import backfill_bundle_grants
+from fleet_server.schema import SchemaState, check_for_start
 from fleet_server.settings import Settings
-from fleet_server.telemetry import tables as telemetry_tables
 from fleet_server.telemetry.routes import router as telemetry_router
 from fleet_server.telemetry.service import TelemetryService
 from fleet_server.trust.routes import router as trust_router
@@ -56,27 +46,6 @@ from fleet_server.ui.routes import install as install_ui
 from fleet_server.versions.routes import router as versions_router
 
 log = logging.getLogger(__name__)
-
-#: Every domain's tables, so that their metadata is registered before ``create_all``.
-TABLE_MODULES = (
-    audit_tables,
-    auth_tables,
-    builds_tables,
-    bundles_tables,
-    devices_tables,
-    hil_tables,
-    keys_tables,
-    registry_tables,
-    rollouts_tables,
-    telemetry_tables,
-)
-
-
-def create_tables(engine: Engine) -> list[str]:
-    """Create missing tables and add columns newer than the database; returns the latter."""
-    assert TABLE_MODULES  # imported for their side effect: the tables' metadata
-    SQLModel.metadata.create_all(engine)
-    return add_missing_columns(engine, SQLModel.metadata)
 
 
 def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
@@ -88,9 +57,15 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = make_engine(settings.resolved_database_url)
-        upgraded = create_tables(engine)
-        if upgraded:
-            log.warning("database upgraded: added %s", ", ".join(upgraded))
+        try:
+            # Normally done before (fleet_server.server.prepare_database); here for an app
+            # served some other way. A database behind its migrations is refused.
+            schema = check_for_start(engine)
+        except BaseException:
+            engine.dispose()
+            raise
+        if schema.state is SchemaState.EMPTY:
+            log.info("created the database schema at revision %s", schema.head)
         with Session(engine) as session:
             backfilled = backfill_bundle_grants(session)
             if backfilled:

@@ -1,8 +1,7 @@
 """Engine and sessions. SQLite for the embedded default, PostgreSQL (psycopg 3) in production.
 
-Tables are created at start-up by ``fleet_server.app``, which imports every domain's tables;
-this module imports none, so every domain can use it. Columns added since a database was
-created are added to it at start-up (:func:`add_missing_columns`).
+The schema is made and changed by migrations (:mod:`fleet_server.schema`), which import every
+domain's tables; this module imports none, so every domain can use it.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import field_validator
-from sqlalchemy import ColumnElement, MetaData, String, any_, bindparam, event, inspect, text
+from sqlalchemy import ColumnElement, String, any_, bindparam, event, text
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, create_engine
@@ -88,47 +87,6 @@ class UtcPublic(SQLModel):
     @classmethod
     def _utc(cls, value: object) -> object:
         return aware(value) if isinstance(value, datetime) else value
-
-
-def add_missing_columns(engine: Engine, metadata: MetaData) -> list[str]:
-    """Additive schema upgrade: every column the tables declare that an older database lacks
-    is added (``ALTER TABLE … ADD COLUMN``), with the column's Python default as the value of
-    existing rows where it has a plain one, else NULL, with the indexes on it. Tables are
-    created by ``create_all``;
-    nothing is ever dropped or changed. Returns ``table.column`` for each column added."""
-    inspector = inspect(engine)
-    added: list[str] = []
-    present_tables = set(inspector.get_table_names())
-    with engine.begin() as conn:
-        for table in metadata.sorted_tables:
-            if table.name not in present_tables:
-                continue
-            present = {c["name"] for c in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name in present:
-                    continue
-                kind = column.type.compile(dialect=engine.dialect)
-                default = getattr(column.default, "arg", None)
-                server = getattr(column.server_default, "arg", None)
-                if default is None and isinstance(server, str):
-                    default = server  # a column declared with a server default (JSON, text)
-                clause = ""
-                if isinstance(default, bool):
-                    clause = f" DEFAULT {'TRUE' if default else 'FALSE'}"
-                elif isinstance(default, int | float):
-                    clause = f" DEFAULT {default}"
-                elif isinstance(default, str):
-                    escaped = default.replace("'", "''")
-                    clause = f" DEFAULT '{escaped}'"
-                conn.execute(
-                    text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}{clause}')
-                )
-                added.append(f"{table.name}.{column.name}")
-            new = {a.split(".", 1)[1] for a in added if a.startswith(table.name + ".")}
-            for index in table.indexes:
-                if new & {c.name for c in index.columns}:
-                    index.create(conn, checkfirst=True)
-    return added
 
 
 def advisory_lock(session: Session, name: str) -> None:

@@ -15,9 +15,25 @@ import uvicorn
 from edge_agent.contracts.errors import ConfigError
 from fleet_server.app import create_app
 from fleet_server.broker import EmbeddedBroker, free_port
+from fleet_server.database import make_engine
+from fleet_server.schema import SchemaState, check_for_start
 from fleet_server.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def prepare_database(settings: Settings) -> None:
+    """Before anything starts: create the schema of a new database, or refuse one that is
+    behind (or ahead of) this code's migrations with a :class:`~fleet_server.schema.SchemaError`
+    that names the command to run."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)  # the SQLite file's directory
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        found = check_for_start(engine)
+    finally:
+        engine.dispose()
+    if found.state is SchemaState.EMPTY:
+        log.info("created the database schema at revision %s", found.head)
 
 
 def serve(settings: Settings) -> None:
@@ -25,6 +41,7 @@ def serve(settings: Settings) -> None:
     # uvicorn shuts down gracefully on SIGTERM and then re-raises it; with the default handler
     # the process would die right there, before the broker below is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    prepare_database(settings)
     broker = None
     mqtt_url = settings.mqtt_url
     if mqtt_url is None:
@@ -75,6 +92,7 @@ class EmbeddedStack:
         return Path(self.settings.admin_token_file).read_text().strip()
 
     def start(self, timeout_s: float = 30.0) -> EmbeddedStack:
+        prepare_database(self.settings)
         if self.settings.mqtt_url is None:
             self.broker = EmbeddedBroker(
                 self.settings.data_dir / "broker", port=self.settings.broker_port or free_port()

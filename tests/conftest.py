@@ -17,13 +17,12 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from sqlmodel import SQLModel
 
 from converters.onnx.samples import mlp_classifier
-from fleet_server.app import create_tables
 from fleet_server.broker import EmbeddedBroker
 from fleet_server.client import ApiClient
 from fleet_server.database import make_engine
+from fleet_server.schema import drop_everything
 from fleet_server.server import EmbeddedStack
 from fleet_server.settings import Settings
 
@@ -78,8 +77,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if not POSTGRES_URL:
         pytest.skip("EDGEFLEET_TEST_POSTGRES_URL is not set (CI sets it)")
     engine = make_engine(Settings(database_url=POSTGRES_URL).resolved_database_url)
-    create_tables(engine)
-    SQLModel.metadata.drop_all(engine)  # each test starts from an empty schema
+    drop_everything(engine)  # each test starts from an empty database
     engine.dispose()
     return POSTGRES_URL
 

@@ -12,6 +12,7 @@ from firmware_profiles import ProfileError
 from fleet_server.cli import (
     builds,
     bundle,
+    db,
     devices,
     keys,
     models,
@@ -38,6 +39,7 @@ app.add_typer(bundle.bundle_app, name="bundle")
 app.add_typer(builds.builds_app, name="builds")
 app.add_typer(toolchain.toolchain_app, name="toolchain")
 app.add_typer(keys.keys_app, name="keys")
+app.add_typer(db.db_app, name="db")
 app.add_typer(tokens.tokens_app, name="tokens")
 app.add_typer(telemetry.telemetry_app, name="telemetry")
 app.add_typer(telemetry.alerts_app, name="alerts")

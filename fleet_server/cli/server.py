@@ -128,12 +128,12 @@ def broker_config(
     else:
         from sqlmodel import Session
 
-        from fleet_server.app import create_tables
         from fleet_server.auth.mqtt_passwords import write_password_file
         from fleet_server.database import make_engine
+        from fleet_server.schema import check_for_start
 
         engine = make_engine(settings.resolved_database_url)
-        create_tables(engine)
+        check_for_start(engine)
         with Session(engine) as session:
             n = write_password_file(session, written.password_file)
         console.print(f"{n} enrolled device(s) written to {written.password_file}")

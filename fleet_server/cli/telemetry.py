@@ -163,9 +163,9 @@ def ingest() -> None:
     """Run one more telemetry ingest process (a member of the $share/ group) against the
     server's database and broker (configured by the same EDGEFLEET_* variables as
     `edgefleet serve`). Runs until interrupted."""
-    from fleet_server.app import create_tables
     from fleet_server.artifacts import ArtifactStore
     from fleet_server.database import make_engine
+    from fleet_server.schema import check_for_start
     from fleet_server.settings import Settings
     from fleet_server.telemetry.service import TelemetryService
 
@@ -176,7 +176,7 @@ def ingest() -> None:
             "server uses"
         )
     engine = make_engine(settings.resolved_database_url)
-    create_tables(engine)
+    check_for_start(engine)
     service = TelemetryService(
         engine,
         ArtifactStore(settings.artifacts_dir),

@@ -16,12 +16,11 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
-from sqlmodel import SQLModel
 
-from fleet_server.app import create_tables
 from fleet_server.broker import EmbeddedBroker, free_port
 from fleet_server.client import ApiClient, ApiError
 from fleet_server.database import make_engine
+from fleet_server.schema import drop_everything, upgrade
 from fleet_server.settings import Settings
 from hil.rig import wait_until
 from hil.simulator import Behaviour, FleetSimulator, enroll_fleet
@@ -91,9 +90,8 @@ def server_healthy(api: ApiClient) -> bool:
 def _fresh_schema() -> None:
     assert POSTGRES_URL is not None
     engine = make_engine(Settings(database_url=POSTGRES_URL).resolved_database_url)
-    create_tables(engine)
-    SQLModel.metadata.drop_all(engine)
-    create_tables(engine)
+    drop_everything(engine)
+    upgrade(engine)
     engine.dispose()
 
 

@@ -314,12 +314,12 @@ def test_two_ingest_processes_of_one_share_group_store_each_batch_once(
     import subprocess
     import sys
 
-    from fleet_server.app import create_tables
     from fleet_server.database import make_engine
     from fleet_server.devices.tables import Device
+    from fleet_server.schema import upgrade
 
     engine = make_engine(settings.resolved_database_url)
-    create_tables(engine)
+    upgrade(engine)
     devices = [f"share-{i}-{uid}" for i in range(4)]
     with Session(engine) as session:
         from datetime import UTC, datetime

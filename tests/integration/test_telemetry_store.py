@@ -18,12 +18,12 @@ from sqlmodel import Session, select
 
 from edge_agent.telemetry.drift import TensorDrift
 from edge_agent.telemetry.sketch import new_sketch, to_wire
-from fleet_server.app import create_tables
 from fleet_server.artifacts import ArtifactStore
 from fleet_server.bundles.tables import Bundle
 from fleet_server.database import make_engine
 from fleet_server.devices.tables import Device
 from fleet_server.registry.tables import MLModel, ModelVersion
+from fleet_server.schema import upgrade
 from fleet_server.telemetry.alerts import evaluate
 from fleet_server.telemetry.catalog import BundleCatalog
 from fleet_server.telemetry.query import summarize
@@ -44,7 +44,7 @@ STREAM = "00112233aabbccdd"
 @pytest.fixture
 def db(db_url: str, tmp_path: Path) -> Any:
     engine = make_engine(db_url)
-    create_tables(engine)
+    upgrade(engine)
     now = datetime.now(UTC)
     with Session(engine) as session:
         model = MLModel(name="clf", created_at=now)
