@@ -32,10 +32,11 @@ class ArtifactStore:
         """A private temp directory on the store's filesystem (so renames are atomic)."""
         return Path(tempfile.mkdtemp(dir=self.root / "tmp"))
 
-    def put_file(self, src: Path) -> tuple[str, int]:
-        """Move ``src`` (a file this process wrote) into the store."""
+    def put_file(self, src: Path, sha256: str | None = None) -> tuple[str, int]:
+        """Move ``src`` (a file this process wrote) into the store; ``sha256`` when the
+        writer hashed it on the way (else it is read again to hash it)."""
         size = src.stat().st_size  # before the move
-        return self._commit(src, sha256_file(src)), size
+        return self._commit(src, sha256 or sha256_file(src)), size
 
     def _commit(self, tmp: Path, sha256: str) -> str:
         final = self.path(sha256)

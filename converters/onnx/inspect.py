@@ -63,6 +63,15 @@ def inspect_onnx(path: Path) -> OnnxModelInfo:
         raise ConversionError(
             f"not a readable ONNX model ({type(e).__name__}: {e})", reason="invalid_onnx"
         ) from e
+    # What the record needs is read first and the model let go before the checker reads the
+    # file again (in C++): the two copies of a large model are never held at once. An error in
+    # reading it is raised after the checker's, which names the deeper fault.
+    found: OnnxModelInfo | ConversionError
+    try:
+        found = _info(model)
+    except ConversionError as e:
+        found = e
+    del model
     try:
         onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, ValueError, RuntimeError) as e:
@@ -70,6 +79,12 @@ def inspect_onnx(path: Path) -> OnnxModelInfo:
         raise ConversionError(
             f"ONNX checker rejected the model: {first_line}", reason="invalid_onnx"
         ) from e
+    if isinstance(found, ConversionError):
+        raise found
+    return found
+
+
+def _info(model: Any) -> OnnxModelInfo:
     graph = model.graph
     initializers = {init.name for init in graph.initializer}
     inputs = [_tensor_spec(v) for v in graph.input if v.name not in initializers]

@@ -6,7 +6,9 @@ before anything is stored; a rejected upload leaves no row and no file behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import re
 import shutil
 from datetime import UTC, datetime
@@ -16,14 +18,18 @@ from typing import Any, BinaryIO
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from converters.data import load_dataset
-from converters.onnx import inspect_onnx
+from converters.onnx.isolated import inspect_isolated
 from converters.validate import OutputKind
 from edge_agent.contracts.errors import ConversionError
 from fleet_server.artifacts import ArtifactStore
 from fleet_server.audit.service import record
 from fleet_server.errors import ConflictError, InvalidInputError, NotFoundError
 from fleet_server.registry.tables import MLModel, ModelPublic, ModelVersion, ModelVersionPublic
+
+log = logging.getLogger(__name__)
+
+#: The longest an uploaded model and its sets may take to check (in a child process).
+INSPECT_TIMEOUT_S = 600.0
 
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 # Semantic Versioning 2.0.0.
@@ -162,26 +168,38 @@ def upload_version(
     meta_values = _meta(meta)
     lineage = _parents(session, model, name, parents)
 
+    # Every part is written to the store's scratch space as it arrives, in chunks, and hashed
+    # on the way; the model and its sets are checked in a child process (whatever their size,
+    # this process holds a chunk at a time).
     scratch = store.scratch_dir()
     try:
-        tmp = _receive(stream, scratch / "upload.onnx", max_bytes, "file")
-        try:
-            info = inspect_onnx(tmp)
-        except ConversionError as e:
-            raise InvalidInputError(f"{filename}: {e.message}", field="file") from e
-        kinds = _output_kinds(output_kinds, [s.name for s in info.outputs])
-        sets: dict[str, tuple[Path, int]] = {}
+        tmp, sha256, size = _receive(stream, scratch / "upload.onnx", max_bytes, "file")
+        received: dict[str, tuple[Path, str]] = {}
         for what, upload in (("calibration", calibration), ("validation", validation)):
-            if upload is None:
-                continue
-            path = _receive(upload, scratch / f"{what}.npz", max_bytes, what)
-            try:
-                dataset = load_dataset(path, info.inputs, what=what)
-            except ConversionError as e:
-                raise InvalidInputError(e.message, field=what, **e.fields) from e
-            sets[what] = (path, dataset.samples)
-        stored = {what: store.put_file(path)[0] for what, (path, _) in sets.items()}
-        sha256, size = store.put_file(tmp)
+            if upload is not None:
+                path, digest, _ = _receive(upload, scratch / f"{what}.npz", max_bytes, what)
+                received[what] = (path, digest)
+        try:
+            checked = inspect_isolated(
+                tmp, {what: path for what, (path, _) in received.items()},
+                timeout_s=INSPECT_TIMEOUT_S,
+            )  # fmt: skip
+        except ConversionError as e:
+            failed = e.fields.get("dataset")
+            if failed in received:
+                raise InvalidInputError(e.message, field=failed, **e.fields) from e
+            raise InvalidInputError(f"{filename}: {e.message}", field="file") from e
+        info = checked.info
+        log.info(
+            "inspected %s %s (%d bytes) in a child process: peak %.0f MiB",
+            name, version, size, checked.peak_mib,
+        )  # fmt: skip
+        kinds = _output_kinds(output_kinds, [s.name for s in info.outputs])
+        stored = {
+            what: store.put_file(path, digest)[0] for what, (path, digest) in received.items()
+        }
+        store.put_file(tmp, sha256)
+        sets = {what: (stored[what], checked.samples[what]) for what in received}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -207,9 +225,9 @@ def upload_version(
                 {**s.model_dump(), **({"kind": kinds[s.name]} if s.name in kinds else {})}
                 for s in info.outputs
             ],
-            calibration_sha256=stored.get("calibration"),
+            calibration_sha256=sets["calibration"][0] if "calibration" in sets else None,
             calibration_samples=sets["calibration"][1] if "calibration" in sets else None,
-            validation_sha256=stored.get("validation"),
+            validation_sha256=sets["validation"][0] if "validation" in sets else None,
             validation_samples=sets["validation"][1] if "validation" in sets else None,
             card=card_text,
             meta=meta_values,
@@ -227,8 +245,11 @@ def upload_version(
     return public_version(row, name)
 
 
-def _receive(stream: BinaryIO, dest: Path, max_bytes: int, field: str) -> Path:
+def _receive(stream: BinaryIO, dest: Path, max_bytes: int, field: str) -> tuple[Path, str, int]:
+    """Copy an uploaded part to ``dest`` a chunk at a time, hashing it on the way; returns
+    the path, its sha256 and its size."""
     size = 0
+    digest = hashlib.sha256()
     with dest.open("wb") as out:
         while chunk := stream.read(1 << 20):
             size += len(chunk)
@@ -236,10 +257,11 @@ def _receive(stream: BinaryIO, dest: Path, max_bytes: int, field: str) -> Path:
                 raise InvalidInputError(
                     f"{field}: upload exceeds the limit of {max_bytes} bytes", field=field
                 )
+            digest.update(chunk)
             out.write(chunk)
     if size == 0:
         raise InvalidInputError(f"the uploaded {field} is empty", field=field)
-    return dest
+    return dest, digest.hexdigest(), size
 
 
 def _find_version(session: Session, model: MLModel, version: str) -> ModelVersion | None:

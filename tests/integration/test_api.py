@@ -3,9 +3,12 @@ real broker. Bad input gets a clear error and changes nothing."""
 
 from __future__ import annotations
 
+import hashlib
+import sys
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from sqlmodel import Session, func, select
 
@@ -79,6 +82,47 @@ def test_bad_uploads_are_refused_and_store_nothing(
     assert needle in e.value.message
     assert count(stack, MLModel) == 0 and count(stack, ModelVersion) == 0
     assert artifacts(stack) == []
+
+
+def test_the_server_process_never_parses_an_uploaded_model(
+    api: ApiClient, stack: EmbeddedStack, model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model and its sets are read in a child process (their memory is not the server's
+    for good): parsing them here fails the test."""
+    import onnx
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("the server process parsed the model")
+
+    monkeypatch.setattr(onnx, "load", refuse)
+    monkeypatch.setattr(onnx.checker, "check_model", refuse)
+    monkeypatch.setattr(np, "load", refuse)
+    calibration = model_path.with_suffix(".npz")
+    np.savez(calibration, x=np.zeros((8, 1, 16), np.float32))
+    v = api.upload_model(model_path, "classifier", "1.0.0", calibration=calibration)
+    assert v["calibration_samples"] == 8 and v["inputs"][0]["shape"] == ["batch", 16]
+    stored = {p.name for p in artifacts(stack)}
+    assert stored == {v["source_sha256"], v["calibration_sha256"]}  # hashed on the way in
+    assert hashlib.sha256(model_path.read_bytes()).hexdigest() == v["source_sha256"]
+
+
+def test_an_upload_whose_inspector_dies_is_refused_and_stores_nothing(
+    api: ApiClient, stack: EmbeddedStack, model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file that crashes the ONNX parser (or a host out of memory) kills only the child."""
+    from converters.onnx import isolated
+
+    monkeypatch.setattr(
+        isolated,
+        "COMMAND",
+        [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"],
+    )
+    with pytest.raises(ApiError) as e:
+        api.upload_model(model_path, "classifier", "1.0.0")
+    assert e.value.status == 422 and "inspector died (signal 9" in e.value.message
+    assert count(stack, MLModel) == 0 and count(stack, ModelVersion) == 0
+    assert artifacts(stack) == []
+    assert api.get("/healthz")["status"] == "ok"
 
 
 def test_duplicate_version_conflicts_and_keeps_the_original(
