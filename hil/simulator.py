@@ -108,6 +108,10 @@ def _share(device_id: str) -> float:
     return int.from_bytes(hashlib.sha256(device_id.encode()).digest()[:4], "big") / 2**32
 
 
+#: Tokens asked for in one request (the server's limit).
+BATCH_TOKENS = 10_000
+
+
 def enroll_fleet(
     api: Any,
     count: int,
@@ -117,12 +121,19 @@ def enroll_fleet(
     labels: dict[str, str] | None = None,
     workers: int = 1,
 ) -> list[SimulatedDevice]:
-    """Enroll ``count`` devices through the REST API (a one-time token each, as an operator's
-    provisioning does), ``workers`` at a time; returns them with their MQTT credentials."""
+    """Enroll ``count`` devices through the REST API as a pallet arrives: the operator asks
+    for their single-use tokens in batches (``POST /v1/enrollment-tokens/batch``), and each
+    device trades its own, ``workers`` at a time; returns them with their MQTT credentials."""
+    tokens: list[str] = []
+    while len(tokens) < count:
+        batch = min(BATCH_TOKENS, count - len(tokens))
+        tokens += api.post(
+            "/v1/enrollment-tokens/batch", json={"count": batch, "profile": profile}
+        )["tokens"]
 
     def one(i: int) -> SimulatedDevice:
         device_id = f"{prefix}-{i:05d}"
-        token = api.post("/v1/enrollment-tokens", json={"profile": profile})["token"]
+        token = tokens[i]
         enrolled = api.post(
             "/v1/devices/enroll",
             json={"token": token, "device_id": device_id, "profile": profile,

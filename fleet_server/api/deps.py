@@ -52,7 +52,9 @@ class AppState:
     rollouts: RolloutEngine
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    # async: no I/O here, and FastAPI runs a plain function dependency on its thread pool
+    # (a hop between threads on every request for an attribute read).
     state: AppState = request.app.state.edgefleet
     return state
 

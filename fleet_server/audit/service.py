@@ -3,16 +3,22 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import or_
+from sqlalchemy import insert, or_
 from sqlmodel import Session, col, select
 
 from fleet_server.audit.tables import AuditEvent, AuditEventPublic
 
+_EVENTS = AuditEvent.__table__  # type: ignore[attr-defined]
+
 
 def record(session: Session, actor: str, action: str, target: str, **detail: Any) -> None:
-    """Stage an entry; it is committed (or rolled back) with the caller's transaction."""
-    session.add(
-        AuditEvent(at=datetime.now(UTC), actor=actor, action=action, target=target, detail=detail)
+    """Write an entry in the caller's transaction: it is committed (or rolled back) with it.
+    One plain INSERT on the session's connection (no ORM object to flush, no ORM statement
+    machinery: every enrollment writes one)."""
+    session.connection().execute(
+        insert(_EVENTS).values(
+            at=datetime.now(UTC), actor=actor, action=action, target=target, detail=detail
+        )
     )
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import insert
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from edge_agent.protocol.enrollment import EnrollRequest, EnrollResponse
 from firmware_profiles import ProfileCatalog, ProfileError
@@ -36,6 +36,7 @@ from fleet_server.devices.tables import Device
 from fleet_server.errors import AuthenticationError, ConflictError, InvalidInputError
 
 _TOKENS = EnrollmentToken.__table__  # type: ignore[attr-defined]
+_DEVICES = Device.__table__  # type: ignore[attr-defined]
 
 
 def _check_profile(catalog: ProfileCatalog, name: str) -> None:
@@ -121,10 +122,17 @@ def enroll(
     root_public_key: str,
     ca: FleetCA,
 ) -> EnrollResponse:
-    """Trade a one-time token for a device identity. A refused request consumes nothing."""
-    token = session.exec(
-        select(EnrollmentToken).where(EnrollmentToken.token_hash == hash_secret(req.token))
-    ).first()
+    """Trade a one-time token for a device identity. A refused request consumes nothing.
+
+    Plain statements, no ORM objects (a pallet of devices enrolls at once): the token is
+    read, then claimed by an UPDATE that only an unused token matches, so that two devices
+    racing with one token cannot both enroll; the device row and the audit entry are written
+    in the same transaction."""
+    conn = session.connection()  # plain statements: the ORM's machinery is most of their cost
+    token = conn.execute(
+        select(_TOKENS.c.id, _TOKENS.c.profile, _TOKENS.c.labels, _TOKENS.c.expires_at,
+               _TOKENS.c.used_at).where(_TOKENS.c.token_hash == hash_secret(req.token))
+    ).first()  # fmt: skip
     if token is None:
         raise AuthenticationError("unknown enrollment token")
     if token.used_at is not None:
@@ -142,34 +150,42 @@ def enroll(
         raise InvalidInputError(
             f"this token enrolls {token.profile!r} devices, not {req.profile!r}", field="profile"
         )
-    if session.get(Device, req.device_id) is not None:
-        raise ConflictError(
-            f"device {req.device_id!r} is already enrolled", device_id=req.device_id
-        )
     client_cert = ca.sign_device_csr(req.csr, req.device_id) if req.csr else None
     secret = new_secret(DEVICE_SECRET_PREFIX)
     mqtt_password = new_secret("")
-    device = Device(
-        id=req.device_id,
-        profile=req.profile,
-        labels={**token.labels, **req.labels},
-        secret_hash=hash_secret(secret),
-        mqtt_password_hash=mosquitto_hash(mqtt_password),
-        enrolled_at=now,
-        runtimes=req.runtimes,
+    claimed = conn.execute(
+        update(_TOKENS)
+        .where(_TOKENS.c.id == token.id, _TOKENS.c.used_at.is_(None))
+        .values(used_at=now, used_by=req.device_id)
     )
-    token.used_at, token.used_by = now, req.device_id
-    session.add(device)
-    session.add(token)
-    record(session, f"device:{device.id}", "device.enroll", device.id, profile=device.profile)
-    try:
-        session.commit()
-    except IntegrityError as e:
+    if claimed.rowcount != 1:
         session.rollback()
-        raise ConflictError(f"device {req.device_id!r} is already enrolled") from e
+        raise AuthenticationError("enrollment token was already used")
+    try:
+        conn.execute(
+            insert(_DEVICES).values(
+                id=req.device_id,
+                profile=req.profile,
+                labels={**(token.labels or {}), **req.labels},
+                secret_hash=hash_secret(secret),
+                mqtt_password_hash=mosquitto_hash(mqtt_password),
+                enrolled_at=now,
+                runtimes=req.runtimes,
+                online=False,
+                reported_seq=0,
+            )
+        )
+        record(session, f"device:{req.device_id}", "device.enroll", req.device_id,
+               profile=req.profile)  # fmt: skip
+        session.commit()
+    except IntegrityError as e:  # the id is taken (the token stays unused: rolled back)
+        session.rollback()
+        raise ConflictError(
+            f"device {req.device_id!r} is already enrolled", device_id=req.device_id
+        ) from e
     return EnrollResponse(
-        device_id=device.id,
-        profile=device.profile,
+        device_id=req.device_id,
+        profile=req.profile,
         device_secret=secret,
         server_url=server_url,
         mqtt_url=mqtt_url,

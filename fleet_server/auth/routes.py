@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Response
+from fastapi.concurrency import run_in_threadpool
 from pydantic import Field
+from sqlmodel import Session
 
 from edge_agent.protocol.enrollment import EnrollRequest, EnrollResponse
-from fleet_server.api.deps import Admin, Operator, SessionDep, StateDep
+from fleet_server.api.deps import Admin, AppState, Operator, SessionDep, StateDep
 from fleet_server.api.principal import Role
 from fleet_server.api.schemas import RequestBody
 from fleet_server.audit.service import record
@@ -95,19 +97,28 @@ def create_enrollment_tokens(
 
 
 @router.post("/v1/devices/enroll", status_code=201, response_model=EnrollResponse, tags=["devices"])
-def enroll(body: EnrollRequest, state: StateDep, session: SessionDep) -> EnrollResponse:
+async def enroll(body: EnrollRequest, state: StateDep) -> Response:
     """Called by ``edge-agent enroll``; authenticated by the enrollment token in the body."""
-    root = state.keys.signer(session).root_public  # no keys, no enrollment: checked first
-    reply = enrollment.enroll(
-        session,
-        state.catalog,
-        body,
-        server_url=state.settings.resolved_public_url,
-        mqtt_url=state.control.device_mqtt_url,
-        root_public_key=root,
-        ca=state.ca,
-    )
-    state.control.clear_desired(reply.device_id)
-    if state.settings.broker_password_file is not None:
-        write_password_file(session, state.settings.broker_password_file)
+    # One hop to a worker thread for the whole of it, and the reply written as it is (a
+    # pallet of devices enrolls at once; a plain route would hop for its session too, and
+    # validate the reply it was just given).
+    reply = await run_in_threadpool(_enroll, state, body)
+    return Response(reply.model_dump_json(), status_code=201, media_type="application/json")
+
+
+def _enroll(state: AppState, body: EnrollRequest) -> EnrollResponse:
+    with Session(state.engine) as session:
+        root = state.keys.signer(session).root_public  # no keys, no enrollment: checked first
+        reply = enrollment.enroll(
+            session,
+            state.catalog,
+            body,
+            server_url=state.settings.resolved_public_url,
+            mqtt_url=state.control.device_mqtt_url,
+            root_public_key=root,
+            ca=state.ca,
+        )
+        state.control.clear_desired(reply.device_id)
+        if state.settings.broker_password_file is not None:
+            write_password_file(session, state.settings.broker_password_file)
     return reply

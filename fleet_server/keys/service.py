@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives.serialization import (
     PrivateFormat,
     load_pem_private_key,
 )
+from sqlalchemy import func as sa_func
+from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -102,6 +104,9 @@ class FleetSigner:
         )
 
 
+_NEWEST_VERSION = sa_select(sa_func.max(KeyringRecord.version))
+
+
 def current_record(session: Session) -> KeyringRecord | None:
     return session.exec(select(KeyringRecord).order_by(col(KeyringRecord.version).desc())).first()
 
@@ -175,15 +180,19 @@ class ServerKeys:
         self._lock = threading.Lock()
 
     def signer(self, session: Session) -> FleetSigner:
-        record = current_record(session)
-        if record is None:
+        # The newest version alone is read each time (every enrollment and signing asks);
+        # the keyring document only when it changed.
+        version = session.connection().execute(_NEWEST_VERSION).scalar()
+        if version is None:
             raise ConflictError(
                 "the fleet has no signing keys yet: run `edgefleet keys init` (production) or "
                 "start the server with EDGEFLEET_ENV=development",
                 reason="no_keys",
             )
         with self._lock:
-            if self._cached is None or self._version != record.version:
+            if self._cached is None or self._version != version:
+                record = session.get(KeyringRecord, version)
+                assert record is not None  # keyrings are never deleted
                 signed = SignedKeyring.model_validate(record.document)
                 chosen = choose_signing_key(signed.signed, self.store)
                 if chosen is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -185,6 +186,49 @@ def test_enrollment(api: ApiClient, stack: EmbeddedStack) -> None:
         json={"token": token2, "device_id": "bad/id", "profile": "raspberry-pi-5"},
     )
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
+
+
+def test_devices_racing_with_one_token_enroll_one_device(
+    api: ApiClient, stack: EmbeddedStack
+) -> None:
+    """The token is claimed by an UPDATE that only an unused token matches: of eight devices
+    sending the same token at once, one enrolls and seven are told it was used."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    token = api.post("/v1/enrollment-tokens", json={})["token"]
+    barrier = threading.Barrier(8)
+
+    def attempt(i: int) -> httpx.Response:
+        barrier.wait()
+        return httpx.post(
+            f"{stack.url}/v1/devices/enroll",
+            json={"token": token, "device_id": f"race-{i}", "profile": "x86-64-avx2"},
+            timeout=60,
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(attempt, range(8)))
+    assert sorted(r.status_code for r in replies) == [201] + [401] * 7, [r.text for r in replies]
+    assert all(
+        "already used" in r.json()["error"]["message"] for r in replies if r.status_code == 401
+    )
+    assert count(stack, Device) == 1
+
+
+def test_a_taken_device_id_leaves_the_token_unused_and_an_enrollment_is_audited(
+    api: ApiClient, stack: EmbeddedStack
+) -> None:
+    enroll(api, "cam-1")
+    token = api.post("/v1/enrollment-tokens", json={})["token"]
+    r = httpx.post(f"{stack.url}/v1/devices/enroll",
+                   json={"token": token, "device_id": "cam-1", "profile": "x86-64-avx2"})  # fmt: skip
+    assert r.status_code == 409 and "cam-1" in r.json()["error"]["message"]
+    r = httpx.post(f"{stack.url}/v1/devices/enroll",
+                   json={"token": token, "device_id": "cam-2", "profile": "x86-64-avx2"})  # fmt: skip
+    assert r.status_code == 201, r.text  # the refused attempt did not use the token up
+    events = api.get("/v1/audit", params={"action": "device.enroll"})
+    assert sorted(e["target"] for e in events) == ["cam-1", "cam-2"]
+    assert all(e["actor"] == f"device:{e['target']}" for e in events)
 
 
 def test_enrollment_token_with_unknown_profile_is_refused(api: ApiClient) -> None:

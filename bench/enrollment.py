@@ -1,0 +1,165 @@
+"""Enrolling a pallet of devices: N single-use tokens in one request, then N enrollments.
+
+A real ``edgefleet serve`` (SQLite, or ``--database-url``) and a private Mosquitto; the tokens
+come from one ``POST /v1/enrollment-tokens/batch`` and each device trades its own at
+``POST /v1/devices/enroll`` (``--workers`` of them at a time, as devices arriving together
+do), with a certificate request (``--csr``: every device asks for an mTLS client certificate,
+as the agent does on an mTLS broker) or without (password-auth brokers). Beside it, in the
+same run, the HTTP floor: the same number of ``GET /healthz`` from the same client threads
+(what any request costs on this machine). Reported: wall time, devices a second, the ratio
+to the floor, and the server's CPU seconds.
+
+Target (issue 23): 10,000 devices well under a minute on the 2-core dev machine.
+
+Run: .venv/bin/python bench/enrollment.py [--devices 10000] [--workers 8] [--csr]
+     [--database-url postgresql://…]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fleet_server.broker import EmbeddedBroker, free_port
+from fleet_server.client import ApiClient
+
+TOKEN = "efa_bench-enroll-token-0123456789abcdef0123456789"
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _csrs(n: int) -> list[str]:
+    """One key and CSR per device, made before the clock starts (a device makes its own)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    out = []
+    for i in range(n):
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"e-{i:05d}")]))
+            .sign(key, hashes.SHA256())
+        )
+        out.append(csr.public_bytes(serialization.Encoding.PEM).decode())
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", type=int, default=10000)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--csr", action="store_true")
+    parser.add_argument("--database-url")
+    args = parser.parse_args()
+    n = args.devices
+
+    work = Path(tempfile.mkdtemp(prefix="ef-enroll-"))
+    broker = EmbeddedBroker(work / "broker", backend="mosquitto").start()
+    port = free_port()
+    env = {
+        **os.environ,
+        "EDGEFLEET_DATA_DIR": str(work / "server"),
+        "EDGEFLEET_MQTT_URL": broker.url,
+        "EDGEFLEET_ADMIN_TOKEN": TOKEN,
+        "EDGEFLEET_PORT": str(port),
+    }
+    if args.database_url:
+        env["EDGEFLEET_DATABASE_URL"] = args.database_url
+    log = (work / "server.log").open("wb")
+    server = subprocess.Popen(
+        [sys.executable, "-c", "from fleet_server.cli import main; main()", "serve"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        api = ApiClient(f"http://127.0.0.1:{port}", TOKEN, timeout_s=300)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                api.get("/healthz")
+                break
+            except Exception as e:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit(f"the server did not start: {work / 'server.log'}") from e
+                time.sleep(0.2)
+        csrs = _csrs(n) if args.csr else [None] * n
+        clients = [ApiClient(api.base_url, None, timeout_s=300) for _ in range(args.workers)]
+
+        def floor(i: int) -> Any:
+            return clients[i % args.workers].get("/healthz")
+
+        cpu = _cpu_s(server.pid)
+        t = time.perf_counter()
+        with ThreadPoolExecutor(args.workers) as pool:
+            list(pool.map(floor, range(n)))
+        floor_s = time.perf_counter() - t
+        floor_cpu = _cpu_s(server.pid) - cpu
+
+        cpu, own = _cpu_s(server.pid), time.process_time()
+        t = time.perf_counter()
+        tokens = api.post(
+            "/v1/enrollment-tokens/batch",
+            json={"count": n, "profile": "x86-64-avx2", "labels": {"fleet": "bench"}},
+        )["tokens"]
+        tokens_s = time.perf_counter() - t
+
+        def enroll(i: int) -> Any:
+            body: dict[str, Any] = {
+                "token": tokens[i], "device_id": f"e-{i:05d}", "profile": "x86-64-avx2",
+            }  # fmt: skip
+            if csrs[i] is not None:
+                body["csr"] = csrs[i]
+            return clients[i % args.workers].post("/v1/devices/enroll", json=body)
+
+        with ThreadPoolExecutor(args.workers) as pool:
+            replies = list(pool.map(enroll, range(n)))
+        enroll_s = time.perf_counter() - t
+        enroll_cpu = _cpu_s(server.pid) - cpu
+        client_cpu = time.process_time() - own
+        assert len({r["device_id"] for r in replies}) == n
+        assert all((r["client_cert"] is not None) == args.csr for r in replies)
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
+        broker.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    engine = "PostgreSQL" if args.database_url else "SQLite"
+    kind = "with a CSR each" if args.csr else "no CSR"
+    print(f"{n} devices on {engine}, {args.workers} client threads, {kind}")
+    print(f"tokens (one request):    {tokens_s:7.2f} s")
+    print(
+        f"tokens + enrollments:    {enroll_s:7.2f} s = {n / enroll_s:,.0f} devices/s, "
+        f"server CPU {enroll_cpu:.1f} s ({enroll_cpu / n * 1000:.2f} ms a device), "
+        f"the clients' {client_cpu:.1f} s"
+    )
+    print(
+        f"HTTP floor (/healthz):   {floor_s:7.2f} s = {n / floor_s:,.0f} requests/s, "
+        f"server CPU {floor_cpu:.1f} s ({floor_cpu / n * 1000:.2f} ms a request)"
+    )
+    print(
+        f"SUMMARY enrollment of {n} devices on {engine} ({kind}): {enroll_s:.1f} s "
+        f"({enroll_s / floor_s:.1f}x the HTTP floor of the same number of requests)"
+    )
+
+
+if __name__ == "__main__":
+    main()
