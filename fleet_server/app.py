@@ -20,6 +20,7 @@ from fleet_server.api.deps import AppState, StateDep, Viewer
 from fleet_server.api.limits import BodyLimits
 from fleet_server.artifacts import ArtifactStore
 from fleet_server.audit.routes import router as audit_router
+from fleet_server.auth.broker_files import BrokerFiles, sync_at_start
 from fleet_server.auth.ca import FleetCA
 from fleet_server.auth.routes import router as auth_router
 from fleet_server.auth.service import authenticate, authenticate_ui_session, bootstrap_admin
@@ -97,6 +98,10 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
             window_s=settings.telemetry_window_s,
             ingest_metrics_dir=metrics_dir if ingest_processes else None,
         )
+        ca = FleetCA.load_or_create(settings.ca_dir)
+        synced = sync_at_start(engine, ca, BrokerFiles.from_settings(settings))
+        if synced:
+            log.warning("rewrote the broker's %s from the database", ", ".join(map(str, synced)))
         control = ControlPlane(
             engine,
             mqtt_url,
@@ -154,7 +159,7 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
             catalog=catalog,
             control=control,
             keys=keys,
-            ca=FleetCA.load_or_create(settings.ca_dir),
+            ca=ca,
             builds=builds,
             authenticate=authenticate,
             authenticate_session=authenticate_ui_session,

@@ -41,6 +41,13 @@ class PermissionDeniedError(EdgefleetError):
     reason = "forbidden"
 
 
+class UnavailableError(EdgefleetError):
+    """The server cannot do this now through no fault of the request (a file it must write,
+    a service it must reach); the message says what its operator should fix."""
+
+    reason = "unavailable"
+
+
 _STATUS: list[tuple[type[EdgefleetError], int]] = [
     (NotFoundError, 404),
     (ConflictError, 409),
@@ -50,6 +57,7 @@ _STATUS: list[tuple[type[EdgefleetError], int]] = [
     (BundleError, 422),
     (AuthenticationError, 401),
     (PermissionDeniedError, 403),
+    (UnavailableError, 503),
 ]
 
 
@@ -75,6 +83,8 @@ ERROR_STATUSES: dict[int, str] = {
     409: "Conflicts with the current state (nothing was changed)",
     413: "Request body over the route's limit",
     422: "The request is well-formed but its content is invalid; the message names the field",
+    503: "The server cannot do this now (a file it must write, a service it must reach); "
+    "nothing was changed, and the message says what its operator should fix",
 }
 
 

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from edge_agent.contracts.errors import ConfigError
 from edge_agent.contracts.lifetime import die_with_parent
 from fleet_server.artifacts import ArtifactStore
-from fleet_server.control.broker_config import INGEST_IDENTITIES, ingest_identity
+from fleet_server.auth.broker_acl import INGEST_IDENTITIES, ingest_identity
 from fleet_server.control.connection import TlsFiles
 from fleet_server.control.plane import ControlPlane
 from fleet_server.database import make_engine

@@ -46,6 +46,13 @@ class Settings(BaseSettings):
     #: A password-auth broker's password file, rewritten by the server at each enrollment
     #: (send the broker SIGHUP to reload it; `edgefleet broker-config --auth password`).
     broker_password_file: Path | None = None
+    #: The broker's certificate revocation list (Mosquitto's ``crlfile``) and ACL file, which
+    #: the server rewrites when a device is decommissioned (or enrolled again), and the command
+    #: that makes the broker reread them (e.g. ``systemctl reload mosquitto``; Mosquitto
+    #: rereads its CRL and ACL on SIGHUP). `edgefleet broker-config` prints all three.
+    broker_crl_file: Path | None = None
+    broker_acl_file: Path | None = None
+    broker_reload_command: str | None = None
     #: Port of the embedded broker (only used when ``mqtt_url`` is unset). Kept fixed by
     #: default because enrolled agents are told this URL.
     broker_port: int = Field(default=18830, ge=0, le=65535)

@@ -122,6 +122,13 @@ class FleetCA:
         return builder.sign(self.key, hashes.SHA256())
 
     def sign_device_csr(self, csr_pem: str, device_id: str, days: int = 365) -> str:
+        """The device's client certificate (PEM): :meth:`issue_device_certificate`."""
+        cert = self.issue_device_certificate(csr_pem, device_id, days)
+        return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+    def issue_device_certificate(
+        self, csr_pem: str, device_id: str, days: int = 365
+    ) -> x509.Certificate:
         """The device's client certificate; its CSR must be self-consistent and name the
         device id as its CN (and nothing else may be asked for)."""
         try:
@@ -138,8 +145,7 @@ class FleetCA:
         public = csr.public_key()
         if not isinstance(public, ec.EllipticCurvePublicKey):
             raise InvalidInputError("the certificate request must carry an EC key", field="csr")
-        cert = self._issue(device_id, public, server=False, hosts=[], days=days)
-        return cert.public_bytes(serialization.Encoding.PEM).decode()
+        return self._issue(device_id, public, server=False, hosts=[], days=days)
 
     def issue_keypair(
         self,

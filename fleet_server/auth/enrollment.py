@@ -7,8 +7,10 @@ certificate from the fleet CA. A refused request consumes nothing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
@@ -25,6 +27,7 @@ from fleet_server.auth.service import (
     new_secret,
 )
 from fleet_server.auth.tables import (
+    DeviceCertificate,
     EnrollmentToken,
     EnrollmentTokenBatch,
     EnrollmentTokenBatchCreate,
@@ -37,6 +40,14 @@ from fleet_server.errors import AuthenticationError, ConflictError, InvalidInput
 
 _TOKENS = EnrollmentToken.__table__  # type: ignore[attr-defined]
 _DEVICES = Device.__table__  # type: ignore[attr-defined]
+_CERTIFICATES = DeviceCertificate.__table__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    reply: EnrollResponse
+    #: The id belonged to a decommissioned device, enrolled again (the broker's files change).
+    again: bool
 
 
 def _check_profile(catalog: ProfileCatalog, name: str) -> None:
@@ -121,7 +132,7 @@ def enroll(
     mqtt_url: str,
     root_public_key: str,
     ca: FleetCA,
-) -> EnrollResponse:
+) -> Enrolled:
     """Trade a one-time token for a device identity. A refused request consumes nothing.
 
     Plain statements, no ORM objects (a pallet of devices enrolls at once): the token is
@@ -150,40 +161,70 @@ def enroll(
         raise InvalidInputError(
             f"this token enrolls {token.profile!r} devices, not {req.profile!r}", field="profile"
         )
-    client_cert = ca.sign_device_csr(req.csr, req.device_id) if req.csr else None
+    cert = ca.issue_device_certificate(req.csr, req.device_id) if req.csr else None
     secret = new_secret(DEVICE_SECRET_PREFIX)
     mqtt_password = new_secret("")
-    claimed = conn.execute(
-        update(_TOKENS)
-        .where(_TOKENS.c.id == token.id, _TOKENS.c.used_at.is_(None))
-        .values(used_at=now, used_by=req.device_id)
-    )
-    if claimed.rowcount != 1:
-        session.rollback()
-        raise AuthenticationError("enrollment token was already used")
+    identity = {
+        "profile": req.profile,
+        "labels": {**(token.labels or {}), **req.labels},
+        "secret_hash": hash_secret(secret),
+        "mqtt_password_hash": mosquitto_hash(mqtt_password),
+        "enrolled_at": now,
+        "runtimes": req.runtimes,
+        "online": False,
+        "reported_seq": 0,
+    }
+
+    def claim() -> None:
+        claimed = session.connection().execute(
+            update(_TOKENS)
+            .where(_TOKENS.c.id == token.id, _TOKENS.c.used_at.is_(None))
+            .values(used_at=now, used_by=req.device_id)
+        )
+        if claimed.rowcount != 1:
+            session.rollback()
+            raise AuthenticationError("enrollment token was already used")
+
+    claim()
+    again = False
     try:
-        conn.execute(
-            insert(_DEVICES).values(
-                id=req.device_id,
-                profile=req.profile,
-                labels={**(token.labels or {}), **req.labels},
-                secret_hash=hash_secret(secret),
-                mqtt_password_hash=mosquitto_hash(mqtt_password),
-                enrolled_at=now,
-                runtimes=req.runtimes,
-                online=False,
-                reported_seq=0,
+        conn.execute(insert(_DEVICES).values(id=req.device_id, **identity))
+    except IntegrityError as e:
+        # The id is taken. A decommissioned device's id is enrolled again (a new token, a new
+        # identity; its history stays); any other is refused, the token left unused.
+        session.rollback()
+        claim()
+        recommissioned = session.connection().execute(
+            update(_DEVICES)
+            .where(_DEVICES.c.id == req.device_id, _DEVICES.c.decommissioned_at.is_not(None))
+            .values(
+                **identity,
+                decommissioned_at=None,
+                last_seen_at=None,
+                agent_version=None,
+                reported=None,
             )
         )
-        record(session, f"device:{req.device_id}", "device.enroll", req.device_id,
-               profile=req.profile)  # fmt: skip
-        session.commit()
-    except IntegrityError as e:  # the id is taken (the token stays unused: rolled back)
-        session.rollback()
-        raise ConflictError(
-            f"device {req.device_id!r} is already enrolled", device_id=req.device_id
-        ) from e
-    return EnrollResponse(
+        if recommissioned.rowcount != 1:
+            session.rollback()
+            raise ConflictError(
+                f"device {req.device_id!r} is already enrolled", device_id=req.device_id
+            ) from e
+        again = True
+    if cert is not None:
+        session.connection().execute(
+            insert(_CERTIFICATES).values(
+                serial=format(cert.serial_number, "x"),
+                device_id=req.device_id,
+                issued_at=now,
+                not_after=cert.not_valid_after_utc,
+            )
+        )
+    record(session, f"device:{req.device_id}", "device.enroll", req.device_id,
+           profile=req.profile, **({"again": True} if again else {}))  # fmt: skip
+    session.commit()
+    client_cert = cert.public_bytes(Encoding.PEM).decode() if cert is not None else None
+    reply = EnrollResponse(
         device_id=req.device_id,
         profile=req.profile,
         device_secret=secret,
@@ -194,3 +235,4 @@ def enroll(
         ca_cert=ca.cert_pem if client_cert else None,
         mqtt_password=mqtt_password,
     )
+    return Enrolled(reply, again)

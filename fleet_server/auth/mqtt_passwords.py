@@ -32,18 +32,28 @@ def static_entries_path(password_file: Path) -> Path:
     return password_file.with_name(password_file.name + ".static")
 
 
-def write_password_file(session: Session, password_file: Path) -> int:
-    """Rewrite the broker's password file: the static entries plus every enrolled device.
-    Returns the number of device entries."""
+def password_file_text(session: Session, password_file: Path) -> str:
+    """The broker's password file: the static entries plus every device with a password
+    (a decommissioned device has none)."""
     static = static_entries_path(password_file)
     lines = static.read_text().splitlines() if static.is_file() else []
-    devices = session.exec(
-        select(Device).where(col(Device.mqtt_password_hash).is_not(None)).order_by(col(Device.id))
+    rows = session.exec(
+        select(Device.id, Device.mqtt_password_hash)
+        .where(col(Device.mqtt_password_hash).is_not(None))
+        .order_by(col(Device.id))
     ).all()
-    lines += [f"{d.id}:{d.mqtt_password_hash}" for d in devices]
+    lines += [f"{device_id}:{hashed}" for device_id, hashed in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_password_file(session: Session, password_file: Path) -> int:
+    """Rewrite the broker's password file (:func:`password_file_text`). Returns the number
+    of device entries."""
+    text = password_file_text(session, password_file)
     # Keep the group broker-config gave the file: the broker reads it as its own user.
     group = password_file.stat().st_gid if password_file.exists() else None
-    write_atomic(password_file, ("\n".join(lines) + "\n").encode(), mode=0o640)
+    write_atomic(password_file, text.encode(), mode=0o640)
     if group is not None and os.geteuid() == 0:
         os.chown(password_file, -1, group)
-    return len(devices)
+    static = static_entries_path(password_file)
+    return text.count("\n") - (len(static.read_text().splitlines()) if static.is_file() else 0)

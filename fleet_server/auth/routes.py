@@ -4,20 +4,25 @@ identity)."""
 
 from __future__ import annotations
 
+import logging
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Response
 from fastapi.concurrency import run_in_threadpool
-from pydantic import Field
+from pydantic import BaseModel, Field
 from sqlmodel import Session
 
+from edge_agent.contracts.errors import TransportError
 from edge_agent.protocol.enrollment import EnrollRequest, EnrollResponse
+from edge_agent.protocol.topics import DEVICE_ID_PATTERN
 from fleet_server.api.deps import Admin, AppState, Operator, SessionDep, StateDep
 from fleet_server.api.principal import Role
 from fleet_server.api.schemas import RequestBody
 from fleet_server.audit.service import record
 from fleet_server.auth import enrollment
-from fleet_server.auth.mqtt_passwords import write_password_file
+from fleet_server.auth.broker_files import BrokerFiles
+from fleet_server.auth.decommission import decommission
 from fleet_server.auth.service import issue_api_token, list_api_tokens, revoke_api_token
 from fleet_server.auth.tables import (
     ApiTokenPublic,
@@ -26,6 +31,8 @@ from fleet_server.auth.tables import (
     EnrollmentTokenCreate,
     EnrollmentTokenPublic,
 )
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["auth"])
 
@@ -109,7 +116,7 @@ async def enroll(body: EnrollRequest, state: StateDep) -> Response:
 def _enroll(state: AppState, body: EnrollRequest) -> EnrollResponse:
     with Session(state.engine) as session:
         root = state.keys.signer(session).root_public  # no keys, no enrollment: checked first
-        reply = enrollment.enroll(
+        done = enrollment.enroll(
             session,
             state.catalog,
             body,
@@ -118,7 +125,94 @@ def _enroll(state: AppState, body: EnrollRequest) -> EnrollResponse:
             root_public_key=root,
             ca=state.ca,
         )
-        state.control.clear_desired(reply.device_id)
-        if state.settings.broker_password_file is not None:
-            write_password_file(session, state.settings.broker_password_file)
-    return reply
+        state.control.clear_desired(body.device_id)
+        files = BrokerFiles.from_settings(state.settings)
+        if files.password_file is not None or (done.again and files.configured):
+            # A new password to add, or a decommissioned id back in service (its deny block
+            # leaves the ACL): the broker rereads its files.
+            written = files.write(files.contents(session, state.ca))
+            if written:
+                try:
+                    files.reload()
+                except TransportError as e:
+                    log.warning(
+                        "%s: %s enrolled, the broker has not reread its files", e, body.device_id
+                    )
+    return done.reply
+
+
+class DecommissionBody(RequestBody):
+    reason: str = Field(default="", max_length=500)
+
+
+class DecommissionReply(BaseModel):
+    device_id: str
+    decommissioned_at: datetime
+    #: Client certificates revoked (named in the broker's CRL).
+    certificates_revoked: int
+    #: The broker's files that changed (CRL, ACL, password file).
+    broker_files: list[str]
+    #: Whether the broker was told to reread them (None: no reload command is configured).
+    broker_reloaded: bool | None
+    #: The device's retained messages (desired state, status, online) were cleared.
+    retained_cleared: bool
+    #: What still needs a hand: a reload that failed or was not configured, a broker that did
+    #: not acknowledge.
+    warnings: list[str]
+
+
+@router.post(
+    "/v1/devices/{device_id}/decommission", response_model=DecommissionReply, tags=["devices"]
+)
+def decommission_device(
+    device_id: Annotated[str, Path(pattern=DEVICE_ID_PATTERN)],
+    state: StateDep,
+    session: SessionDep,
+    principal: Admin,
+    body: DecommissionBody | None = None,
+) -> DecommissionReply:
+    """Take a device out of service for good (lost, sold, retired): its REST credential and
+    client certificates are revoked (the broker's CRL and ACL rewritten and reloaded), its
+    retained messages cleared, and it leaves every cohort; its history stays. Enrolling the
+    id again takes a new token."""
+    files = BrokerFiles.from_settings(state.settings)
+    done = decommission(
+        session,
+        device_id,
+        actor=principal.name,
+        reason=body.reason if body is not None else "",
+        ca=state.ca,
+        files=files,
+    )
+    warnings: list[str] = []
+    reloaded: bool | None = None
+    if files.reload_command:
+        try:
+            files.reload()
+            reloaded = True
+        except TransportError as e:
+            reloaded = False
+            warnings.append(f"{e.message}: reload the broker by hand for the revocation to hold")
+    elif done.files:
+        warnings.append(
+            "no EDGEFLEET_BROKER_RELOAD_COMMAND is set: reload the broker (kill -HUP) for the "
+            "revocation to hold"
+        )
+    elif not files.configured:
+        warnings.append(
+            "the server does not manage the broker's CRL or ACL (EDGEFLEET_BROKER_CRL_FILE, "
+            "EDGEFLEET_BROKER_ACL_FILE): the device's certificate is still accepted by it"
+        )
+    cleared = state.control.clear_retained(device_id)
+    if not cleared:
+        warnings.append("the broker did not acknowledge clearing the device's retained messages")
+    state.rollouts.wake()
+    return DecommissionReply(
+        device_id=device_id,
+        decommissioned_at=done.at,
+        certificates_revoked=done.certificates_revoked,
+        broker_files=[str(p) for p in done.files],
+        broker_reloaded=reloaded,
+        retained_cleared=cleared,
+        warnings=warnings,
+    )

@@ -17,6 +17,7 @@ from fleet_server.cli.context import (
     TokenOpt,
     api_client,
     console,
+    err_console,
     parse_labels,
     print_json,
 )
@@ -134,7 +135,7 @@ def devices_list(
         table.add_row(
             d["id"],
             d["profile"],
-            "yes" if d["online"] else "no",
+            "decommissioned" if d.get("decommissioned_at") else "yes" if d["online"] else "no",
             ",".join(f"{k}={v}" for k, v in d["labels"].items()),
             shown or "-",
             f"{d['desired_seq']}/{d['reported_seq']}",
@@ -156,7 +157,15 @@ def devices_show(
         return
     reported = device.get("reported") or {}
     console.print(
-        f"{device['id']} ({device['profile']}), {'online' if device['online'] else 'offline'}, "
+        f"{device['id']} ({device['profile']}), "
+        + (
+            f"decommissioned at {device['decommissioned_at']}"
+            if device.get("decommissioned_at")
+            else "online"
+            if device["online"]
+            else "offline"
+        )
+        + ", "
         f"agent {device.get('agent_version') or '?'}, labels {device['labels']}, "
         f"seq {device['desired_seq']}/{device['reported_seq']}",
         highlight=False,
@@ -176,3 +185,41 @@ def devices_show(
     if reported.get("refusal"):
         refusal = reported["refusal"]
         console.print(f"last refusal: {refusal['reason']}: {refusal['message']}", highlight=False)
+
+
+@devices_app.command("decommission")
+def devices_decommission(
+    device_id: str,
+    reason: Annotated[str, typer.Option(help="why (kept in the audit log)")] = "",
+    yes: Annotated[bool, typer.Option("--yes", help="do not ask for confirmation")] = False,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Take a device out of service for good (lost, sold, retired): its credential and client
+    certificates are revoked at the server and the broker, its retained messages cleared, and
+    it leaves every cohort; its history stays. Enrolling it again takes a new token. Exits 1
+    when the broker still needs a hand (a reload that failed or is not configured)."""
+    if not yes and not typer.confirm(
+        f"decommission {device_id}? it will not reach the fleet again until enrolled anew"
+    ):
+        raise typer.Abort()
+    done = api_client(server, token).post(
+        f"/v1/devices/{device_id}/decommission", json={"reason": reason}
+    )
+    if as_json:
+        print_json(done)
+    else:
+        reloaded = {True: "reloaded", False: "NOT reloaded", None: "no reload command"}
+        console.print(
+            f"{done['device_id']} decommissioned at {done['decommissioned_at']}: "
+            f"{done['certificates_revoked']} certificate(s) revoked, broker files "
+            f"{', '.join(done['broker_files']) or 'unchanged'} "
+            f"({reloaded[done['broker_reloaded']]}), retained messages "
+            f"{'cleared' if done['retained_cleared'] else 'NOT cleared'}"
+        )
+    if done["warnings"]:
+        err_console.print(
+            f"error: {done['device_id']} is decommissioned, but " + "; ".join(done["warnings"])
+        )
+        raise typer.Exit(1)

@@ -144,4 +144,13 @@ def broker_config(
             "the server rewrites the password file at each enrollment; "
             "reload the broker with: kill -HUP $(pidof mosquitto)"
         )
+    # What decommissioning rewrites (the CRL, the ACL) and how the broker rereads them.
+    if written.crl_file is not None:
+        print(f"  export EDGEFLEET_BROKER_CRL_FILE={written.crl_file}")
+    print(f"  export EDGEFLEET_BROKER_ACL_FILE={written.acl}")
+    print("  export EDGEFLEET_BROKER_RELOAD_COMMAND='systemctl reload mosquitto'")
+    console.print(
+        "(the reload command is what makes the broker reread the files the server rewrites "
+        "when a device is decommissioned; kill -HUP <mosquitto's pid> does the same)"
+    )
     console.print("devices enrolled from then on get a client certificate and this broker URL.")

@@ -20,39 +20,10 @@ from pathlib import Path
 from typing import Literal
 
 from edge_agent.contracts.durable import write_atomic
-from edge_agent.protocol.topics import PREFIX
+from fleet_server.auth.broker_acl import INGEST_IDENTITIES, acl_text, ingest_identity
+from fleet_server.auth.broker_files import revocation_list
 from fleet_server.auth.ca import SERVER_IDENTITY, FleetCA
 from fleet_server.auth.mqtt_passwords import mosquitto_hash, static_entries_path
-
-ACL = f"""# written by edgefleet broker-config
-# Every device (its certificate CN is its username): only its own topics.
-pattern read {PREFIX}/devices/%u/desired
-pattern read {PREFIX}/devices/%u/cmd
-pattern read {PREFIX}/devices/%u/ack
-pattern write {PREFIX}/devices/%u/status
-pattern write {PREFIX}/devices/%u/telemetry
-pattern write {PREFIX}/devices/%u/online
-
-# The fleet server.
-user {SERVER_IDENTITY}
-topic readwrite {PREFIX}/#
-"""
-#: Identities for the server's ingest processes (``edgefleet serve --ingest-processes`` and
-#: ``edgefleet ingest --index``): the broker forces each connection's client id to its
-#: identity, so each process needs one of its own.
-INGEST_IDENTITIES = 8
-
-
-def ingest_identity(index: int) -> str:
-    return f"edgefleet-ingest-{index}"
-
-
-def _acl() -> str:
-    ingest = "".join(
-        f"\nuser {ingest_identity(i)}\ntopic readwrite {PREFIX}/#\n"
-        for i in range(1, INGEST_IDENTITIES + 1)
-    )
-    return ACL + "\n# The server's ingest processes." + ingest
 
 
 @dataclass(frozen=True)
@@ -67,6 +38,8 @@ class BrokerConfig:
     #: Password mode only: the broker's password file and the server's own password file.
     password_file: Path | None = None
     server_password: Path | None = None
+    #: mTLS only: the certificate revocation list (``crlfile``), empty at first.
+    crl_file: Path | None = None
 
 
 def _readable_by_broker(path: Path, group: str) -> None:
@@ -108,7 +81,7 @@ def write_broker_config(
     _readable_by_broker(broker_key, broker_group)
     server_key, server_cert = ca.issue_keypair(SERVER_IDENTITY, out, "server-client", server=False)
     acl = out / "acl"
-    acl.write_text(_acl())
+    acl.write_text(acl_text())
     _readable_by_broker(acl, broker_group)
     data = out / "data"
     data.mkdir(exist_ok=True)
@@ -117,9 +90,14 @@ def write_broker_config(
 
         with contextlib.suppress(KeyError):
             os.chown(data, pwd.getpwnam(broker_group).pw_uid, -1)
-    password_file = server_password = None
+    password_file = server_password = crl_file = None
     if auth == "mtls":
-        identity = "require_certificate true\nuse_identity_as_username true\n"
+        # Revoked device certificates (edgefleet devices decommission): the server rewrites
+        # this file from its database; Mosquitto rereads it on SIGHUP.
+        crl_file = out / "crl.pem"
+        crl_file.write_bytes(revocation_list(ca, []))
+        _readable_by_broker(crl_file, broker_group)
+        identity = f"require_certificate true\nuse_identity_as_username true\ncrlfile {crl_file}\n"
         for i in range(1, INGEST_IDENTITIES + 1):
             ca.issue_keypair(ingest_identity(i), out, f"ingest-{i}-client", server=False)
     else:
@@ -164,4 +142,5 @@ def write_broker_config(
         f"mqtts://{host}:{port}",
         password_file,
         server_password,
+        crl_file,
     )

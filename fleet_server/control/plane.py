@@ -28,7 +28,7 @@ from paho.mqtt.properties import Properties
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from edge_agent.protocol.presence import ONLINE
 from edge_agent.protocol.status import ReportedStatus
@@ -209,6 +209,8 @@ class ControlPlane:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         topic = message.topic
+        if not message.payload:
+            return  # a retained message being cleared (a decommissioned device's): no report
         if self._telemetry is not None and topic.endswith("/telemetry"):
             self._telemetry[1](topic, bytes(message.payload))
             return
@@ -262,6 +264,24 @@ class ControlPlane:
         """
         self._last_sent.pop(device_id, None)
         self._client.publish(Topics(device_id).desired, b"", qos=1, retain=True)
+
+    def clear_retained(self, device_id: str, wait_s: float = 5.0) -> bool:
+        """Delete every message the broker retains for the device (its desired document, its
+        last status, its online flag): a decommissioned device leaves nothing behind for a
+        subscriber to pick up. True when the broker acknowledged all three within ``wait_s``."""
+        self._last_sent.pop(device_id, None)
+        topics = Topics(device_id)
+        sent = [
+            self._client.publish(topic, b"", qos=1, retain=True)
+            for topic in (topics.desired, topics.status, topics.online)
+        ]
+        deadline = time.monotonic() + wait_s
+        for info in sent:
+            try:
+                info.wait_for_publish(timeout=max(0.0, deadline - time.monotonic()))
+            except (RuntimeError, ValueError):  # not queued (no connection)
+                return False
+        return all(info.is_published() for info in sent)
 
     # --- ingest ----------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -332,7 +352,11 @@ class ControlPlane:
 
     def _resync_all(self) -> None:
         with Session(self._engine) as session:
-            rows = session.exec(select(Device.id, Device.reported_seq, Device.reported)).all()
+            rows = session.exec(
+                select(Device.id, Device.reported_seq, Device.reported).where(
+                    col(Device.decommissioned_at).is_(None)
+                )
+            ).all()
             self._resync_many(
                 session,
                 [

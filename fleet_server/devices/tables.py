@@ -27,6 +27,9 @@ class DeviceBase(SQLModel):
     reported: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     #: Runtime name → version the device has (from enrollment and status reports); None: unknown.
     runtimes: dict[str, str] | None = Field(default=None, sa_column=Column(JSON))
+    #: Set by ``edgefleet devices decommission``: its credential and certificates are revoked,
+    #: it belongs to no cohort, and its history stays. Enrolling the id again clears it.
+    decommissioned_at: datetime | None = Field(default=None, index=True)
 
 
 class Device(DeviceBase, table=True):

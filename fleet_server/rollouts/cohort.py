@@ -166,8 +166,10 @@ def matching(
 ) -> dict[str, DeviceRow]:
     """The enrolled devices of ``device_ids``, or those ``selector`` matches, without their
     reports (labels and profile decide; reading 10,000 reports to choose would cost more than
-    the step). A HIL rig's devices are reached by id only."""
-    query = select(Device.id, Device.profile, Device.labels, Device.runtimes)
+    the step). A HIL rig's devices are reached by id only; a decommissioned device by none."""
+    query = select(Device.id, Device.profile, Device.labels, Device.runtimes).where(
+        col(Device.decommissioned_at).is_(None)
+    )
     if device_ids is not None:
         rows = session.exec(query.where(col(Device.id).in_(device_ids))).all()
         return {r[0]: _light(r) for r in rows}

@@ -273,7 +273,9 @@ def _cohort_now(
         missing = [d for d in unique if d not in found]
         if missing:
             raise NotFoundError(
-                f"not enrolled: {', '.join(missing)}", device_ids=missing, field="devices"
+                f"not enrolled (or decommissioned): {', '.join(missing)}",
+                device_ids=missing,
+                field="devices",
             )
         return [found[d] for d in unique]
     devices = sorted(matching(session, None, selector).values(), key=lambda d: d.id)

@@ -47,12 +47,14 @@ class FleetCollector(Collector):
                 "Enrolled devices by state and profile",
                 labels=["state", "profile"],
             )
-            for online, profile, n in session.exec(
-                select(Device.online, Device.profile, func.count()).group_by(
-                    col(Device.online), col(Device.profile)
+            retired = col(Device.decommissioned_at).is_not(None)
+            for online, profile, gone, n in session.exec(
+                select(Device.online, Device.profile, retired, func.count()).group_by(
+                    col(Device.online), col(Device.profile), retired
                 )
             ).all():
-                devices.add_metric(["online" if online else "offline", profile], n)
+                state = "decommissioned" if gone else "online" if online else "offline"
+                devices.add_metric([state, profile], n)
             yield devices
 
             labels = ["model", "version", "profile"]

@@ -26,14 +26,10 @@ from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.protocol import Topics
+from fleet_server.auth.broker_acl import INGEST_IDENTITIES, ingest_identity
 from fleet_server.auth.ca import FleetCA
 from fleet_server.broker import free_port
-from fleet_server.control.broker_config import (
-    INGEST_IDENTITIES,
-    BrokerConfig,
-    ingest_identity,
-    write_broker_config,
-)
+from fleet_server.control.broker_config import BrokerConfig, write_broker_config
 from hil.rig import wait_until
 
 

@@ -14,10 +14,11 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
-from sqlalchemy import inspect, text
+from sqlalchemy import MetaData, Table, inspect, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
@@ -49,37 +50,61 @@ def _revision(engine: Engine) -> str | None:
 
 
 def _made_before_migrations(engine: Engine) -> None:
-    """What today's code made at start-up before migrations: ``create_all``, and on a
-    database from before the rollout engine, ``rollout_targets.bundle_sha256`` NOT NULL."""
-    metadata = schema.target_metadata()
-    column = metadata.tables["rollout_targets"].c.bundle_sha256
-    column.nullable = False
-    try:
-        metadata.create_all(engine)
-    finally:
-        column.nullable = True
+    """What edgefleet made at start-up before migrations: the baseline's tables (``create_all``
+    then), no revision, and on a database from before the rollout engine,
+    ``rollout_targets.bundle_sha256`` NOT NULL."""
+    with engine.connect() as conn, conn.begin():
+        command.upgrade(schema._config(conn), schema.BASELINE)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE alembic_version"))
+        if conn.dialect.name == "postgresql":
+            conn.execute(
+                text("ALTER TABLE rollout_targets ALTER COLUMN bundle_sha256 SET NOT NULL")
+            )
+            return
+        # SQLite cannot alter a column: the (empty) table is made again as it was then.
+        ddl = {name: sql for name, sql in conn.execute(text(
+            "SELECT name, sql FROM sqlite_master WHERE tbl_name = 'rollout_targets'"))}  # fmt: skip
+        conn.execute(text("DROP TABLE rollout_targets"))
+        old = ddl.pop("rollout_targets").replace(
+            "bundle_sha256 VARCHAR(64),", "bundle_sha256 VARCHAR(64) NOT NULL,"
+        )
+        assert "NOT NULL," in old
+        conn.execute(text(old))
+        for sql in ddl.values():
+            if sql:  # an index (autoindexes have none)
+                conn.execute(text(sql))
+
+
+def _insert(conn: Any, *rows: Any) -> None:
+    """Rows written as the older code wrote them: into the tables the database has (reflected),
+    each column the table has from the model object's value."""
+    metadata = MetaData()
+    for row in rows:
+        table = Table(row.__tablename__, metadata, autoload_with=conn)
+        values = {c.name: getattr(row, c.name) for c in table.columns if hasattr(row, c.name)}
+        conn.execute(table.insert().values({k: v for k, v in values.items()
+                                            if not (k == "id" and v is None)}))  # fmt: skip
 
 
 def _fill(engine: Engine) -> None:
-    with Session(engine) as session:
-        session.add(Device(id="old-1", profile="x86-64-avx2", labels={"site": "a"},
-                           secret_hash="h", enrolled_at=NOW))  # fmt: skip
-        session.add(MLModel(id=1, name="clf", created_at=NOW))
-        session.flush()
-        session.add(ModelVersion(model_id=1, version="1.0.0", source_sha256="0" * 64, size=1,
-                                 filename="m.onnx", opset=17, ir_version=8, inputs=[],
-                                 outputs=[], created_at=NOW, created_by="admin"))  # fmt: skip
-        session.flush()
-        session.add(Rollout(id="r-old", model_version_id=1, slot="default", created_at=NOW,
-                            created_by="admin"))  # fmt: skip
-        session.add(Bundle(sha256="b" * 64, profile="x86-64-avx2", runtime="onnxruntime",
-                           precision="fp32", signing_key_id="k1", size=10, created_at=NOW,
-                           manifest={"files": []}, model_version_id=1, cache_key="c" * 64))  # fmt: skip
-        session.flush()
-        session.add(RolloutTarget(rollout_id="r-old", device_id="old-1", bundle_sha256="b" * 64,
-                                  desired_seq=7, note="kept"))  # fmt: skip
-        session.commit()
     with engine.begin() as conn:
+        _insert(
+            conn,
+            Device(id="old-1", profile="x86-64-avx2", labels={"site": "a"}, secret_hash="h",
+                   enrolled_at=NOW),
+            MLModel(id=1, name="clf", created_at=NOW),
+            ModelVersion(id=1, model_id=1, version="1.0.0", source_sha256="0" * 64, size=1,
+                         filename="m.onnx", opset=17, ir_version=8, inputs=[], outputs=[],
+                         created_at=NOW, created_by="admin"),
+            Rollout(id="r-old", model_version_id=1, slot="default", created_at=NOW,
+                    created_by="admin"),
+            Bundle(sha256="b" * 64, profile="x86-64-avx2", runtime="onnxruntime",
+                   precision="fp32", signing_key_id="k1", size=10, created_at=NOW,
+                   manifest={"files": []}, model_version_id=1, cache_key="c" * 64),
+            RolloutTarget(rollout_id="r-old", device_id="old-1", bundle_sha256="b" * 64,
+                          desired_seq=7, note="kept"),
+        )  # fmt: skip
         # A document stored by an older server: no expiry beside it.
         document = {"signed": {"expires_at": "2027-01-01T00:00:00Z", "slots": {}},
                     "keyring": {"signed": {"version": 3}}}  # fmt: skip
@@ -147,7 +172,7 @@ def test_a_database_made_before_migrations_upgrades_with_its_data(engine: Engine
 def test_a_database_missing_baseline_columns_is_refused_and_left_as_it_was(
     engine: Engine,
 ) -> None:
-    schema.target_metadata().create_all(engine)
+    _made_before_migrations(engine)
     with engine.begin() as conn:
         conn.execute(text('ALTER TABLE rollouts DROP COLUMN "plan"'))
     with pytest.raises(schema.SchemaError, match=r"lacks rollouts\.plan.*nothing was changed"):
