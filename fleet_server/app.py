@@ -40,6 +40,7 @@ from fleet_server.rollouts.routes import router as rollouts_router
 from fleet_server.rollouts.service import backfill_bundle_grants
 from fleet_server.schema import SchemaState, check_for_start
 from fleet_server.settings import Settings
+from fleet_server.telemetry.retention import RetentionLoop, RetentionPolicy
 from fleet_server.telemetry.routes import router as telemetry_router
 from fleet_server.telemetry.service import TelemetryService
 from fleet_server.trust.routes import router as trust_router
@@ -91,6 +92,8 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
             shutil.rmtree(metrics_dir, ignore_errors=True)  # counters since this start
             metrics_dir.mkdir(parents=True)
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # the children's
+        # A policy that does not parse stops the start, naming the setting.
+        policy = RetentionPolicy.parse(settings.telemetry_retention, settings.telemetry_bucket_s)
         telemetry = TelemetryService(
             engine,
             store,
@@ -146,6 +149,9 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
             bucket_s=settings.telemetry_bucket_s,
         )
         control.on_report = rollouts.wake
+        retention = RetentionLoop(
+            engine, policy, interval_s=settings.telemetry_retention_interval_s
+        ).start()
         rollouts.start()
         ingest = (
             IngestSupervisor(settings, mqtt_url, ingest_processes, rollouts.wake).start()
@@ -172,6 +178,7 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
             if ingest is not None:
                 ingest.stop()
             rollouts.stop()
+            retention.stop()
             telemetry.stop()
             builds.stop()
             control.stop()

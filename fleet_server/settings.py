@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     telemetry_ingest: bool = True
     telemetry_bucket_s: int = Field(default=60, ge=1, le=86_400)
     telemetry_window_s: float = Field(default=900, gt=0)
+    #: How long each resolution of telemetry rollups is kept (fleet_server.telemetry.retention):
+    #: ingest buckets 7 days, then hourly 90 days, then daily for good; ``forever``: no
+    #: downsampling. Applied once every ``telemetry_retention_interval_s``.
+    telemetry_retention: str = "7d,1h:90d,1d"
+    telemetry_retention_interval_s: float = Field(default=3600, gt=0)
     #: A build running longer is killed and fails.
     build_timeout_s: float = Field(default=3600, gt=0)
     #: How long creating a rollout waits for the builds it needs.

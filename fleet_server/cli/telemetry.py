@@ -266,3 +266,78 @@ def alerts_policy(
         return
     for key, value in policy.items():
         console.print(f"{key}: {'off' if value is None else value}")
+
+
+@telemetry_app.command("retention")
+def retention(
+    apply_now: Annotated[
+        bool, typer.Option("--apply", help="merge and prune now (the server does it hourly)")
+    ] = False,
+    now: Annotated[
+        str | None,
+        typer.Option(help="act as of this UTC time (ISO 8601), to see what a policy keeps"),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The telemetry retention policy (EDGEFLEET_TELEMETRY_RETENTION) and the rollup rows it
+    governs; with --apply, merge aged rows into coarser buckets and prune past the last keep.
+    Works on the server's database directly (EDGEFLEET_DATABASE_URL)."""
+    from datetime import UTC, datetime
+
+    from fleet_server.database import make_engine
+    from fleet_server.schema import check_for_start
+    from fleet_server.settings import Settings
+    from fleet_server.telemetry.retention import RetentionPolicy, apply, row_count
+
+    settings = Settings()
+    policy = RetentionPolicy.parse(settings.telemetry_retention, settings.telemetry_bucket_s)
+    when = None
+    if now is not None:
+        try:
+            when = datetime.fromisoformat(now)
+        except ValueError as e:
+            raise typer.BadParameter(f"--now {now!r} is not an ISO 8601 time") from e
+        when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        check_for_start(engine)  # a database behind its migrations is refused
+        before = row_count(engine)
+        done = apply(engine, policy, when) if apply_now else None
+        after = row_count(engine)
+    finally:
+        engine.dispose()
+    tiers = [{"resolution_s": t.resolution_s, "keep_s": t.keep_s} for t in policy.tiers]
+    if as_json:
+        print_json(
+            {
+                "policy": settings.telemetry_retention,
+                "tiers": tiers,
+                "rows_before": before,
+                "rows": after,
+                "applied": None
+                if done is None
+                else {
+                    "merged": done.merged,
+                    "written": done.written,
+                    "pruned": done.pruned,
+                    "device_rows": done.device_rows,
+                    "spans": done.spans,
+                },
+            }
+        )
+        return
+    shown = ", ".join(
+        f"{t.resolution_s} s buckets kept "
+        + (f"{t.keep_s // 86400} d" if t.keep_s is not None else "for good")
+        for t in policy.tiers
+    )
+    console.print(f"policy {settings.telemetry_retention!r}: {shown}")
+    if done is not None:
+        console.print(
+            f"merged {done.merged} rollup rows into {done.written} over {done.spans} coarse "
+            f"buckets, pruned {done.pruned}, {done.device_rows} device-count rows"
+        )
+    console.print(
+        f"rollup rows {before['rollups']} → {after['rollups']}, device-count rows "
+        f"{before['device_buckets']} → {after['device_buckets']}"
+    )

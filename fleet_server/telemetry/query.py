@@ -272,7 +272,10 @@ def series(
     points = []
     for (bucket, _v, _p), rows in sorted(groups.items()):
         h = _health(rows, bundles, session)
-        points.append({"bucket_start": bucket.isoformat(), **h.to_json()})
+        # A merged bucket's width (retention's coarser tiers); None: the ingest bucket.
+        resolution = rows[0].resolution_s
+        points.append({"bucket_start": bucket.isoformat(), "resolution_s": resolution,
+                       **h.to_json()})  # fmt: skip
     return points
 
 

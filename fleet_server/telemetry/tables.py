@@ -66,6 +66,9 @@ class TelemetryRollup(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     bucket_start: datetime
+    #: The bucket's width once retention merged it into a coarser tier (seconds); None: the
+    #: ingest bucket (``EDGEFLEET_TELEMETRY_BUCKET_S``).
+    resolution_s: int | None = None
     bundle_sha256: str = Field(max_length=64)
     model: str = Field(max_length=128)
     version: str = Field(max_length=64)
