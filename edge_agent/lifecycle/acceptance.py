@@ -22,7 +22,7 @@ from edge_agent.contracts.errors import DesiredStateError, EdgefleetError
 from edge_agent.lifecycle.journal import Journal
 from edge_agent.protocol.desired import DesiredState, SignedDesiredState
 from edge_agent.protocol.lifecycle import Reason
-from edge_agent.trust import TrustStore
+from edge_agent.trust import PinnedRoot, TrustStore
 
 __all__ = ["DesiredStateGate", "desired_digest"]
 
@@ -41,9 +41,9 @@ class DesiredStateGate:
         """Record ``envelope`` as the accepted document (and install the newer keyring it
         carries), or raise :class:`DesiredStateError` (or another ``BundleError`` from the
         trust checks) having changed nothing."""
-        self._check(envelope, now)
+        root = self._check(envelope, now)
         if envelope.keyring is not None:
-            self.trust.update(envelope.keyring, now)
+            self.trust.update(envelope.keyring, now, root)
         doc, data = envelope.signed, self.journal.data
         if doc.seq > data.desired_seq:
             data.desired_seq, data.desired_digest = doc.seq, desired_digest(doc)
@@ -58,13 +58,20 @@ class DesiredStateGate:
             return False
         return envelope.signed.seq > self.journal.data.desired_seq
 
-    def _check(self, envelope: SignedDesiredState, now: datetime | None) -> None:
+    def _check(self, envelope: SignedDesiredState, now: datetime | None) -> PinnedRoot | None:
         doc = envelope.signed
         data = self.journal.data
-        # The keyring a document brings is checked, and installed only once the whole
-        # document has passed: a refused document changes nothing.
+        # The root chain and keyring a document brings are checked, and installed only once
+        # the whole document has passed: a refused document changes nothing.
+        root = (
+            self.trust.candidate_root(envelope.roots)
+            if envelope.roots and envelope.keyring is not None
+            else None
+        )
         keyring = (
-            self.trust.candidate(envelope.keyring, now) if envelope.keyring is not None else None
+            self.trust.candidate(envelope.keyring, now, root)
+            if envelope.keyring is not None
+            else None
         )
         self.trust.check(
             envelope.signed_bytes(), envelope.signatures, "desired state", now, keyring
@@ -88,3 +95,4 @@ class DesiredStateGate:
                 f"desired state seq {doc.seq} was already accepted with different content",
                 reason=Reason.REPLAYED_SEQ,
             )
+        return root

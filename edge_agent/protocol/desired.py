@@ -21,7 +21,7 @@ from edge_agent.contracts.canonical import canonical_json, parse_json
 from edge_agent.contracts.errors import DesiredStateError
 from edge_agent.protocol.lifecycle import SlotMode
 from edge_agent.protocol.topics import DEVICE_ID_PATTERN
-from edge_agent.trust.keyring import SignedKeyring
+from edge_agent.trust.keyring import SignedKeyring, SignedRoot
 from edge_agent.trust.signing import Signature
 
 #: A document for a device with a few slots is a few KiB; the keyring that travels with it
@@ -90,6 +90,9 @@ class SignedDesiredState(_Message):
     #: The root-signed keyring the signatures are checked against; the agent keeps the
     #: newest valid one it has seen (so rotations and revocations travel with documents).
     keyring: SignedKeyring | None = None
+    #: The root documents after the first (only after a root rotation): the agent walks from
+    #: the root it pinned to the one that signed ``keyring``, one version at a time.
+    roots: list[SignedRoot] = Field(default_factory=list)
 
     def signed_bytes(self) -> bytes:
         """What the signatures cover: the canonical JSON of ``signed``."""

@@ -2,11 +2,13 @@
 
 Refusal reasons (``BundleError.reason``), stable for reporting:
 ``unsigned``, ``unknown_key``, ``revoked_key``, ``expired_key``, ``bad_signature``,
-``keyring_invalid``, ``keyring_expired``, ``keyring_rollback``, ``root_mismatch``.
+``keyring_invalid``, ``keyring_expired``, ``keyring_rollback``, ``root_mismatch``,
+``root_invalid``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -112,15 +114,112 @@ def check_signed(
     raise BundleError(message_text, reason=reason)
 
 
+class RootDocument(_Strict):
+    """Root version ``version`` (2 and up: version 1 is the key pinned at enrollment, which
+    no document describes). Valid when signed by the previous version's key and by its own
+    (TUF's root rotation): the old root vouches for the new, and the new proves its key."""
+
+    type: str = "edgefleet-root"
+    version: int = Field(ge=2)
+    public: str  # base64 raw Ed25519 public key
+    issued_at: datetime
+
+    def canonical(self) -> bytes:
+        return canonical_json(self.model_dump(mode="json"))
+
+
+class SignedRoot(_Strict):
+    signed: RootDocument
+    signatures: list[Signature]
+
+
+#: The most root versions an agent walks through at once (a device offline through more
+#: rotations than this is enrolled again).
+MAX_ROOT_STEPS = 32
+
+
+@dataclass(frozen=True)
+class PinnedRoot:
+    key: Ed25519PublicKey
+    version: int
+    #: The document that made it the root (None: the key pinned at enrollment).
+    document: SignedRoot | None = None
+
+
+def walk_roots(current: PinnedRoot, roots: list[SignedRoot]) -> PinnedRoot:
+    """The newest root ``roots`` lead to from ``current``, one version at a time: each must be
+    signed by the key before it and by its own (``root_invalid`` otherwise; nothing changes).
+    Versions at or below ``current`` are skipped; a gap stops the walk where it is."""
+    by_version = {r.signed.version: r for r in roots}
+    pinned = current
+    for _ in range(MAX_ROOT_STEPS):
+        nxt = by_version.get(pinned.version + 1)
+        if nxt is None:
+            return pinned
+        new_key = public_key_from_b64(nxt.signed.public)
+        message = nxt.signed.canonical()
+        for who, key in (("the previous root", pinned.key), ("its own key", new_key)):
+            kid = key_id(key)
+            if not any(
+                s.keyid == kid and verify_signature(key, message, s) for s in nxt.signatures
+            ):
+                raise BundleError(
+                    f"root version {nxt.signed.version} is not signed by {who}",
+                    reason="root_invalid",
+                )
+        pinned = PinnedRoot(new_key, nxt.signed.version, nxt)
+    if pinned.version + 1 in by_version:
+        raise BundleError(
+            f"more than {MAX_ROOT_STEPS} root rotations at once: enroll this device again",
+            reason="root_invalid",
+        )
+    return pinned
+
+
 class TrustStore:
-    """The agent's pinned root key and the newest keyring it has accepted (on disk)."""
+    """The agent's pinned root key and the newest keyring it has accepted (on disk); the
+    root moves on, one version at a time, when a document brings a rotation
+    (``root.json`` beside the keyring holds the newest root document accepted)."""
 
     def __init__(self, root: Ed25519PublicKey, keyring_path: Path) -> None:
-        self.root = root
         self.path = keyring_path
+        self.root_path = keyring_path.with_name("root.json")
+        self.pinned = PinnedRoot(root, 1)
+        if self.root_path.is_file():
+            try:
+                held = SignedRoot.model_validate(parse_json(self.root_path.read_bytes()))
+            except (ValueError, ValidationError, UnicodeDecodeError) as e:
+                raise BundleError(
+                    f"{self.root_path}: malformed root document: {e}", reason="root_invalid"
+                ) from e
+            self.pinned = PinnedRoot(public_key_from_b64(held.signed.public),
+                                     held.signed.version, held)  # fmt: skip
         self.signed: SignedKeyring | None = None
         if keyring_path.is_file():
             self.signed = SignedKeyring.from_bytes(keyring_path.read_bytes())
+
+    @property
+    def root(self) -> Ed25519PublicKey:
+        return self.pinned.key
+
+    def candidate_root(self, roots: list[SignedRoot]) -> PinnedRoot:
+        """Where ``roots`` would move the pinned root (the key pinned at enrollment may
+        itself be a later version: it is found in the chain by its key); changes nothing."""
+        current = self.pinned
+        if current.document is None:
+            pinned_id = key_id(current.key)
+            for r in roots:
+                if key_id(public_key_from_b64(r.signed.public)) == pinned_id:
+                    current = PinnedRoot(current.key, r.signed.version, None)
+        return walk_roots(current, roots)
+
+    def update_root(self, root: PinnedRoot) -> bool:
+        """Pin ``root`` (one :meth:`candidate_root` returned) if it is newer."""
+        if root.version <= self.pinned.version or root.document is None:
+            return False
+        write_atomic(self.root_path, root.document.model_dump_json().encode())
+        self.pinned = root
+        return True
 
     @classmethod
     def from_files(cls, root_key_file: Path, keyring_path: Path) -> TrustStore:
@@ -136,10 +235,13 @@ class TrustStore:
             raise BundleError("no keyring yet: nothing can be verified", reason="keyring_invalid")
         return self.signed.signed
 
-    def candidate(self, signed: SignedKeyring, now: datetime | None = None) -> Keyring:
-        """``signed``'s keyring if it could replace the held one (signed by the root, not
-        expired, not older); changes nothing."""
-        ring = verify_keyring(signed, self.root, now)
+    def candidate(
+        self, signed: SignedKeyring, now: datetime | None = None, root: PinnedRoot | None = None
+    ) -> Keyring:
+        """``signed``'s keyring if it could replace the held one (signed by the root, or by
+        ``root``, one :meth:`candidate_root` returned; not expired, not older); changes
+        nothing."""
+        ring = verify_keyring(signed, (root or self.pinned).key, now)
         if self.signed is not None:
             held = self.signed.signed
             if ring.version < held.version:
@@ -154,9 +256,14 @@ class TrustStore:
                 )
         return ring
 
-    def update(self, candidate: SignedKeyring, now: datetime | None = None) -> bool:
-        """Accept ``candidate`` if it is valid and not older; return True if it is new."""
-        ring = self.candidate(candidate, now)
+    def update(
+        self, candidate: SignedKeyring, now: datetime | None = None, root: PinnedRoot | None = None
+    ) -> bool:
+        """Accept ``candidate`` if it is valid and not older (and pin ``root``, under which it
+        was checked); return True if it is new."""
+        ring = self.candidate(candidate, now, root)
+        if root is not None:
+            self.update_root(root)
         if self.signed is not None and ring.version == self.signed.signed.version:
             return False
         write_atomic(self.path, candidate.model_dump_json().encode())

@@ -113,6 +113,74 @@ def keys_revoke(
     _report(_install(client, root_public, signed), as_json)
 
 
+@keys_app.command("rotate-root")
+def keys_rotate_root(
+    root_key: RootKeyOpt,
+    new_root_key: Annotated[
+        Path,
+        typer.Option("--new-root-key", help="where to write the new root key (must not exist)"),
+    ],
+    ttl_days: TtlOpt = 365,
+    as_json: JsonOpt = False,
+) -> None:
+    """Replace the root key (TUF's root rotation): root N+1 is signed by root N and by itself,
+    the next keyring by the new root; devices walk the chain from the root they pinned. The
+    old root's passphrase is EDGEFLEET_ROOT_PASSPHRASE (or asked), the new one's
+    EDGEFLEET_NEW_ROOT_PASSPHRASE (or asked twice). Keep the new key offline, like the old."""
+    from datetime import UTC, datetime
+
+    from edge_agent.contracts.errors import ConfigError
+    from edge_agent.trust import RootDocument, SignedRoot
+    from fleet_server.keys.service import sign_bytes
+
+    client = _client_factory()
+    old = load_root_key(root_key, _passphrase())  # nothing is made without the old root
+    trust = client.get("/v1/trust")
+    if public_key_to_b64(old.public_key()) != trust["root_public_key"]:
+        raise ConfigError(f"{root_key} is not the fleet's root in force; nothing was changed")
+    current = SignedKeyring.model_validate(trust["keyring"])
+    passphrase = os.environ.get("EDGEFLEET_NEW_ROOT_PASSPHRASE")
+    if passphrase is None:
+        passphrase = str(
+            typer.prompt("new root key passphrase", hide_input=True, confirmation_prompt=True)
+        )
+    new = create_root_key(new_root_key, passphrase)  # refuses an existing file
+    new_public = public_key_to_b64(new.public_key())
+    document = RootDocument(
+        version=int(trust.get("root_version", 1)) + 1,
+        public=new_public,
+        issued_at=datetime.now(UTC).replace(microsecond=0),
+    )
+    root = SignedRoot(
+        signed=document,
+        signatures=[sign_bytes(old, document.canonical()), sign_bytes(new, document.canonical())],
+    )
+    signed = sign_keyring(new, next_keyring(current.signed, ttl_days=ttl_days))
+    try:
+        result: dict[str, Any] = client.request(
+            "PUT",
+            "/v1/keyring",
+            json={
+                "root_public_key": new_public,
+                "keyring": signed.model_dump(mode="json"),
+                "root": root.model_dump(mode="json"),
+            },
+        )
+    except BaseException:
+        new_root_key.unlink(missing_ok=True)  # the server has not taken it: no stray root
+        raise
+    if as_json:
+        print(json.dumps({**result, "root_version": document.version,
+                          "root_public_key": new_public}, indent=2, default=str))  # fmt: skip
+        return
+    _report(result, as_json)
+    console.print(
+        f"root version {document.version} installed; new root key in {new_root_key}: keep it "
+        f"offline and backed up. Devices enrolled from now on pin {new_public}; devices "
+        "enrolled before follow the chain."
+    )
+
+
 @keys_app.command("list")
 def keys_list(as_json: JsonOpt = False) -> None:
     """The keyring in force."""

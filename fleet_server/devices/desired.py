@@ -222,6 +222,9 @@ class _Issuer:
         self._expires_at_json = _TIME.dump_python(self.expires_at, mode="json")
         ring = signer.keyring
         self._keyring = ring.model_dump(mode="json") if ring is not None else None
+        # The root chain only once there is one (agents from before rotations know no field
+        # ``roots`` and would refuse every document).
+        self._roots = [r.model_dump(mode="json") for r in signer.roots]
         self._ring_version = ring.signed.version if ring is not None else None
         self.issued: dict[str, DesiredDocument] = {}
         self._updates: list[dict[str, Any]] = []
@@ -244,6 +247,8 @@ class _Issuer:
             "signatures": [{"keyid": signature.keyid, "sig": signature.sig}],
             "keyring": self._keyring,
         }
+        if self._roots:
+            document["roots"] = self._roots
         row = {
             "b_device_id": device_id,
             "seq": seq,

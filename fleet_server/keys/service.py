@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -32,12 +32,22 @@ from sqlmodel import Session, col, select
 
 from edge_agent.contracts.durable import write_atomic
 from edge_agent.contracts.errors import BundleError
-from edge_agent.trust import KeyEntry, Keyring, Signature, SignedKeyring, key_id, verify_keyring
+from edge_agent.trust import (
+    KeyEntry,
+    Keyring,
+    PinnedRoot,
+    Signature,
+    SignedKeyring,
+    SignedRoot,
+    key_id,
+    verify_keyring,
+    walk_roots,
+)
 from edge_agent.trust.signing import public_key_from_b64, public_key_to_b64
 from fleet_server.audit.service import record as audit
 from fleet_server.database import aware
 from fleet_server.errors import ConflictError, InvalidInputError
-from fleet_server.keys.tables import KeyringRecord, OnlineKeyPublic
+from fleet_server.keys.tables import KeyringRecord, OnlineKeyPublic, RootVersion
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +100,9 @@ class FleetSigner:
     key: Ed25519PrivateKey
     keyid: str
     root_public: str
+    #: Every root document after the first (empty until a rotation): documents carry them so
+    #: that a device walks from the root it pinned to the one in force.
+    roots: list[SignedRoot] = field(default_factory=list)
 
     def sign(self, message: bytes) -> Signature:
         return sign_bytes(self.key, message)
@@ -125,13 +138,53 @@ def choose_signing_key(ring: Keyring, keys: OnlineKeyStore) -> tuple[str, Ed2551
     return None
 
 
+def roots(session: Session) -> list[RootVersion]:
+    """Every root version after the first, oldest first."""
+    return list(session.exec(select(RootVersion).order_by(col(RootVersion.version))).all())
+
+
+def _next_root(
+    session: Session, current: KeyringRecord | None, document: dict[str, object]
+) -> SignedRoot:
+    """``document`` as the next root version: signed by the root in force and by itself."""
+    if current is None:
+        raise ConflictError("no root yet: the first keyring pins it (edgefleet keys init)")
+    try:
+        signed = SignedRoot.model_validate(document)
+    except ValueError as e:
+        raise InvalidInputError(f"root document refused: {e}", field="root") from e
+    held = roots(session)
+    version = held[-1].version if held else 1
+    if signed.signed.version != version + 1:
+        raise ConflictError(
+            f"root version {signed.signed.version} does not follow the root in force "
+            f"(version {version})",
+            field="root",
+        )
+    try:
+        walk_roots(PinnedRoot(public_key_from_b64(current.root_public), version), [signed])
+    except BundleError as e:
+        raise InvalidInputError(f"root document refused: {e.message}", field="root") from e
+    return signed
+
+
 def install_keyring(
     session: Session,
     keys: OnlineKeyStore,
     root_public_b64: str,
     document: dict[str, object],
     actor: str,
+    root_document: dict[str, object] | None = None,
 ) -> KeyringRecord:
+    """Install the next keyring version, signed by the root in force; with ``root_document``
+    (a root rotation), the next root version and a keyring signed by it, together."""
+    current = current_record(session)
+    new_root = _next_root(session, current, root_document) if root_document else None
+    if new_root is not None and new_root.signed.public != root_public_b64:
+        raise InvalidInputError(
+            "the keyring's root is not the new root the rotation installs",
+            field="root_public_key",
+        )
     try:
         root = public_key_from_b64(root_public_b64)
         signed = SignedKeyring.model_validate(document)
@@ -140,11 +193,12 @@ def install_keyring(
         raise InvalidInputError(f"keyring refused: {e.message}", field="keyring") from e
     except ValueError as e:
         raise InvalidInputError(f"keyring refused: {e}", field="keyring") from e
-    current = current_record(session)
     if current is not None:
-        if current.root_public != root_public_b64:
+        if new_root is None and current.root_public != root_public_b64:
             raise ConflictError(
-                "the root key is pinned by the first keyring and cannot change",
+                "this keyring is signed by another root than the one in force; a new root is "
+                "installed only by a rotation its predecessor signed (edgefleet keys "
+                "rotate-root)",
                 field="root_public_key",
             )
         if ring.version <= current.version:
@@ -165,6 +219,18 @@ def install_keyring(
         installed_by=actor,
     )
     session.add(record)
+    if new_root is not None:
+        session.add(
+            RootVersion(
+                version=new_root.signed.version,
+                public=new_root.signed.public,
+                document=new_root.model_dump(mode="json"),
+                installed_at=datetime.now(UTC),
+                installed_by=actor,
+            )
+        )
+        audit(session, actor, "root.rotate", f"v{new_root.signed.version}",
+              public=new_root.signed.public, keyring_version=ring.version)  # fmt: skip
     audit(session, actor, "keyring.install", f"v{ring.version}", keys=describe(record))
     return record
 
@@ -201,7 +267,9 @@ class ServerKeys:
                         "not held by this server; run `edgefleet keys rotate`",
                         reason="no_keys",
                     )
-                self._cached = FleetSigner(signed, chosen[1], chosen[0], record.root_public)
+                chain = [SignedRoot.model_validate(r.document) for r in roots(session)]
+                self._cached = FleetSigner(signed, chosen[1], chosen[0], record.root_public,
+                                           chain)  # fmt: skip
                 self._version = record.version
             return self._cached
 

@@ -24,6 +24,19 @@ class KeyringRecord(SQLModel, table=True):
     installed_by: str = Field(max_length=128)
 
 
+class RootVersion(SQLModel, table=True):
+    """Every root after the first, as installed (``edgefleet keys rotate-root``): its signed
+    document (by the root before and by itself), which devices walk to reach the newest."""
+
+    __tablename__ = "root_versions"
+
+    version: int = Field(primary_key=True)
+    public: str = Field(max_length=64)
+    document: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    installed_at: datetime
+    installed_by: str = Field(max_length=128)
+
+
 class OnlineKeyPublic(BaseModel):
     keyid: str
     public: str
@@ -38,6 +51,10 @@ class OnlineKeyCreate(RequestBody):
 class KeyringInstall(RequestBody):
     root_public_key: str
     keyring: dict[str, Any]
+    #: A root rotation: the next root version's signed document (by the current root and by
+    #: itself); the keyring must then be signed by the new root. Installed together or not at
+    #: all.
+    root: dict[str, Any] | None = None
 
 
 class TrustPublic(BaseModel):
@@ -45,3 +62,6 @@ class TrustPublic(BaseModel):
 
     root_public_key: str
     keyring: dict[str, Any]
+    #: The root's version (1 until a rotation) and every root document after the first.
+    root_version: int = 1
+    roots: list[dict[str, Any]] = PydanticField(default_factory=list)

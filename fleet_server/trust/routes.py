@@ -26,7 +26,13 @@ def trust(session: SessionDep, _: Viewer) -> TrustPublic:
     record = service.current_record(session)
     if record is None:
         raise NotFoundError("no keyring installed yet (edgefleet keys init)")
-    return TrustPublic(root_public_key=record.root_public, keyring=record.document)
+    chain = service.roots(session)
+    return TrustPublic(
+        root_public_key=record.root_public,
+        keyring=record.document,
+        root_version=chain[-1].version if chain else 1,
+        roots=[r.document for r in chain],
+    )
 
 
 @router.get("/v1/keyring")
@@ -58,7 +64,7 @@ def install_keyring(
     body: KeyringInstall, state: StateDep, session: SessionDep, principal: Admin
 ) -> dict[str, Any]:
     record = ceremony.install_keyring(
-        session, state.keys.store, body.root_public_key, body.keyring, principal.name
+        session, state.keys.store, body.root_public_key, body.keyring, principal.name, body.root
     )
     settings = state.settings
     documents = ceremony.reissue_all(

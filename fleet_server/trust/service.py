@@ -46,8 +46,9 @@ def install_keyring(
     root_public_key: str,
     keyring: dict[str, Any],
     actor: str,
+    root: dict[str, Any] | None = None,
 ) -> KeyringRecord:
-    installed = keys.install_keyring(session, store, root_public_key, keyring, actor)
+    installed = keys.install_keyring(session, store, root_public_key, keyring, actor, root)
     session.commit()
     return installed
 
