@@ -231,7 +231,7 @@ def test_token_enroll_deploy_status(stack: EmbeddedStack, model_path: Path, tmp_
         "ghost",
         "--no-wait",
     )
-    assert r.returncode == 1 and "not enrolled: ghost" in r.stderr
+    assert r.returncode == 1 and "not enrolled (or decommissioned): ghost" in r.stderr
 
 
 def test_bundle_inspect_and_verify(model_path: Path, tmp_path: Path) -> None:
