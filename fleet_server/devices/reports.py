@@ -168,7 +168,12 @@ def _read(session: Session, device_ids: list[str], *, lock: bool) -> dict[str, R
     out: dict[str, ReportRow] = {}
     c = _DEVICES.c
     for clause in among(session, c.id, device_ids):
-        query = sa_select(c.id, c.reported, c.reported_seq, c.online).where(clause).order_by(c.id)
+        # A decommissioned device's reports are ignored, as an unknown device's are.
+        query = (
+            sa_select(c.id, c.reported, c.reported_seq, c.online)
+            .where(clause, c.decommissioned_at.is_(None))
+            .order_by(c.id)
+        )
         if lock:
             query = query.with_for_update()
         for device_id, reported, seq, online in session.execute(query).all():

@@ -99,12 +99,20 @@ def validate(
     if is_postgres(session):
         enrolled = set(session.execute(PG_ENROLLED, {"ids": named}).scalars())
     else:
-        enrolled = set(session.exec(select(Device.id).where(col(Device.id).in_(named))).all())
+        enrolled = set(
+            session.exec(
+                select(Device.id).where(
+                    col(Device.id).in_(named), col(Device.decommissioned_at).is_(None)
+                )
+            ).all()
+        )
     good = []
     refused: dict[int, str] = {}
     for batch in parsed:
         if batch.device_id not in enrolled:
-            rejected.append(Rejection(batch.device_id, "unknown_device", "not enrolled"))
+            rejected.append(
+                Rejection(batch.device_id, "unknown_device", "not enrolled (or decommissioned)")
+            )
             continue
         problem = next(
             (p for s in batch.slots if (p := check_slot(s, bundles.get(session, s.bundle_sha256)))),

@@ -104,8 +104,11 @@ PG_UPDATE_STREAMS = text(
     + f" FROM {_record(_STREAM_COUNTS | _STREAM_FIGURES)} "
     "WHERE t.device_id = u.device_id AND t.stream = u.stream"
 )
-#: Which of the devices are enrolled: one statement text for any number.
-PG_ENROLLED = text("SELECT id FROM devices WHERE id = ANY(CAST(:ids AS varchar[]))")
+#: Which of the devices are enrolled (and not decommissioned): one statement text for any
+#: number.
+PG_ENROLLED = text(
+    "SELECT id FROM devices WHERE id = ANY(CAST(:ids AS varchar[])) AND decommissioned_at IS NULL"
+)
 
 
 def insert_keys(

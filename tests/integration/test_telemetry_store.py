@@ -261,3 +261,29 @@ def test_evaluations_at_once_open_one_alert_per_finding(db: Any, tmp_path: Path)
     with Session(engine) as session:
         alerts = session.exec(select(Alert).where(Alert.model == "clf")).all()
     assert [(a.kind, a.subject, a.state) for a in alerts] == [("drift", "input:x", "open")]
+
+
+def test_a_decommissioned_devices_reports_are_refused_like_an_unknown_devices(db: Any) -> None:
+    """The broker's ACL stops them; the server does not count on it."""
+    from fleet_server.devices.reports import store_reports
+    from fleet_server.telemetry.checks import validate
+
+    engine, bundles = db
+    with Session(engine) as session:
+        device = session.get(Device, "dev-1")
+        assert device is not None
+        device.decommissioned_at = datetime.now(UTC)
+        session.add(device)
+        session.commit()
+    with Session(engine) as session:
+        good, _, rejected = validate(
+            session, [_msg("dev-1", 1), _msg("dev-2", 1)], bundles, datetime.now(UTC)
+        )
+        assert [b.device_id for b in good] == ["dev-2"]
+        assert [(r.device_id, r.reason) for r in rejected] == [("dev-1", "unknown_device")]
+        rows = store_reports(session, [("dev-1", True), ("dev-2", True)])
+        session.commit()
+        assert [r.id for r in rows] == ["dev-2"]
+    with Session(engine) as session:
+        online = dict(session.exec(select(Device.id, Device.online)).all())
+        assert online == {"dev-1": False, "dev-2": True}
