@@ -18,9 +18,7 @@ Run: .venv/bin/python bench/enrollment.py [--devices 10000] [--workers 8] [--csr
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,15 +28,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fleet_server.broker import EmbeddedBroker, free_port
+from bench.served import cpu_s, start_serve
+from fleet_server.broker import EmbeddedBroker
 from fleet_server.client import ApiClient
 
 TOKEN = "efa_bench-enroll-token-0123456789abcdef0123456789"
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _csrs(n: int) -> list[str]:
@@ -71,48 +65,29 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="ef-enroll-"))
     broker = EmbeddedBroker(work / "broker", backend="mosquitto").start()
-    port = free_port()
-    env = {
-        **os.environ,
-        "EDGEFLEET_DATA_DIR": str(work / "server"),
-        "EDGEFLEET_MQTT_URL": broker.url,
-        "EDGEFLEET_ADMIN_TOKEN": TOKEN,
-        "EDGEFLEET_PORT": str(port),
-    }
+    settings = {"EDGEFLEET_DATA_DIR": str(work / "server"), "EDGEFLEET_MQTT_URL": broker.url}
     if args.database_url:
-        env["EDGEFLEET_DATABASE_URL"] = args.database_url
-    log = (work / "server.log").open("wb")
-    server = subprocess.Popen(
-        [sys.executable, "-c", "from fleet_server.cli import main; main()", "serve"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+        settings["EDGEFLEET_DATABASE_URL"] = args.database_url
     try:
-        api = ApiClient(f"http://127.0.0.1:{port}", TOKEN, timeout_s=300)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                api.get("/healthz")
-                break
-            except Exception as e:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit(f"the server did not start: {work / 'server.log'}") from e
-                time.sleep(0.2)
+        server, api = start_serve(settings, TOKEN, work / "server.log")
+    except BaseException:
+        broker.stop()
+        raise
+    try:
         csrs = _csrs(n) if args.csr else [None] * n
         clients = [ApiClient(api.base_url, None, timeout_s=300) for _ in range(args.workers)]
 
         def floor(i: int) -> Any:
             return clients[i % args.workers].get("/healthz")
 
-        cpu = _cpu_s(server.pid)
+        cpu = cpu_s(server.pid)
         t = time.perf_counter()
         with ThreadPoolExecutor(args.workers) as pool:
             list(pool.map(floor, range(n)))
         floor_s = time.perf_counter() - t
-        floor_cpu = _cpu_s(server.pid) - cpu
+        floor_cpu = cpu_s(server.pid) - cpu
 
-        cpu, own = _cpu_s(server.pid), time.process_time()
+        cpu, own = cpu_s(server.pid), time.process_time()
         t = time.perf_counter()
         tokens = api.post(
             "/v1/enrollment-tokens/batch",
@@ -131,14 +106,13 @@ def main() -> None:
         with ThreadPoolExecutor(args.workers) as pool:
             replies = list(pool.map(enroll, range(n)))
         enroll_s = time.perf_counter() - t
-        enroll_cpu = _cpu_s(server.pid) - cpu
+        enroll_cpu = cpu_s(server.pid) - cpu
         client_cpu = time.process_time() - own
         assert len({r["device_id"] for r in replies}) == n
         assert all((r["client_cert"] is not None) == args.csr for r in replies)
     finally:
         server.terminate()
         server.wait(30)
-        log.close()
         broker.stop()
         shutil.rmtree(work, ignore_errors=True)
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import re
 import resource
 import signal
@@ -44,19 +43,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.served import TICKS, cpu_s, start_serve
 from converters.onnx.samples import mlp_classifier
-from fleet_server.broker import EmbeddedBroker, free_port
+from fleet_server.broker import EmbeddedBroker
 from fleet_server.client import ApiClient
 from hil.rig import wait_until
 from hil.simulator import Behaviour, FleetSimulator, enroll_fleet
 
 TOKEN = "efa_bench-admin-token-0123456789abcdef0123456789"
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def own_cpu_s() -> float:
@@ -158,28 +154,21 @@ def run(
     n: int, database_url: str | None, work: Path, ingest_processes: int | None
 ) -> dict[str, Any]:
     broker = EmbeddedBroker(work / "broker", backend="mosquitto").start()
-    port = free_port()
-    env = {
-        **os.environ,
+    settings = {
         "EDGEFLEET_DATA_DIR": str(work / "server"),
         "EDGEFLEET_MQTT_URL": broker.url,
-        "EDGEFLEET_ADMIN_TOKEN": TOKEN,
-        "EDGEFLEET_PORT": str(port),
         "EDGEFLEET_TELEMETRY_BUCKET_S": "10",
     }
     if database_url:
-        env["EDGEFLEET_DATABASE_URL"] = database_url
+        settings["EDGEFLEET_DATABASE_URL"] = database_url
     if ingest_processes is not None:
-        env["EDGEFLEET_INGEST_PROCESSES"] = str(ingest_processes)
+        settings["EDGEFLEET_INGEST_PROCESSES"] = str(ingest_processes)
     log_path = work / "server.log"
-    with log_path.open("wb") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-c", "from fleet_server.cli import main; main()", "serve"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    api = ApiClient(f"http://127.0.0.1:{port}", TOKEN, timeout_s=300)
+    try:
+        server, api = start_serve(settings, TOKEN, log_path)
+    except BaseException:
+        broker.stop()
+        raise
     sim: FleetSimulator | None = None
     try:
         wait_until(lambda: _healthy(api), 60, "the server")
@@ -236,7 +225,8 @@ def run(
         # Watched in the database, not through GET /v1/rollouts/{id}: describing a 10,000
         # device rollout several times a second would load the server being measured.
         probe = Probe(
-            env.get("EDGEFLEET_DATABASE_URL") or f"sqlite:///{work / 'server' / 'edgefleet.db'}"
+            settings.get("EDGEFLEET_DATABASE_URL")
+            or f"sqlite:///{work / 'server' / 'edgefleet.db'}"
         )
         wait_until(lambda: probe.serving("1.0.0") == n, 600, "the server to see it", 0.1)
         status_lag_s = time.perf_counter() - t - devices_active_s

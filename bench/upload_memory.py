@@ -21,7 +21,6 @@ import argparse
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,8 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.served import start_serve
 from fleet_server.broker import free_port
-from fleet_server.client import ApiClient
 
 TOKEN = "efa_bench-upload-token-0123456789abcdef0123456789"
 
@@ -81,35 +80,17 @@ def main() -> None:
         copy_s = time.perf_counter() - started
         (work / "copy.onnx").unlink()
 
-        port = free_port()
-        env = {
-            **os.environ,
-            "EDGEFLEET_DATA_DIR": str(work / "server"),
-            "EDGEFLEET_PORT": str(port),
-            "EDGEFLEET_BROKER_PORT": str(free_port()),
-            "EDGEFLEET_ADMIN_TOKEN": TOKEN,
-            "EDGEFLEET_INGEST_PROCESSES": "0",
-        }
-        log = (work / "server.log").open("w")
-        server = subprocess.Popen(
-            [sys.executable, "-c", "from fleet_server.cli import main; main()", "serve"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
+        server, api = start_serve(
+            {
+                "EDGEFLEET_DATA_DIR": str(work / "server"),
+                "EDGEFLEET_BROKER_PORT": str(free_port()),
+                "EDGEFLEET_INGEST_PROCESSES": "0",
+            },
+            TOKEN,
+            work / "server.log",
+            client_timeout_s=600,
         )
         try:
-            api = ApiClient(f"http://127.0.0.1:{port}", TOKEN, timeout_s=600)
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    api.get("/healthz")
-                    break
-                except Exception as e:
-                    if time.monotonic() > deadline or server.poll() is not None:
-                        log.close()
-                        print((work / "server.log").read_text()[-2000:])
-                        raise SystemExit("the server did not start") from e
-                    time.sleep(0.2)
             time.sleep(2)  # the engine's and control plane's first steps
             idle = _mib(server.pid, "VmRSS")
             idle_peak = _mib(server.pid, "VmHWM")
@@ -122,7 +103,6 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(30)
-            log.close()
         child = re.findall(r"inspected .* peak (\d+) MiB", (work / "server.log").read_text())
 
         print(f"model: {size_mib:.0f} MiB ONNX (inline weights) + a small calibration set")
