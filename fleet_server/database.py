@@ -95,5 +95,10 @@ def advisory_lock(session: Session, name: str) -> None:
     SQLite has one writer, and serves one server process: nothing to do."""
     if session.get_bind().dialect.name != "postgresql":
         return
+    session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": advisory_key(name)})
+
+
+def advisory_key(name: str) -> int:
+    """The PostgreSQL advisory-lock key (a signed 64-bit integer) that stands for ``name``."""
     key = int.from_bytes(hashlib.sha256(f"edgefleet/{name}".encode()).digest()[:8], "big")
-    session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key - (1 << 63)})
+    return key - (1 << 63)

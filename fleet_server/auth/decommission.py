@@ -17,6 +17,7 @@ identity (:mod:`fleet_server.auth.enrollment`).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -86,7 +87,6 @@ def decommission(
     conn.execute(delete(_DESIRED).where(_DESIRED.c.device_id == device_id))
     record(session, actor, "device.decommission", device_id, reason=reason,
            certificates_revoked=revoked)  # fmt: skip
-    session.expire_all()
     try:
         written = files.write(files.contents(session, ca))
     except OSError as e:
@@ -103,9 +103,7 @@ def decommission(
 def _restore(session: Session, ca: FleetCA, files: BrokerFiles) -> None:
     """Put the files back as the committed database has them (a file written before another
     failed would otherwise name a device that is still in service)."""
-    try:
+    # The same fault again is left for the next start, which writes them from the database.
+    with contextlib.suppress(OSError):
         files.write(files.contents(session, ca))
-    except OSError:
-        pass  # the same fault again; the server writes them at its next start
-    finally:
-        session.rollback()
+    session.rollback()

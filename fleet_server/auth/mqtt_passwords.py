@@ -15,7 +15,6 @@ from pathlib import Path
 
 from sqlmodel import Session, col, select
 
-from edge_agent.contracts.durable import write_atomic
 from fleet_server.devices.tables import Device
 
 ITERATIONS = 101
@@ -44,16 +43,3 @@ def password_file_text(session: Session, password_file: Path) -> str:
     ).all()
     lines += [f"{device_id}:{hashed}" for device_id, hashed in rows]
     return "\n".join(lines) + "\n"
-
-
-def write_password_file(session: Session, password_file: Path) -> int:
-    """Rewrite the broker's password file (:func:`password_file_text`). Returns the number
-    of device entries."""
-    text = password_file_text(session, password_file)
-    # Keep the group broker-config gave the file: the broker reads it as its own user.
-    group = password_file.stat().st_gid if password_file.exists() else None
-    write_atomic(password_file, text.encode(), mode=0o640)
-    if group is not None and os.geteuid() == 0:
-        os.chown(password_file, -1, group)
-    static = static_entries_path(password_file)
-    return text.count("\n") - (len(static.read_text().splitlines()) if static.is_file() else 0)

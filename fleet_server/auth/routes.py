@@ -4,6 +4,7 @@ identity)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from datetime import datetime
 from typing import Annotated
@@ -127,7 +128,11 @@ def _enroll(state: AppState, body: EnrollRequest) -> EnrollResponse:
         )
         state.control.clear_desired(body.device_id)
         files = BrokerFiles.from_settings(state.settings)
-        if files.password_file is not None or (done.again and files.configured):
+        if not done.again:
+            # A new device changes the password file only: the CRL and ACL are not read again
+            # on every enrollment of a pallet.
+            files = dataclasses.replace(files, crl_file=None, acl_file=None)
+        if files.configured:
             # A new password to add, or a decommissioned id back in service (its deny block
             # leaves the ACL): the broker rereads its files.
             written = files.write(files.contents(session, state.ca))

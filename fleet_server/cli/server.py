@@ -108,8 +108,9 @@ def broker_config(
     if auth not in ("mtls", "password"):
         raise typer.BadParameter("--auth must be mtls or password")
     settings = Settings()
+    ca = FleetCA.load_or_create(settings.ca_dir)
     written = write_broker_config(
-        FleetCA.load_or_create(settings.ca_dir),
+        ca,
         out,
         host=host,
         port=port,
@@ -128,15 +129,16 @@ def broker_config(
     else:
         from sqlmodel import Session
 
-        from fleet_server.auth.mqtt_passwords import write_password_file
+        from fleet_server.auth.broker_files import BrokerFiles
         from fleet_server.database import make_engine
         from fleet_server.schema import check_for_start
 
         engine = make_engine(settings.resolved_database_url)
         check_for_start(engine)
+        files = BrokerFiles(password_file=written.password_file)
         with Session(engine) as session:
-            n = write_password_file(session, written.password_file)
-        console.print(f"{n} enrolled device(s) written to {written.password_file}")
+            files.write(files.contents(session, ca))
+        console.print(f"the enrolled devices' passwords written to {written.password_file}")
         print("  export EDGEFLEET_MQTT_USERNAME=edgefleet-server")
         print(f'  export EDGEFLEET_MQTT_PASSWORD="$(cat {written.server_password})"')
         print(f"  export EDGEFLEET_BROKER_PASSWORD_FILE={written.password_file}")

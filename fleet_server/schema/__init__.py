@@ -23,7 +23,6 @@ test that compares a migrated database with the tables fails until the two agree
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -42,6 +41,7 @@ from fleet_server.audit import tables as audit_tables
 from fleet_server.auth import tables as auth_tables
 from fleet_server.builds import tables as builds_tables
 from fleet_server.bundles import tables as bundles_tables
+from fleet_server.database import advisory_key
 from fleet_server.devices import tables as devices_tables
 from fleet_server.hil import tables as hil_tables
 from fleet_server.keys import tables as keys_tables
@@ -255,7 +255,9 @@ def differences(engine: Engine) -> list[Any]:
         return found
 
 
-_LOCK_KEY = int.from_bytes(hashlib.sha256(b"edgefleet/schema").digest()[:8], "big") - (1 << 63)
+# Session-level (held from the status read through the upgrade's transaction), under the
+# key advisory_lock would use.
+_LOCK_KEY = advisory_key("schema")
 
 
 def _lock(conn: Connection) -> None:

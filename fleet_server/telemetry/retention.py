@@ -46,7 +46,8 @@ from sqlmodel import Session
 from edge_agent.contracts.errors import ConfigError
 from edge_agent.protocol.telemetry import LatencySketch
 from edge_agent.telemetry.sketch import merge_wires
-from fleet_server.database import advisory_lock, aware
+from fleet_server.database import advisory_lock
+from fleet_server.telemetry.rollups import bucket_of
 from fleet_server.telemetry.tables import TelemetryDeviceBucket, TelemetryRollup
 
 log = logging.getLogger(__name__)
@@ -130,11 +131,6 @@ class Applied:
     by_tier: dict[int, int] = field(default_factory=dict)
 
 
-def _floor(moment: datetime, seconds: int) -> datetime:
-    ts = aware(moment).timestamp()
-    return datetime.fromtimestamp(ts - ts % seconds, UTC)
-
-
 def apply(engine: Engine, policy: RetentionPolicy, now: datetime | None = None) -> Applied:
     """Merge every whole coarse bucket older than its fine tier's keep, and prune past the
     last tier's keep. Safe to run again and from several processes (each span is merged in a
@@ -144,7 +140,7 @@ def apply(engine: Engine, policy: RetentionPolicy, now: datetime | None = None) 
     tiers = policy.tiers
     for index, (fine, coarse) in enumerate(itertools.pairwise(tiers)):
         assert fine.keep_s is not None
-        cutoff = _floor(now - timedelta(seconds=fine.keep_s), coarse.resolution_s)
+        cutoff = bucket_of(now - timedelta(seconds=fine.keep_s), coarse.resolution_s)
         spans = _spans(engine, fine, index == 0, coarse.resolution_s, cutoff)
         for i in range(0, len(spans), SPANS_PER_TRANSACTION):
             chunk = spans[i : i + SPANS_PER_TRANSACTION]
@@ -161,7 +157,7 @@ def apply(engine: Engine, policy: RetentionPolicy, now: datetime | None = None) 
             done.by_tier[coarse.resolution_s] = done.by_tier.get(coarse.resolution_s, 0) + written
     last = tiers[-1]
     if last.keep_s is not None:
-        horizon = _floor(now - timedelta(seconds=last.keep_s), last.resolution_s)
+        horizon = bucket_of(now - timedelta(seconds=last.keep_s), last.resolution_s)
         with Session(engine) as session:
             conn = session.connection()
             done.pruned = conn.execute(
@@ -190,7 +186,7 @@ def _spans(
             .where(_fine_rows(fine, first), _ROLLUPS.c.bucket_start < cutoff)
             .distinct()
         ).scalars()
-        return sorted({_floor(s, coarse_s) for s in starts})
+        return sorted({bucket_of(s, coarse_s) for s in starts})
 
 
 def _merge(
@@ -209,7 +205,7 @@ def _merge(
     wanted = set(spans)
     groups: dict[tuple[datetime, str, str, str], list[Any]] = defaultdict(list)
     for row in rows:
-        span = _floor(row.bucket_start, coarse.resolution_s)
+        span = bucket_of(row.bucket_start, coarse.resolution_s)
         if span in wanted:
             groups[(span, row.bundle_sha256, row.rollout_id, row.role)].append(row)
     ids = [r.id for group in groups.values() for r in group]

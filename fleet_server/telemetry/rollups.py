@@ -14,6 +14,7 @@ from sqlmodel import Session, select
 
 from edge_agent.protocol.telemetry import LatencySketch, TelemetryBatch
 from edge_agent.telemetry.sketch import merge_wires
+from fleet_server.database import aware
 from fleet_server.telemetry.catalog import BundleCatalog
 from fleet_server.telemetry.tables import TelemetryDeviceBucket, TelemetryRollup
 from fleet_server.telemetry.upserts import PG_INSERT_DEVICE_BUCKETS, insert_missing
@@ -22,7 +23,9 @@ __all__ = ["add_counts", "bucket_of", "fold_rollups"]
 
 
 def bucket_of(moment: datetime, bucket_s: int) -> datetime:
-    ts = moment.astimezone(UTC).timestamp()
+    """The start of the ``bucket_s`` bucket holding ``moment`` (a naive one is UTC, as
+    SQLite gives them back)."""
+    ts = aware(moment).timestamp()
     return datetime.fromtimestamp(ts - ts % bucket_s, UTC)
 
 
