@@ -512,12 +512,14 @@ class Deployer:
         ctx.prior_runs_probes = True
 
     def _latency_verdict(self, ctx: Deployment) -> Breach | None:
-        """The new version's latency against the prior's, like with like: on live traffic when
-        both have served ``min_latency_samples`` requests; else on the probes, both versions
-        run now, alternately and back to back, so that both meet the same load (the spaced
-        probes of the window each start cold and would make any version look slower). A
-        latency breach must hold ``LATENCY_CONFIRMATIONS`` times in a row: one hiccup of a busy
-        board is not a regression, while a slower model is slower every time."""
+        """The new version's latency against the prior's, like with like: the p95 on live
+        traffic when both have served ``min_latency_samples`` requests; else the median on the
+        probes, both versions run now, alternately and back to back, so that both meet the same
+        load (the spaced probes of the window each start cold and would make any version look
+        slower). A median, because one preemption of the prior must not hide a slower
+        candidate; a latency breach must hold ``LATENCY_CONFIRMATIONS`` times in a row, because
+        one hiccup of a busy board during the candidate's runs is not a regression either,
+        while a slower model is slower every time."""
         staged, policy = ctx.staged, self.policy
         assert staged is not None and ctx.probe_inputs is not None
         live = staged.stats.snapshot()
@@ -529,7 +531,7 @@ class Deployer:
         for _ in range(LATENCY_CONFIRMATIONS):
             new, prior = self._probe_pair(staged, ctx.prior, ctx.probe_inputs)
             breach = check_health(live, new, policy) or check_latency(
-                live, None, new, prior.p95(), policy
+                live, None, new, prior.p50(), policy
             )
             if breach is None or breach.reason != Reason.LATENCY_REGRESSION:
                 return breach

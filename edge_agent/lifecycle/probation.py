@@ -5,11 +5,15 @@ What is judged, and when:
 - errors (the runtime failed a request) and NaN/inf outputs, from live requests and from the
   probes (the bundle's self-test inputs, run every ``probe_interval_s``): at any moment of the
   window, so a bad version goes at the first sign (:func:`check_health`);
-- latency p95 against the prior version's, at the end of the window (:func:`check_latency`),
-  like with like: on live traffic when both versions served ``min_latency_samples`` requests;
-  otherwise on the probes, both versions run alternately and back to back at the verdict (the
-  spaced probes of the window each start cold and would make any version look slower), and a
-  regression must show ``LATENCY_CONFIRMATIONS`` times in a row (the deployer's loop).
+- latency against the prior version's, at the end of the window (:func:`check_latency`), like
+  with like: the p95 on live traffic when both versions served ``min_latency_samples``
+  requests; otherwise the median on the probes, both versions run alternately and back to
+  back at the verdict (the spaced probes of the window each start cold and would make any
+  version look slower). A few dozen back-to-back runs have no tail worth a p95: their p95 is
+  the second-slowest run, which one preemption of the prior would lift above any candidate,
+  while a median holds until half the runs are disturbed. A regression must show
+  ``LATENCY_CONFIRMATIONS`` times in a row (the deployer's loop), so a busy moment during the
+  candidate's runs does not roll it back either.
 
 A newer desired state ends the window early (the deployer's ``superseded`` event); the prior
 version stays loaded until the verdict, so switching back is a reference swap.
@@ -85,22 +89,28 @@ def check_latency(
     live: StatsSnapshot,
     prior_live: StatsSnapshot | None,
     probes: StatsSnapshot,
-    prior_probe_p95_ms: float | None,
+    prior_probe_p50_ms: float | None,
     policy: ProbationPolicy,
 ) -> Breach | None:
+    """Live p95 against the prior's live p95 when both have enough requests, else the probe
+    median against ``prior_probe_p50_ms`` (the prior's median on the same probes)."""
     if live_comparable(live, prior_live, policy):
         assert prior_live is not None
-        new, old, basis = live.p95(), prior_live.p95(), "live"
+        new, old, basis, stat = live.p95(), prior_live.p95(), "live", "p95"
     else:
-        new, old, basis = probes.p95(), prior_probe_p95_ms, "probe"
+        new, old, basis, stat = probes.p50(), prior_probe_p50_ms, "probe", "p50"
     if new is None or old is None:
         return None
     limit = old * policy.max_latency_ratio + policy.latency_slack_ms
     if new > limit:
         return Breach(
             "latency_regression",
-            f"{basis} latency p95 {new:.2f} ms vs {old:.2f} ms for the prior version "
+            f"{basis} latency {stat} {new:.2f} ms vs {old:.2f} ms for the prior version "
             f"(limit {limit:.2f} ms)",
-            {"p95_ms": new, "prior_p95_ms": old, "ratio": new / old if old else float("inf")},
+            {
+                f"{stat}_ms": new,
+                f"prior_{stat}_ms": old,
+                "ratio": new / old if old else float("inf"),
+            },
         )
     return None

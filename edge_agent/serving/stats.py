@@ -96,6 +96,9 @@ class StatsSnapshot:
     def p95(self) -> float | None:
         return float(np.percentile(self.latency_ms, 95)) if self.latency_ms else None
 
+    def p50(self) -> float | None:
+        return float(np.percentile(self.latency_ms, 50)) if self.latency_ms else None
+
 
 def has_nonfinite(outputs: dict[str, np.ndarray]) -> bool:
     return any(a.dtype.kind in "fc" and not bool(np.isfinite(a).all()) for a in outputs.values())
