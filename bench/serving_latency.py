@@ -46,7 +46,7 @@ from edge_agent.protocol.status import VersionRef
 from edge_agent.runtimes import LoadOptions, get_runtime
 from edge_agent.serving import ServingModel, SlotTable, predict
 from edge_agent.serving.client import AgentClient
-from fleet_server.artifacts import ArtifactStore
+from fleet_server.artifacts.local import LocalArtifactStore
 from fleet_server.client import ApiClient
 from fleet_server.server import EmbeddedStack
 from fleet_server.settings import Settings
@@ -190,7 +190,7 @@ def main() -> None:
         # Every path is called from a process of its own that holds nothing else (an app
         # calling the agent): this one runs the server, whose threads would take turns with
         # the calls for Python's interpreter lock and bill them for it.
-        bundle = ArtifactStore(stack.settings.artifacts_dir).path(sha)
+        bundle = LocalArtifactStore(stack.settings.artifacts_dir).path(sha)
         spawn = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as caller:
             rows, agent_ms, precision = caller.submit(

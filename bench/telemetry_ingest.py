@@ -112,12 +112,12 @@ def _publisher(url: str, devices: list[str], per_device: int, ready: object) -> 
 def _member(
     db_url: str, artifacts: str, mqtt_url: str, ready: object, stop: object, out: object
 ) -> None:
-    from fleet_server.artifacts import ArtifactStore
+    from fleet_server.artifacts.local import LocalArtifactStore
     from fleet_server.database import make_engine
     from fleet_server.telemetry.service import TelemetryService
 
     engine = make_engine(db_url)
-    service = TelemetryService(engine, ArtifactStore(Path(artifacts)))
+    service = TelemetryService(engine, LocalArtifactStore(Path(artifacts)))
     ingest = service.start_ingest(mqtt_url)
     assert service.connection is not None
     service.connection.subscribed.wait(30)
@@ -211,7 +211,7 @@ def _prepare(db_url: str, artifacts: Path, devices: list[str]) -> None:
     from sqlmodel import Session
 
     from edge_agent.telemetry.drift import TensorDrift
-    from fleet_server.artifacts import ArtifactStore
+    from fleet_server.artifacts.local import LocalArtifactStore
     from fleet_server.bundles.tables import Bundle
     from fleet_server.database import make_engine
     from fleet_server.devices.tables import Device
@@ -268,7 +268,7 @@ def _prepare(db_url: str, artifacts: Path, devices: list[str]) -> None:
         "format": 2,
         "drift": {"inputs": {"x": x.to_json()}, "outputs": {"probs": probs.to_json()}},
     }
-    path = ArtifactStore(artifacts).path(SHA)
+    path = LocalArtifactStore(artifacts).path(SHA)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = json.dumps(baseline).encode()
     with tarfile.open(path, "w") as tar:

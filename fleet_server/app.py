@@ -18,7 +18,7 @@ from edge_agent import __version__
 from firmware_profiles import default_catalog
 from fleet_server.api.deps import AppState, StateDep, Viewer
 from fleet_server.api.limits import BodyLimits
-from fleet_server.artifacts import ArtifactStore
+from fleet_server.artifacts import open_store
 from fleet_server.audit.routes import router as audit_router
 from fleet_server.auth.broker_files import BrokerFiles, sync_at_start
 from fleet_server.auth.ca import FleetCA
@@ -85,7 +85,8 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
                     "fleet keeps its root key offline (edgefleet keys init)",
                     dev_root,
                 )
-        store = ArtifactStore(settings.artifacts_dir)
+        store = open_store(settings)
+        store.check()  # normally done before too (prepare_database), for one line at start
         ingest_processes = settings.resolved_ingest_processes
         metrics_dir = settings.data_dir / "ingest-metrics"
         if ingest_processes:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 from edge_agent.contracts.errors import ConfigError
 from edge_agent.contracts.lifetime import die_with_parent
-from fleet_server.artifacts import ArtifactStore
+from fleet_server.artifacts import open_store
 from fleet_server.auth.broker_acl import INGEST_IDENTITIES, ingest_identity
 from fleet_server.control.connection import TlsFiles
 from fleet_server.control.plane import ControlPlane
@@ -84,7 +84,7 @@ def run(
     engine = make_engine(settings.resolved_database_url)
     telemetry = TelemetryService(
         engine,
-        ArtifactStore(settings.artifacts_dir),
+        open_store(settings),
         bucket_s=settings.telemetry_bucket_s,
         window_s=settings.telemetry_window_s,
     )

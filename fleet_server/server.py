@@ -14,6 +14,7 @@ import uvicorn
 
 from edge_agent.contracts.errors import ConfigError
 from fleet_server.app import create_app
+from fleet_server.artifacts import open_store
 from fleet_server.broker import EmbeddedBroker, free_port
 from fleet_server.database import make_engine
 from fleet_server.schema import SchemaState, check_for_start
@@ -25,8 +26,11 @@ log = logging.getLogger(__name__)
 def prepare_database(settings: Settings) -> None:
     """Before anything starts: create the schema of a new database, or refuse one that is
     behind (or ahead of) this code's migrations with a :class:`~fleet_server.schema.SchemaError`
-    that names the command to run."""
+    that names the command to run; and refuse an artifact store that cannot be used."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)  # the SQLite file's directory
+    # First, so that a refused start leaves a new database as it was: a bucket that is missing
+    # or refuses these credentials stops the start here, in one line.
+    open_store(settings).check()
     engine = make_engine(settings.resolved_database_url)
     try:
         found = check_for_start(engine)

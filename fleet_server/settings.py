@@ -60,6 +60,18 @@ class Settings(BaseSettings):
     port: int = Field(default=8600, ge=0, le=65535)
     #: Base URL devices use to download bundles. Default: http://host:port.
     public_url: str | None = None
+    #: Where blobs (models, datasets, bundles, HIL reports) are kept: ``s3://bucket/prefix``
+    #: (an S3-compatible store; endpoint, region and credentials from the usual AWS
+    #: variables) or a directory. Unset: ``<data_dir>/artifacts``.
+    artifacts_url: str | None = None
+    #: How devices download bundles: ``server`` (through this server, with Range) or
+    #: ``presigned`` (the server redirects each device's request to a presigned URL of the S3
+    #: store, valid ``presigned_url_ttl_s``; needs an ``s3://`` store).
+    bundle_downloads: Literal["server", "presigned"] = "server"
+    presigned_url_ttl_s: int = Field(default=300, ge=10, le=7 * 24 * 3600)
+    #: The store's endpoint as devices reach it, when it differs from ``AWS_ENDPOINT_URL``
+    #: (presigned URLs are signed for the host they name).
+    artifacts_presign_endpoint: str | None = None
     #: Admin API token to install at start-up (hashed); unset, one is generated into data_dir.
     admin_token: SecretStr | None = None
     enrollment_token_ttl_s: int = Field(default=24 * 3600, gt=0)
@@ -99,6 +111,17 @@ class Settings(BaseSettings):
     rollout_build_wait_s: float = Field(default=1800, gt=0)
     #: How often the rollout reconciler steps every active rollout (and at once on reports).
     rollout_tick_s: float = Field(default=1.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _presigned_needs_s3(self) -> Settings:
+        if self.bundle_downloads == "presigned" and not (self.artifacts_url or "").startswith(
+            "s3://"
+        ):
+            raise ConfigError(
+                "EDGEFLEET_BUNDLE_DOWNLOADS=presigned needs an S3 artifact store "
+                "(EDGEFLEET_ARTIFACTS_URL=s3://bucket/prefix)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _production_guard(self) -> Settings:

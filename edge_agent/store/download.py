@@ -6,6 +6,8 @@ file is moved to its final name. An interrupted download (network drop, agent cr
 loss) leaves ``<sha256>.part``; the next attempt asks for the rest with ``Range`` and keeps
 the bytes it has when the server honours it (206 from the right offset), else starts over.
 A part file is named by the digest it must reach, so resuming can never mix two bundles.
+The server may redirect the request to a presigned URL of its object store: ``Range`` follows
+the redirect, the device's credential does not.
 """
 
 from __future__ import annotations
@@ -72,10 +74,12 @@ def download_bundle(
             h = hashlib.file_digest(f, "sha256")  # resumed: the hash continues from here
     else:
         h = hashlib.sha256()
-    headers = {"Authorization": f"Bearer {credential}"}
-    if have:
-        headers["Range"] = f"bytes={have}-"
+    headers = {"Range": f"bytes={have}-"} if have else {}
     request = urllib.request.Request(url, headers=headers)
+    # The credential is for the server alone: a redirect (to a presigned URL of the server's
+    # object store) does not carry it, while Range goes along. S3 refuses a request that
+    # authenticates twice, and a store has no business seeing the device's credential.
+    request.add_unredirected_header("Authorization", f"Bearer {credential}")
     received = have
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:

@@ -43,6 +43,7 @@ from fleet_server.artifacts import ArtifactStore
 from fleet_server.builds.service import get_build
 from fleet_server.builds.tables import Build, BuildState
 from fleet_server.bundles.tables import Bundle
+from fleet_server.errors import NotFoundError, UnavailableError
 from fleet_server.keys.service import ServerKeys
 from fleet_server.registry.service import version_by_id
 
@@ -239,6 +240,10 @@ class BuildRunner:
             self._run(build_id)
         except ClaimLost:
             log.warning("build %s: this process lost its claim; its result is dropped", build_id)
+        except UnavailableError as e:  # the artifact store (S3) failed: nothing was published
+            log.warning("build %s failed: %s", build_id, e.message)
+            with contextlib.suppress(ClaimLost):
+                self._fail(build_id, "artifact_store", e.message)
         except Exception as e:  # a bug here must fail the job, not leave it "running"
             log.exception("build %s failed unexpectedly", build_id)
             with contextlib.suppress(ClaimLost):
@@ -258,25 +263,32 @@ class BuildRunner:
             model, version = version_by_id(session, build.model_version_id)
             profile = self.catalog.get(build.profile)
             options = dict(build.options)
+            blobs = {
+                "source": (version.source_sha256, "source.onnx"),
+                "calibration": (version.calibration_sha256, "calibration.npz"),
+                "validation": (version.validation_sha256, "validation.npz"),
+            }
             spec_version = {
-                "source": str(self.store.path(version.source_sha256)),
                 "source_sha256": version.source_sha256,
                 "name": model.name,
                 "version": version.version,
                 "inputs": version.inputs,
                 "outputs": [{k: v for k, v in o.items() if k != "kind"} for o in version.outputs],
                 "output_kinds": {o["name"]: o["kind"] for o in version.outputs if "kind" in o},
-                "calibration": str(self.store.path(version.calibration_sha256))
-                if version.calibration_sha256
-                else None,
-                "validation": str(self.store.path(version.validation_sha256))
-                if version.validation_sha256
-                else None,
             }
         work = self.store.scratch_dir()
         try:
+            try:  # the store's own files, or copies in the work directory (S3)
+                files = {
+                    what: str(self.store.materialize(sha, work / name)) if sha else None
+                    for what, (sha, name) in blobs.items()
+                }
+            except NotFoundError as e:
+                self._fail(build_id, "artifact_store", e.message)
+                return
             spec = {
                 **spec_version,
+                **files,
                 "work": str(work),
                 "profile": profile.model_dump(mode="json"),
                 "thresholds": options.get("thresholds") or {},

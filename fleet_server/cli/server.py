@@ -35,6 +35,8 @@ def serve(
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for chatty in ("botocore", "boto3", "s3transfer"):  # the S3 store's client, at INFO
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     overrides: dict[str, Any] = {}
     if host is not None:
         overrides["host"] = host

@@ -163,7 +163,7 @@ def ingest() -> None:
     """Run one more telemetry ingest process (a member of the $share/ group) against the
     server's database and broker (configured by the same EDGEFLEET_* variables as
     `edgefleet serve`). Runs until interrupted."""
-    from fleet_server.artifacts import ArtifactStore
+    from fleet_server.artifacts import open_store
     from fleet_server.database import make_engine
     from fleet_server.schema import check_for_start
     from fleet_server.settings import Settings
@@ -179,7 +179,7 @@ def ingest() -> None:
     check_for_start(engine)
     service = TelemetryService(
         engine,
-        ArtifactStore(settings.artifacts_dir),
+        open_store(settings),
         bucket_s=settings.telemetry_bucket_s,
         window_s=settings.telemetry_window_s,
     )

@@ -6,10 +6,10 @@ import json
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Response, UploadFile
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 
 from fleet_server.api.deps import Operator, SessionDep, StateDep, Viewer
+from fleet_server.artifacts.responses import blob_response
 from fleet_server.errors import InvalidInputError
 from fleet_server.hil import service
 from fleet_server.hil.tables import HilJobPublic, HilRigPublic
@@ -88,29 +88,36 @@ def post_verdict(
     return service.public(job)
 
 
-def _report(state: StateDep, session: SessionDep, job_id: str, which: str) -> FileResponse:
+def _report(
+    request: Request, state: StateDep, session: SessionDep, job_id: str, which: str
+) -> Response:
     media_type = "text/html; charset=utf-8" if which == "report" else "application/xml"
-    path = service.report_path(state.store, service.get_job(session, job_id), which)
-    return FileResponse(path, media_type=media_type)
+    sha256 = service.report_sha256(service.get_job(session, job_id), which)
+    session.close()  # the connection goes back to the pool before the file streams
+    return blob_response(state.store, sha256, request, media_type=media_type)
 
 
 # Two fixed paths rather than one "/{name}": a template would also match "…/verdict" and
 # answer a GET there with 422 instead of 405.
 @router.get(
     "/jobs/{job_id}/report.html",
-    response_class=FileResponse,
+    response_class=Response,
     responses={200: {"content": {"text/html": {}}}},
 )
-def job_report(job_id: str, state: StateDep, session: SessionDep, _: Viewer) -> FileResponse:
+def job_report(
+    job_id: str, request: Request, state: StateDep, session: SessionDep, _: Viewer
+) -> Response:
     """The job's report.html, as its runner posted it."""
-    return _report(state, session, job_id, "report")
+    return _report(request, state, session, job_id, "report")
 
 
 @router.get(
     "/jobs/{job_id}/junit.xml",
-    response_class=FileResponse,
+    response_class=Response,
     responses={200: {"content": {"application/xml": {}}}},
 )
-def job_junit(job_id: str, state: StateDep, session: SessionDep, _: Viewer) -> FileResponse:
+def job_junit(
+    job_id: str, request: Request, state: StateDep, session: SessionDep, _: Viewer
+) -> Response:
     """The job's junit.xml, as its runner posted it."""
-    return _report(state, session, job_id, "junit")
+    return _report(request, state, session, job_id, "junit")

@@ -17,7 +17,6 @@ import hmac
 import secrets
 import uuid
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import IO, Any
 
 from pydantic import Field
@@ -284,8 +283,8 @@ def cancel(session: Session, rollout_id: str, why: str, now: datetime) -> None:
         session.add(job)
 
 
-def report_path(store: ArtifactStore, job: HilJob, which: str) -> Path:
+def report_sha256(job: HilJob, which: str) -> str:
     sha = job.report_sha256 if which == "report" else job.junit_sha256
     if sha is None:
         raise NotFoundError(f"HIL job {job.id} has no {which} yet", job_id=job.id)
-    return store.path(sha)
+    return sha

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.responses import Response
 
 from fleet_server.api.deps import Operator, SessionDep, StateDep, Viewer
-from fleet_server.errors import NotFoundError
+from fleet_server.artifacts.responses import blob_response
 from fleet_server.registry import service
 from fleet_server.registry.tables import ModelPublic, ModelVersionPublic
 
@@ -95,15 +95,24 @@ def show_version(name: str, version: str, session: SessionDep, _: Viewer) -> Mod
 
 @router.get(
     "/{name}/versions/{version}/onnx",
-    response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}},
+    response_class=Response,
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        206: {"content": {"application/octet-stream": {}}},
+        416: {"description": "the range starts past the file's end"},
+    },
 )
 def download_onnx(
-    name: str, version: str, state: StateDep, session: SessionDep, _: Operator
-) -> FileResponse:
+    name: str, version: str, request: Request, state: StateDep, session: SessionDep, _: Operator
+) -> Response:
     """The ONNX file as uploaded (for reference predictions, e.g. a HIL run's)."""
     row = service.get_version(session, name, version)[1]
-    path = state.store.path(row.source_sha256)
-    if not path.is_file():
-        raise NotFoundError(f"{name} {version}'s ONNX file is missing from the artifact store")
-    return FileResponse(path, media_type="application/octet-stream", filename=row.filename)
+    sha256, filename = row.source_sha256, row.filename
+    session.close()  # the connection goes back to the pool before the file streams
+    return blob_response(
+        state.store,
+        sha256,
+        request,
+        media_type="application/octet-stream",
+        filename=filename,
+    )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from sqlmodel import Session, col, select
 
+from edge_agent.contracts.errors import EdgefleetError
 from edge_agent.telemetry.drift import Baseline
 from fleet_server.artifacts import ArtifactStore
 from fleet_server.bundles.tables import Bundle
@@ -21,6 +22,9 @@ from fleet_server.registry.tables import MLModel, ModelVersion
 __all__ = ["BundleCatalog", "BundleInfo"]
 
 log = logging.getLogger(__name__)
+
+#: A baseline is a few histograms; a bigger one is not read into memory.
+MAX_BASELINE_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -81,13 +85,18 @@ class BundleCatalog:
             self._cache = {k: v for k, v in self._cache.items() if v is not None}
 
     def _baseline(self, sha256: str) -> Baseline | None:
-        path = self._store.path(sha256)
+        """The bundle's ``baseline.json``, read as a stream (from S3 too, without a copy)."""
         try:
-            with tarfile.open(path) as tar:
-                member = tar.extractfile("baseline.json")
-                if member is None:
-                    return None
-                return Baseline.from_json(json.load(io.BytesIO(member.read())))
-        except (OSError, KeyError, ValueError, tarfile.TarError) as e:
+            with self._store.open(sha256) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+                for member in tar:
+                    if member.name != "baseline.json" or not member.isfile():
+                        continue
+                    if member.size > MAX_BASELINE_BYTES:
+                        raise ValueError(f"baseline.json is {member.size} bytes")
+                    f = tar.extractfile(member)
+                    assert f is not None  # a regular file
+                    return Baseline.from_json(json.load(io.BytesIO(f.read())))
+            raise KeyError("the bundle has no baseline.json")
+        except (EdgefleetError, OSError, KeyError, ValueError, tarfile.TarError) as e:
             log.warning("bundle %s: no usable drift baseline (%s)", sha256[:12], e)
             return None

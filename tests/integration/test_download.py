@@ -21,6 +21,7 @@ SHA = hashlib.sha256(BLOB).hexdigest()
 class Origin(ThreadingHTTPServer):
     def __init__(self) -> None:
         self.ranges: list[str | None] = []
+        self.authorizations: list[str | None] = []
         self.cut_first_at: int | None = None
         self.honour_range = True
         super().__init__(("127.0.0.1", 0), _Handler)
@@ -35,6 +36,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         rng = self.headers.get("Range")
         self.server.ranges.append(rng)
+        self.server.authorizations.append(self.headers.get("Authorization"))
         start = 0
         if rng and self.server.honour_range:
             start = int(rng.removeprefix("bytes=").split("-")[0])
@@ -62,10 +64,33 @@ def origin() -> Iterator[Origin]:
     srv.shutdown()
 
 
-def _get(origin: Origin, tmp_path: Path, **kw: object) -> Path:
+class Redirector(ThreadingHTTPServer):
+    """The fleet server in presigned mode: every GET is sent on (307) to the object store."""
+
+    def __init__(self, to: str) -> None:
+        self.to = to
+        self.authorizations: list[str | None] = []
+        super().__init__(("127.0.0.1", 0), _RedirectHandler)
+
+
+class _RedirectHandler(BaseHTTPRequestHandler):
+    server: Redirector
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.server.authorizations.append(self.headers.get("Authorization"))
+        self.send_response(307)
+        self.send_header("Location", f"{self.server.to}?X-Amz-Signature=abc")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def _get(origin: Origin, tmp_path: Path, url: str | None = None, **kw: object) -> Path:
     dest, part = tmp_path / "b.efb", tmp_path / "b.part"
     download_bundle(
-        f"http://127.0.0.1:{origin.server_address[1]}/b", dest, part, size=len(BLOB),
+        url or f"http://127.0.0.1:{origin.server_address[1]}/b", dest, part, size=len(BLOB),
         sha256=SHA, credential="efd_x", timeout_s=5, **kw,  # type: ignore[arg-type]
     )  # fmt: skip
     return dest
@@ -119,3 +144,25 @@ def test_free_space_is_checked_first(tmp_path: Path) -> None:
     with pytest.raises(InsufficientSpaceError) as e:
         check_free_space(tmp_path, 1_000_000, reserve_bytes=1 << 62)
     assert e.value.reason == "insufficient_space" and e.value.fields["needed_bytes"] == 2_000_000
+
+
+def test_a_redirect_to_the_object_store_carries_range_and_not_the_credential(
+    origin: Origin, tmp_path: Path
+) -> None:
+    """Presigned downloads: the server answers 307 to a URL of its object store; the resumed
+    request there still asks for the rest with Range, and the device's credential, which is
+    for the server alone, does not go along (S3 would refuse a request signed twice)."""
+    server = Redirector(f"http://127.0.0.1:{origin.server_address[1]}/b")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1/bundles/{SHA}"
+        origin.cut_first_at = 30_000
+        with pytest.raises(TransportError):
+            _get(origin, tmp_path, url)
+        dest = _get(origin, tmp_path, url)
+    finally:
+        server.shutdown()
+    assert dest.read_bytes() == BLOB
+    assert server.authorizations == ["Bearer efd_x", "Bearer efd_x"]
+    assert origin.authorizations == [None, None]
+    assert origin.ranges == [None, "bytes=30000-"]

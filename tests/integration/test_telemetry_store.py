@@ -18,7 +18,7 @@ from sqlmodel import Session, select
 
 from edge_agent.telemetry.drift import TensorDrift
 from edge_agent.telemetry.sketch import new_sketch, to_wire
-from fleet_server.artifacts import ArtifactStore
+from fleet_server.artifacts.local import LocalArtifactStore
 from fleet_server.bundles.tables import Bundle
 from fleet_server.database import make_engine
 from fleet_server.devices.tables import Device
@@ -84,7 +84,7 @@ def db(db_url: str, tmp_path: Path) -> Any:
                 Device(id=d, profile="x86-64-avx2", enrolled_at=now, secret_hash=uuid.uuid4().hex)
             )
         session.commit()
-    store = ArtifactStore(tmp_path / "artifacts")
+    store = LocalArtifactStore(tmp_path / "artifacts")
     rng = np.random.default_rng(0)
     baseline = {
         "format": 2,
@@ -246,7 +246,7 @@ def test_evaluations_at_once_open_one_alert_per_finding(db: Any, tmp_path: Path)
     shifted = [[0] * 9 + [300], [30] * 10, [30] * 10, [30] * 10]
     with Session(engine) as session:
         store_batches(session, [_msg("dev-1", 1, requests=500, x=shifted)], bundles)
-    service = TelemetryService(engine, ArtifactStore(tmp_path / "artifacts"))
+    service = TelemetryService(engine, LocalArtifactStore(tmp_path / "artifacts"))
     start = threading.Barrier(8)
 
     def evaluate_now() -> None:
