@@ -18,6 +18,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.contracts.errors import ConfigError, EdgefleetError
 from edge_agent.lifecycle.deployer import Deployer, DeviceContext
 from edge_agent.lifecycle.journal import Journal
+from edge_agent.link.identity import CertificateRenewer, recover
 from edge_agent.link.mqtt import AgentLink
 from edge_agent.protocol.desired import SignedDesiredState
 from edge_agent.protocol.status import Refusal, ReportedStatus, SlotStatus, Transition
@@ -117,6 +118,12 @@ class Agent:
             on_transition=self._transitioned,
             policy=config.probation,
         )
+        mqtt = config.mqtt
+        self.renewer: CertificateRenewer | None = None
+        if mqtt.url.startswith("mqtts://") and mqtt.cert_file and mqtt.key_file:
+            done = recover(mqtt.cert_file, mqtt.key_file)  # before the link reads them
+            if done:
+                log.warning("client certificate: %s", done)
         self.link = AgentLink(
             config.device_id,
             config.mqtt,
@@ -125,6 +132,18 @@ class Agent:
             on_ack=self.telemetry.acknowledged if self.telemetry else lambda payload: None,
             password=_read_secret(config.mqtt.password_file) if config.mqtt.password_file else None,
         )
+        if mqtt.url.startswith("mqtts://") and mqtt.cert_file and mqtt.key_file:
+            self.renewer = CertificateRenewer(
+                device_id=config.device_id,
+                server_url=config.server.url,
+                credential=credential,
+                cert_file=mqtt.cert_file,
+                key_file=mqtt.key_file,
+                switch=self.link.switch_identity,
+                connected=self.link.connected.is_set,
+                remaining=mqtt.renew_remaining,
+                check_s=mqtt.renew_check_s,
+            )
         self.runtimes = runtimes
         self._last_transition: Transition | None = None
         self._refusal: Refusal | None = None
@@ -150,9 +169,13 @@ class Agent:
         if self.telemetry is not None:
             self.telemetry.start()
         self.link.start()
+        if self.renewer is not None:
+            self.renewer.start()
 
     def stop(self) -> None:
         self._stopping.set()
+        if self.renewer is not None:
+            self.renewer.stop()
         with self._wakeup:
             self._wakeup.notify_all()
         if self.telemetry is not None:

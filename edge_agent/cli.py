@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from edge_agent.config import AgentConfig, render_config
 from edge_agent.contracts.durable import write_atomic
 from edge_agent.contracts.errors import ConfigError, EdgefleetError
+from edge_agent.link.identity import new_key_and_csr
 from edge_agent.logs import configure as configure_logging
 from edge_agent.protocol.enrollment import EnrollRequest, EnrollResponse
 from edge_agent.runtimes import available_runtimes
@@ -33,7 +34,7 @@ def _enroll(args: argparse.Namespace) -> int:
     if config_path.exists() and not args.force:
         print(f"error: {config_path} exists; pass --force to enroll again", file=sys.stderr)
         return 2
-    key_pem, csr = _key_and_csr(args.device_id)
+    key_pem, csr = new_key_and_csr(args.device_id)
     request_body = EnrollRequest(
         token=args.token,
         device_id=args.device_id,
@@ -98,26 +99,6 @@ def _enroll(args: argparse.Namespace) -> int:
     print(f"enrolled {reply.device_id} ({reply.profile}); config written to {config_path}")
     print(f"run it with: edge-agent run --config {config_path}")
     return 0
-
-
-def _key_and_csr(device_id: str) -> tuple[bytes, str]:
-    """A new EC P-256 key for the device's MQTT identity and a request naming the device id.
-    The key is written only once enrollment succeeds, and never leaves the device."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return key_pem, csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def _label(text: str) -> tuple[str, str]:

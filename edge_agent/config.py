@@ -46,6 +46,11 @@ class MqttConfig(_Section):
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    #: The client certificate is renewed once less than this share of its lifetime is left
+    #: (a third: four months of a year's certificate), checked every ``renew_check_s``, which
+    #: is also how long a failed renewal waits before the next try.
+    renew_remaining: float = Field(default=1 / 3, gt=0, lt=1)
+    renew_check_s: float = Field(default=3600, gt=0)
 
     @field_validator("url")
     @classmethod

@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     #: Admin API token to install at start-up (hashed); unset, one is generated into data_dir.
     admin_token: SecretStr | None = None
     enrollment_token_ttl_s: int = Field(default=24 * 3600, gt=0)
+    #: How long a device's MQTT client certificate is valid, from enrollment or renewal (the
+    #: agent renews it when a third of that is left: `[mqtt] renew_remaining` in agent.toml).
+    device_certificate_validity_s: int = Field(default=365 * 86400, ge=60)
     #: How long a dashboard sign-in lasts (it ends sooner if its API token is revoked).
     ui_session_ttl_s: int = Field(default=12 * 3600, gt=0, le=30 * 24 * 3600)
     desired_state_ttl_s: int = Field(default=30 * 24 * 3600, gt=0)

@@ -8,14 +8,23 @@ Reconnects use jittered exponential backoff (:func:`reconnect_delay_s`, as aiomq
 fleet that lost its broker at once does not come back in lockstep. paho's own backoff has no
 jitter, so it is set to zero and the wait happens in the disconnect / connect-failure
 callbacks, on paho's network thread, where paho would have waited.
+
+A renewed client certificate is switched to by :meth:`AgentLink.switch_identity`: a second
+client with the same client id connects with the new pair and, when the broker accepts it,
+takes the session over from the first (MQTT's session takeover: the broker hands the session,
+subscriptions and queued messages included, to the newer connection). A broker that refuses the
+new certificate never touches the old connection, which goes on as it was.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import ssl
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -29,6 +38,15 @@ from edge_agent.protocol.presence import OFFLINE, ONLINE
 from edge_agent.protocol.topics import Topics
 
 log = logging.getLogger(__name__)
+
+
+class _Accepted:
+    """The reason code of a CONNACK already seen (by :meth:`AgentLink.switch_identity`)."""
+
+    is_failure = False
+
+
+_ACCEPTED = _Accepted()
 
 
 def reconnect_delay_s(
@@ -57,41 +75,132 @@ class AgentLink:
         self._on_connected = on_connected
         self._on_ack = on_ack
         self.connected = threading.Event()
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5)
-        if config.username is not None:
-            client.username_pw_set(config.username, password)
-        elif password is not None:
+        self._device_id = device_id
+        self._password = password
+        if config.username is None and password is not None:
             raise ConfigError("mqtt.password_file is set but mqtt.username is not")
-        client.will_set(self.topics.online, OFFLINE, qos=1, retain=True)
-        if config.url.startswith("mqtts://"):
-            if config.ca_file is None:
-                raise ConfigError("an mqtts:// broker needs mqtt.ca_file")
-            client.tls_set(
-                ca_certs=str(config.ca_file),
-                certfile=str(config.cert_file) if config.cert_file else None,
-                keyfile=str(config.key_file) if config.key_file else None,
-            )
-        client.reconnect_delay_set(0, 0)  # the jittered wait is ours (see _back_off)
+        if config.url.startswith("mqtts://") and config.ca_file is None:
+            raise ConfigError("an mqtts:// broker needs mqtt.ca_file")
         self._reconnect_max_s = reconnect_max_s
         self._attempt = 0
         self._stopping = threading.Event()
+        #: A client whose session a newer one (a renewed certificate's) is taking over: when
+        #: the broker drops it, it must not reconnect (it would take the session back).
+        self._retiring: mqtt.Client | None = None
+        self._switch_lock = threading.Lock()
+        client = self._new_client(config.cert_file, config.key_file)
+        self._wire(client)
+        self._client = client
+
+    def _new_client(self, cert_file: Path | None, key_file: Path | None) -> mqtt.Client:
+        config = self._config
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=self._device_id, protocol=mqtt.MQTTv5
+        )
+        if config.username is not None:
+            client.username_pw_set(config.username, self._password)
+        client.will_set(self.topics.online, OFFLINE, qos=1, retain=True)
+        if config.url.startswith("mqtts://"):
+            client.tls_set(
+                ca_certs=str(config.ca_file),
+                certfile=str(cert_file) if cert_file else None,
+                keyfile=str(key_file) if key_file else None,
+            )
+        client.reconnect_delay_set(0, 0)  # the jittered wait is ours (see _back_off)
+        return client
+
+    def _wire(self, client: mqtt.Client) -> None:
         client.on_connect = self._handle_connect
         client.on_connect_fail = self._handle_connect_fail
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
-        self._client = client
 
-    def start(self) -> None:
+    def _connect_properties(self) -> Properties:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self._config.session_expiry_s
+        return props
+
+    def start(self) -> None:
         self._client.connect_async(
             self._config.host,
             self._config.port,
             keepalive=self._config.keepalive_s,
             clean_start=False,
-            properties=props,
+            properties=self._connect_properties(),
         )
         self._client.loop_start()
+
+    def switch_identity(self, cert_file: Path, key_file: Path, timeout_s: float = 30) -> bool:
+        """Connect with a new client certificate and key; True when the broker accepted them
+        and the link now runs on that connection (it took the session over from the old
+        one). False, with the old connection untouched, when the broker refused them or did
+        not answer within ``timeout_s``."""
+        with self._switch_lock:
+            if self._stopping.is_set():
+                return False
+            trial = self._new_client(cert_file, key_file)
+            accepted, ended = threading.Event(), threading.Event()
+
+            def on_connect(c: mqtt.Client, u: Any, f: Any, reason: Any, p: Any) -> None:
+                if reason.is_failure:
+                    log.warning("the broker refused the renewed certificate: %s", reason)
+                    ended.set()
+                else:
+                    accepted.set()
+
+            def on_disconnect(c: mqtt.Client, u: Any, f: Any, reason: Any, p: Any) -> None:
+                if not accepted.is_set():
+                    log.warning(
+                        "the broker closed the renewed certificate's connection: %s", reason
+                    )
+                ended.set()
+
+            trial.on_connect = on_connect
+            trial.on_connect_fail = lambda c, u: ended.set()
+            trial.on_disconnect = on_disconnect
+            # The session's queued messages come right after the CONNACK: handled as ever.
+            trial.on_message = self._handle_message
+            old = self._client
+            self._retiring = old
+            try:
+                trial.connect(
+                    self._config.host,
+                    self._config.port,
+                    keepalive=self._config.keepalive_s,
+                    clean_start=False,
+                    properties=self._connect_properties(),
+                )
+            except (OSError, ssl.SSLError) as e:  # e.g. the broker refused it in the handshake
+                log.warning("the broker refused the renewed certificate: %s", e)
+                self._retiring = None
+                return False
+            trial.loop_start()
+            deadline = time.monotonic() + timeout_s
+            while not (accepted.is_set() or ended.is_set()) and time.monotonic() < deadline:
+                accepted.wait(0.05)
+            if not accepted.is_set():
+                # Refused (TLS 1.3 reports a refused client certificate after the handshake),
+                # or no answer: the trial goes; the old connection never noticed.
+                trial.disconnect()
+                trial.loop_stop()
+                self._retiring = None
+                if not old.is_connected() and not self._stopping.is_set():
+                    # It dropped meanwhile (and was told not to retry): a client of the old
+                    # pair takes its place.
+                    log.info("the old connection dropped meanwhile; connecting again with it")
+                    old.loop_stop()
+                    self._client = self._new_client(self._config.cert_file, self._config.key_file)
+                    self._wire(self._client)
+                    self.start()
+                return False
+            # Accepted: the broker handed the session over and dropped the old connection.
+            self._wire(trial)
+            self._client = trial
+            old.loop_stop()  # its network thread ends (its disconnect was told not to retry)
+            self._retiring = None
+            self._handle_connect(trial, None, None, _ACCEPTED, None)
+            log.info("now connected with the renewed certificate")
+            return True
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stopping.set()
@@ -128,6 +237,10 @@ class AgentLink:
     def _handle_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
+        if client is self._retiring or client is not self._client:
+            # A newer connection took this one's session: it must not come back for it.
+            client.disconnect()  # (not connected: marks it done, so paho does not reconnect)
+            return
         self.connected.clear()
         log.warning("disconnected from broker: %s", reason)
         self._back_off()

@@ -1,15 +1,19 @@
 """Enrollment over HTTP (``POST /v1/devices/enroll``): what a device sends with its one-time
-token, and the identity it gets back. Both sides import these models, so the agent never builds
-the JSON by hand and the server's OpenAPI document names the same fields.
+token, and the identity it gets back; and the renewal of its MQTT client certificate before it
+expires (``POST /v1/devices/{id}/certificate``, authenticated by the device's credential).
+Both sides import these models, so the agent never builds the JSON by hand and the server's
+OpenAPI document names the same fields.
 """
 
 from __future__ import annotations
+
+from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from edge_agent.protocol.topics import DEVICE_ID_PATTERN
 
-__all__ = ["EnrollRequest", "EnrollResponse"]
+__all__ = ["CertificateRenewal", "CertificateRequest", "EnrollRequest", "EnrollResponse"]
 
 
 class EnrollRequest(BaseModel):
@@ -41,3 +45,19 @@ class EnrollResponse(BaseModel):
     ca_cert: str | None = None
     #: For brokers without client certificates: username = device id.
     mqtt_password: str
+
+
+class CertificateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: PEM certificate request for a new key (CN = the device's id).
+    csr: str = Field(max_length=16384)
+
+
+class CertificateRenewal(BaseModel):
+    device_id: str
+    #: The new client certificate (PEM), and the fleet CA that signed it.
+    client_cert: str
+    ca_cert: str
+    serial: str
+    not_after: datetime

@@ -92,7 +92,7 @@ class FleetCA:
         *,
         server: bool,
         hosts: list[str],
-        days: int,
+        days: float,
     ) -> x509.Certificate:
         now = datetime.now(UTC)
         builder = (
@@ -121,13 +121,13 @@ class FleetCA:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         return builder.sign(self.key, hashes.SHA256())
 
-    def sign_device_csr(self, csr_pem: str, device_id: str, days: int = 365) -> str:
+    def sign_device_csr(self, csr_pem: str, device_id: str, days: float = 365) -> str:
         """The device's client certificate (PEM): :meth:`issue_device_certificate`."""
         cert = self.issue_device_certificate(csr_pem, device_id, days)
         return cert.public_bytes(serialization.Encoding.PEM).decode()
 
     def issue_device_certificate(
-        self, csr_pem: str, device_id: str, days: int = 365
+        self, csr_pem: str, device_id: str, days: float = 365
     ) -> x509.Certificate:
         """The device's client certificate; its CSR must be self-consistent and name the
         device id as its CN (and nothing else may be asked for)."""

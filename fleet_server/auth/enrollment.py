@@ -132,6 +132,7 @@ def enroll(
     mqtt_url: str,
     root_public_key: str,
     ca: FleetCA,
+    certificate_validity_s: int = 365 * 86400,
 ) -> Enrolled:
     """Trade a one-time token for a device identity. A refused request consumes nothing.
 
@@ -161,7 +162,11 @@ def enroll(
         raise InvalidInputError(
             f"this token enrolls {token.profile!r} devices, not {req.profile!r}", field="profile"
         )
-    cert = ca.issue_device_certificate(req.csr, req.device_id) if req.csr else None
+    cert = (
+        ca.issue_device_certificate(req.csr, req.device_id, days=certificate_validity_s / 86400)
+        if req.csr
+        else None
+    )
     secret = new_secret(DEVICE_SECRET_PREFIX)
     mqtt_password = new_secret("")
     identity = {

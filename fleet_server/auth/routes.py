@@ -9,21 +9,27 @@ import logging
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Depends, Path, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 from sqlmodel import Session
 
 from edge_agent.contracts.errors import TransportError
-from edge_agent.protocol.enrollment import EnrollRequest, EnrollResponse
+from edge_agent.protocol.enrollment import (
+    CertificateRenewal,
+    CertificateRequest,
+    EnrollRequest,
+    EnrollResponse,
+)
 from edge_agent.protocol.topics import DEVICE_ID_PATTERN
-from fleet_server.api.deps import Admin, AppState, Operator, SessionDep, StateDep
-from fleet_server.api.principal import Role
+from fleet_server.api.deps import Admin, AppState, Operator, PrincipalDep, SessionDep, StateDep
+from fleet_server.api.principal import Principal, Role
 from fleet_server.api.schemas import RequestBody
 from fleet_server.audit.service import record
 from fleet_server.auth import enrollment
 from fleet_server.auth.broker_files import BrokerFiles
 from fleet_server.auth.decommission import decommission
+from fleet_server.auth.renewal import renew_certificate
 from fleet_server.auth.service import issue_api_token, list_api_tokens, revoke_api_token
 from fleet_server.auth.tables import (
     ApiTokenPublic,
@@ -32,6 +38,7 @@ from fleet_server.auth.tables import (
     EnrollmentTokenCreate,
     EnrollmentTokenPublic,
 )
+from fleet_server.errors import PermissionDeniedError
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +132,7 @@ def _enroll(state: AppState, body: EnrollRequest) -> EnrollResponse:
             mqtt_url=state.control.device_mqtt_url,
             root_public_key=root,
             ca=state.ca,
+            certificate_validity_s=state.settings.device_certificate_validity_s,
         )
         state.control.clear_desired(body.device_id)
         files = BrokerFiles.from_settings(state.settings)
@@ -144,6 +152,39 @@ def _enroll(state: AppState, body: EnrollRequest) -> EnrollResponse:
                         "%s: %s enrolled, the broker has not reread its files", e, body.device_id
                     )
     return done.reply
+
+
+def _the_device_itself(
+    device_id: Annotated[str, Path(pattern=DEVICE_ID_PATTERN)], principal: PrincipalDep
+) -> Principal:
+    """The device named in the path, authenticated by its own credential (a dependency, so
+    that anyone else is refused before the body is looked at)."""
+    if principal.device_id != device_id:
+        raise PermissionDeniedError("only the device itself renews its certificate")
+    return principal
+
+
+@router.post(
+    "/v1/devices/{device_id}/certificate", response_model=CertificateRenewal, tags=["devices"]
+)
+def renew_device_certificate(
+    device_id: Annotated[str, Path(pattern=DEVICE_ID_PATTERN)],
+    body: CertificateRequest,
+    state: StateDep,
+    session: SessionDep,
+    _: Annotated[Principal, Depends(_the_device_itself)],
+) -> CertificateRenewal:
+    """A device's new MQTT client certificate, for a certificate request of a new key (CN =
+    its id), before the one it has expires. Only the device itself may ask (its credential);
+    the old certificate stays valid until it expires, since the device switches only once
+    the broker accepted the new one."""
+    return renew_certificate(
+        session,
+        state.ca,
+        device_id,
+        body.csr,
+        validity_s=state.settings.device_certificate_validity_s,
+    )
 
 
 class DecommissionBody(RequestBody):
