@@ -18,17 +18,18 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from edge_agent.config import AgentConfig
 from fleet_server.artifacts import open_store
 from fleet_server.broker import EmbeddedBroker, free_port
+from fleet_server.bundles.tables import Bundle
 from fleet_server.client import ApiClient, ApiError
 from fleet_server.database import make_engine
 from fleet_server.server import EmbeddedStack
 from fleet_server.settings import Settings
 from fleet_server.telemetry.catalog import BundleCatalog
-from hil.rig import LocalAgent, roll_out
+from hil.rig import LocalAgent, roll_out, wait_until
 from tests.conftest import ADMIN_TOKEN
 from tests.objectstore import MotoServer
 
@@ -198,9 +199,11 @@ def test_presigned_downloads_come_from_the_store_and_resume_with_range(
         assert refused.status_code == 403 and "location" not in refused.headers
 
 
-def test_a_store_that_fails_mid_upload_leaves_no_row_and_no_spool(
+def test_a_store_that_fails_leaves_no_row_behind(
     broker: EmbeddedBroker, model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The store stops answering: an upload is refused (503) with no version recorded and no
+    spool left; a build fails naming the store, with no bundle recorded."""
     with MotoServer(tmp_path) as own:
         for name, value in own.env().items():
             monkeypatch.setenv(name, value)
@@ -209,16 +212,34 @@ def test_a_store_that_fails_mid_upload_leaves_no_row_and_no_spool(
             EmbeddedStack(settings) as stack,
             contextlib.closing(ApiClient(stack.url, ADMIN_TOKEN)) as api,
         ):
+            api.upload_model(model_path, "classifier", "1.0.0")  # while the store is up
             own.stop()
             with pytest.raises(ApiError) as refused:
-                api.upload_model(model_path, "classifier", "1.0.0")
+                api.upload_model(model_path, "classifier", "2.0.0")
             assert refused.value.status == 503, refused.value
-            assert "does not answer" in str(refused.value) and "AWS_ENDPOINT_URL" in str(
-                refused.value
-            )
-            assert api.get("/v1/models") == []
+            message = str(refused.value)
+            assert "does not answer" in message and "AWS_ENDPOINT_URL" in message, message
+            versions = api.get("/v1/models/classifier")["versions"]
+            assert [v["version"] for v in versions] == ["1.0.0"]
             spool = settings.data_dir / "artifacts-spool"
             assert [p for p in spool.rglob("*") if p.is_file()] == []
+
+            build = api.post(
+                "/v1/builds",
+                json={"model": "classifier", "version": "1.0.0", "profile": "x86-64-avx2"},
+            )
+            done = wait_until(
+                lambda: (b := api.get(f"/v1/builds/{build['id']}"))["state"] == "failed" and b,
+                120,
+                "the build to fail",
+            )
+            assert done["error"]["reason"] == "artifact_store", done["error"]
+            assert "does not answer" in done["error"]["message"], done["error"]
+            assert done.get("bundle_sha256") is None
+            engine = make_engine(settings.resolved_database_url)
+            with Session(engine) as session:
+                assert session.exec(select(Bundle)).all() == []
+            engine.dispose()
 
 
 def _serve(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
