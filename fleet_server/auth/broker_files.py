@@ -33,8 +33,7 @@ from edge_agent.contracts.errors import ConfigError, TransportError
 from fleet_server.auth.broker_acl import acl_text
 from fleet_server.auth.ca import FleetCA
 from fleet_server.auth.mqtt_passwords import password_file_text
-from fleet_server.auth.tables import DeviceCertificate
-from fleet_server.devices.tables import Device
+from fleet_server.devices.tables import Device, DeviceCertificate
 from fleet_server.settings import Settings
 
 log = logging.getLogger(__name__)

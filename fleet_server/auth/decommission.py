@@ -29,8 +29,7 @@ from fleet_server.audit.service import record
 from fleet_server.auth.broker_files import BrokerFiles
 from fleet_server.auth.ca import FleetCA
 from fleet_server.auth.service import DEVICE_SECRET_PREFIX, hash_secret, new_secret
-from fleet_server.auth.tables import DeviceCertificate
-from fleet_server.devices.tables import DesiredStateRecord, Device
+from fleet_server.devices.tables import DesiredStateRecord, Device, DeviceCertificate
 from fleet_server.errors import ConflictError, NotFoundError, UnavailableError
 
 _DEVICES = Device.__table__  # type: ignore[attr-defined]

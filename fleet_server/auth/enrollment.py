@@ -27,7 +27,6 @@ from fleet_server.auth.service import (
     new_secret,
 )
 from fleet_server.auth.tables import (
-    DeviceCertificate,
     EnrollmentToken,
     EnrollmentTokenBatch,
     EnrollmentTokenBatchCreate,
@@ -35,7 +34,7 @@ from fleet_server.auth.tables import (
     EnrollmentTokenPublic,
 )
 from fleet_server.database import aware
-from fleet_server.devices.tables import Device
+from fleet_server.devices.tables import Device, DeviceCertificate
 from fleet_server.errors import AuthenticationError, ConflictError, InvalidInputError
 
 _TOKENS = EnrollmentToken.__table__  # type: ignore[attr-defined]

@@ -18,8 +18,7 @@ from sqlmodel import Session
 from edge_agent.protocol.enrollment import CertificateRenewal
 from fleet_server.audit.service import record
 from fleet_server.auth.ca import FleetCA
-from fleet_server.auth.tables import DeviceCertificate
-from fleet_server.devices.tables import Device
+from fleet_server.devices.tables import Device, DeviceCertificate
 from fleet_server.errors import ConflictError, NotFoundError
 
 _CERTIFICATES = DeviceCertificate.__table__  # type: ignore[attr-defined]

@@ -90,17 +90,3 @@ class EnrollmentTokenPublic(BaseModel):
     expires_at: datetime
     profile: str | None
     labels: dict[str, str]
-
-
-class DeviceCertificate(SQLModel, table=True):
-    """A client certificate the fleet CA issued to a device (at enrollment): its serial is
-    what a revocation list names."""
-
-    __tablename__ = "device_certificates"
-
-    #: The serial number, lowercase hex.
-    serial: str = Field(primary_key=True, max_length=40)
-    device_id: str = Field(foreign_key="devices.id", index=True, max_length=63)
-    issued_at: datetime
-    not_after: datetime
-    revoked_at: datetime | None = Field(default=None, index=True)

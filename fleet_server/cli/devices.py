@@ -167,7 +167,12 @@ def devices_show(
         )
         + ", "
         f"agent {device.get('agent_version') or '?'}, labels {device['labels']}, "
-        f"seq {device['desired_seq']}/{device['reported_seq']}",
+        f"seq {device['desired_seq']}/{device['reported_seq']}"
+        + (
+            f", certificate until {device['certificate_expires_at']}"
+            if device.get("certificate_expires_at")
+            else ""
+        ),
         highlight=False,
     )
     table = Table("slot", "state", "serving", "target", "error")

@@ -7,19 +7,33 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
+from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from fleet_server.audit import service as audit
 from fleet_server.database import aware
 from fleet_server.devices.selectors import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, Selector
-from fleet_server.devices.tables import DesiredStateRecord, Device, DevicePublic, DeviceTransition
+from fleet_server.devices.tables import (
+    DesiredStateRecord,
+    Device,
+    DeviceCertificate,
+    DevicePublic,
+    DeviceTransition,
+)
 from fleet_server.errors import InvalidInputError, NotFoundError
 
 
 def to_public(session: Session, device: Device) -> DevicePublic:
     desired = session.get(DesiredStateRecord, device.id)
+    expires = session.exec(
+        select(func.max(DeviceCertificate.not_after)).where(
+            DeviceCertificate.device_id == device.id,
+            col(DeviceCertificate.revoked_at).is_(None),
+        )
+    ).one()
     return DevicePublic.model_validate(
-        device, update={"desired_seq": desired.seq if desired else 0}
+        device,
+        update={"desired_seq": desired.seq if desired else 0, "certificate_expires_at": expires},
     )
 
 

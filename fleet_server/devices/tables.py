@@ -87,8 +87,25 @@ class DeviceTransition(SQLModel, table=True):
     message: str | None = Field(default=None, max_length=500)
 
 
+class DeviceCertificate(SQLModel, table=True):
+    """A client certificate the fleet CA issued to a device (at enrollment or renewal): its
+    serial is what a revocation list names."""
+
+    __tablename__ = "device_certificates"
+
+    #: The serial number, lowercase hex.
+    serial: str = Field(primary_key=True, max_length=40)
+    device_id: str = Field(foreign_key="devices.id", index=True, max_length=63)
+    issued_at: datetime
+    not_after: datetime
+    revoked_at: datetime | None = Field(default=None, index=True)
+
+
 # --- API schemas -------------------------------------------------------------------------------
 
 
 class DevicePublic(DeviceBase, UtcPublic):
     desired_seq: int
+    #: When the newest of its MQTT client certificates that is not revoked expires (None:
+    #: none on file, e.g. a password-auth fleet). The agent renews it with a third left.
+    certificate_expires_at: datetime | None = None

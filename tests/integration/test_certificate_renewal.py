@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -16,10 +17,10 @@ from sqlmodel import Session, select
 
 from edge_agent.config import AgentConfig
 from edge_agent.link.identity import new_key_and_csr
-from fleet_server.auth.tables import DeviceCertificate
 from fleet_server.broker import free_port
 from fleet_server.client import ApiClient
 from fleet_server.database import make_engine
+from fleet_server.devices.tables import DeviceCertificate
 from fleet_server.server import EmbeddedStack
 from fleet_server.settings import Settings
 from hil.rig import LocalAgent, roll_out, wait_until
@@ -117,6 +118,9 @@ def test_the_agent_renews_before_expiry_and_works_on_the_new_certificate(
             assert format(renewed.serial_number, "x") in _issued(settings, "renew-1")
             assert renewed.subject.rfc4514_string() == "CN=renew-1"
             assert not list(config.mqtt.cert_file.parent.glob("*.new"))
+            # The operator sees the new expiry (the newest certificate on file).
+            shown = api.get("/v1/devices/renew-1")["certificate_expires_at"]
+            assert datetime.fromisoformat(shown) >= renewed.not_valid_after_utc, shown
             # On the new certificate the device is reachable as before: a rollout reaches it
             # and its reports come back.
             wait_until(lambda: _online(api, "renew-1"), 30, "the device online")
@@ -217,7 +221,10 @@ def test_the_server_signs_only_a_device_s_own_request(mtls_broker: Broker, tmp_p
         assert body["serial"] in _issued(settings, "own-a")
         audit = api.get("/v1/audit", params={"action": "device.certificate.renew"})
         assert any(e["target"] == "own-a" for e in audit), audit
-        # A decommissioned device cannot renew (its credential is revoked).
+        assert api.get("/v1/devices/own-a")["certificate_expires_at"] is not None
+        # A decommissioned device cannot renew (its credential is revoked), and has no valid
+        # certificate left.
         api.post("/v1/devices/own-a/decommission", json={"reason": "test"})
+        assert api.get("/v1/devices/own-a")["certificate_expires_at"] is None
         r = renew("own-a", "own-a", new_key_and_csr("own-a")[1])
         assert r.status_code == 401, r.text

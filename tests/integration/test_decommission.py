@@ -25,10 +25,9 @@ from sqlmodel import Session, select
 
 from edge_agent.protocol import Topics
 from fleet_server.auth.broker_files import revoked_serials
-from fleet_server.auth.tables import DeviceCertificate
 from fleet_server.client import ApiClient, ApiError
 from fleet_server.database import make_engine
-from fleet_server.devices.tables import Device
+from fleet_server.devices.tables import Device, DeviceCertificate
 from fleet_server.server import EmbeddedStack
 from fleet_server.settings import Settings
 from hil.rig import wait_until
