@@ -11,8 +11,13 @@ to the floor, and the server's CPU seconds.
 
 Target (issue 23): 10,000 devices well under a minute on the 2-core dev machine.
 
+``--password-file``: a password-auth broker's setup: the server writes the broker's password
+file (``EDGEFLEET_BROKER_PASSWORD_FILE``) for each new device and sends the broker SIGHUP
+(``EDGEFLEET_BROKER_RELOAD_COMMAND``); enrollments that arrive together share those writes.
+Also printed: how many writes and reloads there were.
+
 Run: .venv/bin/python bench/enrollment.py [--devices 10000] [--workers 8] [--csr]
-     [--database-url postgresql://…]
+     [--password-file] [--database-url postgresql://…]
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=10000)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--csr", action="store_true")
+    parser.add_argument("--password-file", action="store_true")
     parser.add_argument("--database-url")
     args = parser.parse_args()
     n = args.devices
@@ -68,6 +74,13 @@ def main() -> None:
     settings = {"EDGEFLEET_DATA_DIR": str(work / "server"), "EDGEFLEET_MQTT_URL": broker.url}
     if args.database_url:
         settings["EDGEFLEET_DATABASE_URL"] = args.database_url
+    reloads = work / "reloads"
+    if args.password_file:
+        assert broker._process is not None  # mosquitto, a process of its own
+        settings["EDGEFLEET_BROKER_PASSWORD_FILE"] = str(work / "passwords")
+        settings["EDGEFLEET_BROKER_RELOAD_COMMAND"] = (
+            f"sh -c 'kill -HUP {broker._process.pid} && echo reload >> {reloads}'"
+        )
     try:
         server, api = start_serve(settings, TOKEN, work / "server.log")
     except BaseException:
@@ -110,6 +123,10 @@ def main() -> None:
         client_cpu = time.process_time() - own
         assert len({r["device_id"] for r in replies}) == n
         assert all((r["client_cert"] is not None) == args.csr for r in replies)
+        if args.password_file:
+            listed = (work / "passwords").read_text().splitlines()
+            assert len(listed) == n, len(listed)  # every device in the broker's file
+            reloaded = len(reloads.read_text().splitlines())
     finally:
         server.terminate()
         server.wait(30)
@@ -118,6 +135,8 @@ def main() -> None:
 
     engine = "PostgreSQL" if args.database_url else "SQLite"
     kind = "with a CSR each" if args.csr else "no CSR"
+    if args.password_file:
+        kind += ", password file"
     print(f"{n} devices on {engine}, {args.workers} client threads, {kind}")
     print(f"tokens (one request):    {tokens_s:7.2f} s")
     print(
@@ -125,6 +144,8 @@ def main() -> None:
         f"server CPU {enroll_cpu:.1f} s ({enroll_cpu / n * 1000:.2f} ms a device), "
         f"the clients' {client_cpu:.1f} s"
     )
+    if args.password_file:
+        print(f"password file writes:    {reloaded} (and as many broker reloads) for {n}")
     print(
         f"HTTP floor (/healthz):   {floor_s:7.2f} s = {n / floor_s:,.0f} requests/s, "
         f"server CPU {floor_cpu:.1f} s ({floor_cpu / n * 1000:.2f} ms a request)"

@@ -20,7 +20,7 @@ from fleet_server.api.deps import AppState, StateDep, Viewer
 from fleet_server.api.limits import BodyLimits
 from fleet_server.artifacts import open_store
 from fleet_server.audit.routes import router as audit_router
-from fleet_server.auth.broker_files import BrokerFiles, sync_at_start
+from fleet_server.auth.broker_files import BrokerFiles, GroupedWrites, sync_at_start
 from fleet_server.auth.ca import FleetCA
 from fleet_server.auth.routes import router as auth_router
 from fleet_server.auth.service import authenticate, authenticate_ui_session, bootstrap_admin
@@ -103,7 +103,21 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
             ingest_metrics_dir=metrics_dir if ingest_processes else None,
         )
         ca = FleetCA.load_or_create(settings.ca_dir)
-        synced = sync_at_start(engine, ca, BrokerFiles.from_settings(settings))
+        broker_files = BrokerFiles.from_settings(settings)
+        synced = sync_at_start(engine, ca, broker_files)
+        # Enrollments write the password file (only), sharing writes when many arrive at once.
+        password_writes = (
+            GroupedWrites(
+                engine,
+                ca,
+                BrokerFiles(
+                    password_file=broker_files.password_file,
+                    reload_command=broker_files.reload_command,
+                ),
+            )
+            if broker_files.password_file is not None
+            else None
+        )
         if synced:
             log.warning("rewrote the broker's %s from the database", ", ".join(map(str, synced)))
         control = ControlPlane(
@@ -172,6 +186,7 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
             authenticate_session=authenticate_ui_session,
             telemetry=telemetry,
             rollouts=rollouts,
+            password_writes=password_writes,
         )
         try:
             yield

@@ -23,6 +23,7 @@ from fleet_server.settings import Settings
 if TYPE_CHECKING:
     from firmware_profiles import ProfileCatalog
     from fleet_server.artifacts import ArtifactStore
+    from fleet_server.auth.broker_files import GroupedWrites
     from fleet_server.auth.ca import FleetCA
     from fleet_server.builds.runner import BuildRunner
     from fleet_server.control.plane import ControlPlane
@@ -50,6 +51,9 @@ class AppState:
     authenticate_session: SessionAuthenticator
     telemetry: TelemetryService
     rollouts: RolloutEngine
+    #: The password file's writes, shared by enrollments that arrive together (None: the
+    #: broker has no password file).
+    password_writes: GroupedWrites | None = None
 
 
 async def get_state(request: Request) -> AppState:

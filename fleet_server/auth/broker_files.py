@@ -19,6 +19,7 @@ import logging
 import os
 import shlex
 import subprocess
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: How long the reload command may take.
 RELOAD_TIMEOUT_S = 30.0
+#: How long a grouped write waits for the callers about to join it.
+LINGER_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,83 @@ class BrokerFiles:
                 f"the broker reload command {self.reload_command!r} exited {done.returncode}"
                 + (f": {last[0][:200]}" if last[0] else "")
             )
+
+
+class GroupedWrites:
+    """The broker's files written for many requests at once (group commit): a pallet of
+    devices enrolling on a password-auth broker would otherwise rewrite the whole password
+    file, and reload the broker, once per device.
+
+    :meth:`write` is called after the caller's transaction committed, and returns once a
+    write that read the database after that commit is done (so the caller's change is in the
+    files and the broker was told, as before). While one write is under way, the callers that
+    arrive wait for it and then share the next one: one write covers them all."""
+
+    def __init__(self, engine: Engine, ca: FleetCA, files: BrokerFiles) -> None:
+        self.engine, self.ca, self.files = engine, ca, files
+        self._cond = threading.Condition()
+        self._requested = 0  # callers so far, numbered
+        self._done = 0  # callers whose change a finished write covered
+        self._writing = False
+        #: Each finished write's outcome, by the last caller it covered, kept until every
+        #: caller it covered has read it.
+        self._results: dict[int, tuple[list[Path], TransportError | None, BaseException | None]]
+        self._results = {}
+        self._waiting: set[int] = set()
+        #: Writes done, and the callers they covered (for the benchmark and tests).
+        self.writes = 0
+        self.covered = 0
+
+    def write(self) -> tuple[list[Path], TransportError | None]:
+        """(files written, the reload's failure if it failed) for the write that covered this
+        caller. An :class:`OSError` writing the files is raised to every caller it covered."""
+        with self._cond:
+            self._requested += 1
+            mine = self._requested
+            self._waiting.add(mine)
+            while self._done < mine:
+                if self._writing:
+                    self._cond.wait()
+                    continue
+                self._writing = True
+                # Enrollments under way now commit within a few milliseconds: waiting that
+                # long lets this write cover them too, instead of the next.
+                self._cond.wait(LINGER_S)
+                upto = self._requested
+                self._cond.release()
+                error: BaseException | None = None
+                outcome: tuple[list[Path], TransportError | None] = ([], None)
+                try:
+                    outcome = self._write_now()
+                except BaseException as e:  # handed to every caller this write covered
+                    error = e
+                finally:
+                    self._cond.acquire()
+                    self._writing = False
+                    self.writes += 1
+                    self.covered += upto - self._done
+                    self._done = upto
+                    self._results[upto] = (*outcome, error)
+                    self._cond.notify_all()
+            written, reload_error, error = self._results[min(k for k in self._results if k >= mine)]
+            self._waiting.discard(mine)
+            oldest = min(self._waiting, default=self._requested + 1)
+            for covered in [k for k in self._results if k < oldest]:
+                del self._results[covered]
+            if error is not None:
+                raise error
+            return written, reload_error
+
+    def _write_now(self) -> tuple[list[Path], TransportError | None]:
+        with Session(self.engine) as session:
+            written = self.files.write(self.files.contents(session, self.ca))
+        if not written:
+            return written, None
+        try:
+            self.files.reload()
+        except TransportError as e:
+            return written, e
+        return written, None
 
 
 def _crl(path: Path, ca: FleetCA, serials: list[str]) -> bytes:

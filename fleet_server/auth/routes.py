@@ -4,7 +4,6 @@ identity)."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from datetime import datetime
 from typing import Annotated
@@ -135,22 +134,35 @@ def _enroll(state: AppState, body: EnrollRequest) -> EnrollResponse:
             certificate_validity_s=state.settings.device_certificate_validity_s,
         )
         state.control.clear_desired(body.device_id)
-        files = BrokerFiles.from_settings(state.settings)
-        if not done.again:
-            # A new device changes the password file only: the CRL and ACL are not read again
-            # on every enrollment of a pallet.
-            files = dataclasses.replace(files, crl_file=None, acl_file=None)
-        if files.configured:
-            # A new password to add, or a decommissioned id back in service (its deny block
-            # leaves the ACL): the broker rereads its files.
-            written = files.write(files.contents(session, state.ca))
+        if done.again:
+            # A decommissioned id back in service: its deny block leaves the ACL, its new
+            # password joins the password file, and the broker rereads them.
+            files = BrokerFiles.from_settings(state.settings)
+            written = files.write(files.contents(session, state.ca)) if files.configured else []
+            reload_error = None
             if written:
                 try:
                     files.reload()
                 except TransportError as e:
-                    log.warning(
-                        "%s: %s enrolled, the broker has not reread its files", e, body.device_id
-                    )
+                    reload_error = e
+        elif state.password_writes is not None:
+            # A new device changes the password file only, and a pallet of them shares its
+            # writes and reloads (fleet_server.auth.broker_files.GroupedWrites).
+            try:
+                _, reload_error = state.password_writes.write()
+            except OSError as e:
+                # Enrolled all the same (the token is spent): the file is written again at the
+                # next enrollment and at start.
+                log.error("%s enrolled, but the broker's password file was not written: %s",
+                          body.device_id, e)  # fmt: skip
+                reload_error = None
+        else:
+            reload_error = None
+        if reload_error is not None:
+            log.warning(
+                "%s: %s enrolled, the broker has not reread its files", reload_error,
+                body.device_id,
+            )  # fmt: skip
     return done.reply
 
 

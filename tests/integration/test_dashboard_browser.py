@@ -150,6 +150,9 @@ def test_the_dashboard_in_a_real_browser(
         page.click(f'tr[data-rollout="{rid}"] a')
         page.wait_for_url(f"**/ui/rollouts/{rid}")
         page.locator("#targets .b-serving").first.wait_for(timeout=60000)
+        # The stage bakes once the engine has stepped on that report (a moment after the
+        # device's report shows on the page: CI caught the page between the two).
+        page.locator("#stages tr.current .b-baking").wait_for(timeout=30000)
         assert page.locator("#stages tr.current .b-baking").count() == 1
 
         # Pause and resume from the page change the rollout on the server.
