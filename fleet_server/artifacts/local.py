@@ -65,22 +65,11 @@ class LocalArtifactStore(ArtifactStore):
 
     @contextlib.contextmanager
     def open(self, sha256: str) -> Iterator[IO[bytes]]:
-        try:
-            f = self.path(sha256).open("rb")
-        except FileNotFoundError as e:
-            raise NotFoundError(
-                f"blob {sha256} is missing from the artifact store {self.url}"
-            ) from e
-        with f:
+        with self._open(sha256) as f:
             yield f
 
     def read(self, sha256: str, range_header: str | None) -> BlobRead:
-        try:
-            f = self.path(sha256).open("rb")
-        except FileNotFoundError as e:
-            raise NotFoundError(
-                f"blob {sha256} is missing from the artifact store {self.url}"
-            ) from e
+        f = self._open(sha256)
         size = os.fstat(f.fileno()).st_size
         try:
             span = one_range(range_header, size)
@@ -95,6 +84,14 @@ class LocalArtifactStore(ArtifactStore):
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         headers["Content-Length"] = str(end - start + 1)
         return BlobRead(status, headers, _chunks(f, start, end - start + 1), f.close)
+
+    def _open(self, sha256: str) -> IO[bytes]:
+        try:
+            return self.path(sha256).open("rb")
+        except FileNotFoundError as e:
+            raise NotFoundError(
+                f"blob {sha256} is missing from the artifact store {self.url}"
+            ) from e
 
     def _commit(self, tmp: Path, sha256: str) -> str:
         final = self.path(sha256)
