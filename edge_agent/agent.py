@@ -18,10 +18,16 @@ from edge_agent.config import AgentConfig
 from edge_agent.contracts.errors import ConfigError, EdgefleetError
 from edge_agent.lifecycle.deployer import Deployer, DeviceContext
 from edge_agent.lifecycle.journal import Journal
-from edge_agent.link.identity import CertificateRenewer, recover
+from edge_agent.link.identity import CertificateRenewer, certificate_status, recover
 from edge_agent.link.mqtt import AgentLink
 from edge_agent.protocol.desired import SignedDesiredState
-from edge_agent.protocol.status import Refusal, ReportedStatus, SlotStatus, Transition
+from edge_agent.protocol.status import (
+    CertificateStatus,
+    Refusal,
+    ReportedStatus,
+    SlotStatus,
+    Transition,
+)
 from edge_agent.runtimes import LoadOptions, available_runtimes
 from edge_agent.serving import (
     FeedbackStore,
@@ -143,8 +149,10 @@ class Agent:
                 connected=self.link.connected.is_set,
                 remaining=mqtt.renew_remaining,
                 check_s=mqtt.renew_check_s,
+                renewed=self.publish_status,
             )
         self.runtimes = runtimes
+        self._cert_cache: tuple[int, CertificateStatus] | None = None
         self._last_transition: Transition | None = None
         self._refusal: Refusal | None = None
         #: The newest document that arrived, parsed (or why it could not be).
@@ -318,8 +326,23 @@ class Agent:
             slots=slots,
             last_transition=self._last_transition,
             refusal=self._refusal,
+            certificate=self._certificate(),
             reported_at=datetime.now(UTC),
         )
+
+    def _certificate(self) -> CertificateStatus | None:
+        """The client certificate in use, read again only when its file changed."""
+        if self.renewer is None:
+            return None
+        path = self.renewer.cert_file
+        try:
+            stamp = path.stat().st_mtime_ns
+            if self._cert_cache is None or self._cert_cache[0] != stamp:
+                self._cert_cache = (stamp, certificate_status(path))
+        except (OSError, ValueError) as e:
+            log.warning("cannot read the client certificate %s: %s", path, e)
+            return None
+        return self._cert_cache[1]
 
     def publish_status(self) -> None:
         with self._status_lock:

@@ -31,10 +31,17 @@ from pathlib import Path
 from edge_agent.contracts.durable import write_atomic
 from edge_agent.contracts.errors import TransportError
 from edge_agent.protocol.enrollment import CertificateRenewal, CertificateRequest
+from edge_agent.protocol.status import CertificateStatus
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CertificateRenewer", "new_key_and_csr", "recover", "renewal_due"]
+__all__ = [
+    "CertificateRenewer",
+    "certificate_status",
+    "new_key_and_csr",
+    "recover",
+    "renewal_due",
+]
 
 
 def new_key_and_csr(device_id: str) -> tuple[bytes, str]:
@@ -56,6 +63,16 @@ def new_key_and_csr(device_id: str) -> tuple[bytes, str]:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     return key_pem, csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def certificate_status(cert_file: Path) -> CertificateStatus:
+    """Serial and expiry of the certificate in ``cert_file``, for the agent's status."""
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    return CertificateStatus(
+        serial=format(cert.serial_number, "x"), not_after=cert.not_valid_after_utc
+    )
 
 
 def _validity(cert_pem: bytes) -> tuple[datetime, datetime]:
@@ -122,6 +139,7 @@ class CertificateRenewer:
         connected: Callable[[], bool],
         remaining: float,
         check_s: float,
+        renewed: Callable[[], None] = lambda: None,
         timeout_s: float = 30,
     ) -> None:
         self.device_id = device_id
@@ -129,6 +147,8 @@ class CertificateRenewer:
         self.credential = credential
         self.cert_file, self.key_file = cert_file, key_file
         self.switch, self.connected = switch, connected
+        #: Told once the new files are in place (the agent reports the new certificate).
+        self.on_renewed = renewed
         self.remaining, self.check_s, self.timeout_s = remaining, check_s, timeout_s
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -193,6 +213,7 @@ class CertificateRenewer:
         os.replace(new_key, self.key_file)  # key first: see recover()
         os.replace(new_cert, self.cert_file)
         self.renewed += 1
+        self.on_renewed()
         log.info("renewed the MQTT client certificate: serial %s, valid until %s",
                  renewal.serial, renewal.not_after.isoformat())  # fmt: skip
         return True

@@ -88,6 +88,13 @@ class SlotStatus(_Message):
     shadow: dict[str, Any] | None = None
 
 
+class CertificateStatus(_Message):
+    """The MQTT client certificate the agent connects with (mTLS fleets)."""
+
+    serial: str = Field(max_length=40)  # lowercase hex
+    not_after: datetime
+
+
 class ReportedStatus(_Message):
     device_id: str
     profile: str
@@ -98,6 +105,8 @@ class ReportedStatus(_Message):
     last_transition: Transition | None = None
     #: Why the last desired-state document was refused, if it was.
     refusal: Refusal | None = None
+    #: The client certificate in use (after a renewal the broker refused, still the old one).
+    certificate: CertificateStatus | None = None
     reported_at: datetime
 
     def to_bytes(self) -> bytes:

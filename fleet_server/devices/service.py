@@ -25,16 +25,33 @@ from fleet_server.errors import InvalidInputError, NotFoundError
 
 def to_public(session: Session, device: Device) -> DevicePublic:
     desired = session.get(DesiredStateRecord, device.id)
-    expires = session.exec(
+    return DevicePublic.model_validate(
+        device,
+        update={
+            "desired_seq": desired.seq if desired else 0,
+            "certificate_expires_at": _certificate_expiry(session, device),
+        },
+    )
+
+
+def _certificate_expiry(session: Session, device: Device) -> datetime | None:
+    """The certificate the device says it uses (one the broker refused after a renewal is
+    on file, and not in use); before it reports one, the newest valid one on file."""
+    if device.decommissioned_at is not None:
+        return None  # every certificate it had is revoked
+    in_use = (device.reported or {}).get("certificate")
+    if isinstance(in_use, dict) and isinstance(in_use.get("not_after"), str):
+        try:
+            return datetime.fromisoformat(in_use["not_after"])
+        except ValueError:
+            pass
+    expires: datetime | None = session.exec(
         select(func.max(DeviceCertificate.not_after)).where(
             DeviceCertificate.device_id == device.id,
             col(DeviceCertificate.revoked_at).is_(None),
         )
     ).one()
-    return DevicePublic.model_validate(
-        device,
-        update={"desired_seq": desired.seq if desired else 0, "certificate_expires_at": expires},
-    )
+    return expires
 
 
 def get_device(session: Session, device_id: str) -> Device:

@@ -106,6 +106,7 @@ class DeviceCertificate(SQLModel, table=True):
 
 class DevicePublic(DeviceBase, UtcPublic):
     desired_seq: int
-    #: When the newest of its MQTT client certificates that is not revoked expires (None:
-    #: none on file, e.g. a password-auth fleet). The agent renews it with a third left.
+    #: When the MQTT client certificate it connects with expires, as its status reports it;
+    #: before its first report, the newest unrevoked one on file (None: none, e.g. a
+    #: password-auth fleet). The agent renews it with a third left.
     certificate_expires_at: datetime | None = None

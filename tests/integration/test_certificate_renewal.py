@@ -91,6 +91,10 @@ def _issued(settings: Settings, device_id: str) -> list[str]:
         engine.dispose()
 
 
+def _expires(api: ApiClient, device_id: str) -> datetime:
+    return datetime.fromisoformat(api.get(f"/v1/devices/{device_id}")["certificate_expires_at"])
+
+
 def _online(api: ApiClient, device_id: str) -> bool:
     return bool(api.get(f"/v1/devices/{device_id}")["online"])
 
@@ -118,9 +122,12 @@ def test_the_agent_renews_before_expiry_and_works_on_the_new_certificate(
             assert format(renewed.serial_number, "x") in _issued(settings, "renew-1")
             assert renewed.subject.rfc4514_string() == "CN=renew-1"
             assert not list(config.mqtt.cert_file.parent.glob("*.new"))
-            # The operator sees the new expiry (the newest certificate on file).
-            shown = api.get("/v1/devices/renew-1")["certificate_expires_at"]
-            assert datetime.fromisoformat(shown) >= renewed.not_valid_after_utc, shown
+            # The operator sees the new expiry: the agent reports the certificate it uses.
+            wait_until(
+                lambda: _expires(api, "renew-1") >= renewed.not_valid_after_utc,
+                30,
+                "the renewed certificate in the device's status",
+            )
             # On the new certificate the device is reachable as before: a rollout reaches it
             # and its reports come back.
             wait_until(lambda: _online(api, "renew-1"), 30, "the device online")
@@ -159,6 +166,9 @@ def test_a_renewal_the_broker_refuses_leaves_the_device_on_its_old_certificate(
             )
             assert len(_issued(settings, "renew-2")) >= 2  # the server did sign one
             assert config.mqtt.cert_file.read_bytes() == enrolled
+            # The operator sees the expiry of the certificate in use, not of those issued.
+            old = x509.load_pem_x509_certificate(enrolled).not_valid_after_utc
+            wait_until(lambda: _expires(api, "renew-2") == old, 30, "the old certificate shown")
             # The connection made with the old certificate was never dropped.
             log = agent.log_path.read_text()
             assert log.count("connected to ") == 1 and "disconnected" not in log, log[-3000:]
