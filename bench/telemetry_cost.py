@@ -44,7 +44,8 @@ def _serving(path: Path, baseline: Baseline | None, *, tracked: bool, budget: fl
     ref = VersionRef(
         model="m", version="1", bundle_sha256="0" * 64, runtime="onnxruntime", precision="fp32"
     )
-    serving = ServingModel(ref, Manifest.model_construct(), model, baseline)
+    # A manifest with no output specs: no feedback class output (this compares telemetry only).
+    serving = ServingModel(ref, Manifest.model_construct(inputs=[], outputs=[]), model, baseline)
     if tracked:  # what TelemetryReporter.track does
         serving.telemetry.enabled = True
         serving.telemetry.budget = budget
