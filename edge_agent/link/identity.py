@@ -8,7 +8,9 @@ device's credential), and connects to the broker with it (the link's
 :meth:`~edge_agent.link.mqtt.AgentLink.switch_identity`). Only when the broker accepted that
 connection do the new files take the old ones' names; until then the old key and certificate
 stay where they are and the device stays connected with them. A renewal that fails anywhere
-(the server, the broker, a crash) is tried again ``renew_check_s`` later.
+(the server, the broker, a crash) is tried again ``renew_check_s`` later. A certificate that
+expired while the device was offline is renewed as soon as the agent starts: no connection can
+be made with it, and the device's credential (REST) does not expire.
 
 The files: the new pair is written beside the old as ``device.key.new`` / ``device.crt.new``,
 then renamed over it key first. A crash between the two renames leaves the new key beside the
@@ -87,6 +89,10 @@ def renewal_due(cert_file: Path, remaining: float, now: datetime | None = None) 
     start, end = _validity(cert_file.read_bytes())
     now = now or datetime.now(UTC)
     return (end - now) < (end - start) * remaining
+
+
+def expired(cert_file: Path, now: datetime | None = None) -> bool:
+    return _validity(cert_file.read_bytes())[1] <= (now or datetime.now(UTC))
 
 
 def _matches(cert_pem: bytes, key_pem: bytes) -> bool:
@@ -169,12 +175,17 @@ class CertificateRenewer:
         while not self._stopping.is_set():
             wait = self.check_s
             try:
-                # Only from a connected link: a switch takes the session over from a live
-                # connection, never races one still coming up.
-                if not self.connected():
-                    wait = min(self.check_s, 5.0)
-                elif renewal_due(self.cert_file, self.remaining):
+                # From a connected link: a switch takes the session over from a live
+                # connection, never races one still coming up. Unless the certificate has
+                # expired (a device back from a long time offline): then no connection can
+                # come up with it, and the device's credential still gets it a new one.
+                if self.connected():
+                    if renewal_due(self.cert_file, self.remaining):
+                        self.renew()
+                elif expired(self.cert_file):
                     self.renew()
+                else:
+                    wait = min(self.check_s, 5.0)
             except Exception:  # a renewal must never take the agent down; next check retries
                 log.exception("certificate renewal failed unexpectedly")
             self._stopping.wait(wait)

@@ -188,15 +188,20 @@ class AgentLink:
                     # It dropped meanwhile (and was told not to retry): a client of the old
                     # pair takes its place.
                     log.info("the old connection dropped meanwhile; connecting again with it")
-                    old.loop_stop()
+                    old.disconnect()
+                    threading.Thread(target=old.loop_stop, name="mqtt-retired", daemon=True).start()
                     self._client = self._new_client(self._config.cert_file, self._config.key_file)
                     self._wire(self._client)
                     self.start()
                 return False
-            # Accepted: the broker handed the session over and dropped the old connection.
+            # Accepted: the broker handed the session over and dropped the old connection (or
+            # there was none: an expired certificate's client only ever retried).
             self._wire(trial)
             self._client = trial
-            old.loop_stop()  # its network thread ends (its disconnect was told not to retry)
+            old.disconnect()  # a client still retrying stops (one that was dropped has)
+            # Its network thread ends after the back-off it may be waiting out (up to a
+            # minute): joined on a thread of its own, so that the switch does not wait for it.
+            threading.Thread(target=old.loop_stop, name="mqtt-retired", daemon=True).start()
             self._retiring = None
             self._handle_connect(trial, None, None, _ACCEPTED, None)
             log.info("now connected with the renewed certificate")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -238,3 +238,55 @@ def test_the_server_signs_only_a_device_s_own_request(mtls_broker: Broker, tmp_p
         assert api.get("/v1/devices/own-a")["certificate_expires_at"] is None
         r = renew("own-a", "own-a", new_key_and_csr("own-a")[1])
         assert r.status_code == 401, r.text
+
+
+def _expired_certificate(settings: Settings, cert_file: Path, key_file: Path) -> None:
+    """Replace the device's certificate with one for the same key that expired yesterday
+    (the device sat in a drawer past its certificate's lifetime)."""
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from fleet_server.auth.ca import FleetCA
+
+    ca = FleetCA.load_or_create(settings.ca_dir)
+    current = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    key = serialization.load_pem_private_key(key_file.read_bytes(), None)
+    now = datetime.now(UTC)
+    expired = (
+        x509.CertificateBuilder()
+        .subject_name(current.subject)
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())  # type: ignore[arg-type]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=400))
+        .not_valid_after(now - timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca.key, hashes.SHA256())
+    )
+    cert_file.write_bytes(expired.public_bytes(serialization.Encoding.PEM))
+
+
+def test_a_device_back_after_its_certificate_expired_renews_and_reconnects(
+    mtls_broker: Broker, model_path: Path, tmp_path: Path
+) -> None:
+    """No connection can be made with an expired certificate, but the device's credential
+    still works at the server: the agent renews first, then connects."""
+    settings = _settings(mtls_broker)
+    with EmbeddedStack(settings) as stack:
+        api = ApiClient(stack.url, ADMIN_TOKEN)
+        api.upload_model(model_path, "classifier", "1.0.0")
+        agent = _enroll(stack, api, tmp_path / "devices", "renew-3")
+        config = AgentConfig.load(agent.config)
+        assert config.mqtt.cert_file is not None and config.mqtt.key_file is not None
+        _expired_certificate(settings, config.mqtt.cert_file, config.mqtt.key_file)
+        expired = _serial(config.mqtt.cert_file)
+        agent.start()
+        try:
+            agent.wait_ready()
+            wait_until(lambda: _online(api, "renew-3"), 60, "the device online again")
+            assert _serial(config.mqtt.cert_file) != expired
+            assert _expires(api, "renew-3") > datetime.now(UTC)
+            done = roll_out(api, "classifier", "1.0.0", ["renew-3"])
+            assert done["state"] == "completed", done
+            assert "now connected with the renewed certificate" in agent.log_path.read_text()
+        finally:
+            agent.stop()
