@@ -38,7 +38,7 @@ TOKEN = "efa_bench-artifacts-token-0123456789abcdef0123456789"
 
 #: The client process: every device downloads at once, one thread each.
 CLIENT = r"""
-import json, sys, tempfile, time
+import json, shutil, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from edge_agent.store.download import download_bundle
@@ -55,6 +55,7 @@ t = time.perf_counter()
 with ThreadPoolExecutor(len(job["secrets"])) as pool:
     each = list(pool.map(one, range(len(job["secrets"]))))
 print(json.dumps({"wall_s": time.perf_counter() - t, "each_s": sorted(each)}))
+shutil.rmtree(work, ignore_errors=True)
 """
 
 
