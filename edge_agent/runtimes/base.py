@@ -78,8 +78,10 @@ class Runtime(ABC):
     name: str
 
     def version(self) -> str | None:
-        """Installed version, or None when the library is not installed (or is broken: a
-        runtime that cannot say its version is one the device cannot use)."""
+        """Installed version, or None when the library is not installed. onnxruntime and
+        LiteRT read it from their package's metadata without importing the library (an
+        agent holds only the runtime it serves with), so a broken install is found when a
+        model is loaded, not here."""
         try:
             return self._version()
         except Exception:

@@ -8,6 +8,7 @@ input and re-allocates tensors first.
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
@@ -80,8 +81,19 @@ class LiteRt(Runtime):
     name = "litert"
 
     def _version(self) -> str | None:
-        found = _interpreter_class()
-        return found[1] if found else None
+        # From the package's metadata, without importing the interpreter (a device that
+        # serves with onnxruntime need not hold it in memory).
+        for module, dist in (
+            ("ai_edge_litert", "ai-edge-litert"),
+            ("tflite_runtime", "tflite-runtime"),
+        ):
+            if importlib.util.find_spec(module) is None:
+                continue
+            try:
+                return version(dist)
+            except PackageNotFoundError:
+                continue
+        return None
 
     def _load(self, path: Path, options: LoadOptions) -> LoadedModel:
         found = _interpreter_class()

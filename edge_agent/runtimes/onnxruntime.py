@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from collections.abc import Mapping
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -68,14 +70,31 @@ class OnnxRuntimeModel(LoadedModel):
             self._session = None
 
 
+#: The wheels that install the ``onnxruntime`` module.
+ORT_DISTRIBUTIONS = (
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxruntime-openvino",
+    "onnxruntime-directml",
+    "onnxruntime-qnn",
+)
+
+
 class OnnxRuntime(Runtime):
     name = "onnxruntime"
 
     def _version(self) -> str | None:
-        try:
-            import onnxruntime
-        except ImportError:
+        # From the package's metadata, without importing it (~20 MiB resident for good, on a
+        # device that may serve with another runtime); a build without metadata is asked.
+        if importlib.util.find_spec("onnxruntime") is None:
             return None
+        for dist in ORT_DISTRIBUTIONS:
+            try:
+                return version(dist)
+            except PackageNotFoundError:
+                continue
+        import onnxruntime
+
         return str(onnxruntime.__version__)
 
     def _load(self, path: Path, options: LoadOptions) -> LoadedModel:
