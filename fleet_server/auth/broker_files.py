@@ -106,6 +106,19 @@ class BrokerFiles:
             written.append(path)
         return written
 
+    def sync(self, session: Session, ca: FleetCA) -> tuple[list[Path], TransportError | None]:
+        """Write each file from the database (``session``'s transaction) and, when one
+        changed, reload the broker: (files written, the reload's failure if it failed). An
+        :class:`OSError` writing a file is raised."""
+        written = self.write(self.contents(session, ca)) if self.configured else []
+        if not written:
+            return written, None
+        try:
+            self.reload()
+        except TransportError as e:
+            return written, e
+        return written, None
+
     def reload(self) -> None:
         """Run the reload command; :class:`TransportError` naming it when it fails."""
         if not self.reload_command:
@@ -196,14 +209,7 @@ class GroupedWrites:
 
     def _write_now(self) -> tuple[list[Path], TransportError | None]:
         with Session(self.engine) as session:
-            written = self.files.write(self.files.contents(session, self.ca))
-        if not written:
-            return written, None
-        try:
-            self.files.reload()
-        except TransportError as e:
-            return written, e
-        return written, None
+            return self.files.sync(session, self.ca)
 
 
 def _crl(path: Path, ca: FleetCA, serials: list[str]) -> bytes:
@@ -251,17 +257,14 @@ def sync_at_start(engine: Engine, ca: FleetCA, files: BrokerFiles) -> list[Path]
         return []
     try:
         with Session(engine) as session:
-            written = files.write(files.contents(session, ca))
+            written, reload_error = files.sync(session, ca)
     except OSError as e:
         raise ConfigError(
             f"cannot write the broker's files ({e}): fix the path or its permissions "
             "(EDGEFLEET_BROKER_CRL_FILE, _ACL_FILE, _PASSWORD_FILE)"
         ) from e
-    if written:
-        try:
-            files.reload()
-        except TransportError as e:
-            log.warning("%s; the broker still reads its old files", e.message)
+    if reload_error is not None:
+        log.warning("%s; the broker still reads its old files", reload_error.message)
     return written
 
 

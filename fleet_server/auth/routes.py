@@ -137,14 +137,7 @@ def _enroll(state: AppState, body: EnrollRequest) -> EnrollResponse:
         if done.again:
             # A decommissioned id back in service: its deny block leaves the ACL, its new
             # password joins the password file, and the broker rereads them.
-            files = BrokerFiles.from_settings(state.settings)
-            written = files.write(files.contents(session, state.ca)) if files.configured else []
-            reload_error = None
-            if written:
-                try:
-                    files.reload()
-                except TransportError as e:
-                    reload_error = e
+            _, reload_error = BrokerFiles.from_settings(state.settings).sync(session, state.ca)
         elif state.password_writes is not None:
             # A new device changes the password file only, and a pallet of them shares its
             # writes and reloads (fleet_server.auth.broker_files.GroupedWrites).
