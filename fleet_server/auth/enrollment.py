@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -47,6 +48,20 @@ class Enrolled:
     reply: EnrollResponse
     #: The id belonged to a decommissioned device, enrolled again (the broker's files change).
     again: bool
+
+
+def record_certificate(
+    session: Session, device_id: str, cert: x509.Certificate, now: datetime
+) -> str:
+    """Keep a certificate just issued to a device (its serial is what a revocation list
+    names); returns the serial, lowercase hex."""
+    serial = format(cert.serial_number, "x")
+    session.connection().execute(
+        insert(_CERTIFICATES).values(
+            serial=serial, device_id=device_id, issued_at=now, not_after=cert.not_valid_after_utc
+        )
+    )
+    return serial
 
 
 def _check_profile(catalog: ProfileCatalog, name: str) -> None:
@@ -216,14 +231,7 @@ def enroll(
             ) from e
         again = True
     if cert is not None:
-        session.connection().execute(
-            insert(_CERTIFICATES).values(
-                serial=format(cert.serial_number, "x"),
-                device_id=req.device_id,
-                issued_at=now,
-                not_after=cert.not_valid_after_utc,
-            )
-        )
+        record_certificate(session, req.device_id, cert, now)
     record(session, f"device:{req.device_id}", "device.enroll", req.device_id,
            profile=req.profile, **({"again": True} if again else {}))  # fmt: skip
     session.commit()

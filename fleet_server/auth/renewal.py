@@ -12,12 +12,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, select
 from sqlmodel import Session
 
 from edge_agent.protocol.enrollment import CertificateRenewal
 from fleet_server.audit.service import record
 from fleet_server.auth.ca import FleetCA
+from fleet_server.auth.enrollment import record_certificate
 from fleet_server.devices.tables import Device, DeviceCertificate
 from fleet_server.errors import ConflictError, NotFoundError
 
@@ -57,12 +58,7 @@ def renew_certificate(
             reason="too_many_certificates",
         )
     cert = ca.issue_device_certificate(csr, device_id, days=validity_s / 86400)
-    serial = format(cert.serial_number, "x")
-    session.connection().execute(
-        insert(_CERTIFICATES).values(
-            serial=serial, device_id=device_id, issued_at=now, not_after=cert.not_valid_after_utc
-        )
-    )
+    serial = record_certificate(session, device_id, cert, now)
     record(
         session,
         f"device:{device_id}",
