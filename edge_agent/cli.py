@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from edge_agent.config import AgentConfig, render_config
 from edge_agent.contracts.durable import write_atomic
 from edge_agent.contracts.errors import ConfigError, EdgefleetError
-from edge_agent.link.identity import new_key_and_csr
+from edge_agent.link.identity import new_key_and_csr, server_message
 from edge_agent.logs import configure as configure_logging
 from edge_agent.protocol.enrollment import EnrollRequest, EnrollResponse
 from edge_agent.runtimes import available_runtimes
@@ -56,11 +56,7 @@ def _enroll(args: argparse.Namespace) -> int:
         with urllib.request.urlopen(request, timeout=30) as resp:
             reply = EnrollResponse.model_validate_json(resp.read())
     except urllib.error.HTTPError as e:
-        try:
-            message = json.loads(e.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = f"HTTP {e.code}"
-        print(f"error: enrollment refused: {message}", file=sys.stderr)
+        print(f"error: enrollment refused: {server_message(e)}", file=sys.stderr)
         return 1
     except urllib.error.URLError as e:
         print(f"error: cannot reach {args.server}: {e.reason}", file=sys.stderr)

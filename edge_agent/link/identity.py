@@ -43,7 +43,17 @@ __all__ = [
     "new_key_and_csr",
     "recover",
     "renewal_due",
+    "server_message",
 ]
+
+
+def server_message(error: urllib.error.HTTPError) -> str:
+    """What the server said in an error answer (``{"error": {"message": …}}``), else the
+    status's own words: what the agent's enrollment and renewal print."""
+    try:
+        return str(json.loads(error.read(1 << 16))["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {error.code} {error.reason}"
 
 
 def new_key_and_csr(device_id: str) -> tuple[bytes, str]:
@@ -243,12 +253,8 @@ class CertificateRenewer:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
                 return CertificateRenewal.model_validate_json(resp.read(1 << 20))
         except urllib.error.HTTPError as e:
-            try:
-                message = json.loads(e.read(1 << 16))["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = e.reason
             raise TransportError(
-                f"the server refused to sign: HTTP {e.code} {message}", status=e.code
+                f"the server refused to sign (HTTP {e.code}): {server_message(e)}", status=e.code
             ) from e
         except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
             raise TransportError(f"cannot reach the server at {self.url}: {e}") from e
