@@ -85,9 +85,13 @@ class BundleCatalog:
             self._cache = {k: v for k, v in self._cache.items() if v is not None}
 
     def _baseline(self, sha256: str) -> Baseline | None:
-        """The bundle's ``baseline.json``, read as a stream (from S3 too, without a copy)."""
+        """The bundle's ``baseline.json``: from a local file by seeking past the model's bytes,
+        from S3 as a stream, front to back (without a copy either way)."""
         try:
-            with self._store.open(sha256) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            with (
+                self._store.open(sha256) as stream,
+                tarfile.open(fileobj=stream, mode="r:" if stream.seekable() else "r|") as tar,
+            ):
                 for member in tar:
                     if member.name != "baseline.json" or not member.isfile():
                         continue
