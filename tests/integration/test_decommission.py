@@ -18,11 +18,9 @@ from typing import Any
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from sqlmodel import Session, select
 
+from edge_agent.link.identity import new_key_and_csr
 from edge_agent.protocol import Topics
 from fleet_server.auth.broker_files import revoked_serials
 from fleet_server.client import ApiClient, ApiError
@@ -48,26 +46,18 @@ def enroll(stack: EmbeddedStack, api: ApiClient, certs: Path, device_id: str,
            token: str | None = None) -> Enrolled:  # fmt: skip
     """What `edge-agent enroll` does on an mTLS fleet: a key here, a CSR sent with the token."""
     token = token or api.post("/v1/enrollment-tokens", json={})["token"]
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
-        .sign(key, hashes.SHA256())
-    )
+    key_pem, csr = new_key_and_csr(device_id)
     r = httpx.post(
         f"{stack.url}/v1/devices/enroll",
-        json={"token": token, "device_id": device_id, "profile": "x86-64-avx2",
-              "csr": csr.public_bytes(serialization.Encoding.PEM).decode()},
-    )  # fmt: skip
+        json={"token": token, "device_id": device_id, "profile": "x86-64-avx2", "csr": csr},
+    )
     if r.status_code != 201:
         raise ApiError(r.status_code, r.json()["error"]["code"], r.json()["error"]["message"])
     reply = r.json()
     certs.mkdir(exist_ok=True)
     cert_path, key_path = certs / f"{device_id}.crt", certs / f"{device_id}.key"
     cert_path.write_text(reply["client_cert"])
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))  # fmt: skip
+    key_path.write_bytes(key_pem)
     serial = x509.load_pem_x509_certificate(reply["client_cert"].encode()).serial_number
     return Enrolled(device_id, reply["device_secret"], cert_path, key_path, serial)
 
