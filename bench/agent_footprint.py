@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.served import status_mib
 from converters.onnx.samples import mlp_classifier
 from fleet_server.client import ApiClient
 from fleet_server.server import EmbeddedStack
@@ -71,11 +72,6 @@ PARTS = [
     ("ddsketch", "import ddsketch"),
     ("edge_agent.agent (all of it)", "import edge_agent.agent"),
 ]  # fmt: skip
-
-
-def _rss_kib(pid: int) -> int:
-    text = Path(f"/proc/{pid}/status").read_text()
-    return int(text.split("VmRSS:")[1].split()[0])
 
 
 def _import_rss(statement: str) -> float:
@@ -122,7 +118,7 @@ def main() -> None:
             agent.client.predict("small", {"x": x})
             time.sleep(3)  # idle
             assert agent.process is not None
-            agent_rss = _rss_kib(agent.process.pid) / 1024
+            agent_rss = status_mib(agent.process.pid)
             path, runtime = _model_file(agent)
             bare = subprocess.run(
                 [sys.executable, "-c", BARE, str(path), runtime],

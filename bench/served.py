@@ -12,7 +12,7 @@ from pathlib import Path
 from fleet_server.broker import free_port
 from fleet_server.client import ApiClient
 
-__all__ = ["TICKS", "cpu_s", "start_serve"]
+__all__ = ["TICKS", "cpu_s", "start_serve", "status_mib"]
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -21,6 +21,14 @@ def cpu_s(pid: int) -> float:
     """CPU seconds (user + system) the process has used."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def status_mib(pid: int, field: str = "VmRSS") -> float:
+    """A memory figure of the process from ``/proc/PID/status`` (``VmRSS``, ``VmHWM``…), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(f"{field} is not in /proc/{pid}/status")
 
 
 def start_serve(

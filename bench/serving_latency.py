@@ -40,6 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import timing
+from bench.served import status_mib
 from converters.onnx.samples import mlp_classifier
 from edge_agent.bundle import open_bundle
 from edge_agent.protocol.status import VersionRef
@@ -148,13 +149,6 @@ class RawHttp:
         self.sock.close()
 
 
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=2000)
@@ -205,7 +199,7 @@ def main() -> None:
         unix = AgentClient(f"unix://{agent.socket_path}")
         inside = statistics.median(agent_ms)
         assert agent.process is not None
-        idle_rss = rss_kb(agent.process.pid)
+        idle_rss = status_mib(agent.process.pid)
 
         swaps = []
         for i in range(args.swaps):
@@ -243,7 +237,7 @@ def main() -> None:
     )
     swap_ms = statistics.median(swaps)
     print(f"swap (rollout → new version answering), median of {len(swaps)}: {swap_ms:.0f} ms")
-    print(f"agent idle RSS with one model loaded: {idle_rss / 1024:.0f} MiB")
+    print(f"agent idle RSS with one model loaded: {idle_rss:.0f} MiB")
     inproc, http_p50, unix_p50 = rows["in-process"][0], rows["http"][0], rows["unix"][0]
     socket_p50 = rows["http, socket"][0]
     print(
@@ -251,7 +245,7 @@ def main() -> None:
         f"HTTP +{http_p50 - base:.3f} ms (minimal client +{socket_p50 - base:.3f} ms; beyond the "
         f"agent's model call +{http_p50 - inside:.3f} ms); "
         f"unix +{unix_p50 - base:.3f} ms (p50); "
-        f"swap {statistics.median(swaps):.0f} ms; idle RSS {idle_rss / 1024:.0f} MiB"
+        f"swap {statistics.median(swaps):.0f} ms; idle RSS {idle_rss:.0f} MiB"
     )
 
 

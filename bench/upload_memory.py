@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.served import start_serve
+from bench.served import start_serve, status_mib
 from fleet_server.broker import free_port
 
 TOKEN = "efa_bench-upload-token-0123456789abcdef0123456789"
@@ -57,13 +57,6 @@ def big_model(path: Path, mb: int) -> None:
     path.write_bytes(model.SerializeToString())
     del model, weight
     np.savez(path.with_suffix(".npz"), x=np.zeros((4, k), np.float32))
-
-
-def _mib(pid: int, field: str) -> float:
-    text = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.M)
-    assert match, field
-    return int(match.group(1)) / 1024
 
 
 def main() -> None:
@@ -104,13 +97,13 @@ def main() -> None:
         )
         try:
             time.sleep(2)  # the engine's and control plane's first steps
-            idle = _mib(server.pid, "VmRSS")
-            idle_peak = _mib(server.pid, "VmHWM")
+            idle = status_mib(server.pid, "VmRSS")
+            idle_peak = status_mib(server.pid, "VmHWM")
             started = time.perf_counter()
             version = api.upload_model(model, "big", "1.0.0", calibration=model.with_suffix(".npz"))
             upload_s = time.perf_counter() - started
-            after = _mib(server.pid, "VmRSS")
-            peak = _mib(server.pid, "VmHWM")
+            after = status_mib(server.pid, "VmRSS")
+            peak = status_mib(server.pid, "VmHWM")
             assert version["size"] == model.stat().st_size
         finally:
             server.terminate()
