@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from fastapi import Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
+from sqlmodel import Session
 from starlette.background import BackgroundTask
 
 from fleet_server.artifacts.base import ArtifactStore, RangeNotSatisfiable
@@ -16,11 +17,18 @@ def blob_response(
     sha256: str,
     request: Request,
     *,
+    session: Session,
     media_type: str,
     filename: str | None = None,
 ) -> Response:
     """The blob, or the single range the request's ``Range`` header asks for (206); 416 for a
-    range past its end. The store is read a chunk at a time as the client takes them."""
+    range past its end. The store is read a chunk at a time as the client takes them.
+
+    ``session`` (the route's, done with) is closed first: the response streams for as long
+    as the client takes (minutes, to a slow device) and the store may take a while to answer,
+    so the database connection goes back to the pool now, or a fleet downloading at once
+    would hold every connection and all other requests would wait for one."""
+    session.close()
     try:
         blob = store.read(sha256, request.headers.get("range"))
     except RangeNotSatisfiable as e:

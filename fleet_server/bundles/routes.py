@@ -48,12 +48,13 @@ def download_bundle(
                 return redirect
     else:
         principal.require("viewer")
-    # The response streams for as long as the client takes (minutes, to a slow device): the
-    # database connection goes back to the pool first, or a fleet downloading at once would
-    # hold them all and every other request would wait for one.
-    session.close()
     return blob_response(
-        state.store, sha256, request, media_type="application/x-tar", filename=f"{sha256}.efb"
+        state.store,
+        sha256,
+        request,
+        session=session,
+        media_type="application/x-tar",
+        filename=f"{sha256}.efb",
     )
 
 

@@ -93,8 +93,7 @@ def _report(
 ) -> Response:
     media_type = "text/html; charset=utf-8" if which == "report" else "application/xml"
     sha256 = service.report_sha256(service.get_job(session, job_id), which)
-    session.close()  # the connection goes back to the pool before the file streams
-    return blob_response(state.store, sha256, request, media_type=media_type)
+    return blob_response(state.store, sha256, request, session=session, media_type=media_type)
 
 
 # Two fixed paths rather than one "/{name}": a template would also match "…/verdict" and

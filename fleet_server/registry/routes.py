@@ -107,12 +107,11 @@ def download_onnx(
 ) -> Response:
     """The ONNX file as uploaded (for reference predictions, e.g. a HIL run's)."""
     row = service.get_version(session, name, version)[1]
-    sha256, filename = row.source_sha256, row.filename
-    session.close()  # the connection goes back to the pool before the file streams
     return blob_response(
         state.store,
-        sha256,
+        row.source_sha256,
         request,
+        session=session,
         media_type="application/octet-stream",
-        filename=filename,
+        filename=row.filename,
     )
