@@ -104,6 +104,16 @@ def _label(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 1000000, not {text!r}")
+    return value
+
+
 def _run(args: argparse.Namespace) -> int:
     from edge_agent.agent import Agent  # imports the runtime stack; keep `enroll` fast
 
@@ -147,6 +157,49 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score(args: argparse.Namespace) -> int:
+    from edge_agent import scoring
+    from edge_agent.serving.client import AgentError
+
+    config = AgentConfig.load(Path(args.config))
+    out = Path(args.out)
+    files = scoring.find_inputs(args.inputs)
+    if not files:
+        print(f"error: {args.inputs}: no .npy or .npz files there", file=sys.stderr)
+        return 2
+    client = scoring.agent_client(
+        config.serving.unix_socket, config.serving.host, config.serving.port
+    )
+    progress = None if args.quiet else scoring.Progress()
+    scorer = scoring.Scorer(client, args.model, out, batch_size=args.batch_size, progress=progress)
+    try:
+        result = scorer.run(files)
+    except AgentError as e:
+        print(f"error: the agent refused: {e.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted; scored rows so far are kept in {scorer.parts} and the next run "
+            "skips their files",
+            file=sys.stderr,
+        )
+        return 130
+    versions = ", ".join(f"{v} ({n} rows)" for v, n in sorted(result.versions.items()))
+    print(
+        f"scored {result.scored_files} file(s), {result.rows} row(s) in {result.seconds:.2f} s"
+        f" with {args.model} {versions or '-'}; {result.skipped} already in {out}"
+        f"; {len(result.failures)} failed"
+    )
+    report = scoring.failures_report(out, result.failures)
+    if report is not None:
+        print(f"error: {len(result.failures)} file(s) not scored (listed in {report}):",
+              file=sys.stderr)  # fmt: skip
+        for line in scoring.iter_lines(result.failures):
+            print(line, file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-agent", description="edgefleet edge agent")
     parser.add_argument("--log-level", default=os.environ.get("EDGE_AGENT_LOG_LEVEL", "INFO"))
@@ -179,6 +232,25 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the agent daemon")
     run.add_argument("--config", required=True, help="path to agent.toml")
     run.set_defaults(func=_run)
+
+    score = sub.add_parser(
+        "score",
+        help="score input files through the model the running agent serves (batch)",
+        description="Runs every .npy/.npz input through the running agent's model in batches "
+        "and writes each row's outputs with the version that produced it. Resumable: a second "
+        "run skips the files already written.",
+    )
+    score.add_argument("--config", required=True, help="path to agent.toml")
+    score.add_argument("--model", required=True, help="model or slot name")
+    score.add_argument(
+        "--in", dest="inputs", required=True, help="a directory of .npy/.npz files, or a glob"
+    )
+    score.add_argument("--out", required=True, help="results: FILE.npz or FILE.parquet")
+    score.add_argument(
+        "--batch-size", type=_positive, default=64, help="rows per request (default 64)"
+    )
+    score.add_argument("--quiet", action="store_true", help="no progress line")
+    score.set_defaults(func=_score)
 
     status = sub.add_parser("status", help="show what this device runs")
     status.add_argument("--config", required=True, help="path to agent.toml")

@@ -522,7 +522,7 @@ class Deployer:
         while a slower model is slower every time."""
         staged, policy = ctx.staged, self.policy
         assert staged is not None and ctx.probe_inputs is not None
-        live = staged.stats.snapshot()
+        live = staged.health()
         if live_comparable(live, ctx.prior_live, policy):
             return check_latency(live, ctx.prior_live, staged.probe_stats.snapshot(), None, policy)
         if ctx.prior is None or not ctx.prior_runs_probes:
@@ -575,7 +575,7 @@ class Deployer:
         while True:
             if ctx.superseded.is_set():
                 return self._fail(ctx, Superseded("a newer desired state ended the probation"))
-            breach = check_health(staged.stats.snapshot(), staged.probe_stats.snapshot(), policy)
+            breach = check_health(staged.health(), staged.probe_stats.snapshot(), policy)
             if breach is None and self._clock() >= deadline:
                 breach = self._latency_verdict(ctx)
                 if ctx.superseded.is_set():

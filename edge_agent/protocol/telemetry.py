@@ -29,13 +29,17 @@ __all__ = [
     "MAX_GROUPS",
     "MAX_SKETCH_BINS",
     "MAX_TELEMETRY_BYTES",
+    "ROLES",
     "STREAM_PATTERN",
+    "WORKLOADS",
     "LatencySketch",
     "ProcessFigures",
+    "Role",
     "SlotFigures",
     "TelemetryAck",
     "TelemetryBatch",
     "TensorCounts",
+    "Workload",
 ]
 
 #: A batch for a device with a few slots is a few KiB; 256 features x 10 bins per input adds
@@ -58,6 +62,15 @@ MAX_SEQ = 2**53
 #: (about 30 µs of ingest CPU each, a fifth of a batch's cost on a 2-core server).
 ACK_QOS = 0
 
+
+#: How a version's figures were served: ``active`` answered the slot's online requests (HTTP,
+#: Unix socket), ``shadow`` ran beside it on a sample of them, ``batch`` scored files
+#: (``edge-agent score``), ``stream`` scored a local stream's messages. Each role's figures
+#: are kept apart: a batch of 64 rows is not a request's latency.
+Role = Literal["active", "shadow", "batch", "stream"]
+Workload = Literal["batch", "stream"]
+ROLES: tuple[Role, ...] = ("active", "shadow", "batch", "stream")
+WORKLOADS: tuple[Workload, ...] = ("batch", "stream")
 
 #: Counts are checked in pydantic's core, not in Python loops (ingest parses thousands a second).
 Count = Annotated[int, Field(ge=0, le=MAX_SEQ)]
@@ -117,7 +130,7 @@ class SlotFigures(_Message):
     """One model version's figures for the interval, as served in one slot."""
 
     slot: str = Field(pattern=SLOT_PATTERN)
-    role: Literal["active", "shadow"]
+    role: Role
     model: str = Field(min_length=1, max_length=128)
     version: str = Field(min_length=1, max_length=64)
     bundle_sha256: str = Field(pattern=SHA256_PATTERN)

@@ -30,6 +30,8 @@ _SENDMSG = hasattr(socket.socket, "sendmsg")
 #: Request heads kept for reuse (one per model, input, dtype and shape sent).
 _MAX_HEADS = 64
 _MAX_HEAD_BYTES = 64 << 10
+#: edge_agent.protocol.telemetry.WORKLOADS (not imported: this client needs no pydantic)
+_WORKLOADS = ("batch", "stream")
 
 
 class AgentError(EdgefleetError):
@@ -135,7 +137,7 @@ class AgentClient:
         self._host_header = f"Host: {self._host}\r\n"
         self._timeout_s = timeout_s
         self._local = threading.local()
-        self._heads: dict[tuple[str, str, np.dtype[Any], tuple[int, ...]], bytes] = {}
+        self._heads: dict[tuple[str, str, np.dtype[Any], tuple[int, ...], str], bytes] = {}
 
     def _connect(self) -> _Connection:
         if self._unix_path is not None:
@@ -201,7 +203,14 @@ class AgentClient:
             raise RequestError(message, reason=code)
         raise AgentError(status, code, message)
 
-    def predict(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def predict(
+        self, model: str, inputs: dict[str, np.ndarray], *, workload: str | None = None
+    ) -> dict[str, np.ndarray]:
+        """Outputs by name. ``workload`` ("batch", "stream") counts the request in that
+        workload's telemetry; :attr:`last_version` is the version that answered."""
+        if workload is not None and workload not in _WORKLOADS:
+            raise ValueError(f"workload must be one of {_WORKLOADS}, not {workload!r}")
+        extra = f"X-Edgefleet-Workload: {workload}\r\n" if workload else ""
         # One tensor travels raw (its bytes, dtype and shape in two headers: nothing to parse),
         # several as .npz (a zip, ~100 µs each way).
         if len(inputs) == 1:
@@ -209,7 +218,7 @@ class AgentClient:
             array = np.asarray(array)
             body = codec.tensor_bytes(array)
             # Apps send the same shapes over and over: the request head is made once for each.
-            key = (model, name, array.dtype, array.shape)
+            key = (model, name, array.dtype, array.shape, extra)
             head = self._heads.get(key)
             if head is None:
                 if not name.isprintable():
@@ -220,7 +229,7 @@ class AgentClient:
                     "POST",
                     self._predict_path(model),
                     f"Accept: {codec.TENSOR}, {codec.NPZ}\r\n"
-                    f"Content-Type: {codec.TENSOR}\r\nX-Edgefleet-Input: {name}\r\n"
+                    f"Content-Type: {codec.TENSOR}\r\nX-Edgefleet-Input: {name}\r\n{extra}"
                     f"{codec.DTYPE_HEADER}: {codec.dtype_name(array.dtype)}\r\n"
                     f"{codec.SHAPE_HEADER}: {','.join(map(str, array.shape))}\r\n",
                     len(body),
@@ -228,12 +237,13 @@ class AgentClient:
             reply = self._exchange(head, body)
         else:
             npz = codec.encode_npz(inputs)
-            headers = f"Accept: {codec.TENSOR}, {codec.NPZ}\r\nContent-Type: {codec.NPZ}\r\n"
+            headers = f"Accept: {codec.TENSOR}, {codec.NPZ}\r\nContent-Type: {codec.NPZ}\r\n{extra}"
             reply = self._request("POST", self._predict_path(model), npz, headers)
         if reply.status != 200:
             self._raise_for(reply.status, reply.body)
         h = reply.headers
         self._local.request_id = h.get("x-edgefleet-request-id")
+        self._local.version = h.get("x-edgefleet-version")
         if h.get("content-type", "").startswith(codec.TENSOR):
             name = h.get("x-edgefleet-output", "")
             return {
@@ -251,6 +261,20 @@ class AgentClient:
         """The request id of this thread's last answer (what a label names later)."""
         rid: str | None = getattr(self._local, "request_id", None)
         return rid
+
+    @property
+    def last_version(self) -> str | None:
+        """The model version that gave this thread's last answer."""
+        version: str | None = getattr(self._local, "version", None)
+        return version
+
+    def describe(self, model: str) -> dict[str, Any]:
+        """What serves ``model`` (a slot or model name): version, inputs, outputs."""
+        reply = self._request("GET", f"/v1/models/{quote(model, safe='')}")
+        if reply.status != 200:
+            self._raise_for(reply.status, reply.body)
+        described: dict[str, Any] = json.loads(reply.body)
+        return described
 
     def feedback(self, model: str, labels: list[tuple[str, int | list[int]]]) -> dict[str, int]:
         """Send labels for earlier answers: [(request id, class or classes per row)]. Returns

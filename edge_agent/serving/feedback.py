@@ -27,7 +27,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -36,6 +36,7 @@ from prometheus_client.registry import Collector
 from edge_agent.bundle import Manifest
 from edge_agent.contracts.errors import RequestError
 from edge_agent.protocol.status import VersionRef
+from edge_agent.protocol.telemetry import Role
 
 __all__ = [
     "MAX_LABELS_PER_REQUEST",
@@ -52,7 +53,6 @@ __all__ = [
     "top1_of",
 ]
 
-Role = Literal["active", "shadow"]
 #: Rows of one request whose answers are kept (a larger batch keeps none: labels are per row).
 MAX_ROWS_KEPT = 256
 #: Labels one feedback request may carry.

@@ -3,7 +3,8 @@
 Routes: ``GET /healthz``, ``GET /readyz``, ``GET /metrics`` (Prometheus), ``GET /v1/models``,
 ``GET /v1/models/{name}``,
 ``POST /v1/models/{name}:predict`` (encodings in :mod:`edge_agent.serving.codec`; the answer
-carries ``X-Edgefleet-Request-Id``, and ``request_id`` in JSON), ``POST
+carries ``X-Edgefleet-Request-Id``, and ``request_id`` in JSON; ``X-Edgefleet-Workload:
+batch`` or ``stream`` counts the request in that workload's telemetry instead), ``POST
 /v1/models/{name}:feedback`` (labels for earlier answers, :mod:`edge_agent.serving.feedback`).
 Errors are JSON ``{"error": {"code", "message", "detail"}}``; a model that fails a request
 answers 500.
@@ -27,6 +28,7 @@ import numpy as np
 
 from edge_agent import __version__
 from edge_agent.contracts.errors import ConfigError, EdgefleetError, RequestError
+from edge_agent.protocol.telemetry import WORKLOADS
 from edge_agent.serving import codec, metrics
 from edge_agent.serving.feedback import parse_feedback
 from edge_agent.serving.predict import predict
@@ -39,6 +41,9 @@ MAX_BODY_BYTES = 256 << 20
 #: Largest feedback body (10,000 labels with their ids fit in well under 1 MiB).
 MAX_FEEDBACK_BYTES = 4 << 20
 
+
+#: Counts a predict request in a workload's telemetry (batch, stream) instead of online's.
+WORKLOAD_HEADER = "X-Edgefleet-Workload"
 
 #: Limits on a request's head, as the standard library's parser has them.
 MAX_HEADERS = 100
@@ -213,9 +218,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._feedback(name, body)
             return
         content_type = (self.headers.get("Content-Type") or codec.JSON).split(";")[0].strip()
+        workload = self.headers.get(WORKLOAD_HEADER)
+        if workload is not None and workload not in WORKLOADS:
+            self._error(
+                400,
+                "bad_workload",
+                f"{WORKLOAD_HEADER} must be one of {', '.join(WORKLOADS)}, not {workload[:40]!r}",
+            )
+            return
         try:
             feeds, out_encoding = self._decode(name, body, content_type)
-            result = predict(self.server.table, name, feeds)
+            result = predict(self.server.table, name, feeds, workload)
         except LookupError:
             self._error(404, "model_not_found", f"no model or slot named {name!r} is serving")
             return

@@ -15,8 +15,10 @@ import numpy as np
 
 from edge_agent.contracts.errors import RuntimeBackendError
 from edge_agent.protocol.status import VersionRef
+from edge_agent.protocol.telemetry import Workload
 from edge_agent.serving.stats import ModelStats
 from edge_agent.serving.table import ServingModel, SlotTable
+from edge_agent.telemetry.figures import ModelTelemetry
 
 __all__ = ["Prediction", "predict", "run_counted"]
 
@@ -30,11 +32,22 @@ class Prediction:
     request_id: str | None = None
 
 
-def predict(table: SlotTable, name: str, feeds: dict[str, np.ndarray]) -> Prediction:
-    """The in-process serving path (the HTTP API is a thin layer on this)."""
+def predict(
+    table: SlotTable,
+    name: str,
+    feeds: dict[str, np.ndarray],
+    workload: Workload | None = None,
+) -> Prediction:
+    """The in-process serving path (the HTTP API is a thin layer on this). A ``workload``
+    (batch, stream) is counted in its own lane of the model, and its answers are neither kept
+    for labels nor offered to a shadow (those compare versions on online requests)."""
     serving = table.acquire(name)  # not table.use(): a generator costs µs on the hot path
     try:
-        result = run_counted(serving, feeds, serving.stats)
+        if workload is None:
+            result = run_counted(serving, feeds, serving.stats, serving.telemetry)
+        else:
+            lane = table.lane(serving, workload)
+            return run_counted(serving, feeds, lane.stats, lane.telemetry)
     finally:
         serving._release()
     feedback = table.feedback
@@ -48,10 +61,14 @@ def predict(table: SlotTable, name: str, feeds: dict[str, np.ndarray]) -> Predic
 
 
 def run_counted(
-    serving: ServingModel, feeds: dict[str, np.ndarray], stats: ModelStats
+    serving: ServingModel,
+    feeds: dict[str, np.ndarray],
+    stats: ModelStats,
+    telemetry: ModelTelemetry | None = None,
 ) -> Prediction:
-    """Run and record the outcome in ``stats``: latency, runtime errors, NaN/inf outputs.
-    A caller's bad input (RequestError) is not the model's fault and is not counted."""
+    """Run and record the outcome in ``stats`` (latency, runtime errors, NaN/inf outputs) and
+    in ``telemetry`` (live traffic's; the agent's probes have none). A caller's bad input
+    (RequestError) is not the model's fault and is not counted."""
     start = time.perf_counter()
     try:
         outputs = serving.model.run(feeds)
@@ -60,6 +77,6 @@ def run_counted(
         raise
     latency_ms = (time.perf_counter() - start) * 1000
     stats.record(latency_ms, outputs=outputs)
-    if stats is serving.stats:  # live traffic, not the agent's probes
-        serving.telemetry.record(latency_ms, feeds, outputs)
+    if telemetry is not None:
+        telemetry.record(latency_ms, feeds, outputs)
     return Prediction(outputs, serving.ref, latency_ms)

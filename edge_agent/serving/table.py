@@ -11,13 +11,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from prometheus_client.registry import Collector
 
 from edge_agent.bundle import Manifest
 from edge_agent.protocol.status import VersionRef
+from edge_agent.protocol.telemetry import Role, Workload
 from edge_agent.runtimes import LoadedModel
 from edge_agent.serving.feedback import (
     Answer,
@@ -28,11 +29,29 @@ from edge_agent.serving.feedback import (
     top1_of,
 )
 from edge_agent.serving.shadow import Shadow, ShadowRunner
-from edge_agent.serving.stats import ModelStats
+from edge_agent.serving.stats import ModelStats, StatsSnapshot
 from edge_agent.telemetry.drift import Baseline
 from edge_agent.telemetry.figures import ModelTelemetry
 
-__all__ = ["ServingModel", "SlotTable"]
+__all__ = ["Lane", "ServingModel", "SlotTable"]
+
+
+class Lane:
+    """One workload of a serving model (``batch``: files scored by ``edge-agent score``;
+    ``stream``: a local stream's messages), counted apart from its online requests: its own
+    request counters and telemetry, reported under the workload's role. What probation judges
+    (errors, NaN/inf) counts every lane too (:meth:`ServingModel.health`)."""
+
+    def __init__(self, serving: ServingModel, workload: Workload) -> None:
+        self.serving = serving
+        self.workload = workload
+        self.ref = serving.ref
+        self.stats = ModelStats()
+        self.telemetry = ModelTelemetry(serving.telemetry.baseline, enabled=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.serving.finished
 
 
 class ServingModel:
@@ -58,6 +77,8 @@ class ServingModel:
         self.classes = class_output(
             manifest, {k: d.kind for k, d in (baseline.outputs if baseline else {}).items()}
         )
+        #: Batch and stream workloads on it, counted apart (:meth:`SlotTable.lane`).
+        self.lanes: dict[Workload, Lane] = {}
         #: The slot it serves, and its key for kept answers (set when it starts serving).
         self.slot: str | None = None
         self.answer_key: Key | None = None
@@ -93,6 +114,19 @@ class ServingModel:
             if self._in_flight == 0:
                 self.model.close()
 
+    def health(self) -> StatsSnapshot:
+        """What probation judges: requests, errors and NaN/inf of every workload (a model
+        that fails a stream's messages fails), latencies of online requests only (a batch's
+        latency is not a request's)."""
+        live = self.stats.snapshot()
+        lanes = [lane.stats.snapshot() for lane in list(self.lanes.values())]
+        return StatsSnapshot(
+            live.requests + sum(s.requests for s in lanes),
+            live.errors + sum(s.errors for s in lanes),
+            live.nonfinite + sum(s.nonfinite for s in lanes),
+            live.latency_ms,
+        )
+
     def top1(self, outputs: dict[str, np.ndarray]) -> Answer | None:
         """The class of the answer's one row (an int), or of each of its rows, when it has a
         class output and few rows."""
@@ -122,9 +156,9 @@ class SlotTable:
         self._shadows: dict[str, Shadow] = {}
         self._runner: ShadowRunner | None = None
         self._lock = threading.Lock()
-        #: Told of every model that starts answering requests (slot, role, model): telemetry.
-        self.on_serving: Callable[[str, Literal["active", "shadow"], ServingModel], None] | None
-        self.on_serving = None
+        #: Told of every model that starts answering requests (slot, role, model), and of every
+        #: workload lane that starts on one: telemetry.
+        self.on_serving: Callable[[str, Role, ServingModel | Lane], None] | None = None
         #: More Prometheus collectors for the local ``/metrics`` (the telemetry outbox's).
         self.collectors: list[Collector] = []
         #: Request ids and kept answers for labels from applications (None: off).
@@ -226,6 +260,20 @@ class SlotTable:
         if old is not None and retire_old:
             old.retire()
         return old
+
+    def lane(self, serving: ServingModel, workload: Workload) -> Lane:
+        """``serving``'s lane for ``workload``, made (and its telemetry tracked) on first use."""
+        lane = serving.lanes.get(workload)  # a dict read: no lock on the hot path
+        if lane is not None:
+            return lane
+        with self._lock:
+            lane = serving.lanes.get(workload)
+            made = lane is None
+            if lane is None:
+                lane = serving.lanes[workload] = Lane(serving, workload)
+        if made and self.on_serving is not None and serving.slot is not None:
+            self.on_serving(serving.slot, workload, lane)
+        return lane
 
     def remove(self, slot: str) -> None:
         with self._lock:

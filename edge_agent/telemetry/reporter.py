@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal, Protocol
+from typing import Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -31,6 +31,7 @@ from pydantic import ValidationError
 from edge_agent.protocol.status import VersionRef
 from edge_agent.protocol.telemetry import (
     ProcessFigures,
+    Role,
     SlotFigures,
     TelemetryAck,
     TelemetryBatch,
@@ -42,8 +43,6 @@ from edge_agent.telemetry.process import ProcessSampler
 __all__ = ["OutboxCollector", "Role", "Served", "TelemetryReporter", "TelemetrySettings"]
 
 log = logging.getLogger(__name__)
-
-Role = Literal["active", "shadow"]
 
 
 class Counts(Protocol):
@@ -336,7 +335,9 @@ class TelemetryReporter:
             ref = serving.ref
             got = labels.pop((t.slot, t.role, ref.model, ref.version, ref.bundle_sha256), None)
             quiet = requests == 0 and not figures.sampled and got is None
-            if quiet and (finished or t.role == "shadow"):
+            # An idle shadow, batch or stream lane says nothing; an idle active version says
+            # it served no request.
+            if quiet and (finished or t.role != "active"):
                 continue
             out.append(
                 SlotFigures(

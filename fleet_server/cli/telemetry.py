@@ -37,6 +37,13 @@ def show(
     version: Annotated[str | None, typer.Option(help="only this version")] = None,
     since: SinceOpt = "1h",
     shadow: Annotated[bool, typer.Option(help="shadow figures instead of active ones")] = False,
+    role: Annotated[
+        str | None,
+        typer.Option(
+            help="active (online requests, the default), shadow, batch (edge-agent score) or "
+            "stream (a local stream's messages)"
+        ),
+    ] = None,
     by_rollout: Annotated[
         bool, typer.Option("--by-rollout", help="a row per rollout that deployed the version")
     ] = False,
@@ -49,7 +56,7 @@ def show(
     applications sent back (right / labelled, and late labels)."""
     params: dict[str, Any] = {
         "since_s": parse_duration_s(since),
-        "role": "shadow" if shadow else "active",
+        "role": role or ("shadow" if shadow else "active"),
     }
     if version is not None:
         params["version"] = version

@@ -35,7 +35,14 @@ from fleet_server.rollouts.progress import TargetView, bucket_start
 from fleet_server.rollouts.spec import EVIDENCE_SETTINGS, GateSpec
 from fleet_server.rollouts.tables import GateFigure, TargetState
 from fleet_server.telemetry.catalog import BundleCatalog
-from fleet_server.telemetry.query import Predictions, VersionHealth, predictions, summarize
+from fleet_server.telemetry.query import (
+    ONLINE,
+    Predictions,
+    Roles,
+    VersionHealth,
+    predictions,
+    summarize,
+)
 from fleet_server.telemetry.shift import MIN_SHIFT_VALUES, OutputShift, compare_outputs, rebin
 from fleet_server.telemetry.tables import TelemetryDeviceBucket
 
@@ -122,7 +129,7 @@ def judge(
                 detail=f"{reporting} of {len(views)} devices sent telemetry in this stage",
             )
         )
-    role = "shadow" if shadow else "active"
+    role: Roles = "shadow" if shadow else ONLINE
     compared = (gates.max_prediction_shift, gates.min_accuracy, gates.max_accuracy_drop)
     if any(c is not None for c in compared):
         sides = _sides(session, model, rollout_id, views, role, shadow_of, since, created_at)
@@ -201,7 +208,7 @@ def _sides(
     model: str,
     rollout_id: str,
     views: Sequence[TargetView],
-    role: str,
+    role: Roles,
     shadow_of: str | None,
     since: datetime,
     created_at: datetime,
@@ -237,13 +244,13 @@ def _sides(
                 rollouts.add(str(v.target.previous.get("rollout_id") or ""))
                 versions[str(v.target.previous["version"])] += 1
         previous = predictions(
-            session, model, shas=shas, role="active", rollout_ids=rollouts, since=since
+            session, model, shas=shas, role=ONLINE, rollout_ids=rollouts, since=since
         )
         widened = False
         if shas and _thin(previous):
             earlier = created_at - timedelta(seconds=PRIOR_WINDOW_S)
             previous = predictions(
-                session, model, shas=shas, role="active", rollout_ids=rollouts, since=earlier
+                session, model, shas=shas, role=ONLINE, rollout_ids=rollouts, since=earlier
             )
             widened = True
         version = versions.most_common(1)[0][0] if versions else None
@@ -441,6 +448,7 @@ def _latency(
             version=prior_version,
             profile=profile,
             since=created_at - timedelta(seconds=PRIOR_WINDOW_S),
+            role=ONLINE,
         )
         prior_p95 = before[0].p95_ms if before else None
         if prior_p95:

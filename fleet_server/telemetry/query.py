@@ -26,8 +26,10 @@ from fleet_server.telemetry.tables import TelemetryDeviceBucket, TelemetryRollup
 
 __all__ = [
     "MIN_DRIFT_VALUES",
+    "ONLINE",
     "DriftScore",
     "Predictions",
+    "Roles",
     "Totals",
     "VersionHealth",
     "predictions",
@@ -35,6 +37,13 @@ __all__ = [
     "summarize",
     "totals",
 ]
+
+#: One role, several, or None for every role (see edge_agent.protocol.telemetry.Role).
+Roles = str | tuple[str, ...] | None
+#: The roles whose figures answer for a deployed version in rollout gates: online requests
+#: and a local stream's messages, one input at a time. Batch scoring is reported, not gated:
+#: a batch's latency is many rows', and a night's files are not the live input distribution.
+ONLINE: tuple[str, ...] = ("active", "stream")
 
 #: A group is scored only once this many of its values were counted: with 10 bins, PSI of a
 #: sample of n values from the reference distribution itself is ~9/n, so fewer would raise
@@ -128,7 +137,7 @@ def _rows(
     rollout_id: str | None,
     since: datetime | None,
     until: datetime | None,
-    role: str | None,
+    role: Roles,
 ) -> list[TelemetryRollup]:
     q = select(TelemetryRollup).where(TelemetryRollup.model == model)
     if version is not None:
@@ -141,9 +150,14 @@ def _rows(
         q = q.where(col(TelemetryRollup.bucket_start) >= since)
     if until is not None:
         q = q.where(col(TelemetryRollup.bucket_start) < until)
-    if role is not None:
-        q = q.where(TelemetryRollup.role == role)
+    q = _of_roles(q, role)
     return list(session.exec(q.order_by(col(TelemetryRollup.bucket_start))).all())
+
+
+def _of_roles(q: Any, role: Roles) -> Any:
+    if isinstance(role, tuple):
+        return q.where(col(TelemetryRollup.role).in_(role))
+    return q if role is None else q.where(TelemetryRollup.role == role)
 
 
 def _health(rows: list[TelemetryRollup], bundles: BundleCatalog, session: Session) -> VersionHealth:
@@ -218,7 +232,7 @@ def summarize(
     rollout_id: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
-    role: str | None = "active",
+    role: Roles = "active",
     by_rollout: bool = False,
 ) -> list[VersionHealth]:
     """Fleet figures per (version, profile) of ``model`` in [since, until); with
@@ -298,7 +312,7 @@ def totals(
     version: str,
     rollout_id: str | None,
     since: datetime | None,
-    role: str = "active",
+    role: Roles = "active",
 ) -> Totals:
     rows = _rows(session, model, version=version, profile=None, rollout_id=rollout_id,
                  since=since, until=None, role=role)  # fmt: skip
@@ -333,7 +347,7 @@ def predictions(
     model: str,
     *,
     shas: set[str],
-    role: str,
+    role: Roles,
     rollout_ids: set[str] | None,
     since: datetime,
 ) -> Predictions:
@@ -345,8 +359,12 @@ def predictions(
     q = select(TelemetryRollup).where(
         TelemetryRollup.model == model,
         col(TelemetryRollup.bundle_sha256).in_(shas),
-        TelemetryRollup.role == role,
         col(TelemetryRollup.bucket_start) >= since,
+    )
+    q = q.where(
+        col(TelemetryRollup.role).in_(role)
+        if isinstance(role, tuple)
+        else TelemetryRollup.role == role
     )
     if rollout_ids is not None:
         q = q.where(col(TelemetryRollup.rollout_id).in_(rollout_ids))

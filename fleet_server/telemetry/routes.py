@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import Field
 from sqlmodel import col, select
 
+from edge_agent.protocol.telemetry import Role
 from fleet_server.api.deps import Operator, SessionDep, StateDep, Viewer
 from fleet_server.api.schemas import RequestBody
 from fleet_server.errors import NotFoundError
@@ -45,7 +46,7 @@ def model_health(
     version: str | None = None,
     profile: str | None = None,
     rollout_id: str | None = None,
-    role: Literal["active", "shadow"] = "active",
+    role: Role = "active",
     since_s: SinceS = 3600,
     by_rollout: bool = False,
 ) -> list[dict[str, Any]]:

@@ -1,0 +1,366 @@
+"""``edge-agent score``: files through the running agent's model over its real Unix socket,
+with real onnxruntime sessions; the CLI as a subprocess, results checked against the raw
+runtime, the telemetry counted under the ``batch`` role."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from converters.onnx.samples import mlp_classifier
+from edge_agent import scoring
+from edge_agent.bundle import (
+    FileEntry,
+    Manifest,
+    ModelRef,
+    RuntimeRequirement,
+    SelfTestSpec,
+    TensorSpec,
+)
+from edge_agent.protocol.status import VersionRef
+from edge_agent.protocol.telemetry import TelemetryBatch
+from edge_agent.runtimes import LoadOptions
+from edge_agent.runtimes.fake import FakeModel
+from edge_agent.runtimes.onnxruntime import OnnxRuntime
+from edge_agent.serving import ServingModel, SlotTable, start_unix
+from edge_agent.serving.client import AgentClient
+from edge_agent.telemetry.outbox import Outbox
+from edge_agent.telemetry.reporter import TelemetryReporter, TelemetrySettings
+
+FEATURES = 16
+
+
+def _manifest(
+    name: str, version: str, inputs: list[TensorSpec], outputs: list[TensorSpec]
+) -> Manifest:
+    return Manifest(
+        model=ModelRef(name=name, version=version, source_sha256="0" * 64),
+        profile="x86-64-avx2",
+        runtime=RuntimeRequirement(name="onnxruntime", versions=">=1"),
+        precision="fp32",
+        artifact="model/model.onnx",
+        files=[FileEntry(path=p, sha256="0" * 64, size=1) for p in ("model/model.onnx", "s.npz")],
+        inputs=inputs,
+        outputs=outputs,
+        selftest=SelfTestSpec(file="s.npz", atol=0, rtol=0),
+        toolchain={},
+        created_at=datetime.now(UTC),
+    )
+
+
+def onnx_serving(path: Path, version: str) -> ServingModel:
+    model = OnnxRuntime().load(path, LoadOptions())
+    ref = VersionRef(
+        model="classifier", version=version, bundle_sha256=version[0] * 64, runtime="onnxruntime",
+        precision="fp32",
+    )  # fmt: skip
+    manifest = _manifest(
+        "classifier",
+        version,
+        [TensorSpec(name="x", dtype="float32", shape=["batch", FEATURES])],
+        [TensorSpec(name="probs", dtype="float32", shape=["batch", 4])],
+    )
+    return ServingModel(ref, manifest, model)
+
+
+@dataclass
+class Agent:
+    """The agent's serving half, in-process: a slot table behind the real Unix socket, and a
+    telemetry reporter tracking what serves (as the daemon wires them)."""
+
+    table: SlotTable
+    config: Path
+    socket: Path
+    reporter: TelemetryReporter
+    v1: Path
+    v2: Path
+
+    def client(self) -> AgentClient:
+        return AgentClient(f"unix://{self.socket}", timeout_s=30)
+
+    def batch_figures(self) -> list[dict[str, object]]:
+        self.reporter.close_interval()
+        out = []
+        for seq in self.reporter.outbox.pending():
+            data = self.reporter.outbox.read(seq)
+            assert data is not None
+            out += [s.model_dump() for s in TelemetryBatch.from_bytes(data).slots]
+        return [s for s in out if s["role"] == "batch"]
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[Agent]:
+    v1 = mlp_classifier(tmp_path / "v1.onnx", seed=3)
+    v2 = mlp_classifier(tmp_path / "v2.onnx", seed=4)
+    table = SlotTable()
+    reporter = TelemetryReporter(
+        "dev-1", Outbox(tmp_path / "outbox"), TelemetrySettings(), publish=lambda b: True
+    )
+    table.on_serving = reporter.track
+    table.swap("clf", onnx_serving(v1, "1.0.0"))
+    sock = tmp_path / "serving.sock"
+    server = start_unix(table, sock)
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        'device_id = "dev-1"\nprofile = "x86-64-avx2"\nstate_dir = "state"\n'
+        '[server]\nurl = "http://127.0.0.1:1"\ncredential_file = "device.secret"\n'
+        '[mqtt]\nurl = "mqtt://127.0.0.1:1"\n[trust]\nroot_key_file = "root.pub"\n'
+        f'[serving]\nport = 1\nunix_socket = "{sock.name}"\n'
+    )
+    try:
+        yield Agent(table, config, sock, reporter, v1, v2)
+    finally:
+        server.shutdown()
+        server.server_close()
+        table.close()
+
+
+def write_inputs(directory: Path, count: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """``count`` files: single samples (.npy, no batch axis) and files of several rows (.npz
+    with the batch axis). Returns each file's rows."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows: dict[str, np.ndarray] = {}
+    for i in range(count):
+        if i % 5 == 4:
+            x = rng.standard_normal((3, FEATURES)).astype(np.float32)
+            path = directory / f"f{i:04d}.npz"
+            np.savez(path, x=x)
+        else:
+            x = rng.standard_normal(FEATURES).astype(np.float32)
+            path = directory / f"f{i:04d}.npy"
+            np.save(path, x)
+            x = x[np.newaxis]
+        rows[str(path.resolve())] = x
+    return rows
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edge_agent.cli", *args],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def raw(path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out: np.ndarray = session.run(None, {"x": x})[0]
+    return out
+
+
+def test_score_writes_every_row_with_its_version_names_bad_files_and_counts_batch_telemetry(
+    agent: Agent, tmp_path: Path
+) -> None:
+    inputs = tmp_path / "in"
+    rows = write_inputs(inputs, 60)
+    (inputs / "zz-not-an-array.npy").write_bytes(b"\x93NUMPY garbage, not an array")
+    np.save(inputs / "zz-wrong-width.npy", np.zeros(FEATURES + 1, np.float32))
+    np.savez(inputs / "zz-wrong-name.npz", y=np.zeros(FEATURES, np.float32))
+    (inputs / "notes.txt").write_text("not an input: ignored")
+    out = tmp_path / "scores.npz"
+
+    done = run_cli(
+        "score", "--config", str(agent.config), "--model", "classifier", "--in", str(inputs),
+        "--out", str(out), "--batch-size", "16",
+    )  # fmt: skip
+
+    assert done.returncode == 1, done.stderr  # three files failed: the run says so
+    assert "scored 60 file(s), 84 row(s)" in done.stdout, done.stdout
+    assert "1.0.0 (84 rows)" in done.stdout
+    for bad, reason in (
+        ("zz-not-an-array.npy", "input_encoding"),
+        ("zz-wrong-width.npy", "shape"),
+        ("zz-wrong-name.npz", "input_names"),
+    ):
+        assert bad in done.stderr and reason in done.stderr, done.stderr
+    failed = [json.loads(line) for line in out.with_name("scores.npz.failed.jsonl").open()]
+    assert sorted(Path(f["file"]).name for f in failed) == [
+        "zz-not-an-array.npy", "zz-wrong-name.npz", "zz-wrong-width.npy",
+    ]  # fmt: skip
+    assert not out.with_name("scores.npz.partial").exists()
+
+    with np.load(out, allow_pickle=False) as npz:
+        got = {k: npz[k] for k in npz.files}
+    assert len(got["file"]) == 84
+    assert set(got["version"].tolist()) == {"1.0.0"}
+    assert set(got["model"].tolist()) == {"classifier"}
+    for file, x in rows.items():
+        mine = got["file"] == file
+        assert got["row"][mine].tolist() == list(range(len(x)))
+        np.testing.assert_allclose(got["output/probs"][mine], raw(agent.v1, x), atol=1e-6)
+
+    # Counted as the batch role, apart from online requests, every row's request included.
+    served = agent.table.snapshot()["clf"]
+    assert served.stats.snapshot().requests == 0
+    batch = agent.batch_figures()
+    assert len(batch) == 1 and batch[0]["version"] == "1.0.0"
+    assert batch[0]["requests"] == served.lanes["batch"].stats.snapshot().requests >= 5
+    assert batch[0]["errors"] == 0
+
+    # Run again: nothing left to do, and the output is unchanged.
+    again = run_cli(
+        "score", "--config", str(agent.config), "--model", "classifier", "--in", str(inputs),
+        "--out", str(out), "--quiet",
+    )  # fmt: skip
+    assert "scored 0 file(s), 0 row(s)" in again.stdout and "60 already in" in again.stdout
+    with np.load(out, allow_pickle=False) as npz:
+        assert len(npz["file"]) == 84
+
+
+def test_an_interrupted_run_resumes_without_scoring_a_file_twice(
+    agent: Agent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = write_inputs(tmp_path / "in", 40, seed=1)
+    files = scoring.find_inputs(str(tmp_path / "in"))
+    out = tmp_path / "scores.npz"
+    monkeypatch.setattr(scoring, "PART_ROWS", 8)
+
+    class Interrupted(Exception):
+        pass
+
+    scored_before: list[int] = []
+
+    def stop_midway(result: scoring.ScoreResult, todo: int, final: bool) -> None:
+        if result.scored_files >= 20:
+            scored_before.append(result.scored_files)
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        scoring.Scorer(agent.client(), "classifier", out, batch_size=4, progress=stop_midway).run(
+            files
+        )
+    assert not out.exists()
+    parts = sorted((tmp_path / "scores.npz.partial").glob("part-*.npz"))
+    assert len(parts) >= 2, "rows are written in parts as the run goes"
+    kept = scoring.Scorer(agent.client(), "classifier", out).done_files()
+    assert len(kept) == scored_before[0]  # everything scored before it stopped is kept
+
+    before = agent.table.snapshot()["clf"].lanes["batch"].stats.snapshot().requests
+    result = scoring.Scorer(agent.client(), "classifier", out, batch_size=4).run(files)
+    assert result.skipped == len(kept)
+    assert result.scored_files == 40 - len(kept)
+    assert not result.failures
+
+    with np.load(out, allow_pickle=False) as npz:
+        got = {k: npz[k] for k in npz.files}
+    assert sorted(set(got["file"].tolist())) == sorted(rows)
+    assert len(got["file"]) == sum(len(x) for x in rows.values())  # no row twice
+    for file, x in rows.items():
+        np.testing.assert_allclose(
+            got["output/probs"][got["file"] == file], raw(agent.v1, x), atol=1e-6
+        )
+    resumed = agent.table.snapshot()["clf"].lanes["batch"].stats.snapshot().requests - before
+    assert resumed <= (40 - len(kept)) // 2 + 4  # only the files left, in batches
+
+
+def test_a_swap_mid_run_is_recorded_row_by_row_and_parquet_holds_the_same(
+    agent: Agent, tmp_path: Path
+) -> None:
+    rows = write_inputs(tmp_path / "in", 30, seed=2)
+    files = scoring.find_inputs(str(tmp_path / "in"))
+    out = tmp_path / "scores.parquet"
+    swapped = False
+
+    def swap_midway(result: scoring.ScoreResult, todo: int, final: bool) -> None:
+        nonlocal swapped
+        if result.scored_files >= 12 and not swapped:
+            agent.table.swap("clf", onnx_serving(agent.v2, "2.0.0"))
+            swapped = True
+
+    result = scoring.Scorer(
+        agent.client(), "classifier", out, batch_size=4, progress=swap_midway
+    ).run(files)
+    assert not result.failures and set(result.versions) == {"1.0.0", "2.0.0"}
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out)
+    assert table.column_names[:4] == ["file", "row", "model", "version"]
+    got = scoring._from_parquet(out)
+    for file, x in rows.items():
+        mine = got["file"] == file
+        versions = set(got["version"][mine].tolist())
+        assert len(versions) == 1  # a file's rows travel in one request
+        model = agent.v1 if versions == {"1.0.0"} else agent.v2
+        np.testing.assert_allclose(got["output/probs"][mine], raw(model, x), atol=1e-6)
+    # Each version's batch figures, under its own version.
+    figures = {f["version"]: f["requests"] for f in agent.batch_figures()}
+    assert set(figures) == {"1.0.0", "2.0.0"} and all(n > 0 for n in figures.values())
+
+
+def test_a_model_without_a_batch_axis_is_scored_file_by_file(tmp_path: Path) -> None:
+    """Recurrent state and scalars: inputs of fixed shape are sent as they are, one file per
+    request, and each file is one row of the results."""
+    spec_in = [
+        TensorSpec(name="state", dtype="float32", shape=[4]),
+        TensorSpec(name="gain", dtype="float32", shape=[]),
+    ]
+    spec_out = [TensorSpec(name="next", dtype="float32", shape=[4])]
+    fake = FakeModel(spec_in, spec_out, lambda f: {"next": f["state"] * f["gain"]})
+    ref = VersionRef(
+        model="rnn", version="1.0.0", bundle_sha256="1" * 64, runtime="fake", precision="fp32"
+    )
+    table = SlotTable()
+    table.swap("rnn", ServingModel(ref, _manifest("rnn", "1.0.0", spec_in, spec_out), fake))
+    sock = tmp_path / "s.sock"
+    server = start_unix(table, sock)
+    try:
+        (tmp_path / "in").mkdir()
+        for i in range(5):
+            np.savez(
+                tmp_path / "in" / f"{i}.npz",
+                state=np.full(4, i, np.float32),
+                gain=np.float32(2.0),
+            )
+        np.save(tmp_path / "in" / "x.npy", np.zeros(4, np.float32))  # two inputs: needs .npz
+        out = tmp_path / "o.npz"
+        result = scoring.Scorer(AgentClient(f"unix://{sock}"), "rnn", out).run(
+            scoring.find_inputs(str(tmp_path / "in"))
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [f.reason for f in result.failures] == ["input_count"]
+    with np.load(out) as npz:
+        assert npz["output/next"].shape == (5, 4)
+        assert npz["output/next"][:, 0].tolist() == [0.0, 2.0, 4.0, 6.0, 8.0]
+        assert npz["row"].tolist() == [0] * 5
+
+
+def test_score_refuses_what_it_cannot_do_in_one_line_and_writes_nothing(
+    agent: Agent, tmp_path: Path
+) -> None:
+    inputs = tmp_path / "in"
+    write_inputs(inputs, 3)
+    cases = [
+        (["--out", str(tmp_path / "o.csv")], 2, "write .npz or .parquet"),
+        (["--in", str(tmp_path / "nothing-*.npy")], 2, "no .npy or .npz files"),
+        (["--model", "no-such-model"], 1, "no model or slot named"),
+    ]
+    for extra, code, words in cases:
+        args = {"--in": str(inputs), "--out": str(tmp_path / "o.npz"), "--model": "classifier"}
+        for flag, value in zip(extra[::2], extra[1::2], strict=True):
+            args[flag] = value
+        done = run_cli(
+            "score", "--config", str(agent.config), *[x for kv in args.items() for x in kv]
+        )
+        assert done.returncode == code, (extra, done.stdout, done.stderr)
+        assert words in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert not list(tmp_path.glob("o.*"))
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "a.jpg").write_bytes(b"\xff\xd8")
+    done = run_cli(
+        "score", "--config", str(agent.config), "--model", "classifier",
+        "--in", str(tmp_path / "pics"), "--out", str(tmp_path / "o.npz"),
+    )  # fmt: skip
+    assert done.returncode == 2 and "convert them to arrays" in done.stderr
