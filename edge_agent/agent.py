@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from edge_agent import __version__
-from edge_agent.config import AgentConfig
+from edge_agent.config import AgentConfig, StreamConfig
 from edge_agent.contracts.errors import ConfigError, EdgefleetError
 from edge_agent.lifecycle.deployer import Deployer, DeviceContext
 from edge_agent.lifecycle.journal import Journal
@@ -37,6 +37,7 @@ from edge_agent.serving import (
     start_http,
     start_unix,
 )
+from edge_agent.serving.stream import Stream, StreamCollector, StreamSpec
 from edge_agent.store.models import ModelStore
 from edge_agent.telemetry.outbox import Outbox, OutboxLimits
 from edge_agent.telemetry.reporter import (
@@ -48,6 +49,20 @@ from edge_agent.trust import TrustStore
 from firmware_profiles import default_catalog
 
 log = logging.getLogger(__name__)
+
+
+def _stream_spec(config: StreamConfig) -> StreamSpec:
+    password = _read_secret(config.password_file) if config.password_file else None
+    return StreamSpec(
+        name=config.stream_name,
+        slot=config.slot,
+        input=config.input,
+        output=config.output,
+        queue=config.queue,
+        qos=config.qos,
+        username=config.username,
+        password=password,
+    )
 
 
 def _read_secret(path: Path) -> str:
@@ -162,6 +177,9 @@ class Agent:
         self._status_lock = threading.Lock()
         self.http: InferenceHTTPServer | None = None
         self.unix: InferenceUnixServer | None = None
+        self.streams = [Stream(_stream_spec(s), self.table) for s in config.streams]
+        if self.streams:
+            self.table.collectors.append(StreamCollector(self.streams))
         self._worker: threading.Thread | None = None
 
     # --- lifecycle of the daemon -----------------------------------------------------------------
@@ -172,6 +190,8 @@ class Agent:
         if self.config.serving.unix_socket is not None:
             self.unix = start_unix(self.table, self.config.serving.unix_socket)
             log.info("serving on unix://%s", self.config.serving.unix_socket)
+        for stream in self.streams:
+            stream.start()
         self._worker = threading.Thread(target=self._work, name="edge-agent-deploy", daemon=True)
         self._worker.start()
         if self.telemetry is not None:
@@ -193,6 +213,8 @@ class Agent:
         self.link.stop()
         if self._worker is not None:
             self._worker.join(timeout=30)
+        for stream in self.streams:  # each answers what it has queued, then stops
+            stream.stop()
         for server in (self.http, self.unix):
             if server is not None:
                 server.shutdown()

@@ -153,6 +153,66 @@ class FeedbackConfig(_Section):
     max_labels_per_s: float = Field(default=1000.0, gt=0)
 
 
+def mqtt_endpoint(url: str) -> tuple[str, int, str]:
+    """``mqtt://host:port/topic`` → (host, port, topic). The topic is everything after the
+    first slash, as written: ``#`` and ``?`` are topic characters here, not URL syntax."""
+    rest = url.split("://", 1)[1] if "://" in url else ""
+    netloc, _, topic = rest.partition("/")
+    parts = urlsplit(f"mqtt://{netloc}")
+    try:
+        port = parts.port or 1883
+    except ValueError as e:
+        raise ValueError(f"bad port in {url!r}") from e
+    return parts.hostname or "", port, topic
+
+
+class StreamConfig(_Section):
+    """A local stream the agent scores (see ``edge_agent.serving.stream``)."""
+
+    #: The model or slot name whose serving version scores the messages.
+    slot: str = Field(min_length=1, max_length=64)
+    #: ``mqtt://host:port/topic`` on the device's own broker, or ``unix:///path`` (relative
+    #: paths: ``unix:frames.sock``, next to the config file) for newline-delimited frames.
+    input: str
+    #: ``mqtt://host:port/topic``; omitted for a Unix input: answers go back on the
+    #: connection each frame came from.
+    output: str | None = None
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    #: Messages waiting to be scored; when full, the oldest is dropped (and counted).
+    queue: int = Field(default=1000, ge=1, le=1_000_000)
+    qos: int = Field(default=1, ge=0, le=1)
+    username: str | None = None
+    password_file: Path | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme == "mqtt":
+            host, _, topic = mqtt_endpoint(value)
+            if host and topic:
+                return value
+        if parts.scheme == "unix" and parts.path:
+            return value
+        raise ValueError("must look like mqtt://127.0.0.1:1883/topic or unix:///run/frames.sock")
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        host, _, topic = mqtt_endpoint(value) if value.startswith("mqtt://") else ("", 0, "")
+        if not host or not topic:
+            raise ValueError("must look like mqtt://127.0.0.1:1883/topic")
+        if "+" in topic or "#" in topic:
+            raise ValueError("an output topic cannot hold the wildcards + or #")
+        return value
+
+    @property
+    def stream_name(self) -> str:
+        return self.name or self.slot
+
+
 class AgentConfig(_Section):
     device_id: str = Field(pattern=DEVICE_ID_PATTERN)
     profile: str
@@ -167,6 +227,18 @@ class AgentConfig(_Section):
     reporting: ReportingConfig = ReportingConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     feedback: FeedbackConfig = FeedbackConfig()
+    streams: list[StreamConfig] = Field(default_factory=list, max_length=64)
+
+    @field_validator("streams")
+    @classmethod
+    def _streams(cls, value: list[StreamConfig]) -> list[StreamConfig]:
+        names = [s.stream_name for s in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stream names must differ (name = …): {names}")
+        for s in value:
+            if s.output is None and not s.input.startswith("unix:"):
+                raise ValueError(f"stream {s.stream_name}: an mqtt:// input needs an output topic")
+        return value
 
     @classmethod
     def load(cls, path: Path) -> AgentConfig:
@@ -198,6 +270,15 @@ class AgentConfig(_Section):
                         else None
                     }
                 ),
+                "streams": [
+                    s.model_copy(
+                        update={
+                            "input": _unix_relative(s.input, base),
+                            "password_file": base / s.password_file if s.password_file else None,
+                        }
+                    )
+                    for s in config.streams
+                ],
                 "mqtt": config.mqtt.model_copy(
                     update={
                         name: base / value
@@ -219,6 +300,14 @@ class AgentConfig(_Section):
         if not secret:
             raise ConfigError(f"{self.server.credential_file}: the device credential is empty")
         return secret
+
+
+def _unix_relative(url: str, base: Path) -> str:
+    """``unix:frames.sock`` (relative) → ``unix:///abs/dir/frames.sock``."""
+    parts = urlsplit(url)
+    if parts.scheme != "unix" or parts.path.startswith("/"):
+        return url
+    return f"unix://{base / parts.path}"
 
 
 def render_config(
