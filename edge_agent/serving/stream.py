@@ -25,6 +25,7 @@ import collections
 import itertools
 import json
 import logging
+import socket
 import socketserver
 import threading
 import time
@@ -39,7 +40,7 @@ import numpy as np
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from edge_agent.config import mqtt_endpoint
+from edge_agent.contracts.endpoints import mqtt_endpoint
 from edge_agent.contracts.errors import ConfigError, EdgefleetError, RequestError
 from edge_agent.serving import codec
 from edge_agent.serving.predict import predict
@@ -67,7 +68,7 @@ class StreamSpec:
     input: str
     output: str | None
     queue: int = 1000
-    qos: int = 1
+    qos: int = 0
     #: For ``mqtt://`` ends: the broker's user name and password (the device's own broker).
     username: str | None = None
     password: str | None = None
@@ -320,6 +321,11 @@ class _MqttEnd:
             log.error("stream broker %s:%d refused the connection: %s", self._host, self._port,
                       reason)  # fmt: skip
             return
+        # An answer goes out right after the PUBACK of its message: with Nagle's algorithm
+        # it would wait for the broker's (delayed) ACK of that PUBACK, ~10 ms here.
+        sock = client.socket()
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._deliver is None:
             self.ready.set()
             return

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,6 +27,9 @@ from edge_agent.serving.stream import Stream, StreamCollector, StreamSpec
 from edge_agent.telemetry.outbox import Outbox
 from edge_agent.telemetry.reporter import TelemetryReporter, TelemetrySettings
 from fleet_server.broker import EmbeddedBroker
+from fleet_server.client import ApiClient
+from fleet_server.demo.agents import FAST_TELEMETRY, LocalAgent, wait_until
+from fleet_server.server import EmbeddedStack
 from tests.integration.test_batch_scoring import FEATURES, onnx_serving
 
 
@@ -101,7 +106,7 @@ def test_ten_thousand_messages_through_two_swaps_each_answered_once_by_the_versi
     table.swap("clf", onnx_serving(v1, "1.0.0"))
     topic = f"t{time.monotonic_ns()}"
     spec = StreamSpec(
-        name="cam", slot="clf", input=mqtt_url(broker, f"{topic}/in"),
+        name="cam", slot="clf", input=mqtt_url(broker, f"{topic}/in"), qos=1,
         output=mqtt_url(broker, f"{topic}/out"), queue=20_000,
     )  # fmt: skip
     stream = Stream(spec, table)
@@ -266,3 +271,69 @@ def test_stream_configuration_is_checked_and_relative_sockets_sit_beside_the_con
         with pytest.raises(ConfigError) as caught:
             AgentConfig.load(path)
         assert words in str(caught.value), caught.value
+
+
+@pytest.mark.slow
+def test_an_enrolled_agent_process_scores_files_and_a_stream_and_the_server_sees_both_roles(
+    stack: EmbeddedStack, api: ApiClient, model_path: Path, tmp_path: Path, uid: str
+) -> None:
+    """From the outside: ``edge-agent run`` with a ``[[streams]]`` section, a rollout from the
+    server, frames on the stream's Unix socket, ``edge-agent score`` as a process, and the
+    server's telemetry API showing each workload under its own role."""
+    api.upload_model(model_path, "classifier", "1.0.0")
+    token = api.post("/v1/enrollment-tokens", json={"profile": "x86-64-avx2"})["token"]
+    agent = LocalAgent(tmp_path / "devices", f"wl-{uid}", "x86-64-avx2")
+    agent.enroll(stack.url, token, {"ring": f"wl-{uid}"})
+    agent.configure(
+        FAST_TELEMETRY + '[[streams]]\nname = "frames"\nslot = "classifier"\n'
+        'input = "unix:frames.sock"\n'
+    )
+    agent.start()
+    try:
+        agent.wait_ready()
+        api.post(
+            "/v1/rollouts",
+            json={"model": "classifier", "version": "1.0.0", "selector": {"ring": f"wl-{uid}"}},
+        )
+        agent.wait_serving("classifier", "1.0.0")
+        xs = np.random.default_rng(3).standard_normal((30, FEATURES)).astype(np.float32)
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(agent.dir / "frames.sock"))
+            sock.sendall(b"".join(frame(i, xs[i]) + b"\n" for i in range(30)))
+            reader = sock.makefile("rb")
+            answers = [json.loads(reader.readline()) for _ in range(30)]
+        assert {a["version"] for a in answers} == {"1.0.0"}
+        np.testing.assert_allclose(
+            [a["outputs"]["probs"][0] for a in answers], raw(model_path, xs), atol=1e-5
+        )
+        inputs = tmp_path / "in"
+        inputs.mkdir()
+        for i in range(20):
+            np.save(inputs / f"{i}.npy", xs[i])
+        scored = subprocess.run(
+            [sys.executable, "-m", "edge_agent.cli", "score", "--config", str(agent.config),
+             "--model", "classifier", "--in", str(inputs), "--out", str(tmp_path / "s.npz")],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert scored.returncode == 0, scored.stderr
+        assert "scored 20 file(s), 20 row(s)" in scored.stdout
+
+        def roles() -> dict[str, int] | None:
+            got = {
+                role: sum(
+                    h["requests"]
+                    for h in api.get("/v1/telemetry/models/classifier", params={"role": role})
+                )
+                for role in ("active", "batch", "stream")
+            }
+            return got if got["stream"] == 30 and got["batch"] >= 1 else None
+
+        figures = wait_until(roles, 30, "stream and batch telemetry at the server")
+        assert figures["active"] == 0
+        metrics = agent.client._request("GET", "/metrics").body.decode()
+        assert 'edgefleet_agent_stream_answered_total{slot="classifier",stream="frames"} 30.0' in (
+            metrics
+        )
+    finally:
+        agent.stop()
+    assert not (agent.dir / "frames.sock").exists()
