@@ -32,6 +32,7 @@ from converters.data import (
     split_holdout,
     synthetic_dataset,
 )
+from converters.onnx.preprocess import preprocess_from_file
 from converters.registry import converter, converters_for_build
 from converters.validate import Outputs, Thresholds, compare, run_dataset
 from edge_agent import __version__ as edgefleet_version
@@ -265,6 +266,7 @@ def compile_model(
         toolchain={**gated.artifact.toolchain, "edgefleet": edgefleet_version},
         parity=_json_safe(gated.parity_report()),
         created_at=datetime.now(UTC).replace(microsecond=0),
+        preprocess=preprocess_from_file(source, inputs),
     )
     emit(f"compiled: {target.runtime}/{target.precision}")
     return Prepared(

@@ -6,7 +6,9 @@ The files go through the agent's local API (its Unix socket, else its TCP port) 
 mid-run (each row says which version answered it), and the figures are counted in the fleet's
 telemetry under the ``batch`` role, apart from online requests.
 
-Inputs: ``.npy`` files (a model with one input) and ``.npz`` files (one array per input name).
+Inputs: ``.npy`` files (a model with one input) and ``.npz`` files (one array per input name);
+image files (JPEG, PNG, BMP, WebP) when the bundle says how to preprocess them (its manifest's
+``preprocess``, from ``edgefleet models annotate``; decoding needs Pillow).
 When every input's first dimension is dynamic (a batch axis), a file holds one sample (an
 array without the batch axis) or several rows (with it), and rows of several files travel in
 one request of up to ``batch_size`` rows. Otherwise (fixed shapes, recurrent state, scalars)
@@ -80,21 +82,90 @@ class ScoreResult:
 
 
 def find_inputs(pattern: str) -> list[Path]:
-    """A directory's ``.npy``/``.npz`` files (not recursive), or a glob's matches, sorted.
-    Image files are refused by name: no bundle says yet how to preprocess them."""
+    """A directory's ``.npy``, ``.npz`` and image files (not recursive), or a glob's matches,
+    sorted; other files are left alone."""
     path = Path(pattern)
     if path.is_dir():
         found = sorted(p for p in path.iterdir() if p.is_file())
     else:
         found = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
-    images = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
-    inputs = [p for p in found if p.suffix.lower() in INPUT_SUFFIXES]
-    if not inputs and images:
-        raise ConfigError(
-            f"{pattern}: {len(images)} image file(s) and no .npy/.npz; this agent's bundles "
-            "carry no preprocessing for images, so convert them to arrays (.npy) first"
+    wanted = INPUT_SUFFIXES + IMAGE_SUFFIXES
+    return [p.resolve() for p in found if p.suffix.lower() in wanted]
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+@dataclass(frozen=True)
+class _Model:
+    """What the scorer needs to know of the serving model's inputs."""
+
+    names: list[str]
+    ranks: dict[str, int]
+    dtypes: dict[str, str]
+    #: Every input's first dimension is a batch axis: files' rows travel together.
+    batchable: bool
+    preprocess: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, described: dict[str, Any]) -> _Model:
+        specs = described.get("inputs") or []
+        return cls(
+            names=[str(s["name"]) for s in specs],
+            ranks={str(s["name"]): len(s["shape"]) for s in specs},
+            dtypes={str(s["name"]): str(s["dtype"]) for s in specs},
+            batchable=bool(specs)
+            and all(len(s["shape"]) >= 1 and not isinstance(s["shape"][0], int) for s in specs),
+            preprocess=described.get("preprocess"),
         )
-    return [p.resolve() for p in inputs]
+
+
+#: Images larger than this are refused before they are decoded (a decompression bomb).
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def load_image(path: Path, preprocess: dict[str, Any], dtype: str) -> np.ndarray:
+    """An image file as the model's input, one row: decoded, converted, resized, scaled,
+    normalized and laid out as ``preprocess`` says. Raises RequestError naming what is wrong."""
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise ConfigError(
+            "scoring image files needs Pillow: pip install 'edgefleet[agent,images]'"
+        ) from e
+    height, width = preprocess["size"]
+    channels = preprocess.get("channels", "RGB")
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise RequestError(
+                    f"{image.width}x{image.height} pixels (limit {MAX_IMAGE_PIXELS})",
+                    reason="image_too_large",
+                )
+            image.draft("L" if channels == "L" else "RGB", (width, height))  # JPEG: decode small
+            converted = image.convert("L" if channels == "L" else "RGB")
+            resized = converted.resize((width, height), Image.Resampling.BILINEAR)
+            arr: np.ndarray = np.asarray(resized, dtype=np.float32)
+    except RequestError:
+        raise
+    except Exception as e:  # Pillow raises a dozen types for bad bytes
+        raise RequestError(f"not a readable image: {e}", reason="bad_image") from e
+    if arr.ndim == 2:
+        arr = arr[:, :, np.newaxis]
+    if channels == "BGR":
+        arr = arr[:, :, ::-1]
+    arr = arr * np.float32(float(preprocess.get("scale", 1 / 255)))
+    if preprocess.get("mean"):
+        arr = arr - np.asarray(preprocess["mean"], np.float32)
+    if preprocess.get("std"):
+        arr = arr / np.asarray(preprocess["std"], np.float32)
+    if preprocess.get("layout", "NCHW") == "NCHW":
+        arr = arr.transpose(2, 0, 1)
+    want = np.dtype(dtype)
+    if want.kind in "iu":
+        arr = np.clip(np.rint(arr), np.iinfo(want).min, np.iinfo(want).max)
+    return np.ascontiguousarray(arr[np.newaxis], dtype=want)
 
 
 def load_file(path: Path, input_names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -233,12 +304,15 @@ class Scorer:
     def run(self, files: Sequence[Path]) -> ScoreResult:
         described = self.client.describe(self.model)
         self._model_name = str(described.get("model") or self.model)
-        specs = described.get("inputs") or []
-        names = [str(s["name"]) for s in specs]
-        batchable = bool(specs) and all(
-            len(s["shape"]) >= 1 and not isinstance(s["shape"][0], int) for s in specs
-        )
-        ranks = {str(s["name"]): len(s["shape"]) for s in specs}
+        model = _Model.of(described)
+        images = sum(1 for p in files if is_image(p))
+        if images and images == len(files) and model.preprocess is None:
+            raise ConfigError(
+                f"{images} image file(s), and {self._model_name} "
+                f"{described.get('version')}'s bundle says nothing of how to preprocess "
+                "images: annotate the model (edgefleet models annotate) and roll it out, or "
+                "convert them to arrays (.npy)"
+            )
         result = ScoreResult(total_files=len(files))
         done = self.done_files()
         todo = [p for p in files if str(p) not in done]
@@ -248,7 +322,7 @@ class Scorer:
         stop = threading.Event()
         loader = threading.Thread(
             target=self._load_all,
-            args=(todo, names, ranks, batchable, loaded, stop),
+            args=(todo, model, loaded, stop),
             name="edge-agent-score-loader",
             daemon=True,
         )
@@ -260,7 +334,7 @@ class Scorer:
                 for item in chunk:
                     if isinstance(item, FileFailure):
                         result.failures.append(item)
-                    elif not batchable:
+                    elif not model.batchable:
                         self._score([item], result, batchable=False)
                     elif group and not _fits(group, rows, item, self.batch_size):
                         self._score(group, result, batchable=True)
@@ -291,9 +365,7 @@ class Scorer:
     def _load_all(
         self,
         files: Sequence[Path],
-        names: Sequence[str],
-        ranks: dict[str, int],
-        batchable: bool,
+        model: _Model,
         into: queue.Queue[list[_Sample | FileFailure] | None],
         stop: threading.Event,
     ) -> None:
@@ -306,7 +378,7 @@ class Scorer:
                 if stop.is_set():
                     return
                 try:
-                    sample = _sample(path, names, ranks, batchable)
+                    sample = _sample(path, model)
                     chunk.append(sample)
                     rows += sample.rows
                 except RequestError as e:
@@ -423,9 +495,24 @@ class Scorer:
             self._progress(result, todo, final)
 
 
-def _sample(path: Path, names: Sequence[str], ranks: dict[str, int], batchable: bool) -> _Sample:
-    feeds = load_file(path, names)
-    if not batchable:
+def _sample(path: Path, model: _Model) -> _Sample:
+    if is_image(path):
+        pre = model.preprocess
+        if pre is None:
+            raise RequestError(
+                "the bundle says nothing of how to preprocess images", reason="no_preprocess"
+            )
+        if model.names != [pre["input"]]:
+            raise RequestError(
+                f"an image fills input {pre['input']!r} alone; the model has inputs "
+                f"{model.names} (use .npz with one array per input)",
+                reason="input_count",
+            )
+        feeds = {pre["input"]: load_image(path, pre, model.dtypes[pre["input"]])}
+    else:
+        feeds = load_file(path, model.names)
+    ranks = model.ranks
+    if not model.batchable:
         return _Sample(str(path), feeds, 1)
     rows: set[int] = set()
     for name, arr in feeds.items():

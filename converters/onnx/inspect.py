@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_agent.bundle.manifest import TensorSpec
+from edge_agent.bundle.manifest import ImagePreprocess, TensorSpec
 from edge_agent.contracts.errors import ConversionError
 
 
@@ -20,6 +20,8 @@ class OnnxModelInfo:
     opset: int
     ir_version: int
     producer: str
+    #: How image files become its input (its ``edgefleet.preprocess`` metadata), if it says.
+    preprocess: ImagePreprocess | None = None
 
 
 def _tensor_spec(value_info: Any) -> TensorSpec:
@@ -92,10 +94,13 @@ def _info(model: Any) -> OnnxModelInfo:
     if not inputs or not outputs:
         raise ConversionError("the model has no inputs or no outputs", reason="invalid_onnx")
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    from converters.onnx.preprocess import read_preprocess
+
     return OnnxModelInfo(
         inputs=inputs,
         outputs=outputs,
         opset=int(opset),
         ir_version=int(model.ir_version),
         producer=f"{model.producer_name} {model.producer_version}".strip(),
+        preprocess=read_preprocess(model, inputs),
     )

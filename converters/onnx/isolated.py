@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from converters.onnx.inspect import OnnxModelInfo
-from edge_agent.bundle.manifest import TensorSpec
+from edge_agent.bundle.manifest import ImagePreprocess, TensorSpec
 from edge_agent.contracts.errors import ConversionError
 
 #: The child's command (a test points it at one that dies).
@@ -80,6 +80,9 @@ def inspect_isolated(model: Path, sets: dict[str, Path], *, timeout_s: float) ->
         opset=int(raw["opset"]),
         ir_version=int(raw["ir_version"]),
         producer=str(raw["producer"]),
+        preprocess=ImagePreprocess.model_validate(raw["preprocess"])
+        if raw.get("preprocess")
+        else None,
     )
     samples = {str(k): int(v) for k, v in answer["samples"].items()}
     return Inspected(info, samples, float(answer["peak_mib"]))
@@ -104,6 +107,7 @@ def _child(request: dict[str, Any]) -> dict[str, Any]:
             "opset": info.opset,
             "ir_version": info.ir_version,
             "producer": info.producer,
+            "preprocess": info.preprocess.model_dump(mode="json") if info.preprocess else None,
         },
         "samples": samples,
     }

@@ -9,7 +9,9 @@ writes and reads bundles and checks them; it holds no private keys.
 from edge_agent.bundle.archive import BundleWriter, open_bundle, sha256_file
 from edge_agent.bundle.manifest import (
     FORMAT_VERSION,
+    PREPROCESS_METADATA_KEY,
     FileEntry,
+    ImagePreprocess,
     Manifest,
     ModelRef,
     RuntimeRequirement,
@@ -21,8 +23,10 @@ from edge_agent.contracts.canonical import canonical_json
 
 __all__ = [
     "FORMAT_VERSION",
+    "PREPROCESS_METADATA_KEY",
     "BundleWriter",
     "FileEntry",
+    "ImagePreprocess",
     "Manifest",
     "ModelRef",
     "RuntimeRequirement",

@@ -53,6 +53,24 @@ class TensorSpec(_Strict):
     shape: list[int | str | None]
 
 
+def check_image_input(preprocess: ImagePreprocess, spec: TensorSpec) -> None:
+    """The image's shape fits the input's (its fixed dimensions, and its rank); raises
+    ValueError naming the difference."""
+    want = preprocess.input_shape()
+    if len(spec.shape) != len(want):
+        raise ValueError(
+            f"input {spec.name!r} has shape {spec.shape}; a {preprocess.layout} image is "
+            f"{list(want)}"
+        )
+    for got, need in zip(spec.shape[1:], want[1:], strict=True):
+        if isinstance(got, int) and got != need:
+            raise ValueError(
+                f"input {spec.name!r} has shape {spec.shape}; the preprocessed image is "
+                f"{list(want)} ({preprocess.layout}, {preprocess.channels}, size "
+                f"{list(preprocess.size)})"
+            )
+
+
 class ModelRef(_Strict):
     name: str
     version: str
@@ -72,6 +90,51 @@ class SelfTestSpec(_Strict):
     file: str
     atol: float = Field(ge=0)
     rtol: float = Field(ge=0)
+
+
+#: The key of an ONNX model's ``metadata_props`` that carries its :class:`ImagePreprocess`
+#: (JSON): builds copy it into the manifest (``edgefleet models annotate`` writes it).
+PREPROCESS_METADATA_KEY = "edgefleet.preprocess"
+
+
+class ImagePreprocess(_Strict):
+    """How an image file becomes the model's input: decoded, converted to ``channels``,
+    resized to ``size`` (height, width; bilinear), scaled (``x * scale``), normalized per
+    channel (``(x - mean) / std``), laid out as ``layout`` with a batch axis of one, and cast
+    to the input's dtype. What the model was trained on: it travels in the signed manifest, so
+    the device scores images as the model expects them."""
+
+    kind: Literal["image"] = "image"
+    #: The input the image feeds.
+    input: str = Field(min_length=1, max_length=256)
+    size: tuple[int, int]
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    channels: Literal["RGB", "BGR", "L"] = "RGB"
+    scale: float = Field(default=1 / 255, gt=0, allow_inf_nan=False)
+    mean: list[float] | None = Field(default=None, min_length=1, max_length=3)
+    std: list[float] | None = Field(default=None, min_length=1, max_length=3)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ImagePreprocess:
+        if not all(1 <= d <= 16384 for d in self.size):
+            raise ValueError(f"size must be two dimensions of 1..16384 pixels, not {self.size}")
+        depth = 1 if self.channels == "L" else 3
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if values is not None and len(values) not in (1, depth):
+                raise ValueError(f"{name} has {len(values)} values; {self.channels} has {depth}")
+        if self.std is not None and any(v <= 0 for v in self.std):
+            raise ValueError("std values must be above 0")
+        return self
+
+    @property
+    def depth(self) -> int:
+        return 1 if self.channels == "L" else 3
+
+    def input_shape(self) -> tuple[int, ...]:
+        """The input's shape for one image, batch axis included."""
+        h, w = self.size
+        return (1, self.depth, h, w) if self.layout == "NCHW" else (1, h, w, self.depth)
 
 
 class Manifest(_Strict):
@@ -94,6 +157,8 @@ class Manifest(_Strict):
     expires_at: datetime | None = None
     #: Id of the online key that signed ``manifest.json``; None for an unsigned bundle.
     signing_key_id: str | None = None
+    #: How image files become the model's input (``edge-agent score``); None: arrays only.
+    preprocess: ImagePreprocess | None = None
 
     @model_validator(mode="after")
     def _named_files_are_members(self) -> Manifest:
@@ -105,10 +170,21 @@ class Manifest(_Strict):
         for what, path in (("artifact", self.artifact), ("selftest.file", self.selftest.file)):
             if path not in listed:
                 raise ValueError(f"{what} {path!r} is not one of the listed files")
+        if self.preprocess is not None:
+            spec = next((s for s in self.inputs if s.name == self.preprocess.input), None)
+            if spec is None:
+                raise ValueError(
+                    f"preprocess.input {self.preprocess.input!r} is not one of the inputs "
+                    f"{[s.name for s in self.inputs]}"
+                )
+            check_image_input(self.preprocess, spec)
         return self
 
     def to_canonical_json(self) -> bytes:
-        return canonical_json(self.model_dump(mode="json"))
+        # A manifest without preprocessing has the bytes it had before the field existed:
+        # agents that predate it accept it (their manifests forbid unknown fields).
+        exclude = {"preprocess"} if self.preprocess is None else None
+        return canonical_json(self.model_dump(mode="json", exclude=exclude))
 
     def file(self, path: str) -> FileEntry:
         for entry in self.files:

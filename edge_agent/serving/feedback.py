@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from edge_agent.bundle import Manifest
 from edge_agent.contracts.errors import RequestError
@@ -392,15 +390,17 @@ class FeedbackStore:
         horizon = self._clock() - self.max_age_s
         return sum(1 for e in self._ring if e is not None and e[1] >= horizon)
 
-    def collector(self) -> Collector:
+    def collector(self) -> _FeedbackCollector:
         return _FeedbackCollector(self)
 
 
-class _FeedbackCollector(Collector):
+class _FeedbackCollector:
     def __init__(self, store: FeedbackStore) -> None:
         self._store = store
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         labels = CounterMetricFamily(
             "edgefleet_agent_feedback_labels",
             "Labels from applications, by the version that answered and whether it was right",

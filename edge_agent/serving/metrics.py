@@ -20,11 +20,9 @@ Only aggregates: never an input or an output value.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any, cast
 
 import numpy as np
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from edge_agent.serving.table import SlotTable
 
@@ -34,11 +32,13 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 QUANTILES = (0.5, 0.95, 0.99)
 
 
-class _SlotCollector(Collector):
+class _SlotCollector:
     def __init__(self, table: SlotTable) -> None:
         self._table = table
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         labels = ["slot", "model", "version", "runtime"]
         requests = CounterMetricFamily(
             "edgefleet_agent_requests", "Requests served by the version", labels=labels
@@ -85,9 +85,10 @@ class _SlotCollector(Collector):
 
 def render(table: SlotTable) -> bytes:
     """The Prometheus text exposition of ``table``'s models, as of now."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_SlotCollector(table))
     extra = [table.feedback.collector()] if table.feedback is not None else []
-    for collector in [*table.collectors, *extra]:
-        registry.register(collector)
+    for collector in [_SlotCollector(table), *table.collectors, *extra]:
+        registry.register(cast(Any, collector))
     return generate_latest(registry)

@@ -37,8 +37,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from edge_agent.contracts.endpoints import mqtt_endpoint
 from edge_agent.contracts.errors import ConfigError, EdgefleetError, RequestError
@@ -387,13 +385,15 @@ class _UnixSource:
         self.path.unlink(missing_ok=True)
 
 
-class StreamCollector(Collector):
+class StreamCollector:
     """The streams' counters on the agent's local ``/metrics``."""
 
     def __init__(self, streams: list[Stream]) -> None:
         self._streams = streams
 
-    def collect(self) -> list[Metric]:
+    def collect(self) -> list[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         families = {
             name: CounterMetricFamily(
                 f"edgefleet_agent_stream_{name}", help_text, labels=["stream", "slot"]

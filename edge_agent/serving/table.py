@@ -9,12 +9,11 @@ candidate hangs off the active slot it runs beside (see :mod:`edge_agent.serving
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
-from prometheus_client.registry import Collector
 
 from edge_agent.bundle import Manifest
 from edge_agent.protocol.status import VersionRef
@@ -33,7 +32,15 @@ from edge_agent.serving.stats import ModelStats, StatsSnapshot
 from edge_agent.telemetry.drift import Baseline
 from edge_agent.telemetry.figures import ModelTelemetry
 
-__all__ = ["Lane", "ServingModel", "SlotTable"]
+__all__ = ["Lane", "MetricsSource", "ServingModel", "SlotTable"]
+
+
+class MetricsSource(Protocol):
+    """More figures for the local ``/metrics``: a Prometheus collector (``collect()`` yields
+    metric families). prometheus-client itself is imported at the first scrape, not before:
+    ~10 MiB that an agent nobody scrapes never needs."""
+
+    def collect(self) -> Iterable[Any]: ...
 
 
 class Lane:
@@ -144,6 +151,9 @@ class ServingModel:
             "precision": self.ref.precision,
             "inputs": [s.model_dump() for s in self.manifest.inputs],
             "outputs": [s.model_dump() for s in self.manifest.outputs],
+            "preprocess": self.manifest.preprocess.model_dump(mode="json")
+            if self.manifest.preprocess
+            else None,
         }
 
 
@@ -160,7 +170,7 @@ class SlotTable:
         #: workload lane that starts on one: telemetry.
         self.on_serving: Callable[[str, Role, ServingModel | Lane], None] | None = None
         #: More Prometheus collectors for the local ``/metrics`` (the telemetry outbox's).
-        self.collectors: list[Collector] = []
+        self.collectors: list[MetricsSource] = []
         #: Request ids and kept answers for labels from applications (None: off).
         self.feedback: FeedbackStore | None = None
 

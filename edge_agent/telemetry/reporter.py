@@ -22,10 +22,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 from pydantic import ValidationError
 
 from edge_agent.protocol.status import VersionRef
@@ -108,13 +106,15 @@ class _Tracked:
     last: tuple[int, int, int] = (0, 0, 0)
 
 
-class OutboxCollector(Collector):
+class OutboxCollector:
     """The outbox on the agent's local ``/metrics``."""
 
     def __init__(self, outbox: Outbox) -> None:
         self._outbox = outbox
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         pending = GaugeMetricFamily(
             "edgefleet_agent_telemetry_pending_batches",
             "Telemetry batches waiting for the server's acknowledgement",

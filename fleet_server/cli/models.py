@@ -98,6 +98,63 @@ def models_push(
     console.print(f"  inputs:  {ins}\n  outputs: {outs}")
 
 
+@models_app.command("annotate")
+def models_annotate(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="ONNX model file")],
+    image_input: Annotated[str, typer.Option(help="the input an image feeds")],
+    size: Annotated[str, typer.Option(help="HEIGHTxWIDTH the image is resized to, e.g. 224x224")],
+    layout: Annotated[str, typer.Option(help="NCHW or NHWC")] = "NCHW",
+    channels: Annotated[str, typer.Option(help="RGB, BGR or L (grey)")] = "RGB",
+    scale: Annotated[float, typer.Option(help="pixel values (0..255) are multiplied by this")] = (
+        1 / 255
+    ),
+    mean: Annotated[
+        str | None,
+        typer.Option(help="per-channel mean taken off after scaling: 0.485,0.456,0.406"),
+    ] = None,
+    std: Annotated[
+        str | None, typer.Option(help="per-channel divisor after the mean, e.g. 0.229,0.224,0.225")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(dir_okay=False, help="write here (default: FILE itself)")
+    ] = None,
+) -> None:
+    """Record in the ONNX file how an image becomes the model's input (resize, channels,
+    scale, mean/std, layout). Builds carry it into the signed bundle; ``edge-agent score``
+    then scores image files (JPEG, PNG, …) as the model was trained to see them."""
+    from pydantic import ValidationError
+
+    from converters.onnx.annotate import annotate
+    from edge_agent.bundle import ImagePreprocess
+    from edge_agent.contracts.errors import ConfigError
+
+    try:
+        height, width = (int(d) for d in size.lower().split("x"))
+        spec = ImagePreprocess(
+            input=image_input,
+            size=(height, width),
+            layout=layout.upper(),  # type: ignore[arg-type]
+            channels=channels.upper(),  # type: ignore[arg-type]
+            scale=scale,
+            mean=[float(v) for v in mean.split(",")] if mean else None,
+            std=[float(v) for v in std.split(",")] if std else None,
+        )
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ConfigError(f"{'.'.join(map(str, err['loc'])) or 'preprocess'}: {err['msg']}") from e
+    except ValueError as e:
+        raise ConfigError(f"--size must be HEIGHTxWIDTH, --mean/--std numbers: {e}") from e
+    target = out or file
+    annotate(file, target, spec)
+    console.print(
+        f"{target}: images feed {spec.input} as {list(spec.input_shape())} ({spec.layout}, "
+        f"{spec.channels}, x{spec.scale:g}"
+        + (f", mean {spec.mean}" if spec.mean else "")
+        + (f", std {spec.std}" if spec.std else "")
+        + "); push this file to carry it into its bundles"
+    )
+
+
 @models_app.command("list")
 def models_list(
     server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None, as_json: JsonOpt = False

@@ -155,8 +155,11 @@ def test_a_device_flooding_its_status_is_cut_to_its_rate_and_the_rest_are_stored
     )
     # The burst (50) and what the bucket refilled at 5 a second went in; the rest did not.
     assert 300 <= refused <= 350, refused
+    # Which ones went in depends on when they arrived (on a busy machine the 400 spread over
+    # seconds, and the refill lets later ones through), so the newest stored is at least the
+    # burst's last, and at most the last sent.
     stored = api.get(f"/v1/devices/{loud}")["reported_seq"]
-    assert 50 <= stored < 100, stored
+    assert 50 <= stored <= 400, stored
 
 
 def test_enrollment_clears_a_stale_retained_document(

@@ -5,6 +5,7 @@ A/B verdict."""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -65,14 +66,14 @@ def test_a_one_class_model_stops_at_its_canary_and_a_retrain_passes(
             retrain = follow(
                 api, api.post("/v1/rollouts", json={**canary, "version": "1.1.0"})["id"]
             )
-            assert retrain["state"] == "completed", retrain["events"]
+            assert retrain["state"] == "completed", json.dumps(retrain["events"], indent=1)
             passed = next(e for e in retrain["events"] if e["kind"] == "promoted")
             shift = gate(passed["figures"]["gates"], "max_prediction_shift")
             assert shift["ok"] is True and shift["value"] < 0.25, shift
             assert shift["data"]["previous_version"] == "1.0.0"
 
             bad = follow(api, api.post("/v1/rollouts", json={**canary, "version": "2.0.0"})["id"])
-        assert bad["state"] == "aborted", bad["events"]
+        assert bad["state"] == "aborted", json.dumps(bad["events"], indent=1)
         breach = next(e for e in bad["events"] if e["kind"] == "gate_breach")
         assert breach["stage"] == 0  # the canary: one device of four
         [figure] = breach["figures"]["breached"]

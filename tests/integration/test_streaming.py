@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -284,9 +285,11 @@ def test_an_enrolled_agent_process_scores_files_and_a_stream_and_the_server_sees
     token = api.post("/v1/enrollment-tokens", json={"profile": "x86-64-avx2"})["token"]
     agent = LocalAgent(tmp_path / "devices", f"wl-{uid}", "x86-64-avx2")
     agent.enroll(stack.url, token, {"ring": f"wl-{uid}"})
+    # A Unix socket path has room for ~100 bytes; pytest's directories are deep.
+    frames = Path(tempfile.mkdtemp(prefix="ef-")) / "frames.sock"
     agent.configure(
         FAST_TELEMETRY + '[[streams]]\nname = "frames"\nslot = "classifier"\n'
-        'input = "unix:frames.sock"\n'
+        f'input = "unix://{frames}"\n'
     )
     agent.start()
     try:
@@ -298,7 +301,7 @@ def test_an_enrolled_agent_process_scores_files_and_a_stream_and_the_server_sees
         agent.wait_serving("classifier", "1.0.0")
         xs = np.random.default_rng(3).standard_normal((30, FEATURES)).astype(np.float32)
         with socket.socket(socket.AF_UNIX) as sock:
-            sock.connect(str(agent.dir / "frames.sock"))
+            sock.connect(str(frames))
             sock.sendall(b"".join(frame(i, xs[i]) + b"\n" for i in range(30)))
             reader = sock.makefile("rb")
             answers = [json.loads(reader.readline()) for _ in range(30)]
@@ -336,4 +339,5 @@ def test_an_enrolled_agent_process_scores_files_and_a_stream_and_the_server_sees
         )
     finally:
         agent.stop()
-    assert not (agent.dir / "frames.sock").exists()
+    assert not frames.exists()
+    frames.parent.rmdir()
