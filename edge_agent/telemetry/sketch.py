@@ -8,6 +8,9 @@ travels; values below the mapping's smallest positive value count as zeros.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import numpy as np
 from ddsketch import DDSketch
 from ddsketch.ddsketch import BaseDDSketch
@@ -18,6 +21,7 @@ from edge_agent.protocol.telemetry import LatencySketch
 
 __all__ = [
     "RELATIVE_ACCURACY",
+    "add_many",
     "from_wire",
     "merge_wire",
     "merge_wires",
@@ -31,6 +35,31 @@ RELATIVE_ACCURACY = 0.01
 
 def new_sketch() -> BaseDDSketch:
     return DDSketch(RELATIVE_ACCURACY)
+
+
+def add_many(sketch: BaseDDSketch, values: Sequence[float]) -> None:
+    """Add latencies (never negative) at once: what ``sketch.add`` does value by value, with
+    the keys computed by numpy. The serving path appends a latency to a list (tens of
+    nanoseconds) and the list is folded in here now and then, instead of a ~1 µs ``add`` per
+    request (several µs on a board whose caches the model has just flushed). A value on a
+    bin's very edge may land one bin over (numpy's and libm's log differ by an ulp): within
+    the sketch's relative accuracy, as every value is."""
+    if not values:
+        return
+    v = np.asarray(values, dtype=np.float64)
+    mapping = sketch._mapping
+    positive = v[v > mapping.min_possible]
+    if positive.size:
+        # LogarithmicMapping.key (ddsketch 3.0.1): ceil(log2(v) * multiplier) + offset
+        keys = np.ceil(np.log(positive) / math.log(2) * mapping._multiplier) + mapping._offset
+        found, counts = np.unique(keys.astype(np.int64), return_counts=True)
+        for key, count in zip(found.tolist(), counts.tolist(), strict=True):
+            sketch._store.add(key, count)
+    sketch._zero_count += int(v.size - positive.size)
+    sketch._count += int(v.size)
+    sketch._sum += float(v.sum())
+    sketch._min = min(sketch._min, float(v.min()))
+    sketch._max = max(sketch._max, float(v.max()))
 
 
 def to_wire(sketch: BaseDDSketch) -> LatencySketch | None:

@@ -16,7 +16,7 @@ from edge_agent.telemetry.drift import Baseline, TensorDrift, js_distance, psi
 from edge_agent.telemetry.figures import ModelTelemetry
 from edge_agent.telemetry.outbox import Outbox, OutboxLimits
 from edge_agent.telemetry.reporter import TelemetryReporter, TelemetrySettings
-from edge_agent.telemetry.sketch import merge_wire, new_sketch, quantile, to_wire
+from edge_agent.telemetry.sketch import add_many, merge_wire, new_sketch, quantile, to_wire
 
 SHA = "ab" * 32
 
@@ -47,6 +47,39 @@ def test_fleet_p95_from_merged_device_sketches_is_within_one_percent_of_the_raw_
 
 def _tabular_baseline(rng: np.random.Generator) -> TensorDrift:
     return TensorDrift.build(rng.standard_normal((4000, 1, 16)).astype(np.float32), top1=False)
+
+
+def test_latencies_folded_in_at_once_make_the_sketch_they_make_one_by_one() -> None:
+    """The serving path appends latencies and folds them in by the hundred: the sketch must
+    be the one ``add`` would have made (bins, zeros, sum, min, max), however it is cut."""
+    rng = np.random.default_rng(8)
+    for _ in range(10):
+        values = [*rng.lognormal(0, 2, 3000).tolist(), 0.0, 1e-320, 3.5e4]
+        one_by_one = new_sketch()
+        for v in values:
+            one_by_one.add(v)
+        folded = new_sketch()
+        cut = int(rng.integers(1, len(values)))
+        add_many(folded, values[:cut])
+        add_many(folded, [])
+        add_many(folded, values[cut:])
+        a, b = to_wire(one_by_one), to_wire(folded)
+        assert a is not None and b is not None
+        assert (a.key_offset, a.counts, a.zero_count) == (b.key_offset, b.counts, b.zero_count)
+        assert (a.min_ms, a.max_ms) == (b.min_ms, b.max_ms)
+        assert b.sum_ms == pytest.approx(a.sum_ms, rel=1e-12)
+
+
+def test_a_request_is_in_the_figures_as_soon_as_it_is_recorded() -> None:
+    """Latencies waiting to be folded are in every read of the figures."""
+    t = ModelTelemetry(None)
+    for ms in (1.0, 2.0, 3.0):
+        t.record(ms, {}, {})
+    peeked = t.peek().latency_ms
+    assert peeked is not None and peeked.count == 3 and peeked.max_ms == 3.0
+    harvested = t.harvest().latency_ms
+    assert harvested is not None and harvested.count == 3
+    assert t.harvest().latency_ms is None  # the next interval starts empty
 
 
 def test_inputs_from_the_baseline_distribution_score_low_psi_and_a_shifted_feature_only_it() -> (
