@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import glob
 import json
+import math
+import os
 import queue
 import shutil
 import sys
@@ -171,10 +173,17 @@ def load_image(path: Path, preprocess: dict[str, Any], dtype: str) -> np.ndarray
 def load_file(path: Path, input_names: Sequence[str]) -> dict[str, np.ndarray]:
     """An input file's arrays by input name. Raises RequestError naming what is wrong."""
     try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise RequestError(f"{size} bytes (limit {MAX_FILE_BYTES})", reason="file_too_large")
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_FILE_BYTES:
+                raise RequestError(
+                    f"{size} bytes (limit {MAX_FILE_BYTES})", reason="file_too_large"
+                )
+            data = f.read(size + 1)  # a file growing meanwhile is read no further than this
+            if len(data) > MAX_FILE_BYTES:
+                raise RequestError(
+                    f"over {MAX_FILE_BYTES} bytes (it grew)", reason="file_too_large"
+                )
     except OSError as e:
         raise RequestError(f"cannot read: {e.strerror}", reason="unreadable") from e
     if path.suffix.lower() == ".npy":
@@ -212,7 +221,7 @@ def _npy(data: bytes) -> np.ndarray:
         known = _HEADERS.get(data[:end])
         if known is not None:
             dtype, shape = known
-            if len(data) - end != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+            if len(data) - end != dtype.itemsize * math.prod(shape):
                 raise RequestError(
                     f"body is not a valid .npy array: {len(data) - end} data bytes do not fill "
                     f"shape {list(shape)} of {dtype}",
