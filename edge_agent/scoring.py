@@ -123,6 +123,16 @@ class _Model:
         )
 
 
+def _pillow() -> Any:
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise ConfigError(
+            "scoring image files needs Pillow: pip install 'edgefleet[agent,images]'"
+        ) from e
+    return Image
+
+
 #: Images larger than this are refused before they are decoded (a decompression bomb).
 MAX_IMAGE_PIXELS = 64_000_000
 
@@ -130,12 +140,7 @@ MAX_IMAGE_PIXELS = 64_000_000
 def load_image(path: Path, preprocess: dict[str, Any], dtype: str) -> np.ndarray:
     """An image file as the model's input, one row: decoded, converted, resized, scaled,
     normalized and laid out as ``preprocess`` says. Raises RequestError naming what is wrong."""
-    try:
-        from PIL import Image
-    except ImportError as e:
-        raise ConfigError(
-            "scoring image files needs Pillow: pip install 'edgefleet[agent,images]'"
-        ) from e
+    Image = _pillow()
     height, width = preprocess["size"]
     channels = preprocess.get("channels", "RGB")
     try:
@@ -295,6 +300,7 @@ class Scorer:
         self._pending = _Rows()
         self._last_part = time.monotonic()
         self._model_name = model
+        self._loader_error: Exception | None = None
 
     # --- what is done already ---------------------------------------------------------------
     def done_files(self) -> set[str]:
@@ -322,6 +328,8 @@ class Scorer:
                 "images: annotate the model (edgefleet models annotate) and roll it out, or "
                 "convert them to arrays (.npy)"
             )
+        if images and model.preprocess is not None:
+            _pillow()  # refuse now, not at the first image
         result = ScoreResult(total_files=len(files))
         done = self.done_files()
         todo = [p for p in files if str(p) not in done]
@@ -355,6 +363,8 @@ class Scorer:
                         self._score(group, result, batchable=True)
                         group, rows = [], 0
                 self._tick(result, len(todo))
+            if self._loader_error is not None:
+                raise self._loader_error
             if group:
                 self._score(group, result, batchable=True)
             self._flush()
@@ -397,6 +407,8 @@ class Scorer:
                     chunk, rows = [], 0
             if chunk:
                 into.put(chunk)
+        except Exception as e:  # a fault of ours or of the host: the run stops and says so
+            self._loader_error = e
         finally:
             into.put(None)
 

@@ -22,6 +22,7 @@ the agent's ``/metrics``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import json
 import logging
@@ -129,14 +130,19 @@ class Stream:
         )
 
     def stop(self) -> None:
-        if self._source is not None:
+        """No new message is taken; what is queued is answered; then the ends close."""
+        if isinstance(self._source, _UnixSource):
             self._source.stop()
+        elif self._source is not None:
+            self._source.pause()  # its connection may be the sink: it stays open until the end
         with self._lock:
             self._stopping = True
             self._ready.notify_all()
         self._worker.join(timeout=30)
-        if self._sink is not None and self._sink is not self._source:
-            self._sink.stop()
+        for end in {
+            id(e): e for e in (self._source, self._sink) if isinstance(e, _MqttEnd)
+        }.values():
+            end.stop()
 
     @property
     def waiting(self) -> int:
@@ -152,6 +158,9 @@ class Stream:
         """A message arrived (a network thread): queue it, dropping the oldest when full."""
         with self._lock:
             self.counters.received += 1
+            if self._stopping:  # a frame on a connection still open while the agent stops
+                self.counters.dropped += 1
+                return
             if len(self._queue) >= self.spec.queue:
                 self._queue.popleft()
                 self.counters.dropped += 1
@@ -300,19 +309,35 @@ class _MqttEnd:
         self._client.max_inflight_messages_set(100)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = lambda *_: self.ready.clear()
+        self._accepting = True
+        self._last: Any = None  # the last publish's MQTTMessageInfo
         if on_message is not None:
-            self._client.on_message = lambda _c, _u, m: on_message(bytes(m.payload))
+            self._client.on_message = lambda _c, _u, m: (
+                on_message(bytes(m.payload)) if self._accepting else None
+            )
 
     def start(self) -> None:
         self._client.connect_async(self._host, self._port, keepalive=30)
         self._client.loop_start()
 
-    def stop(self) -> None:
+    def pause(self) -> None:
+        """Take no more messages (the connection stays, for the answers still to go out)."""
+        self._accepting = False
+        if self._deliver is not None:
+            self._client.unsubscribe(self._topic)
+
+    def stop(self, flush_s: float = 10.0) -> None:
+        """Close, once what was published has gone out (at QoS 1: once the broker has it)."""
+        last = self._last
+        if last is not None and self.ready.is_set():
+            # Answers go out in order: the last is enough. A connection gone meanwhile raises.
+            with contextlib.suppress(RuntimeError, ValueError):
+                last.wait_for_publish(flush_s)
         self._client.disconnect()
         self._client.loop_stop()
 
     def publish(self, topic: str, payload: bytes) -> None:
-        self._client.publish(topic, payload, qos=self._qos)
+        self._last = self._client.publish(topic, payload, qos=self._qos)
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:

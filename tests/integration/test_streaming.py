@@ -222,6 +222,48 @@ def test_a_flood_drops_the_oldest_and_bad_messages_are_answered_and_counted(
     table.close()
 
 
+def test_a_stopping_stream_answers_every_message_it_queued_before_it_closes(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """The agent stops (SIGTERM) with messages queued: it takes no new ones, answers those on
+    the connection it read them from, and only then closes it."""
+    table = SlotTable()
+    table.swap("clf", onnx_serving(mlp_classifier(tmp_path / "v1.onnx", seed=3), "1.0.0"))
+    topic = f"s{time.monotonic_ns()}"
+    spec = StreamSpec(
+        name="stop", slot="clf", input=mqtt_url(broker, f"{topic}/in"),
+        output=mqtt_url(broker, f"{topic}/out"), qos=1,
+    )  # fmt: skip
+    stream = Stream(spec, table)
+    gate = threading.Event()
+    original = stream._score
+    stream._score = lambda payload: (gate.wait(10), original(payload))[1]  # type: ignore[method-assign]
+    out = Collector(broker, f"{topic}/out")
+    stream.start()
+    assert stream.wait_connected()
+    pub = publisher(broker)
+    x = np.zeros(FEATURES, np.float32)
+    try:
+        for i in range(50):
+            pub.publish(f"{topic}/in", frame(i, x), qos=1)
+        deadline = time.monotonic() + 10
+        while stream.counters.received < 50 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stopping = threading.Thread(target=stream.stop)
+        stopping.start()
+        time.sleep(0.2)
+        pub.publish(f"{topic}/in", frame(99, x), qos=1)  # after the stop began: not taken
+        gate.set()
+        stopping.join(30)
+        got = out.wait_for(50, timeout_s=10)
+    finally:
+        pub.loop_stop()
+        out.close()
+        table.close()
+    assert sorted(int(str(g["id"])[1:]) for g in got) == list(range(50))
+    assert stream.counters.answered == 50
+
+
 def test_frames_on_a_unix_socket_are_answered_on_their_connection(tmp_path: Path) -> None:
     v1 = mlp_classifier(tmp_path / "v1.onnx", seed=3)
     table = SlotTable()
