@@ -33,33 +33,20 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SERVE = r"""
-import sys, threading
-from datetime import UTC, datetime
+import sys
 from pathlib import Path
-from edge_agent.bundle import (
-    FileEntry, Manifest, ModelRef, RuntimeRequirement, SelfTestSpec, TensorSpec,
-)
-from edge_agent.protocol.status import VersionRef
-from edge_agent.runtimes import LoadOptions
-from edge_agent.runtimes.onnxruntime import OnnxRuntime
-from edge_agent.serving import ServingModel, SlotTable, start_unix
+from edge_agent.bundle import TensorSpec
+from edge_agent.serving import SlotTable, start_unix
+from tests.factories import onnx_serving
 
-model_path, sock, in_shape, out_shape = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+model_path, sock, in_shape, out_shape, in_name, out_name = sys.argv[1:7]
 shape = lambda s: ["batch", *map(int, s.split(","))]
-manifest = Manifest(
-    model=ModelRef(name="m", version="1.0.0", source_sha256="0" * 64), profile="x86-64-avx2",
-    runtime=RuntimeRequirement(name="onnxruntime", versions=">=1"), precision="fp32",
-    artifact="model/model.onnx",
-    files=[FileEntry(path=p, sha256="0" * 64, size=1) for p in ("model/model.onnx", "s.npz")],
-    inputs=[TensorSpec(name=sys.argv[5], dtype="float32", shape=shape(in_shape))],
-    outputs=[TensorSpec(name=sys.argv[6], dtype="float32", shape=shape(out_shape))],
-    selftest=SelfTestSpec(file="s.npz", atol=0, rtol=0), toolchain={}, created_at=datetime.now(UTC),
-)
-ref = VersionRef(
-    model="m", version="1.0.0", bundle_sha256="0" * 64, runtime="onnxruntime", precision="fp32",
-)
 table = SlotTable()
-table.swap("m", ServingModel(ref, manifest, OnnxRuntime().load(Path(model_path), LoadOptions())))
+table.swap("m", onnx_serving(
+    Path(model_path), "1.0.0", name="m",
+    inputs=[TensorSpec(name=in_name, dtype="float32", shape=shape(in_shape))],
+    outputs=[TensorSpec(name=out_name, dtype="float32", shape=shape(out_shape))],
+))
 start_unix(table, Path(sock))
 print("ready", flush=True)
 sys.stdin.read()
@@ -121,6 +108,7 @@ def bench_model(
     server = subprocess.Popen(
         [sys.executable, "-c", SERVE, str(model), str(sock), in_shape, out_shape, *names],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=Path(__file__).resolve().parents[1],
     )  # fmt: skip
     assert server.stdout is not None and server.stdout.readline().strip() == "ready"
     try:

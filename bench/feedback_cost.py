@@ -32,7 +32,6 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -44,16 +43,12 @@ import onnxruntime as ort
 from bench import timing
 from converters.onnx.samples import mlp_classifier
 from edge_agent.bundle import (
-    FileEntry,
-    Manifest,
-    ModelRef,
-    RuntimeRequirement,
-    SelfTestSpec,
     TensorSpec,
 )
 from edge_agent.protocol.status import VersionRef
 from edge_agent.runtimes.fake import FakeModel
 from edge_agent.serving import FeedbackStore, ServingModel, SlotTable, predict
+from tests.factories import served_manifest
 
 BLOCK, BLOCK_WARMUP = 50, 10
 FEATURES, CLASSES = 512, 10
@@ -65,19 +60,7 @@ def serving(session: ort.InferenceSession, hidden: int) -> ServingModel:
     model = FakeModel(spec_in, spec_out, lambda f: {"probs": session.run(None, f)[0]})
     ref = VersionRef(model="clf", version="1.0.0", bundle_sha256="0" * 64,
                      runtime="onnxruntime", precision="fp32")  # fmt: skip
-    manifest = Manifest(
-        model=ModelRef(name="clf", version="1.0.0", source_sha256="0" * 64),
-        profile="x86-64-avx2",
-        runtime=RuntimeRequirement(name="onnxruntime", versions=">=1"),
-        precision="fp32",
-        artifact="model/model.onnx",
-        files=[FileEntry(path=p, sha256="0" * 64, size=1) for p in ("model/model.onnx", "st.npz")],
-        inputs=spec_in,
-        outputs=spec_out,
-        selftest=SelfTestSpec(file="st.npz", atol=0, rtol=0),
-        toolchain={"hidden": str(hidden)},
-        created_at=datetime.now(UTC),
-    )
+    manifest = served_manifest("clf", "1.0.0", spec_in, spec_out, {"hidden": str(hidden)})
     return ServingModel(ref, manifest, model)
 
 

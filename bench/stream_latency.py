@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 SERVE = r"""
 import sys
 from pathlib import Path
-from tests.integration.test_batch_scoring import onnx_serving
+from tests.factories import onnx_serving
 from edge_agent.serving import SlotTable
 from edge_agent.serving.stream import Stream, StreamSpec
 

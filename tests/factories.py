@@ -13,8 +13,20 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from converters import build_bundle, inspect_onnx
-from edge_agent.bundle import Manifest, sha256_file
+from edge_agent.bundle import (
+    FileEntry,
+    Manifest,
+    ModelRef,
+    RuntimeRequirement,
+    SelfTestSpec,
+    TensorSpec,
+    sha256_file,
+)
 from edge_agent.protocol.desired import DesiredState, SignedDesiredState, SlotAssignment
+from edge_agent.protocol.status import VersionRef
+from edge_agent.runtimes import LoadOptions
+from edge_agent.runtimes.onnxruntime import OnnxRuntime
+from edge_agent.serving import ServingModel
 from edge_agent.trust import KeyEntry, Keyring, Signature, SignedKeyring, TrustStore, key_id
 from edge_agent.trust.signing import public_key_to_b64
 from firmware_profiles import default_catalog
@@ -215,3 +227,47 @@ def make_litert_bundle(
     writer.write(out, manifest, [fleet.sign(manifest.to_canonical_json())])
     model.close()
     return manifest
+
+
+def served_manifest(
+    name: str,
+    version: str,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    toolchain: dict[str, str] | None = None,
+) -> Manifest:
+    """The manifest of a model served in-process by a test or a benchmark (no bundle behind
+    it: placeholder digests, a self-test file that is never read)."""
+    return Manifest(
+        model=ModelRef(name=name, version=version, source_sha256="0" * 64),
+        profile="x86-64-avx2",
+        runtime=RuntimeRequirement(name="onnxruntime", versions=">=1"),
+        precision="fp32",
+        artifact="model/model.onnx",
+        files=[FileEntry(path=p, sha256="0" * 64, size=1) for p in ("model/model.onnx", "s.npz")],
+        inputs=inputs,
+        outputs=outputs,
+        selftest=SelfTestSpec(file="s.npz", atol=0, rtol=0),
+        toolchain=toolchain or {},
+        created_at=datetime.now(UTC),
+    )
+
+
+def onnx_serving(
+    path: Path,
+    version: str,
+    *,
+    name: str = "classifier",
+    inputs: list[TensorSpec] | None = None,
+    outputs: list[TensorSpec] | None = None,
+) -> ServingModel:
+    """An ONNX file loaded in the agent's onnxruntime backend, ready for a slot table (the
+    sample classifier's x[batch, 16] → probs[batch, 4] unless told otherwise)."""
+    model = OnnxRuntime().load(path, LoadOptions())
+    ref = VersionRef(
+        model=name, version=version, bundle_sha256=version[0] * 64, runtime="onnxruntime",
+        precision="fp32",
+    )  # fmt: skip
+    inputs = inputs or [TensorSpec(name="x", dtype="float32", shape=["batch", 16])]
+    outputs = outputs or [TensorSpec(name="probs", dtype="float32", shape=["batch", 4])]
+    return ServingModel(ref, served_manifest(name, version, inputs, outputs), model)

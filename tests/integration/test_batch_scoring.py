@@ -9,7 +9,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -18,58 +17,17 @@ import pytest
 
 from converters.onnx.samples import mlp_classifier
 from edge_agent import scoring
-from edge_agent.bundle import (
-    FileEntry,
-    Manifest,
-    ModelRef,
-    RuntimeRequirement,
-    SelfTestSpec,
-    TensorSpec,
-)
+from edge_agent.bundle import TensorSpec
 from edge_agent.protocol.status import VersionRef
 from edge_agent.protocol.telemetry import TelemetryBatch
-from edge_agent.runtimes import LoadOptions
 from edge_agent.runtimes.fake import FakeModel
-from edge_agent.runtimes.onnxruntime import OnnxRuntime
 from edge_agent.serving import ServingModel, SlotTable, start_unix
 from edge_agent.serving.client import AgentClient
 from edge_agent.telemetry.outbox import Outbox
 from edge_agent.telemetry.reporter import TelemetryReporter, TelemetrySettings
+from tests.factories import onnx_serving, served_manifest
 
 FEATURES = 16
-
-
-def _manifest(
-    name: str, version: str, inputs: list[TensorSpec], outputs: list[TensorSpec]
-) -> Manifest:
-    return Manifest(
-        model=ModelRef(name=name, version=version, source_sha256="0" * 64),
-        profile="x86-64-avx2",
-        runtime=RuntimeRequirement(name="onnxruntime", versions=">=1"),
-        precision="fp32",
-        artifact="model/model.onnx",
-        files=[FileEntry(path=p, sha256="0" * 64, size=1) for p in ("model/model.onnx", "s.npz")],
-        inputs=inputs,
-        outputs=outputs,
-        selftest=SelfTestSpec(file="s.npz", atol=0, rtol=0),
-        toolchain={},
-        created_at=datetime.now(UTC),
-    )
-
-
-def onnx_serving(path: Path, version: str) -> ServingModel:
-    model = OnnxRuntime().load(path, LoadOptions())
-    ref = VersionRef(
-        model="classifier", version=version, bundle_sha256=version[0] * 64, runtime="onnxruntime",
-        precision="fp32",
-    )  # fmt: skip
-    manifest = _manifest(
-        "classifier",
-        version,
-        [TensorSpec(name="x", dtype="float32", shape=["batch", FEATURES])],
-        [TensorSpec(name="probs", dtype="float32", shape=["batch", 4])],
-    )
-    return ServingModel(ref, manifest, model)
 
 
 @dataclass
@@ -310,7 +268,7 @@ def test_a_model_without_a_batch_axis_is_scored_file_by_file(tmp_path: Path) -> 
         model="rnn", version="1.0.0", bundle_sha256="1" * 64, runtime="fake", precision="fp32"
     )
     table = SlotTable()
-    table.swap("rnn", ServingModel(ref, _manifest("rnn", "1.0.0", spec_in, spec_out), fake))
+    table.swap("rnn", ServingModel(ref, served_manifest("rnn", "1.0.0", spec_in, spec_out), fake))
     sock = tmp_path / "s.sock"
     server = start_unix(table, sock)
     try:

@@ -31,7 +31,8 @@ from fleet_server.broker import EmbeddedBroker
 from fleet_server.client import ApiClient
 from fleet_server.demo.agents import FAST_TELEMETRY, LocalAgent, wait_until
 from fleet_server.server import EmbeddedStack
-from tests.integration.test_batch_scoring import FEATURES, onnx_serving
+from tests.factories import onnx_serving
+from tests.integration.test_batch_scoring import FEATURES
 
 
 class Collector:

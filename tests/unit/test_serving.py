@@ -9,18 +9,12 @@ import io
 import json
 import socket
 import threading
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edge_agent.bundle import (
-    FileEntry,
-    Manifest,
-    ModelRef,
-    RuntimeRequirement,
-    SelfTestSpec,
     TensorSpec,
 )
 from edge_agent.contracts.errors import RequestError
@@ -30,6 +24,7 @@ from edge_agent.runtimes.fake import FakeModel
 from edge_agent.serving import InferenceHTTPServer, ServingModel, SlotTable, codec, start_http
 from edge_agent.serving.client import AgentClient, AgentError
 from edge_agent.serving.stats import CHECK_BATCH, CHECK_BATCH_BYTES, ModelStats
+from tests.factories import served_manifest
 
 SPEC_IN = [TensorSpec(name="x", dtype="float32", shape=["batch", 3])]
 SPEC_OUT = [TensorSpec(name="y", dtype="float32", shape=["batch", 3])]
@@ -44,22 +39,7 @@ def serving(model: LoadedModel, version: str) -> ServingModel:
     ref = VersionRef(
         model="scaler", version=version, bundle_sha256="0" * 64, runtime="fake", precision="fp32"
     )
-    manifest = Manifest(
-        model=ModelRef(name="scaler", version=version, source_sha256="0" * 64),
-        profile="x86-64-avx2",
-        runtime=RuntimeRequirement(name="onnxruntime", versions=">=1"),
-        precision="fp32",
-        artifact="model/model.onnx",
-        files=[
-            FileEntry(path=name, sha256="0" * 64, size=1)
-            for name in ("model/model.onnx", "selftest.npz")
-        ],
-        inputs=SPEC_IN,
-        outputs=SPEC_OUT,
-        selftest=SelfTestSpec(file="selftest.npz", atol=0, rtol=0),
-        toolchain={},
-        created_at=datetime.now(UTC),
-    )
+    manifest = served_manifest("scaler", version, SPEC_IN, SPEC_OUT)
     return ServingModel(ref, manifest, model)
 
 
