@@ -228,3 +228,74 @@ def test_a_dtype_numpy_cannot_parse_is_a_request_error(dtype: str) -> None:
     # Found by the fuzzer above: numpy parses "a,b" dtypes with ast.literal_eval.
     with pytest.raises(RequestError):  # not a SyntaxError from inside numpy
         codec.decode_json_value("x", {"dtype": dtype, "shape": [1], "b64": ""})
+
+
+@FUZZ
+@given(st.data())
+def test_score_npy_files_with_a_header_seen_before(data: st.DataObject) -> None:
+    """``edge-agent score`` keeps .npy headers it has parsed: a file whose header matches a
+    kept one but whose data does not fit it (cut, flipped) is refused like any other."""
+    import io
+
+    import numpy as np
+
+    from edge_agent import scoring
+
+    for n in range(65):  # every header _npy_like can start from is a known one
+        buf = io.BytesIO()
+        np.save(buf, np.arange(n, dtype=np.float32))
+        scoring._npy(buf.getvalue())
+    body = _npy_like(data)
+    _only(RequestError, lambda: scoring._npy(body))
+
+
+@FUZZ
+@given(outside_bytes)
+def test_stream_message(payload: bytes) -> None:
+    from edge_agent.serving.stream import _document, _feeds, _message_id
+
+    def parse() -> None:
+        doc = _document(payload)
+        _message_id(doc)
+        _feeds(doc)
+
+    _only(RequestError, parse)
+
+
+@settings(FUZZ, max_examples=100)
+@given(data=st.data())
+def test_score_image_files(data: st.DataObject, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A real PNG or JPEG with bytes flipped or cut short: decoded or refused by name."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from edge_agent import scoring
+
+    pixels = np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)
+    buf = io.BytesIO()
+    kind = data.draw(st.sampled_from(["PNG", "JPEG", "BMP"]))
+    Image.fromarray(pixels).save(buf, format=kind)
+    raw = bytearray(buf.getvalue())
+    for _ in range(data.draw(st.integers(0, 6))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    raw = raw[: data.draw(st.integers(0, len(raw)))]
+    path = tmp_path_factory.mktemp("img") / f"x.{kind.lower()}"
+    path.write_bytes(bytes(raw))
+    pre = {"input": "x", "size": [8, 8], "layout": "NCHW", "channels": "RGB", "scale": 1 / 255}
+    with bounded_memory(), suppress(RequestError):
+        assert scoring.load_image(path, pre, "float32").shape == (1, 3, 8, 8)
+
+
+def test_an_image_too_large_is_refused_before_it_is_decoded(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from edge_agent import scoring
+
+    path = tmp_path / "huge.png"
+    Image.new("1", (9000, 9000)).save(path)  # 81 megapixels in a file of a few KiB
+    pre = {"input": "x", "size": [8, 8]}
+    with bounded_memory(), pytest.raises(RequestError) as refused:
+        scoring.load_image(path, pre, "float32")
+    assert refused.value.reason == "image_too_large"
