@@ -244,10 +244,12 @@ def served_manifest(
         runtime=RuntimeRequirement(name="onnxruntime", versions=">=1"),
         precision="fp32",
         artifact="model/model.onnx",
-        files=[FileEntry(path=p, sha256="0" * 64, size=1) for p in ("model/model.onnx", "s.npz")],
+        files=[
+            FileEntry(path=p, sha256="0" * 64, size=1) for p in ("model/model.onnx", "selftest.npz")
+        ],
         inputs=inputs,
         outputs=outputs,
-        selftest=SelfTestSpec(file="s.npz", atol=0, rtol=0),
+        selftest=SelfTestSpec(file="selftest.npz", atol=0, rtol=0),
         toolchain=toolchain or {},
         created_at=datetime.now(UTC),
     )
