@@ -396,7 +396,10 @@ def test_online_accuracy_gates_judge_the_candidate_against_its_predecessor(
     rows = api.get("/v1/telemetry/models/classifier", params={"by_rollout": "true"})
     mine = [r for r in rows if r["rollout_id"] == rollout["id"]]
     assert mine and all(r["version"] == "2.0.0" for r in mine), rows
-    assert mine[0]["labelled"] >= 1000 and abs(mine[0]["accuracy"] - accuracy) < 0.05, mine
+    # The simulator draws one sample of 100 labels per version and round, shared by the
+    # devices serving it (hil/simulator.py): 1,200 labels are ~3 independent draws, so the
+    # measured accuracy's standard deviation is ~0.03, not the ~0.014 of 1,200 draws.
+    assert mine[0]["labelled"] >= 1000 and abs(mine[0]["accuracy"] - accuracy) < 0.12, mine
     shown = edgefleet(None, "telemetry", "show", "classifier", "--by-rollout",
                       "--server", api.base_url)  # fmt: skip
     assert shown.returncode == 0 and rollout["id"] in shown.stdout, shown.stdout + shown.stderr
