@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import os
 import queue
 import shutil
@@ -179,16 +178,12 @@ def load_file(path: Path, input_names: Sequence[str]) -> dict[str, np.ndarray]:
     """An input file's arrays by input name. Raises RequestError naming what is wrong."""
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > MAX_FILE_BYTES:
-                raise RequestError(
-                    f"{size} bytes (limit {MAX_FILE_BYTES})", reason="file_too_large"
-                )
-            data = f.read(size + 1)  # a file growing meanwhile is read no further than this
-            if len(data) > MAX_FILE_BYTES:
-                raise RequestError(
-                    f"over {MAX_FILE_BYTES} bytes (it grew)", reason="file_too_large"
-                )
+            # Read at most one byte past the limit (a file growing meanwhile included): asking
+            # for the limit itself would allocate a 256 MiB buffer for every small file.
+            size = min(os.fstat(f.fileno()).st_size, MAX_FILE_BYTES)
+            data = f.read(size + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise RequestError(f"over {MAX_FILE_BYTES} bytes", reason="file_too_large")
     except OSError as e:
         raise RequestError(f"cannot read: {e.strerror}", reason="unreadable") from e
     if path.suffix.lower() == ".npy":
@@ -198,7 +193,7 @@ def load_file(path: Path, input_names: Sequence[str]) -> dict[str, np.ndarray]:
                 "(use .npz with one array per input)",
                 reason="input_count",
             )
-        return {input_names[0]: _npy(data)}
+        return {input_names[0]: codec.decode_npy(data)}
     arrays = codec.decode_npz(data)
     missing = [n for n in input_names if n not in arrays]
     extra = [n for n in arrays if n not in input_names]
@@ -208,36 +203,6 @@ def load_file(path: Path, input_names: Sequence[str]) -> dict[str, np.ndarray]:
             reason="input_names",
         )
     return arrays
-
-
-#: .npy header (magic, version, length and the header dict, bytes) → (dtype, shape) of a
-#: C-ordered array: a night's files share a handful of headers, and numpy parses each one with
-#: ``ast.literal_eval`` (~100 µs, most of reading a small file).
-_HEADERS: dict[bytes, tuple[np.dtype[Any], tuple[int, ...]]] = {}
-_MAX_HEADERS = 64
-
-
-def _npy(data: bytes) -> np.ndarray:
-    """A .npy file's array: by a header seen before (checked byte for byte, and the data's
-    length against it), else by numpy's own reader, whose verdict on the header is kept."""
-    if data[:6] == b"\x93NUMPY" and len(data) >= 10:
-        size = 2 if data[6] == 1 else 4
-        end = 8 + size + int.from_bytes(data[8 : 8 + size], "little")
-        known = _HEADERS.get(data[:end])
-        if known is not None:
-            dtype, shape = known
-            if len(data) - end != dtype.itemsize * math.prod(shape):
-                raise RequestError(
-                    f"body is not a valid .npy array: {len(data) - end} data bytes do not fill "
-                    f"shape {list(shape)} of {dtype}",
-                    reason="input_encoding",
-                )
-            return np.frombuffer(data, dtype, offset=end).reshape(shape)
-        arr = codec.decode_npy(data)
-        if arr.flags.c_contiguous and arr.dtype.kind in "biuf" and len(_HEADERS) < _MAX_HEADERS:
-            _HEADERS[data[:end]] = (arr.dtype, arr.shape)
-        return arr
-    return codec.decode_npy(data)
 
 
 @dataclass
@@ -413,50 +378,47 @@ class Scorer:
             into.put(None)
 
     def _score(self, group: list[_Sample], result: ScoreResult, *, batchable: bool) -> None:
+        answer = self._ask(group, batchable)
+        if isinstance(answer, FileFailure):
+            if len(group) > 1:  # one file spoiled the batch: find it, score the rest
+                for sample in group:
+                    self._score([sample], result, batchable=batchable)
+            else:
+                result.failures.append(answer)
+            return
+        version, outputs = answer
+        if not batchable:  # the whole answer is the file's one row
+            outputs = {n: a[np.newaxis] for n, a in outputs.items()}
+        self._keep(group, version, outputs, result)
+
+    def _ask(
+        self, group: list[_Sample], batchable: bool
+    ) -> tuple[str, dict[str, np.ndarray]] | FileFailure:
+        """The agent's answer to ``group`` (its version and outputs), or why it has none (as
+        the failure of the group's first file)."""
         if batchable and len(group) > 1:
             feeds = {
                 name: np.concatenate([s.feeds[name] for s in group]) for name in group[0].feeds
             }
         else:
             feeds = group[0].feeds
-        total = sum(s.rows for s in group)
         try:
             outputs = self.client.predict(self.model, feeds, workload="batch")
-        except RequestError as e:
-            if len(group) > 1:  # one file's rows spoiled the batch: find it, score the rest
-                for sample in group:
-                    self._score([sample], result, batchable=batchable)
-                return
-            result.failures.append(FileFailure(group[0].file, e.reason, e.message))
-            return
         except AgentError as e:
             if e.status == 404:
                 raise  # the model is not served (any more): nothing else would score either
-            if len(group) > 1:  # the model failed a batch: each file on its own
-                for sample in group:
-                    self._score([sample], result, batchable=batchable)
-                return
-            result.failures.append(FileFailure(group[0].file, e.reason, e.message))
-            return
-        version = self.client.last_version or "?"
-        if batchable:
-            bad = [n for n, a in outputs.items() if a.ndim == 0 or a.shape[0] != total]
-            if bad:
-                if len(group) > 1:
-                    for sample in group:
-                        self._score([sample], result, batchable=batchable)
-                    return
-                result.failures.append(
-                    FileFailure(
-                        group[0].file,
-                        "output_rows",
-                        f"outputs {bad} do not have one row per input row ({total})",
-                    )
-                )
-                return
-            self._keep(group, version, outputs, result)
-        else:  # the whole answer is the file's one row
-            self._keep(group, version, {n: a[np.newaxis] for n, a in outputs.items()}, result)
+            return FileFailure(group[0].file, e.reason, e.message)
+        except RequestError as e:
+            return FileFailure(group[0].file, e.reason, e.message)
+        total = sum(s.rows for s in group)
+        bad = [n for n, a in outputs.items() if a.ndim == 0 or a.shape[0] != total]
+        if batchable and bad:
+            return FileFailure(
+                group[0].file,
+                "output_rows",
+                f"outputs {bad} do not have one row per input row ({total})",
+            )
+        return self.client.last_version or "?", outputs
 
     def _keep(
         self,

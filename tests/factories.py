@@ -236,8 +236,9 @@ def served_manifest(
     outputs: list[TensorSpec],
     toolchain: dict[str, str] | None = None,
 ) -> Manifest:
-    """The manifest of a model served in-process by a test or a benchmark (no bundle behind
-    it: placeholder digests, a self-test file that is never read)."""
+    """The manifest of a model served in-process by a test or a benchmark: placeholder
+    digests, no bundle behind it. Its self-test file is ``selftest.npz``, which a test that
+    stages the model writes beside it."""
     return Manifest(
         model=ModelRef(name=name, version=version, source_sha256="0" * 64),
         profile="x86-64-avx2",

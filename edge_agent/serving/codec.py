@@ -126,7 +126,30 @@ def encode_npz(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
+#: .npy headers numpy has accepted (magic, version, length and the header dict, as bytes) →
+#: (dtype, shape) of the C-ordered array they describe. Bodies and files of one shape share a
+#: header, and numpy parses each one with ``ast.literal_eval`` (~100 µs, most of reading a
+#: small array); a header seen before is matched byte for byte instead.
+_NPY_HEADERS: dict[bytes, tuple[np.dtype[Any], tuple[int, ...]]] = {}
+_MAX_NPY_HEADERS = 64
+
+
 def decode_npy(body: bytes) -> np.ndarray:
+    """Whatever the bytes hold, the only error is a ``RequestError`` naming the problem."""
+    end = 0
+    if body[:6] == b"\x93NUMPY" and len(body) >= 10:
+        size = 2 if body[6] == 1 else 4
+        end = 8 + size + int.from_bytes(body[8 : 8 + size], "little")
+        known = _NPY_HEADERS.get(body[:end])
+        if known is not None:
+            dtype, shape = known
+            if len(body) - end != dtype.itemsize * math.prod(shape):
+                raise RequestError(
+                    f"body is not a valid .npy array: {len(body) - end} data bytes do not fill "
+                    f"shape {list(shape)} of {dtype}",
+                    reason="input_encoding",
+                )
+            return np.frombuffer(body, dtype, offset=end).reshape(shape)
     try:
         with NPY_LOCK:
             arr = np.load(io.BytesIO(body), allow_pickle=False)
@@ -134,6 +157,9 @@ def decode_npy(body: bytes) -> np.ndarray:
         raise RequestError(f"body is not a valid .npy array: {e}", reason="input_encoding") from e
     if not isinstance(arr, np.ndarray):
         raise RequestError("body is not a single .npy array", reason="input_encoding")
+    kept = end and arr.flags.c_contiguous and arr.dtype.kind in "biuf"
+    if kept and len(_NPY_HEADERS) < _MAX_NPY_HEADERS:
+        _NPY_HEADERS[bytes(body[:end])] = (arr.dtype, arr.shape)
     return arr
 
 

@@ -364,6 +364,19 @@ class _UnixHandler(_Handler):
         return "unix"
 
 
+def claim_unix_path(path: Path, what: str) -> str:
+    """``path`` ready for a Unix socket to bind (a socket left by a crash removed), or a
+    ConfigError naming ``what`` when the path is longer than a socket address holds."""
+    if len(str(path).encode()) > 100:
+        raise ConfigError(
+            f"{what} path is too long for a Unix socket ({path}); use a shorter one, e.g. "
+            "/run/edgefleet/serving.sock"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    return str(path)
+
+
 class InferenceUnixServer(socketserver.ThreadingUnixStreamServer):
     """The same API on a Unix socket: no TCP stack, and access controlled by file mode."""
 
@@ -372,13 +385,7 @@ class InferenceUnixServer(socketserver.ThreadingUnixStreamServer):
     def __init__(self, path: Path, table: SlotTable) -> None:
         self.table = table
         self.path = path
-        if len(str(path).encode()) > 100:
-            raise ConfigError(
-                f"serving.unix_socket path is too long for a Unix socket ({path}); "
-                "use a shorter one, e.g. /run/edgefleet/serving.sock"
-            )
-        path.unlink(missing_ok=True)  # a socket left by a crash
-        super().__init__(str(path), _UnixHandler)
+        super().__init__(claim_unix_path(path, "serving.unix_socket"), _UnixHandler)
         path.chmod(0o660)
 
     def server_close(self) -> None:

@@ -40,8 +40,9 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from edge_agent.contracts.endpoints import mqtt_endpoint
-from edge_agent.contracts.errors import ConfigError, EdgefleetError, RequestError
+from edge_agent.contracts.errors import EdgefleetError, RequestError
 from edge_agent.serving import codec
+from edge_agent.serving.http import claim_unix_path
 from edge_agent.serving.predict import predict
 from edge_agent.serving.table import SlotTable
 
@@ -361,8 +362,6 @@ class _UnixSource:
     answer goes back on the connection its frame came from, one line each."""
 
     def __init__(self, path: Path, offer: Callable[[bytes, Reply | None], None]) -> None:
-        if len(str(path).encode()) > 100:
-            raise ConfigError(f"stream socket path is too long for a Unix socket ({path})")
         self.path = path
         offer_frame = offer
 
@@ -372,12 +371,11 @@ class _UnixSource:
                 wfile = self.wfile
 
                 def reply(answer: bytes) -> None:
-                    with lock:
-                        try:
-                            wfile.write(answer + b"\n")
-                            wfile.flush()
-                        except OSError:
-                            pass  # the writer went away; its answers have nowhere to go
+                    # A writer that went away leaves its answers nowhere to go (it was answered,
+                    # and counted so; the connection is gone).
+                    with lock, contextlib.suppress(OSError):
+                        wfile.write(answer + b"\n")
+                        wfile.flush()
 
                 while True:
                     line = self.rfile.readline(MAX_MESSAGE_BYTES + 1)
@@ -394,9 +392,7 @@ class _UnixSource:
         class Server(socketserver.ThreadingUnixStreamServer):
             daemon_threads = True
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.unlink(missing_ok=True)  # a socket left by a crash
-        self._server = Server(str(path), Handler)
+        self._server = Server(claim_unix_path(path, "stream socket"), Handler)
         path.chmod(0o660)
 
     def start(self) -> None:

@@ -233,20 +233,18 @@ def test_a_dtype_numpy_cannot_parse_is_a_request_error(dtype: str) -> None:
 @FUZZ
 @given(st.data())
 def test_score_npy_files_with_a_header_seen_before(data: st.DataObject) -> None:
-    """``edge-agent score`` keeps .npy headers it has parsed: a file whose header matches a
-    kept one but whose data does not fit it (cut, flipped) is refused like any other."""
+    """``codec.decode_npy`` keeps .npy headers numpy has parsed: a body whose header matches
+    a kept one but whose data does not fit it (cut, flipped) is refused like any other."""
     import io
 
     import numpy as np
 
-    from edge_agent import scoring
-
     for n in range(65):  # every header _npy_like can start from is a known one
         buf = io.BytesIO()
         np.save(buf, np.arange(n, dtype=np.float32))
-        scoring._npy(buf.getvalue())
+        codec.decode_npy(buf.getvalue())
     body = _npy_like(data)
-    _only(RequestError, lambda: scoring._npy(body))
+    _only(RequestError, lambda: codec.decode_npy(body))
 
 
 @FUZZ
