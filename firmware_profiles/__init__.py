@@ -9,19 +9,46 @@ Invariant: a loaded :class:`Profile` has been fully validated; any error names t
 the field (``raspberry-pi-4.toml: resources.threads: Input should be greater than 0``).
 """
 
-from firmware_profiles.catalog import ProfileCatalog, default_catalog, load_profile
+from typing import TYPE_CHECKING, Any
+
 from firmware_profiles.errors import ProfileError
-from firmware_profiles.schema import (
-    Accelerator,
-    Firmware,
-    LatencyBudget,
-    ParityThresholds,
-    Precision,
-    Profile,
-    Resources,
-    RuntimeName,
-    RuntimeSpec,
-)
+
+if TYPE_CHECKING:
+    from firmware_profiles.catalog import ProfileCatalog, default_catalog, load_profile
+    from firmware_profiles.schema import (
+        Accelerator,
+        Firmware,
+        LatencyBudget,
+        ParityThresholds,
+        Precision,
+        Profile,
+        Resources,
+        RuntimeName,
+        RuntimeSpec,
+    )
+
+#: Loaded on first use (PEP 562), so that a program that only catches ``ProfileError`` (the
+#: ``edgefleet`` CLI's every start) does not build the schema's models.
+_LAZY = {
+    **dict.fromkeys(("ProfileCatalog", "default_catalog", "load_profile"), "catalog"),
+    **dict.fromkeys(
+        ("Accelerator", "Firmware", "LatencyBudget", "ParityThresholds", "Precision",
+         "Profile", "Resources", "RuntimeName", "RuntimeSpec"),
+        "schema",
+    ),
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'firmware_profiles' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f"firmware_profiles.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Accelerator",

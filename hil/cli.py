@@ -11,17 +11,19 @@ import shlex
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from fleet_server.cli.context import ServerOpt, TokenOpt, api_client, console, err_console
-from hil.lease import RigBusy, RigLock
-from hil.report import write_reports
-from hil.rigfile import RigFileError, RigSpec, load_rig
-from hil.runner import HilRun, RunResult
-from hil.scenario import SCENARIOS
+
+if TYPE_CHECKING:
+    from hil.rigfile import RigSpec
+    from hil.runner import RunResult
+
+# Every `edgefleet` start registers this group: the rig machinery (runner, reports, device
+# kinds, the catalogue of profiles) is imported by the command that runs, not by the others.
 
 __all__ = ["hil_app"]
 
@@ -45,6 +47,8 @@ def _broker_hook(rig: RigSpec) -> Callable[[], None] | None:
         return None
 
     def restart() -> None:
+        from hil.rigfile import RigFileError
+
         done = subprocess.run(shlex.split(command), capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RigFileError(
@@ -58,6 +62,8 @@ def _load_scenarios(path: Path | None) -> None:
     """A Python file whose top level registers scenarios (``hil.scenario.register``)."""
     if path is None:
         return
+    from hil.rigfile import RigFileError
+
     spec = importlib.util.spec_from_file_location(f"hil_user_{path.stem}", path)
     if spec is None or spec.loader is None or not path.is_file():
         raise RigFileError(path.stem, f"--scenarios-from {path}: not a Python file")
@@ -93,6 +99,11 @@ def run(
     token: TokenOpt = None,
 ) -> None:
     """Run scenarios on a rig against the server; exit 0 only if every one passed."""
+    from hil.lease import RigBusy, RigLock
+    from hil.report import write_reports
+    from hil.rigfile import load_rig
+    from hil.runner import HilRun
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     rig = load_rig(rig_file)
     _load_scenarios(scenarios_from)
@@ -145,6 +156,7 @@ def _print(result: RunResult) -> None:
 def scenarios() -> None:
     """The built-in scenarios and what each needs."""
     import hil.builtin  # noqa: F401 (registers them)
+    from hil.scenario import SCENARIOS
 
     for s in SCENARIOS.values():
         needs = ", ".join(sorted(s.needs)) or "-"
@@ -156,6 +168,8 @@ def rigs_add(
     rig_file: Path, server: ServerOpt = "http://127.0.0.1:8600", token: TokenOpt = None
 ) -> None:
     """Register a rig (or replace its registration) so rollouts can name it."""
+    from hil.rigfile import load_rig
+
     rig = load_rig(rig_file)
     api_client(server, token).post(
         "/v1/hil/rigs",
@@ -192,6 +206,7 @@ def runner(
     token: TokenOpt = None,
 ) -> None:
     """Take the server's HIL jobs for this rig, run them, post each verdict with its reports."""
+    from hil.rigfile import load_rig
     from hil.worker import HilWorker
 
     logging.basicConfig(

@@ -41,7 +41,8 @@ from converters.build import Prepared, write_bundle
 from firmware_profiles import ProfileCatalog
 from fleet_server.artifacts import ArtifactStore
 from fleet_server.builds.service import get_build
-from fleet_server.builds.tables import Build, BuildState
+from fleet_server.builds.states import BuildState
+from fleet_server.builds.tables import Build
 from fleet_server.bundles.tables import Bundle
 from fleet_server.errors import NotFoundError, UnavailableError
 from fleet_server.keys.service import ServerKeys

@@ -27,14 +27,8 @@ from edge_agent import __version__ as edgefleet_version
 from edge_agent.contracts.errors import ConversionError
 from firmware_profiles import Precision, Profile, ProfileCatalog, ProfileError, RuntimeName
 from fleet_server.audit.service import record
-from fleet_server.builds.tables import (
-    FINISHED,
-    Build,
-    BuildCreate,
-    BuildLog,
-    BuildPublic,
-    BuildState,
-)
+from fleet_server.builds.states import FINISHED, BuildState
+from fleet_server.builds.tables import Build, BuildCreate, BuildLog, BuildPublic
 from fleet_server.bundles.tables import Bundle
 from fleet_server.database import advisory_lock, aware
 from fleet_server.errors import ConflictError, InvalidInputError, NotFoundError

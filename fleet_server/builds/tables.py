@@ -8,7 +8,6 @@ returns the existing job (or its bundle) instead of compiling again.
 from __future__ import annotations
 
 from datetime import datetime
-from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, model_validator
@@ -17,18 +16,8 @@ from sqlalchemy import JSON, Column, Text
 from sqlmodel import Field, SQLModel
 
 from fleet_server.api.schemas import RequestBody
+from fleet_server.builds.states import BuildState
 from fleet_server.database import UtcPublic
-
-
-class BuildState(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-
-
-#: A build in one of these states will not change any more.
-FINISHED = frozenset({BuildState.SUCCEEDED, BuildState.FAILED})
 
 
 class BuildBase(SQLModel):

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from fleet_server.builds.tables import BuildState
+from fleet_server.builds.states import BuildState
 from fleet_server.cli.context import (
     DEFAULT_SERVER,
     JsonOpt,

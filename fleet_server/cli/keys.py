@@ -6,18 +6,19 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
-from edge_agent.trust import SignedKeyring
-from edge_agent.trust.signing import public_key_to_b64
 from fleet_server.cli.context import JsonOpt, client_from_env, console
 from fleet_server.client import ApiClient
-from fleet_server.keys.root import create_root_key, load_root_key, next_keyring
-from fleet_server.keys.service import sign_keyring
-from fleet_server.keys.tables import OnlineKeyPublic
+
+if TYPE_CHECKING:
+    from edge_agent.trust import SignedKeyring
+
+# The ceremony's own modules (the keyring's models, the signing service and its tables) are
+# imported by the commands that sign, not by every `edgefleet` start.
 
 keys_app = typer.Typer(no_args_is_help=True, help="Fleet signing keys (offline root, online keys).")
 
@@ -48,6 +49,8 @@ def _install(client: ApiClient, root_public: str, signed: SignedKeyring) -> dict
 
 
 def _current(client: ApiClient) -> tuple[str, SignedKeyring]:
+    from edge_agent.trust import SignedKeyring
+
     trust = client.get("/v1/trust")
     return trust["root_public_key"], SignedKeyring.model_validate(trust["keyring"])
 
@@ -73,6 +76,11 @@ def _print_keys(keys: list[dict[str, Any]]) -> None:
 @keys_app.command("init")
 def keys_init(root_key: RootKeyOpt, ttl_days: TtlOpt = 365, as_json: JsonOpt = False) -> None:
     """Create the root key (here, encrypted) and the first keyring with one online key."""
+    from edge_agent.trust.signing import public_key_to_b64
+    from fleet_server.keys.root import create_root_key, next_keyring
+    from fleet_server.keys.service import sign_keyring
+    from fleet_server.keys.tables import OnlineKeyPublic
+
     client = _client_factory()
     root = create_root_key(root_key, _passphrase(confirm=True))
     online = OnlineKeyPublic.model_validate(client.post("/v1/keys/online", json={}))
@@ -90,6 +98,10 @@ def keys_init(root_key: RootKeyOpt, ttl_days: TtlOpt = 365, as_json: JsonOpt = F
 @keys_app.command("rotate")
 def keys_rotate(root_key: RootKeyOpt, ttl_days: TtlOpt = 365, as_json: JsonOpt = False) -> None:
     """Add a new online key; the server signs with it from now on."""
+    from fleet_server.keys.root import load_root_key, next_keyring
+    from fleet_server.keys.service import sign_keyring
+    from fleet_server.keys.tables import OnlineKeyPublic
+
     client = _client_factory()
     root = load_root_key(root_key, _passphrase())
     root_public, current = _current(client)
@@ -106,6 +118,9 @@ def keys_revoke(
     as_json: JsonOpt = False,
 ) -> None:
     """Revoke an online key: agents refuse anything it signed from now on."""
+    from fleet_server.keys.root import load_root_key, next_keyring
+    from fleet_server.keys.service import sign_keyring
+
     client = _client_factory()
     root = load_root_key(root_key, _passphrase())
     root_public, current = _current(client)
@@ -130,8 +145,10 @@ def keys_rotate_root(
     from datetime import UTC, datetime
 
     from edge_agent.contracts.errors import ConfigError
-    from edge_agent.trust import RootDocument, SignedRoot
-    from fleet_server.keys.service import sign_bytes
+    from edge_agent.trust import RootDocument, SignedKeyring, SignedRoot
+    from edge_agent.trust.signing import public_key_to_b64
+    from fleet_server.keys.root import create_root_key, load_root_key, next_keyring
+    from fleet_server.keys.service import sign_bytes, sign_keyring
 
     client = _client_factory()
     old = load_root_key(root_key, _passphrase())  # nothing is made without the old root

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markdown import Markdown
 from rich.table import Table
 
 from fleet_server.cli.context import (
@@ -239,6 +238,8 @@ def _show_version(v: dict[str, Any], as_json: bool) -> None:
     where = ", ".join(f"{n} on {p}" for p, n in sorted(running["by_profile"].items()))
     console.print(f"runs on {running['devices']} device(s)" + (f": {where}" if where else ""))
     if v["card"]:
+        from rich.markdown import Markdown  # markdown-it: only for a card
+
         console.print(Markdown(v["card"]))
 
 

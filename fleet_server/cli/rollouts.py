@@ -10,7 +10,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from fleet_server.builds.tables import BuildState
+from fleet_server.builds.states import BuildState
 from fleet_server.cli.builds import follow_build, render_build
 from fleet_server.cli.context import (
     DEFAULT_SERVER,
@@ -23,8 +23,6 @@ from fleet_server.cli.context import (
     print_json,
 )
 from fleet_server.client import ApiClient, ApiError
-from fleet_server.devices.selectors import Selector
-from fleet_server.errors import InvalidInputError
 
 rollouts_app = typer.Typer(no_args_is_help=True, help="Deploy model versions to devices.")
 
@@ -224,6 +222,9 @@ def rollouts_create(
     """Deploy a model version to a cohort (device ids or a selector), in stages, with gates."""
     cohort = ",".join(selector) if selector else None
     if cohort is not None:
+        from fleet_server.devices.selectors import Selector  # the server's own parser
+        from fleet_server.errors import InvalidInputError
+
         try:
             Selector.parse(cohort)
         except InvalidInputError as e:

@@ -88,3 +88,19 @@ def test_package_data_ships_every_dashboard_file() -> None:
     shipped = {p for pattern in patterns for p in ui.glob(pattern) if p.is_file()}
     present = {p for d in ("templates", "static") for p in (ui / d).iterdir() if p.is_file()}
     assert present and present == shipped, sorted(str(p) for p in present ^ shipped)
+
+
+def test_the_cli_starts_without_the_server_stack() -> None:
+    """Every `edgefleet` command is a fresh process: the ones that only talk to the REST API
+    (most of them) must not pay for the database layer, the web framework, the HIL machinery
+    or the profiles' schema. A command imports what it uses when it runs."""
+    code = (
+        "import sys; from fleet_server.cli.main import app;"
+        "bad = sorted({m.split('.')[0] if m.split('.')[0] != 'hil' else m for m in sys.modules"
+        " if m.split('.')[0] in {'sqlalchemy','sqlmodel','fastapi','uvicorn','onnx',"
+        "'onnxruntime','numpy','cryptography','markdown_it'}"
+        " or m in {'hil.runner','hil.report','firmware_profiles.schema'}});"
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
