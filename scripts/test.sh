@@ -12,6 +12,8 @@ echo "lint: ruff, mypy --strict"
 .venv/bin/ruff check --quiet .
 .venv/bin/ruff format --check --quiet .
 .venv/bin/mypy
-# Three workers on two cores: most of the suite's time is agents, brokers and rigs waiting;
-# work stealing keeps one long test (a rig's every scenario) from running alone at the end.
-exec .venv/bin/python -m pytest -p no:cacheprovider -ra -n 3 --dist worksteal --durations=15 "$@"
+# Three workers on two cores: much of a test's time is agents, brokers and rigs waiting.
+# Slow tests are collected first (tests/conftest.py) and handed out one at a time, so the long
+# ones start early and the run does not end on one long test while the other workers idle.
+exec .venv/bin/python -m pytest -p no:cacheprovider -ra -n 3 --dist load --maxschedchunk 1 \
+  --durations=15 "$@"

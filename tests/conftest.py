@@ -29,6 +29,12 @@ from fleet_server.settings import Settings
 ADMIN_TOKEN = "efa_test-admin-token-0123456789abcdef0123456789"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first: with ``--dist load`` the workers start the long ones early, and the
+    run ends on short tests instead of one long test running alone while the others idle."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def _worker_database(url: str | None) -> str | None:
     """Under pytest-xdist each worker gets a database of its own (``<name>_gw0``, …): the
     database tests start from an empty schema, and two workers would empty each other's."""
