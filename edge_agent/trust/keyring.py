@@ -12,13 +12,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge_agent.contracts.canonical import canonical_json, parse_json
 from edge_agent.contracts.durable import write_atomic
 from edge_agent.contracts.errors import BundleError
-from edge_agent.trust.signing import Signature, key_id, public_key_from_b64, verify_signature
+from edge_agent.trust.signing import (
+    AnyPublicKey,
+    Signature,
+    key_id,
+    public_key_from_b64,
+    verify_signature,
+)
 
 
 class _Strict(BaseModel):
@@ -56,7 +61,7 @@ class SignedKeyring(_Strict):
 
 
 def verify_keyring(
-    signed: SignedKeyring, root: Ed25519PublicKey, now: datetime | None = None
+    signed: SignedKeyring, root: AnyPublicKey, now: datetime | None = None
 ) -> Keyring:
     """Check the root's signature, the key ids, and the expiry."""
     root_id = key_id(root)
@@ -140,7 +145,7 @@ MAX_ROOT_STEPS = 32
 
 @dataclass(frozen=True)
 class PinnedRoot:
-    key: Ed25519PublicKey
+    key: AnyPublicKey
     version: int
     #: The document that made it the root (None: the key pinned at enrollment).
     document: SignedRoot | None = None
@@ -181,7 +186,7 @@ class TrustStore:
     root moves on, one version at a time, when a document brings a rotation
     (``root.json`` beside the keyring holds the newest root document accepted)."""
 
-    def __init__(self, root: Ed25519PublicKey, keyring_path: Path) -> None:
+    def __init__(self, root: AnyPublicKey, keyring_path: Path) -> None:
         self.path = keyring_path
         self.root_path = keyring_path.with_name("root.json")
         self.pinned = PinnedRoot(root, 1)
@@ -199,7 +204,7 @@ class TrustStore:
             self.signed = SignedKeyring.from_bytes(keyring_path.read_bytes())
 
     @property
-    def root(self) -> Ed25519PublicKey:
+    def root(self) -> AnyPublicKey:
         return self.pinned.key
 
     def candidate_root(self, roots: list[SignedRoot]) -> PinnedRoot:
