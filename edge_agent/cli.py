@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from edge_agent.config import AgentConfig, render_config
 from edge_agent.contracts.durable import write_atomic
 from edge_agent.contracts.errors import ConfigError, EdgefleetError
-from edge_agent.link.identity import new_key_and_csr, server_message
+from edge_agent.link.identity import certificate_facts, new_key_and_csr, server_message
 from edge_agent.logs import configure as configure_logging
 from edge_agent.protocol.enrollment import EnrollRequest, EnrollResponse
 from edge_agent.runtimes import available_runtimes
@@ -80,6 +80,7 @@ def _enroll(args: argparse.Namespace) -> int:
         write_atomic(directory / "device.key", key_pem, mode=0o600)
         (directory / "device.crt").write_text(reply.client_cert)
         (directory / "ca.crt").write_text(reply.ca_cert or "")
+        certificate_facts(directory / "device.crt")  # so the agent need not parse it
     write_atomic(directory / "device.secret", (reply.device_secret + "\n").encode(), mode=0o600)
     config_path.write_text(
         render_config(

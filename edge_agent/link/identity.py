@@ -16,10 +16,17 @@ The files: the new pair is written beside the old as ``device.key.new`` / ``devi
 then renamed over it key first. A crash between the two renames leaves the new key beside the
 old certificate and ``device.crt.new``; :func:`recover` (at start) finishes the job, and
 throws away a new pair that was never switched to.
+
+What the running agent needs of its certificate (serial, validity) is kept beside it in
+``device.crt.facts.json``, tagged with the certificate's sha256: reading it costs nothing,
+where parsing the certificate loads cryptography's x509 (about 7 MiB resident for the agent's
+whole life). The facts are written where cryptography is loaded anyway (enrollment, renewal)
+and made again from the certificate whenever the tag does not match it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -39,6 +46,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CertificateRenewer",
+    "certificate_facts",
     "certificate_status",
     "new_key_and_csr",
     "recover",
@@ -77,32 +85,58 @@ def new_key_and_csr(device_id: str) -> tuple[bytes, str]:
     return key_pem, csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
+def _facts_file(cert_file: Path) -> Path:
+    return cert_file.with_name(cert_file.name + ".facts.json")
+
+
+def certificate_facts(cert_file: Path) -> tuple[str, datetime, datetime]:
+    """The certificate's serial (hex) and validity (not before, not after): from its facts
+    file when that was written for these very bytes, else parsed (and the file written)."""
+    pem = cert_file.read_bytes()
+    digest = hashlib.sha256(pem).hexdigest()
+    try:
+        kept = json.loads(_facts_file(cert_file).read_bytes())
+        if kept["sha256"] == digest:
+            return (
+                str(kept["serial"]),
+                datetime.fromisoformat(kept["not_before"]),
+                datetime.fromisoformat(kept["not_after"]),
+            )
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # none yet, or not for this certificate, or damaged: parse it
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(pem)
+    serial = format(cert.serial_number, "x")
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    facts = {
+        "sha256": digest,
+        "serial": serial,
+        "not_before": start.isoformat(),
+        "not_after": end.isoformat(),
+    }
+    try:
+        write_atomic(_facts_file(cert_file), json.dumps(facts).encode())
+    except OSError as e:  # a read-only state directory: parse again next time
+        log.warning("cannot keep the certificate's facts beside it: %s", e)
+    return serial, start, end
+
+
 def certificate_status(cert_file: Path) -> CertificateStatus:
     """Serial and expiry of the certificate in ``cert_file``, for the agent's status."""
-    from cryptography import x509
-
-    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
-    return CertificateStatus(
-        serial=format(cert.serial_number, "x"), not_after=cert.not_valid_after_utc
-    )
-
-
-def _validity(cert_pem: bytes) -> tuple[datetime, datetime]:
-    from cryptography import x509
-
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    return cert.not_valid_before_utc, cert.not_valid_after_utc
+    serial, _, end = certificate_facts(cert_file)
+    return CertificateStatus(serial=serial, not_after=end)
 
 
 def renewal_due(cert_file: Path, remaining: float, now: datetime | None = None) -> bool:
     """Whether less than ``remaining`` (a fraction) of the certificate's lifetime is left."""
-    start, end = _validity(cert_file.read_bytes())
+    _, start, end = certificate_facts(cert_file)
     now = now or datetime.now(UTC)
     return (end - now) < (end - start) * remaining
 
 
 def expired(cert_file: Path, now: datetime | None = None) -> bool:
-    return _validity(cert_file.read_bytes())[1] <= (now or datetime.now(UTC))
+    return certificate_facts(cert_file)[2] <= (now or datetime.now(UTC))
 
 
 def _matches(cert_pem: bytes, key_pem: bytes) -> bool:
@@ -233,6 +267,7 @@ class CertificateRenewer:
             return False
         os.replace(new_key, self.key_file)  # key first: see recover()
         os.replace(new_cert, self.cert_file)
+        certificate_facts(self.cert_file)  # the facts of the new one, while x509 is loaded
         self.renewed += 1
         self.on_renewed()
         log.info("renewed the MQTT client certificate: serial %s, valid until %s",

@@ -3,6 +3,9 @@ switch leaves behind, put right at the next start."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -11,7 +14,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from edge_agent.link.identity import new_key_and_csr, recover, renewal_due
+from edge_agent.link.identity import (
+    certificate_facts,
+    certificate_status,
+    new_key_and_csr,
+    recover,
+    renewal_due,
+)
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 CA_KEY = ec.generate_private_key(ec.SECP256R1())
@@ -88,3 +97,44 @@ def test_a_stray_certificate_for_another_key_is_dropped(tmp_path: Path) -> None:
     assert recover(cert, key) is not None
     assert cert.read_bytes() == cert_pem and key.read_bytes() == key_pem
     assert not list(tmp_path.glob("*.new"))
+
+
+def test_the_running_agent_reads_its_certificate_from_the_facts_kept_beside_it(
+    tmp_path: Path,
+) -> None:
+    cert, _, cert_pem, _ = _pair(tmp_path)
+    parsed = x509.load_pem_x509_certificate(cert_pem)
+    serial, start, end = certificate_facts(cert)  # as enrollment does: parsed, facts kept
+    assert (serial, start, end) == (
+        format(parsed.serial_number, "x"), parsed.not_valid_before_utc, parsed.not_valid_after_utc
+    )  # fmt: skip
+    facts = json.loads((tmp_path / "device.crt.facts.json").read_text())
+    assert facts["serial"] == serial
+    # A fresh process (the agent) answers from them, without loading cryptography's x509.
+    code = (
+        "import sys; from pathlib import Path; from datetime import datetime;"
+        "from edge_agent.link.identity import certificate_status, renewal_due, expired;"
+        f"c = Path({str(cert)!r}); s = certificate_status(c);"
+        "print(s.serial, s.not_after.isoformat(), renewal_due(c, 1/3), expired(c),"
+        " 'cryptography' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [serial, end.isoformat(), "True", "True", "False"], out.stderr
+
+
+def test_facts_that_do_not_match_the_certificate_are_made_again(tmp_path: Path) -> None:
+    cert, _, _, key_pem = _pair(tmp_path)
+    old_serial = certificate_status(cert).serial
+    facts_file = tmp_path / "device.crt.facts.json"
+    # Another certificate in its place (a renewal, a restore from backup): its own facts.
+    cert.write_bytes(_cert(key_pem, T0 + timedelta(days=10), 30))
+    renewed = certificate_status(cert)
+    assert renewed.serial != old_serial
+    assert renewed.not_after == T0 + timedelta(days=40)
+    assert json.loads(facts_file.read_text())["serial"] == renewed.serial
+    # Damaged facts (or lying about the same certificate's tag) are parsed over, not believed.
+    for damage in (b"{not json", b"[]", json.dumps({"sha256": "0" * 64}).encode()):
+        facts_file.write_bytes(damage)
+        assert certificate_status(cert) == renewed
+    facts_file.write_text(json.dumps({**json.loads(facts_file.read_text()), "serial": "f00"}))
+    assert certificate_status(cert).serial == "f00"  # the tag matches: kept facts are used
