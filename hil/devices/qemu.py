@@ -33,8 +33,8 @@ __all__ = ["AGENT_REQUIREMENTS", "Arm64Root", "QemuDevice"]
 #: The agent's dependencies on an ARM board (edgefleet[agent,litert] without onnxruntime).
 AGENT_REQUIREMENTS = (
     "ai-edge-litert>=2.0,<3", "numpy>=1.26", "pydantic>=2.6,<3", "packaging>=23",
-    "paho-mqtt>=2.1,<3", "cryptography>=42", "tomli-w>=1.0,<2", "prometheus-client>=0.20",
-    "ddsketch==3.0.1",
+    "paho-mqtt>=2.1,<3", "pynacl>=1.5", "cryptography>=42", "tomli-w>=1.0,<2",
+    "prometheus-client>=0.20", "ddsketch==3.0.1",
 )  # fmt: skip
 PLATFORMS = ("manylinux_2_27_aarch64", "manylinux_2_28_aarch64", "manylinux_2_17_aarch64",
              "manylinux2014_aarch64")  # fmt: skip

@@ -284,7 +284,13 @@ def test_a_device_back_after_its_certificate_expired_renews_and_reconnects(
             agent.wait_ready()
             wait_until(lambda: _online(api, "renew-3"), 60, "the device online again")
             assert _serial(config.mqtt.cert_file) != expired
-            assert _expires(api, "renew-3") > datetime.now(UTC)
+            # A status made before the renewal (with the expired certificate) may reach the
+            # server first, queued while the device was offline: the renewed one follows.
+            wait_until(
+                lambda: _expires(api, "renew-3") > datetime.now(UTC),
+                30,
+                "the device to report its renewed certificate",
+            )
             done = roll_out(api, "classifier", "1.0.0", ["renew-3"])
             assert done["state"] == "completed", done
             assert "now connected with the renewed certificate" in agent.log_path.read_text()

@@ -5,13 +5,14 @@ be built); a worker whose rig cannot start posts a failed verdict, never a pass.
 from __future__ import annotations
 
 import shutil
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from hil.devices import make_device
-from hil.devices.qemu import Arm64Root
+from hil.devices.qemu import AGENT_REQUIREMENTS, Arm64Root
 from hil.rigfile import RigFileError, parse_rig
 from hil.runner import HilRun
 
@@ -109,3 +110,14 @@ def test_a_scenario_asked_for_by_name_that_the_rig_cannot_run_is_an_error_not_a_
     assert result.error is not None
     assert "scenario 'broker-restart' cannot run here: needs a baseline version" in result.error
     assert not (tmp_path / "s").exists()  # nothing was started
+
+
+def test_the_emulated_boards_packages_are_the_agent_extras_less_onnxruntime() -> None:
+    """The arm64 root gets the agent's dependencies by name (cross-installed wheels): a
+    dependency added to pyproject.toml and not here would stop the emulated Python."""
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    extras = project["project"]["optional-dependencies"]
+    wanted = [*project["project"]["dependencies"], *extras["agent"], *extras["litert"]]
+    assert sorted(AGENT_REQUIREMENTS) == sorted(
+        r for r in wanted if not r.startswith("onnxruntime")
+    )
