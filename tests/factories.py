@@ -236,8 +236,8 @@ def served_manifest(
     outputs: list[TensorSpec],
     toolchain: dict[str, str] | None = None,
 ) -> Manifest:
-    """The manifest of a model served in-process by a test or a benchmark: placeholder
-    digests, no bundle behind it. Its self-test file is ``selftest.npz``, which a test that
+    """The manifest of a model served in-process by a test or a benchmark: no bundle is
+    behind it, so its digests are all zeros and nothing is checked against them. Its self-test file is ``selftest.npz``, which a test that
     stages the model writes beside it."""
     return Manifest(
         model=ModelRef(name=name, version=version, source_sha256="0" * 64),

@@ -89,21 +89,30 @@ def _facts_file(cert_file: Path) -> Path:
     return cert_file.with_name(cert_file.name + ".facts.json")
 
 
+def _kept_facts(cert_file: Path, digest: str) -> tuple[str, datetime, datetime] | None:
+    """The facts file's serial and validity when it was written for the certificate whose
+    sha256 is ``digest``; None when there is none, it is another certificate's, or damaged."""
+    try:
+        kept = json.loads(_facts_file(cert_file).read_bytes())
+        if kept["sha256"] != digest:
+            return None
+        return (
+            str(kept["serial"]),
+            datetime.fromisoformat(kept["not_before"]),
+            datetime.fromisoformat(kept["not_after"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def certificate_facts(cert_file: Path) -> tuple[str, datetime, datetime]:
     """The certificate's serial (hex) and validity (not before, not after): from its facts
     file when that was written for these very bytes, else parsed (and the file written)."""
     pem = cert_file.read_bytes()
     digest = hashlib.sha256(pem).hexdigest()
-    try:
-        kept = json.loads(_facts_file(cert_file).read_bytes())
-        if kept["sha256"] == digest:
-            return (
-                str(kept["serial"]),
-                datetime.fromisoformat(kept["not_before"]),
-                datetime.fromisoformat(kept["not_after"]),
-            )
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # none yet, or not for this certificate, or damaged: parse it
+    kept = _kept_facts(cert_file, digest)
+    if kept is not None:
+        return kept
     from cryptography import x509
 
     cert = x509.load_pem_x509_certificate(pem)
