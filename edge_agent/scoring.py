@@ -410,14 +410,15 @@ class Scorer:
             return FileFailure(group[0].file, e.reason, e.message)
         except RequestError as e:
             return FileFailure(group[0].file, e.reason, e.message)
-        total = sum(s.rows for s in group)
-        bad = [n for n, a in outputs.items() if a.ndim == 0 or a.shape[0] != total]
-        if batchable and bad:
-            return FileFailure(
-                group[0].file,
-                "output_rows",
-                f"outputs {bad} do not have one row per input row ({total})",
-            )
+        if batchable:
+            total = sum(s.rows for s in group)
+            bad = [n for n, a in outputs.items() if a.ndim == 0 or a.shape[0] != total]
+            if bad:
+                return FileFailure(
+                    group[0].file,
+                    "output_rows",
+                    f"outputs {bad} do not have one row per input row ({total})",
+                )
         return self.client.last_version or "?", outputs
 
     def _keep(
