@@ -191,6 +191,8 @@ def test_a_drifted_feature_scores_high_psi_alone_and_raises_an_alert(
         alerts = wait_until(alerted, 30, "a drift alert")
         assert alerts[0]["subject"] == "input:x" and alerts[0]["figures"]["group"] == 5
         assert alerts[0]["value"] > 0.25
+        # The alert can come before the agent's last batches are in: the CLI reads them all.
+        wait_until(lambda: _total_requests(api, "classifier") >= 4500, 30, "every request counted")
         _the_cli_reads_the_same(stack, tmp_path)
     finally:
         agent.stop()
