@@ -163,8 +163,12 @@ class GroupedWrites:
         self._results: dict[int, tuple[list[Path], TransportError | None, BaseException | None]]
         self._results = {}
         self._waiting: set[int] = set()
-        #: Writes done, and the callers they covered (for the benchmark and tests).
+        #: Writes done, those that changed a file (and so reloaded the broker), and the
+        #: callers they covered (for the benchmark and tests). A write whose read found the
+        #: files already current (an earlier write read this caller's commit too) changes
+        #: nothing and does not reload.
         self.writes = 0
+        self.changed = 0
         self.covered = 0
 
     def write(self) -> tuple[list[Path], TransportError | None]:
@@ -194,6 +198,7 @@ class GroupedWrites:
                     self._cond.acquire()
                     self._writing = False
                     self.writes += 1
+                    self.changed += bool(outcome[0])
                     self.covered += upto - self._done
                     self._done = upto
                     self._results[upto] = (*outcome, error)
