@@ -114,6 +114,7 @@ def _member(
 ) -> None:
     from fleet_server.artifacts.local import LocalArtifactStore
     from fleet_server.database import make_engine
+    from fleet_server.heap import settle
     from fleet_server.telemetry.service import TelemetryService
 
     engine = make_engine(db_url)
@@ -121,6 +122,7 @@ def _member(
     ingest = service.start_ingest(mqtt_url)
     assert service.connection is not None
     service.connection.subscribed.wait(30)
+    settle()  # as `edgefleet telemetry ingest` does once started
     ready.set()  # type: ignore[attr-defined]
     cpu = time.process_time()
     stop.wait()  # type: ignore[attr-defined]

@@ -31,6 +31,7 @@ from fleet_server.auth.broker_acl import INGEST_IDENTITIES, ingest_identity
 from fleet_server.control.connection import TlsFiles
 from fleet_server.control.plane import ControlPlane
 from fleet_server.database import make_engine
+from fleet_server.heap import settle
 from fleet_server.keys.service import ServerKeys
 from fleet_server.settings import Settings
 from fleet_server.telemetry.service import TelemetryService
@@ -107,6 +108,7 @@ def run(
         control.on_report = _waker(wake_fd)
     telemetry.start_ingest(control=control)
     control.start()
+    settle()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -17,6 +17,7 @@ from fleet_server.app import create_app
 from fleet_server.artifacts import open_store
 from fleet_server.broker import EmbeddedBroker, free_port
 from fleet_server.database import make_engine
+from fleet_server.heap import settle
 from fleet_server.schema import SchemaState, check_for_start
 from fleet_server.settings import Settings
 
@@ -53,8 +54,10 @@ def serve(settings: Settings) -> None:
         mqtt_url = broker.url
         print(f"embedded {broker.backend} broker on {mqtt_url} (development only)")
     try:
+        app = create_app(settings, mqtt_url)
+        settle()
         uvicorn.run(
-            create_app(settings, mqtt_url),
+            app,
             host=settings.host,
             port=settings.port,
             log_level="info",

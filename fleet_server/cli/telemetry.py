@@ -172,6 +172,7 @@ def ingest() -> None:
     `edgefleet serve`). Runs until interrupted."""
     from fleet_server.artifacts import open_store
     from fleet_server.database import make_engine
+    from fleet_server.heap import settle
     from fleet_server.schema import check_for_start
     from fleet_server.settings import Settings
     from fleet_server.telemetry.service import TelemetryService
@@ -191,6 +192,7 @@ def ingest() -> None:
         window_s=settings.telemetry_window_s,
     )
     ingest = service.start_ingest(settings.mqtt_url)
+    settle()
     if service.connection is not None and not service.connection.subscribed.wait(30):
         console.print(f"warning: no subscription granted by {settings.mqtt_url} yet; retrying")
     stop = threading.Event()
