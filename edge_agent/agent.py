@@ -28,7 +28,7 @@ from edge_agent.protocol.status import (
     SlotStatus,
     Transition,
 )
-from edge_agent.runtimes import LoadOptions, available_runtimes
+from edge_agent.runtimes import LoadOptions, available_runtimes, runtime_threads
 from edge_agent.serving import (
     FeedbackStore,
     InferenceHTTPServer,
@@ -121,7 +121,8 @@ class Agent:
                 profile=config.profile,
                 runtimes=runtimes,
                 load_options=LoadOptions(
-                    threads=config.runtime.threads or self.profile.resources.threads,
+                    threads=runtime_threads(config.runtime.threads, self.profile.resources.threads),
+                    spin=config.runtime.spin,
                     providers=providers,
                     cache_dir=config.state_dir / "engine-cache",
                 ),

@@ -84,8 +84,12 @@ class ServingConfig(_Section):
 
 
 class RuntimeConfig(_Section):
-    #: Intra-op threads; 0 takes the device profile's figure.
+    #: Intra-op threads; 0 takes the device profile's figure, or the CPUs this process may
+    #: run on when they are fewer (a container's CPU set, a board with cores taken offline).
     threads: int = Field(default=0, ge=0, le=256)
+    #: Worker threads spin between runs instead of sleeping (see ``LoadOptions.spin``): for a
+    #: device that scores back to back and has cores to spare.
+    spin: bool = False
 
 
 class DownloadConfig(_Section):

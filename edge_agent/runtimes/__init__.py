@@ -8,7 +8,14 @@ Backends import their inference library lazily, so a device carries only the run
 Any exception a backend's library raises comes out as :class:`RuntimeBackendError`.
 """
 
-from edge_agent.runtimes.base import LoadedModel, LoadOptions, Runtime, check_feeds
+from edge_agent.runtimes.base import (
+    LoadedModel,
+    LoadOptions,
+    Runtime,
+    check_feeds,
+    runtime_threads,
+    usable_cpus,
+)
 from edge_agent.runtimes.registry import available_runtimes, get_runtime
 
 __all__ = [
@@ -18,4 +25,6 @@ __all__ = [
     "available_runtimes",
     "check_feeds",
     "get_runtime",
+    "runtime_threads",
+    "usable_cpus",
 ]

@@ -108,6 +108,7 @@ class OnnxRuntime(Runtime):
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.threads
         so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin else "0")
         so.log_severity_level = 3
         available = set(ort.get_available_providers())
         providers = [p for p in options.providers if p in available] or ["CPUExecutionProvider"]
