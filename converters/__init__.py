@@ -8,9 +8,15 @@ toolchains/    converter toolchains that need their own pinned environment (onnx
 job.py         one build in a subprocess of its own (what the server runs)
 """
 
-from converters.build import BuildResult, build_bundle
-from converters.converter import Target
-from converters.onnx import OnnxModelInfo, inspect_onnx
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from converters.build import BuildResult, build_bundle
+    from converters.converter import Target
+    from converters.onnx import OnnxModelInfo, inspect_onnx
 
 __all__ = [
     "BuildResult",
@@ -19,3 +25,23 @@ __all__ = [
     "build_bundle",
     "inspect_onnx",
 ]
+
+#: Loaded on first use (PEP 562): a process that needs one module of the package (the upload's
+#: inspector child, ``python -m converters.onnx.isolated``, run once per upload) does not
+#: import the build pipeline, its converters and the bundle writer to get it.
+_LAZY = {
+    "BuildResult": "converters.build",
+    "build_bundle": "converters.build",
+    "Target": "converters.converter",
+    "OnnxModelInfo": "converters.onnx",
+    "inspect_onnx": "converters.onnx",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'converters' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
