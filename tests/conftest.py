@@ -35,6 +35,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A test process runs servers, brokers' clients and agents' clients in threads: like a
+    server process (``fleet_server.heap``), it settles the collector once start-up (imports,
+    collection) is done, so collections stop walking the hundreds of thousands of objects
+    that live as long as it does."""
+    from fleet_server.heap import settle
+
+    settle()
+
+
 def _worker_database(url: str | None) -> str | None:
     """Under pytest-xdist each worker gets a database of its own (``<name>_gw0``, …): the
     database tests start from an empty schema, and two workers would empty each other's."""
