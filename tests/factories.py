@@ -263,10 +263,11 @@ def onnx_serving(
     name: str = "classifier",
     inputs: list[TensorSpec] | None = None,
     outputs: list[TensorSpec] | None = None,
+    options: LoadOptions | None = None,
 ) -> ServingModel:
     """An ONNX file loaded in the agent's onnxruntime backend, ready for a slot table (the
     sample classifier's x[batch, 16] → probs[batch, 4] unless told otherwise)."""
-    model = OnnxRuntime().load(path, LoadOptions())
+    model = OnnxRuntime().load(path, options or LoadOptions())
     ref = VersionRef(
         model=name, version=version, bundle_sha256=version[0] * 64, runtime="onnxruntime",
         precision="fp32",
