@@ -33,8 +33,9 @@ class LoadOptions:
     #: Let the runtime's worker threads spin between runs (onnxruntime's default) instead of
     #: sleeping: back-to-back batches start a little sooner, but every worker keeps a core
     #: busy after each run. Off: a device answering requests now and then, its app and its
-    #: temperature need those cores (measured at 50 requests/s on 2 cores: 20-39 ms of CPU
-    #: per request spinning, 0.3-0.6 ms not, the same median latency).
+    #: temperature need those cores (bench/runtime_threads.py, a small CNN at 25 requests/s
+    #: on 2 cores: 29-32 ms of CPU a request spinning, 1.1-1.4 ms not, for a median latency
+    #: about 0.1 ms higher; batch scoring back to back runs about a tenth slower).
     spin: bool = False
     #: onnxruntime execution providers in order of preference; unavailable ones are skipped.
     providers: tuple[str, ...] = field(default_factory=tuple)
