@@ -30,12 +30,13 @@ from edge_agent.contracts.errors import EdgefleetError, RequestError, RuntimeBac
 class LoadOptions:
     #: Intra-op threads; 0 lets the runtime decide.
     threads: int = 0
-    #: Let the runtime's worker threads spin between runs (onnxruntime's default) instead of
-    #: sleeping: back-to-back batches start a little sooner, but every worker keeps a core
-    #: busy after each run. Off: a device answering requests now and then, its app and its
-    #: temperature need those cores (bench/runtime_threads.py, a small CNN at 25 requests/s
-    #: on 2 cores: 29-32 ms of CPU a request spinning, 1.1-1.4 ms not, for a median latency
-    #: about 0.1 ms higher; batch scoring back to back runs about a tenth slower).
+    #: Let onnxruntime's worker threads spin between runs (its default) instead of sleeping
+    #: (LiteRT's pool manages its own waiting and ignores this): back-to-back batches start a
+    #: little sooner, but every worker keeps a core busy after each run. Off: a device
+    #: answering requests now and then, its app and its temperature need those cores
+    #: (bench/runtime_threads.py, a small CNN at 25 requests/s on 2 cores: 29-36 ms of CPU a
+    #: request spinning, 1.1-1.4 ms not, for a median latency 0.1-0.2 ms higher; batch
+    #: scoring back to back runs about a tenth slower).
     spin: bool = False
     #: onnxruntime execution providers in order of preference; unavailable ones are skipped.
     providers: tuple[str, ...] = field(default_factory=tuple)
@@ -56,7 +57,7 @@ def runtime_threads(configured: int, profile: int) -> int:
     """Intra-op threads: the configured figure as it is; else the profile's, capped at the CPUs
     this process may use. A profile names the board's cores; a worker per core the process
     cannot run on only waits its turn (and, spinning, takes a core's time from the others)."""
-    return configured if configured > 0 else max(1, min(profile, usable_cpus()))
+    return configured if configured > 0 else min(profile, usable_cpus())
 
 
 def _foreign(e: Exception, what: str, reason: str) -> RuntimeBackendError:
