@@ -172,7 +172,14 @@ def _score(args: argparse.Namespace) -> int:
         config.serving.unix_socket, config.serving.host, config.serving.port
     )
     progress = None if args.quiet else scoring.Progress()
-    scorer = scoring.Scorer(client, args.model, out, batch_size=args.batch_size, progress=progress)
+    scorer = scoring.Scorer(
+        client,
+        args.model,
+        out,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        progress=progress,
+    )
     try:
         result = scorer.run(files)
     except AgentError as e:
@@ -249,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", required=True, help="results: FILE.npz or FILE.parquet")
     score.add_argument(
         "--batch-size", type=_positive, default=64, help="rows per request (default 64)"
+    )
+    score.add_argument(
+        "--workers",
+        type=_positive,
+        default=None,
+        help="processes that read the files and send them (default: 2, or 1 on one CPU)",
     )
     score.add_argument("--quiet", action="store_true", help="no progress line")
     score.set_defaults(func=_score)

@@ -25,23 +25,24 @@ the model is counted and named, and the run goes on; it is tried again by the ne
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
-import queue
 import shutil
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
 from edge_agent.contracts.durable import write_atomic
-from edge_agent.contracts.errors import ConfigError, RequestError
+from edge_agent.contracts.errors import ConfigError, EdgefleetError, RequestError, TransportError
 from edge_agent.serving import codec
 from edge_agent.serving.client import AgentClient, AgentError
 
@@ -56,8 +57,6 @@ MAX_FILE_BYTES = 256 << 20
 #: interruption loses at most this much work.
 PART_EVERY_S = 10.0
 PART_ROWS = 50_000
-#: Batches of files loaded ahead of the request being scored.
-PREFETCH = 8
 
 
 @dataclass(frozen=True)
@@ -94,8 +93,10 @@ def find_inputs(pattern: str) -> list[Path]:
     return [p.resolve() for p in found if p.suffix.lower() in wanted]
 
 
-def is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES
+def is_image(path: str | Path) -> bool:
+    # A string's end, not pathlib's suffix: a million files' suffixes, worked out one by one,
+    # take longer than reading a small file.
+    return str(path).lower().endswith(IMAGE_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def _pillow() -> Any:
 MAX_IMAGE_PIXELS = 64_000_000
 
 
-def load_image(path: Path, preprocess: dict[str, Any], dtype: str) -> np.ndarray:
+def load_image(path: str | Path, preprocess: dict[str, Any], dtype: str) -> np.ndarray:
     """An image file as the model's input, one row: decoded, converted, resized, scaled,
     normalized and laid out as ``preprocess`` says. Raises RequestError naming what is wrong."""
     Image = _pillow()
@@ -174,7 +175,7 @@ def load_image(path: Path, preprocess: dict[str, Any], dtype: str) -> np.ndarray
     return np.ascontiguousarray(arr[np.newaxis], dtype=want)
 
 
-def load_file(path: Path, input_names: Sequence[str]) -> dict[str, np.ndarray]:
+def load_file(path: str | Path, input_names: Sequence[str]) -> dict[str, np.ndarray]:
     """An input file's arrays by input name. Raises RequestError naming what is wrong."""
     try:
         with open(path, "rb") as f:
@@ -186,7 +187,7 @@ def load_file(path: Path, input_names: Sequence[str]) -> dict[str, np.ndarray]:
             raise RequestError(f"over {MAX_FILE_BYTES} bytes", reason="file_too_large")
     except OSError as e:
         raise RequestError(f"cannot read: {e.strerror}", reason="unreadable") from e
-    if path.suffix.lower() == ".npy":
+    if str(path).lower().endswith(".npy"):
         if len(input_names) != 1:
             raise RequestError(
                 f"a .npy file holds one array; the model has inputs {list(input_names)} "
@@ -230,18 +231,24 @@ class _Rows:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: chunks[0].shape[1:] for n, chunks in self.outputs.items()}
 
-    def add(self, samples: list[_Sample], version: str, outputs: dict[str, np.ndarray]) -> None:
-        """One request's answer: its outputs' rows, in the order of ``samples``' rows."""
-        for sample in samples:
-            self.files += [sample.file] * sample.rows
-            self.row += range(sample.rows)
-        self.version += [version] * sum(s.rows for s in samples)
-        for name, arr in outputs.items():
+    def add(self, answer: _Scored) -> None:
+        """One request's answer: its outputs' rows, in the order of its files' rows."""
+        for file, rows in zip(answer.files, answer.rows, strict=True):
+            self.files += [file] * rows
+            self.row += range(rows)
+        self.version += [answer.version] * sum(answer.rows)
+        for name, arr in answer.outputs.items():
             self.outputs.setdefault(name, []).append(arr)
 
 
 class Scorer:
-    """Scores files through an agent's local API; see the module's docstring."""
+    """Scores files through an agent's local API; see the module's docstring.
+
+    Files are read and sent by ``workers`` processes of their own, a chunk of ``batch_size``
+    files at a time, each on its own connection to the agent: reading and decoding files
+    is Python work, and in one process it would hold the interpreter lock against the
+    requests (the agent waited on the reader). This process keeps the results in the files'
+    order, writes the parts and the output, and reports progress."""
 
     def __init__(
         self,
@@ -250,22 +257,25 @@ class Scorer:
         out: Path,
         *,
         batch_size: int = 64,
+        workers: int | None = None,
         progress: Callable[[ScoreResult, int, bool], None] | None = None,
     ) -> None:
         if out.suffix.lower() not in OUTPUT_SUFFIXES:
             raise ConfigError(f"--out {out}: write .npz or .parquet, not {out.suffix or 'none'!r}")
         if out.suffix.lower() == ".parquet":
             _pyarrow()  # refuse now, not after an hour of scoring
+        if workers is not None and workers < 1:
+            raise ConfigError(f"workers must be at least 1, not {workers}")
         self.client = client
         self.model = model
         self.out = out
         self.parts = out.with_name(out.name + ".partial")
         self.batch_size = batch_size
+        self.workers = workers if workers is not None else default_workers()
         self._progress = progress
         self._pending = _Rows()
         self._last_part = time.monotonic()
         self._model_name = model
-        self._loader_error: Exception | None = None
 
     # --- what is done already ---------------------------------------------------------------
     def done_files(self) -> set[str]:
@@ -285,7 +295,8 @@ class Scorer:
         described = self.client.describe(self.model)
         self._model_name = str(described.get("model") or self.model)
         model = _Model.of(described)
-        images = sum(1 for p in files if is_image(p))
+        names = [str(p) for p in files]
+        images = sum(1 for name in names if is_image(name))
         if images and images == len(files) and model.preprocess is None:
             raise ConfigError(
                 f"{images} image file(s), and {self._model_name} "
@@ -297,147 +308,42 @@ class Scorer:
             _pillow()  # refuse now, not at the first image
         result = ScoreResult(total_files=len(files))
         done = self.done_files()
-        todo = [p for p in files if str(p) not in done]
+        todo = [name for name in names if name not in done]
         result.skipped = len(files) - len(todo)
         start = time.monotonic()
-        loaded: queue.Queue[list[_Sample | FileFailure] | None] = queue.Queue(maxsize=PREFETCH)
-        stop = threading.Event()
-        loader = threading.Thread(
-            target=self._load_all,
-            args=(todo, model, loaded, stop),
-            name="edge-agent-score-loader",
-            daemon=True,
-        )
-        loader.start()
-        group: list[_Sample] = []
-        rows = 0
+        size = max(1, self.batch_size)
+        chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
+        pool = _Workers(self, model, min(self.workers, len(chunks))) if chunks else None
         try:
-            while (chunk := loaded.get()) is not None:
-                for item in chunk:
-                    if isinstance(item, FileFailure):
-                        result.failures.append(item)
-                    elif not model.batchable:
-                        self._score([item], result, batchable=False)
-                    elif group and not _fits(group, rows, item, self.batch_size):
-                        self._score(group, result, batchable=True)
-                        group, rows = [item], item.rows
+            for answers in pool.map(chunks) if pool is not None else ():
+                for answer in answers:
+                    if isinstance(answer, FileFailure):
+                        result.failures.append(answer)
                     else:
-                        group.append(item)
-                        rows += item.rows
-                    if rows >= self.batch_size:
-                        self._score(group, result, batchable=True)
-                        group, rows = [], 0
+                        self._keep(answer, result)
                 self._tick(result, len(todo))
-            if self._loader_error is not None:
-                raise self._loader_error
-            if group:
-                self._score(group, result, batchable=True)
             self._flush()
             self._finish()
         finally:
-            stop.set()
-            while loader.is_alive():  # unblock a loader waiting on a full queue
-                try:
-                    loaded.get_nowait()
-                except queue.Empty:
-                    loader.join(0.05)
+            if pool is not None:
+                pool.close()
             self._flush()
         result.seconds = time.monotonic() - start
         self._tick(result, len(todo), final=True)
         return result
 
-    def _load_all(
-        self,
-        files: Sequence[Path],
-        model: _Model,
-        into: queue.Queue[list[_Sample | FileFailure] | None],
-        stop: threading.Event,
-    ) -> None:
-        """Load files ahead, handed over a batch's worth at a time (one hand-over between
-        threads per file would cost more than reading a small file)."""
-        chunk: list[_Sample | FileFailure] = []
-        rows = 0
-        try:
-            for path in files:
-                if stop.is_set():
-                    return
-                try:
-                    sample = _sample(path, model)
-                    chunk.append(sample)
-                    rows += sample.rows
-                except RequestError as e:
-                    chunk.append(FileFailure(str(path), e.reason, e.message))
-                if rows >= self.batch_size or len(chunk) >= self.batch_size:
-                    into.put(chunk)
-                    chunk, rows = [], 0
-            if chunk:
-                into.put(chunk)
-        except Exception as e:  # a fault of ours or of the host: the run stops and says so
-            self._loader_error = e
-        finally:
-            into.put(None)
-
-    def _score(self, group: list[_Sample], result: ScoreResult, *, batchable: bool) -> None:
-        answer = self._ask(group, batchable)
-        if isinstance(answer, FileFailure):
-            if len(group) > 1:  # one file spoiled the batch: find it, score the rest
-                for sample in group:
-                    self._score([sample], result, batchable=batchable)
-            else:
-                result.failures.append(answer)
-            return
-        version, outputs = answer
-        if not batchable:  # the whole answer is the file's one row
-            outputs = {n: a[np.newaxis] for n, a in outputs.items()}
-        self._keep(group, version, outputs, result)
-
-    def _ask(
-        self, group: list[_Sample], batchable: bool
-    ) -> tuple[str, dict[str, np.ndarray]] | FileFailure:
-        """The agent's answer to ``group`` (its version and outputs), or why it has none (as
-        the failure of the group's first file)."""
-        if batchable and len(group) > 1:
-            feeds = {
-                name: np.concatenate([s.feeds[name] for s in group]) for name in group[0].feeds
-            }
-        else:
-            feeds = group[0].feeds
-        try:
-            outputs = self.client.predict(self.model, feeds, workload="batch")
-        except AgentError as e:
-            if e.status == 404:
-                raise  # the model is not served (any more): nothing else would score either
-            return FileFailure(group[0].file, e.reason, e.message)
-        except RequestError as e:
-            return FileFailure(group[0].file, e.reason, e.message)
-        if batchable:
-            total = sum(s.rows for s in group)
-            bad = [n for n, a in outputs.items() if a.ndim == 0 or a.shape[0] != total]
-            if bad:
-                return FileFailure(
-                    group[0].file,
-                    "output_rows",
-                    f"outputs {bad} do not have one row per input row ({total})",
-                )
-        return self.client.last_version or "?", outputs
-
-    def _keep(
-        self,
-        samples: list[_Sample],
-        version: str,
-        outputs: dict[str, np.ndarray],
-        result: ScoreResult,
-    ) -> None:
+    def _keep(self, answer: _Scored, result: ScoreResult) -> None:
         pending = self._pending
+        outputs = answer.outputs
         # Every row of a part has the same shapes: an answer whose outputs differ starts one.
         if pending.outputs and pending.shapes() != {n: a.shape[1:] for n, a in outputs.items()}:
             self._flush()
             pending = self._pending
-        pending.add(samples, version, outputs)
-        rows = sum(s.rows for s in samples)
-        result.scored_files += len(samples)
+        pending.add(answer)
+        rows = sum(answer.rows)
+        result.scored_files += len(answer.files)
         result.rows += rows
-        result.versions[version] = result.versions.get(version, 0) + rows
+        result.versions[answer.version] = result.versions.get(answer.version, 0) + rows
         if len(pending) >= PART_ROWS or time.monotonic() - self._last_part >= PART_EVERY_S:
             self._flush()
 
@@ -479,7 +385,282 @@ class Scorer:
             self._progress(result, todo, final)
 
 
-def _sample(path: Path, model: _Model) -> _Sample:
+def default_workers() -> int:
+    """Two reading processes where the CPUs allow (one where there is only one): with this
+    process and the agent's, that keeps the agent's model busy on a small board without
+    crowding out the model's own threads."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(2, cpus))
+
+
+@dataclass
+class _Scored:
+    """One request's answer as a worker hands it over: the files whose rows it holds, in
+    order, with their numbers of rows; the version that answered; the outputs."""
+
+    files: list[str]
+    rows: list[int]
+    version: str
+    outputs: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class _Fault:
+    """Why a worker stopped (an exception does not always survive the trip between processes):
+    the run stops and raises it again."""
+
+    kind: str
+    message: str
+    status: int = 0
+    reason: str = ""
+
+    @classmethod
+    def of(cls, e: BaseException) -> _Fault:
+        if isinstance(e, AgentError):
+            return cls("agent", e.message, e.status, e.reason)
+        if isinstance(e, TransportError):
+            return cls("transport", str(e))
+        if isinstance(e, ConfigError):
+            return cls("config", str(e))
+        return cls("other", f"{type(e).__name__}: {e}")
+
+    def error(self) -> Exception:
+        if self.kind == "agent":
+            return AgentError(self.status, self.reason, self.message)
+        if self.kind == "transport":
+            return TransportError(self.message)
+        if self.kind == "config":
+            return ConfigError(self.message)
+        return EdgefleetError(f"a scoring worker failed: {self.message}")
+
+
+#: Chunks handed to each worker beyond the one whose results are awaited: enough that no
+#: worker waits for work, few enough that the results wait in memory only briefly (and a
+#: swap or an interruption finds little scored ahead of what is written).
+AHEAD = 2
+
+
+def _context() -> Any:
+    """How workers start. Forked, when this process runs no other thread (``edge-agent
+    score``): fast, and nothing to import again. Otherwise from a fork server (a clean
+    process): a fork copies every lock as it is, and one that another thread held (an
+    agent's own, when the scorer runs beside it in one process) would never be released in
+    the worker. Like any fork-server or spawned child, such a worker imports the caller's
+    ``__main__``: a script that scores this way guards its work with ``if __name__ ==
+    "__main__":``."""
+    import multiprocessing
+
+    methods = multiprocessing.get_all_start_methods()
+    if sys.platform == "linux" and threading.active_count() == 1 and "fork" in methods:
+        return multiprocessing.get_context("fork")
+    if "forkserver" in methods:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["edge_agent.scoring"])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+class _Workers:
+    """The worker processes, and the chunks of files handed to them, results in order.
+
+    Chunks go out on one queue (whichever worker is free takes the next); each worker sends
+    its answers back on a pipe of its own, from its own thread (a queue's sending thread
+    would contend with the worker's reading for its interpreter lock)."""
+
+    def __init__(self, scorer: Scorer, model: _Model, count: int) -> None:
+        ctx = _context()
+        self.tasks = ctx.Queue()
+        # Unread tasks are dropped when the run stops (not flushed into a pipe nobody reads).
+        self.tasks.cancel_join_thread()
+        self.procs: list[Any] = []
+        self.readers: list[Connection] = []
+        try:
+            for i in range(count):
+                reader, writer = ctx.Pipe(duplex=False)
+                proc = ctx.Process(
+                    target=_work,
+                    args=(
+                        scorer.client.base_url,
+                        scorer.client.timeout_s,
+                        scorer.model,
+                        model,
+                        scorer.batch_size,
+                        self.tasks,
+                        writer,
+                    ),
+                    name=f"edge-agent-score-{i}",
+                    daemon=True,
+                )
+                proc.start()
+                writer.close()  # the worker's end
+                self.procs.append(proc)
+                self.readers.append(reader)
+        except BaseException:
+            self.close()
+            raise
+
+    def map(self, chunks: list[list[str]]) -> Iterator[list[_Scored | FileFailure]]:
+        """Each chunk's answers, in the chunks' order. A chunk is handed out only once the
+        caller has taken the answers of the chunk ``AHEAD`` per worker before it."""
+        window = AHEAD * len(self.procs)
+        sent = 0
+        ready: dict[int, list[_Scored | FileFailure]] = {}
+        for index in range(len(chunks)):
+            while sent < min(len(chunks), index + window):
+                self.tasks.put((sent, chunks[sent]))
+                sent += 1
+            while index not in ready:
+                for number, answer in self._next():
+                    if isinstance(answer, _Fault):
+                        raise answer.error()
+                    ready[number] = answer
+            yield ready.pop(index)
+
+    def _next(self) -> list[tuple[int, list[_Scored | FileFailure] | _Fault]]:
+        """The answers that have come in (waiting for one); a worker that died is an error."""
+        from multiprocessing.connection import wait
+
+        sentinels = [p.sentinel for p in self.procs]
+        while True:
+            woken = wait([*self.readers, *sentinels], timeout=60.0)
+            got: list[tuple[int, list[_Scored | FileFailure] | _Fault]] = []
+            for reader in self.readers:
+                if reader in woken:
+                    with contextlib.suppress(EOFError):  # its worker is gone: below
+                        got.append(reader.recv())
+            if any(isinstance(answer, _Fault) for _, answer in got):
+                return got  # the worker's own account of why it stopped
+            # Workers end only when the run does: one that has ended took its chunk with it
+            # (or the lock of the queue the others take their chunks from).
+            dead = [p for p in self.procs if not p.is_alive()]
+            if dead:
+                raise EdgefleetError(
+                    f"scoring worker {dead[0].name} died (exit code {dead[0].exitcode})"
+                )
+            if got:
+                return got
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self.procs:
+            proc.join(5)
+        for reader in self.readers:
+            reader.close()
+        self.tasks.close()
+
+
+def _work(
+    url: str,
+    timeout_s: float,
+    model_name: str,
+    model: _Model,
+    batch_size: int,
+    tasks: Any,
+    answers: Any,
+) -> None:
+    """A worker: read each chunk's files, score them through the agent, send the answers
+    back. It stops at the first fault (the run stops) or when the run is over."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # an interrupt is the parent's to handle
+    client = AgentClient(url, timeout_s=timeout_s)
+    while (task := tasks.get()) is not None:
+        number, paths = task
+        try:
+            scored = _score_chunk(client, model_name, model, paths, batch_size)
+        except BaseException as e:
+            answers.send((number, _Fault.of(e)))
+            return
+        answers.send((number, scored))
+
+
+def _score_chunk(
+    client: AgentClient, model_name: str, model: _Model, paths: list[str], batch_size: int
+) -> list[_Scored | FileFailure]:
+    """A chunk's files: read, grouped into requests of up to ``batch_size`` rows (when the
+    model has a batch axis), scored."""
+    answers: list[_Scored | FileFailure] = []
+    group: list[_Sample] = []
+    rows = 0
+    for path in paths:
+        try:
+            sample = _sample(path, model)
+        except RequestError as e:
+            answers.append(FileFailure(path, e.reason, e.message))
+            continue
+        if not model.batchable:
+            _score(client, model_name, [sample], answers, batchable=False)
+            continue
+        if group and not _fits(group, rows, sample, batch_size):
+            _score(client, model_name, group, answers, batchable=True)
+            group, rows = [], 0
+        group.append(sample)
+        rows += sample.rows
+        if rows >= batch_size:
+            _score(client, model_name, group, answers, batchable=True)
+            group, rows = [], 0
+    if group:
+        _score(client, model_name, group, answers, batchable=True)
+    return answers
+
+
+def _score(
+    client: AgentClient,
+    model_name: str,
+    group: list[_Sample],
+    answers: list[_Scored | FileFailure],
+    *,
+    batchable: bool,
+) -> None:
+    answer = _ask(client, model_name, group, batchable)
+    if isinstance(answer, FileFailure):
+        if len(group) > 1:  # one file spoiled the batch: find it, score the rest
+            for sample in group:
+                _score(client, model_name, [sample], answers, batchable=batchable)
+        else:
+            answers.append(answer)
+        return
+    version, outputs = answer
+    if not batchable:  # the whole answer is the file's one row
+        outputs = {n: a[np.newaxis] for n, a in outputs.items()}
+    answers.append(_Scored([s.file for s in group], [s.rows for s in group], version, outputs))
+
+
+def _ask(
+    client: AgentClient, model_name: str, group: list[_Sample], batchable: bool
+) -> tuple[str, dict[str, np.ndarray]] | FileFailure:
+    """The agent's answer to ``group`` (its version and outputs), or why it has none (as the
+    failure of the group's first file)."""
+    if batchable and len(group) > 1:
+        feeds = {name: np.concatenate([s.feeds[name] for s in group]) for name in group[0].feeds}
+    else:
+        feeds = group[0].feeds
+    try:
+        outputs = client.predict(model_name, feeds, workload="batch")
+    except AgentError as e:
+        if e.status == 404:
+            raise  # the model is not served (any more): nothing else would score either
+        return FileFailure(group[0].file, e.reason, e.message)
+    except RequestError as e:
+        return FileFailure(group[0].file, e.reason, e.message)
+    if batchable:
+        total = sum(s.rows for s in group)
+        bad = [n for n, a in outputs.items() if a.ndim == 0 or a.shape[0] != total]
+        if bad:
+            return FileFailure(
+                group[0].file,
+                "output_rows",
+                f"outputs {bad} do not have one row per input row ({total})",
+            )
+    return client.last_version or "?", outputs
+
+
+def _sample(path: str, model: _Model) -> _Sample:
     if is_image(path):
         pre = model.preprocess
         if pre is None:
@@ -497,8 +678,8 @@ def _sample(path: Path, model: _Model) -> _Sample:
         feeds = load_file(path, model.names)
     ranks = model.ranks
     if not model.batchable:
-        return _Sample(str(path), feeds, 1)
-    rows: set[int] = set()
+        return _Sample(path, feeds, 1)
+    rows = -1
     for name, arr in feeds.items():
         if arr.ndim == ranks[name] - 1:  # one sample without its batch axis
             feeds[name] = arr = arr[np.newaxis]
@@ -508,24 +689,27 @@ def _sample(path: Path, model: _Model) -> _Sample:
                 f"(rows) or {ranks[name] - 1} (one sample)",
                 reason="input_shape",
             )
-        rows.add(arr.shape[0])
-    if len(rows) != 1:
-        raise RequestError(
-            f"inputs have different numbers of rows {sorted(rows)}", reason="input_shape"
-        )
-    return _Sample(str(path), feeds, rows.pop())
+        if rows < 0:
+            rows = arr.shape[0]
+        elif arr.shape[0] != rows:
+            counts = sorted({a.shape[0] for a in feeds.values()})
+            raise RequestError(
+                f"inputs have different numbers of rows {counts}", reason="input_shape"
+            )
+    return _Sample(path, feeds, rows)
 
 
 def _fits(group: list[_Sample], rows: int, sample: _Sample, batch_size: int) -> bool:
     """``sample`` can travel in one request with ``group`` (of ``rows`` rows): same trailing
     shapes and dtypes, and room."""
-    first = group[0].feeds
     if rows + sample.rows > batch_size:
         return False
-    return all(
-        a.shape[1:] == first[n].shape[1:] and a.dtype == first[n].dtype
-        for n, a in sample.feeds.items()
-    )
+    first = group[0].feeds
+    for name, a in sample.feeds.items():  # a loop, not all(): this runs once per file
+        b = first[name]
+        if a.dtype != b.dtype or a.shape[1:] != b.shape[1:]:
+            return False
+    return True
 
 
 def _arrays(rows: _Rows, model: str) -> dict[str, np.ndarray]:

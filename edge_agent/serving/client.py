@@ -123,6 +123,7 @@ class AgentClient:
 
     def __init__(self, base_url: str = "http://127.0.0.1:8651", timeout_s: float = 30.0) -> None:
         parts = urlsplit(base_url)
+        self.base_url = base_url
         self._unix_path: str | None = None
         if parts.scheme == "unix" and parts.path:
             self._unix_path = parts.path
@@ -138,6 +139,10 @@ class AgentClient:
         self._timeout_s = timeout_s
         self._local = threading.local()
         self._heads: dict[tuple[str, str, np.dtype[Any], tuple[int, ...], str], bytes] = {}
+
+    @property
+    def timeout_s(self) -> float:
+        return self._timeout_s
 
     def _connect(self) -> _Connection:
         if self._unix_path is not None:

@@ -5,6 +5,9 @@ runtime, the telemetry counted under the ``batch`` role."""
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,6 +21,7 @@ import pytest
 from converters.onnx.samples import mlp_classifier
 from edge_agent import scoring
 from edge_agent.bundle import TensorSpec
+from edge_agent.contracts.errors import ConfigError, EdgefleetError
 from edge_agent.protocol.status import VersionRef
 from edge_agent.protocol.telemetry import TelemetryBatch
 from edge_agent.runtimes.fake import FakeModel
@@ -253,6 +257,62 @@ def test_a_swap_mid_run_is_recorded_row_by_row_and_parquet_holds_the_same(
     # Each version's batch figures, under its own version.
     figures = {f["version"]: f["requests"] for f in agent.batch_figures()}
     assert set(figures) == {"1.0.0", "2.0.0"} and all(n > 0 for n in figures.values())
+
+
+def test_rows_come_out_in_the_files_order_whatever_the_number_of_workers(
+    agent: Agent, tmp_path: Path
+) -> None:
+    rows = write_inputs(tmp_path / "in", 50, seed=5)
+    files = scoring.find_inputs(str(tmp_path / "in"))
+    want_files = [f for f in sorted(rows) for _ in range(len(rows[f]))]
+    for workers in (1, 3):
+        out = tmp_path / f"w{workers}.npz"
+        result = scoring.Scorer(agent.client(), "classifier", out, batch_size=4, workers=workers)
+        assert result.run(files).scored_files == 50
+        with np.load(out) as npz:
+            assert npz["file"].tolist() == want_files
+            assert npz["row"].tolist() == [r for f in sorted(rows) for r in range(len(rows[f]))]
+            np.testing.assert_allclose(
+                npz["output/probs"], raw(agent.v1, np.concatenate([rows[f] for f in sorted(rows)])),
+                atol=1e-6,
+            )  # fmt: skip
+    with pytest.raises(ConfigError, match="workers must be at least 1"):
+        scoring.Scorer(agent.client(), "classifier", tmp_path / "x.npz", workers=0)
+
+
+def test_a_worker_killed_mid_run_stops_it_in_one_error_and_the_next_run_finishes(
+    agent: Agent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that dies (the OOM killer, a segfault in a decoder) takes the chunk it held
+    with it: the run stops and says which worker, rather than waiting for that chunk
+    forever; what was written is kept, and the next run scores the rest, each file once."""
+    rows = write_inputs(tmp_path / "in", 60, seed=6)
+    files = scoring.find_inputs(str(tmp_path / "in"))
+    out = tmp_path / "scores.npz"
+    monkeypatch.setattr(scoring, "PART_ROWS", 4)
+    killed: list[int] = []
+
+    def kill_a_worker(result: scoring.ScoreResult, todo: int, final: bool) -> None:
+        if result.scored_files >= 12 and not killed:
+            workers = [p for p in multiprocessing.active_children() if "score" in p.name]
+            assert workers, multiprocessing.active_children()
+            os.kill(workers[0].pid, signal.SIGKILL)
+            killed.append(workers[0].pid)
+
+    scorer = scoring.Scorer(
+        agent.client(), "classifier", out, batch_size=4, workers=2, progress=kill_a_worker
+    )
+    with pytest.raises(EdgefleetError, match=r"scoring worker edge-agent-score-\d died"):
+        scorer.run(files)
+    assert killed and not out.exists()
+    kept = scoring.Scorer(agent.client(), "classifier", out).done_files()
+    assert len(kept) >= 12
+    assert not [p for p in multiprocessing.active_children() if "score" in p.name]
+
+    result = scoring.Scorer(agent.client(), "classifier", out, batch_size=4).run(files)
+    assert result.skipped == len(kept) and result.scored_files == 60 - len(kept)
+    with np.load(out) as npz:
+        assert sorted(npz["file"].tolist()) == sorted(f for f in rows for _ in rows[f])
 
 
 def test_a_model_without_a_batch_axis_is_scored_file_by_file(tmp_path: Path) -> None:
