@@ -322,7 +322,6 @@ class Scorer:
                     else:
                         self._keep(answer, result)
                 self._tick(result, len(todo))
-            self._flush()
             self._finish()
         finally:
             if pool is not None:
@@ -361,7 +360,9 @@ class Scorer:
         write_atomic(self.parts / f"part-{number:06d}.npz", codec.encode_npz(arrays))
 
     def _finish(self) -> None:
-        """The output, replaced whole: what it held before, and every part."""
+        """The output, replaced whole: what it held before, every part, and the rows not yet
+        in a part (they go straight into the output: writing them as a part only to read
+        them back would cost a short run as much again)."""
         sources: list[dict[str, np.ndarray]] = []
         if self.out.exists():
             sources.append(_read(self.out))
@@ -369,14 +370,21 @@ class Scorer:
             for part in sorted(self.parts.glob("part-*.npz")):
                 with np.load(part, allow_pickle=False) as npz:
                     sources.append({k: npz[k] for k in npz.files})
+        pending, self._pending = self._pending, _Rows()
+        if len(pending):
+            sources.append(_arrays(pending, self._model_name))
         if not sources:
             return
-        merged = _merge(sources)
-        if self.out.suffix.lower() == ".parquet":
-            data = _parquet_bytes(merged)
-        else:
-            data = codec.encode_npz(merged)
-        write_atomic(self.out, data)
+        try:
+            merged = _merge(sources)
+            if self.out.suffix.lower() == ".parquet":
+                data = _parquet_bytes(merged)
+            else:
+                data = codec.encode_npz(merged)
+            write_atomic(self.out, data)
+        except BaseException:
+            self._pending = pending  # written as a part on the way out: nothing is lost
+            raise
         shutil.rmtree(self.parts, ignore_errors=True)
 
     def _tick(self, result: ScoreResult, todo: int, *, final: bool = False) -> None:

@@ -94,7 +94,8 @@ def test_models_annotate_cli_writes_or_refuses_in_one_line(tmp_path: Path) -> No
     ok = cli("--image-input", "x", "--size", "32x32", "--mean", "0.485,0.456,0.406",
              "--std", "0.229,0.224,0.225")  # fmt: skip
     assert ok.returncode == 0, ok.stderr
-    assert "images feed x as [1, 3, 32, 32]" in " ".join(ok.stdout.split())  # rich wraps at 80 columns
+    words = " ".join(ok.stdout.split())  # rich wraps its lines at 80 columns
+    assert "images feed x as [1, 3, 32, 32]" in words
     assert inspect_onnx(model).preprocess == spec()
 
 
