@@ -3,10 +3,10 @@ files, side by side in one run.
 
 The agent's serving half (the slot table behind its real Unix socket, onnxruntime) runs in a
 process of its own, as the daemon does; the scorer (``edge_agent.scoring.Scorer``, what
-``edge-agent score`` runs) reads the files, sends them in batches over the socket and writes
-the results. The baseline, in this process: read the same files (with the scorer's own reader,
-``load_file``: the ratio is the agent path's cost, not a faster reader's gain), stack the
-same batches, run
+``edge-agent score`` runs) reads the files in its worker processes (``--workers``; by default
+``edge-agent score``'s), sends them in batches over the socket and writes the results. The
+baseline, in this process: read the same files (with the scorer's own reader, ``load_file``:
+the ratio is the agent path's cost, not a faster reader's gain), stack the same batches, run
 an ``InferenceSession`` with the agent's settings (``threads`` of the runtime config), keep
 the outputs. Rounds alternate scorer and raw; medians are reported, and the ratio
 (scorer rows/s over raw rows/s; target >= 0.95).
@@ -88,13 +88,16 @@ def raw_run(
     return time.perf_counter() - start, rows
 
 
-def scorer_run(sock: Path, files: list[Path], out: Path, batch: int) -> tuple[float, int]:
+def scorer_run(
+    sock: Path, files: list[Path], out: Path, batch: int, workers: int | None = None
+) -> tuple[float, int]:
     from edge_agent.scoring import Scorer
     from edge_agent.serving.client import AgentClient
 
     out.unlink(missing_ok=True)
     start = time.perf_counter()
-    result = Scorer(AgentClient(f"unix://{sock}"), "m", out, batch_size=batch).run(files)
+    client = AgentClient(f"unix://{sock}")
+    result = Scorer(client, "m", out, batch_size=batch, workers=workers).run(files)
     elapsed = time.perf_counter() - start
     assert not result.failures, result.failures[:3]
     return elapsed, result.rows
@@ -102,7 +105,7 @@ def scorer_run(sock: Path, files: list[Path], out: Path, batch: int) -> tuple[fl
 
 def bench_model(
     name: str, model: Path, samples: np.ndarray, names: tuple[str, str], out_shape: str,
-    files: int, rounds: int, batch: int, work: Path, spin: bool,
+    files: int, rounds: int, batch: int, work: Path, spin: bool, workers: int | None,
 ) -> dict[str, float]:  # fmt: skip
     inputs = work / f"{name}-in"
     inputs.mkdir()
@@ -125,7 +128,7 @@ def bench_model(
         raw_run(model, paths[: batch * 4], names[0], batch, spin)
         agent_s, raw_s = [], []
         for _ in range(rounds):
-            s, rows = scorer_run(sock, paths, work / f"{name}.npz", batch)
+            s, rows = scorer_run(sock, paths, work / f"{name}.npz", batch, workers)
             agent_s.append(s)
             r, raw_rows = raw_run(model, paths, names[0], batch, spin)
             raw_s.append(r)
@@ -161,6 +164,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="the scorer's reading processes (default: edge-agent score's, 2 where the CPUs allow)",
+    )
+    parser.add_argument(
         "--spin",
         action="store_true",
         help="the runtime's workers spin between runs in both paths ([runtime] spin = true)",
@@ -186,6 +195,7 @@ def main() -> None:
                 args.batch,
                 work,
                 args.spin,
+                args.workers,
             )
         }
         cnn = resnet_like(work / "cnn.onnx", widths=(16, 32, 64, 128), image=96, classes=10)
@@ -201,9 +211,14 @@ def main() -> None:
             16,
             work,
             args.spin,
+            args.workers,
         )
+    from edge_agent.scoring import default_workers
+
+    workers = args.workers or default_workers()
     print(
-        f"summary ({'spinning' if args.spin else 'sleeping'} runtime workers): batch scoring "
+        f"summary ({'spinning' if args.spin else 'sleeping'} runtime workers, {workers} "
+        f"reading processes): batch scoring "
         f"through the agent runs at {results['mlp']['ratio']:.2f}x the "
         f"raw runtime on the MLP and {results['cnn']['ratio']:.2f}x on the CNN (target >= 0.95)"
     )

@@ -88,7 +88,7 @@ class RuntimeConfig(_Section):
     #: run on when they are fewer (a container's CPU set, a board with cores taken offline).
     threads: int = Field(default=0, ge=0, le=256)
     #: Worker threads spin between runs instead of sleeping (see ``LoadOptions.spin``): for a
-    #: device that scores back to back and has cores to spare.
+    #: device that answers back-to-back requests and has cores to spare; measure first.
     spin: bool = False
 
 
