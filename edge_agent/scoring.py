@@ -57,6 +57,9 @@ MAX_FILE_BYTES = 256 << 20
 #: interruption loses at most this much work.
 PART_EVERY_S = 10.0
 PART_ROWS = 50_000
+#: A file's array at least this large is sent as it is, beside the others of its request;
+#: smaller ones are copied into one (a view of each costs more than copying a few KiB).
+SCATTER_BYTES = 16 << 10
 
 
 @dataclass(frozen=True)
@@ -644,12 +647,22 @@ def _ask(
 ) -> tuple[str, dict[str, np.ndarray]] | FileFailure:
     """The agent's answer to ``group`` (its version and outputs), or why it has none (as the
     failure of the group's first file)."""
-    if batchable and len(group) > 1:
-        feeds = {name: np.concatenate([s.feeds[name] for s in group]) for name in group[0].feeds}
-    else:
-        feeds = group[0].feeds
     try:
-        outputs = client.predict(model_name, feeds, workload="batch")
+        if (
+            batchable
+            and len(group) > 1
+            and len(group[0].feeds) == 1
+            and next(iter(group[0].feeds.values())).nbytes >= SCATTER_BYTES
+        ):
+            # Large arrays go out as they are, not copied into one first.
+            [name] = group[0].feeds
+            parts = [s.feeds[name] for s in group]
+            outputs = client.predict_rows(model_name, name, parts, workload="batch")
+        elif batchable and len(group) > 1:
+            feeds = {n: np.concatenate([s.feeds[n] for s in group]) for n in group[0].feeds}
+            outputs = client.predict(model_name, feeds, workload="batch")
+        else:
+            outputs = client.predict(model_name, group[0].feeds, workload="batch")
     except AgentError as e:
         if e.status == 404:
             raise  # the model is not served (any more): nothing else would score either

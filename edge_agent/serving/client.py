@@ -27,6 +27,8 @@ from edge_agent.contracts.errors import EdgefleetError, RequestError, TransportE
 from edge_agent.serving import codec
 
 _SENDMSG = hasattr(socket.socket, "sendmsg")
+#: Buffers handed to one sendmsg (Linux takes up to 1,024).
+_MAX_IOV = 512
 #: Request heads kept for reuse (one per model, input, dtype and shape sent).
 _MAX_HEADS = 64
 _MAX_HEAD_BYTES = 64 << 10
@@ -63,14 +65,10 @@ class _Connection:
         self.sock = sock
         self._buf = b""
 
-    def exchange(self, head: bytes, body: bytes | memoryview) -> _Reply:
-        # Head and body in one send, without joining them (one segment on the wire).
-        sent = self.sock.sendmsg([head, body]) if _SENDMSG else 0
-        if sent < len(head):
-            self.sock.sendall(head[sent:])
-            sent = len(head)
-        if sent - len(head) < len(body):
-            self.sock.sendall(memoryview(body)[sent - len(head) :])
+    def exchange(self, head: bytes, body: bytes | memoryview | list[memoryview]) -> _Reply:
+        # Head and body in one send, without joining them (one segment on the wire); a body
+        # in parts goes out part after part, never copied into one buffer.
+        self._send([head, body] if isinstance(body, bytes | memoryview) else [head, *body])
         data = self._buf
         while (end := data.find(b"\r\n\r\n")) < 0:
             if len(data) > _MAX_HEAD_BYTES:
@@ -109,6 +107,18 @@ class _Connection:
         if headers.get("connection", "").lower() == "close":
             self.close()
         return _Reply(int(parts[1]), headers, payload)
+
+    def _send(self, pieces: list[bytes | memoryview]) -> None:
+        for start in range(0, len(pieces), _MAX_IOV):
+            group = pieces[start : start + _MAX_IOV]
+            sent = self.sock.sendmsg(group) if _SENDMSG else 0
+            for piece in group:  # what one sendmsg did not take, piece by piece
+                size = len(piece)
+                if sent >= size:
+                    sent -= size
+                    continue
+                self.sock.sendall(memoryview(piece)[sent:])
+                sent = 0
 
     @property
     def closed(self) -> bool:
@@ -176,7 +186,7 @@ class AgentClient:
     ) -> _Reply:
         return self._exchange(self._head(method, path, headers, len(body)), body)
 
-    def _exchange(self, head: bytes, body: bytes | memoryview) -> _Reply:
+    def _exchange(self, head: bytes, body: bytes | memoryview | list[memoryview]) -> _Reply:
         for attempt in (1, 2):
             conn: _Connection | None = getattr(self._local, "conn", None)
             reused = conn is not None and not conn.closed
@@ -221,29 +231,66 @@ class AgentClient:
         if len(inputs) == 1:
             [(name, array)] = inputs.items()
             array = np.asarray(array)
-            body = codec.tensor_bytes(array)
-            # Apps send the same shapes over and over: the request head is made once for each.
-            key = (model, name, array.dtype, array.shape, extra)
-            head = self._heads.get(key)
-            if head is None:
-                if not name.isprintable():
-                    raise ValueError(f"input name {name!r} cannot go in a header")
-                if len(self._heads) >= _MAX_HEADS:
-                    self._heads.clear()
-                head = self._heads[key] = self._head(
-                    "POST",
-                    self._predict_path(model),
-                    f"Accept: {codec.TENSOR}, {codec.NPZ}\r\n"
-                    f"Content-Type: {codec.TENSOR}\r\nX-Edgefleet-Input: {name}\r\n{extra}"
-                    f"{codec.DTYPE_HEADER}: {codec.dtype_name(array.dtype)}\r\n"
-                    f"{codec.SHAPE_HEADER}: {','.join(map(str, array.shape))}\r\n",
-                    len(body),
-                )
-            reply = self._exchange(head, body)
+            head = self._tensor_head(model, name, array.dtype, array.shape, extra)
+            reply = self._exchange(head, codec.tensor_bytes(array))
         else:
             npz = codec.encode_npz(inputs)
             headers = f"Accept: {codec.TENSOR}, {codec.NPZ}\r\nContent-Type: {codec.NPZ}\r\n{extra}"
             reply = self._request("POST", self._predict_path(model), npz, headers)
+        return self._outputs(reply)
+
+    def predict_rows(
+        self,
+        model: str,
+        name: str,
+        parts: list[np.ndarray],
+        *,
+        workload: str | None = None,
+    ) -> dict[str, np.ndarray]:
+        """``predict(model, {name: np.concatenate(parts)})`` without the concatenation: the
+        parts (of one dtype and the same trailing shape) go out one after another, as the
+        rows of one tensor. A batch of files is not copied into one array first."""
+        if workload is not None and workload not in _WORKLOADS:
+            raise ValueError(f"workload must be one of {_WORKLOADS}, not {workload!r}")
+        if not parts:
+            raise ValueError("predict_rows needs at least one part")
+        arrays = [np.asarray(p) for p in parts]
+        first = arrays[0]
+        if first.ndim == 0 or any(
+            a.dtype != first.dtype or a.shape[1:] != first.shape[1:] for a in arrays
+        ):
+            raise ValueError("parts must share a dtype and their shape after the first axis")
+        shape = (sum(a.shape[0] for a in arrays), *first.shape[1:])
+        extra = f"X-Edgefleet-Workload: {workload}\r\n" if workload else ""
+        head = self._tensor_head(model, name, first.dtype, shape, extra)
+        reply = self._exchange(head, [codec.tensor_bytes(a) for a in arrays])
+        return self._outputs(reply)
+
+    def _tensor_head(
+        self, model: str, name: str, dtype: np.dtype[Any], shape: tuple[int, ...], extra: str
+    ) -> bytes:
+        """The request head for one raw tensor. Apps send the same shapes over and over: each
+        head is made once."""
+        key = (model, name, dtype, shape, extra)
+        head = self._heads.get(key)
+        if head is None:
+            if not name.isprintable():
+                raise ValueError(f"input name {name!r} cannot go in a header")
+            if len(self._heads) >= _MAX_HEADS:
+                self._heads.clear()
+            size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            head = self._heads[key] = self._head(
+                "POST",
+                self._predict_path(model),
+                f"Accept: {codec.TENSOR}, {codec.NPZ}\r\n"
+                f"Content-Type: {codec.TENSOR}\r\nX-Edgefleet-Input: {name}\r\n{extra}"
+                f"{codec.DTYPE_HEADER}: {codec.dtype_name(dtype)}\r\n"
+                f"{codec.SHAPE_HEADER}: {','.join(map(str, shape))}\r\n",
+                size,
+            )
+        return head
+
+    def _outputs(self, reply: _Reply) -> dict[str, np.ndarray]:
         if reply.status != 200:
             self._raise_for(reply.status, reply.body)
         h = reply.headers

@@ -259,6 +259,26 @@ def test_a_swap_mid_run_is_recorded_row_by_row_and_parquet_holds_the_same(
     assert set(figures) == {"1.0.0", "2.0.0"} and all(n > 0 for n in figures.values())
 
 
+def test_predict_rows_sends_parts_as_the_rows_of_one_tensor(agent: Agent) -> None:
+    """The scorer's large files go out as they are (no copy into one array): the agent sees
+    one tensor. 600 parts take more than one sendmsg; 2 MiB more than a socket buffer."""
+    client = agent.client()
+    rng = np.random.default_rng(7)
+    parts = [rng.standard_normal((1 + i % 3, FEATURES)).astype(np.float32) for i in range(600)]
+    parts.append(rng.standard_normal((32768, FEATURES)).astype(np.float32))  # 2 MiB
+    got = client.predict_rows("classifier", "x", parts, workload="batch")["probs"]
+    np.testing.assert_allclose(got, raw(agent.v1, np.concatenate(parts)), atol=1e-6)
+    assert client.last_version == "1.0.0"
+    # a part that is a strided view, not C-ordered bytes; both big-endian
+    mixed = [parts[0].astype(">f4"), parts[1][:, ::-1].astype(">f4")[:, ::-1]]
+    want = raw(agent.v1, np.concatenate(mixed).astype(np.float32))
+    got = client.predict_rows("classifier", "x", mixed)["probs"]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    for bad in ([], [parts[0], parts[1].astype(np.float64)], [parts[0], parts[1][:, :4]]):
+        with pytest.raises(ValueError):
+            client.predict_rows("classifier", "x", bad)
+
+
 def test_rows_come_out_in_the_files_order_whatever_the_number_of_workers(
     agent: Agent, tmp_path: Path
 ) -> None:
