@@ -299,19 +299,20 @@ class Scorer:
         self._model_name = str(described.get("model") or self.model)
         model = _Model.of(described)
         names = [str(p) for p in files]
-        images = sum(1 for name in names if is_image(name))
-        if images and images == len(files) and model.preprocess is None:
-            raise ConfigError(
-                f"{images} image file(s), and {self._model_name} "
-                f"{described.get('version')}'s bundle says nothing of how to preprocess "
-                "images: annotate the model (edgefleet models annotate) and roll it out, or "
-                "convert them to arrays (.npy)"
-            )
-        if images and model.preprocess is not None:
+        if model.preprocess is None:
+            # all() stops at the first file that is not an image: in most runs, the first.
+            if names and all(is_image(name) for name in names):
+                raise ConfigError(
+                    f"{len(names)} image file(s), and {self._model_name} "
+                    f"{described.get('version')}'s bundle says nothing of how to preprocess "
+                    "images: annotate the model (edgefleet models annotate) and roll it out, or "
+                    "convert them to arrays (.npy)"
+                )
+        elif any(is_image(name) for name in names):
             _pillow()  # refuse now, not at the first image
         result = ScoreResult(total_files=len(files))
         done = self.done_files()
-        todo = [name for name in names if name not in done]
+        todo = [name for name in names if name not in done] if done else names
         result.skipped = len(files) - len(todo)
         start = time.monotonic()
         size = max(1, self.batch_size)
