@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import abc
+import logging
+import shutil
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-__all__ = ["ArtifactStore", "BlobRead", "RangeNotSatisfiable", "blob_key"]
+__all__ = ["STALE_SCRATCH_S", "ArtifactStore", "BlobRead", "RangeNotSatisfiable", "blob_key"]
+
+log = logging.getLogger(__name__)
+
+#: Scratch space in which nothing has changed for this long is what a process left when it
+#: died mid-upload or mid-build: removed at the next start. No upload or build takes a day.
+STALE_SCRATCH_S = 24 * 3600
 
 
 @dataclass
@@ -65,7 +74,41 @@ class ArtifactStore(abc.ABC):
     @abc.abstractmethod
     def check(self) -> None:
         """Raise a :class:`~edge_agent.contracts.errors.ConfigError` that says what to fix
-        when the store cannot be used (called once at start)."""
+        when the store cannot be used (called once at start). Also removes stale scratch
+        space (:func:`sweep_scratch`)."""
+
+
+def sweep_scratch(root: Path, *, stale_s: float = STALE_SCRATCH_S) -> int:
+    """Remove what dead processes left in the scratch directory ``root``: each entry in
+    which nothing (the entry itself, or a file directly in it) has changed for ``stale_s``.
+    Entries in use by a live process (another server on this host, a build) are younger.
+    Returns how many entries went."""
+    cutoff = time.time() - stale_s
+    removed = 0
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            newest = entry.lstat().st_mtime
+            if entry.is_dir() and not entry.is_symlink():
+                for child in entry.iterdir():
+                    newest = max(newest, child.lstat().st_mtime)
+            if newest >= cutoff:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed += 1
+        except OSError as e:  # gone meanwhile, or not ours to remove: leave it
+            log.debug("scratch %s not swept: %s", entry, e)
+    if removed:
+        log.info(
+            "removed %d stale scratch entr%s from %s", removed, "y" if removed == 1 else "ies", root
+        )
+    return removed
 
 
 class RangeNotSatisfiable(Exception):

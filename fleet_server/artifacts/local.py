@@ -20,7 +20,13 @@ from typing import IO
 
 from edge_agent.bundle import sha256_file
 from edge_agent.contracts.errors import ConfigError
-from fleet_server.artifacts.base import ArtifactStore, BlobRead, RangeNotSatisfiable, blob_key
+from fleet_server.artifacts.base import (
+    ArtifactStore,
+    BlobRead,
+    RangeNotSatisfiable,
+    blob_key,
+    sweep_scratch,
+)
 from fleet_server.errors import NotFoundError
 
 _CHUNK = 1 << 16
@@ -43,6 +49,7 @@ class LocalArtifactStore(ArtifactStore):
                 "permissions, or set EDGEFLEET_ARTIFACTS_URL)",
                 field="artifacts_url",
             )
+        sweep_scratch(self.root / "tmp")
 
     def path(self, sha256: str) -> Path:
         return self.root / blob_key(sha256)

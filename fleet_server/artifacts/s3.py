@@ -28,7 +28,13 @@ from typing import IO, Any
 
 from edge_agent.bundle import sha256_file
 from edge_agent.contracts.errors import ConfigError
-from fleet_server.artifacts.base import ArtifactStore, BlobRead, RangeNotSatisfiable, blob_key
+from fleet_server.artifacts.base import (
+    ArtifactStore,
+    BlobRead,
+    RangeNotSatisfiable,
+    blob_key,
+    sweep_scratch,
+)
 from fleet_server.errors import NotFoundError, UnavailableError
 
 _MiB = 1 << 20
@@ -199,6 +205,7 @@ class S3ArtifactStore(ArtifactStore):
                 "or AWS_ENDPOINT_URL)",
                 field="artifacts_url",
             ) from e
+        sweep_scratch(self.spool)
 
     @contextlib.contextmanager
     def _failures(self, doing: str, *, missing: str | None = None) -> Iterator[None]:

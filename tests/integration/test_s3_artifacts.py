@@ -10,6 +10,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -22,6 +23,7 @@ from sqlmodel import Session, select
 
 from edge_agent.config import AgentConfig
 from fleet_server.artifacts import open_store
+from fleet_server.artifacts.base import STALE_SCRATCH_S
 from fleet_server.broker import EmbeddedBroker, free_port
 from fleet_server.bundles.tables import Bundle
 from fleet_server.client import ApiClient, ApiError
@@ -296,3 +298,21 @@ def test_a_missing_bucket_bad_credentials_or_dead_endpoint_stop_the_start_in_one
             {**strict.env(), "EDGEFLEET_ARTIFACTS_URL": "s3://no-such-bucket-2/x"}, tmp_path
         )
         assert "does not exist" in done.stderr, done.stderr[-2000:]
+
+
+def test_start_up_removes_spool_a_dead_server_left(
+    broker: EmbeddedBroker, bucket: str, tmp_path: Path
+) -> None:
+    """A server killed mid-upload leaves its spool file; the next start removes it once
+    nothing in it has changed for a day, and leaves a spool still being written."""
+    settings = _settings(tmp_path, broker, bucket)
+    spool = settings.data_dir / "artifacts-spool"
+    left, busy = spool / "tmpkilled", spool / "tmpbusy"
+    for scratch, age in ((left, STALE_SCRATCH_S + 60), (busy, 60)):
+        scratch.mkdir(parents=True)
+        (scratch / "upload").write_bytes(b"\0" * 4096)
+        then = time.time() - age
+        for path in (scratch / "upload", scratch):
+            os.utime(path, (then, then))
+    open_store(settings).check()
+    assert not left.exists() and busy.exists()

@@ -1,13 +1,17 @@
 """The local artifact store: content-addressed puts, and Range read as S3 reads it (one range
-gives 206; past the end 416; several ranges or a malformed header give the whole blob)."""
+gives 206; past the end 416; several ranges or a malformed header give the whole blob), and
+the scratch space a dead process left, removed at the next start."""
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
 
 from fleet_server.artifacts import LocalArtifactStore, RangeNotSatisfiable
+from fleet_server.artifacts.base import STALE_SCRATCH_S, sweep_scratch
 from fleet_server.artifacts.local import one_range
 from fleet_server.errors import NotFoundError
 
@@ -80,3 +84,35 @@ def test_a_missing_blob_is_not_found(tmp_path: Path) -> None:
     ):
         with pytest.raises(NotFoundError):
             attempt()
+
+
+def _leave(root: Path, name: str, age_s: float) -> Path:
+    """Scratch as a process leaves it: a directory with a half-written file, last touched
+    ``age_s`` ago."""
+    scratch = root / name
+    scratch.mkdir()
+    part = scratch / "model.onnx.part"
+    part.write_bytes(b"\0" * 1024)
+    then = time.time() - age_s
+    for path in (part, scratch):
+        os.utime(path, (then, then))
+    return scratch
+
+
+def test_start_up_removes_scratch_a_dead_process_left_and_keeps_what_is_in_use(
+    tmp_path: Path,
+) -> None:
+    store = LocalArtifactStore(tmp_path / "artifacts")
+    tmp = tmp_path / "artifacts" / "tmp"
+    dead = _leave(tmp, "tmpdead", STALE_SCRATCH_S + 60)
+    busy = _leave(tmp, "tmpbusy", STALE_SCRATCH_S + 60)
+    (busy / "written-just-now").write_bytes(b"x")  # a long upload, still going
+    fresh = _leave(tmp, "tmpfresh", 60)
+    stray = tmp / "stray.part"
+    stray.write_bytes(b"x")
+    os.utime(stray, (time.time() - 2 * STALE_SCRATCH_S,) * 2)
+    store.check()
+    assert not dead.exists() and not stray.exists()
+    assert busy.exists() and fresh.exists()
+    assert sweep_scratch(tmp) == 0  # nothing more to do
+    assert sweep_scratch(tmp_path / "no-such-dir") == 0
