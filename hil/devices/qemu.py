@@ -15,6 +15,7 @@ about a real board.
 
 from __future__ import annotations
 
+import email.parser
 import fcntl
 import hashlib
 import os
@@ -22,20 +23,32 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from hil.devices.local import LocalDevice
 from hil.devices.ssh import agent_wheel
 from hil.rigfile import DeviceSpec, RigFileError
 
-__all__ = ["AGENT_REQUIREMENTS", "Arm64Root", "QemuDevice"]
+__all__ = ["Arm64Root", "QemuDevice", "agent_requirements"]
 
-#: The agent's dependencies on an ARM board (edgefleet[agent,litert] without onnxruntime).
-AGENT_REQUIREMENTS = (
-    "ai-edge-litert>=2.0,<3", "numpy>=1.26", "pydantic>=2.6,<3", "packaging>=23",
-    "paho-mqtt>=2.1,<3", "pynacl>=1.5", "cryptography>=42", "tomli-w>=1.0,<2",
-    "prometheus-client>=0.20", "ddsketch==3.0.1",
-)  # fmt: skip
+#: The extras an ARM board's agent installs (onnxruntime, the agent extra's x86 runtime, left
+#: out: LiteRT runs the board's .tflite bundles), and the board the markers are read for.
+AGENT_EXTRAS = ("agent", "litert")
+LEFT_OUT = frozenset({"onnxruntime"})
+_BOARD = {
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "aarch64",
+    "os_name": "posix",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+    "python_version": "3.11",
+    "python_full_version": "3.11.2",
+}
 PLATFORMS = ("manylinux_2_27_aarch64", "manylinux_2_28_aarch64", "manylinux_2_17_aarch64",
              "manylinux2014_aarch64")  # fmt: skip
 RPI4_CPUINFO = """processor\t: 0
@@ -69,6 +82,29 @@ def _mirror() -> str:
     return "http://deb.debian.org/debian"
 
 
+def agent_requirements(wheel: Path) -> list[str]:
+    """What an ARM board's agent needs, read from the edgefleet wheel it will run: the core
+    dependencies and those of :data:`AGENT_EXTRAS`, their markers read for a 64-bit ARM
+    Linux board, less :data:`LEFT_OUT`. Sorted, markers dropped (pip is told the platform)."""
+    with zipfile.ZipFile(wheel) as zf:
+        name = next((n for n in zf.namelist() if n.endswith(".dist-info/METADATA")), None)
+        if name is None:
+            raise RigFileError("qemu", f"{wheel.name} has no .dist-info/METADATA")
+        metadata = email.parser.BytesParser().parsebytes(zf.read(name))
+    wanted: set[str] = set()
+    for line in metadata.get_all("Requires-Dist") or []:
+        req = Requirement(line)
+        if canonicalize_name(req.name) in LEFT_OUT:
+            continue
+        if req.marker is not None and not any(
+            req.marker.evaluate({**_BOARD, "extra": extra}) for extra in ("", *AGENT_EXTRAS)
+        ):
+            continue
+        extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
+        wanted.add(f"{req.name}{extras}{req.specifier}")
+    return sorted(wanted)
+
+
 class Arm64Root:
     def __init__(self, root: Path, rig: str = "qemu", device: str | None = None) -> None:
         self.root = root
@@ -94,8 +130,9 @@ class Arm64Root:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not self.python.exists():
                 self._debootstrap()
-            self._site()
-            self._edgefleet(agent_wheel(wheel_dir))
+            wheel = agent_wheel(wheel_dir)
+            self._site(agent_requirements(wheel))
+            self._edgefleet(wheel)
 
     def _run(self, what: str, cmd: list[str], timeout_s: float = 900) -> None:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
@@ -119,9 +156,9 @@ class Arm64Root:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def _site(self) -> None:
+    def _site(self, requirements: list[str]) -> None:
         stamp = self.root / "opt" / "site.requirements"
-        wanted = "\n".join(AGENT_REQUIREMENTS)
+        wanted = "\n".join(requirements)
         if stamp.exists() and stamp.read_text() == wanted:
             return
         site = self.root / "opt" / "site"
@@ -130,7 +167,7 @@ class Arm64Root:
         self._run("pip (the aarch64 wheels)", [
             sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
             "--target", str(site), "--only-binary=:all:", "--python-version", "3.11",
-            "--implementation", "cp", *platforms, *AGENT_REQUIREMENTS,
+            "--implementation", "cp", *platforms, *requirements,
         ])  # fmt: skip
         stamp.write_text(wanted)
 

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import shutil
 import tomllib
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+from packaging.requirements import Requirement
 
 from hil.devices import make_device
-from hil.devices.qemu import AGENT_REQUIREMENTS, Arm64Root
+from hil.devices.qemu import Arm64Root, agent_requirements
 from hil.rigfile import RigFileError, parse_rig
 from hil.runner import HilRun
 
@@ -112,12 +114,33 @@ def test_a_scenario_asked_for_by_name_that_the_rig_cannot_run_is_an_error_not_a_
     assert not (tmp_path / "s").exists()  # nothing was started
 
 
-def test_the_emulated_boards_packages_are_the_agent_extras_less_onnxruntime() -> None:
-    """The arm64 root gets the agent's dependencies by name (cross-installed wheels): a
-    dependency added to pyproject.toml and not here would stop the emulated Python."""
+def test_the_emulated_boards_packages_are_the_agent_extras_less_onnxruntime(
+    tmp_path: Path,
+) -> None:
+    """The arm64 root gets the agent's dependencies (cross-installed wheels) read from the
+    edgefleet wheel's own metadata: what pyproject.toml names for the core and the agent and
+    litert extras, less onnxruntime; none of the server's, whatever their markers."""
     project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     extras = project["project"]["optional-dependencies"]
     wanted = [*project["project"]["dependencies"], *extras["agent"], *extras["litert"]]
-    assert sorted(AGENT_REQUIREMENTS) == sorted(
-        r for r in wanted if not r.startswith("onnxruntime")
+    # The wheel's METADATA as setuptools writes it, from the same pyproject.toml.
+    lines = [f"Requires-Dist: {r}" for r in project["project"]["dependencies"]]
+    for extra, reqs in extras.items():
+        for r in reqs:
+            marker = f"({r.split(';', 1)[1].strip()}) and " if ";" in r else ""
+            lines.append(f'Requires-Dist: {r.split(";")[0].strip()}; {marker}extra == "{extra}"')
+    wheel = tmp_path / "edgefleet-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("edgefleet-0.1.0.dist-info/METADATA", "Name: edgefleet\n" + "\n".join(lines))
+    got = agent_requirements(wheel)
+    assert got == sorted(
+        str(Requirement(r)) for r in wanted if Requirement(r).name != "onnxruntime"
     )
+    assert not [r for r in got if r.startswith(("fastapi", "sqlmodel", "boto3", "edgefleet"))]
+    assert "ai-edge-litert<3,>=2.0" in got and "paho-mqtt<3,>=2.1" in got
+
+    empty = tmp_path / "broken.whl"
+    with zipfile.ZipFile(empty, "w") as zf:
+        zf.writestr("nothing.txt", "")
+    with pytest.raises(RigFileError, match=r"no \.dist-info/METADATA"):
+        agent_requirements(empty)
