@@ -1,10 +1,11 @@
 """Batch scoring: ``edge-agent score`` runs a directory of input files through the model the
 running agent serves, and writes every row's outputs with the version that produced it.
 
-The files go through the agent's local API (its Unix socket, else its TCP port) as
-``batch``-workload requests: the agent keeps ownership of the model, a rollout may swap it
-mid-run (each row says which version answered it), and the figures are counted in the fleet's
-telemetry under the ``batch`` role, apart from online requests.
+The files are read by worker processes (two by default) and go through the agent's local
+API (its Unix socket, else its TCP port) as ``batch``-workload requests: the agent keeps
+ownership of the model, a rollout may swap it mid-run (each row says which version answered
+it), and the figures are counted in the fleet's telemetry under the ``batch`` role, apart
+from online requests.
 
 Inputs: ``.npy`` files (a model with one input) and ``.npz`` files (one array per input name);
 image files (JPEG, PNG, BMP, WebP) when the bundle says how to preprocess them (its manifest's
@@ -401,11 +402,9 @@ def default_workers() -> int:
     """Two reading processes where the CPUs allow (one where there is only one): with this
     process and the agent's, that keeps the agent's model busy on a small board without
     crowding out the model's own threads."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(2, cpus))
+    from edge_agent.runtimes.base import usable_cpus
+
+    return min(2, usable_cpus())
 
 
 @dataclass
