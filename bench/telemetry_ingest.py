@@ -72,7 +72,7 @@ def _batch(device: str, seq: int, rng: np.random.Generator) -> bytes:
                 "requests": 200,
                 "errors": 0,
                 "nonfinite": 0,
-                "latency_ms": wire.model_dump(),
+                "latency_ms": wire.to_dict(),
                 "sampled": 50,
                 "sample_rate": 0.25,
                 "inputs": {"x": {"kind": "bins", "counts": [[5] * 10 for _ in range(16)]}},

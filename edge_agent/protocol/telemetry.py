@@ -15,9 +15,10 @@ outbox was full), so the server's contiguous watermark can step over dropped bat
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+import msgspec
+from msgspec import Meta, field
 
 from edge_agent.protocol.desired import SHA256_PATTERN, SLOT_PATTERN
 from edge_agent.protocol.topics import DEVICE_ID_PATTERN
@@ -72,43 +73,61 @@ Workload = Literal["batch", "stream"]
 ROLES: tuple[Role, ...] = ("active", "shadow", "batch", "stream")
 WORKLOADS: tuple[Workload, ...] = ("batch", "stream")
 
-#: Counts are checked in pydantic's core, not in Python loops (ingest parses thousands a second).
-Count = Annotated[int, Field(ge=0, le=MAX_SEQ)]
+#: Counts are checked by msgspec while it decodes, not in Python loops (ingest parses
+#: thousands a second).
+Count = Annotated[int, Meta(ge=0, le=MAX_SEQ)]
+#: A finite figure that is not negative (JSON has no NaN or infinity; a number too large for
+#: a double is refused as out of range).
+Positive = Annotated[float, Meta(ge=0)]
+AwareDatetime = Annotated[datetime, Meta(tz=True)]
 
 
-class _Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Message(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A telemetry message: its fields are checked when it is decoded (``from_bytes``,
+    ``from_dict``) and its cross-field rules (``__post_init__``) whenever one is made. A
+    message the agent builds is checked again by the server."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready builtins (datetimes as RFC 3339 strings)."""
+        out: dict[str, Any] = msgspec.to_builtins(self)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Self:
+        """Raises ValueError (msgspec's ValidationError is one) naming what is wrong."""
+        return msgspec.convert(data, cls)
 
 
-class LatencySketch(_Message):
+class LatencySketch(_Message, frozen=True, kw_only=True):
     """A DDSketch of latencies in ms (logarithmic mapping, one dense positive store):
     ``counts[i]`` values fell in bin ``key_offset + i``; values under the mapping's smallest
     positive value are in ``zero_count``."""
 
-    relative_accuracy: float = Field(gt=0, lt=1)
-    zero_count: int = Field(ge=0)
-    key_offset: int = Field(ge=-(2**20), le=2**20)
-    counts: list[Count] = Field(max_length=MAX_SKETCH_BINS)
-    sum_ms: float = Field(ge=0, allow_inf_nan=False)
-    min_ms: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    max_ms: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    relative_accuracy: Annotated[float, Meta(gt=0, lt=1)]
+    zero_count: Annotated[int, Meta(ge=0)]
+    key_offset: Annotated[int, Meta(ge=-(2**20), le=2**20)]
+    counts: Annotated[list[Count], Meta(max_length=MAX_SKETCH_BINS)]
+    sum_ms: Positive
+    min_ms: Positive | None = None
+    max_ms: Positive | None = None
 
     @property
     def count(self) -> int:
         return self.zero_count + sum(self.counts)
 
 
-class TensorCounts(_Message):
+class TensorCounts(_Message, frozen=True, kw_only=True):
     """Counts of one tensor's sampled values in its baseline bins: one row per group (a
     feature, a channel, a group of features, or the whole tensor), one column per bin; for a
     classifier-like output, one row of top-1 class counts."""
 
     kind: Literal["bins", "top1"]
-    counts: list[list[Count]] = Field(min_length=1, max_length=MAX_GROUPS)
+    counts: Annotated[list[list[Count]], Meta(min_length=1, max_length=MAX_GROUPS)]
 
-    @model_validator(mode="after")
-    def _shape(self) -> Self:
+    def __post_init__(self) -> None:
         counts = self.counts
+        if not counts:
+            raise ValueError("a tensor's counts have at least one row")
         width = len(counts[0])
         if self.kind == "top1":
             if len(counts) != 1:
@@ -119,105 +138,109 @@ class TensorCounts(_Message):
             raise ValueError(f"bins rows must have 1..{MAX_BINS} columns, not {width}")
         if len(counts) > 1 and len(set(map(len, counts))) != 1:
             raise ValueError("every row of a tensor's counts has the same number of bins")
-        return self
 
     @property
     def shape(self) -> tuple[int, int]:
         return len(self.counts), len(self.counts[0])
 
 
-class SlotFigures(_Message):
+class SlotFigures(_Message, frozen=True, kw_only=True):
     """One model version's figures for the interval, as served in one slot."""
 
-    slot: str = Field(pattern=SLOT_PATTERN)
+    slot: Annotated[str, Meta(pattern=SLOT_PATTERN)]
     role: Role
-    model: str = Field(min_length=1, max_length=128)
-    version: str = Field(min_length=1, max_length=64)
-    bundle_sha256: str = Field(pattern=SHA256_PATTERN)
-    rollout_id: str | None = Field(default=None, max_length=64)
-    requests: int = Field(ge=0, le=MAX_SEQ)
-    errors: int = Field(ge=0, le=MAX_SEQ)
-    nonfinite: int = Field(ge=0, le=MAX_SEQ)
+    model: Annotated[str, Meta(min_length=1, max_length=128)]
+    version: Annotated[str, Meta(min_length=1, max_length=64)]
+    bundle_sha256: Annotated[str, Meta(pattern=SHA256_PATTERN)]
+    rollout_id: Annotated[str, Meta(max_length=64)] | None = None
+    requests: Count
+    errors: Count
+    nonfinite: Count
     latency_ms: LatencySketch | None = None
     #: Requests whose inputs and outputs were counted, and the sampling rate in force at the
     #: end of the interval (chosen so drift accounting stays within its time budget). A
     #: request is counted in ``requests`` just before it is sampled, so an interval cut
     #: between the two carries it in one batch's ``requests`` and the next one's ``sampled``:
     #: totals agree, a single batch may not.
-    sampled: int = Field(default=0, ge=0, le=MAX_SEQ)
-    sample_rate: float = Field(default=0.0, ge=0, le=1)
-    inputs: dict[str, TensorCounts] = Field(default_factory=dict, max_length=MAX_TENSORS)
-    outputs: dict[str, TensorCounts] = Field(default_factory=dict, max_length=MAX_TENSORS)
+    sampled: Count = 0
+    sample_rate: Annotated[float, Meta(ge=0, le=1)] = 0.0
+    inputs: Annotated[dict[str, TensorCounts], Meta(max_length=MAX_TENSORS)] = field(
+        default_factory=dict
+    )
+    outputs: Annotated[dict[str, TensorCounts], Meta(max_length=MAX_TENSORS)] = field(
+        default_factory=dict
+    )
     #: Ground truth from the field, in the interval the labels arrived (they often come long
     #: after the prediction): predictions (rows) of this version that got a label, how many
     #: of them were right, and labels for this slot that found no kept prediction (unknown
     #: or expired request ids).
-    labelled: int = Field(default=0, ge=0, le=MAX_SEQ)
-    correct: int = Field(default=0, ge=0, le=MAX_SEQ)
-    late: int = Field(default=0, ge=0, le=MAX_SEQ)
+    labelled: Count = 0
+    correct: Count = 0
+    late: Count = 0
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Self:
+    def __post_init__(self) -> None:
         if self.correct > self.labelled:
             raise ValueError("correct predictions cannot exceed labelled ones")
         if self.errors > self.requests or self.nonfinite > self.requests:
             raise ValueError("errors and NaN/inf responses cannot exceed requests")
         if self.latency_ms is not None and self.latency_ms.count > self.requests:
             raise ValueError("the latency sketch holds more values than there were requests")
-        return self
 
 
-class ProcessFigures(_Message):
-    cpu_percent: float | None = Field(default=None, ge=0, le=100_000, allow_inf_nan=False)
-    rss_bytes: int | None = Field(default=None, ge=0)
+class ProcessFigures(_Message, frozen=True, kw_only=True):
+    cpu_percent: Annotated[float, Meta(ge=0, le=100_000)] | None = None
+    rss_bytes: Annotated[int, Meta(ge=0)] | None = None
     #: The hottest thermal zone the OS exposes (``/sys/class/thermal``); absent elsewhere.
-    temperature_c: float | None = Field(default=None, ge=-100, le=300, allow_inf_nan=False)
+    temperature_c: Annotated[float, Meta(ge=-100, le=300)] | None = None
 
 
-class TelemetryBatch(_Message):
-    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
-    stream: str = Field(pattern=STREAM_PATTERN)
-    seq: int = Field(ge=1, le=MAX_SEQ)
-    floor: int = Field(ge=0, le=MAX_SEQ)
+class TelemetryBatch(_Message, frozen=True, kw_only=True):
+    device_id: Annotated[str, Meta(pattern=DEVICE_ID_PATTERN)]
+    stream: Annotated[str, Meta(pattern=STREAM_PATTERN)]
+    seq: Annotated[int, Meta(ge=1, le=MAX_SEQ)]
+    floor: Count
     interval_start: AwareDatetime
     interval_end: AwareDatetime
-    slots: list[SlotFigures] = Field(default_factory=list, max_length=MAX_SLOTS)
-    process: ProcessFigures = ProcessFigures()
+    slots: Annotated[list[SlotFigures], Meta(max_length=MAX_SLOTS)] = field(default_factory=list)
+    process: ProcessFigures = field(default_factory=ProcessFigures)
     #: Batches this device's outbox has dropped so far (it was full, or they were too old).
-    dropped_batches_total: int = Field(default=0, ge=0, le=MAX_SEQ)
+    dropped_batches_total: Count = 0
 
-    @model_validator(mode="after")
-    def _order(self) -> Self:
+    def __post_init__(self) -> None:
         if self.floor >= self.seq:
             raise ValueError("floor must be below seq")
         if self.interval_end < self.interval_start:
             raise ValueError("interval_end is before interval_start")
-        return self
 
     def to_bytes(self) -> bytes:
-        return self.model_dump_json(exclude_defaults=False).encode()
+        return _ENCODER.encode(self)
 
     @classmethod
     def from_bytes(cls, payload: bytes) -> TelemetryBatch:
-        """Raises ValueError (pydantic's ValidationError is one) for anything but a batch."""
+        """Raises ValueError (msgspec's errors are ValueErrors) for anything but a batch."""
         if len(payload) > MAX_TELEMETRY_BYTES:
             raise ValueError(f"batch of {len(payload)} bytes (limit {MAX_TELEMETRY_BYTES})")
-        return cls.model_validate_json(payload)
+        return _BATCH.decode(payload)
 
 
-class TelemetryAck(_Message):
+class TelemetryAck(_Message, frozen=True, kw_only=True):
     """The server stored every batch of ``stream`` up to ``acked_seq`` (or knows it was
     dropped): the device may delete them from its outbox."""
 
-    stream: str = Field(pattern=STREAM_PATTERN)
-    acked_seq: int = Field(ge=0, le=MAX_SEQ)
+    stream: Annotated[str, Meta(pattern=STREAM_PATTERN)]
+    acked_seq: Count
     acked_at: datetime | None = None
 
     def to_bytes(self) -> bytes:
-        return self.model_dump_json().encode()
+        return _ENCODER.encode(self)
 
     @classmethod
     def from_bytes(cls, payload: bytes) -> TelemetryAck:
         if len(payload) > 1024:
             raise ValueError(f"ack of {len(payload)} bytes")
-        return cls.model_validate_json(payload)
+        return _ACK.decode(payload)
+
+
+_ENCODER = msgspec.json.Encoder()
+_BATCH = msgspec.json.Decoder(TelemetryBatch)
+_ACK = msgspec.json.Decoder(TelemetryAck)

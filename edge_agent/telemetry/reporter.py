@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from pydantic import ValidationError
-
 from edge_agent.protocol.status import VersionRef
 from edge_agent.protocol.telemetry import (
     ProcessFigures,
@@ -211,7 +209,7 @@ class TelemetryReporter:
         """An acknowledgement arrived (MQTT thread)."""
         try:
             ack = TelemetryAck.from_bytes(payload)
-        except (ValueError, ValidationError) as e:
+        except ValueError as e:  # msgspec's errors are ValueErrors
             log.warning("ignoring a malformed telemetry acknowledgement: %s", e)
             return
         deleted = self.outbox.ack(ack.stream, ack.acked_seq)

@@ -176,7 +176,7 @@ def _health(rows: list[TelemetryRollup], bundles: BundleCatalog, session: Sessio
         h.correct += r.correct
         h.late += r.late
         if r.latency_sketch:
-            sketches.append(LatencySketch.model_validate(r.latency_sketch))
+            sketches.append(LatencySketch.from_dict(r.latency_sketch))
         for io, stored in (("input", r.inputs), ("output", r.outputs)):
             for name, entry in stored.items():
                 add_counts(per_bundle[r.bundle_sha256][io], entry["kind"], name, entry["counts"])
@@ -316,7 +316,7 @@ def totals(
 ) -> Totals:
     rows = _rows(session, model, version=version, profile=None, rollout_id=rollout_id,
                  since=since, until=None, role=role)  # fmt: skip
-    sketches = [LatencySketch.model_validate(r.latency_sketch) for r in rows if r.latency_sketch]
+    sketches = [LatencySketch.from_dict(r.latency_sketch) for r in rows if r.latency_sketch]
     return Totals(
         requests=sum(r.requests for r in rows),
         errors=sum(r.errors for r in rows),

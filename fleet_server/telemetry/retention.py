@@ -246,7 +246,7 @@ def _insert_ignore(dialect: str) -> Any:
 
 def _combined(span: datetime, resolution_s: int, group: list[Any]) -> dict[str, Any]:
     first = group[0]
-    sketches = [LatencySketch.model_validate(r.latency_sketch) for r in group if r.latency_sketch]
+    sketches = [LatencySketch.from_dict(r.latency_sketch) for r in group if r.latency_sketch]
     merged = merge_wires(sketches) if sketches else None
     return {
         "bucket_start": span,
@@ -269,7 +269,7 @@ def _combined(span: datetime, resolution_s: int, group: list[Any]) -> dict[str, 
                 "late",
             )
         },
-        "latency_sketch": merged.model_dump() if merged is not None else None,
+        "latency_sketch": merged.to_dict() if merged is not None else None,
         "inputs": _histograms([r.inputs for r in group]),
         "outputs": _histograms([r.outputs for r in group]),
     }

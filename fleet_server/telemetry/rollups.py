@@ -148,11 +148,9 @@ def fold_rollups(
         row.correct += d.correct
         row.late += d.late
         if d.sketches:
-            existing = (
-                [LatencySketch.model_validate(row.latency_sketch)] if row.latency_sketch else []
-            )
+            existing = [LatencySketch.from_dict(row.latency_sketch)] if row.latency_sketch else []
             merged = merge_wires(existing + d.sketches)
-            row.latency_sketch = merged.model_dump() if merged else None
+            row.latency_sketch = merged.to_dict() if merged else None
         row.inputs = _merged_json(row.inputs, _Delta.summed(d.inputs))
         row.outputs = _merged_json(row.outputs, _Delta.summed(d.outputs))
         session.add(row)

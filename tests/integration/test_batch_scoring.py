@@ -55,7 +55,7 @@ class Agent:
         for seq in self.reporter.outbox.pending():
             data = self.reporter.outbox.read(seq)
             assert data is not None
-            out += [s.model_dump() for s in TelemetryBatch.from_bytes(data).slots]
+            out += [s.to_dict() for s in TelemetryBatch.from_bytes(data).slots]
         return [s for s in out if s["role"] == "batch"]
 
 

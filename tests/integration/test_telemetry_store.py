@@ -138,7 +138,7 @@ def _msg(
                 "requests": requests,
                 "errors": 0,
                 "nonfinite": 0,
-                "latency_ms": to_wire(sketch).model_dump(),  # type: ignore[union-attr]
+                "latency_ms": to_wire(sketch).to_dict(),  # type: ignore[union-attr]
                 "sampled": requests,
                 "inputs": {"x": {"kind": "bins", "counts": x or [[1] * 10] * 4}},
                 **slot,
