@@ -10,6 +10,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -402,3 +404,72 @@ def test_score_refuses_what_it_cannot_do_in_one_line_and_writes_nothing(
         "--in", str(tmp_path / "pics"), "--out", str(tmp_path / "o.npz"),
     )  # fmt: skip
     assert done.returncode == 2 and "convert them to arrays" in done.stderr
+
+
+def test_ctrl_c_stops_the_command_and_its_workers_and_the_next_run_finishes(
+    tmp_path: Path,
+) -> None:
+    """``edge-agent score`` as a person runs it, interrupted with Ctrl-C while requests wait
+    in the agent: it exits 130 in one message, no worker process outlives it, the rows it
+    had are kept, and the same command run again scores each remaining file once."""
+    spec_in = [TensorSpec(name="x", dtype="float32", shape=["batch", 4])]
+    spec_out = [TensorSpec(name="y", dtype="float32", shape=["batch", 4])]
+    gate = threading.Event()
+    gate.set()
+    fake = FakeModel(spec_in, spec_out, gate=gate)
+    ref = VersionRef(
+        model="m", version="1.0.0", bundle_sha256="1" * 64, runtime="fake", precision="fp32"
+    )
+    table = SlotTable()
+    table.swap("m", ServingModel(ref, served_manifest("m", "1.0.0", spec_in, spec_out), fake))
+    sock = tmp_path / "serving.sock"
+    server = start_unix(table, sock)
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        'device_id = "dev-1"\nprofile = "x86-64-avx2"\nstate_dir = "state"\n'
+        '[server]\nurl = "http://127.0.0.1:1"\ncredential_file = "device.secret"\n'
+        '[mqtt]\nurl = "mqtt://127.0.0.1:1"\n[trust]\nroot_key_file = "root.pub"\n'
+        f'[serving]\nport = 1\nunix_socket = "{sock.name}"\n'
+    )
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(120):
+        np.save(inputs / f"{i:04d}.npy", np.full(4, i, np.float32))
+    out = tmp_path / "scores.npz"
+    command = [
+        sys.executable, "-m", "edge_agent.cli", "score", "--config", str(config),
+        "--model", "m", "--in", str(inputs), "--out", str(out), "--batch-size", "2", "--quiet",
+    ]  # fmt: skip
+    try:
+        proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while fake.runs < 10 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gate.clear()  # the next requests wait in the agent
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole foreground group gets it
+        _, stderr = proc.communicate(timeout=60)
+        gate.set()
+        assert proc.returncode == 130, stderr
+        assert "interrupted; scored rows so far are kept" in stderr, stderr
+        assert "Traceback" not in stderr, stderr
+        left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True)
+        assert left.stdout.strip() == "", f"worker processes left behind: {left.stdout}"
+        assert not out.exists()
+        kept = scoring.Scorer(AgentClient(f"unix://{sock}"), "m", out).done_files()
+        assert 0 < len(kept) < 120
+
+        again = run_cli(*command[3:])
+        assert again.returncode == 0, again.stderr
+        assert f"scored {120 - len(kept)} file(s)" in again.stdout, again.stdout
+        with np.load(out) as npz:
+            files = npz["file"].tolist()
+            assert sorted(files) == sorted(str((inputs / f"{i:04d}.npy").resolve())
+                                           for i in range(120))  # fmt: skip
+            assert npz["output/y"][:, 0].tolist() == [float(Path(f).stem) for f in files]
+    finally:
+        gate.set()
+        server.shutdown()
+        server.server_close()
