@@ -27,7 +27,7 @@ from edge_agent.contracts.errors import ConfigError, EdgefleetError
 from edge_agent.protocol.status import VersionRef
 from edge_agent.protocol.telemetry import TelemetryBatch
 from edge_agent.runtimes.fake import FakeModel
-from edge_agent.serving import ServingModel, SlotTable, start_unix
+from edge_agent.serving import InferenceUnixServer, ServingModel, SlotTable, start_unix
 from edge_agent.serving.client import AgentClient
 from edge_agent.telemetry.outbox import Outbox
 from edge_agent.telemetry.reporter import TelemetryReporter, TelemetrySettings
@@ -61,6 +61,30 @@ class Agent:
         return [s for s in out if s["role"] == "batch"]
 
 
+def serve_fake(sock: Path, name: str, model: FakeModel) -> InferenceUnixServer:
+    """``model`` served as ``name`` 1.0.0 behind a real Unix socket at ``sock``."""
+    ref = VersionRef(
+        model=name, version="1.0.0", bundle_sha256="1" * 64, runtime="fake", precision="fp32"
+    )
+    table = SlotTable()
+    manifest = served_manifest(name, "1.0.0", model.inputs, model.outputs)
+    table.swap(name, ServingModel(ref, manifest, model))
+    return start_unix(table, sock)
+
+
+def agent_config(directory: Path, sock: Path) -> Path:
+    """An agent.toml whose serving socket is ``sock`` (beside it): what ``edge-agent score``
+    reads to find the agent; nothing else in it is reached."""
+    config = directory / "agent.toml"
+    config.write_text(
+        'device_id = "dev-1"\nprofile = "x86-64-avx2"\nstate_dir = "state"\n'
+        '[server]\nurl = "http://127.0.0.1:1"\ncredential_file = "device.secret"\n'
+        '[mqtt]\nurl = "mqtt://127.0.0.1:1"\n[trust]\nroot_key_file = "root.pub"\n'
+        f'[serving]\nport = 1\nunix_socket = "{sock.name}"\n'
+    )
+    return config
+
+
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[Agent]:
     v1 = mlp_classifier(tmp_path / "v1.onnx", seed=3)
@@ -73,13 +97,7 @@ def agent(tmp_path: Path) -> Iterator[Agent]:
     table.swap("clf", onnx_serving(v1, "1.0.0"))
     sock = tmp_path / "serving.sock"
     server = start_unix(table, sock)
-    config = tmp_path / "agent.toml"
-    config.write_text(
-        'device_id = "dev-1"\nprofile = "x86-64-avx2"\nstate_dir = "state"\n'
-        '[server]\nurl = "http://127.0.0.1:1"\ncredential_file = "device.secret"\n'
-        '[mqtt]\nurl = "mqtt://127.0.0.1:1"\n[trust]\nroot_key_file = "root.pub"\n'
-        f'[serving]\nport = 1\nunix_socket = "{sock.name}"\n'
-    )
+    config = agent_config(tmp_path, sock)
     try:
         yield Agent(table, config, sock, reporter, v1, v2)
     finally:
@@ -346,13 +364,8 @@ def test_a_model_without_a_batch_axis_is_scored_file_by_file(tmp_path: Path) -> 
     ]
     spec_out = [TensorSpec(name="next", dtype="float32", shape=[4])]
     fake = FakeModel(spec_in, spec_out, lambda f: {"next": f["state"] * f["gain"]})
-    ref = VersionRef(
-        model="rnn", version="1.0.0", bundle_sha256="1" * 64, runtime="fake", precision="fp32"
-    )
-    table = SlotTable()
-    table.swap("rnn", ServingModel(ref, served_manifest("rnn", "1.0.0", spec_in, spec_out), fake))
     sock = tmp_path / "s.sock"
-    server = start_unix(table, sock)
+    server = serve_fake(sock, "rnn", fake)
     try:
         (tmp_path / "in").mkdir()
         for i in range(5):
@@ -417,20 +430,9 @@ def test_ctrl_c_stops_the_command_and_its_workers_and_the_next_run_finishes(
     gate = threading.Event()
     gate.set()
     fake = FakeModel(spec_in, spec_out, gate=gate)
-    ref = VersionRef(
-        model="m", version="1.0.0", bundle_sha256="1" * 64, runtime="fake", precision="fp32"
-    )
-    table = SlotTable()
-    table.swap("m", ServingModel(ref, served_manifest("m", "1.0.0", spec_in, spec_out), fake))
     sock = tmp_path / "serving.sock"
-    server = start_unix(table, sock)
-    config = tmp_path / "agent.toml"
-    config.write_text(
-        'device_id = "dev-1"\nprofile = "x86-64-avx2"\nstate_dir = "state"\n'
-        '[server]\nurl = "http://127.0.0.1:1"\ncredential_file = "device.secret"\n'
-        '[mqtt]\nurl = "mqtt://127.0.0.1:1"\n[trust]\nroot_key_file = "root.pub"\n'
-        f'[serving]\nport = 1\nunix_socket = "{sock.name}"\n'
-    )
+    server = serve_fake(sock, "m", fake)
+    config = agent_config(tmp_path, sock)
     inputs = tmp_path / "in"
     inputs.mkdir()
     for i in range(120):
