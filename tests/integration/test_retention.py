@@ -54,7 +54,7 @@ def _row(engine: Engine, at: datetime, device: str, latencies: list[float], *,
             bucket_start=at, bundle_sha256="ab" * 32, model="clf", version="1.0.0",
             profile="x86-64-avx2", rollout_id="", role="active", requests=len(latencies),
             errors=errors, nonfinite=0, sampled=len(latencies), labelled=1, correct=1, late=0,
-            latency_sketch=wire.model_dump() if wire else None,
+            latency_sketch=wire.to_dict() if wire else None,
             inputs={"x": {"kind": "float", "counts": [drift or [1, 2, 3]]}}, outputs={},
         ))  # fmt: skip
         conn.execute(insert(DEVICES).values(bucket_start=at, bundle_sha256="ab" * 32,
