@@ -110,13 +110,16 @@ def merge_wire(sketches: list[LatencySketch]) -> BaseDDSketch:
 def merge_wires(sketches: list[LatencySketch]) -> LatencySketch | None:
     """The wire form of the merge, computed on the bin counts alone (the server merges
     thousands of sketches per second: array sums, not one store update per bin)."""
-    present = [w for w in sketches if w.count]
+    # Holding a value: a zero count, or any bin (any() stops at the first; .count sums all).
+    present = [w for w in sketches if w.zero_count or any(w.counts)]
     if not present:
         return None
     accuracy = present[0].relative_accuracy
     if any(w.relative_accuracy != accuracy for w in present):
         raise ValueError("cannot merge sketches of different relative accuracy")
-    binned = [w for w in present if w.counts]
+    # Bins that are all zero add nothing (and a sketch of only such bins, which a device may
+    # send, would leave nothing to trim to).
+    binned = [w for w in present if any(w.counts)]
     counts: list[int] = []
     offset = 0
     if binned:
@@ -125,7 +128,7 @@ def merge_wires(sketches: list[LatencySketch]) -> LatencySketch | None:
         total = np.zeros(end - offset, np.int64)
         for w in binned:
             start = w.key_offset - offset
-            total[start : start + len(w.counts)] += np.asarray(w.counts, np.int64)
+            total[start : start + len(w.counts)] += np.fromiter(w.counts, np.int64, len(w.counts))
         nonzero = np.flatnonzero(total)
         total = total[nonzero[0] : nonzero[-1] + 1]
         offset += int(nonzero[0])

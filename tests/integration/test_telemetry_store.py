@@ -17,7 +17,7 @@ import pytest
 from sqlmodel import Session, select
 
 from edge_agent.telemetry.drift import TensorDrift
-from edge_agent.telemetry.sketch import new_sketch, to_wire
+from edge_agent.telemetry.sketch import RELATIVE_ACCURACY, new_sketch, to_wire
 from fleet_server.artifacts.local import LocalArtifactStore
 from fleet_server.bundles.tables import Bundle
 from fleet_server.database import make_engine
@@ -192,6 +192,26 @@ def test_refusals_store_no_figures_but_a_misfit_batch_is_acknowledged(db: Any) -
     assert out.stored == 0 and out.acks == {("dev-1", STREAM): 1}
     with Session(engine) as session:
         assert session.exec(select(TelemetryRollup)).all() == []
+
+
+def test_a_sketch_of_empty_bins_is_stored_with_the_rest_of_its_drain(db: Any) -> None:
+    """A device may send a latency sketch whose bins are all zero (its values all under the
+    smallest bin): valid by the schema. Merging it into the rollup used to raise, and the
+    whole drain, other devices' batches with it, was not stored (and resent for ever)."""
+    engine, bundles = db
+    empty_bins = {
+        "relative_accuracy": RELATIVE_ACCURACY, "zero_count": 4, "key_offset": 0,
+        "counts": [0, 0, 0], "sum_ms": 0.0,
+    }  # fmt: skip
+    drain = [_msg("dev-1", 1, requests=4, latency_ms=empty_bins), _msg("dev-2", 1, role="shadow")]
+    with Session(engine) as session:
+        out = store_batches(session, drain, bundles)
+    assert (out.stored, out.rejected) == (2, [])
+    with Session(engine) as session:
+        rows = {r.role: r for r in session.exec(select(TelemetryRollup)).all()}
+    assert rows["active"].requests == 4 and rows["shadow"].requests == 10
+    assert rows["active"].latency_sketch["zero_count"] == 4
+    assert rows["active"].latency_sketch["counts"] == []
 
 
 def test_fleet_quantiles_come_from_merged_sketches_and_drift_from_summed_counts(db: Any) -> None:
