@@ -199,7 +199,18 @@ class TelemetryIngest:
                 log.warning("telemetry store attempt %d failed (%s); retrying", attempt + 1, e)
                 time.sleep(0.05 * 2**attempt)
             except Exception:
-                log.exception("telemetry ingest failed on %d message(s)", len(messages))
+                if len(messages) > 1:
+                    # A fault of ours that one batch sets off must not cost the rest of the
+                    # drain (resent, it would again): each is stored on its own.
+                    log.exception(
+                        "telemetry ingest failed on a drain of %d; storing them one by one",
+                        len(messages),
+                    )
+                    for message in messages:
+                        self._store([message])
+                    return
+                log.exception("telemetry ingest failed on the batch on %s", messages[0][0])
+                self.counters.rejected.labels("internal_error").inc()
                 return
         else:
             log.error("telemetry: %d message(s) not stored; devices will resend", len(messages))

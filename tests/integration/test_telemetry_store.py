@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 from sqlmodel import Session, select
 
 from edge_agent.telemetry.drift import TensorDrift
@@ -307,3 +308,36 @@ def test_a_decommissioned_devices_reports_are_refused_like_an_unknown_devices(db
     with Session(engine) as session:
         online = dict(session.exec(select(Device.id, Device.online)).all())
         assert online == {"dev-1": False, "dev-2": True}
+
+
+def test_a_batch_that_trips_a_fault_of_ours_costs_only_itself(
+    db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defence in depth: should storing one batch raise (a bug of ours, as the empty-bins
+    sketch was), the rest of its drain is stored one by one and acknowledged; the one is
+    counted, and its device resends it."""
+    from fleet_server.telemetry import ingest as ingest_module
+
+    engine, bundles = db
+    real = ingest_module.store_batches
+
+    def store(session: Session, messages: list[tuple[str, bytes]], *args: Any, **kw: Any) -> Any:
+        if any("/dev-3/" in topic for topic, _ in messages):
+            raise RuntimeError("a fault of ours")
+        return real(session, messages, *args, **kw)
+
+    monkeypatch.setattr(ingest_module, "store_batches", store)
+    acks: list[str] = []
+    registry = CollectorRegistry()
+    counters = ingest_module.IngestCounters(registry)
+    ingest = ingest_module.TelemetryIngest(
+        engine, bundles, counters, publish=lambda topic, payload: acks.append(topic)
+    )
+    for device in ("dev-1", "dev-3", "dev-2"):  # queued before the writer starts: one drain
+        ingest.offer(*_msg(device, 1))
+    ingest.start()
+    ingest.stop()
+    assert ingest.stored_total == 2
+    assert sorted(acks) == [f"edgefleet/v1/devices/{d}/ack" for d in ("dev-1", "dev-2")]
+    refused = {"reason": "internal_error"}
+    assert registry.get_sample_value("edgefleet_telemetry_rejected_total", refused) == 1
