@@ -105,9 +105,7 @@ def sweep_scratch(root: Path, *, stale_s: float = STALE_SCRATCH_S) -> int:
         except OSError as e:  # gone meanwhile, or not ours to remove: leave it
             log.debug("scratch %s not swept: %s", entry, e)
     if removed:
-        log.info(
-            "removed %d stale scratch entr%s from %s", removed, "y" if removed == 1 else "ies", root
-        )
+        log.info("removed %d stale scratch entries (left by dead processes) from %s", removed, root)
     return removed
 
 
