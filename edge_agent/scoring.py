@@ -30,6 +30,7 @@ import contextlib
 import glob
 import json
 import os
+import queue
 import shutil
 import sys
 import threading
@@ -575,19 +576,40 @@ def _work(
     answers: Any,
 ) -> None:
     """A worker: read each chunk's files, score them through the agent, send the answers
-    back. It stops at the first fault (the run stops) or when the run is over."""
+    back. It stops at the first fault (the run stops), when the run is over, or when the
+    process that started it is gone (killed: nobody would take its answers or end it)."""
+    import multiprocessing
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # an interrupt is the parent's to handle
+    parent = multiprocessing.parent_process()
     client = AgentClient(url, timeout_s=timeout_s)
-    while (task := tasks.get()) is not None:
-        number, paths = task
-        try:
-            scored = _score_chunk(client, model_name, model, paths, batch_size)
-        except BaseException as e:
-            answers.send((number, _Fault.of(e)))
-            return
-        answers.send((number, scored))
+    try:
+        while True:
+            try:
+                task = tasks.get(timeout=PARENT_CHECK_S)
+            except queue.Empty:
+                if parent is not None and not parent.is_alive():
+                    return
+                continue
+            if task is None:
+                return
+            number, paths = task
+            try:
+                scored: list[_Scored | FileFailure] | _Fault = _score_chunk(
+                    client, model_name, model, paths, batch_size
+                )
+            except BaseException as e:
+                scored = _Fault.of(e)
+            answers.send((number, scored))
+            if isinstance(scored, _Fault):
+                return
+    except (BrokenPipeError, EOFError, ConnectionResetError):
+        return  # the parent is gone
+
+
+#: How often an idle worker checks that the process that started it is still there.
+PARENT_CHECK_S = 1.0
 
 
 def _score_chunk(

@@ -37,7 +37,7 @@ class LoadOptions:
     #: (bench/runtime_threads.py, a small CNN at 25 requests/s on 2 cores: 29-36 ms of CPU a
     #: request spinning, 1.1-1.4 ms not, for a median latency 0.1-0.2 ms higher). Nor does
     #: batch scoring gain: ``edge-agent score``'s reading processes need those cores too
-    #: (bench/batch_scoring.py, the CNN: 0.78-0.81x the raw runtime spinning, 0.94-1.02x not).
+    #: (bench/batch_scoring.py, the CNN: 0.78-0.81x the raw runtime spinning, 0.89-1.03x not).
     spin: bool = False
     #: onnxruntime execution providers in order of preference; unavailable ones are skipped.
     providers: tuple[str, ...] = field(default_factory=tuple)
