@@ -36,6 +36,15 @@ _MAX_HEAD_BYTES = 64 << 10
 _WORKLOADS = ("batch", "stream")
 
 
+def _workload_header(workload: str | None) -> str:
+    """The request header that counts a request under ``workload`` ("" for none)."""
+    if workload is None:
+        return ""
+    if workload not in _WORKLOADS:
+        raise ValueError(f"workload must be one of {_WORKLOADS}, not {workload!r}")
+    return f"X-Edgefleet-Workload: {workload}\r\n"
+
+
 class AgentError(EdgefleetError):
     """The agent answered with an error."""
 
@@ -223,9 +232,7 @@ class AgentClient:
     ) -> dict[str, np.ndarray]:
         """Outputs by name. ``workload`` ("batch", "stream") counts the request in that
         workload's telemetry; :attr:`last_version` is the version that answered."""
-        if workload is not None and workload not in _WORKLOADS:
-            raise ValueError(f"workload must be one of {_WORKLOADS}, not {workload!r}")
-        extra = f"X-Edgefleet-Workload: {workload}\r\n" if workload else ""
+        extra = _workload_header(workload)
         # One tensor travels raw (its bytes, dtype and shape in two headers: nothing to parse),
         # several as .npz (a zip, ~100 µs each way).
         if len(inputs) == 1:
@@ -250,8 +257,7 @@ class AgentClient:
         """``predict(model, {name: np.concatenate(parts)})`` without the concatenation: the
         parts (of one dtype and the same trailing shape) go out one after another, as the
         rows of one tensor. A batch of files is not copied into one array first."""
-        if workload is not None and workload not in _WORKLOADS:
-            raise ValueError(f"workload must be one of {_WORKLOADS}, not {workload!r}")
+        extra = _workload_header(workload)
         if not parts:
             raise ValueError("predict_rows needs at least one part")
         arrays = [np.asarray(p) for p in parts]
@@ -261,7 +267,6 @@ class AgentClient:
         ):
             raise ValueError("parts must share a dtype and their shape after the first axis")
         shape = (sum(a.shape[0] for a in arrays), *first.shape[1:])
-        extra = f"X-Edgefleet-Workload: {workload}\r\n" if workload else ""
         head = self._tensor_head(model, name, first.dtype, shape, extra)
         reply = self._exchange(head, [codec.tensor_bytes(a) for a in arrays])
         return self._outputs(reply)

@@ -111,15 +111,21 @@ def merge_wires(sketches: list[LatencySketch]) -> LatencySketch | None:
     """The wire form of the merge, computed on the bin counts alone (the server merges
     thousands of sketches per second: array sums, not one store update per bin)."""
     # Holding a value: a zero count, or any bin (any() stops at the first; .count sums all).
-    present = [w for w in sketches if w.zero_count or any(w.counts)]
+    # Bins that are all zero add nothing (and a sketch of only such bins, which a device may
+    # send, would leave nothing to trim to).
+    present: list[LatencySketch] = []
+    binned: list[LatencySketch] = []
+    for w in sketches:
+        has_bins = any(w.counts)
+        if has_bins:
+            binned.append(w)
+        if has_bins or w.zero_count:
+            present.append(w)
     if not present:
         return None
     accuracy = present[0].relative_accuracy
     if any(w.relative_accuracy != accuracy for w in present):
         raise ValueError("cannot merge sketches of different relative accuracy")
-    # Bins that are all zero add nothing (and a sketch of only such bins, which a device may
-    # send, would leave nothing to trim to).
-    binned = [w for w in present if any(w.counts)]
     counts: list[int] = []
     offset = 0
     if binned:

@@ -91,13 +91,14 @@ def sweep_scratch(root: Path, *, stale_s: float = STALE_SCRATCH_S) -> int:
         return 0
     for entry in entries:
         try:
+            is_dir = entry.is_dir() and not entry.is_symlink()
             newest = entry.lstat().st_mtime
-            if entry.is_dir() and not entry.is_symlink():
+            if is_dir:
                 for child in entry.iterdir():
                     newest = max(newest, child.lstat().st_mtime)
             if newest >= cutoff:
                 continue
-            if entry.is_dir() and not entry.is_symlink():
+            if is_dir:
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
