@@ -65,7 +65,7 @@ PARTS = [
     ("python", ""),
     ("numpy", "import numpy"),
     ("onnxruntime (the bare process's)", "import onnxruntime"),
-    ("pydantic (a model defined)", "import pydantic; pydantic.create_model('M', x=(int, 0))"),
+    ("msgspec (every message, manifest and config)", "import msgspec"),
     ("paho-mqtt (ssl with it)", "import paho.mqtt.client"),
     ("pynacl: ed25519 (bundle and document signatures)", "import nacl.signing"),
     ("ddsketch, tomli-w, packaging", "import ddsketch, tomli_w, packaging.specifiers"),

@@ -146,7 +146,7 @@ class Prepared:
     def to_json(self) -> dict[str, Any]:
         return {
             "files": [[n, str(p)] for n, p in self.files],
-            "manifest": self.manifest.model_dump(mode="json"),
+            "manifest": self.manifest.to_dict(),
             "target": self.target.__dict__,
             "passed_over": self.passed_over,
             "candidates": _json_safe(self.candidates),
@@ -156,7 +156,7 @@ class Prepared:
     def from_json(cls, data: dict[str, Any]) -> Prepared:
         return cls(
             files=[(n, Path(p)) for n, p in data["files"]],
-            manifest=Manifest.model_validate(data["manifest"]),
+            manifest=Manifest.from_dict(data["manifest"]),
             target=Target(**data["target"]),
             passed_over=list(data["passed_over"]),
             candidates=list(data["candidates"]),
@@ -175,12 +175,10 @@ def write_bundle(
     writer = BundleWriter()
     for arcname, path in prepared.files:
         writer.add_file(arcname, path)
-    manifest = prepared.manifest.model_copy(
-        update={
-            "files": writer.entries(),
-            "expires_at": expires_at,
-            "signing_key_id": signing_key_id if signer is not None else None,
-        }
+    manifest = prepared.manifest.replace(
+        files=writer.entries(),
+        expires_at=expires_at,
+        signing_key_id=signing_key_id if signer is not None else None,
     )
     signatures = [signer(manifest.to_canonical_json())] if signer is not None else None
     writer.write(out_path, manifest, signatures)

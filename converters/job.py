@@ -56,9 +56,9 @@ def run(spec: dict[str, Any]) -> int:
             source_sha256=spec["source_sha256"],
             name=spec["name"],
             version=spec["version"],
-            inputs=[TensorSpec.model_validate(s) for s in spec["inputs"]],
-            outputs=[TensorSpec.model_validate(s) for s in spec["outputs"]],
-            profile=Profile.model_validate(spec["profile"]),
+            inputs=[TensorSpec.from_dict(s) for s in spec["inputs"]],
+            outputs=[TensorSpec.from_dict(s) for s in spec["outputs"]],
+            profile=Profile.from_dict(spec["profile"]),
             calibration=Path(spec["calibration"]) if spec.get("calibration") else None,
             validation=Path(spec["validation"]) if spec.get("validation") else None,
             options=BuildOptions(

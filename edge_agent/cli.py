@@ -16,8 +16,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from edge_agent.config import AgentConfig, render_config
 from edge_agent.contracts.durable import write_atomic
 from edge_agent.contracts.errors import ConfigError, EdgefleetError
@@ -48,20 +46,22 @@ def _enroll(args: argparse.Namespace) -> int:
     )
     request = urllib.request.Request(
         args.server.rstrip("/") + "/v1/devices/enroll",
-        data=request_body.model_dump_json(exclude_none=True).encode(),
+        data=json.dumps(
+            {k: v for k, v in request_body.to_dict().items() if v is not None}
+        ).encode(),
         headers={"Content-Type": "application/json"},
         method="POST",
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as resp:
-            reply = EnrollResponse.model_validate_json(resp.read())
+            reply = EnrollResponse.from_json(resp.read())
     except urllib.error.HTTPError as e:
         print(f"error: enrollment refused: {server_message(e)}", file=sys.stderr)
         return 1
     except urllib.error.URLError as e:
         print(f"error: cannot reach {args.server}: {e.reason}", file=sys.stderr)
         return 1
-    except ValidationError as e:
+    except ValueError as e:
         print(f"error: {args.server} answered enrollment with something else: {e}", file=sys.stderr)
         return 1
     if args.root_key and args.root_key != reply.root_public_key:

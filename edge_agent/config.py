@@ -8,38 +8,48 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import urlsplit
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from msgspec import Meta, field
+from msgspec.structs import force_setattr
 
 from edge_agent.contracts.endpoints import mqtt_endpoint
 from edge_agent.contracts.errors import ConfigError
+from edge_agent.contracts.structs import Matching, Strict, error_field
 from edge_agent.lifecycle.probation import ProbationPolicy
 from edge_agent.protocol.topics import DEVICE_ID_PATTERN
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Section(Strict, frozen=True, kw_only=True):
+    """A table of ``agent.toml``: a key it does not know is an error (a typo fails loudly)."""
 
 
-class ServerConfig(_Section):
+class _FieldError(ValueError):
+    """A section's own rule, naming the field it is about."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class ServerConfig(_Section, frozen=True, kw_only=True):
     url: str
     credential_file: Path
 
-    @field_validator("url")
-    @classmethod
-    def _http(cls, value: str) -> str:
-        if urlsplit(value).scheme not in ("http", "https"):
-            raise ValueError("must be an http:// or https:// URL")
-        return value.rstrip("/")
+    def __post_init__(self) -> None:
+        if urlsplit(self.url).scheme not in ("http", "https"):
+            raise _FieldError("url", "must be an http:// or https:// URL")
+        force_setattr(self, "url", self.url.rstrip("/"))
 
 
-class MqttConfig(_Section):
+class MqttConfig(_Section, frozen=True, kw_only=True):
     url: str
-    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    keepalive_s: Annotated[int, Meta(ge=5, le=3600)] = 30
     #: How long the broker keeps this device's session (and QoS 1 messages) while it is offline.
-    session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0)
+    session_expiry_s: Annotated[int, Meta(ge=0)] = 7 * 24 * 3600
     #: Password auth (brokers without client certificates): username = device id.
     username: str | None = None
     password_file: Path | None = None
@@ -50,16 +60,13 @@ class MqttConfig(_Section):
     #: The client certificate is renewed once less than this share of its lifetime is left
     #: (a third: four months of a year's certificate), checked every ``renew_check_s``, which
     #: is also how long a failed renewal waits before the next try.
-    renew_remaining: float = Field(default=1 / 3, gt=0, lt=1)
-    renew_check_s: float = Field(default=3600, gt=0)
+    renew_remaining: Annotated[float, Meta(gt=0, lt=1)] = 1 / 3
+    renew_check_s: Annotated[float, Meta(gt=0)] = 3600.0
 
-    @field_validator("url")
-    @classmethod
-    def _mqtt(cls, value: str) -> str:
-        parts = urlsplit(value)
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ValueError("must look like mqtt://host:1883 or mqtts://host:8883")
-        return value
+            raise _FieldError("url", "must look like mqtt://host:1883 or mqtts://host:8883")
 
     @property
     def host(self) -> str:
@@ -71,169 +78,143 @@ class MqttConfig(_Section):
         return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
 
 
-class ServingConfig(_Section):
+class ServingConfig(_Section, frozen=True, kw_only=True):
     host: str = "127.0.0.1"
-    port: int = Field(default=8651, ge=0, le=65535)
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8651
     #: The same API on a Unix socket (mode 0660), relative to the config file; "" disables.
     unix_socket: Path | None = Path("serving.sock")
 
-    @field_validator("unix_socket", mode="before")
-    @classmethod
-    def _empty_disables(cls, value: object) -> object:
-        return None if value == "" else value
 
-
-class RuntimeConfig(_Section):
+class RuntimeConfig(_Section, frozen=True, kw_only=True):
     #: Intra-op threads; 0 takes the device profile's figure, or the CPUs this process may
     #: run on when they are fewer (a container's CPU set, a board with cores taken offline).
-    threads: int = Field(default=0, ge=0, le=256)
+    threads: Annotated[int, Meta(ge=0, le=256)] = 0
     #: Worker threads spin between runs instead of sleeping (see ``LoadOptions.spin``): for a
     #: device that answers back-to-back requests and has cores to spare; measure first.
     spin: bool = False
 
 
-class DownloadConfig(_Section):
-    attempts: int = Field(default=5, ge=1, le=100)
-    timeout_s: float = Field(default=30.0, gt=0)
+class DownloadConfig(_Section, frozen=True, kw_only=True):
+    attempts: Annotated[int, Meta(ge=1, le=100)] = 5
+    timeout_s: Annotated[float, Meta(gt=0)] = 30.0
     #: Cap on download bandwidth (bytes/s), e.g. for metered cellular links; unset: none.
-    max_bytes_per_s: int | None = Field(default=None, gt=0)
+    max_bytes_per_s: Annotated[int, Meta(gt=0)] | None = None
     #: Fetch bundles from this origin (``http://gateway:8600``) instead of the one in the
     #: desired state, keeping the path: a site gateway or cache in front of the fleet server,
     #: or a HIL rig's relay. Integrity does not depend on it (digest and signature).
     mirror_url: str | None = None
-
-    @field_validator("mirror_url")
-    @classmethod
-    def _origin(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
-            raise ValueError("must be an origin such as http://gateway:8600 (no path)")
-        return value.rstrip("/")
-
     #: Free disk space that must remain after the bundle and its extracted copy.
-    reserve_bytes: int = Field(default=64 << 20, ge=0)
+    reserve_bytes: Annotated[int, Meta(ge=0)] = 64 << 20
+
+    def __post_init__(self) -> None:
+        if self.mirror_url is None:
+            return
+        parts = urlsplit(self.mirror_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+            raise _FieldError(
+                "mirror_url", "must be an origin such as http://gateway:8600 (no path)"
+            )
+        force_setattr(self, "mirror_url", self.mirror_url.rstrip("/"))
 
 
-class TrustConfig(_Section):
+class TrustConfig(_Section, frozen=True, kw_only=True):
     #: The fleet's root public key (base64), pinned at enrollment.
     root_key_file: Path
 
 
-class ReportingConfig(_Section):
+class ReportingConfig(_Section, frozen=True, kw_only=True):
     #: Publish the full status at least this often (besides every lifecycle transition).
-    status_interval_s: float = Field(default=60.0, gt=0)
+    status_interval_s: Annotated[float, Meta(gt=0)] = 60.0
 
 
-class TelemetryConfig(_Section):
+class TelemetryConfig(_Section, frozen=True, kw_only=True):
     """Fleet telemetry (see :mod:`edge_agent.telemetry`)."""
 
     enabled: bool = True
     #: One batch per interval.
-    interval_s: float = Field(default=60.0, gt=0)
+    interval_s: Annotated[float, Meta(gt=0)] = 60.0
     #: The interval so far is written to the outbox this often: a crash (kill -9, power cut)
     #: loses at most this much of the figures.
-    checkpoint_s: float = Field(default=5.0, gt=0)
+    checkpoint_s: Annotated[float, Meta(gt=0)] = 5.0
     #: Share of inference time that drift accounting may take (requests are sampled to fit).
-    budget: float = Field(default=0.02, gt=0, le=1)
+    budget: Annotated[float, Meta(gt=0, le=1)] = 0.02
     #: Count at least this share of requests whatever the cost (1.0: every request).
-    min_sample_rate: float = Field(default=0.0, ge=0, le=1)
+    min_sample_rate: Annotated[float, Meta(ge=0, le=1)] = 0.0
     #: Bounds of the on-disk outbox while the server is unreachable (oldest dropped first).
-    outbox_max_bytes: int = Field(default=32 << 20, ge=16 << 10)
-    outbox_max_age_s: float = Field(default=7 * 24 * 3600, gt=0)
+    outbox_max_bytes: Annotated[int, Meta(ge=16 << 10)] = 32 << 20
+    outbox_max_age_s: Annotated[float, Meta(gt=0)] = 7 * 24 * 3600.0
     #: A batch not acknowledged by the server within this long is sent again.
-    resend_after_s: float = Field(default=30.0, gt=0)
+    resend_after_s: Annotated[float, Meta(gt=0)] = 30.0
 
 
-class FeedbackConfig(_Section):
+class FeedbackConfig(_Section, frozen=True, kw_only=True):
     """Request ids and kept answers, for labels applications send back (``:feedback``)."""
 
     enabled: bool = True
     #: Requests whose answers are kept for a label, at most (~150 bytes each).
-    capacity: int = Field(default=100_000, ge=1, le=10_000_000)
+    capacity: Annotated[int, Meta(ge=1, le=10_000_000)] = 100_000
     #: A label for an older request counts as late.
-    max_age_s: float = Field(default=24 * 3600, gt=0)
+    max_age_s: Annotated[float, Meta(gt=0)] = 24 * 3600.0
     #: Labels accepted a second (bursts of ten seconds' worth); more: 429.
-    max_labels_per_s: float = Field(default=1000.0, gt=0)
+    max_labels_per_s: Annotated[float, Meta(gt=0)] = 1000.0
 
 
-class StreamConfig(_Section):
+class StreamConfig(_Section, frozen=True, kw_only=True):
     """A local stream the agent scores (see ``edge_agent.serving.stream``)."""
 
     #: The model or slot name whose serving version scores the messages.
-    slot: str = Field(min_length=1, max_length=64)
+    slot: Annotated[str, Meta(min_length=1, max_length=64)]
     #: ``mqtt://host:port/topic`` on the device's own broker, or ``unix:///path`` (relative
     #: paths: ``unix:frames.sock``, next to the config file) for newline-delimited frames.
     input: str
     #: ``mqtt://host:port/topic``; omitted for a Unix input: answers go back on the
     #: connection each frame came from.
     output: str | None = None
-    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    name: Annotated[str, Matching(r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
     #: Messages waiting to be scored; when full, the oldest is dropped (and counted).
-    queue: int = Field(default=1000, ge=1, le=1_000_000)
+    queue: Annotated[int, Meta(ge=1, le=1_000_000)] = 1000
     #: 0: a frame lost between the broker and the agent is lost (a stream wants the newest
     #: frame, and its queue drops the oldest anyway); 1: at least once from the broker, at the
     #: cost of PUBACK round trips, which a broker without ``set_tcp_nodelay`` delays by ~10 ms.
-    qos: int = Field(default=0, ge=0, le=1)
+    qos: Annotated[int, Meta(ge=0, le=1)] = 0
     username: str | None = None
     password_file: Path | None = None
 
-    @field_validator("input")
-    @classmethod
-    def _input(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme == "mqtt":
-            host, _, topic = mqtt_endpoint(value)
-            if host and topic:
-                return value
-        if parts.scheme == "unix" and parts.path:
-            return value
-        raise ValueError("must look like mqtt://127.0.0.1:1883/topic or unix:///run/frames.sock")
-
-    @field_validator("output")
-    @classmethod
-    def _output(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        host, _, topic = mqtt_endpoint(value) if value.startswith("mqtt://") else ("", 0, "")
-        if not host or not topic:
-            raise ValueError("must look like mqtt://127.0.0.1:1883/topic")
-        if "+" in topic or "#" in topic:
-            raise ValueError("an output topic cannot hold the wildcards + or #")
-        return value
+    def __post_init__(self) -> None:
+        _check_input(self.input)
+        if self.output is not None:
+            _check_output(self.output)
 
     @property
     def stream_name(self) -> str:
         return self.name or self.slot
 
 
-class AgentConfig(_Section):
-    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
+class AgentConfig(_Section, frozen=True, kw_only=True):
+    device_id: Annotated[str, Matching(DEVICE_ID_PATTERN)]
     profile: str
     state_dir: Path
     server: ServerConfig
     mqtt: MqttConfig
     trust: TrustConfig
-    serving: ServingConfig = ServingConfig()
-    runtime: RuntimeConfig = RuntimeConfig()
-    download: DownloadConfig = DownloadConfig()
-    probation: ProbationPolicy = ProbationPolicy()
-    reporting: ReportingConfig = ReportingConfig()
-    telemetry: TelemetryConfig = TelemetryConfig()
-    feedback: FeedbackConfig = FeedbackConfig()
-    streams: list[StreamConfig] = Field(default_factory=list, max_length=64)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    probation: ProbationPolicy = field(default_factory=ProbationPolicy)
+    reporting: ReportingConfig = field(default_factory=ReportingConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    streams: Annotated[list[StreamConfig], Meta(max_length=64)] = field(default_factory=list)
 
-    @field_validator("streams")
-    @classmethod
-    def _streams(cls, value: list[StreamConfig]) -> list[StreamConfig]:
-        names = [s.stream_name for s in value]
+    def __post_init__(self) -> None:
+        names = [s.stream_name for s in self.streams]
         if len(set(names)) != len(names):
-            raise ValueError(f"stream names must differ (name = …): {names}")
-        for s in value:
+            raise _FieldError("streams", f"stream names must differ (name = …): {names}")
+        for s in self.streams:
             if s.output is None and not s.input.startswith("unix:"):
-                raise ValueError(f"stream {s.stream_name}: an mqtt:// input needs an output topic")
-        return value
+                raise _FieldError(
+                    "streams", f"stream {s.stream_name}: an mqtt:// input needs an output topic"
+                )
 
     @classmethod
     def load(cls, path: Path) -> AgentConfig:
@@ -244,44 +225,43 @@ class AgentConfig(_Section):
             raise ConfigError(f"{path}: cannot read agent config: {e.strerror}") from e
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from e
+        serving = data.get("serving")
+        if isinstance(serving, dict) and serving.get("unix_socket") == "":
+            serving["unix_socket"] = None
         try:
-            config = cls.model_validate(data)
-        except ValidationError as e:
-            err = e.errors()[0]
-            field = ".".join(str(p) for p in err["loc"])
-            raise ConfigError(f"{path}: {field}: {err['msg']}", field=field) from e
+            config = cls.from_dict(data)
+        except ValueError as e:
+            field, message = error_field(e)
+            if isinstance(e.__cause__, _FieldError):
+                rule = e.__cause__
+                field = f"{field}.{rule.field}" if field else rule.field
+                message = rule.message
+            where = f"{field}: " if field else ""
+            raise ConfigError(f"{path}: {where}{message}", field=field or None) from e
         base = path.parent.resolve()
-        return config.model_copy(
-            update={
-                "state_dir": base / config.state_dir,
-                "server": config.server.model_copy(
-                    update={"credential_file": base / config.server.credential_file}
-                ),
-                "trust": TrustConfig(root_key_file=base / config.trust.root_key_file),
-                "serving": config.serving.model_copy(
-                    update={
-                        "unix_socket": base / config.serving.unix_socket
-                        if config.serving.unix_socket
-                        else None
-                    }
-                ),
-                "streams": [
-                    s.model_copy(
-                        update={
-                            "input": _unix_relative(s.input, base),
-                            "password_file": base / s.password_file if s.password_file else None,
-                        }
-                    )
-                    for s in config.streams
-                ],
-                "mqtt": config.mqtt.model_copy(
-                    update={
-                        name: base / value
-                        for name in ("ca_file", "cert_file", "key_file", "password_file")
-                        if (value := getattr(config.mqtt, name)) is not None
-                    }
-                ),
-            }
+        return config.replace(
+            state_dir=base / config.state_dir,
+            server=config.server.replace(credential_file=base / config.server.credential_file),
+            trust=TrustConfig(root_key_file=base / config.trust.root_key_file),
+            serving=config.serving.replace(
+                unix_socket=base / config.serving.unix_socket
+                if config.serving.unix_socket
+                else None
+            ),
+            streams=[
+                s.replace(
+                    input=_unix_relative(s.input, base),
+                    password_file=base / s.password_file if s.password_file else None,
+                )
+                for s in config.streams
+            ],
+            mqtt=config.mqtt.replace(
+                **{
+                    name: base / value
+                    for name in ("ca_file", "cert_file", "key_file", "password_file")
+                    if (value := getattr(config.mqtt, name)) is not None
+                }
+            ),
         )
 
     def read_credential(self) -> str:
@@ -295,6 +275,27 @@ class AgentConfig(_Section):
         if not secret:
             raise ConfigError(f"{self.server.credential_file}: the device credential is empty")
         return secret
+
+
+def _check_input(value: str) -> None:
+    parts = urlsplit(value)
+    if parts.scheme == "mqtt":
+        host, _, topic = mqtt_endpoint(value)
+        if host and topic:
+            return
+    if parts.scheme == "unix" and parts.path:
+        return
+    raise _FieldError(
+        "input", "must look like mqtt://127.0.0.1:1883/topic or unix:///run/frames.sock"
+    )
+
+
+def _check_output(value: str) -> None:
+    host, _, topic = mqtt_endpoint(value) if value.startswith("mqtt://") else ("", 0, "")
+    if not host or not topic:
+        raise _FieldError("output", "must look like mqtt://127.0.0.1:1883/topic")
+    if "+" in topic or "#" in topic:
+        raise _FieldError("output", "an output topic cannot hold the wildcards + or #")
 
 
 def _unix_relative(url: str, base: Path) -> str:

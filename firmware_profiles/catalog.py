@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-
-from pydantic import ValidationError
 
 from firmware_profiles.errors import ProfileError
 from firmware_profiles.schema import Profile
 
 BUILTIN_DIR = Path(__file__).parent / "profiles"
 
+#: msgspec's "<message> - at `$.resources.threads`"; a rule of the whole table has no path.
+_AT = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+#: A rule of a table that names its own field: "name: must be lowercase …".
+_OWN_FIELD = re.compile(r"^(?P<field>[a-z_]+): (?P<message>.*)$", re.DOTALL)
 
-def _field(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(part) for part in loc) or "(top level)"
+
+def _where(error: ValueError) -> tuple[str, str]:
+    """(field, message) of a schema error: ``("resources.threads", "Expected …")``."""
+    match = _AT.match(str(error))
+    assert match is not None  # the pattern matches any text
+    path = re.sub(r"\[(\d+)\]", r".\1", match["path"] or "").lstrip(".")
+    message = match["message"]
+    own = _OWN_FIELD.match(message) if isinstance(error.__cause__, ValueError) else None
+    unknown = re.match(r"^Object contains unknown field `([^`]*)`$", message)
+    if unknown is not None:
+        path = f"{path}.{unknown[1]}" if path else unknown[1]
+    if own is not None:
+        path = f"{path}.{own['field']}" if path else own["field"]
+        message = own["message"]
+    return path or "(top level)", message
 
 
 def load_profile(path: Path) -> Profile:
@@ -29,16 +45,10 @@ def load_profile(path: Path) -> Profile:
     except tomllib.TOMLDecodeError as e:
         raise ProfileError(f"{path.name}: not valid TOML: {e}", file=str(path)) from e
     try:
-        profile = Profile.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        field = _field(first["loc"])
-        raise ProfileError(
-            f"{path.name}: {field}: {first['msg']}"
-            + (f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""),
-            file=str(path),
-            field=field,
-        ) from e
+        profile = Profile.from_dict(data)
+    except ValueError as e:
+        field, message = _where(e)
+        raise ProfileError(f"{path.name}: {field}: {message}", file=str(path), field=field) from e
     if profile.name != path.stem:
         raise ProfileError(
             f"{path.name}: name: {profile.name!r} must match the file name {path.stem!r}",

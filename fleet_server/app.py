@@ -237,6 +237,6 @@ def create_app(settings: Settings, mqtt_url: str) -> FastAPI:
 
     @app.get("/v1/profiles", tags=["profiles"], responses=ERROR_RESPONSES)
     def profiles(state: StateDep, _: Viewer) -> list[dict[str, Any]]:
-        return [p.model_dump() for p in state.catalog]
+        return [p.to_dict() for p in state.catalog]
 
     return app

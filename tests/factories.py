@@ -63,7 +63,7 @@ class TestFleet:
                 "expires_at": now + timedelta(days=30),
                 **extra,
             }
-            entries[key_id(key.public_key())] = KeyEntry.model_validate(fields)
+            entries[key_id(key.public_key())] = KeyEntry.from_dict(fields)
         ring = Keyring(version=version, issued_at=now, expires_at=now + expires_in, keys=entries)
         return sign_keyring(root or self.root, ring)
 
@@ -99,7 +99,7 @@ class TestFleet:
         )
         if not signed:
             return env
-        return env.model_copy(update={"signatures": [self.sign(env.signed_bytes(), key)]})
+        return env.replace(signatures=[self.sign(env.signed_bytes(), key)])
 
 
 def sha256(path: Path) -> str:
@@ -169,8 +169,8 @@ def resign(members: Members, key: Ed25519PrivateKey) -> Members:
     for f in manifest["files"]:
         if f["path"] in data:
             f.update(sha256=hashlib.sha256(data[f["path"]]).hexdigest(), size=len(data[f["path"]]))
-    raw = Manifest.model_validate(manifest).to_canonical_json()
-    sig = json.dumps({"signatures": [sign_bytes(key, raw).model_dump()]}).encode()
+    raw = Manifest.from_dict(manifest).to_canonical_json()
+    sig = json.dumps({"signatures": [sign_bytes(key, raw).to_dict()]}).encode()
     rest = [(i, d) for i, d in members[1:] if i.name != "manifest.sig"]
     return [(members[0][0], raw), (tarfile.TarInfo("manifest.sig"), sig), *rest]
 
@@ -182,7 +182,7 @@ def rewrite_manifest(
     members = read_members(bundle)
     manifest = json.loads(members[0][1])
     manifest.update(changes)
-    members[0] = (members[0][0], Manifest.model_validate(manifest).to_canonical_json())
+    members[0] = (members[0][0], Manifest.from_dict(manifest).to_canonical_json())
     if fleet is not None:
         members = resign(members, fleet.online)
     return write_members(out, members)

@@ -26,7 +26,7 @@ def annotate(source: Path, out: Path, preprocess: ImagePreprocess) -> None:
     model.metadata_props.extend(kept)
     entry = model.metadata_props.add()
     entry.key = PREPROCESS_METADATA_KEY
-    entry.value = json.dumps(preprocess.model_dump(mode="json"), sort_keys=True)
+    entry.value = json.dumps(preprocess.to_dict(), sort_keys=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         onnx.save(model, str(tmp))

@@ -75,14 +75,12 @@ def inspect_isolated(model: Path, sets: dict[str, Path], *, timeout_s: float) ->
         )
     raw = answer["info"]
     info = OnnxModelInfo(
-        inputs=[TensorSpec.model_validate(s) for s in raw["inputs"]],
-        outputs=[TensorSpec.model_validate(s) for s in raw["outputs"]],
+        inputs=[TensorSpec.from_dict(s) for s in raw["inputs"]],
+        outputs=[TensorSpec.from_dict(s) for s in raw["outputs"]],
         opset=int(raw["opset"]),
         ir_version=int(raw["ir_version"]),
         producer=str(raw["producer"]),
-        preprocess=ImagePreprocess.model_validate(raw["preprocess"])
-        if raw.get("preprocess")
-        else None,
+        preprocess=ImagePreprocess.from_dict(raw["preprocess"]) if raw.get("preprocess") else None,
     )
     samples = {str(k): int(v) for k, v in answer["samples"].items()}
     return Inspected(info, samples, float(answer["peak_mib"]))
@@ -102,12 +100,12 @@ def _child(request: dict[str, Any]) -> dict[str, Any]:
         return {"error": {"message": e.message, "reason": e.reason, "fields": e.fields}}
     return {
         "info": {
-            "inputs": [s.model_dump() for s in info.inputs],
-            "outputs": [s.model_dump() for s in info.outputs],
+            "inputs": [s.to_dict() for s in info.inputs],
+            "outputs": [s.to_dict() for s in info.outputs],
             "opset": info.opset,
             "ir_version": info.ir_version,
             "producer": info.producer,
-            "preprocess": info.preprocess.model_dump(mode="json") if info.preprocess else None,
+            "preprocess": info.preprocess.to_dict() if info.preprocess else None,
         },
         "samples": samples,
     }

@@ -11,8 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from edge_agent.bundle.manifest import (
     PREPROCESS_METADATA_KEY,
     ImagePreprocess,
@@ -20,6 +18,7 @@ from edge_agent.bundle.manifest import (
     check_image_input,
 )
 from edge_agent.contracts.errors import ConversionError
+from edge_agent.contracts.structs import error_field
 
 __all__ = ["check_preprocess", "preprocess_from_file", "read_preprocess"]
 
@@ -31,12 +30,12 @@ def read_preprocess(model: Any, inputs: list[TensorSpec]) -> ImagePreprocess | N
     if raw is None:
         return None
     try:
-        found = ImagePreprocess.model_validate_json(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "it"
+        found = ImagePreprocess.from_json(raw)
+    except ValueError as e:
+        field, message = error_field(e)
         raise ConversionError(
-            f"the model's {PREPROCESS_METADATA_KEY} metadata is not valid: {where}: {err['msg']}",
+            f"the model's {PREPROCESS_METADATA_KEY} metadata is not valid: {field or 'it'}: "
+            f"{message}",
             reason="bad_preprocess",
         ) from e
     check_preprocess(found, inputs)

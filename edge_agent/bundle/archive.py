@@ -19,8 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from pydantic import ValidationError
-
 from edge_agent.bundle.manifest import (
     MANIFEST_NAME,
     SIGNATURE_NAME,
@@ -80,7 +78,7 @@ class BundleWriter:
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
             _add_bytes(tar, MANIFEST_NAME, manifest.to_canonical_json())
             if signatures:
-                sig_doc = {"signatures": [s.model_dump() for s in signatures]}
+                sig_doc = {"signatures": [s.to_dict() for s in signatures]}
                 _add_bytes(tar, SIGNATURE_NAME, json.dumps(sig_doc, sort_keys=True).encode())
             for name in sorted(self._files):
                 src = self._files[name]
@@ -307,8 +305,8 @@ def open_bundle(path: Path) -> Iterator[BundleReader]:
             raise BundleError(f"{path.name}: manifest too large", reason="manifest_too_large")
         raw = _read_member(tar, first, path.name)
         try:
-            manifest = Manifest.model_validate(parse_canonical(raw))
-        except (ValueError, ValidationError) as e:
+            manifest = Manifest.from_dict(parse_canonical(raw))
+        except ValueError as e:
             raise BundleError(
                 f"{path.name}: invalid manifest: {e}", reason="manifest_invalid"
             ) from e
@@ -329,8 +327,8 @@ def _read_signatures(tar: tarfile.TarFile, path: Path) -> tuple[list[Signature],
     raw = _read_member(tar, second, path.name)
     try:
         doc = parse_json(raw)
-        return [Signature.model_validate(s) for s in doc["signatures"]], raw
-    except (ValueError, KeyError, TypeError, ValidationError) as e:
+        return [Signature.from_dict(s) for s in doc["signatures"]], raw
+    except (ValueError, KeyError, TypeError) as e:
         raise BundleError(
             f"{path.name}: malformed {SIGNATURE_NAME}: {e}", reason="signature_invalid"
         ) from e

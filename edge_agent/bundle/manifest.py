@@ -6,22 +6,20 @@ of its content, so a signature over those bytes (``manifest.sig``) is stable.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from msgspec import Meta
 
 from edge_agent.contracts.canonical import canonical_json
+from edge_agent.contracts.structs import Matching, Strict
 from firmware_profiles import Precision, RuntimeName
 
 FORMAT_VERSION: Literal[1] = 1
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def check_member_name(name: str) -> str:
@@ -39,13 +37,16 @@ def check_member_name(name: str) -> str:
     return name
 
 
-class FileEntry(_Strict):
-    path: Annotated[str, AfterValidator(check_member_name)]
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    size: int = Field(ge=0)
+class FileEntry(Strict, frozen=True, kw_only=True):
+    path: str
+    sha256: Annotated[str, Matching(r"^[0-9a-f]{64}$")]
+    size: Annotated[int, Meta(ge=0)]
+
+    def __post_init__(self) -> None:
+        check_member_name(self.path)
 
 
-class TensorSpec(_Strict):
+class TensorSpec(Strict, frozen=True, kw_only=True):
     name: str
     #: numpy dtype name: float32, float16, int64, uint8, …
     dtype: str
@@ -71,25 +72,25 @@ def check_image_input(preprocess: ImagePreprocess, spec: TensorSpec) -> None:
             )
 
 
-class ModelRef(_Strict):
+class ModelRef(Strict, frozen=True, kw_only=True):
     name: str
     version: str
     #: sha256 of the ONNX file the operator uploaded; compiled artifacts trace back to it.
-    source_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    source_sha256: Annotated[str, Matching(r"^[0-9a-f]{64}$")]
 
 
-class RuntimeRequirement(_Strict):
+class RuntimeRequirement(Strict, frozen=True, kw_only=True):
     name: RuntimeName
     #: PEP 440 range the device's runtime version must satisfy.
     versions: str
 
 
-class SelfTestSpec(_Strict):
+class SelfTestSpec(Strict, frozen=True, kw_only=True):
     """Vectors the agent runs after loading, before it switches traffic to the model."""
 
     file: str
-    atol: float = Field(ge=0)
-    rtol: float = Field(ge=0)
+    atol: Annotated[float, Meta(ge=0)]
+    rtol: Annotated[float, Meta(ge=0)]
 
 
 #: The key of an ONNX model's ``metadata_props`` that carries its :class:`ImagePreprocess`
@@ -97,7 +98,7 @@ class SelfTestSpec(_Strict):
 PREPROCESS_METADATA_KEY = "edgefleet.preprocess"
 
 
-class ImagePreprocess(_Strict):
+class ImagePreprocess(Strict, frozen=True, kw_only=True):
     """How an image file becomes the model's input: decoded, converted to ``channels``,
     resized to ``size`` (height, width; bilinear), scaled (``x * scale``), normalized per
     channel (``(x - mean) / std``), laid out as ``layout`` with a batch axis of one, and cast
@@ -106,16 +107,17 @@ class ImagePreprocess(_Strict):
 
     kind: Literal["image"] = "image"
     #: The input the image feeds.
-    input: str = Field(min_length=1, max_length=256)
+    input: Annotated[str, Meta(min_length=1, max_length=256)]
     size: tuple[int, int]
     layout: Literal["NCHW", "NHWC"] = "NCHW"
     channels: Literal["RGB", "BGR", "L"] = "RGB"
-    scale: float = Field(default=1 / 255, gt=0, allow_inf_nan=False)
-    mean: list[float] | None = Field(default=None, min_length=1, max_length=3)
-    std: list[float] | None = Field(default=None, min_length=1, max_length=3)
+    scale: Annotated[float, Meta(gt=0)] = 1 / 255
+    mean: Annotated[list[float], Meta(min_length=1, max_length=3)] | None = None
+    std: Annotated[list[float], Meta(min_length=1, max_length=3)] | None = None
 
-    @model_validator(mode="after")
-    def _consistent(self) -> ImagePreprocess:
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.scale):
+            raise ValueError(f"scale must be a finite number, not {self.scale}")
         if not all(1 <= d <= 16384 for d in self.size):
             raise ValueError(f"size must be two dimensions of 1..16384 pixels, not {self.size}")
         depth = 1 if self.channels == "L" else 3
@@ -125,7 +127,6 @@ class ImagePreprocess(_Strict):
                 raise ValueError(f"{name} has {len(values)} values; {self.channels} has {depth}")
         if self.std is not None and any(v <= 0 for v in self.std):
             raise ValueError("std values must be above 0")
-        return self
 
     @property
     def depth(self) -> int:
@@ -137,7 +138,7 @@ class ImagePreprocess(_Strict):
         return (1, self.depth, h, w) if self.layout == "NCHW" else (1, h, w, self.depth)
 
 
-class Manifest(_Strict):
+class Manifest(Strict, frozen=True, kw_only=True):
     format_version: Literal[1] = FORMAT_VERSION
     model: ModelRef
     profile: str
@@ -160,8 +161,7 @@ class Manifest(_Strict):
     #: How image files become the model's input (``edge-agent score``); None: arrays only.
     preprocess: ImagePreprocess | None = None
 
-    @model_validator(mode="after")
-    def _named_files_are_members(self) -> Manifest:
+    def __post_init__(self) -> None:
         """Every path the manifest names is one of its listed (and so digest-checked)
         members: a signed manifest cannot point the runtime at a file outside the bundle."""
         listed = {f.path for f in self.files}
@@ -178,13 +178,14 @@ class Manifest(_Strict):
                     f"{[s.name for s in self.inputs]}"
                 )
             check_image_input(self.preprocess, spec)
-        return self
 
     def to_canonical_json(self) -> bytes:
         # A manifest without preprocessing has the bytes it had before the field existed:
         # agents that predate it accept it (their manifests forbid unknown fields).
-        exclude = {"preprocess"} if self.preprocess is None else None
-        return canonical_json(self.model_dump(mode="json", exclude=exclude))
+        doc = self.to_dict()
+        if self.preprocess is None:
+            del doc["preprocess"]
+        return canonical_json(doc)
 
     def file(self, path: str) -> FileEntry:
         for entry in self.files:

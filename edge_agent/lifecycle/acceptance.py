@@ -28,7 +28,7 @@ __all__ = ["DesiredStateGate", "desired_digest"]
 
 
 def desired_digest(doc: DesiredState) -> str:
-    return hashlib.sha256(canonical_json(doc.model_dump(mode="json"))).hexdigest()
+    return hashlib.sha256(canonical_json(doc.to_dict())).hexdigest()
 
 
 class DesiredStateGate:

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, Field
+from msgspec import field
 
 from edge_agent.contracts.durable import write_atomic
 from edge_agent.contracts.errors import ConfigError
+from edge_agent.contracts.structs import Record
 from edge_agent.protocol.desired import SlotAssignment
 from edge_agent.protocol.lifecycle import SlotState
 from edge_agent.protocol.status import SlotError, VersionRef
 
 
-class SlotRecord(BaseModel):
+class SlotRecord(Record, kw_only=True):
     state: SlotState = SlotState.IDLE
     committed: VersionRef | None = None
     previous: VersionRef | None = None
@@ -34,12 +36,12 @@ class SlotRecord(BaseModel):
     previous_rollout_id: str | None = None
 
 
-class JournalData(BaseModel):
+class JournalData(Record, kw_only=True):
     version: int = 1
     #: ``seq`` and content digest of the last accepted desired-state document.
     desired_seq: int = 0
     desired_digest: str | None = None
-    slots: dict[str, SlotRecord] = Field(default_factory=dict)
+    slots: dict[str, SlotRecord] = field(default_factory=dict)
 
 
 class Journal:
@@ -63,7 +65,7 @@ class Journal:
         except FileNotFoundError:
             return JournalData()
         try:
-            return JournalData.model_validate(json.loads(raw))
+            return JournalData.from_dict(_today(json.loads(raw)))
         except ValueError as e:
             # Atomic writes make a torn file impossible; this is outside damage.
             raise ConfigError(f"{self.path}: journal is unreadable: {e}") from e
@@ -72,4 +74,14 @@ class Journal:
         return self.data.slots.setdefault(name, SlotRecord())
 
     def save(self) -> None:
-        write_atomic(self.path, self.data.model_dump_json(indent=1).encode())
+        write_atomic(self.path, json.dumps(self.data.to_dict(), indent=1).encode())
+
+
+def _today(data: Any) -> Any:
+    """A journal in today's form: slot errors of journals written before 0.2 were flat."""
+    slots = data.get("slots") if isinstance(data, dict) else None
+    if isinstance(slots, dict):
+        for record in slots.values():
+            if isinstance(record, dict) and "error" in record:
+                record["error"] = SlotError.from_flat_record(record["error"])
+    return data

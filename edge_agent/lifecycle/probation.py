@@ -22,25 +22,25 @@ version stays loaded until the verdict, so switching back is a reference swap.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from msgspec import Meta
 
+from edge_agent.contracts.structs import Strict
 from edge_agent.serving.stats import StatsSnapshot
 
 
-class ProbationPolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    window_s: float = Field(default=30.0, ge=0)
-    probe_interval_s: float = Field(default=1.0, gt=0)
+class ProbationPolicy(Strict, frozen=True, kw_only=True):
+    window_s: Annotated[float, Meta(ge=0)] = 30.0
+    probe_interval_s: Annotated[float, Meta(gt=0)] = 1.0
     #: Errors per request above which the new version is rolled back.
-    max_error_rate: float = Field(default=0.01, ge=0, le=1)
+    max_error_rate: Annotated[float, Meta(ge=0, le=1)] = 0.01
     #: Roll back on any NaN/inf output.
     allow_nonfinite: bool = False
     #: New p95 may be at most this multiple of the prior's (plus ``latency_slack_ms``).
-    max_latency_ratio: float = Field(default=2.0, gt=1)
-    latency_slack_ms: float = Field(default=0.5, ge=0)
-    min_latency_samples: int = Field(default=20, ge=1)
+    max_latency_ratio: Annotated[float, Meta(gt=1)] = 2.0
+    latency_slack_ms: Annotated[float, Meta(ge=0)] = 0.5
+    min_latency_samples: Annotated[int, Meta(ge=1)] = 20
 
 
 @dataclass(frozen=True)

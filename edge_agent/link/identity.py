@@ -286,7 +286,7 @@ class CertificateRenewer:
     def _sign(self, csr: str) -> CertificateRenewal:
         request = urllib.request.Request(
             self.url,
-            data=CertificateRequest(csr=csr).model_dump_json().encode(),
+            data=CertificateRequest(csr=csr).to_json(),
             headers={
                 "Content-Type": "application/json",
                 "Authorization": f"Bearer {self.credential}",
@@ -295,12 +295,12 @@ class CertificateRenewer:
         )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
-                return CertificateRenewal.model_validate_json(resp.read(1 << 20))
+                return CertificateRenewal.from_json(resp.read(1 << 20))
         except urllib.error.HTTPError as e:
             raise TransportError(
                 f"the server refused to sign (HTTP {e.code}): {server_message(e)}", status=e.code
             ) from e
         except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
             raise TransportError(f"cannot reach the server at {self.url}: {e}") from e
-        except ValueError as e:  # pydantic's ValidationError is a ValueError
+        except ValueError as e:  # msgspec's ValidationError and DecodeError are ValueErrors
             raise TransportError(f"the server answered with something else: {e}") from e

@@ -1,28 +1,28 @@
 """Enrollment over HTTP (``POST /v1/devices/enroll``): what a device sends with its one-time
 token, and the identity it gets back; and the renewal of its MQTT client certificate before it
 expires (``POST /v1/devices/{id}/certificate``, authenticated by the device's credential).
-Both sides import these models, so the agent never builds the JSON by hand and the server's
-OpenAPI document names the same fields.
+Both sides import these structs, so the agent never builds the JSON by hand, and the server's
+OpenAPI document names the same fields (their JSON Schema, from msgspec).
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from msgspec import Meta, field
 
+from edge_agent.contracts.structs import Matching, Strict
 from edge_agent.protocol.topics import DEVICE_ID_PATTERN
 
 __all__ = ["CertificateRenewal", "CertificateRequest", "EnrollRequest", "EnrollResponse"]
 
 
-class EnrollRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class EnrollRequest(Strict, frozen=True, kw_only=True):
     token: str
-    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
+    device_id: Annotated[str, Matching(DEVICE_ID_PATTERN)]
     profile: str
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
     #: The root public key the device expects (pinned out of band); enrollment is refused,
     #: consuming nothing, when the server's differs.
     expected_root_public_key: str | None = None
@@ -32,7 +32,9 @@ class EnrollRequest(BaseModel):
     runtimes: dict[str, str] | None = None
 
 
-class EnrollResponse(BaseModel):
+class EnrollResponse(Strict, frozen=True, forbid_unknown_fields=False, kw_only=True):
+    """Read by the agent: fields a newer server adds are ignored."""
+
     device_id: str
     profile: str
     device_secret: str
@@ -47,14 +49,14 @@ class EnrollResponse(BaseModel):
     mqtt_password: str
 
 
-class CertificateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class CertificateRequest(Strict, frozen=True, kw_only=True):
     #: PEM certificate request for a new key (CN = the device's id).
-    csr: str = Field(max_length=16384)
+    csr: Annotated[str, Meta(max_length=16384)]
 
 
-class CertificateRenewal(BaseModel):
+class CertificateRenewal(Strict, frozen=True, forbid_unknown_fields=False, kw_only=True):
+    """Read by the agent: fields a newer server adds are ignored."""
+
     device_id: str
     #: The new client certificate (PEM), and the fleet CA that signed it.
     client_cert: str

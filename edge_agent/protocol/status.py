@@ -7,25 +7,20 @@ server compares it with its own record to notice a device that missed an update.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from msgspec import Meta, field
 
 from edge_agent.contracts.canonical import parse_json
+from edge_agent.contracts.structs import Strict
 from edge_agent.protocol.lifecycle import SlotEvent, SlotState
 
 #: A status lists a few slots with their figures: a few KiB.
 MAX_STATUS_BYTES = 256 << 10
 
 
-class _Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class VersionRef(_Message):
+class VersionRef(Strict, frozen=True, kw_only=True):
     """One built version of a model, as a slot serves it (journal, status, serving table)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str
     version: str
@@ -34,7 +29,7 @@ class VersionRef(_Message):
     precision: str
 
 
-class SlotError(_Message):
+class SlotError(Strict, frozen=True, kw_only=True):
     """Why a slot's last deployment failed. ``retryable``: the failure may pass (network, disk
     space), so a document naming the same bundle tries again; otherwise only a document naming
     another bundle does."""
@@ -42,12 +37,12 @@ class SlotError(_Message):
     reason: str
     message: str
     retryable: bool = False
-    detail: dict[str, str] = Field(default_factory=dict)
+    detail: dict[str, str] = field(default_factory=dict)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _flat_record(cls, value: Any) -> Any:
-        # Journals written before 0.2 kept a flat dict with retry "yes"/"no" and the fields.
+    @staticmethod
+    def from_flat_record(value: Any) -> Any:
+        """Journals written before 0.2 kept a flat dict with retry "yes"/"no" and the fields:
+        the same error in today's form (anything else is returned as it is)."""
         if isinstance(value, dict) and "retry" in value:
             flat = {k: str(v) for k, v in value.items()}
             return {
@@ -59,7 +54,7 @@ class SlotError(_Message):
         return value
 
 
-class Refusal(_Message):
+class Refusal(Strict, frozen=True, kw_only=True):
     """Why the last desired-state document was refused (nothing changed on the device)."""
 
     reason: str
@@ -67,7 +62,7 @@ class Refusal(_Message):
     seq: int | None = None
 
 
-class Transition(_Message):
+class Transition(Strict, frozen=True, kw_only=True):
     slot: str
     from_state: SlotState
     to_state: SlotState
@@ -78,7 +73,7 @@ class Transition(_Message):
     message: str | None = None
 
 
-class SlotStatus(_Message):
+class SlotStatus(Strict, frozen=True, kw_only=True):
     state: SlotState
     active: VersionRef | None = None
     #: The bundle the slot is moving to, while a deployment is under way or after it failed.
@@ -88,20 +83,20 @@ class SlotStatus(_Message):
     shadow: dict[str, Any] | None = None
 
 
-class CertificateStatus(_Message):
+class CertificateStatus(Strict, frozen=True, kw_only=True):
     """The MQTT client certificate the agent connects with (mTLS fleets)."""
 
-    serial: str = Field(max_length=40)  # lowercase hex
+    serial: Annotated[str, Meta(max_length=40)]  # lowercase hex
     not_after: datetime
 
 
-class ReportedStatus(_Message):
+class ReportedStatus(Strict, frozen=True, kw_only=True):
     device_id: str
     profile: str
     agent_version: str
     desired_seq: int = 0
-    runtimes: dict[str, str] = Field(default_factory=dict)
-    slots: dict[str, SlotStatus] = Field(default_factory=dict)
+    runtimes: dict[str, str] = field(default_factory=dict)
+    slots: dict[str, SlotStatus] = field(default_factory=dict)
     last_transition: Transition | None = None
     #: Why the last desired-state document was refused, if it was.
     refusal: Refusal | None = None
@@ -110,14 +105,14 @@ class ReportedStatus(_Message):
     reported_at: datetime
 
     def to_bytes(self) -> bytes:
-        return self.model_dump_json().encode()
+        return self.to_json()
 
     @classmethod
     def from_bytes(cls, payload: bytes) -> ReportedStatus:
-        """Raises ValueError (pydantic's ValidationError is one) for anything but a status."""
+        """Raises ValueError (msgspec's ValidationError is one) for anything but a status."""
         if len(payload) > MAX_STATUS_BYTES:
             raise ValueError(f"status of {len(payload)} bytes (limit {MAX_STATUS_BYTES})")
         try:
-            return cls.model_validate(parse_json(payload))
+            return cls.from_dict(parse_json(payload))
         except (UnicodeDecodeError, RecursionError) as e:
             raise ValueError(f"unreadable status: {e}") from e

@@ -15,11 +15,12 @@ outbox was full), so the server's contiguous watermark can step over dropped bat
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta, field
 
+from edge_agent.contracts.structs import Matching, Strict
 from edge_agent.protocol.desired import SHA256_PATTERN, SLOT_PATTERN
 from edge_agent.protocol.topics import DEVICE_ID_PATTERN
 
@@ -82,20 +83,10 @@ Positive = Annotated[float, Meta(ge=0)]
 AwareDatetime = Annotated[datetime, Meta(tz=True)]
 
 
-class _Message(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+class _Message(Strict, frozen=True, kw_only=True):
     """A telemetry message: its fields are checked when it is decoded (``from_bytes``,
     ``from_dict``) and its cross-field rules (``__post_init__``) whenever one is made. A
     message the agent builds is checked again by the server."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready builtins (datetimes as RFC 3339 strings)."""
-        out: dict[str, Any] = msgspec.to_builtins(self)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Any) -> Self:
-        """Raises ValueError (msgspec's ValidationError is one) naming what is wrong."""
-        return msgspec.convert(data, cls)
 
 
 class LatencySketch(_Message, frozen=True, kw_only=True):
@@ -147,11 +138,11 @@ class TensorCounts(_Message, frozen=True, kw_only=True):
 class SlotFigures(_Message, frozen=True, kw_only=True):
     """One model version's figures for the interval, as served in one slot."""
 
-    slot: Annotated[str, Meta(pattern=SLOT_PATTERN)]
+    slot: Annotated[str, Matching(SLOT_PATTERN)]
     role: Role
     model: Annotated[str, Meta(min_length=1, max_length=128)]
     version: Annotated[str, Meta(min_length=1, max_length=64)]
-    bundle_sha256: Annotated[str, Meta(pattern=SHA256_PATTERN)]
+    bundle_sha256: Annotated[str, Matching(SHA256_PATTERN)]
     rollout_id: Annotated[str, Meta(max_length=64)] | None = None
     requests: Count
     errors: Count
@@ -195,8 +186,8 @@ class ProcessFigures(_Message, frozen=True, kw_only=True):
 
 
 class TelemetryBatch(_Message, frozen=True, kw_only=True):
-    device_id: Annotated[str, Meta(pattern=DEVICE_ID_PATTERN)]
-    stream: Annotated[str, Meta(pattern=STREAM_PATTERN)]
+    device_id: Annotated[str, Matching(DEVICE_ID_PATTERN)]
+    stream: Annotated[str, Matching(STREAM_PATTERN)]
     seq: Annotated[int, Meta(ge=1, le=MAX_SEQ)]
     floor: Count
     interval_start: AwareDatetime
@@ -227,7 +218,7 @@ class TelemetryAck(_Message, frozen=True, kw_only=True):
     """The server stored every batch of ``stream`` up to ``acked_seq`` (or knows it was
     dropped): the device may delete them from its outbox."""
 
-    stream: Annotated[str, Meta(pattern=STREAM_PATTERN)]
+    stream: Annotated[str, Matching(STREAM_PATTERN)]
     acked_seq: Count
     acked_at: datetime | None = None
 

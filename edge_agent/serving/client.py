@@ -32,7 +32,7 @@ _MAX_IOV = 512
 #: Request heads kept for reuse (one per model, input, dtype and shape sent).
 _MAX_HEADS = 64
 _MAX_HEAD_BYTES = 64 << 10
-#: edge_agent.protocol.telemetry.WORKLOADS (not imported: this client needs no pydantic)
+#: edge_agent.protocol.telemetry.WORKLOADS (not imported: this client needs only the stdlib)
 _WORKLOADS = ("batch", "stream")
 
 

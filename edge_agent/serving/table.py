@@ -149,11 +149,9 @@ class ServingModel:
             "bundle_sha256": self.ref.bundle_sha256,
             "runtime": self.ref.runtime,
             "precision": self.ref.precision,
-            "inputs": [s.model_dump() for s in self.manifest.inputs],
-            "outputs": [s.model_dump() for s in self.manifest.outputs],
-            "preprocess": self.manifest.preprocess.model_dump(mode="json")
-            if self.manifest.preprocess
-            else None,
+            "inputs": [s.to_dict() for s in self.manifest.inputs],
+            "outputs": [s.to_dict() for s in self.manifest.outputs],
+            "preprocess": self.manifest.preprocess.to_dict() if self.manifest.preprocess else None,
         }
 
 

@@ -12,7 +12,6 @@ whatever the journal names (the committed and previous version of every slot).
 
 from __future__ import annotations
 
-import json
 import shutil
 import uuid
 from pathlib import Path
@@ -49,7 +48,7 @@ class ModelStore:
 
     def manifest(self, sha256: str) -> Manifest:
         raw = (self.model_dir(sha256) / MANIFEST_NAME).read_bytes()
-        return Manifest.model_validate(json.loads(raw))
+        return Manifest.from_json(raw)
 
     def open_model(self, sha256: str) -> VerifiedBundle:
         return VerifiedBundle(self.manifest(sha256), self.model_dir(sha256))

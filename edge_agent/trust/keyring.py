@@ -11,12 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from msgspec import Meta
 
 from edge_agent.contracts.canonical import canonical_json, parse_json
 from edge_agent.contracts.durable import write_atomic
 from edge_agent.contracts.errors import BundleError
+from edge_agent.contracts.structs import Strict
 from edge_agent.trust.signing import (
     AnyPublicKey,
     Signature,
@@ -26,37 +28,33 @@ from edge_agent.trust.signing import (
 )
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class KeyEntry(_Strict):
+class KeyEntry(Strict, frozen=True, kw_only=True):
     public: str  # base64 raw Ed25519 public key
     expires_at: datetime
     revoked: bool = False
 
 
-class Keyring(_Strict):
+class Keyring(Strict, frozen=True, kw_only=True):
     type: str = "edgefleet-keyring"
-    version: int = Field(ge=1)
+    version: Annotated[int, Meta(ge=1)]
     issued_at: datetime
     expires_at: datetime
     #: key id → key. The key id must be :func:`key_id` of the key (checked on verification).
     keys: dict[str, KeyEntry]
 
     def canonical(self) -> bytes:
-        return canonical_json(self.model_dump(mode="json"))
+        return canonical_json(self.to_dict())
 
 
-class SignedKeyring(_Strict):
+class SignedKeyring(Strict, frozen=True, kw_only=True):
     signed: Keyring
     signatures: list[Signature]
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SignedKeyring:
         try:
-            return cls.model_validate(parse_json(data))
-        except (ValueError, ValidationError, UnicodeDecodeError) as e:
+            return cls.from_dict(parse_json(data))
+        except (ValueError, UnicodeDecodeError) as e:
             raise BundleError(f"malformed keyring: {e}", reason="keyring_invalid") from e
 
 
@@ -119,21 +117,21 @@ def check_signed(
     raise BundleError(message_text, reason=reason)
 
 
-class RootDocument(_Strict):
+class RootDocument(Strict, frozen=True, kw_only=True):
     """Root version ``version`` (2 and up: version 1 is the key pinned at enrollment, which
     no document describes). Valid when signed by the previous version's key and by its own
     (TUF's root rotation): the old root vouches for the new, and the new proves its key."""
 
     type: str = "edgefleet-root"
-    version: int = Field(ge=2)
+    version: Annotated[int, Meta(ge=2)]
     public: str  # base64 raw Ed25519 public key
     issued_at: datetime
 
     def canonical(self) -> bytes:
-        return canonical_json(self.model_dump(mode="json"))
+        return canonical_json(self.to_dict())
 
 
-class SignedRoot(_Strict):
+class SignedRoot(Strict, frozen=True, kw_only=True):
     signed: RootDocument
     signatures: list[Signature]
 
@@ -192,8 +190,8 @@ class TrustStore:
         self.pinned = PinnedRoot(root, 1)
         if self.root_path.is_file():
             try:
-                held = SignedRoot.model_validate(parse_json(self.root_path.read_bytes()))
-            except (ValueError, ValidationError, UnicodeDecodeError) as e:
+                held = SignedRoot.from_dict(parse_json(self.root_path.read_bytes()))
+            except (ValueError, UnicodeDecodeError) as e:
                 raise BundleError(
                     f"{self.root_path}: malformed root document: {e}", reason="root_invalid"
                 ) from e
@@ -222,7 +220,7 @@ class TrustStore:
         """Pin ``root`` (one :meth:`candidate_root` returned) if it is newer."""
         if root.version <= self.pinned.version or root.document is None:
             return False
-        write_atomic(self.root_path, root.document.model_dump_json().encode())
+        write_atomic(self.root_path, root.document.to_json())
         self.pinned = root
         return True
 
@@ -271,7 +269,7 @@ class TrustStore:
             self.update_root(root)
         if self.signed is not None and ring.version == self.signed.signed.version:
             return False
-        write_atomic(self.path, candidate.model_dump_json().encode())
+        write_atomic(self.path, candidate.to_json())
         self.signed = candidate
         return True
 

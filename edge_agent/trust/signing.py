@@ -17,9 +17,9 @@ from typing import Protocol, TypeAlias
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
-from pydantic import BaseModel, ConfigDict
 
 from edge_agent.contracts.errors import BundleError
+from edge_agent.contracts.structs import Strict
 
 
 class _RawPublic(Protocol):
@@ -32,9 +32,7 @@ class _RawPublic(Protocol):
 AnyPublicKey: TypeAlias = "VerifyKey | _RawPublic"
 
 
-class Signature(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class Signature(Strict, frozen=True, kw_only=True):
     keyid: str
     sig: str  # base64 of the 64-byte Ed25519 signature
 

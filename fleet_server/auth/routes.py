@@ -24,6 +24,7 @@ from edge_agent.protocol.topics import DEVICE_ID_PATTERN
 from fleet_server.api.deps import Admin, AppState, Operator, PrincipalDep, SessionDep, StateDep
 from fleet_server.api.principal import Principal, Role
 from fleet_server.api.schemas import RequestBody
+from fleet_server.api.structs import struct_body, struct_openapi
 from fleet_server.audit.service import record
 from fleet_server.auth import enrollment
 from fleet_server.auth.broker_files import BrokerFiles
@@ -110,14 +111,21 @@ def create_enrollment_tokens(
     )
 
 
-@router.post("/v1/devices/enroll", status_code=201, response_model=EnrollResponse, tags=["devices"])
-async def enroll(body: EnrollRequest, state: StateDep) -> Response:
+@router.post(
+    "/v1/devices/enroll",
+    status_code=201,
+    tags=["devices"],
+    openapi_extra=struct_openapi(EnrollRequest, EnrollResponse, 201),
+)
+async def enroll(
+    state: StateDep, body: Annotated[EnrollRequest, struct_body(EnrollRequest)]
+) -> Response:
     """Called by ``edge-agent enroll``; authenticated by the enrollment token in the body."""
     # One hop to a worker thread for the whole of it, and the reply written as it is (a
     # pallet of devices enrolls at once; a plain route would hop for its session too, and
     # validate the reply it was just given).
     reply = await run_in_threadpool(_enroll, state, body)
-    return Response(reply.model_dump_json(), status_code=201, media_type="application/json")
+    return Response(reply.to_json(), status_code=201, media_type="application/json")
 
 
 def _enroll(state: AppState, body: EnrollRequest) -> EnrollResponse:
@@ -170,26 +178,29 @@ def _the_device_itself(
 
 
 @router.post(
-    "/v1/devices/{device_id}/certificate", response_model=CertificateRenewal, tags=["devices"]
+    "/v1/devices/{device_id}/certificate",
+    tags=["devices"],
+    openapi_extra=struct_openapi(CertificateRequest, CertificateRenewal),
 )
 def renew_device_certificate(
     device_id: Annotated[str, Path(pattern=DEVICE_ID_PATTERN)],
-    body: CertificateRequest,
     state: StateDep,
     session: SessionDep,
     _: Annotated[Principal, Depends(_the_device_itself)],
-) -> CertificateRenewal:
+    body: Annotated[CertificateRequest, struct_body(CertificateRequest)],
+) -> Response:
     """A device's new MQTT client certificate, for a certificate request of a new key (CN =
     its id), before the one it has expires. Only the device itself may ask (its credential);
     the old certificate stays valid until it expires, since the device switches only once
     the broker accepted the new one."""
-    return renew_certificate(
+    renewal = renew_certificate(
         session,
         state.ca,
         device_id,
         body.csr,
         validity_s=state.settings.device_certificate_validity_s,
     )
+    return Response(renewal.to_json(), media_type="application/json")
 
 
 class DecommissionBody(RequestBody):

@@ -291,7 +291,7 @@ class BuildRunner:
                 **spec_version,
                 **files,
                 "work": str(work),
-                "profile": profile.model_dump(mode="json"),
+                "profile": profile.to_dict(),
                 "thresholds": options.get("thresholds") or {},
                 "runtimes": options.get("runtimes"),
                 "precisions": options.get("precisions"),
@@ -403,7 +403,7 @@ class BuildRunner:
                         precision=result.target.precision,
                         signing_key_id=signer.keyid,
                         size=size,
-                        manifest=result.manifest.model_dump(mode="json"),
+                        manifest=result.manifest.to_dict(),
                         passed_over=result.passed_over,
                         created_at=datetime.now(UTC),
                     )

@@ -84,7 +84,7 @@ def cache_key(version: ModelVersion, profile: Profile, options: dict[str, Any]) 
         "source": version.source_sha256,
         "calibration": version.calibration_sha256,
         "validation": version.validation_sha256,
-        "profile": profile.model_dump(mode="json"),
+        "profile": profile.to_dict(),
         "candidates": [[c.runtime, c.precision] for c in tried],
         "thresholds": options.get("thresholds") or {},
         "fp32_inputs": options.get("fp32_inputs"),

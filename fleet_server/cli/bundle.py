@@ -26,7 +26,7 @@ def bundle_inspect(
     from edge_agent.bundle import open_bundle
 
     with open_bundle(file) as reader:
-        print_json(reader.manifest.model_dump(mode="json"))
+        print_json(reader.manifest.to_dict())
 
 
 @bundle_app.command("verify")
@@ -62,7 +62,7 @@ def bundle_verify(
             store = TrustStore(
                 public_key_from_b64(doc["root_public_key"]), workdir / "keyring.json"
             )
-            store.update(SignedKeyring.model_validate(doc["keyring"]))
+            store.update(SignedKeyring.from_dict(doc["keyring"]))
         verify_bundle(
             file,
             workdir / "bundle",

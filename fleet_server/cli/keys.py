@@ -43,7 +43,7 @@ def _install(client: ApiClient, root_public: str, signed: SignedKeyring) -> dict
     result: dict[str, Any] = client.request(
         "PUT",
         "/v1/keyring",
-        json={"root_public_key": root_public, "keyring": signed.model_dump(mode="json")},
+        json={"root_public_key": root_public, "keyring": signed.to_dict()},
     )
     return result
 
@@ -52,7 +52,7 @@ def _current(client: ApiClient) -> tuple[str, SignedKeyring]:
     from edge_agent.trust import SignedKeyring
 
     trust = client.get("/v1/trust")
-    return trust["root_public_key"], SignedKeyring.model_validate(trust["keyring"])
+    return trust["root_public_key"], SignedKeyring.from_dict(trust["keyring"])
 
 
 def _report(result: dict[str, Any], as_json: bool) -> None:
@@ -155,7 +155,7 @@ def keys_rotate_root(
     trust = client.get("/v1/trust")
     if public_key_to_b64(old.public_key()) != trust["root_public_key"]:
         raise ConfigError(f"{root_key} is not the fleet's root in force; nothing was changed")
-    current = SignedKeyring.model_validate(trust["keyring"])
+    current = SignedKeyring.from_dict(trust["keyring"])
     passphrase = os.environ.get("EDGEFLEET_NEW_ROOT_PASSPHRASE")
     if passphrase is None:
         passphrase = str(
@@ -179,8 +179,8 @@ def keys_rotate_root(
             "/v1/keyring",
             json={
                 "root_public_key": new_public,
-                "keyring": signed.model_dump(mode="json"),
-                "root": root.model_dump(mode="json"),
+                "keyring": signed.to_dict(),
+                "root": root.to_dict(),
             },
         )
     except BaseException:

@@ -121,28 +121,30 @@ def models_annotate(
     """Record in the ONNX file how an image becomes the model's input (resize, channels,
     scale, mean/std, layout). Builds carry it into the signed bundle; ``edge-agent score``
     then scores image files (JPEG, PNG, …) as the model was trained to see them."""
-    from pydantic import ValidationError
-
     from converters.onnx.annotate import annotate
     from edge_agent.bundle import ImagePreprocess
     from edge_agent.contracts.errors import ConfigError
+    from edge_agent.contracts.structs import error_field
 
     try:
         height, width = (int(d) for d in size.lower().split("x"))
-        spec = ImagePreprocess(
-            input=image_input,
-            size=(height, width),
-            layout=layout.upper(),  # type: ignore[arg-type]
-            channels=channels.upper(),  # type: ignore[arg-type]
-            scale=scale,
-            mean=[float(v) for v in mean.split(",")] if mean else None,
-            std=[float(v) for v in std.split(",")] if std else None,
-        )
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise ConfigError(f"{'.'.join(map(str, err['loc'])) or 'preprocess'}: {err['msg']}") from e
+        given = {
+            "input": image_input,
+            "size": (height, width),
+            "layout": layout.upper(),
+            "channels": channels.upper(),
+            "scale": scale,
+            "mean": [float(v) for v in mean.split(",")] if mean else None,
+            "std": [float(v) for v in std.split(",")] if std else None,
+        }
     except ValueError as e:
         raise ConfigError(f"--size must be HEIGHTxWIDTH, --mean/--std numbers: {e}") from e
+    try:
+        # Decoded, not constructed: a struct's constructor does not check its fields' types.
+        spec = ImagePreprocess.from_dict(given)
+    except ValueError as e:
+        field, message = error_field(e)
+        raise ConfigError(f"{field or 'preprocess'}: {message}") from e
     target = out or file
     annotate(file, target, spec)
     console.print(

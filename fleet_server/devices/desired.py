@@ -84,7 +84,7 @@ def change_many(
     def dumped(a: SlotAssignment) -> dict[str, Any]:
         found = as_json.get(id(a))
         if found is None:
-            found = as_json[id(a)] = a.model_dump(mode="json")
+            found = as_json[id(a)] = a.to_dict()
         return found
 
     ids = sorted(changes)
@@ -158,7 +158,7 @@ def refresh(
     if record is None:
         session.rollback()
         return None
-    envelope = SignedDesiredState.model_validate(record.document)
+    envelope = SignedDesiredState.from_dict(record.document)
     doc = envelope.signed
     fresh = aware(doc.expires_at) - datetime.now(UTC) > timedelta(seconds=min_remaining_s)
     if fresh and envelope.keyring == signer.keyring:
@@ -181,7 +181,7 @@ def reissue(
     record = _locked(session, device_id)
     if record is None:
         return None
-    as_json = {name: a.model_dump(mode="json") for name, a in slots.items()}
+    as_json = {name: a.to_dict() for name, a in slots.items()}
     return _reissue(session, record, as_json, ttl_s, signer)
 
 
@@ -221,10 +221,10 @@ class _Issuer:
         self._issued_at_json = _TIME.dump_python(self.now, mode="json")
         self._expires_at_json = _TIME.dump_python(self.expires_at, mode="json")
         ring = signer.keyring
-        self._keyring = ring.model_dump(mode="json") if ring is not None else None
+        self._keyring = ring.to_dict() if ring is not None else None
         # The root chain only once there is one (agents from before rotations know no field
         # ``roots`` and would refuse every document).
-        self._roots = [r.model_dump(mode="json") for r in signer.roots]
+        self._roots = [r.to_dict() for r in signer.roots]
         self._ring_version = ring.signed.version if ring is not None else None
         self.issued: dict[str, DesiredDocument] = {}
         self._updates: list[dict[str, Any]] = []

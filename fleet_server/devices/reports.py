@@ -60,7 +60,7 @@ def take_status(row: ReportRow, status: ReportedStatus) -> dict[str, Any] | None
     if moved is None:
         row.last_transition = None
         return None
-    as_json = moved.model_dump(mode="json")
+    as_json = moved.to_dict()
     if as_json == row.last_transition:
         return None
     row.last_transition = as_json
@@ -106,7 +106,7 @@ def store_reports(
         if row.accepted is not None:
             status = row.accepted
             change.update(
-                reported=status.model_dump(mode="json"),
+                reported=status.to_dict(),
                 reported_seq=status.desired_seq,
                 agent_version=_text(status.agent_version),
             )

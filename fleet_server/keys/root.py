@@ -80,7 +80,7 @@ def next_keyring(
     if revoke is not None:
         if revoke not in keys:
             raise ConfigError(f"key {revoke} is not in the keyring")
-        keys[revoke] = keys[revoke].model_copy(update={"revoked": True})
+        keys[revoke] = keys[revoke].replace(revoked=True)
     if add is not None:
         keys[add.keyid] = KeyEntry(public=add.public, expires_at=add.expires_at)
     return Keyring(

@@ -150,7 +150,7 @@ def _next_root(
     if current is None:
         raise ConflictError("no root yet: the first keyring pins it (edgefleet keys init)")
     try:
-        signed = SignedRoot.model_validate(document)
+        signed = SignedRoot.from_dict(document)
     except ValueError as e:
         raise InvalidInputError(f"root document refused: {e}", field="root") from e
     held = roots(session)
@@ -187,7 +187,7 @@ def install_keyring(
         )
     try:
         root = public_key_from_b64(root_public_b64)
-        signed = SignedKeyring.model_validate(document)
+        signed = SignedKeyring.from_dict(document)
         ring = verify_keyring(signed, root)
     except BundleError as e:
         raise InvalidInputError(f"keyring refused: {e.message}", field="keyring") from e
@@ -214,7 +214,7 @@ def install_keyring(
     record = KeyringRecord(
         version=ring.version,
         root_public=root_public_b64,
-        document=signed.model_dump(mode="json"),
+        document=signed.to_dict(),
         installed_at=datetime.now(UTC),
         installed_by=actor,
     )
@@ -224,7 +224,7 @@ def install_keyring(
             RootVersion(
                 version=new_root.signed.version,
                 public=new_root.signed.public,
-                document=new_root.model_dump(mode="json"),
+                document=new_root.to_dict(),
                 installed_at=datetime.now(UTC),
                 installed_by=actor,
             )
@@ -259,7 +259,7 @@ class ServerKeys:
             if self._cached is None or self._version != version:
                 record = session.get(KeyringRecord, version)
                 assert record is not None  # keyrings are never deleted
-                signed = SignedKeyring.model_validate(record.document)
+                signed = SignedKeyring.from_dict(record.document)
                 chosen = choose_signing_key(signed.signed, self.store)
                 if chosen is None:
                     raise ConflictError(
@@ -267,7 +267,7 @@ class ServerKeys:
                         "not held by this server; run `edgefleet keys rotate`",
                         reason="no_keys",
                     )
-                chain = [SignedRoot.model_validate(r.document) for r in roots(session)]
+                chain = [SignedRoot.from_dict(r.document) for r in roots(session)]
                 self._cached = FleetSigner(signed, chosen[1], chosen[0], record.root_public,
                                            chain)  # fmt: skip
                 self._version = record.version
@@ -300,7 +300,7 @@ class ServerKeys:
                 session,
                 self.store,
                 public_key_to_b64(root.public_key()),
-                sign_keyring(root, ring).model_dump(mode="json"),
+                sign_keyring(root, ring).to_dict(),
                 "bootstrap-development",
             )
             session.commit()
@@ -308,7 +308,7 @@ class ServerKeys:
 
 
 def describe(record: KeyringRecord) -> list[dict[str, object]]:
-    ring = SignedKeyring.model_validate(record.document).signed
+    ring = SignedKeyring.from_dict(record.document).signed
     now = datetime.now(UTC)
     return [
         {

@@ -220,9 +220,9 @@ def upload_version(
             opset=info.opset,
             ir_version=info.ir_version,
             producer=info.producer,
-            inputs=[s.model_dump() for s in info.inputs],
+            inputs=[s.to_dict() for s in info.inputs],
             outputs=[
-                {**s.model_dump(), **({"kind": kinds[s.name]} if s.name in kinds else {})}
+                {**s.to_dict(), **({"kind": kinds[s.name]} if s.name in kinds else {})}
                 for s in info.outputs
             ],
             calibration_sha256=sets["calibration"][0] if "calibration" in sets else None,

@@ -92,7 +92,7 @@ def notify(
     assignments: dict[str, SlotAssignment] = {}
     for sha256, bundle in bundles.items():
         assignment = slot_assignment(step.config.public_url, model, version, bundle, rollout.id)
-        assignments[sha256] = assignment.model_copy(update=overrides) if overrides else assignment
+        assignments[sha256] = assignment.replace(**overrides) if overrides else assignment
     changes: dict[str, dict[str, SlotAssignment | None]] = {
         v.device.id: {target_slot: assignments[v.target.bundle_sha256 or ""]} for v in due
     }

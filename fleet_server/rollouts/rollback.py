@@ -80,7 +80,7 @@ def roll_back(step: Step) -> Documents:
             if t.previous is not None:
                 key = json.dumps(t.previous, sort_keys=True)
                 back = previous.get(key) or previous.setdefault(
-                    key, SlotAssignment.model_validate(t.previous)
+                    key, SlotAssignment.from_dict(t.previous)
                 )
             change[rollout.slot] = back
         staged = slots.get(parking)

@@ -70,7 +70,7 @@ def reissue_all(
         device = session.get(Device, stored.device_id)
         if device is None:
             continue
-        slots = dict(SignedDesiredState.model_validate(stored.document).signed.slots)
+        slots = dict(SignedDesiredState.from_dict(stored.document).signed.slots)
         for slot, assignment in slots.items():
             bundle = session.get(Bundle, assignment.bundle_sha256)
             if bundle is None or signer.usable(bundle.signing_key_id):

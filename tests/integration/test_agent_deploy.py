@@ -222,9 +222,7 @@ def test_failures_before_the_switch_leave_the_active_model_serving(
     elif case.startswith("model does not"):
         bad = publish(root, base, _unloadable(v2, tmp_path / "u.efb", fleet), "2.0.0")
     else:
-        bad = publish(root, base, v2, "2.0.0").model_copy(
-            update={"bundle_url": "http://127.0.0.1:9/x.efb"}
-        )
+        bad = publish(root, base, v2, "2.0.0").replace(bundle_url="http://127.0.0.1:9/x.efb")
     dev.apply(2, {"clf": bad})
     rec = dev.journal.data.slots["clf"]
     assert rec.state == State.FAILED
@@ -431,7 +429,7 @@ def test_a_version_rolled_back_by_a_power_cut_is_retried_by_a_new_rollout_only(
     root, base = files
     dev = Device(tmp_path / "dev", fleet)
     dev.apply(1, {"clf": publish(root, base, v1, "1.0.0")})
-    first = publish(root, base, v2, "2.0.0").model_copy(update={"rollout_id": "a" * 16})
+    first = publish(root, base, v2, "2.0.0").replace(rollout_id="a" * 16)
     rec = dev.journal.data.slots["clf"]
     rec.state, rec.target = State.PROBATION, first
     dev.journal.save()
@@ -441,7 +439,7 @@ def test_a_version_rolled_back_by_a_power_cut_is_retried_by_a_new_rollout_only(
     again.apply(2, {"clf": first})  # the same rollout, re-signed: not retried
     assert again.journal.data.slots["clf"].state == State.ROLLED_BACK
     assert again.serving_version() == "1.0.0"
-    again.apply(3, {"clf": first.model_copy(update={"rollout_id": "b" * 16})})
+    again.apply(3, {"clf": first.replace(rollout_id="b" * 16)})
     assert again.journal.data.slots["clf"].state == State.COMMITTED
     assert again.serving_version() == "2.0.0"
 
@@ -494,8 +492,8 @@ def test_a_shadow_runs_beside_the_active_model_and_never_answers(
     dev = Device(tmp_path / "dev", fleet, PROBATION)
     active = publish(root, base, v1, "1.0.0")
     dev.apply(1, {"clf": active})
-    shadow = publish(root, base, v2, "2.0.0").model_copy(
-        update={"mode": "shadow", "shadow_of": "clf", "sample_rate": 1.0}
+    shadow = publish(root, base, v2, "2.0.0").replace(
+        mode="shadow", shadow_of="clf", sample_rate=1.0
     )
     dev.apply(2, {"clf": active, "clf-shadow": shadow})
     rec = dev.journal.data.slots["clf-shadow"]
@@ -528,7 +526,7 @@ def test_a_shadow_runs_beside_the_active_model_and_never_answers(
 
 
 def test_shadow_assignments_must_name_their_active_slot() -> None:
-    from pydantic import ValidationError
+    from msgspec import ValidationError
 
     base = {
         "model": "m",
@@ -538,10 +536,10 @@ def test_shadow_assignments_must_name_their_active_slot() -> None:
         "size": 1,
     }
     with pytest.raises(ValidationError, match="shadow_of"):
-        SlotAssignment.model_validate({**base, "mode": "shadow"})
+        SlotAssignment.from_dict({**base, "mode": "shadow"})
     with pytest.raises(ValidationError, match="shadow_of"):
-        SlotAssignment.model_validate({**base, "mode": "active", "shadow_of": "clf"})
+        SlotAssignment.from_dict({**base, "mode": "active", "shadow_of": "clf"})
     # shadow_of alone says it: mode follows, and travels on the wire for readers.
-    shadow = SlotAssignment.model_validate({**base, "shadow_of": "clf"})
-    assert shadow.mode == "shadow" and shadow.model_dump()["mode"] == "shadow"
-    assert SlotAssignment.model_validate(shadow.model_dump()) == shadow
+    shadow = SlotAssignment.from_dict({**base, "shadow_of": "clf"})
+    assert shadow.mode == "shadow" and shadow.to_dict()["mode"] == "shadow"
+    assert SlotAssignment.from_dict(shadow.to_dict()) == shadow

@@ -241,16 +241,14 @@ def test_bundle_inspect_and_verify(model_path: Path, tmp_path: Path) -> None:
     make_bundle(model_path, unsigned)
     trust = tmp_path / "trust.json"
     trust.write_text(
-        json.dumps(
-            {"root_public_key": fleet.root_public, "keyring": fleet.keyring.model_dump(mode="json")}
-        )
+        json.dumps({"root_public_key": fleet.root_public, "keyring": fleet.keyring.to_dict()})
     )
     other = tmp_path / "other.json"
     other.write_text(
         json.dumps(
             {
                 "root_public_key": stranger.root_public,
-                "keyring": stranger.keyring.model_dump(mode="json"),
+                "keyring": stranger.keyring.to_dict(),
             }
         )
     )

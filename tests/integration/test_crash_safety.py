@@ -49,7 +49,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterato
 def _journal(agent: LocalAgent) -> dict:  # type: ignore[type-arg]
     path = agent.dir / "state" / "journal.json"
     json.loads(path.read_text())  # whole and parseable, never torn
-    return Journal(path, owner=False).data.model_dump(mode="json")
+    return Journal(path, owner=False).data.to_dict()
 
 
 CASES = [

@@ -36,7 +36,7 @@ def image_model(path: Path) -> Path:
 
 def spec(**changes: object) -> ImagePreprocess:
     base: dict[str, object] = {"input": "x", "size": (SIZE, SIZE), "mean": MEAN, "std": STD}
-    return ImagePreprocess.model_validate({**base, **changes})
+    return ImagePreprocess.from_dict({**base, **changes})
 
 
 def expected_input(pixels: np.ndarray) -> np.ndarray:

@@ -71,8 +71,8 @@ class Rig:
 
     def host(self, name: str, members: Members) -> SlotAssignment:
         path = write_members(self.files / name, members)
-        return self.good.model_copy(
-            update={
+        return self.good.replace(
+            **{
                 "version": "2.0.0",
                 "bundle_sha256": sha256(path),
                 "bundle_url": f"{self.files_url}/{name}",
@@ -107,7 +107,7 @@ class Rig:
         )
         if signed:
             sig = sign_bytes(key or self.server_key, env.signed_bytes())
-            env = env.model_copy(update={"signatures": [sig]})
+            env = env.replace(signatures=[sig])
         return env
 
     def send(self, env: SignedDesiredState | bytes) -> None:
@@ -143,13 +143,13 @@ def rig(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[
         keys_dir = stack.settings.keys_dir
         root = load_pem_private_key((keys_dir / "dev-root.pem").read_bytes(), None)
         trust = api.get("/v1/trust")
-        keyring_v1 = SignedKeyring.model_validate(trust["keyring"])
+        keyring_v1 = SignedKeyring.from_dict(trust["keyring"])
         [server_kid] = keyring_v1.signed.keys
         server_key = load_pem_private_key(
             (keys_dir / "online" / f"{server_kid}.pem").read_bytes(), None
         )
         assert isinstance(root, Ed25519PrivateKey) and isinstance(server_key, Ed25519PrivateKey)
-        document = SignedDesiredState.model_validate(_stored_document(stack))
+        document = SignedDesiredState.from_dict(_stored_document(stack))
         good = document.signed.slots["classifier"]
         good_bundle = (
             stack.settings.artifacts_dir / "sha256" / good.bundle_sha256[:2] / good.bundle_sha256
@@ -283,10 +283,8 @@ def doc_expired_key(rig: Rig) -> tuple[str, int]:
 
 def doc_altered_after_signing(rig: Rig) -> tuple[str, int]:
     env = rig.document()
-    evil = env.signed.model_copy(
-        update={"slots": {"classifier": rig.good.model_copy(update={"version": "6.6.6"})}}
-    )
-    rig.send(env.model_copy(update={"signed": evil}))
+    evil = env.signed.replace(slots={"classifier": rig.good.replace(version="6.6.6")})
+    rig.send(env.replace(signed=evil))
     return "bad_signature", env.signed.seq
 
 
@@ -298,7 +296,7 @@ def doc_lower_seq(rig: Rig) -> tuple[str, int]:
 
 def doc_replayed_seq(rig: Rig) -> tuple[str, int]:
     held = rig.reported()["desired_seq"]
-    env = rig.document(seq=held, slot=rig.good.model_copy(update={"rollout_id": "replay"}))
+    env = rig.document(seq=held, slot=rig.good.replace(rollout_id="replay"))
     rig.send(env)
     return "replayed_seq", held
 
@@ -323,9 +321,7 @@ def doc_keyring_rollback(rig: Rig) -> tuple[str, int]:
 
 def doc_keyring_from_another_root(rig: Rig) -> tuple[str, int]:
     assert rig.keyring_v2 is not None
-    forged = sign_keyring(
-        Ed25519PrivateKey.generate(), rig.keyring_v2.signed.model_copy(update={"version": 9})
-    )
+    forged = sign_keyring(Ed25519PrivateKey.generate(), rig.keyring_v2.signed.replace(version=9))
     env = rig.document(keyring=forged)
     rig.send(env)
     return "keyring_invalid", env.signed.seq
@@ -394,14 +390,14 @@ def bundle_oversize_download(rig: Rig) -> tuple[str, int]:
     slot = rig.host(
         "oversize.efb", [*read_members(rig.good_bundle), (tarfile.TarInfo("pad"), b"\x00" * 100000)]
     )
-    env = rig.document(slot=slot.model_copy(update={"size": slot.size - 100_000}))
+    env = rig.document(slot=slot.replace(size=slot.size - 100_000))
     rig.send(env)
     return "oversize", env.signed.seq
 
 
 def bundle_digest_differs_from_document(rig: Rig) -> tuple[str, int]:
     slot = rig.host("digest.efb", read_members(rig.good_bundle))
-    env = rig.document(slot=slot.model_copy(update={"bundle_sha256": "e" * 64}))
+    env = rig.document(slot=slot.replace(bundle_sha256="e" * 64))
     rig.send(env)
     return "digest_mismatch", env.signed.seq
 

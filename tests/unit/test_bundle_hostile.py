@@ -23,7 +23,7 @@ ORT = {"onnxruntime": "1.20.0"}
 
 def _signed(members: Members, raw: bytes, fleet: TestFleet) -> Members:
     """``raw`` as the manifest, validly signed: what a stolen signing key could produce."""
-    sig = json.dumps({"signatures": [sign_bytes(fleet.online, raw).model_dump()]}).encode()
+    sig = json.dumps({"signatures": [sign_bytes(fleet.online, raw).to_dict()]}).encode()
     rest = [(i, d) for i, d in members[1:] if i.name != "manifest.sig"]
     return [(members[0][0], raw), (tarfile.TarInfo("manifest.sig"), sig), *rest]
 

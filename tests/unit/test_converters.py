@@ -263,13 +263,8 @@ def test_nothing_passing_is_an_error_listing_every_candidate(
 def test_a_model_over_the_profile_budget_is_refused_before_converting(
     model: Path, tmp_path: Path
 ) -> None:
-    tiny = CATALOG.get("x86-64-avx2").model_copy(
-        update={
-            "resources": CATALOG.get("x86-64-avx2").resources.model_copy(
-                update={"max_bundle_bytes": 100}
-            )
-        }
-    )
+    x86 = CATALOG.get("x86-64-avx2")
+    tiny = x86.replace(resources=x86.resources.replace(max_bundle_bytes=100))
     info = inspect_onnx(model)
     with pytest.raises(
         ConversionError, match=r"over the bundle budget of profile x86-64-avx2 \(100 bytes\)"

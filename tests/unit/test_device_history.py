@@ -26,7 +26,7 @@ def _device(**fields: Any) -> Device:
 def _status(
     moved: Transition | None, slots: dict[str, Any] | None = None, at: datetime = T0
 ) -> ReportedStatus:
-    return ReportedStatus.model_validate(
+    return ReportedStatus.from_dict(
         {"device_id": "cam-01", "profile": "x86-64-avx2", "agent_version": "0.1.0",
          "slots": slots or {}, "last_transition": moved, "reported_at": at}
     )  # fmt: skip
@@ -77,7 +77,7 @@ def test_health_is_the_worst_of_the_slots(online: bool, states: list[str], healt
               "runtime": "onnxruntime", "precision": "fp32"}  # fmt: skip
     slots = {f"s{i}": {"state": s, "active": active} for i, s in enumerate(states)}
     device = _device(online=online, last_seen_at=T0)
-    device.reported = _status(None, slots).model_dump(mode="json")
+    device.reported = _status(None, slots).to_dict()
     device.online = online  # a status report does not say whether the device is online
     row = device_row(device)
     assert row.health == health

@@ -172,7 +172,7 @@ def test_models_without_a_class_output_take_no_labels(server: InferenceHTTPServe
 
     scalar = [TensorSpec(name="y", dtype="float32", shape=["batch", 1])]
     regression = serving(FakeModel(SPEC_IN, scalar, lambda f: {"y": f["x"][:, :1]}), "2.0.0")
-    manifest = regression.manifest.model_copy(update={"outputs": scalar})
+    manifest = regression.manifest.replace(outputs=scalar)
     server.table.swap("reg", ServingModel(regression.ref, manifest, regression.model))
     status, doc = feedback(server, {"request_id": "x", "label": 0}, name="reg")
     assert status == 422 and doc["error"]["code"] == "no_class_output"

@@ -32,7 +32,7 @@ def _doc(**kw: object) -> DesiredState:
         },
     )
     base.update(kw)
-    return DesiredState.model_validate(base)
+    return DesiredState.from_dict(base)
 
 
 def test_topics_follow_the_design() -> None:

@@ -86,7 +86,7 @@ def test_a_device_enrolled_under_root_1_accepts_a_keyring_under_root_3(
     r2, r3 = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     chain = [root_doc(2, r2, fleet.root, r2), root_doc(3, r3, r2, r3)]
     ring = fleet.make_keyring({fleet.online: {}}, version=2, root=r3)
-    doc = fleet.desired("cam-1", 1, {}, keyring=ring).model_copy(update={"roots": chain})
+    doc = fleet.desired("cam-1", 1, {}, keyring=ring).replace(roots=chain)
     gate.accept(doc)
     assert gate.trust.pinned.version == 3 and gate.trust.keyring.version == 2
     # Pinned on disk: a restarted agent holds root 3 and checks documents without the chain.
@@ -104,7 +104,7 @@ def test_a_keyring_signed_by_an_unvouched_root_changes_nothing(
     forged = Ed25519PrivateKey.generate()
     ring = fleet.make_keyring({fleet.online: {}}, version=2, root=forged)
     for roots in ([], [root_doc(2, forged, forged)]):  # no chain, or one signed by itself
-        doc = fleet.desired("cam-1", 1, {}, keyring=ring).model_copy(update={"roots": roots})
+        doc = fleet.desired("cam-1", 1, {}, keyring=ring).replace(roots=roots)
         with pytest.raises(BundleError) as e:
             gate.accept(doc)
         assert e.value.reason in ("keyring_invalid", "root_invalid")
@@ -121,6 +121,6 @@ def test_a_device_that_pinned_a_later_root_finds_itself_in_the_chain(
     chain = [root_doc(2, r2, fleet.root, r2), root_doc(3, r3, r2, r3)]
     store = TrustStore(r2.public_key(), tmp_path / "keyring.json")
     ring = fleet.make_keyring({fleet.online: {}}, version=4, root=r3)
-    doc = fleet.desired("cam-1", 1, {}, keyring=ring).model_copy(update={"roots": chain})
+    doc = fleet.desired("cam-1", 1, {}, keyring=ring).replace(roots=chain)
     _gate(tmp_path, store).accept(doc)
     assert store.pinned.version == 3
