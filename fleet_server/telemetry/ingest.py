@@ -46,6 +46,8 @@ SHARE_GROUP = "edgefleet-telemetry"
 #: de-duplication table holds hours of batches, not the fleet's whole history.
 PRUNE_AFTER_S = 3600.0
 PRUNE_EVERY_S = 600.0
+#: A drain's linger is slept in this many steps (a full drain is stored sooner).
+LINGER_STEPS = 4
 SHARED_FILTER = Topics.shared(SHARE_GROUP, "telemetry")
 
 
@@ -175,11 +177,18 @@ class TelemetryIngest:
                 return
             drained = [first]
             deadline = time.monotonic() + self._linger_s
+            # The linger is slept in a few steps, and what came in meanwhile is taken without
+            # waiting: waiting on the queue for each batch woke this thread once a batch (a
+            # lock handoff and a GIL switch each, ~5 % of an ingest process's CPU).
             while len(drained) < self._max_batch:
                 try:
-                    item = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+                    item = self._inbox.get_nowait()
                 except queue.Empty:
-                    break
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    time.sleep(min(left, self._linger_s / LINGER_STEPS))
+                    continue
                 if item is None:
                     self._store(drained)
                     return
