@@ -94,12 +94,14 @@ _UNKNOWN = re.compile(r"^Object contains unknown field `(?P<name>[^`]*)`$")
 
 
 def error_field(error: ValueError) -> tuple[str, str]:
-    """``(field, message)`` of a decoding error: ``("resources.threads", "Expected …")``;
-    the field is "" when the error is about the whole document."""
+    """``(field, message)`` of a decoding error: ``("runtimes.0.precisions", "Expected …")``
+    (a mapping's value is named by the mapping: ``labels``); the field is "" when the error
+    is about the whole document."""
     text = str(error)
     match = _AT.match(text)
     path, message = (match["path"], match["message"]) if match else ("", text)
-    path = re.sub(r"\[(\d+)\]", r".\1", path).lstrip(".")
+    # A list's index is a part of the path; a mapping's value has no key in msgspec's path.
+    path = re.sub(r"\[(\d+)\]", r".\1", path.replace("[...]", "")).lstrip(".")
     unknown = _UNKNOWN.match(message)
     if unknown is not None:  # the field is the one that should not be there
         path = f"{path}.{unknown['name']}" if path else unknown["name"]

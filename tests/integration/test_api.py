@@ -186,6 +186,26 @@ def test_enrollment(api: ApiClient, stack: EmbeddedStack) -> None:
         json={"token": token2, "device_id": "bad/id", "profile": "raspberry-pi-5"},
     )
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
+    # The body is the agent's own struct, decoded by msgspec: every refusal names its field,
+    # and spends nothing (the token enrolls a device afterwards).
+    good = {"token": token2, "device_id": "pi-3", "profile": "raspberry-pi-5"}
+    for body, where in (
+        ({**good, "device_id": "pi-3\n"}, "body.device_id"),  # $ would match before \n
+        ({**good, "labels": {"site": 1}}, "body.labels"),
+        ({**good, "extra": True}, "body.extra"),
+        ({"token": token2, "profile": "raspberry-pi-5"}, "body"),
+    ):
+        r = httpx.post(f"{stack.url}/v1/devices/enroll", json=body)
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["message"].startswith(f"{where}:"), r.text
+    r = httpx.post(
+        f"{stack.url}/v1/devices/enroll",
+        content=b'{"token": ',
+        headers={"Content-Type": "application/json"},
+    )
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", r.text
+    assert count(stack, Device) == 1
+    assert httpx.post(f"{stack.url}/v1/devices/enroll", json=good).status_code == 201
 
 
 def test_devices_racing_with_one_token_enroll_one_device(
@@ -328,6 +348,15 @@ def test_openapi_and_health(stack: EmbeddedStack) -> None:
     assert {"/v1/models", "/v1/rollouts", "/v1/devices/enroll", "/v1/bundles/{sha256}"} <= set(
         spec["paths"]
     )
+    # Enrollment's body and reply are the agent's msgspec structs, named in the document too,
+    # with patterns a JSON Schema reader knows (msgspec's own checks end them with \Z).
+    enroll_op = spec["paths"]["/v1/devices/enroll"]["post"]
+    body = enroll_op["requestBody"]["content"]["application/json"]["schema"]
+    assert set(body["required"]) == {"token", "device_id", "profile"}
+    assert body["properties"]["device_id"]["pattern"].endswith("$")
+    assert body["additionalProperties"] is False
+    reply = enroll_op["responses"]["201"]["content"]["application/json"]["schema"]
+    assert "device_secret" in reply["properties"]
     health = httpx.get(f"{stack.url}/healthz").json()
     assert health["status"] == "ok" and health["broker_connected"] is True
 
