@@ -148,12 +148,12 @@ def main() -> None:
             last = rss
         for profile, runtime, agent_rss, bare_rss, start in rows:
             print(
-                f"{profile} ({runtime}): agent idle {agent_rss:.0f} MiB, bare process "
-                f"{bare_rss:.0f} MiB (+{agent_rss - bare_rss:.0f} MiB); start-up to the first "
+                f"{profile} ({runtime}): agent idle {agent_rss:.1f} MiB, bare process "
+                f"{bare_rss:.1f} MiB (+{agent_rss - bare_rss:.1f} MiB); start-up to the first "
                 f"answer {start:.2f} s (median of 3)"
             )
         summary = "; ".join(
-            f"{p} +{a - b:.0f} MiB over bare ({a:.0f} vs {b:.0f}), start-up {s:.2f} s"
+            f"{p} +{a - b:.1f} MiB over bare ({a:.1f} vs {b:.1f}), start-up {s:.2f} s"
             for p, _, a, b, s in rows
         )
         print(f"SUMMARY agent footprint: {summary} (targets: +16 MiB, 1 s)")

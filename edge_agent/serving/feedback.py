@@ -204,8 +204,10 @@ class FeedbackStore:
         #: at, the slot's key, its answer, or the output it is the top-1 class of while
         #: :data:`RESOLVE_EVERY` requests have not passed). A list slot, not a hash table:
         #: after a large model's inference the serving path's memory is cold, and each line
-        #: it touches costs; the top-1 class is found later, for many answers at once.
-        self._ring: list[tuple[int, float, Key, Answer | _Pending] | None] = [None] * capacity
+        #: it touches costs; the top-1 class is found later, for many answers at once. It
+        #: grows to ``capacity`` as requests come (100,000 places are 0.8 MiB, which an idle
+        #: device need not hold, issue 24).
+        self._ring: list[tuple[int, float, Key, Answer | _Pending] | None] = []
         self._pending: list[int] = []
         #: request id → the answers of shadows that ran on it (a sample of requests).
         self._shadows: OrderedDict[str, list[tuple[Key, Answer]]] = OrderedDict()
@@ -238,7 +240,7 @@ class FeedbackStore:
             if out is not None:
                 entry = (seq, self._clock(), key, _Pending(out, classes[1]))
                 with self._lock:
-                    self._ring[seq % self.capacity] = entry
+                    self._place_locked(seq, entry)
                     self._pending.append(seq)
                     if len(self._pending) >= RESOLVE_EVERY:
                         self._resolve_locked()
@@ -251,7 +253,17 @@ class FeedbackStore:
             return
         entry = (seq, self._clock(), key, answer)
         with self._lock:
-            self._ring[seq % self.capacity] = entry
+            self._place_locked(seq, entry)
+
+    def _place_locked(self, seq: int, entry: tuple[int, float, Key, Answer | _Pending]) -> None:
+        ring, at = self._ring, seq % self.capacity
+        if at >= len(ring):  # doubling: a few copies on the way to capacity
+            ring.extend([None] * (min(self.capacity, max(at + 1, 2 * len(ring))) - len(ring)))
+        ring[at] = entry
+
+    def _entry_locked(self, seq: int) -> tuple[int, float, Key, Answer | _Pending] | None:
+        at = seq % self.capacity
+        return self._ring[at] if at < len(self._ring) else None
 
     def keep_shadow(self, request_id: str, key: Key, answer: Answer) -> None:
         """A shadow's answer to a request the active version answered (and kept)."""
@@ -277,7 +289,7 @@ class FeedbackStore:
         """The kept answer of request ``seq``, unless it was labelled, overwritten, expired
         or had no class to keep."""
         self._resolve_locked()
-        entry = self._ring[seq % self.capacity]
+        entry = self._entry_locked(seq)
         if entry is None or entry[0] != seq or entry[1] < now - self.max_age_s:
             return None
         return entry  # type: ignore[return-value]  # resolved above
@@ -286,7 +298,7 @@ class FeedbackStore:
         """Find the top-1 classes of the answers kept as outputs."""
         ring, capacity = self._ring, self.capacity
         for seq in self._pending:
-            entry = ring[seq % capacity]
+            entry = ring[seq % capacity]  # placed: within the ring
             if entry is None or entry[0] != seq or not isinstance(entry[3], _Pending):
                 continue
             answer = top1_of(entry[3].out, entry[3].classes)

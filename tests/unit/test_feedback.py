@@ -281,3 +281,26 @@ def test_labels_reach_the_outbox_before_the_answer_and_survive_a_restart(
     assert data is not None
     slots = {(s.version, s.role): s for s in TelemetryBatch.from_bytes(data).slots}
     assert (slots[("1.0.0", "active")].labelled, slots[("1.0.0", "active")].correct) == (2, 2)
+
+
+def test_the_ring_grows_with_the_requests_kept_up_to_its_capacity() -> None:
+    """An idle agent holds no 100,000-place ring (0.8 MiB, issue 24); a busy one holds no
+    more than its capacity; an id beyond what was placed finds nothing."""
+    store = FeedbackStore(capacity=1000)
+    t = SlotTable()
+    t.feedback = store
+    model = serving(IDENTITY, "1.0.0")
+    t.swap("main", model)
+    key = answer_key("main", "active", model.ref)
+    assert len(store._ring) == 0
+    never_kept = store.new_id()
+    ids = [store.new_id() for _ in range(10)]
+    for rid in ids:
+        store.keep(rid, key, 0)
+    assert 11 <= len(store._ring) <= 32 and len(store) == 10
+    issued_later = store.new_id()  # past the ring's end: nothing kept for it
+    v = store.label("main", model.ref, [(never_kept, [0]), (issued_later, [0]), (ids[3], [0])], 3)
+    assert (v.accepted, v.late) == (1, 2)
+    for _ in range(5000):
+        store.keep(store.new_id(), key, 0)
+    assert len(store._ring) == 1000 and len(store) == 1000
