@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from msgspec import field
 
@@ -18,7 +17,7 @@ from edge_agent.contracts.errors import ConfigError
 from edge_agent.contracts.structs import Record
 from edge_agent.protocol.desired import SlotAssignment
 from edge_agent.protocol.lifecycle import SlotState
-from edge_agent.protocol.status import SlotError, VersionRef
+from edge_agent.protocol.status import SlotError, VersionRef, with_todays_slot_errors
 
 
 class SlotRecord(Record, kw_only=True):
@@ -65,7 +64,7 @@ class Journal:
         except FileNotFoundError:
             return JournalData()
         try:
-            return JournalData.from_dict(_today(json.loads(raw)))
+            return JournalData.from_dict(with_todays_slot_errors(json.loads(raw)))
         except ValueError as e:
             # Atomic writes make a torn file impossible; this is outside damage.
             raise ConfigError(f"{self.path}: journal is unreadable: {e}") from e
@@ -75,13 +74,3 @@ class Journal:
 
     def save(self) -> None:
         write_atomic(self.path, json.dumps(self.data.to_dict(), indent=1).encode())
-
-
-def _today(data: Any) -> Any:
-    """A journal in today's form: slot errors of journals written before 0.2 were flat."""
-    slots = data.get("slots") if isinstance(data, dict) else None
-    if isinstance(slots, dict):
-        for record in slots.values():
-            if isinstance(record, dict) and "error" in record:
-                record["error"] = SlotError.from_flat_record(record["error"])
-    return data

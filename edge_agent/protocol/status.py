@@ -39,19 +39,24 @@ class SlotError(Strict, frozen=True, kw_only=True):
     retryable: bool = False
     detail: dict[str, str] = field(default_factory=dict)
 
-    @staticmethod
-    def from_flat_record(value: Any) -> Any:
-        """Journals written before 0.2 kept a flat dict with retry "yes"/"no" and the fields:
-        the same error in today's form (anything else is returned as it is)."""
-        if isinstance(value, dict) and "retry" in value:
-            flat = {k: str(v) for k, v in value.items()}
-            return {
-                "reason": flat.pop("reason", "error"),
-                "message": flat.pop("message", ""),
-                "retryable": flat.pop("retry") == "yes",
-                "detail": flat,
-            }
-        return value
+
+def with_todays_slot_errors(data: Any) -> Any:
+    """``data`` (a journal or a status, parsed JSON) with its slots' errors in today's form.
+    Before 0.2 a slot's error was a flat dict with retry "yes"/"no" beside its fields, in the
+    journal and so in the status an agent reported from it. Changes ``data`` in place."""
+    slots = data.get("slots") if isinstance(data, dict) else None
+    if isinstance(slots, dict):
+        for record in slots.values():
+            error = record.get("error") if isinstance(record, dict) else None
+            if isinstance(error, dict) and "retry" in error:
+                flat = {k: str(v) for k, v in error.items()}
+                record["error"] = {
+                    "reason": flat.pop("reason", "error"),
+                    "message": flat.pop("message", ""),
+                    "retryable": flat.pop("retry") == "yes",
+                    "detail": flat,
+                }
+    return data
 
 
 class Refusal(Strict, frozen=True, kw_only=True):
@@ -113,6 +118,6 @@ class ReportedStatus(Strict, frozen=True, kw_only=True):
         if len(payload) > MAX_STATUS_BYTES:
             raise ValueError(f"status of {len(payload)} bytes (limit {MAX_STATUS_BYTES})")
         try:
-            return cls.from_dict(parse_json(payload))
+            return cls.from_dict(with_todays_slot_errors(parse_json(payload)))
         except (UnicodeDecodeError, RecursionError) as e:
             raise ValueError(f"unreadable status: {e}") from e
