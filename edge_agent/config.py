@@ -17,7 +17,7 @@ from msgspec.structs import force_setattr
 
 from edge_agent.contracts.endpoints import mqtt_endpoint
 from edge_agent.contracts.errors import ConfigError
-from edge_agent.contracts.structs import Matching, Strict, error_field
+from edge_agent.contracts.structs import FieldError, Matching, Strict, error_field
 from edge_agent.lifecycle.probation import ProbationPolicy
 from edge_agent.protocol.topics import DEVICE_ID_PATTERN
 
@@ -26,22 +26,13 @@ class _Section(Strict, frozen=True, kw_only=True):
     """A table of ``agent.toml``: a key it does not know is an error (a typo fails loudly)."""
 
 
-class _FieldError(ValueError):
-    """A section's own rule, naming the field it is about."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-
 class ServerConfig(_Section, frozen=True, kw_only=True):
     url: str
     credential_file: Path
 
     def __post_init__(self) -> None:
         if urlsplit(self.url).scheme not in ("http", "https"):
-            raise _FieldError("url", "must be an http:// or https:// URL")
+            raise FieldError("url", "must be an http:// or https:// URL")
         force_setattr(self, "url", self.url.rstrip("/"))
 
 
@@ -66,7 +57,7 @@ class MqttConfig(_Section, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise _FieldError("url", "must look like mqtt://host:1883 or mqtts://host:8883")
+            raise FieldError("url", "must look like mqtt://host:1883 or mqtts://host:8883")
 
     @property
     def host(self) -> str:
@@ -111,7 +102,7 @@ class DownloadConfig(_Section, frozen=True, kw_only=True):
             return
         parts = urlsplit(self.mirror_url)
         if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
-            raise _FieldError(
+            raise FieldError(
                 "mirror_url", "must be an origin such as http://gateway:8600 (no path)"
             )
         force_setattr(self, "mirror_url", self.mirror_url.rstrip("/"))
@@ -209,10 +200,10 @@ class AgentConfig(_Section, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         names = [s.stream_name for s in self.streams]
         if len(set(names)) != len(names):
-            raise _FieldError("streams", f"stream names must differ (name = …): {names}")
+            raise FieldError("streams", f"stream names must differ (name = …): {names}")
         for s in self.streams:
             if s.output is None and not s.input.startswith("unix:"):
-                raise _FieldError(
+                raise FieldError(
                     "streams", f"stream {s.stream_name}: an mqtt:// input needs an output topic"
                 )
 
@@ -232,10 +223,6 @@ class AgentConfig(_Section, frozen=True, kw_only=True):
             config = cls.from_dict(data)
         except ValueError as e:
             field, message = error_field(e)
-            if isinstance(e.__cause__, _FieldError):
-                rule = e.__cause__
-                field = f"{field}.{rule.field}" if field else rule.field
-                message = rule.message
             where = f"{field}: " if field else ""
             raise ConfigError(f"{path}: {where}{message}", field=field or None) from e
         base = path.parent.resolve()
@@ -285,7 +272,7 @@ def _check_input(value: str) -> None:
             return
     if parts.scheme == "unix" and parts.path:
         return
-    raise _FieldError(
+    raise FieldError(
         "input", "must look like mqtt://127.0.0.1:1883/topic or unix:///run/frames.sock"
     )
 
@@ -293,9 +280,9 @@ def _check_input(value: str) -> None:
 def _check_output(value: str) -> None:
     host, _, topic = mqtt_endpoint(value) if value.startswith("mqtt://") else ("", 0, "")
     if not host or not topic:
-        raise _FieldError("output", "must look like mqtt://127.0.0.1:1883/topic")
+        raise FieldError("output", "must look like mqtt://127.0.0.1:1883/topic")
     if "+" in topic or "#" in topic:
-        raise _FieldError("output", "an output topic cannot hold the wildcards + or #")
+        raise FieldError("output", "an output topic cannot hold the wildcards + or #")
 
 
 def _unix_relative(url: str, base: Path) -> str:

@@ -25,7 +25,7 @@ from typing import Any, Self
 
 import msgspec
 
-__all__ = ["Matching", "Record", "Strict", "error_field"]
+__all__ = ["FieldError", "Matching", "Record", "Strict", "error_field"]
 
 
 def Matching(pattern: str) -> msgspec.Meta:
@@ -44,9 +44,10 @@ def _decode_hook(kind: type, value: Any) -> Any:
 
 
 def _encode_hook(value: Any) -> Any:
+    """Paths as strings; anything else msgspec does not know is an error, as without a hook."""
     if isinstance(value, PurePath):
         return str(value)
-    raise NotImplementedError(f"{type(value).__name__} is not encoded")
+    raise TypeError(f"{type(value).__name__} has no JSON form")
 
 
 _ENCODER = msgspec.json.Encoder(enc_hook=_encode_hook)
@@ -89,14 +90,25 @@ class Record(_Codec, msgspec.Struct, kw_only=True):
     a newer agent's journal stays readable by an older one after a downgrade)."""
 
 
-_AT = re.compile(r"^(?P<message>.*) - at `\$(?P<path>[^`]*)`$", re.DOTALL)
+class FieldError(ValueError):
+    """A struct's own rule (``__post_init__``) broken by one of its fields: decoding errors
+    then name ``<the struct's path>.<field>`` (:func:`error_field`), not the struct."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+#: "<message> - at `$.a[0]`", or "- at `key` in `$.slots`" for a mapping's key.
+_AT = re.compile(r"^(?P<message>.*) - at (?:`key` in )?`\$(?P<path>[^`]*)`$", re.DOTALL)
 _UNKNOWN = re.compile(r"^Object contains unknown field `(?P<name>[^`]*)`$")
 
 
 def error_field(error: ValueError) -> tuple[str, str]:
     """``(field, message)`` of a decoding error: ``("runtimes.0.precisions", "Expected …")``
-    (a mapping's value is named by the mapping: ``labels``); the field is "" when the error
-    is about the whole document."""
+    (a mapping's value is named by the mapping: ``labels``; a :class:`FieldError` by its
+    field); the field is "" when the error is about the whole document."""
     text = str(error)
     match = _AT.match(text)
     path, message = (match["path"], match["message"]) if match else ("", text)
@@ -105,4 +117,7 @@ def error_field(error: ValueError) -> tuple[str, str]:
     unknown = _UNKNOWN.match(message)
     if unknown is not None:  # the field is the one that should not be there
         path = f"{path}.{unknown['name']}" if path else unknown["name"]
+    rule = error.__cause__
+    if isinstance(rule, FieldError):
+        path, message = f"{path}.{rule.field}" if path else rule.field, rule.message
     return path, message

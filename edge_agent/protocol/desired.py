@@ -11,7 +11,6 @@ exactly, by an online key of the root-signed keyring that travels alongside.
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Self
 
@@ -31,9 +30,6 @@ from edge_agent.trust.signing import Signature
 MAX_DOCUMENT_BYTES = 256 << 10
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 SLOT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
-
-
-_SLOT_NAME = re.compile(SLOT_PATTERN.removesuffix("$") + r"\Z")
 
 
 class SlotAssignment(Strict, frozen=True, kw_only=True):
@@ -70,12 +66,8 @@ class DesiredState(Strict, frozen=True, kw_only=True):
     seq: Annotated[int, Meta(ge=1)]
     issued_at: datetime
     expires_at: datetime
-    slots: dict[str, SlotAssignment]
-
-    def __post_init__(self) -> None:
-        for name in self.slots:
-            if not _SLOT_NAME.match(name):
-                raise ValueError(f"invalid slot name {name!r}")
+    #: Slot names are checked as keys, by the same pattern as ``shadow_of``.
+    slots: dict[Annotated[str, Matching(SLOT_PATTERN)], SlotAssignment]
 
     def is_expired(self, now: datetime | None = None) -> bool:
         return (now or datetime.now(UTC)) >= self.expires_at

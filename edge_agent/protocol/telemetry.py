@@ -204,7 +204,7 @@ class TelemetryBatch(_Message, frozen=True, kw_only=True):
             raise ValueError("interval_end is before interval_start")
 
     def to_bytes(self) -> bytes:
-        return _ENCODER.encode(self)
+        return self.to_json()
 
     @classmethod
     def from_bytes(cls, payload: bytes) -> TelemetryBatch:
@@ -223,7 +223,7 @@ class TelemetryAck(_Message, frozen=True, kw_only=True):
     acked_at: datetime | None = None
 
     def to_bytes(self) -> bytes:
-        return _ENCODER.encode(self)
+        return self.to_json()
 
     @classmethod
     def from_bytes(cls, payload: bytes) -> TelemetryAck:
@@ -232,6 +232,5 @@ class TelemetryAck(_Message, frozen=True, kw_only=True):
         return _ACK.decode(payload)
 
 
-_ENCODER = msgspec.json.Encoder()
 _BATCH = msgspec.json.Decoder(TelemetryBatch)
 _ACK = msgspec.json.Decoder(TelemetryAck)

@@ -10,23 +10,18 @@ other invalid request) and names it in the OpenAPI document through :func:`struc
 from __future__ import annotations
 
 import re
-from typing import Any, Protocol, Self, TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 
-from edge_agent.contracts.structs import error_field
+from edge_agent.contracts.structs import Strict, error_field
 
 __all__ = ["struct_body", "struct_openapi"]
 
 
-class _Decodes(Protocol):
-    @classmethod
-    def from_json(cls, raw: bytes | str) -> Self: ...
-
-
-S = TypeVar("S", bound=_Decodes)
+S = TypeVar("S", bound=Strict)
 
 
 def struct_body(cls: type[S]) -> Any:
