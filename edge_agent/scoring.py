@@ -317,7 +317,7 @@ class Scorer:
         todo = [name for name in names if name not in done] if done else names
         result.skipped = len(files) - len(todo)
         start = time.monotonic()
-        size = max(1, self.batch_size)
+        size = _chunk_files(len(todo), max(1, self.batch_size), self.workers)
         chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
         pool = _Workers(self, model, min(self.workers, len(chunks))) if chunks else None
         try:
@@ -453,6 +453,19 @@ class _Fault:
 #: worker waits for work, few enough that the results wait in memory only briefly (and a
 #: swap or an interruption finds little scored ahead of what is written).
 AHEAD = 2
+#: Most batches of files in one chunk a worker takes. Each chunk costs a message each way
+#: and a wake-up of this process and the worker's: 100,000 small files in chunks of one
+#: batch spent ~15 % more CPU in all than in chunks of four, on a 2-core machine.
+CHUNK_BATCHES = 4
+#: Fewest chunks a worker gets in a run: a short run stays fine-grained (its progress, what
+#: an interruption keeps, a swap seen mid-run); only a long one takes bigger chunks.
+MIN_CHUNKS_PER_WORKER = 16
+
+
+def _chunk_files(files: int, batch_size: int, workers: int) -> int:
+    """Files in one chunk: whole batches, from one up to ``CHUNK_BATCHES`` as the run allows."""
+    batches = files // (batch_size * max(1, workers) * MIN_CHUNKS_PER_WORKER)
+    return batch_size * max(1, min(CHUNK_BATCHES, batches))
 
 
 def _context() -> Any:

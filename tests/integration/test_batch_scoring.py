@@ -305,9 +305,15 @@ def test_rows_come_out_in_the_files_order_whatever_the_number_of_workers(
     rows = write_inputs(tmp_path / "in", 50, seed=5)
     files = scoring.find_inputs(str(tmp_path / "in"))
     want_files = [f for f in sorted(rows) for _ in range(len(rows[f]))]
-    for workers in (1, 3):
-        out = tmp_path / f"w{workers}.npz"
-        result = scoring.Scorer(agent.client(), "classifier", out, batch_size=4, workers=workers)
+    # Batches of one file: 50 files make three batches a chunk for one worker (a long run's
+    # chunks, several requests each), and one for three workers.
+    assert scoring._chunk_files(50, 1, 1) == 3 and scoring._chunk_files(50, 1, 3) == 1
+    assert scoring._chunk_files(100_000, 64, 2) == 64 * scoring.CHUNK_BATCHES
+    for workers, batch in ((1, 4), (3, 4), (1, 1), (3, 1)):
+        out = tmp_path / f"w{workers}-{batch}.npz"
+        result = scoring.Scorer(
+            agent.client(), "classifier", out, batch_size=batch, workers=workers
+        )
         assert result.run(files).scored_files == 50
         with np.load(out) as npz:
             assert npz["file"].tolist() == want_files
