@@ -12,6 +12,7 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_agent import __version__
 from edge_agent.config import AgentConfig, StreamConfig
@@ -37,7 +38,6 @@ from edge_agent.serving import (
     start_http,
     start_unix,
 )
-from edge_agent.serving.stream import Stream, StreamCollector, StreamSpec
 from edge_agent.store.models import ModelStore
 from edge_agent.telemetry.outbox import Outbox, OutboxLimits
 from edge_agent.telemetry.reporter import (
@@ -48,10 +48,15 @@ from edge_agent.telemetry.reporter import (
 from edge_agent.trust import TrustStore
 from firmware_profiles import default_catalog
 
+if TYPE_CHECKING:
+    from edge_agent.serving.stream import Stream, StreamSpec
+
 log = logging.getLogger(__name__)
 
 
 def _stream_spec(config: StreamConfig) -> StreamSpec:
+    from edge_agent.serving.stream import StreamSpec
+
     password = _read_secret(config.password_file) if config.password_file else None
     return StreamSpec(
         name=config.stream_name,
@@ -178,8 +183,11 @@ class Agent:
         self._status_lock = threading.Lock()
         self.http: InferenceHTTPServer | None = None
         self.unix: InferenceUnixServer | None = None
-        self.streams = [Stream(_stream_spec(s), self.table) for s in config.streams]
-        if self.streams:
+        self.streams: list[Stream] = []
+        if config.streams:  # the stream module only where streams are configured
+            from edge_agent.serving.stream import Stream, StreamCollector
+
+            self.streams = [Stream(_stream_spec(s), self.table) for s in config.streams]
             self.table.collectors.append(StreamCollector(self.streams))
         self._worker: threading.Thread | None = None
 

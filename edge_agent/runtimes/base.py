@@ -14,6 +14,8 @@ and seen by probation; a self-test or probe fails with a reason instead of crash
 from __future__ import annotations
 
 import os
+import re
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +26,42 @@ import numpy as np
 
 from edge_agent.bundle.manifest import TensorSpec
 from edge_agent.contracts.errors import EdgefleetError, RequestError, RuntimeBackendError
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def installed_version(*distributions: str) -> str | None:
+    """The version of the first of ``distributions`` installed on ``sys.path``, without
+    importing it: from its ``{name}-{version}.dist-info`` directory's name, as the packaging
+    specifications name it. ``importlib.metadata`` reads the same directory, but importing it
+    and parsing the metadata keep ~0.9 MiB resident in the agent for good; it is asked only
+    where no such directory is found (an egg or a zip on the path, say)."""
+    wanted = {_normalized(d): i for i, d in enumerate(distributions)}
+    found: dict[int, str] = {}
+    for entry in sys.path:
+        try:
+            with os.scandir(entry or ".") as names:
+                for item in names:
+                    stem = item.name.removesuffix(".dist-info")
+                    name, dash, number = stem.partition("-")
+                    if stem != item.name and dash and number:
+                        rank = wanted.get(_normalized(name))
+                        if rank is not None:
+                            found.setdefault(rank, number)
+        except OSError:  # not a directory (a zip), gone
+            continue
+        if found:
+            return found[min(found)]
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in distributions:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return None
 
 
 @dataclass(frozen=True)

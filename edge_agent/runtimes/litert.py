@@ -19,7 +19,13 @@ import numpy as np
 
 from edge_agent.bundle.manifest import TensorSpec
 from edge_agent.contracts.errors import RuntimeBackendError
-from edge_agent.runtimes.base import LoadedModel, LoadOptions, Runtime, check_feeds
+from edge_agent.runtimes.base import (
+    LoadedModel,
+    LoadOptions,
+    Runtime,
+    check_feeds,
+    installed_version,
+)
 
 
 def _interpreter_class() -> tuple[Any, str] | None:
@@ -79,19 +85,15 @@ class LiteRt(Runtime):
     def _version(self) -> str | None:
         # From the package's metadata, without importing it (ai_edge_litert's package alone
         # is 3.5 MiB resident: a device that serves with onnxruntime need not hold it).
-        # importlib.metadata (~0.8 MiB) only where a LiteRT package is installed.
-        from importlib.metadata import PackageNotFoundError, version
-
         for module, dist in (
             ("ai_edge_litert", "ai-edge-litert"),
             ("tflite_runtime", "tflite-runtime"),
         ):
             if importlib.util.find_spec(module) is None:
                 continue
-            try:
-                return version(dist)
-            except PackageNotFoundError:
-                continue
+            found = installed_version(dist)
+            if found is not None:
+                return found
         return None
 
     def _load(self, path: Path, options: LoadOptions) -> LoadedModel:

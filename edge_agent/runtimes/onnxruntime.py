@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import threading
 from collections.abc import Mapping
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,13 @@ import numpy as np
 
 from edge_agent.bundle.manifest import TensorSpec
 from edge_agent.contracts.errors import RuntimeBackendError
-from edge_agent.runtimes.base import LoadedModel, LoadOptions, Runtime, check_feeds
+from edge_agent.runtimes.base import (
+    LoadedModel,
+    LoadOptions,
+    Runtime,
+    check_feeds,
+    installed_version,
+)
 
 # ONNX tensor type strings → numpy dtype names.
 _ORT_TYPES = {
@@ -88,11 +93,9 @@ class OnnxRuntime(Runtime):
         # device that may serve with another runtime); a build without metadata is asked.
         if importlib.util.find_spec("onnxruntime") is None:
             return None
-        for dist in ORT_DISTRIBUTIONS:
-            try:
-                return version(dist)
-            except PackageNotFoundError:
-                continue
+        found = installed_version(*ORT_DISTRIBUTIONS)
+        if found is not None:
+            return found
         import onnxruntime
 
         return str(onnxruntime.__version__)

@@ -15,12 +15,12 @@ model before the agent switches traffic to it.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,13 @@ import numpy as np
 from edge_agent.bundle.archive import sha256_file
 from edge_agent.bundle.manifest import TensorSpec
 from edge_agent.contracts.errors import RuntimeBackendError
-from edge_agent.runtimes.base import LoadedModel, LoadOptions, Runtime, check_feeds
+from edge_agent.runtimes.base import (
+    LoadedModel,
+    LoadOptions,
+    Runtime,
+    check_feeds,
+    installed_version,
+)
 
 RECIPE_NAME = "trt_recipe.json"
 
@@ -250,12 +256,9 @@ class TensorRt(Runtime):
     name = "tensorrt"
 
     def _version(self) -> str | None:
-        for dist in ("tensorrt", "tensorrt-cu12", "tensorrt-cu11"):
-            try:
-                return version(dist)
-            except PackageNotFoundError:
-                continue
-        return None
+        if importlib.util.find_spec("tensorrt") is None:
+            return None
+        return installed_version("tensorrt", "tensorrt-cu12", "tensorrt-cu11")
 
     def _load(self, path: Path, options: LoadOptions) -> LoadedModel:
         """``path`` is the bundle's ONNX model; the recipe lies beside it."""

@@ -57,6 +57,9 @@ def test_the_agent_imports_none_of_the_server_stack() -> None:
     server = {"fleet_server", "converters", "fastapi", "sqlmodel", "sqlalchemy", "onnx",
               "uvicorn", "typer", "httpx", "rich", "pydantic", "pydantic_core"}  # fmt: skip
     assert _loaded(statement, server) == ""
+    # Nor what only some configurations or commands use: streams, batch scoring.
+    optional = frozenset({"edge_agent.serving.stream", "edge_agent.scoring"})
+    assert _loaded("import edge_agent.agent", set(), optional) == ""
 
 
 @pytest.mark.slow
@@ -109,3 +112,38 @@ def test_the_cli_starts_without_the_server_stack() -> None:
              "cryptography", "markdown_it"}  # fmt: skip
     machinery = frozenset({"hil.runner", "hil.report", "firmware_profiles.schema"})
     assert _loaded("from fleet_server.cli.main import app", heavy, machinery) == ""
+
+
+def test_runtime_versions_are_read_without_importlib_metadata() -> None:
+    """The agent asks which runtimes are installed at every start. ``importlib.metadata``
+    would stay resident for good (~0.9 MiB, issue 24); the versions are the ones it gives."""
+    import json
+    from importlib.metadata import version
+
+    code = (
+        "import json, sys; from edge_agent.runtimes import available_runtimes; "
+        "print(json.dumps([available_runtimes(), 'importlib.metadata' in sys.modules]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    found, loaded = json.loads(out.stdout)
+    assert found["onnxruntime"] == version("onnxruntime")
+    if "litert" in found:
+        assert found["litert"] == version("ai-edge-litert")
+    assert "tensorrt" not in found
+    assert not loaded
+
+
+def test_installed_version_reads_the_dist_info_name_first_on_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edge_agent.runtimes.base import installed_version
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    (first / "Some_Runtime-2.0.1.dist-info").mkdir(parents=True)
+    (second / "some.runtime-1.0.0.dist-info").mkdir(parents=True)
+    (second / "other_gpu-3.1.dist-info").mkdir()
+    (second / "some_runtime-9.9.9.data").mkdir()  # not a dist-info: never read
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "missing"), str(first), str(second)])
+    assert installed_version("some-runtime") == "2.0.1"  # where an import would find it
+    assert installed_version("other", "other-gpu") == "3.1"
+    assert installed_version("nothing-like-it") is None  # importlib.metadata agrees
