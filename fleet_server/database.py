@@ -7,10 +7,10 @@ domain's tables; this module imports none, so every domain can use it.
 from __future__ import annotations
 
 import hashlib
-import json
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 from pydantic import field_validator
 from sqlalchemy import ColumnElement, String, any_, bindparam, event, text
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -49,12 +49,14 @@ def among(session: Session, column: Any, ids: list[str]) -> list[ColumnElement[b
 
 def json_rows(rows: list[dict[str, Any]]) -> str:
     """``rows`` as one JSON text for a PostgreSQL ``json_to_recordset`` parameter (datetimes
-    as ISO 8601). PostgreSQL text cannot hold NUL (``\\u0000``), which a device may put in any
-    free text it sends: such strings lose it, rather than failing the statement."""
-    dumped = json.dumps(rows, default=_iso)
-    if "\\u0000" in dumped:
-        dumped = json.dumps(_without_nul(rows), default=_iso)
-    return dumped
+    as RFC 3339, NaN and infinities as null), encoded by msgspec: ``json.dumps`` with a
+    Python hook for each datetime took ~4 % of a telemetry ingest process's CPU. PostgreSQL
+    text cannot hold NUL (``\\u0000``), which a device may put in any free text it sends:
+    such strings lose it, rather than failing the statement."""
+    dumped = msgspec.json.encode(rows)
+    if b"\\u0000" in dumped:
+        dumped = msgspec.json.encode(_without_nul(rows))
+    return dumped.decode()
 
 
 def _without_nul(value: Any) -> Any:
@@ -65,12 +67,6 @@ def _without_nul(value: Any) -> Any:
     if isinstance(value, list):
         return [_without_nul(v) for v in value]
     return value
-
-
-def _iso(value: Any) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def aware(value: datetime) -> datetime:
