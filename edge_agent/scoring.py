@@ -455,7 +455,7 @@ class _Fault:
 AHEAD = 2
 #: Most batches of files in one chunk a worker takes. Each chunk costs a message each way
 #: and a wake-up of this process and the worker's: 100,000 small files in chunks of one
-#: batch spent ~15 % more CPU in all than in chunks of four, on a 2-core machine.
+#: batch spent 10-16 % more CPU in all than in chunks of four, on a 2-core machine.
 CHUNK_BATCHES = 4
 #: Fewest chunks a worker gets in a run: a short run stays fine-grained (its progress, what
 #: an interruption keeps, a swap seen mid-run); only a long one takes bigger chunks.
