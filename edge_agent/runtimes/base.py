@@ -13,6 +13,7 @@ and seen by probation; a self-test or probe fails with a reason instead of crash
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import sys
@@ -32,24 +33,27 @@ def _normalized(name: str) -> str:
     return re.sub(r"[-_.]+", "_", name).lower()
 
 
-def installed_version(*distributions: str) -> str | None:
-    """The version of the first of ``distributions`` installed on ``sys.path``, without
-    importing it: from its ``{name}-{version}.dist-info`` directory's name, as the packaging
-    specifications name it. ``importlib.metadata`` reads the same directory, but importing it
-    and parsing the metadata keep ~0.9 MiB resident in the agent for good; it is asked only
-    where no such directory is found (an egg or a zip on the path, say)."""
+def installed_version(module: str, *distributions: str) -> str | None:
+    """The version of the first of ``distributions`` installed on ``sys.path``, when the
+    library they install (``module``) can be imported, without importing it: from its
+    ``{name}-{version}.dist-info`` directory's name, as the packaging specifications name it.
+    ``importlib.metadata`` reads the same directory, but importing it and parsing the metadata
+    keep ~0.9 MiB resident in the agent for good; it is asked only where the library is there
+    and no such directory is found (an egg or a zip on the path, say)."""
+    if importlib.util.find_spec(module) is None:
+        return None
     wanted = {_normalized(d): i for i, d in enumerate(distributions)}
     found: dict[int, str] = {}
     for entry in sys.path:
         try:
             with os.scandir(entry or ".") as names:
                 for item in names:
-                    stem = item.name.removesuffix(".dist-info")
-                    name, dash, number = stem.partition("-")
-                    if stem != item.name and dash and number:
-                        rank = wanted.get(_normalized(name))
-                        if rank is not None:
-                            found.setdefault(rank, number)
+                    if not item.name.endswith(".dist-info"):
+                        continue
+                    name, _, number = item.name.removesuffix(".dist-info").partition("-")
+                    rank = wanted.get(_normalized(name))
+                    if rank is not None and number:
+                        found.setdefault(rank, number)
         except OSError:  # not a directory (a zip), gone
             continue
         if found:

@@ -89,9 +89,7 @@ class LiteRt(Runtime):
             ("ai_edge_litert", "ai-edge-litert"),
             ("tflite_runtime", "tflite-runtime"),
         ):
-            if importlib.util.find_spec(module) is None:
-                continue
-            found = installed_version(dist)
+            found = installed_version(module, dist)
             if found is not None:
                 return found
         return None

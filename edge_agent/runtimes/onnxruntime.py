@@ -91,10 +91,8 @@ class OnnxRuntime(Runtime):
     def _version(self) -> str | None:
         # From the package's metadata, without importing it (~20 MiB resident for good, on a
         # device that may serve with another runtime); a build without metadata is asked.
-        if importlib.util.find_spec("onnxruntime") is None:
-            return None
-        found = installed_version(*ORT_DISTRIBUTIONS)
-        if found is not None:
+        found = installed_version("onnxruntime", *ORT_DISTRIBUTIONS)
+        if found is not None or importlib.util.find_spec("onnxruntime") is None:
             return found
         import onnxruntime
 

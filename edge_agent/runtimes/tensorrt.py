@@ -15,7 +15,6 @@ model before the agent switches traffic to it.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import threading
@@ -256,9 +255,7 @@ class TensorRt(Runtime):
     name = "tensorrt"
 
     def _version(self) -> str | None:
-        if importlib.util.find_spec("tensorrt") is None:
-            return None
-        return installed_version("tensorrt", "tensorrt-cu12", "tensorrt-cu11")
+        return installed_version("tensorrt", "tensorrt", "tensorrt-cu12", "tensorrt-cu11")
 
     def _load(self, path: Path, options: LoadOptions) -> LoadedModel:
         """``path`` is the bundle's ONNX model; the recipe lies beside it."""

@@ -144,6 +144,8 @@ def test_installed_version_reads_the_dist_info_name_first_on_the_path(
     (second / "other_gpu-3.1.dist-info").mkdir()
     (second / "some_runtime-9.9.9.data").mkdir()  # not a dist-info: never read
     monkeypatch.setattr(sys, "path", [str(tmp_path / "missing"), str(first), str(second)])
-    assert installed_version("some-runtime") == "2.0.1"  # where an import would find it
-    assert installed_version("other", "other-gpu") == "3.1"
-    assert installed_version("nothing-like-it") is None  # importlib.metadata agrees
+    # "json" stands for the library the distributions install: it can be imported.
+    assert installed_version("json", "some-runtime") == "2.0.1"  # where an import finds it
+    assert installed_version("json", "other", "other-gpu") == "3.1"
+    assert installed_version("json", "nothing-like-it") is None  # importlib.metadata agrees
+    assert installed_version("no_such_library_here", "some-runtime") is None
