@@ -19,6 +19,7 @@ from fleet_server.client import ApiClient
 from fleet_server.demo.agents import LocalAgent
 from fleet_server.server import EmbeddedStack
 from fleet_server.settings import Settings
+from hil.devices.local import LATENCY_SLACK_MS
 from hil.rig import wait_until
 from tests.integration.test_cli import edgefleet
 from tests.integration.test_rollouts import (
@@ -56,7 +57,11 @@ def test_a_one_class_model_stops_at_its_canary_and_a_retrain_passes(
     for version, path in versions.items():
         api.upload_model(path, "classifier", version)
     fleet = [(f"ph-{i}-{uid}", "x86-64-avx2", {"ring": uid}) for i in range(4)]
-    agents = start_fleet(api, stack, tmp_path / "devices", fleet)
+    # Four agents and a server on one machine: a sub-millisecond p95 can triple for no reason
+    # of the model's own (1.69 ms against 0.33 here). This test is about the server's health
+    # gates, not the agent's latency probation: the HIL rigs' slack.
+    probation = f"latency_slack_ms = {LATENCY_SLACK_MS}\n"
+    agents = start_fleet(api, stack, tmp_path / "devices", fleet, probation=probation)
     canary = {"model": "classifier", "selector": f"ring={uid}", "strategy": "canary",
               "stages": [25, 100], "bake_s": 2}  # fmt: skip
     try:
