@@ -30,6 +30,9 @@ from edge_agent.contracts.errors import EdgefleetError, RequestError, RuntimeBac
 
 
 def _normalized(name: str) -> str:
+    """A distribution name as the packaging specifications compare them. Not
+    ``packaging.utils.canonicalize_name``: importing it loads ``packaging.tags``,
+    ``sysconfig`` and ``subprocess`` into the agent, which needs none of them otherwise."""
     return re.sub(r"[-_.]+", "_", name).lower()
 
 
